@@ -1,0 +1,287 @@
+//! The in-process backend: a [`LeaseTable`] behind a mutex, FIFO wait queues, and one expiry task.
+//!
+//! Like mini-redis's `db.rs`: the critical section is a `std::sync::Mutex` that is never held
+//! across an `.await`; one background task sleeps until the earliest deadline and is poked only
+//! when a new deadline comes before it. A release or an expiry hands the key directly to the first
+//! live waiter inside the critical section, so a newcomer can never jump the queue and no waiter
+//! ever polls.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::table::LeaseTable;
+use crate::types::{AcquireRequest, Grant, LeaseId, LockInfo};
+
+/// Leases kept in this process. Cheap to share behind an `Arc`; see the module docs.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use std::sync::Arc;
+/// use distlock::{AcquireOptions, Locker, MemoryBackend};
+///
+/// let locker = Locker::with_backend(Arc::new(MemoryBackend::new().unwrap()));
+/// let lease = locker.acquire("job", &AcquireOptions::new()).await.unwrap();
+/// assert_eq!(lease.fencing_token(), 1);
+/// # }
+/// ```
+pub struct MemoryBackend {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Wakes the expiry task when a deadline earlier than its current one appears, or on shutdown.
+    expiry_changed: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    table: LeaseTable,
+    queues: HashMap<String, VecDeque<Waiter>>,
+    shutdown: bool,
+}
+
+/// A caller blocked in `acquire`: it gets its grant through `tx`.
+struct Waiter {
+    lease_id: LeaseId,
+    holder: String,
+    ttl: Duration,
+    tx: oneshot::Sender<Grant>,
+}
+
+impl MemoryBackend {
+    /// A new, empty table with its expiry task. Fails outside a Tokio runtime.
+    pub fn new() -> Result<MemoryBackend> {
+        let handle = tokio::runtime::Handle::try_current().map_err(|_| {
+            Error::InvalidInput("the memory backend must be created inside a Tokio runtime".into())
+        })?;
+        let shared = Arc::new(Shared { state: Mutex::new(State::default()), expiry_changed: Notify::new() });
+        handle.spawn(expire_leases(shared.clone()));
+        Ok(MemoryBackend { shared })
+    }
+}
+
+impl Drop for MemoryBackend {
+    fn drop(&mut self) {
+        self.shared.lock().shutdown = true;
+        self.shared.expiry_changed.notify_one();
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the table half-updated in a way that breaks
+        // mutual exclusion (every mutation is a single map operation), so keep serving.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `f` on the state after purging what has expired, and wakes the expiry task when `f`
+    /// moved the earliest deadline forward in time.
+    fn with_state<T>(&self, now: Instant, f: impl FnOnce(&mut State) -> T) -> T {
+        let mut state = self.lock();
+        state.purge(now);
+        let before = state.table.next_expiry();
+        let out = f(&mut state);
+        let after = state.table.next_expiry();
+        drop(state);
+        if matches!((before, after), (None, Some(_)))
+            || matches!((before, after), (Some(b), Some(a)) if a < b)
+        {
+            self.expiry_changed.notify_one();
+        }
+        out
+    }
+}
+
+impl State {
+    /// Expires due leases and hands each freed key to its next waiter.
+    fn purge(&mut self, now: Instant) {
+        for key in self.table.purge_expired(now) {
+            tracing::debug!(key = %key, "lease expired");
+            self.hand_off(&key, now);
+        }
+    }
+
+    /// `key` has just been freed: grant it to the first waiter still waiting.
+    fn hand_off(&mut self, key: &str, now: Instant) {
+        let Some(queue) = self.queues.get_mut(key) else { return };
+        while let Some(w) = queue.pop_front() {
+            if w.tx.is_closed() {
+                continue;
+            }
+            let Ok(grant) = self.table.try_acquire(key, &w.lease_id, &w.holder, w.ttl, now) else {
+                // Cannot happen (the key was just freed); keep the waiter rather than lose it.
+                queue.push_front(w);
+                break;
+            };
+            match w.tx.send(grant) {
+                Ok(()) => break,
+                // The waiter gave up between the check and the send: undo and try the next one.
+                Err(grant) => {
+                    let _ = self.table.release(key, &grant.lease_id, now);
+                }
+            }
+        }
+        if queue.is_empty() {
+            self.queues.remove(key);
+        }
+    }
+
+    fn enqueue(&mut self, key: &str, waiter: Waiter) {
+        let queue = self.queues.entry(key.to_owned()).or_default();
+        queue.push_back(waiter);
+        // Waiters that timed out stay in the queue until skipped; sweep them when the queue
+        // doubles, which keeps the cost amortised O(1) per waiter.
+        if queue.len().is_power_of_two() && queue.len() >= 64 {
+            queue.retain(|w| !w.tx.is_closed());
+        }
+    }
+
+    fn waiters(&self, key: &str) -> u64 {
+        self.queues.get(key).map_or(0, |q| q.iter().filter(|w| !w.tx.is_closed()).count() as u64)
+    }
+}
+
+/// The expiry task: sleeps until the earliest deadline, purges, repeats; exits on shutdown.
+async fn expire_leases(shared: Arc<Shared>) {
+    loop {
+        let next = {
+            let mut state = shared.lock();
+            if state.shutdown {
+                return;
+            }
+            state.purge(Instant::now());
+            state.table.next_expiry()
+        };
+        match next {
+            Some(when) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(when) => {}
+                    _ = shared.expiry_changed.notified() => {}
+                }
+            }
+            None => shared.expiry_changed.notified().await,
+        }
+    }
+}
+
+/// The first, non-waiting step of an acquire.
+enum Attempt {
+    Granted(Grant),
+    Queued,
+}
+
+/// A grant in flight to a waiter. If the waiting `acquire` is cancelled (its future dropped or
+/// timed out) after the grant was made, dropping this releases the lease at once instead of
+/// leaving the key held by nobody until its TTL runs out.
+struct PendingGrant {
+    rx: oneshot::Receiver<Grant>,
+    shared: Arc<Shared>,
+    key: String,
+}
+
+impl PendingGrant {
+    /// Stops waiting and returns a grant that arrived meanwhile, if any.
+    fn take_late_grant(&mut self) -> Option<Grant> {
+        self.rx.close();
+        self.rx.try_recv().ok()
+    }
+}
+
+impl Drop for PendingGrant {
+    fn drop(&mut self) {
+        if let Some(grant) = self.take_late_grant() {
+            let now = Instant::now();
+            self.shared.with_state(now, |s| {
+                if s.table.release(&self.key, &grant.lease_id, now).is_ok() {
+                    s.hand_off(&self.key, now);
+                }
+            });
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for MemoryBackend {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn acquire(&self, req: AcquireRequest) -> Result<Grant> {
+        let started = Instant::now();
+        let (tx, rx) = oneshot::channel();
+        let queued = self.shared.with_state(started, |s| {
+            match s.table.try_acquire(&req.key, &req.lease_id, &req.holder, req.ttl, started) {
+                Ok(grant) => Ok(Attempt::Granted(grant)),
+                Err(held) if req.wait == Some(Duration::ZERO) => Err(held),
+                Err(_) => {
+                    let waiter = Waiter {
+                        lease_id: req.lease_id.clone(),
+                        holder: req.holder.clone(),
+                        ttl: req.ttl,
+                        tx,
+                    };
+                    s.enqueue(&req.key, waiter);
+                    Ok(Attempt::Queued)
+                }
+            }
+        })?;
+        if let Attempt::Granted(grant) = queued {
+            return Ok(grant);
+        }
+
+        let mut pending = PendingGrant { rx, shared: self.shared.clone(), key: req.key.clone() };
+        let outcome = match req.wait {
+            Some(wait) => tokio::time::timeout(wait, &mut pending.rx).await.ok(),
+            None => Some((&mut pending.rx).await),
+        };
+        match outcome {
+            Some(Ok(grant)) => Ok(grant),
+            Some(Err(_)) => Err(Error::Unavailable("the memory backend was dropped".into())),
+            None => match pending.take_late_grant() {
+                Some(grant) => Ok(grant),
+                None => {
+                    let now = Instant::now();
+                    let holder = self
+                        .shared
+                        .with_state(now, |s| s.table.live(&req.key, now).map(|e| e.holder.clone()));
+                    Err(Error::WaitTimeout { key: req.key, holder, waited: now - started })
+                }
+            },
+        }
+    }
+
+    async fn renew(&self, key: &str, lease_id: &LeaseId, ttl: Duration) -> Result<Grant> {
+        let now = Instant::now();
+        self.shared.with_state(now, |s| s.table.renew(key, lease_id, ttl, now))
+    }
+
+    async fn release(&self, key: &str, lease_id: &LeaseId) -> Result<()> {
+        let now = Instant::now();
+        self.shared.with_state(now, |s| {
+            s.table.release(key, lease_id, now)?;
+            s.hand_off(key, now);
+            Ok(())
+        })
+    }
+
+    async fn status(&self, key: &str) -> Result<LockInfo> {
+        let now = Instant::now();
+        Ok(self.shared.with_state(now, |s| LockInfo { waiters: s.waiters(key), ..s.table.info(key, now) }))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>> {
+        let now = Instant::now();
+        Ok(self.shared.with_state(now, |s| {
+            s.table.list(prefix, now).map(|info| LockInfo { waiters: s.waiters(&info.key), ..info }).collect()
+        }))
+    }
+}

@@ -1,0 +1,64 @@
+//! The contract every store implements, and opening a backend from a URL.
+//!
+//! A backend is a thin adapter: it grants, renews and releases leases atomically in its store and
+//! waits fairly for a key. Everything the holder does with a lease afterwards (automatic renewal,
+//! the loss signal, the conservative deadline, release on drop) is written once in
+//! [`crate::lease`] and works the same on every backend.
+
+pub mod memory;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::{Error, Result};
+use crate::types::{AcquireRequest, Grant, LeaseId, LockInfo};
+
+pub use memory::MemoryBackend;
+
+/// A store that keeps leases. Inputs reaching a backend are already validated.
+///
+/// Rules every implementation keeps:
+/// - at most one live lease per key while the store is healthy;
+/// - fencing tokens strictly increase with every grant of a key and are never reused;
+/// - `renew` and `release` act only when `lease_id` is the live lease on `key`, and otherwise
+///   return [`Error::LeaseLost`] without touching the key;
+/// - waiters of one key are served first come, first served, woken by the release or expiry
+///   itself (no sleep-and-retry polling);
+/// - an unreachable store gives [`Error::Unavailable`], never a hang.
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// A short name for messages and metrics, e.g. `"memory"`.
+    fn name(&self) -> &'static str;
+
+    /// Grants `req.key` to `req.lease_id`, waiting up to `req.wait` while it is held.
+    /// Returns [`Error::Held`] when `req.wait` is zero and [`Error::WaitTimeout`] after a wait.
+    async fn acquire(&self, req: AcquireRequest) -> Result<Grant>;
+
+    /// Extends the live lease `lease_id` on `key` to `ttl` from now.
+    async fn renew(&self, key: &str, lease_id: &LeaseId, ttl: Duration) -> Result<Grant>;
+
+    /// Frees `key` if `lease_id` is its live lease.
+    async fn release(&self, key: &str, lease_id: &LeaseId) -> Result<()>;
+
+    /// The state of `key`, held or not.
+    async fn status(&self, key: &str) -> Result<LockInfo>;
+
+    /// Held locks whose key starts with `prefix`.
+    async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>>;
+}
+
+/// Opens the backend a URL names.
+///
+/// Supported now: `memory://` (a fresh in-process table). Must be called inside a Tokio runtime.
+pub async fn open(url: &str) -> Result<Arc<dyn Backend>> {
+    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
+    match scheme {
+        "memory" => Ok(Arc::new(MemoryBackend::new()?)),
+        "" => Err(Error::InvalidInput(format!("{url:?} is not a backend URL; expected e.g. memory://"))),
+        other => {
+            Err(Error::InvalidInput(format!("unsupported backend scheme {other:?}; supported: memory://")))
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! The one error type of the crate: each variant is an outcome a caller can act on.
+
+use std::time::Duration;
+
+/// Why a lease stopped protecting its holder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossReason {
+    /// The store no longer knows this lease: it expired there, was released, or never existed.
+    NotOwner,
+    /// The holder's own conservative deadline passed without a successful renewal
+    /// (the store may be unreachable; someone else may be granted the lock from now on).
+    Expired,
+}
+
+impl std::fmt::Display for LossReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LossReason::NotOwner => f.write_str("the store does not hold this lease any more"),
+            LossReason::Expired => f.write_str("the lease deadline passed without a successful renewal"),
+        }
+    }
+}
+
+/// Everything that can go wrong when taking, keeping or giving back a lock.
+///
+/// The variants are the decisions a caller makes: try later ([`Error::Held`],
+/// [`Error::WaitTimeout`]), stop the work the lock protected ([`Error::LeaseLost`]), fix the call
+/// ([`Error::InvalidInput`]), or treat the store as down ([`Error::Unavailable`]).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use distlock::{AcquireOptions, Error, Locker};
+///
+/// let locker = Locker::open("memory://").await.unwrap();
+/// let _held = locker.acquire("deploy", &AcquireOptions::new().holder("ci-1")).await.unwrap();
+/// match locker.acquire("deploy", &AcquireOptions::new()).await {
+///     Err(Error::Held { holder, .. }) => assert_eq!(holder.as_deref(), Some("ci-1")),
+///     other => panic!("expected Held, got {other:?}"),
+/// }
+/// # }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The lock is held by someone else and the caller asked not to wait.
+    #[error("lock {key:?} is held{}", holder_suffix(.holder))]
+    Held {
+        /// The key asked for.
+        key: String,
+        /// The current holder's label, where the backend knows it.
+        holder: Option<String>,
+    },
+    /// The lock stayed held by someone else for the whole wait.
+    #[error("timed out after {waited:?} waiting for lock {key:?}{}", holder_suffix(.holder))]
+    WaitTimeout {
+        /// The key asked for.
+        key: String,
+        /// The holder's label when the wait ended, where the backend knows it.
+        holder: Option<String>,
+        /// How long the caller waited.
+        waited: Duration,
+    },
+    /// The lease is no longer held by the caller: it expired, was released, was never granted,
+    /// or could not be renewed before its deadline. Work protected by it must stop.
+    #[error("lease on {key:?} lost: {reason}")]
+    LeaseLost {
+        /// The key of the lost lease.
+        key: String,
+        /// Why it was lost.
+        reason: LossReason,
+    },
+    /// The request itself is wrong (key, TTL, URL, ...); nothing was changed.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// A server-side limit (number of leases or waiters) refused the request; nothing was changed.
+    #[error("limit reached: {0}")]
+    LimitExceeded(String),
+    /// The store could not be reached or answered with an error; the outcome is unknown only
+    /// for renew and release (for acquire, a lease the caller never saw expires by its TTL).
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+}
+
+fn holder_suffix(holder: &Option<String>) -> String {
+    match holder {
+        Some(h) if !h.is_empty() => format!(" by {h:?}"),
+        _ => String::new(),
+    }
+}
+
+impl Error {
+    /// A stable, machine-readable code for this error, as used by the HTTP API and `--json`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Held { .. } | Error::WaitTimeout { .. } => "lock_held",
+            Error::LeaseLost { .. } => "lease_lost",
+            Error::InvalidInput(_) => "invalid_request",
+            Error::LimitExceeded(_) => "limit_exceeded",
+            Error::Unavailable(_) => "backend_unavailable",
+        }
+    }
+
+    /// `true` for [`Error::LeaseLost`].
+    pub fn is_lease_lost(&self) -> bool {
+        matches!(self, Error::LeaseLost { .. })
+    }
+
+    pub(crate) fn not_owner(key: &str) -> Error {
+        Error::LeaseLost { key: key.to_owned(), reason: LossReason::NotOwner }
+    }
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,70 @@
+//! Checks of everything a caller hands in, done once at the boundary so backends can trust it.
+//!
+//! The bounds are part of the API and documented here:
+//! - a key is 1 to [`MAX_KEY_BYTES`] bytes of UTF-8 and contains no NUL character
+//!   (namespace prefix included);
+//! - a TTL is from [`MIN_TTL`] (100 ms) to [`MAX_TTL`] (24 h);
+//! - a holder label is at most [`MAX_HOLDER_BYTES`] bytes with no control characters.
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// The longest key, in bytes, including the namespace prefix.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// The shortest TTL a lease may have.
+pub const MIN_TTL: Duration = Duration::from_millis(100);
+/// The longest TTL a lease may have.
+pub const MAX_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// The longest holder label, in bytes.
+pub const MAX_HOLDER_BYTES: usize = 256;
+
+/// Checks a full key (namespace included).
+///
+/// ```
+/// assert!(distlock::validate::key("jobs/nightly-backup").is_ok());
+/// assert!(distlock::validate::key("").is_err());
+/// assert!(distlock::validate::key("a\0b").is_err());
+/// ```
+pub fn key(key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::InvalidInput("key must not be empty".into()));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(Error::InvalidInput(format!("key is {} bytes; the limit is {MAX_KEY_BYTES}", key.len())));
+    }
+    if key.contains('\0') {
+        return Err(Error::InvalidInput("key must not contain NUL".into()));
+    }
+    Ok(())
+}
+
+/// Checks a TTL against [`MIN_TTL`] and [`MAX_TTL`].
+///
+/// ```
+/// use std::time::Duration;
+/// assert!(distlock::validate::ttl(Duration::from_secs(30)).is_ok());
+/// assert!(distlock::validate::ttl(Duration::from_millis(99)).is_err());
+/// ```
+pub fn ttl(ttl: Duration) -> Result<()> {
+    if ttl < MIN_TTL || ttl > MAX_TTL {
+        return Err(Error::InvalidInput(format!(
+            "ttl {ttl:?} is out of bounds; it must be from 100ms to 24h"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a holder label.
+pub fn holder(holder: &str) -> Result<()> {
+    if holder.len() > MAX_HOLDER_BYTES {
+        return Err(Error::InvalidInput(format!(
+            "holder label is {} bytes; the limit is {MAX_HOLDER_BYTES}",
+            holder.len()
+        )));
+    }
+    if holder.chars().any(char::is_control) {
+        return Err(Error::InvalidInput("holder label must not contain control characters".into()));
+    }
+    Ok(())
+}
