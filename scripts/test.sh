@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs every check and test of the workspace: the one test command of README.md and of CI.
+#
+# First it makes sure the system programs the tests start (real servers, no mocks) are present:
+# as root it installs missing Debian packages with apt-get; otherwise it prints the command to run
+# and stops. Then: cargo fmt --check, clippy with warnings denied, all tests, and the doc tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# command the tests need -> Debian package that provides it
+needs=(
+)
+
+missing=()
+for pair in "${needs[@]}"; do
+  cmd=${pair%%:*} pkg=${pair#*:}
+  command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    echo "==> installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "error: the tests need these Debian packages: ${missing[*]}" >&2
+    echo "install them with: sudo apt-get install -y ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "==> cargo test"
+cargo test --workspace --all-targets
+echo "==> doc tests"
+cargo test --workspace --doc
