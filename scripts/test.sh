@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 
 # command the tests need -> Debian package that provides it
 needs=(
+  redis-server:redis-server
 )
 
 missing=()

@@ -6,6 +6,8 @@
 //! [`crate::lease`] and works the same on every backend.
 
 pub mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +18,10 @@ use crate::error::{Error, Result};
 use crate::types::{AcquireRequest, Grant, LeaseId, LockInfo};
 
 pub use memory::MemoryBackend;
+
+/// The URL schemes this build can open.
+pub const SCHEMES: &str =
+    if cfg!(feature = "redis") { "memory://, redis://, rediss://" } else { "memory://" };
 
 /// A store that keeps leases. Inputs reaching a backend are already validated.
 ///
@@ -51,14 +57,17 @@ pub trait Backend: Send + Sync + 'static {
 
 /// Opens the backend a URL names.
 ///
-/// Supported now: `memory://` (a fresh in-process table). Must be called inside a Tokio runtime.
+/// Supported: `memory://` (a fresh in-process table), `redis://` and `rediss://` (one Redis, see
+/// [`redis`]). Must be called inside a Tokio runtime.
 pub async fn open(url: &str) -> Result<Arc<dyn Backend>> {
     let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
     match scheme {
         "memory" => Ok(Arc::new(MemoryBackend::new()?)),
+        #[cfg(feature = "redis")]
+        "redis" | "rediss" => Ok(Arc::new(redis::RedisBackend::open(redis::RedisConfig::parse(url)?).await?)),
         "" => Err(Error::InvalidInput(format!("{url:?} is not a backend URL; expected e.g. memory://"))),
         other => {
-            Err(Error::InvalidInput(format!("unsupported backend scheme {other:?}; supported: memory://")))
+            Err(Error::InvalidInput(format!("unsupported backend scheme {other:?}; supported: {SCHEMES}")))
         }
     }
 }

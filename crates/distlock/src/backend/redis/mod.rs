@@ -1,0 +1,360 @@
+//! The single-Redis backend: `redis://[user:password@]host:port[/db][?prefix=P&timeout=D]`
+//! (`rediss://` for TLS where the redis crate is built with it).
+//!
+//! One Lua script per operation ([`scripts`]): acquire sets the lock and increments the key's
+//! fencing counter in the same step; renew is compare-and-PEXPIRE; release is compare-and-delete.
+//! Waiting is FIFO through a per-key queue in Redis, woken by the release over pub/sub
+//! ([`wakeups`]) and, for expiry (which publishes nothing), by a fallback timer set to the lock's
+//! remaining TTL. One multiplexed, self-reconnecting connection per backend; every call is
+//! bounded by `timeout` (default 2 s) and fails with [`Error::Unavailable`] past it.
+
+mod scripts;
+mod wakeups;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::time::Instant;
+
+use self::scripts::Scripts;
+use self::wakeups::{Registration, Wakeups};
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::types::{AcquireRequest, Grant, LeaseId, LockInfo};
+
+/// Settings of a Redis backend, parsed from its URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// The URL handed to the redis crate (our own query parameters removed).
+    pub url: String,
+    /// Prefix of every key the backend writes (`prefix` parameter; default `distlock`).
+    pub prefix: String,
+    /// Bound on every call to Redis (`timeout` parameter, e.g. `500ms`; default 2 s).
+    pub timeout: Duration,
+    /// How long a waiter's place in the queue lasts unless refreshed: a waiter that crashed
+    /// holds up the queue at most this long (`queue_ttl` parameter; default 6 s).
+    pub queue_ttl: Duration,
+}
+
+impl RedisConfig {
+    /// Parses a `redis://` or `rediss://` URL with the optional parameters above.
+    ///
+    /// ```
+    /// use distlock::backend::redis::RedisConfig;
+    /// let c = RedisConfig::parse("redis://127.0.0.1:6379/2?prefix=billing&timeout=500ms").unwrap();
+    /// assert_eq!(c.url, "redis://127.0.0.1:6379/2");
+    /// assert_eq!(c.prefix, "billing");
+    /// assert_eq!(c.timeout, std::time::Duration::from_millis(500));
+    /// ```
+    pub fn parse(url: &str) -> Result<RedisConfig> {
+        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        let mut config = RedisConfig {
+            url: base.to_owned(),
+            prefix: "distlock".to_owned(),
+            timeout: Duration::from_secs(2),
+            queue_ttl: Duration::from_secs(6),
+        };
+        let mut passthrough = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let duration = || {
+                humantime::parse_duration(value).ok().filter(|d| !d.is_zero()).ok_or_else(|| {
+                    Error::InvalidInput(format!("{name}={value:?} is not a duration like 2s or 500ms"))
+                })
+            };
+            match name {
+                "prefix" => config.prefix = value.to_owned(),
+                "timeout" => config.timeout = duration()?,
+                "queue_ttl" => config.queue_ttl = duration()?.max(Duration::from_millis(300)),
+                _ => passthrough.push(pair),
+            }
+        }
+        if !passthrough.is_empty() {
+            config.url = format!("{base}?{}", passthrough.join("&"));
+        }
+        if config.prefix.is_empty() || config.prefix.contains(['{', '}', '\0']) {
+            return Err(Error::InvalidInput(
+                "redis key prefix must be non-empty, without '{', '}' or NUL".into(),
+            ));
+        }
+        Ok(config)
+    }
+}
+
+/// Leases kept in one Redis server. See the module docs.
+pub struct RedisBackend {
+    store: Store,
+    wakeups: Arc<Wakeups>,
+}
+
+/// The connection, the scripts and the settings: everything needed to run a script.
+#[derive(Clone)]
+struct Store {
+    conn: ConnectionManager,
+    scripts: Arc<Scripts>,
+    config: RedisConfig,
+}
+
+/// The Redis names of one lock; they share the hash tag `{key}`.
+#[derive(Clone)]
+struct LockKeys {
+    lock: String,
+    meta: String,
+    queue: String,
+    alive: String,
+    channel: String,
+}
+
+impl RedisBackend {
+    /// Connects lazily: an unreachable Redis shows up as [`Error::Unavailable`] on first use.
+    pub async fn open(config: RedisConfig) -> Result<RedisBackend> {
+        let client = redis::Client::open(config.url.as_str())
+            .map_err(|e| Error::InvalidInput(format!("bad redis URL: {e}")))?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.timeout))
+            .set_response_timeout(Some(config.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
+            .map_err(|e| unavailable(&config, e))?;
+        Ok(RedisBackend {
+            wakeups: Wakeups::new(client, config.timeout),
+            store: Store { conn, scripts: Arc::new(Scripts::new()), config },
+        })
+    }
+
+    async fn register(&self, keys: &LockKeys, lease_id: &LeaseId) -> Option<Registration> {
+        match self.wakeups.register(&keys.channel, lease_id.as_str()).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::debug!(error = %e, "redis pub/sub unavailable; waiting on timers only");
+                None
+            }
+        }
+    }
+}
+
+impl Store {
+    fn keys(&self, key: &str) -> LockKeys {
+        let base = format!("{}:{{{key}}}", self.config.prefix);
+        LockKeys {
+            lock: format!("{base}:lock"),
+            meta: format!("{base}:meta"),
+            queue: format!("{base}:queue"),
+            alive: format!("{base}:alive"),
+            channel: format!("{base}:wake"),
+        }
+    }
+
+    /// Runs one script invocation under the call timeout.
+    async fn eval<T: redis::FromRedisValue>(&self, invocation: redis::ScriptInvocation<'_>) -> Result<T> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.config.timeout, invocation.invoke_async(&mut conn)).await {
+            Ok(result) => result.map_err(|e| unavailable(&self.config, e)),
+            Err(_) => {
+                Err(Error::Unavailable(format!("redis did not answer within {:?}", self.config.timeout)))
+            }
+        }
+    }
+
+    async fn dequeue(&self, keys: &LockKeys, lease_id: &LeaseId) -> Result<()> {
+        let mut inv = self.scripts.dequeue.prepare_invoke();
+        inv.key(&keys.lock).key(&keys.queue).key(&keys.alive).arg(lease_id.as_str()).arg(&keys.channel);
+        self.eval::<i64>(inv).await.map(drop)
+    }
+
+    async fn release_keys(&self, keys: &LockKeys, lease_id: &LeaseId) -> Result<bool> {
+        let mut inv = self.scripts.release.prepare_invoke();
+        inv.key(&keys.lock).key(&keys.queue).key(&keys.alive).arg(lease_id.as_str()).arg(&keys.channel);
+        Ok(self.eval::<i64>(inv).await? == 1)
+    }
+
+    fn key_of(&self, redis_key: &str) -> Option<String> {
+        let inner = redis_key.strip_prefix(&self.config.prefix)?.strip_prefix(":{")?;
+        Some(inner.strip_suffix("}:lock")?.to_owned())
+    }
+}
+
+fn unavailable(config: &RedisConfig, e: redis::RedisError) -> Error {
+    let url = config.url.split('@').next_back().unwrap_or_default();
+    Error::Unavailable(format!("redis {url}: {e}"))
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX)) as u64
+}
+
+/// Escapes a prefix for a Redis glob pattern.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// While armed, dropping this (the waiting acquire was cancelled) leaves the queue and releases
+/// a grant that may have been made but never seen, in the background.
+struct WaitGuard<'a> {
+    store: &'a Store,
+    keys: &'a LockKeys,
+    lease_id: &'a LeaseId,
+    armed: bool,
+}
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
+        let (store, keys, lease_id) = (self.store.clone(), self.keys.clone(), self.lease_id.clone());
+        handle.spawn(async move {
+            let _ = store.release_keys(&keys, &lease_id).await;
+            let _ = store.dequeue(&keys, &lease_id).await;
+        });
+    }
+}
+
+#[async_trait]
+impl Backend for RedisBackend {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn acquire(&self, req: AcquireRequest) -> Result<Grant> {
+        let keys = self.store.keys(&req.key);
+        let start = Instant::now();
+        let deadline = req.wait.and_then(|w| start.checked_add(w));
+        let waiting = req.wait != Some(Duration::ZERO);
+        let store = &self.store;
+        let mut guard = WaitGuard { store, keys: &keys, lease_id: &req.lease_id, armed: waiting };
+        let mut registration: Option<Registration> = None;
+        loop {
+            // Register for the wake-up before looking, so a release in between is not missed.
+            if waiting && !registration.as_ref().is_some_and(Registration::is_current) {
+                registration = self.register(&keys, &req.lease_id).await;
+            }
+            let sent = Instant::now();
+            let mut inv = self.store.scripts.acquire.prepare_invoke();
+            inv.key(&keys.lock)
+                .key(&keys.meta)
+                .key(&keys.queue)
+                .key(&keys.alive)
+                .arg(req.lease_id.as_str())
+                .arg(millis(req.ttl))
+                .arg(&req.holder)
+                .arg(if waiting { "1" } else { "0" })
+                .arg(millis(self.store.config.queue_ttl));
+            let (granted, n, holder): (i64, i64, String) = self.store.eval(inv).await?;
+            if granted == 1 {
+                guard.armed = false;
+                return Ok(Grant {
+                    lease_id: req.lease_id.clone(),
+                    fencing_token: n as u64,
+                    ttl: req.ttl,
+                    counted_from: sent,
+                });
+            }
+            let holder = (!holder.is_empty()).then_some(holder);
+            if !waiting {
+                return Err(Error::Held { key: req.key, holder });
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                guard.armed = false;
+                let _ = self.store.dequeue(&keys, &req.lease_id).await;
+                return Err(Error::WaitTimeout { key: req.key, holder, waited: now - start });
+            }
+            // Expiry publishes nothing: wake when the lock's TTL runs out, and in any case in time
+            // to refresh our place in the queue.
+            let refresh = self.store.config.queue_ttl / 3;
+            let fallback = if n > 0 { Duration::from_millis(n as u64 + 1).min(refresh) } else { refresh };
+            let wake_at = deadline.map_or(now + fallback, |d| d.min(now + fallback));
+            match &registration {
+                Some(r) => {
+                    tokio::select! {
+                        _ = r.notify.notified() => {}
+                        _ = tokio::time::sleep_until(wake_at) => {}
+                    }
+                }
+                None => tokio::time::sleep_until(wake_at).await,
+            }
+        }
+    }
+
+    async fn renew(&self, key: &str, lease_id: &LeaseId, ttl: Duration) -> Result<Grant> {
+        let keys = self.store.keys(key);
+        let sent = Instant::now();
+        let mut inv = self.store.scripts.renew.prepare_invoke();
+        inv.key(&keys.lock).arg(lease_id.as_str()).arg(millis(ttl));
+        match self.store.eval::<i64>(inv).await? {
+            0 => Err(Error::not_owner(key)),
+            token => {
+                Ok(Grant { lease_id: lease_id.clone(), fencing_token: token as u64, ttl, counted_from: sent })
+            }
+        }
+    }
+
+    async fn release(&self, key: &str, lease_id: &LeaseId) -> Result<()> {
+        if self.store.release_keys(&self.store.keys(key), lease_id).await? {
+            Ok(())
+        } else {
+            Err(Error::not_owner(key))
+        }
+    }
+
+    async fn status(&self, key: &str) -> Result<LockInfo> {
+        let keys = self.store.keys(key);
+        let mut inv = self.store.scripts.status.prepare_invoke();
+        inv.key(&keys.lock).key(&keys.queue).key(&keys.alive);
+        let (held, holder, token, pttl, waiters): (i64, String, u64, i64, u64) = self.store.eval(inv).await?;
+        if held == 0 {
+            return Ok(LockInfo::free(key, waiters));
+        }
+        Ok(LockInfo {
+            key: key.to_owned(),
+            held: true,
+            holder: Some(holder),
+            fencing_token: Some(token),
+            expires_in: Some(Duration::from_millis(pttl.max(0) as u64)),
+            waiters,
+        })
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>> {
+        let pattern = format!("{}:{{{}*}}:lock", glob_escape(&self.store.config.prefix), glob_escape(prefix));
+        let mut conn = self.store.conn.clone();
+        let mut cursor = 0u64;
+        let mut keys = Vec::new();
+        loop {
+            let scan =
+                redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(1000).to_owned();
+            let fut = scan.query_async::<(u64, Vec<String>)>(&mut conn);
+            let (next, batch) = tokio::time::timeout(self.store.config.timeout, fut)
+                .await
+                .map_err(|_| Error::Unavailable("redis SCAN timed out".into()))?
+                .map_err(|e| unavailable(&self.store.config, e))?;
+            keys.extend(batch.iter().filter_map(|k| self.store.key_of(k)).filter(|k| k.starts_with(prefix)));
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        keys.sort();
+        keys.dedup();
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            let info = self.status(&key).await?;
+            if info.held {
+                out.push(info);
+            }
+        }
+        Ok(out)
+    }
+}

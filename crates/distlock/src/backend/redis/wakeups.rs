@@ -1,0 +1,158 @@
+//! Wake-ups for waiters, over one pub/sub connection per backend.
+//!
+//! A release publishes the lease id of the first waiter in line on the lock's channel; the
+//! subscriber task wakes exactly that waiter if it lives in this process. A waiter registers
+//! (and the SUBSCRIBE is acknowledged) *before* it runs its acquire script, so a release in
+//! between cannot be missed. If the pub/sub connection drops, every waiter is woken to re-check
+//! and re-register; waiters also keep a fallback timer, so a lost message delays but never
+//! strands them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::aio::PubSubSink;
+use tokio::sync::Notify;
+
+/// Registered waiters: channel -> lease id -> its wake-up.
+type Subscribers = HashMap<String, HashMap<String, Arc<Notify>>>;
+
+pub struct Wakeups {
+    client: redis::Client,
+    connect_timeout: Duration,
+    subs: Mutex<Subscribers>,
+    /// The subscribe side of the connection; also orders SUBSCRIBE / UNSUBSCRIBE calls.
+    sink: tokio::sync::Mutex<Option<PubSubSink>>,
+}
+
+/// A waiter's registration; dropping it unregisters.
+pub struct Registration {
+    wakeups: Arc<Wakeups>,
+    channel: String,
+    lease_id: String,
+    pub notify: Arc<Notify>,
+}
+
+impl Wakeups {
+    pub fn new(client: redis::Client, connect_timeout: Duration) -> Arc<Wakeups> {
+        Arc::new(Wakeups {
+            client,
+            connect_timeout,
+            subs: Mutex::new(HashMap::new()),
+            sink: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    fn subs(&self) -> std::sync::MutexGuard<'_, Subscribers> {
+        self.subs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers `lease_id` for wake-ups on `channel`; returns once the server has acknowledged
+    /// the subscription. On error the caller falls back to its timer.
+    pub async fn register(
+        self: &Arc<Self>,
+        channel: &str,
+        lease_id: &str,
+    ) -> redis::RedisResult<Registration> {
+        let notify = Arc::new(Notify::new());
+        let mut sink = self.sink.lock().await;
+        if sink.is_none() {
+            let pubsub =
+                tokio::time::timeout(self.connect_timeout, self.client.get_async_pubsub()).await.map_err(
+                    |_| redis::RedisError::from((redis::ErrorKind::Io, "pub/sub connect timed out")),
+                )??;
+            let (new_sink, stream) = pubsub.split();
+            tokio::spawn(deliver(Arc::downgrade(self), stream));
+            *sink = Some(new_sink);
+        }
+        let first = {
+            let mut subs = self.subs();
+            let waiters = subs.entry(channel.to_owned()).or_default();
+            waiters.insert(lease_id.to_owned(), notify.clone());
+            waiters.len() == 1
+        };
+        let registration = Registration {
+            wakeups: self.clone(),
+            channel: channel.to_owned(),
+            lease_id: lease_id.to_owned(),
+            notify,
+        };
+        if first {
+            if let Some(s) = sink.as_mut() {
+                // On failure, `registration` is dropped and unregisters itself.
+                s.subscribe(channel).await?;
+            }
+        }
+        Ok(registration)
+    }
+
+    /// The connection ended: forget it and wake everyone so they re-register.
+    async fn disconnected(&self) {
+        *self.sink.lock().await = None;
+        let subs = std::mem::take(&mut *self.subs());
+        for n in subs.values().flat_map(|m| m.values()) {
+            n.notify_one();
+        }
+    }
+}
+
+impl Registration {
+    /// `false` once the connection this registration was made on has gone.
+    pub fn is_current(&self) -> bool {
+        self.wakeups.subs().get(&self.channel).is_some_and(|m| m.contains_key(&self.lease_id))
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let now_empty = {
+            let mut subs = self.wakeups.subs();
+            match subs.get_mut(&self.channel) {
+                Some(m) => {
+                    if m.get(&self.lease_id).is_some_and(|n| Arc::ptr_eq(n, &self.notify)) {
+                        m.remove(&self.lease_id);
+                    }
+                    let empty = m.is_empty();
+                    if empty {
+                        subs.remove(&self.channel);
+                    }
+                    empty
+                }
+                None => false,
+            }
+        };
+        if now_empty {
+            let (wakeups, channel) = (self.wakeups.clone(), self.channel.clone());
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    let mut sink = wakeups.sink.lock().await;
+                    // Re-check under the sink lock: a new waiter may have registered meanwhile.
+                    if wakeups.subs().contains_key(&channel) {
+                        return;
+                    }
+                    if let Some(s) = sink.as_mut() {
+                        let _ = s.unsubscribe(&channel).await;
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// The subscriber task: routes each message to the waiter it names.
+async fn deliver(wakeups: Weak<Wakeups>, mut stream: redis::aio::PubSubStream) {
+    while let Some(msg) = stream.next().await {
+        let Some(wakeups) = wakeups.upgrade() else { return };
+        let channel = msg.get_channel_name();
+        let Ok(lease_id) = msg.get_payload::<String>() else { continue };
+        let waiter = wakeups.subs().get(channel).and_then(|m| m.get(&lease_id)).cloned();
+        if let Some(n) = waiter {
+            n.notify_one();
+        }
+    }
+    if let Some(wakeups) = wakeups.upgrade() {
+        tracing::debug!("redis pub/sub connection closed; waiters fall back to timers and re-register");
+        wakeups.disconnected().await;
+    }
+}

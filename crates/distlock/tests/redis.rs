@@ -1,0 +1,279 @@
+//! The Redis backend against real `redis-server` processes started by the test harness.
+//!
+//! Two backends opened on one server stand for two processes: separate connections, separate
+//! pub/sub subscribers, one queue and one fencing counter in Redis.
+#![cfg(feature = "redis")]
+
+mod support;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use distlock::{AcquireOptions, AcquireRequest, Error, LeaseId, Locker, LossReason};
+use support::RedisServer;
+use tokio::time::Instant;
+
+async fn locker(server: &RedisServer) -> Locker {
+    Locker::open(&format!("{}?prefix=dl-test&timeout=1s", server.url())).await.expect("open redis backend")
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+async fn until_waiters(locker: &Locker, key: &str, n: u64) {
+    let start = Instant::now();
+    while locker.status(key).await.unwrap().waiters != n {
+        assert!(start.elapsed() < Duration::from_secs(10), "{key} never had {n} waiters");
+        tokio::time::sleep(ms(5)).await;
+    }
+}
+
+/// 16 tasks over two "processes" take one key 1,000 times; the counter never loses an update and
+/// tokens rise in the order of the critical sections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_exclusion_16_tasks_1000_grants() {
+    let server = RedisServer::start();
+    let lockers = [locker(&server).await, locker(&server).await];
+    let counter = Arc::new(AtomicU64::new(0));
+    let tokens = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for t in 0..16usize {
+        let (locker, counter, tokens) = (lockers[t % 2].clone(), counter.clone(), tokens.clone());
+        tasks.push(tokio::spawn(async move {
+            let opts = AcquireOptions::new().wait(Duration::from_secs(60)).holder(format!("task-{t}"));
+            for _ in 0..(1000 / 16 + usize::from(t < 1000 % 16)) {
+                let lease = locker.acquire("counter", &opts).await.unwrap();
+                let seen = counter.load(Ordering::SeqCst);
+                tokio::task::yield_now().await;
+                counter.store(seen + 1, Ordering::SeqCst);
+                tokens.lock().unwrap().push(lease.fencing_token());
+                lease.release().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(counter.load(Ordering::SeqCst), 1000);
+    let tokens = tokens.lock().unwrap();
+    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "tokens must rise with each grant");
+}
+
+#[tokio::test]
+async fn held_reports_holder_and_ownership_is_enforced() {
+    let server = RedisServer::start();
+    let (a, b) = (locker(&server).await, locker(&server).await);
+    let lease = a.acquire("k", &AcquireOptions::new().holder("host-1/pid-42")).await.unwrap();
+    assert_eq!(
+        b.acquire("k", &AcquireOptions::new()).await.unwrap_err(),
+        Error::Held { key: "k".into(), holder: Some("host-1/pid-42".into()) }
+    );
+    let stranger = LeaseId::generate();
+    assert_eq!(
+        b.renew_lease("k", &stranger, Duration::from_secs(5)).await.unwrap_err(),
+        Error::LeaseLost { key: "k".into(), reason: LossReason::NotOwner }
+    );
+    assert!(b.release_lease("k", &stranger).await.unwrap_err().is_lease_lost());
+    let status = b.status("k").await.unwrap();
+    assert!(status.held);
+    assert_eq!(status.fencing_token, Some(lease.fencing_token()));
+    assert_eq!(status.holder.as_deref(), Some("host-1/pid-42"));
+    // The owner's id works from the other process too.
+    b.release_lease("k", lease.lease_id()).await.unwrap();
+    assert!(!b.status("k").await.unwrap().held);
+    assert!(lease.release().await.unwrap_err().is_lease_lost(), "released twice");
+}
+
+/// A holder that crashed (no renewal, no release) is expired by Redis, and the waiter gets in at
+/// that moment through its PTTL fallback timer.
+#[tokio::test]
+async fn expiry_lets_the_next_waiter_in() {
+    let server = RedisServer::start();
+    let locker = locker(&server).await;
+    let crashed = LeaseId::generate();
+    let start = Instant::now();
+    let grant = locker
+        .backend()
+        .acquire(AcquireRequest {
+            key: "k".into(),
+            lease_id: crashed.clone(),
+            holder: "crashed".into(),
+            ttl: ms(600),
+            wait: Some(Duration::ZERO),
+        })
+        .await
+        .unwrap();
+    let lease = locker.acquire("k", &AcquireOptions::new().wait(Duration::from_secs(5))).await.unwrap();
+    let waited = start.elapsed();
+    assert!(waited >= ms(550) && waited < ms(2000), "got the lock after {waited:?}");
+    assert!(lease.fencing_token() > grant.fencing_token);
+    assert!(locker.release_lease("k", &crashed).await.unwrap_err().is_lease_lost());
+}
+
+/// Waiters from two processes are served in arrival order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_are_served_fifo() {
+    let server = RedisServer::start();
+    let lockers = [locker(&server).await, locker(&server).await];
+    let first = lockers[0].acquire("q", &AcquireOptions::new()).await.unwrap();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..8u64 {
+        let (l, order) = (lockers[(i % 2) as usize].clone(), order.clone());
+        tasks.push(tokio::spawn(async move {
+            let lease = l.acquire("q", &AcquireOptions::new().wait(Duration::from_secs(30))).await.unwrap();
+            order.lock().unwrap().push(i);
+            tokio::time::sleep(ms(5)).await;
+            lease.release().await.unwrap();
+        }));
+        until_waiters(&lockers[0], "q", i + 1).await;
+    }
+    let start = Instant::now();
+    first.release().await.unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(*order.lock().unwrap(), (0..8).collect::<Vec<_>>());
+    // Woken by each release, not by timers (the fallback here would be the 30 s lease TTL).
+    assert!(start.elapsed() < Duration::from_secs(2), "handoffs took {:?}", start.elapsed());
+}
+
+#[tokio::test]
+async fn wait_timeout_leaves_the_queue() {
+    let server = RedisServer::start();
+    let (a, b) = (locker(&server).await, locker(&server).await);
+    let _held = a.acquire("k", &AcquireOptions::new().holder("owner")).await.unwrap();
+    let start = Instant::now();
+    let err = b.acquire("k", &AcquireOptions::new().wait(ms(300))).await.unwrap_err();
+    assert!(start.elapsed() >= ms(300));
+    assert!(
+        matches!(&err, Error::WaitTimeout { holder: Some(h), .. } if h == "owner"),
+        "expected WaitTimeout by owner, got {err:?}"
+    );
+    assert_eq!(a.status("k").await.unwrap().waiters, 0);
+}
+
+/// Automatic renewal keeps a short lease alive far past five TTLs.
+#[tokio::test]
+async fn auto_renewal_past_five_ttls() {
+    let server = RedisServer::start();
+    let (a, b) = (locker(&server).await, locker(&server).await);
+    let lease = a.acquire("k", &AcquireOptions::new().ttl(ms(400))).await.unwrap();
+    for _ in 0..10 {
+        tokio::time::sleep(ms(250)).await;
+        assert!(matches!(b.acquire("k", &AcquireOptions::new()).await, Err(Error::Held { .. })));
+    }
+    assert!(lease.is_held());
+    lease.release().await.unwrap();
+}
+
+/// Redis killed while a lease is held: the holder's loss signal fires before the TTL could have
+/// run out in Redis, and calls fail with `Unavailable` within the timeout instead of hanging.
+#[tokio::test]
+async fn redis_killed_fires_loss_signal_and_unavailable() {
+    let mut server = RedisServer::start();
+    let locker = locker(&server).await;
+    let lease = locker.acquire("k", &AcquireOptions::new().ttl(Duration::from_secs(2))).await.unwrap();
+    tokio::time::sleep(ms(800)).await;
+    let killed = Instant::now();
+    server.kill();
+    let reason = tokio::time::timeout(Duration::from_secs(5), lease.lost()).await.expect("loss signal fired");
+    assert_eq!(reason, LossReason::Expired);
+    assert!(killed.elapsed() < Duration::from_secs(2), "lost after {:?}", killed.elapsed());
+    let start = Instant::now();
+    let err = locker.acquire("other", &AcquireOptions::new()).await.unwrap_err();
+    assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
+    assert!(start.elapsed() < Duration::from_secs(3), "took {:?}", start.elapsed());
+    // After a restart the backend reconnects on its own.
+    server.restart();
+    let start = Instant::now();
+    loop {
+        match locker.acquire("k", &AcquireOptions::new()).await {
+            Ok(_) => break,
+            Err(Error::Unavailable(_)) if start.elapsed() < Duration::from_secs(10) => {
+                tokio::time::sleep(ms(100)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn unreachable_redis_is_unavailable_not_a_hang() {
+    let port = support::free_port();
+    let locker = Locker::open(&format!("redis://127.0.0.1:{port}?timeout=500ms")).await.unwrap();
+    let start = Instant::now();
+    for result in [
+        locker.acquire("k", &AcquireOptions::new()).await.map(drop),
+        locker.acquire("k", &AcquireOptions::new().wait(Duration::from_secs(1))).await.map(drop),
+        locker.status("k").await.map(drop),
+    ] {
+        assert!(matches!(result, Err(Error::Unavailable(_))), "{result:?}");
+    }
+    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+}
+
+/// A cancelled waiter leaves the queue, so the next holder is not held up by it.
+#[tokio::test]
+async fn cancelled_waiter_leaves_the_queue() {
+    let server = RedisServer::start();
+    let (a, b) = (locker(&server).await, locker(&server).await);
+    let held = a.acquire("k", &AcquireOptions::new()).await.unwrap();
+    let waiter = tokio::spawn(async move { b.acquire("k", &AcquireOptions::new().wait_forever()).await });
+    until_waiters(&a, "k", 1).await;
+    waiter.abort();
+    let _ = waiter.await;
+    until_waiters(&a, "k", 0).await;
+    held.release().await.unwrap();
+    a.acquire("k", &AcquireOptions::new()).await.expect("free right away");
+}
+
+/// Every key the backend writes starts with the prefix and carries the lock's hash tag; the
+/// fencing counter outlives release, so tokens keep rising.
+#[tokio::test]
+async fn keys_are_prefixed_and_tokens_survive_release() {
+    let server = RedisServer::start();
+    let locker = locker(&server).await;
+    let opts = AcquireOptions::new().namespace("billing");
+    let mut last = 0;
+    for _ in 0..3 {
+        let lease = locker.acquire("batch", &opts).await.unwrap();
+        assert!(lease.fencing_token() > last);
+        last = lease.fencing_token();
+        lease.release().await.unwrap();
+    }
+    let keys = server.raw("KEYS *");
+    let names: Vec<&str> = keys.lines().filter(|l| !l.starts_with(['*', '$'])).collect();
+    assert!(!names.is_empty(), "{keys}");
+    for name in names {
+        assert!(name.starts_with("dl-test:{billing:batch}:"), "unexpected key {name}");
+    }
+}
+
+#[tokio::test]
+async fn status_and_list() {
+    let server = RedisServer::start();
+    let locker = locker(&server).await;
+    let opts = AcquireOptions::new().namespace("ns").holder("me").ttl(Duration::from_secs(10));
+    let _a = locker.acquire("a", &opts).await.unwrap();
+    let _b = locker.acquire("b*", &opts).await.unwrap();
+    let _c = locker.acquire("other", &AcquireOptions::new()).await.unwrap();
+    let list = locker.list("ns:").await.unwrap();
+    assert_eq!(list.iter().map(|i| i.key.as_str()).collect::<Vec<_>>(), ["ns:a", "ns:b*"]);
+    assert_eq!(locker.list("ns:b*").await.unwrap().len(), 1, "glob characters are literal");
+    let info = locker.status("ns:a").await.unwrap();
+    assert_eq!(info.holder.as_deref(), Some("me"));
+    assert!(info.expires_in.unwrap() > Duration::from_secs(8));
+    assert!(!locker.status("nobody").await.unwrap().held);
+    assert_eq!(locker.list("").await.unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn bad_urls_are_invalid_input() {
+    for url in ["redis://127.0.0.1:1?timeout=soon", "redis://127.0.0.1:1?prefix=a{b", "redis://:::::"] {
+        let err = Locker::open(url).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidInput(_)), "{url}: {err:?}");
+    }
+}
