@@ -4,7 +4,7 @@
 //! Time is a source of non-determinism, so most tests run on Tokio's paused clock: the runtime
 //! jumps straight to the next timer when every task is idle, and elapsed times are exact.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,6 +14,8 @@ use distlock::{
     MemoryBackend,
 };
 use tokio::time::Instant;
+
+mod support;
 
 fn memory() -> Locker {
     Locker::with_backend(Arc::new(MemoryBackend::new().expect("inside a runtime")))
@@ -38,31 +40,7 @@ async fn until_waiters(locker: &Locker, key: &str, n: u64) {
 /// yield in between never loses an update, and tokens rise in the order of the critical sections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_exclusion_16_tasks() {
-    let locker = memory();
-    let counter = Arc::new(AtomicU64::new(0));
-    let tokens = Arc::new(Mutex::new(Vec::new()));
-    let mut tasks = Vec::new();
-    for t in 0..16 {
-        let (locker, counter, tokens) = (locker.clone(), counter.clone(), tokens.clone());
-        tasks.push(tokio::spawn(async move {
-            let opts = AcquireOptions::new().wait_forever().holder(format!("task-{t}"));
-            for _ in 0..(1000 / 16 + usize::from(t < 1000 % 16)) {
-                let lease = locker.acquire("counter", &opts).await.unwrap();
-                let seen = counter.load(Ordering::SeqCst);
-                tokio::task::yield_now().await;
-                counter.store(seen + 1, Ordering::SeqCst);
-                tokens.lock().unwrap().push(lease.fencing_token());
-                lease.release().await.unwrap();
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    assert_eq!(counter.load(Ordering::SeqCst), 1000);
-    let tokens = tokens.lock().unwrap();
-    assert_eq!(tokens.len(), 1000);
-    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "tokens must rise with each grant");
+    support::hammer(&[memory()], "counter", 16, 1000).await;
 }
 
 #[tokio::test(start_paused = true)]

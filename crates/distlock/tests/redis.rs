@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,29 +35,7 @@ async fn until_waiters(locker: &Locker, key: &str, n: u64) {
 async fn mutual_exclusion_16_tasks_1000_grants() {
     let server = RedisServer::start();
     let lockers = [locker(&server).await, locker(&server).await];
-    let counter = Arc::new(AtomicU64::new(0));
-    let tokens = Arc::new(Mutex::new(Vec::new()));
-    let mut tasks = Vec::new();
-    for t in 0..16usize {
-        let (locker, counter, tokens) = (lockers[t % 2].clone(), counter.clone(), tokens.clone());
-        tasks.push(tokio::spawn(async move {
-            let opts = AcquireOptions::new().wait(Duration::from_secs(60)).holder(format!("task-{t}"));
-            for _ in 0..(1000 / 16 + usize::from(t < 1000 % 16)) {
-                let lease = locker.acquire("counter", &opts).await.unwrap();
-                let seen = counter.load(Ordering::SeqCst);
-                tokio::task::yield_now().await;
-                counter.store(seen + 1, Ordering::SeqCst);
-                tokens.lock().unwrap().push(lease.fencing_token());
-                lease.release().await.unwrap();
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    assert_eq!(counter.load(Ordering::SeqCst), 1000);
-    let tokens = tokens.lock().unwrap();
-    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "tokens must rise with each grant");
+    support::hammer(&lockers, "counter", 16, 1000).await;
 }
 
 #[tokio::test]

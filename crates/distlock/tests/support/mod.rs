@@ -136,3 +136,40 @@ impl Drop for RedisServer {
         self.kill();
     }
 }
+
+/// Mutual-exclusion check shared by every backend's tests: `tasks` tasks (spread over `lockers`,
+/// which stand for separate processes) take `key` `grants` times in all. Inside the lock each
+/// reads a shared counter, yields, and writes it back plus one: a lost update means two holders
+/// overlapped. Returns the fencing tokens in the order of the critical sections.
+pub async fn hammer(lockers: &[distlock::Locker], key: &str, tasks: usize, grants: usize) -> Vec<u64> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let counter = Arc::new(AtomicU64::new(0));
+    let tokens = Arc::new(Mutex::new(Vec::with_capacity(grants)));
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let (locker, counter, tokens) = (lockers[t % lockers.len()].clone(), counter.clone(), tokens.clone());
+        let key = key.to_owned();
+        handles.push(tokio::spawn(async move {
+            let opts =
+                distlock::AcquireOptions::new().wait(Duration::from_secs(120)).holder(format!("task-{t}"));
+            for _ in 0..(grants / tasks + usize::from(t < grants % tasks)) {
+                let lease = locker.acquire(&key, &opts).await.expect("acquire");
+                let seen = counter.load(Ordering::SeqCst);
+                tokio::task::yield_now().await;
+                counter.store(seen + 1, Ordering::SeqCst);
+                tokens.lock().expect("tokens").push(lease.fencing_token());
+                lease.release().await.expect("release");
+            }
+        }));
+    }
+    for h in handles {
+        h.await.expect("task");
+    }
+    assert_eq!(counter.load(Ordering::SeqCst), grants as u64, "an update was lost: two holders overlapped");
+    let tokens = std::mem::take(&mut *tokens.lock().expect("tokens"));
+    assert_eq!(tokens.len(), grants);
+    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "fencing tokens must rise with each grant");
+    tokens
+}
