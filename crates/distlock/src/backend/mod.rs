@@ -21,7 +21,7 @@ pub use memory::MemoryBackend;
 
 /// The URL schemes this build can open.
 pub const SCHEMES: &str =
-    if cfg!(feature = "redis") { "memory://, redis://, rediss://" } else { "memory://" };
+    if cfg!(feature = "redis") { "memory://, redis://, rediss://, redlock://" } else { "memory://" };
 
 /// A store that keeps leases. Inputs reaching a backend are already validated.
 ///
@@ -58,13 +58,17 @@ pub trait Backend: Send + Sync + 'static {
 /// Opens the backend a URL names.
 ///
 /// Supported: `memory://` (a fresh in-process table), `redis://` and `rediss://` (one Redis, see
-/// [`redis`]). Must be called inside a Tokio runtime.
+/// [`redis`]), `redlock://` (a majority of several masters, see [`redis::redlock`]). Must be called inside a Tokio runtime.
 pub async fn open(url: &str) -> Result<Arc<dyn Backend>> {
     let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
     match scheme {
         "memory" => Ok(Arc::new(MemoryBackend::new()?)),
         #[cfg(feature = "redis")]
         "redis" | "rediss" => Ok(Arc::new(redis::RedisBackend::open(redis::RedisConfig::parse(url)?).await?)),
+        #[cfg(feature = "redis")]
+        "redlock" => Ok(Arc::new(
+            redis::redlock::RedlockBackend::open(redis::redlock::RedlockConfig::parse(url)?).await?,
+        )),
         "" => Err(Error::InvalidInput(format!("{url:?} is not a backend URL; expected e.g. memory://"))),
         other => {
             Err(Error::InvalidInput(format!("unsupported backend scheme {other:?}; supported: {SCHEMES}")))

@@ -8,6 +8,7 @@
 //! remaining TTL. One multiplexed, self-reconnecting connection per backend; every call is
 //! bounded by `timeout` (default 2 s) and fails with [`Error::Unavailable`] past it.
 
+pub mod redlock;
 mod scripts;
 mod wakeups;
 
@@ -171,6 +172,49 @@ impl Store {
         Ok(self.eval::<i64>(inv).await? == 1)
     }
 
+    pub(crate) async fn status(&self, key: &str) -> Result<LockInfo> {
+        let keys = self.keys(key);
+        let mut inv = self.scripts.status.prepare_invoke();
+        inv.key(&keys.lock).key(&keys.queue).key(&keys.alive);
+        let (held, holder, token, pttl, waiters): (i64, String, u64, i64, u64) = self.eval(inv).await?;
+        if held == 0 {
+            return Ok(LockInfo::free(key, waiters));
+        }
+        Ok(LockInfo {
+            key: key.to_owned(),
+            held: true,
+            holder: Some(holder),
+            fencing_token: Some(token),
+            expires_in: Some(Duration::from_millis(pttl.max(0) as u64)),
+            waiters,
+        })
+    }
+
+    /// The keys (as the user named them) of lock entries starting with `prefix`, sorted.
+    async fn scan_keys(&self, prefix: &str) -> Result<Vec<String>> {
+        let pattern = format!("{}:{{{}*}}:lock", glob_escape(&self.config.prefix), glob_escape(prefix));
+        let mut conn = self.conn.clone();
+        let mut cursor = 0u64;
+        let mut keys = Vec::new();
+        loop {
+            let scan =
+                redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(1000).to_owned();
+            let fut = scan.query_async::<(u64, Vec<String>)>(&mut conn);
+            let (next, batch) = tokio::time::timeout(self.config.timeout, fut)
+                .await
+                .map_err(|_| Error::Unavailable("redis SCAN timed out".into()))?
+                .map_err(|e| unavailable(&self.config, e))?;
+            keys.extend(batch.iter().filter_map(|k| self.key_of(k)).filter(|k| k.starts_with(prefix)));
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        keys.sort();
+        keys.dedup();
+        Ok(keys)
+    }
+
     fn key_of(&self, redis_key: &str) -> Option<String> {
         let inner = redis_key.strip_prefix(&self.config.prefix)?.strip_prefix(":{")?;
         Some(inner.strip_suffix("}:lock")?.to_owned())
@@ -310,47 +354,13 @@ impl Backend for RedisBackend {
     }
 
     async fn status(&self, key: &str) -> Result<LockInfo> {
-        let keys = self.store.keys(key);
-        let mut inv = self.store.scripts.status.prepare_invoke();
-        inv.key(&keys.lock).key(&keys.queue).key(&keys.alive);
-        let (held, holder, token, pttl, waiters): (i64, String, u64, i64, u64) = self.store.eval(inv).await?;
-        if held == 0 {
-            return Ok(LockInfo::free(key, waiters));
-        }
-        Ok(LockInfo {
-            key: key.to_owned(),
-            held: true,
-            holder: Some(holder),
-            fencing_token: Some(token),
-            expires_in: Some(Duration::from_millis(pttl.max(0) as u64)),
-            waiters,
-        })
+        self.store.status(key).await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>> {
-        let pattern = format!("{}:{{{}*}}:lock", glob_escape(&self.store.config.prefix), glob_escape(prefix));
-        let mut conn = self.store.conn.clone();
-        let mut cursor = 0u64;
-        let mut keys = Vec::new();
-        loop {
-            let scan =
-                redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(1000).to_owned();
-            let fut = scan.query_async::<(u64, Vec<String>)>(&mut conn);
-            let (next, batch) = tokio::time::timeout(self.store.config.timeout, fut)
-                .await
-                .map_err(|_| Error::Unavailable("redis SCAN timed out".into()))?
-                .map_err(|e| unavailable(&self.store.config, e))?;
-            keys.extend(batch.iter().filter_map(|k| self.store.key_of(k)).filter(|k| k.starts_with(prefix)));
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
-        keys.sort();
-        keys.dedup();
-        let mut out = Vec::with_capacity(keys.len());
-        for key in keys {
-            let info = self.status(&key).await?;
+        let mut out = Vec::new();
+        for key in self.store.scan_keys(prefix).await? {
+            let info = self.store.status(&key).await?;
             if info.held {
                 out.push(info);
             }

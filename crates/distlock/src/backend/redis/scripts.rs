@@ -97,6 +97,42 @@ end
 return {1, lock[1] or '', tonumber(lock[2]), redis.call('PTTL', KEYS[1]), waiters}
 "#;
 
+/// Redlock, on one master. KEYS: lock, meta. ARGV: lease id, ttl ms, holder. Sets the lock if
+/// free (token 0 until fenced) and returns `{1, current fencing counter, ''}`, else
+/// `{0, pttl, holder}`.
+const REDLOCK_ACQUIRE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {0, redis.call('PTTL', KEYS[1]), redis.call('HGET', KEYS[1], 'holder') or ''}
+end
+redis.call('HSET', KEYS[1], 'id', ARGV[1], 'holder', ARGV[3], 'token', 0)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return {1, tonumber(redis.call('HGET', KEYS[2], 'fence') or '0'), ''}
+"#;
+
+/// Redlock, on one master. KEYS: lock, meta. ARGV: lease id, token. If the caller holds the
+/// lock here, raise the fencing counter to at least `token` and record it on the lock.
+const REDLOCK_FENCE: &str = r#"
+if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then
+  return 0
+end
+if tonumber(ARGV[2]) > tonumber(redis.call('HGET', KEYS[2], 'fence') or '0') then
+  redis.call('HSET', KEYS[2], 'fence', ARGV[2])
+end
+redis.call('HSET', KEYS[1], 'token', ARGV[2])
+return 1
+"#;
+
+/// Redlock, on one master. KEYS: lock. ARGV: lease id, wake channel. Compare-and-delete, then
+/// wake every waiter of the lock (Redlock waiting is not FIFO).
+const REDLOCK_RELEASE: &str = r#"
+if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[2], '*')
+return 1
+"#;
+
 fn with_purge(body: &str, queue: &str, alive: &str) -> String {
     let prologue = PURGE_DEAD_WAITERS.replace("KEYS_QUEUE", queue).replace("KEYS_ALIVE", alive);
     format!("{prologue}{body}")
@@ -109,6 +145,9 @@ pub struct Scripts {
     pub release: redis::Script,
     pub dequeue: redis::Script,
     pub status: redis::Script,
+    pub redlock_acquire: redis::Script,
+    pub redlock_fence: redis::Script,
+    pub redlock_release: redis::Script,
 }
 
 impl Scripts {
@@ -119,6 +158,9 @@ impl Scripts {
             release: redis::Script::new(&with_purge(RELEASE, "KEYS[2]", "KEYS[3]")),
             dequeue: redis::Script::new(&with_purge(DEQUEUE, "KEYS[2]", "KEYS[3]")),
             status: redis::Script::new(&with_purge(STATUS, "KEYS[2]", "KEYS[3]")),
+            redlock_acquire: redis::Script::new(REDLOCK_ACQUIRE),
+            redlock_fence: redis::Script::new(REDLOCK_FENCE),
+            redlock_release: redis::Script::new(REDLOCK_RELEASE),
         }
     }
 }

@@ -15,6 +15,9 @@ use futures_util::StreamExt;
 use redis::aio::PubSubSink;
 use tokio::sync::Notify;
 
+/// The message that wakes every waiter of a lock.
+pub const BROADCAST: &str = "*";
+
 /// Registered waiters: channel -> lease id -> its wake-up.
 type Subscribers = HashMap<String, HashMap<String, Arc<Notify>>>;
 
@@ -55,7 +58,16 @@ impl Wakeups {
         channel: &str,
         lease_id: &str,
     ) -> redis::RedisResult<Registration> {
-        let notify = Arc::new(Notify::new());
+        self.register_with(channel, lease_id, Arc::new(Notify::new())).await
+    }
+
+    /// As [`Wakeups::register`], waking `notify` (which may be shared with other registrations).
+    pub async fn register_with(
+        self: &Arc<Self>,
+        channel: &str,
+        lease_id: &str,
+        notify: Arc<Notify>,
+    ) -> redis::RedisResult<Registration> {
         let mut sink = self.sink.lock().await;
         if sink.is_none() {
             let pubsub =
@@ -146,8 +158,13 @@ async fn deliver(wakeups: Weak<Wakeups>, mut stream: redis::aio::PubSubStream) {
         let Some(wakeups) = wakeups.upgrade() else { return };
         let channel = msg.get_channel_name();
         let Ok(lease_id) = msg.get_payload::<String>() else { continue };
-        let waiter = wakeups.subs().get(channel).and_then(|m| m.get(&lease_id)).cloned();
-        if let Some(n) = waiter {
+        // A message names the waiter to wake, or is "*" to wake every waiter of the lock.
+        let to_wake: Vec<Arc<Notify>> = match wakeups.subs().get(channel) {
+            Some(m) if lease_id == BROADCAST => m.values().cloned().collect(),
+            Some(m) => m.get(&lease_id).cloned().into_iter().collect(),
+            None => Vec::new(),
+        };
+        for n in to_wake {
             n.notify_one();
         }
     }

@@ -1,0 +1,163 @@
+//! Redlock against three real `redis-server` masters started by the test harness.
+#![cfg(feature = "redis")]
+
+mod support;
+
+use std::time::Duration;
+
+use distlock::{AcquireOptions, Error, LeaseId, Locker, LossReason};
+use support::RedisServer;
+use tokio::time::Instant;
+
+struct Cluster {
+    masters: Vec<RedisServer>,
+}
+
+impl Cluster {
+    fn start(n: usize) -> Cluster {
+        Cluster { masters: (0..n).map(|_| RedisServer::start()).collect() }
+    }
+
+    fn url(&self) -> String {
+        let hosts: Vec<String> = self.masters.iter().map(|m| format!("127.0.0.1:{}", m.port)).collect();
+        format!("redlock://{}?prefix=rl-test&timeout=300ms", hosts.join(","))
+    }
+
+    async fn locker(&self) -> Locker {
+        Locker::open(&self.url()).await.expect("open redlock backend")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_exclusion_16_tasks() {
+    let cluster = Cluster::start(3);
+    let lockers = [cluster.locker().await, cluster.locker().await];
+    support::hammer(&lockers, "counter", 16, 300).await;
+}
+
+/// Exhaustive over which masters are already taken by someone else (as redsync's quorum test):
+/// the lock is granted exactly when a majority is free.
+#[tokio::test]
+async fn granted_iff_a_majority_is_free() {
+    let cluster = Cluster::start(3);
+    let locker = cluster.locker().await;
+    for mask in 0u32..8 {
+        let key = format!("quorum-{mask}");
+        for (i, m) in cluster.masters.iter().enumerate() {
+            if mask & (1 << i) != 0 {
+                let reply = m.raw(&format!("HSET rl-test:{{{key}}}:lock id other holder clog token 0"));
+                assert!(reply.starts_with(':'), "{reply}");
+                m.raw(&format!("PEXPIRE rl-test:{{{key}}}:lock 60000"));
+            }
+        }
+        let result = locker.acquire(&key, &AcquireOptions::new()).await;
+        let free = 3 - mask.count_ones();
+        match result {
+            Ok(lease) => {
+                assert!(free >= 2, "granted with only {free} free masters");
+                lease.release().await.unwrap();
+            }
+            Err(Error::Held { holder, .. }) => {
+                assert!(free < 2, "refused with {free} free masters");
+                assert_eq!(holder.as_deref(), Some("clog"));
+            }
+            Err(e) => panic!("mask {mask}: {e}"),
+        }
+        // A refused attempt leaves nothing behind on the free masters.
+        for (i, m) in cluster.masters.iter().enumerate() {
+            if mask & (1 << i) == 0 {
+                assert!(
+                    m.raw(&format!("EXISTS rl-test:{{{key}}}:lock")).starts_with(":0"),
+                    "mask {mask} node {i}"
+                );
+            }
+        }
+    }
+}
+
+/// One master down: locks keep working and tokens keep rising. Two down: `Unavailable`, quickly.
+#[tokio::test]
+async fn survives_one_master_down_not_two() {
+    let mut cluster = Cluster::start(3);
+    let locker = cluster.locker().await;
+    let first = locker.acquire("k", &AcquireOptions::new()).await.unwrap();
+    let t1 = first.fencing_token();
+    first.release().await.unwrap();
+
+    cluster.masters[0].kill();
+    let second = locker.acquire("k", &AcquireOptions::new().ttl(Duration::from_secs(1))).await.unwrap();
+    assert!(second.fencing_token() > t1);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(second.is_held(), "renewal works with a majority");
+    let t2 = second.fencing_token();
+    second.release().await.unwrap();
+
+    cluster.masters[1].kill();
+    let start = Instant::now();
+    let err = locker.acquire("k", &AcquireOptions::new()).await.unwrap_err();
+    assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
+    assert!(start.elapsed() < Duration::from_secs(3), "took {:?}", start.elapsed());
+
+    // The first master comes back (empty); the one with the counter is still up, so tokens
+    // keep rising: the majority {0, 2} meets every earlier majority in master 2.
+    cluster.masters[0].restart();
+    let third = locker.acquire("k", &AcquireOptions::new().wait(Duration::from_secs(5))).await.unwrap();
+    assert!(third.fencing_token() > t2, "{} after {t2}", third.fencing_token());
+}
+
+#[tokio::test]
+async fn ownership_waiting_and_status() {
+    let cluster = Cluster::start(3);
+    let (a, b) = (cluster.locker().await, cluster.locker().await);
+    let lease =
+        a.acquire("k", &AcquireOptions::new().holder("alpha").ttl(Duration::from_secs(5))).await.unwrap();
+    let info = b.status("k").await.unwrap();
+    assert!(info.held);
+    assert_eq!(info.holder.as_deref(), Some("alpha"));
+    assert_eq!(info.fencing_token, Some(lease.fencing_token()));
+    assert_eq!(b.list("").await.unwrap().len(), 1);
+
+    let stranger = LeaseId::generate();
+    assert_eq!(
+        b.release_lease("k", &stranger).await.unwrap_err(),
+        Error::LeaseLost { key: "k".into(), reason: LossReason::NotOwner }
+    );
+    assert!(b.renew_lease("k", &stranger, Duration::from_secs(5)).await.unwrap_err().is_lease_lost());
+
+    // A waiter is woken by the release (well before the 5 s TTL).
+    let waiter = tokio::spawn(async move {
+        let start = Instant::now();
+        let lease = b.acquire("k", &AcquireOptions::new().wait(Duration::from_secs(10))).await.unwrap();
+        (start.elapsed(), lease.fencing_token())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t1 = lease.fencing_token();
+    lease.release().await.unwrap();
+    let (waited, t2) = waiter.await.unwrap();
+    assert!(waited < Duration::from_secs(2), "woken after {waited:?}");
+    assert!(t2 > t1);
+}
+
+/// A holder that stops renewing is expired by the masters; the waiter gets in at the TTL.
+#[tokio::test]
+async fn expiry_lets_the_waiter_in() {
+    let cluster = Cluster::start(3);
+    let (a, b) = (cluster.locker().await, cluster.locker().await);
+    let lease = a
+        .acquire("k", &AcquireOptions::new().ttl(Duration::from_millis(500)).auto_renew(false))
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let next = b.acquire("k", &AcquireOptions::new().wait(Duration::from_secs(5))).await.unwrap();
+    assert!(start.elapsed() < Duration::from_secs(2));
+    assert!(next.fencing_token() > lease.fencing_token());
+    assert!(!lease.is_held());
+}
+
+#[tokio::test]
+async fn bad_urls_are_invalid_input() {
+    for url in ["redlock://127.0.0.1:1,127.0.0.1:2", "redlock://a:1,,b:2", "redlock://a:1,b:2,c:3?drift=2"] {
+        let err = Locker::open(url).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidInput(_)), "{url}: {err:?}");
+    }
+}
