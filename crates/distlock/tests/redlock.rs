@@ -105,6 +105,22 @@ async fn survives_one_master_down_not_two() {
     assert!(third.fencing_token() > t2, "{} after {t2}", third.fencing_token());
 }
 
+/// Five masters: with two killed locks keep working (and tokens rising, with contention);
+/// with three killed they are refused as unavailable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_masters_work_with_two_killed_refuse_with_three() {
+    let mut cluster = Cluster::start(5);
+    let lockers = [cluster.locker().await, cluster.locker().await];
+    let before = support::hammer(&lockers, "k", 8, 50).await;
+    cluster.masters[0].kill();
+    cluster.masters[3].kill();
+    let after = support::hammer(&lockers, "k", 8, 50).await;
+    assert!(after[0] > *before.last().unwrap(), "tokens keep rising across the failures");
+    cluster.masters[4].kill();
+    let err = lockers[0].acquire("k", &AcquireOptions::new()).await.unwrap_err();
+    assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
+}
+
 #[tokio::test]
 async fn ownership_waiting_and_status() {
     let cluster = Cluster::start(3);

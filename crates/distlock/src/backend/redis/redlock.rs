@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::future::join_all;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -153,37 +154,63 @@ impl RedlockBackend {
         ))
     }
 
+    /// Compare-and-delete on every master. Returns once a majority released or every master
+    /// answered; calls to slow or dead masters go on in the background, so they still clean up.
     async fn release_everywhere(&self, keys: &LockKeys, lease_id: &LeaseId) -> Vec<Result<bool>> {
-        join_all(self.nodes.iter().map(|n| async move {
-            let mut inv = n.store.scripts.redlock_release.prepare_invoke();
-            inv.key(&keys.lock).arg(lease_id.as_str()).arg(&keys.channel);
-            n.store.eval::<i64>(inv).await.map(|r| r == 1)
-        }))
-        .await
+        let mut pending: FuturesUnordered<_> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                let (store, keys, lease_id) = (n.store.clone(), keys.clone(), lease_id.clone());
+                tokio::spawn(async move {
+                    let mut inv = store.scripts.redlock_release.prepare_invoke();
+                    inv.key(&keys.lock).arg(lease_id.as_str()).arg(&keys.channel);
+                    store.eval::<i64>(inv).await.map(|r| r == 1)
+                })
+            })
+            .collect();
+        let mut results = Vec::with_capacity(self.nodes.len());
+        while let Some(joined) = pending.next().await {
+            results.push(
+                joined.unwrap_or_else(|e| Err(Error::Unavailable(format!("release task failed: {e}")))),
+            );
+            if results.iter().filter(|r| matches!(r, Ok(true))).count() >= self.quorum {
+                break;
+            }
+        }
+        results
     }
 
     async fn round(&self, req: &AcquireRequest, keys: &LockKeys) -> Result<Round> {
         let sent = Instant::now();
-        let results = join_all(self.nodes.iter().map(|n| async move {
-            let mut inv = n.store.scripts.redlock_acquire.prepare_invoke();
-            inv.key(&keys.lock)
-                .key(&keys.meta)
-                .arg(req.lease_id.as_str())
-                .arg(millis(req.ttl))
-                .arg(&req.holder);
-            n.store.eval::<(i64, i64, String)>(inv).await
-        }))
-        .await;
+        // Stop as soon as a majority granted (or can no longer): a dead master must not slow
+        // every round down to its timeout. Masters that answer later are cleaned by release.
+        let mut pending: FuturesUnordered<_> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| async move {
+                let mut inv = n.store.scripts.redlock_acquire.prepare_invoke();
+                inv.key(&keys.lock)
+                    .key(&keys.meta)
+                    .arg(req.lease_id.as_str())
+                    .arg(millis(req.ttl))
+                    .arg(&req.holder);
+                (i, n.store.eval::<(i64, i64, String)>(inv).await)
+            })
+            .collect();
         let (mut granted, mut errors, mut holders) = (Vec::new(), Vec::new(), Vec::new());
         let mut max_counter = 0u64;
         let mut min_pttl: Option<i64> = None;
-        for (i, r) in results.into_iter().enumerate() {
+        let mut refused = 0;
+        while let Some((i, r)) = pending.next().await {
             match r {
                 Ok((1, counter, _)) => {
                     granted.push(i);
                     max_counter = max_counter.max(counter.max(0) as u64);
                 }
                 Ok((_, pttl, holder)) => {
+                    refused += 1;
                     if !holder.is_empty() {
                         holders.push(holder);
                     }
@@ -193,7 +220,11 @@ impl RedlockBackend {
                 }
                 Err(e) => errors.push(e),
             }
+            if granted.len() >= self.quorum || refused + errors.len() > self.nodes.len() - self.quorum {
+                break;
+            }
         }
+        drop(pending);
         let validity_end = (sent + req.ttl).checked_sub(self.drift(req.ttl)).unwrap_or(sent);
         if granted.len() >= self.quorum && Instant::now() < validity_end {
             let token = max_counter + 1;
@@ -292,17 +323,20 @@ impl Backend for RedlockBackend {
     async fn renew(&self, key: &str, lease_id: &LeaseId, ttl: Duration) -> Result<Grant> {
         let keys = self.keys(key);
         let sent = Instant::now();
-        let results = join_all(self.nodes.iter().map(|n| {
-            let keys = &keys;
-            async move {
-                let mut inv = n.store.scripts.renew.prepare_invoke();
-                inv.key(&keys.lock).arg(lease_id.as_str()).arg(millis(ttl));
-                n.store.eval::<i64>(inv).await
-            }
-        }))
-        .await;
+        let mut pending: FuturesUnordered<_> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                let keys = &keys;
+                async move {
+                    let mut inv = n.store.scripts.renew.prepare_invoke();
+                    inv.key(&keys.lock).arg(lease_id.as_str()).arg(millis(ttl));
+                    n.store.eval::<i64>(inv).await
+                }
+            })
+            .collect();
         let (mut renewed, mut refused, mut errors, mut token) = (0, 0, Vec::new(), 0);
-        for r in results {
+        while let Some(r) = pending.next().await {
             match r {
                 Ok(0) => refused += 1,
                 Ok(t) => {
@@ -311,7 +345,11 @@ impl Backend for RedlockBackend {
                 }
                 Err(e) => errors.push(e),
             }
+            if renewed >= self.quorum || refused + errors.len() > self.nodes.len() - self.quorum {
+                break;
+            }
         }
+        drop(pending);
         let validity_end = (sent + ttl).checked_sub(self.drift(ttl)).unwrap_or(sent);
         if renewed >= self.quorum && Instant::now() < validity_end {
             return Ok(Grant {
