@@ -231,7 +231,7 @@ impl RedlockBackend {
             let fenced = join_all(granted.iter().map(|&i| async move {
                 let n = &self.nodes[i];
                 let mut inv = n.store.scripts.redlock_fence.prepare_invoke();
-                inv.key(&keys.lock).key(&keys.meta).arg(req.lease_id.as_str()).arg(token);
+                inv.key(&keys.lock).key(&keys.meta).arg(req.lease_id.as_str()).arg(token).arg(&req.holder);
                 n.store.eval::<i64>(inv).await
             }))
             .await;

@@ -3,21 +3,37 @@
 //!
 //! Keys of one lock share a hash tag, `<prefix>:{<key>}:...`, so every script touches one slot
 //! and stays legal on Redis Cluster:
-//! - `lock`  hash `id`, `holder`, `token`, with the lease's PEXPIRE;
+//! - `lock`  string `"<lease id> <token> <holder>"` with the lease's PX expiry (lease ids have no
+//!   spaces; the holder label comes last and may have them);
 //! - `meta`  hash `fence` (the fencing counter, never expires) and `seq` (queue arrival order);
 //! - `queue` sorted set of waiting lease ids by arrival `seq` (FIFO);
 //! - `alive` sorted set of waiting lease ids by the time (ms) their wait registration lapses,
 //!   so a waiter that crashed is dropped from the queue instead of blocking it.
 //!
-//! No script changes a lock whose `id` is not the caller's lease id.
+//! No script changes a lock whose lease id is not the caller's. The common cases (acquire a free
+//! key nobody waits for, release with nobody waiting, renew) take three Redis calls or fewer; the
+//! queue is only touched when someone waits.
 
-/// Shared prologue: the server's clock in ms, and waiters whose registration lapsed removed.
+/// Splits a lock value. Shared by the scripts that read the lock.
+const PARSE_LOCK: &str = r#"
+local function parse(v)
+  if not v then return nil end
+  local id, token, holder = string.match(v, '^(%S+) (%d+) (.*)$')
+  return id, tonumber(token), holder
+end
+"#;
+
+/// The server's clock in ms, and waiters whose registration lapsed removed from the queue.
+/// Expects `queue` and `alive` to be set to the queue and alive key names.
 const PURGE_DEAD_WAITERS: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS_ALIVE, '-inf', now)) do
-  redis.call('ZREM', KEYS_QUEUE, id)
-  redis.call('ZREM', KEYS_ALIVE, id)
+local function purge(queue, alive)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', alive, '-inf', now)) do
+    redis.call('ZREM', queue, id)
+    redis.call('ZREM', alive, id)
+  end
+  return now
 end
 "#;
 
@@ -26,6 +42,15 @@ end
 /// the lock is free but an earlier waiter is first in line). A caller that is told to wait is
 /// queued (once) and its registration refreshed.
 const ACQUIRE: &str = r#"
+local function grant()
+  local token = redis.call('HINCRBY', KEYS[2], 'fence', 1)
+  redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. token .. ' ' .. ARGV[3], 'PX', ARGV[2])
+  return {1, token, ''}
+end
+if redis.call('EXISTS', KEYS[1], KEYS[3]) == 0 then
+  return grant()
+end
+local now = purge(KEYS[3], KEYS[4])
 if redis.call('EXISTS', KEYS[1]) == 0 then
   local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
   if not head or head == ARGV[1] then
@@ -33,10 +58,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
       redis.call('ZREM', KEYS[3], head)
       redis.call('ZREM', KEYS[4], head)
     end
-    local token = redis.call('HINCRBY', KEYS[2], 'fence', 1)
-    redis.call('HSET', KEYS[1], 'id', ARGV[1], 'holder', ARGV[3], 'token', token)
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return {1, token, ''}
+    return grant()
   end
 end
 if ARGV[4] == '1' then
@@ -47,28 +69,34 @@ if ARGV[4] == '1' then
   redis.call('PEXPIRE', KEYS[3], 2 * tonumber(ARGV[5]))
   redis.call('PEXPIRE', KEYS[4], 2 * tonumber(ARGV[5]))
 end
-return {0, redis.call('PTTL', KEYS[1]), redis.call('HGET', KEYS[1], 'holder') or ''}
+local _, _, holder = parse(redis.call('GET', KEYS[1]))
+return {0, redis.call('PTTL', KEYS[1]), holder or ''}
 "#;
 
 /// KEYS: lock. ARGV: lease id, ttl ms. Returns the token, or 0 when not the owner.
-pub const RENEW: &str = r#"
-if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then
+const RENEW: &str = r#"
+local id, token = parse(redis.call('GET', KEYS[1]))
+if id ~= ARGV[1] then
   return 0
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return tonumber(redis.call('HGET', KEYS[1], 'token'))
+return token
 "#;
 
 /// KEYS: lock, queue, alive. ARGV: lease id, wake channel. Deletes the lock if it is the
 /// caller's and wakes the first live waiter (the message is its lease id). Returns 1 or 0.
 const RELEASE: &str = r#"
-if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then
+local id = parse(redis.call('GET', KEYS[1]))
+if id ~= ARGV[1] then
   return 0
 end
 redis.call('DEL', KEYS[1])
-local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
-if head then
-  redis.call('PUBLISH', ARGV[2], head)
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  purge(KEYS[2], KEYS[3])
+  local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+  if head then
+    redis.call('PUBLISH', ARGV[2], head)
+  end
 end
 return 1
 "#;
@@ -79,6 +107,7 @@ const DEQUEUE: &str = r#"
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 if redis.call('EXISTS', KEYS[1]) == 0 then
+  purge(KEYS[2], KEYS[3])
   local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
   if head then
     redis.call('PUBLISH', ARGV[2], head)
@@ -89,54 +118,51 @@ return 1
 
 /// KEYS: lock, queue, alive. Returns `{held 0/1, holder, token, pttl, live waiters}`.
 const STATUS: &str = r#"
-local lock = redis.call('HMGET', KEYS[1], 'holder', 'token')
+local now = purge(KEYS[2], KEYS[3])
 local waiters = redis.call('ZCOUNT', KEYS[3], now + 1, '+inf')
-if not lock[2] then
+local id, token, holder = parse(redis.call('GET', KEYS[1]))
+if not id then
   return {0, '', 0, -2, waiters}
 end
-return {1, lock[1] or '', tonumber(lock[2]), redis.call('PTTL', KEYS[1]), waiters}
+return {1, holder, token, redis.call('PTTL', KEYS[1]), waiters}
 "#;
 
 /// Redlock, on one master. KEYS: lock, meta. ARGV: lease id, ttl ms, holder. Sets the lock if
 /// free (token 0 until fenced) and returns `{1, current fencing counter, ''}`, else
 /// `{0, pttl, holder}`.
 const REDLOCK_ACQUIRE: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return {0, redis.call('PTTL', KEYS[1]), redis.call('HGET', KEYS[1], 'holder') or ''}
+if redis.call('SET', KEYS[1], ARGV[1] .. ' 0 ' .. ARGV[3], 'NX', 'PX', ARGV[2]) then
+  return {1, tonumber(redis.call('HGET', KEYS[2], 'fence') or '0'), ''}
 end
-redis.call('HSET', KEYS[1], 'id', ARGV[1], 'holder', ARGV[3], 'token', 0)
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return {1, tonumber(redis.call('HGET', KEYS[2], 'fence') or '0'), ''}
+local _, _, holder = parse(redis.call('GET', KEYS[1]))
+return {0, redis.call('PTTL', KEYS[1]), holder or ''}
 "#;
 
-/// Redlock, on one master. KEYS: lock, meta. ARGV: lease id, token. If the caller holds the
-/// lock here, raise the fencing counter to at least `token` and record it on the lock.
+/// Redlock, on one master. KEYS: lock, meta. ARGV: lease id, token, holder. If the caller holds
+/// the lock here, raise the fencing counter to at least `token` and record it on the lock.
 const REDLOCK_FENCE: &str = r#"
-if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then
+local id = parse(redis.call('GET', KEYS[1]))
+if id ~= ARGV[1] then
   return 0
 end
 if tonumber(ARGV[2]) > tonumber(redis.call('HGET', KEYS[2], 'fence') or '0') then
   redis.call('HSET', KEYS[2], 'fence', ARGV[2])
 end
-redis.call('HSET', KEYS[1], 'token', ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. ARGV[3], 'KEEPTTL')
 return 1
 "#;
 
 /// Redlock, on one master. KEYS: lock. ARGV: lease id, wake channel. Compare-and-delete, then
 /// wake every waiter of the lock (Redlock waiting is not FIFO).
 const REDLOCK_RELEASE: &str = r#"
-if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then
+local id = parse(redis.call('GET', KEYS[1]))
+if id ~= ARGV[1] then
   return 0
 end
 redis.call('DEL', KEYS[1])
 redis.call('PUBLISH', ARGV[2], '*')
 return 1
 "#;
-
-fn with_purge(body: &str, queue: &str, alive: &str) -> String {
-    let prologue = PURGE_DEAD_WAITERS.replace("KEYS_QUEUE", queue).replace("KEYS_ALIVE", alive);
-    format!("{prologue}{body}")
-}
 
 /// The compiled scripts, built once per backend.
 pub struct Scripts {
@@ -152,15 +178,16 @@ pub struct Scripts {
 
 impl Scripts {
     pub fn new() -> Scripts {
+        let script = |body: &str| redis::Script::new(&format!("{PARSE_LOCK}{PURGE_DEAD_WAITERS}{body}"));
         Scripts {
-            acquire: redis::Script::new(&with_purge(ACQUIRE, "KEYS[3]", "KEYS[4]")),
-            renew: redis::Script::new(RENEW),
-            release: redis::Script::new(&with_purge(RELEASE, "KEYS[2]", "KEYS[3]")),
-            dequeue: redis::Script::new(&with_purge(DEQUEUE, "KEYS[2]", "KEYS[3]")),
-            status: redis::Script::new(&with_purge(STATUS, "KEYS[2]", "KEYS[3]")),
-            redlock_acquire: redis::Script::new(REDLOCK_ACQUIRE),
-            redlock_fence: redis::Script::new(REDLOCK_FENCE),
-            redlock_release: redis::Script::new(REDLOCK_RELEASE),
+            acquire: script(ACQUIRE),
+            renew: script(RENEW),
+            release: script(RELEASE),
+            dequeue: script(DEQUEUE),
+            status: script(STATUS),
+            redlock_acquire: script(REDLOCK_ACQUIRE),
+            redlock_fence: script(REDLOCK_FENCE),
+            redlock_release: script(REDLOCK_RELEASE),
         }
     }
 }
