@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 # command the tests need -> Debian package that provides it
 needs=(
   redis-server:redis-server
+  redis-benchmark:redis-tools
 )
 
 missing=()
