@@ -43,7 +43,9 @@ pub mod table;
 pub mod types;
 pub mod validate;
 
-pub use backend::{Backend, MemoryBackend};
+/// The attribute backends implement [`Backend`] with, re-exported so they need no extra dependency.
+pub use async_trait::async_trait;
+pub use backend::{Backend, MemoryBackend, MemoryStats, SavedLease};
 pub use error::{Error, LossReason, Result};
 pub use lease::{Lease, LeaseState, LeaseWatch};
 pub use locker::{Fence, Locker};

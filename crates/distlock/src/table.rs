@@ -158,6 +158,20 @@ impl LeaseTable {
             .map(move |(k, e)| entry_info(k, e, now))
     }
 
+    /// Every entry, live or not yet purged, in key order.
+    pub fn entries(&self) -> impl Iterator<Item = (&String, &Entry)> {
+        self.locks.iter()
+    }
+
+    /// Puts back a lease restored from disk (replacing what `key` had); raises the token counter
+    /// to at least its token.
+    pub fn restore(&mut self, key: &str, entry: Entry) {
+        self.remove(key);
+        self.last_token = self.last_token.max(entry.fencing_token);
+        self.expirations.insert((entry.expires_at, key.to_owned()));
+        self.locks.insert(key.to_owned(), entry);
+    }
+
     fn remove(&mut self, key: &str) {
         if let Some(old) = self.locks.remove(key) {
             self.expirations.remove(&(old.expires_at, key.to_owned()));

@@ -47,6 +47,35 @@ struct State {
     table: LeaseTable,
     queues: HashMap<String, VecDeque<Waiter>>,
     shutdown: bool,
+    expired_total: u64,
+}
+
+/// A lease as saved to disk by a durable store built on this backend.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedLease {
+    /// The full key.
+    pub key: String,
+    /// The lease's secret.
+    pub lease_id: LeaseId,
+    /// The holder label.
+    pub holder: String,
+    /// The TTL of the last grant or logged renewal, in ms.
+    pub ttl_ms: u64,
+    /// The grant's fencing token.
+    pub fencing_token: u64,
+}
+
+/// Counts for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryStats {
+    /// Entries in the table (live, or expired and about to be purged).
+    pub leases: u64,
+    /// Waiters queued on all keys (including ones that gave up and are not yet swept).
+    pub waiters: u64,
+    /// Leases expired by their TTL since start.
+    pub expired_total: u64,
+    /// The highest fencing token issued.
+    pub last_token: u64,
 }
 
 /// A caller blocked in `acquire`: it gets its grant through `tx`.
@@ -66,6 +95,87 @@ impl MemoryBackend {
         let shared = Arc::new(Shared { state: Mutex::new(State::default()), expiry_changed: Notify::new() });
         handle.spawn(expire_leases(shared.clone()));
         Ok(MemoryBackend { shared })
+    }
+}
+
+impl MemoryBackend {
+    /// A table that continues from a saved state: tokens continue above `last_token`, and every
+    /// saved lease is held again for its full TTL counted from now.
+    pub fn restore(last_token: u64, leases: Vec<SavedLease>) -> Result<MemoryBackend> {
+        let backend = MemoryBackend::new()?;
+        let now = Instant::now();
+        backend.shared.with_state(now, |s| {
+            s.table = LeaseTable::with_last_token(last_token);
+            for l in leases {
+                let ttl = Duration::from_millis(l.ttl_ms);
+                let entry = crate::table::Entry {
+                    lease_id: l.lease_id,
+                    fencing_token: l.fencing_token,
+                    holder: l.holder,
+                    ttl,
+                    expires_at: now + ttl,
+                };
+                s.table.restore(&l.key, entry);
+            }
+        });
+        Ok(backend)
+    }
+
+    /// The live leases and the token counter, consistent with one instant.
+    pub fn snapshot(&self) -> (u64, Vec<SavedLease>) {
+        let now = Instant::now();
+        self.shared.with_state(now, |s| {
+            let leases = s
+                .table
+                .entries()
+                .filter(|(_, e)| now < e.expires_at)
+                .map(|(k, e)| SavedLease {
+                    key: k.clone(),
+                    lease_id: e.lease_id.clone(),
+                    holder: e.holder.clone(),
+                    ttl_ms: e.ttl.as_millis() as u64,
+                    fencing_token: e.fencing_token,
+                })
+                .collect();
+            (s.table.last_token(), leases)
+        })
+    }
+
+    /// Releases at once, without awaiting (for drop guards). Same rules as [`Backend::release`].
+    pub fn release_now(&self, key: &str, lease_id: &LeaseId) -> Result<()> {
+        let now = Instant::now();
+        self.shared.with_state(now, |s| {
+            s.table.release(key, lease_id, now)?;
+            s.hand_off(key, now);
+            Ok(())
+        })
+    }
+
+    /// Entries in the table (cheap; for limits).
+    pub fn lease_count(&self) -> u64 {
+        self.shared.lock().table.len() as u64
+    }
+
+    /// Counts for metrics.
+    pub fn stats(&self) -> MemoryStats {
+        let now = Instant::now();
+        self.shared.with_state(now, |s| MemoryStats {
+            leases: s.table.len() as u64,
+            waiters: s.queues.values().map(|q| q.len() as u64).sum(),
+            expired_total: s.expired_total,
+            last_token: s.table.last_token(),
+        })
+    }
+
+    /// Renews like [`Backend::renew`] and also returns the TTL the lease had before, so a durable
+    /// store can log only renewals that change it.
+    pub fn renew_reporting(&self, key: &str, lease_id: &LeaseId, ttl: Duration) -> Result<(Grant, Duration)> {
+        let now = Instant::now();
+        self.shared.with_state(now, |s| {
+            let before = s.table.live(key, now).filter(|e| e.lease_id == *lease_id).map(|e| e.ttl);
+            let grant = s.table.renew(key, lease_id, ttl, now)?;
+            Ok((grant, before.unwrap_or(ttl)))
+        })
     }
 }
 
@@ -106,6 +216,7 @@ impl State {
     fn purge(&mut self, now: Instant) {
         for key in self.table.purge_expired(now) {
             tracing::debug!(key = %key, "lease expired");
+            self.expired_total += 1;
             self.hand_off(&key, now);
         }
     }
@@ -265,12 +376,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn release(&self, key: &str, lease_id: &LeaseId) -> Result<()> {
-        let now = Instant::now();
-        self.shared.with_state(now, |s| {
-            s.table.release(key, lease_id, now)?;
-            s.hand_off(key, now);
-            Ok(())
-        })
+        self.release_now(key, lease_id)
     }
 
     async fn status(&self, key: &str) -> Result<LockInfo> {

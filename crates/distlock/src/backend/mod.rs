@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use crate::error::{Error, Result};
 use crate::types::{AcquireRequest, Grant, LeaseId, LockInfo};
 
-pub use memory::MemoryBackend;
+pub use memory::{MemoryBackend, MemoryStats, SavedLease};
 
 /// The URL schemes this build can open.
 pub const SCHEMES: &str =

@@ -1,0 +1,132 @@
+//! `distlock serve`: settings, start-up (recovery, auth tokens, metrics) and graceful shutdown.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+
+use crate::http::{router, AppState};
+use crate::store::{EmbeddedStore, Limits};
+
+/// Everything `distlock serve` can be told.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Directory of the embedded store.
+    pub data_dir: PathBuf,
+    /// `None` for the embedded store, or a backend URL (`redis://`, `redlock://`) to front.
+    pub store: Option<String>,
+    /// File of accepted bearer tokens, one per line.
+    pub auth_token_file: Option<PathBuf>,
+    /// Lease and waiter caps.
+    pub limits: Limits,
+    /// Log segment size that triggers compaction.
+    pub compact_bytes: u64,
+    /// How long in-flight requests (long polls) may run after a shutdown signal.
+    pub shutdown_grace: Duration,
+}
+
+/// Reads bearer tokens: one per line, blank lines and `#` comments ignored.
+pub fn read_tokens(path: &std::path::Path) -> anyhow::Result<HashSet<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let tokens: HashSet<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    anyhow::ensure!(!tokens.is_empty(), "{} holds no tokens", path.display());
+    Ok(tokens)
+}
+
+/// The process-wide metrics recorder (installed once).
+pub fn metrics_handle() -> anyhow::Result<PrometheusHandle> {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let buckets =
+        [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0];
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full("distlock_request_seconds".into()), &buckets)
+        .context("metric buckets")?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    Ok(HANDLE.get_or_init(|| handle).clone())
+}
+
+/// Opens the store, binds, and serves until `shutdown` completes; then lets in-flight requests
+/// finish for at most `shutdown_grace`.
+pub async fn run(
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let tokens = match &config.auth_token_file {
+        Some(path) => Some(Arc::new(read_tokens(path)?)),
+        None => None,
+    };
+    let (backend, embedded): (Arc<dyn distlock::Backend>, _) = match &config.store {
+        None => {
+            let dir = config.data_dir.clone();
+            let (limits, compact) = (config.limits, config.compact_bytes);
+            let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&dir, limits, compact))
+                .await
+                .context("recovery task")?
+                .with_context(|| format!("opening the embedded store in {}", config.data_dir.display()))?;
+            let store = Arc::new(store);
+            (store.clone(), Some(store))
+        }
+        Some(url) => {
+            (distlock::backend::open(url).await.with_context(|| format!("opening store {url}"))?, None)
+        }
+    };
+    let state = AppState { backend: backend.clone(), embedded, tokens, metrics: metrics_handle()? };
+    let listener =
+        TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, store = backend.name(), auth = state.tokens.is_some(), "distlock server listening");
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("shutting down: no new connections; finishing requests in flight");
+        let _ = stop_tx.send(true);
+    });
+    let grace = config.shutdown_grace;
+    tokio::select! {
+        result = server => result.context("serving")?,
+        _ = async {
+            let _ = stop_rx.wait_for(|stopped| *stopped).await;
+            tokio::time::sleep(grace).await;
+        } => tracing::warn!(?grace, "requests still in flight after the grace period; stopping anyway"),
+    }
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,190 @@
+//! The embedded store: the in-process lease table made durable by the write-ahead log.
+//!
+//! Every change is applied to the table first and answered only after its record is on disk.
+//! If the process dies in between, the caller never saw the answer: an unlogged grant is simply
+//! not restored, and its token is never reused (a later logged grant carries a higher one; replay
+//! takes the highest token seen). Renewals are logged only when they change the TTL, because after
+//! a restart every lease counts its logged TTL afresh from the restart — never earlier than any
+//! holder's own deadline.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use distlock::async_trait;
+use distlock::{AcquireRequest, Backend, Error, Grant, LeaseId, LockInfo, MemoryBackend, SavedLease};
+
+use crate::wal::{self, Record, Wal, WalError, WalStats};
+
+/// Caps that keep one server within its memory; requests past them get `LimitExceeded` (429).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Leases held at once.
+    pub max_leases: u64,
+    /// Callers waiting at once, over all keys.
+    pub max_waiters: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_leases: 1_000_000, max_waiters: 100_000 }
+    }
+}
+
+/// The durable store behind `distlock serve`. See the module docs.
+pub struct EmbeddedStore {
+    memory: Arc<MemoryBackend>,
+    wal: Wal,
+    wal_stats: Arc<WalStats>,
+    limits: Limits,
+    waiting: AtomicU64,
+}
+
+/// Counts for metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreStats {
+    /// Leases in the table.
+    pub leases: u64,
+    /// Callers waiting now.
+    pub waiters: u64,
+    /// Leases expired by TTL since start.
+    pub expired_total: u64,
+    /// Group commits (fdatasync calls) since start.
+    pub syncs_total: u64,
+    /// Records written since start.
+    pub records_total: u64,
+}
+
+impl EmbeddedStore {
+    /// Recovers `dir` (created if missing) and opens it for writing. `compact_bytes` is the
+    /// segment size after which the log is compacted into a snapshot.
+    pub fn open(dir: &Path, limits: Limits, compact_bytes: u64) -> Result<EmbeddedStore, WalError> {
+        let started = std::time::Instant::now();
+        let (recovered, next) = wal::recover(dir)?;
+        let restored = recovered.leases.len();
+        let memory = MemoryBackend::restore(recovered.last_token, recovered.leases.into_values().collect())
+            .map_err(|e| WalError::Closed(e.to_string()))?;
+        let memory = Arc::new(memory);
+        let source = memory.clone();
+        let (wal, wal_stats) = Wal::open(dir, next, Arc::new(move || source.snapshot()), compact_bytes)?;
+        tracing::info!(
+            dir = %dir.display(),
+            leases = restored,
+            last_token = recovered.last_token,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "embedded store recovered"
+        );
+        Ok(EmbeddedStore { memory, wal, wal_stats, limits, waiting: AtomicU64::new(0) })
+    }
+
+    /// Counts for metrics.
+    pub fn stats(&self) -> StoreStats {
+        let m = self.memory.stats();
+        StoreStats {
+            leases: m.leases,
+            waiters: self.waiting.load(Ordering::Relaxed),
+            expired_total: m.expired_total,
+            syncs_total: self.wal_stats.syncs.load(Ordering::Relaxed),
+            records_total: self.wal_stats.records.load(Ordering::Relaxed),
+        }
+    }
+
+    async fn log(&self, record: Record) -> distlock::Result<()> {
+        self.wal.append(record).await.map_err(|e| Error::Unavailable(format!("embedded store: {e}")))
+    }
+}
+
+/// Counts a waiting caller for as long as it lives.
+struct Waiting<'a>(&'a AtomicU64);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A grant applied to the table but not yet on disk: if the request is dropped (client gone)
+/// or logging fails, the grant is taken back instead of holding the key until its TTL.
+struct Unlogged<'a> {
+    memory: &'a MemoryBackend,
+    key: &'a str,
+    lease_id: &'a LeaseId,
+    armed: bool,
+}
+
+impl Drop for Unlogged<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.memory.release_now(self.key, self.lease_id);
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for EmbeddedStore {
+    fn name(&self) -> &'static str {
+        "embedded"
+    }
+
+    async fn acquire(&self, req: AcquireRequest) -> distlock::Result<Grant> {
+        if self.memory.lease_count() >= self.limits.max_leases {
+            return Err(Error::LimitExceeded(format!(
+                "the server holds its maximum of {} leases",
+                self.limits.max_leases
+            )));
+        }
+        let _waiting = if req.wait != Some(Duration::ZERO) {
+            if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.limits.max_waiters {
+                self.waiting.fetch_sub(1, Ordering::Relaxed);
+                return Err(Error::LimitExceeded(format!(
+                    "the server has its maximum of {} waiting callers",
+                    self.limits.max_waiters
+                )));
+            }
+            Some(Waiting(&self.waiting))
+        } else {
+            None
+        };
+        let (key, holder, ttl) = (req.key.clone(), req.holder.clone(), req.ttl);
+        let grant = self.memory.acquire(req).await?;
+        let lease_id = grant.lease_id.clone();
+        let mut unlogged = Unlogged { memory: &self.memory, key: &key, lease_id: &lease_id, armed: true };
+        self.log(Record::Acquire(SavedLease {
+            key: key.clone(),
+            lease_id: lease_id.clone(),
+            holder,
+            ttl_ms: ttl.as_millis() as u64,
+            fencing_token: grant.fencing_token,
+        }))
+        .await?;
+        unlogged.armed = false;
+        Ok(grant)
+    }
+
+    async fn renew(&self, key: &str, lease_id: &LeaseId, ttl: Duration) -> distlock::Result<Grant> {
+        let (grant, before) = self.memory.renew_reporting(key, lease_id, ttl)?;
+        if before != ttl {
+            self.log(Record::Renew {
+                key: key.to_owned(),
+                lease_id: lease_id.clone(),
+                ttl_ms: ttl.as_millis() as u64,
+            })
+            .await?;
+        }
+        Ok(grant)
+    }
+
+    async fn release(&self, key: &str, lease_id: &LeaseId) -> distlock::Result<()> {
+        self.memory.release_now(key, lease_id)?;
+        self.log(Record::Release { key: key.to_owned(), lease_id: lease_id.clone() }).await
+    }
+
+    async fn status(&self, key: &str) -> distlock::Result<LockInfo> {
+        self.memory.status(key).await
+    }
+
+    async fn list(&self, prefix: &str) -> distlock::Result<Vec<LockInfo>> {
+        self.memory.list(prefix).await
+    }
+}

@@ -1,0 +1,420 @@
+//! The write-ahead log of the embedded store: what must survive `kill -9`.
+//!
+//! Files in the data directory:
+//! - `wal-<n>.log`: segments of framed records, appended in order;
+//! - `snapshot-<n>.bin`: the live leases and the token counter when segment `n` was started;
+//!   replay starts from the newest valid snapshot and applies segments `n` and later.
+//!
+//! Frame: `[len: u32 LE][crc32 of payload: u32 LE][payload: JSON]`. A torn or corrupt frame at the
+//! end of the last segment (a crash mid-write) is cut off with a warning; anything else that does
+//! not check out refuses to start, rather than guess.
+//!
+//! Appends go through one writer task that takes everything queued, writes it, and makes it
+//! durable with one `fdatasync` for the whole batch (group commit); each caller is answered only
+//! after that. Replay is order-independent where appends may race: an acquire record replaces the
+//! key's lease only if its fencing token is higher, and a release or renewal applies only to the
+//! lease it names.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use distlock::{LeaseId, SavedLease};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+/// One logged change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Record {
+    /// A lease was granted.
+    Acquire(SavedLease),
+    /// A lease's TTL changed.
+    Renew {
+        /// The key.
+        key: String,
+        /// The lease.
+        lease_id: LeaseId,
+        /// The new TTL in ms.
+        ttl_ms: u64,
+    },
+    /// A lease was released.
+    Release {
+        /// The key.
+        key: String,
+        /// The lease.
+        lease_id: LeaseId,
+    },
+}
+
+/// What the log failed with.
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    /// Reading or writing the data directory failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// A file is damaged somewhere other than a torn tail.
+    #[error("{path} is corrupt at byte {offset}: {reason}; refusing to start (move the data directory aside to start empty)")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Where.
+        offset: u64,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A previous write failed; the log accepts nothing more.
+    #[error("the write-ahead log failed earlier and is closed: {0}")]
+    Closed(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> WalError + '_ {
+    move |source| WalError::Io { path: path.to_owned(), source }
+}
+
+/// The state rebuilt from disk.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    /// The highest fencing token ever logged.
+    pub last_token: u64,
+    /// Leases held at the crash (or shutdown), by key.
+    pub leases: BTreeMap<String, SavedLease>,
+}
+
+impl Recovered {
+    /// Applies one record (see the module docs for why this is order-tolerant).
+    pub fn apply(&mut self, record: Record) {
+        match record {
+            Record::Acquire(lease) => {
+                self.last_token = self.last_token.max(lease.fencing_token);
+                let newer =
+                    self.leases.get(&lease.key).is_none_or(|cur| cur.fencing_token < lease.fencing_token);
+                if newer {
+                    self.leases.insert(lease.key.clone(), lease);
+                }
+            }
+            Record::Renew { key, lease_id, ttl_ms } => {
+                if let Some(cur) = self.leases.get_mut(&key).filter(|c| c.lease_id == lease_id) {
+                    cur.ttl_ms = ttl_ms;
+                }
+            }
+            Record::Release { key, lease_id } => {
+                if self.leases.get(&key).is_some_and(|c| c.lease_id == lease_id) {
+                    self.leases.remove(&key);
+                }
+            }
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    last_token: u64,
+    leases: Vec<SavedLease>,
+}
+
+fn frame(payload: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// Result of reading one file of frames.
+struct Frames {
+    payloads: Vec<Vec<u8>>,
+    /// Where the valid frames end, if a torn tail follows.
+    torn_at: Option<u64>,
+}
+
+/// Reads the frames of a file. A bad frame is a torn tail when nothing valid can follow it:
+/// its header or payload runs past the end, it is the very last frame, or it and everything
+/// after it are zero bytes (a file extended but never written).
+fn read_frames(path: &Path) -> Result<Frames, WalError> {
+    let mut bytes = Vec::new();
+    File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(io_err(path))?;
+    let mut payloads = Vec::new();
+    let mut at = 0usize;
+    while at < bytes.len() {
+        let rest = &bytes[at..];
+        if rest.len() < 8 || rest.iter().all(|&b| b == 0) {
+            return Ok(Frames { payloads, torn_at: Some(at as u64) });
+        }
+        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
+        if rest.len() < 8 + len {
+            return Ok(Frames { payloads, torn_at: Some(at as u64) });
+        }
+        let payload = &rest[8..8 + len];
+        if crc32fast::hash(payload) != crc {
+            if at + 8 + len == bytes.len() {
+                return Ok(Frames { payloads, torn_at: Some(at as u64) });
+            }
+            return Err(WalError::Corrupt {
+                path: path.to_owned(),
+                offset: at as u64,
+                reason: "checksum mismatch with more data after it".into(),
+            });
+        }
+        payloads.push(payload.to_vec());
+        at += 8 + len;
+    }
+    Ok(Frames { payloads, torn_at: None })
+}
+
+fn numbered(dir: &Path, prefix: &str, suffix: &str) -> Result<Vec<(u64, PathBuf)>, WalError> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(n) = name.strip_prefix(prefix).and_then(|r| r.strip_suffix(suffix)) {
+            if let Ok(n) = n.parse::<u64>() {
+                out.push((n, entry.path()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn segment_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("wal-{n:020}.log"))
+}
+
+fn snapshot_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("snapshot-{n:020}.bin"))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), WalError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+}
+
+/// Rebuilds the state from `dir` (created if missing). Returns it with the number the next
+/// segment should have.
+pub fn recover(dir: &Path) -> Result<(Recovered, u64), WalError> {
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let mut state = Recovered::default();
+    let mut from = 0;
+    // The newest snapshot wins; it is written to a temp file and renamed, so it is whole or absent.
+    if let Some((n, path)) = numbered(dir, "snapshot-", ".bin")?.pop() {
+        let frames = read_frames(&path)?;
+        let payload = match (frames.payloads.as_slice(), frames.torn_at) {
+            ([one], None) => one,
+            _ => {
+                return Err(WalError::Corrupt {
+                    path,
+                    offset: 0,
+                    reason: "snapshot is not one whole frame".into(),
+                })
+            }
+        };
+        let snap: Snapshot = serde_json::from_slice(payload).map_err(|e| WalError::Corrupt {
+            path: path.clone(),
+            offset: 8,
+            reason: format!("snapshot does not parse: {e}"),
+        })?;
+        state.last_token = snap.last_token;
+        state.leases = snap.leases.into_iter().map(|l| (l.key.clone(), l)).collect();
+        from = n;
+    }
+    let segments: Vec<(u64, PathBuf)> =
+        numbered(dir, "wal-", ".log")?.into_iter().filter(|(n, _)| *n >= from).collect();
+    let last = segments.last().map(|(n, _)| *n);
+    for (n, path) in &segments {
+        let frames = read_frames(path)?;
+        for (i, payload) in frames.payloads.iter().enumerate() {
+            let record: Record = serde_json::from_slice(payload).map_err(|e| WalError::Corrupt {
+                path: path.clone(),
+                offset: i as u64,
+                reason: format!("record {i} does not parse: {e}"),
+            })?;
+            state.apply(record);
+        }
+        if let Some(at) = frames.torn_at {
+            if Some(*n) != last {
+                return Err(WalError::Corrupt {
+                    path: path.clone(),
+                    offset: at,
+                    reason: "damaged frame in a segment that is not the last".into(),
+                });
+            }
+            tracing::warn!(file = %path.display(), offset = at, "cutting a torn tail off the write-ahead log");
+            let f = OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
+            f.set_len(at).and_then(|()| f.sync_all()).map_err(io_err(path))?;
+        }
+    }
+    let next = last.map_or(from, |n| n + 1).max(from);
+    Ok((state, next))
+}
+
+/// Writes a snapshot for segment `n` and removes everything older.
+fn write_snapshot(dir: &Path, n: u64, last_token: u64, leases: Vec<SavedLease>) -> Result<(), WalError> {
+    let payload = serde_json::to_vec(&Snapshot { last_token, leases })
+        .map_err(|e| WalError::Closed(format!("snapshot does not serialize: {e}")))?;
+    let mut buf = Vec::with_capacity(payload.len() + 8);
+    frame(&payload, &mut buf);
+    let tmp = dir.join("snapshot.tmp");
+    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+    f.write_all(&buf).and_then(|()| f.sync_all()).map_err(io_err(&tmp))?;
+    let path = snapshot_path(dir, n);
+    fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    sync_dir(dir)?;
+    for (m, old) in numbered(dir, "snapshot-", ".bin")?.into_iter().chain(numbered(dir, "wal-", ".log")?) {
+        if m < n {
+            fs::remove_file(&old).map_err(io_err(&old))?;
+        }
+    }
+    Ok(())
+}
+
+/// Supplies the live state for a snapshot (the store's table).
+pub type SnapshotSource = Arc<dyn Fn() -> (u64, Vec<SavedLease>) + Send + Sync>;
+
+struct Append {
+    record: Record,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// Handle to the writer task.
+#[derive(Clone)]
+pub struct Wal {
+    tx: mpsc::Sender<Append>,
+}
+
+/// Counters of the writer, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct WalStats {
+    /// fdatasync calls made.
+    pub syncs: std::sync::atomic::AtomicU64,
+    /// Records written.
+    pub records: std::sync::atomic::AtomicU64,
+    /// Snapshots taken.
+    pub snapshots: std::sync::atomic::AtomicU64,
+}
+
+impl Wal {
+    /// Starts a fresh segment `next` after writing a snapshot of `source` for it (so start-up
+    /// cost follows live leases, not history), and spawns the writer. A new segment is started
+    /// (and older files removed) whenever the current one passes `compact_bytes`.
+    pub fn open(
+        dir: &Path,
+        next: u64,
+        source: SnapshotSource,
+        compact_bytes: u64,
+    ) -> Result<(Wal, Arc<WalStats>), WalError> {
+        let (last_token, leases) = source();
+        write_snapshot(dir, next, last_token, leases)?;
+        let path = segment_path(dir, next);
+        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&path))?;
+        sync_dir(dir)?;
+        let (tx, rx) = mpsc::channel(65_536);
+        let stats = Arc::new(WalStats::default());
+        let writer = Writer {
+            dir: dir.to_owned(),
+            segment: next,
+            file,
+            written: 0,
+            source,
+            compact_bytes,
+            stats: stats.clone(),
+        };
+        tokio::spawn(run_writer(Arc::new(std::sync::Mutex::new(writer)), rx));
+        Ok((Wal { tx }, stats))
+    }
+
+    /// Appends `record` and returns once it is on disk.
+    pub async fn append(&self, record: Record) -> Result<(), WalError> {
+        let (done, rx) = oneshot::channel();
+        self.tx.send(Append { record, done }).await.map_err(|_| WalError::Closed("writer stopped".into()))?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(WalError::Closed(e)),
+            Err(_) => Err(WalError::Closed("writer stopped".into())),
+        }
+    }
+}
+
+struct Writer {
+    dir: PathBuf,
+    segment: u64,
+    file: File,
+    written: u64,
+    source: SnapshotSource,
+    compact_bytes: u64,
+    stats: Arc<WalStats>,
+}
+
+/// The writer task: takes every append queued, writes and syncs them as one batch on a blocking
+/// thread, then answers each. After a failure it answers every later append with the error.
+async fn run_writer(writer: Arc<std::sync::Mutex<Writer>>, mut rx: mpsc::Receiver<Append>) {
+    let mut failed: Option<String> = None;
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, 4096).await > 0 {
+        let result = match &failed {
+            Some(e) => Err(e.clone()),
+            None => {
+                let records: Vec<Record> = batch.iter().map(|a| a.record.clone()).collect();
+                let writer = writer.clone();
+                let written = tokio::task::spawn_blocking(move || match writer.lock() {
+                    Ok(mut w) => w.write(&records).map_err(|e| e.to_string()),
+                    Err(_) => Err("writer state poisoned by an earlier failure".to_owned()),
+                })
+                .await;
+                written.unwrap_or_else(|e| Err(format!("writer thread failed: {e}")))
+            }
+        };
+        if let Err(e) = &result {
+            if failed.is_none() {
+                tracing::error!(error = %e, "write-ahead log failed; the store is now unavailable");
+                failed = Some(e.clone());
+            }
+        }
+        for a in batch.drain(..) {
+            let _ = a.done.send(result.clone());
+        }
+    }
+}
+
+impl Writer {
+    /// Writes and syncs one batch; rolls to a new segment with a snapshot when due.
+    fn write(&mut self, records: &[Record]) -> Result<(), WalError> {
+        let path = segment_path(&self.dir, self.segment);
+        let mut buf = Vec::with_capacity(records.len() * 160);
+        for r in records {
+            let payload = serde_json::to_vec(r)
+                .map_err(|e| WalError::Closed(format!("record does not serialize: {e}")))?;
+            frame(&payload, &mut buf);
+        }
+        self.file.write_all(&buf).and_then(|()| self.file.sync_data()).map_err(io_err(&path))?;
+        self.written += buf.len() as u64;
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stats.syncs.fetch_add(1, Relaxed);
+        self.stats.records.fetch_add(records.len() as u64, Relaxed);
+        if self.written >= self.compact_bytes {
+            self.roll()?;
+        }
+        Ok(())
+    }
+
+    /// New segment first, then the snapshot: every change whose record went to the old segment
+    /// was applied to the table before it was logged, so the snapshot contains it.
+    fn roll(&mut self) -> Result<(), WalError> {
+        let next = self.segment + 1;
+        let path = segment_path(&self.dir, next);
+        self.file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&path))?;
+        sync_dir(&self.dir)?;
+        self.segment = next;
+        self.written = 0;
+        let (last_token, leases) = (self.source)();
+        write_snapshot(&self.dir, next, last_token, leases)?;
+        self.stats.snapshots.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}
