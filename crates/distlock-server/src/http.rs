@@ -113,6 +113,7 @@ impl From<Error> for ApiError {
             }
             Error::LeaseLost { .. } => ApiError::new(StatusCode::CONFLICT, "lease_lost", message),
             Error::InvalidInput(_) => ApiError::invalid(message),
+            Error::Unauthorized(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message),
             Error::LimitExceeded(_) => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "limit_exceeded", message)
             }

@@ -74,6 +74,9 @@ pub enum Error {
     /// The request itself is wrong (key, TTL, URL, ...); nothing was changed.
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// The server refused the credentials (missing or wrong bearer token); nothing was changed.
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
     /// A server-side limit (number of leases or waiters) refused the request; nothing was changed.
     #[error("limit reached: {0}")]
     LimitExceeded(String),
@@ -97,6 +100,7 @@ impl Error {
             Error::Held { .. } | Error::WaitTimeout { .. } => "lock_held",
             Error::LeaseLost { .. } => "lease_lost",
             Error::InvalidInput(_) => "invalid_request",
+            Error::Unauthorized(_) => "unauthorized",
             Error::LimitExceeded(_) => "limit_exceeded",
             Error::Unavailable(_) => "backend_unavailable",
         }

@@ -5,6 +5,8 @@
 //! the loss signal, the conservative deadline, release on drop) is written once in
 //! [`crate::lease`] and works the same on every backend.
 
+#[cfg(feature = "http")]
+pub mod http;
 pub mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
@@ -57,12 +59,15 @@ pub trait Backend: Send + Sync + 'static {
 
 /// Opens the backend a URL names.
 ///
-/// Supported: `memory://` (a fresh in-process table), `redis://` and `rediss://` (one Redis, see
+/// Supported: `memory://` (a fresh in-process table), `http://` (a `distlock serve` server, see
+/// [`http`]), `redis://` and `rediss://` (one Redis, see
 /// [`redis`]), `redlock://` (a majority of several masters, see [`redis::redlock`]). Must be called inside a Tokio runtime.
 pub async fn open(url: &str) -> Result<Arc<dyn Backend>> {
     let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
     match scheme {
         "memory" => Ok(Arc::new(MemoryBackend::new()?)),
+        #[cfg(feature = "http")]
+        "http" => Ok(Arc::new(http::HttpBackend::open(url)?)),
         #[cfg(feature = "redis")]
         "redis" | "rediss" => Ok(Arc::new(redis::RedisBackend::open(redis::RedisConfig::parse(url)?).await?)),
         #[cfg(feature = "redis")]

@@ -1,0 +1,594 @@
+//! Black-box tests of `distlock serve` over real HTTP: the binary is started as a process on a
+//! free loopback port with its own data directory, and killed with SIGKILL where the test says so.
+
+#[path = "../../distlock/tests/support/mod.rs"]
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use distlock::{AcquireOptions, Error, LeaseId, Locker, LossReason};
+use serde_json::{json, Value};
+
+struct Server {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+    extra: Vec<String>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Server {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().join("data");
+        let mut s = Server {
+            child: None,
+            port: 0,
+            dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            _tmp: Some(tmp),
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        for _ in 0..5 {
+            self.port = support::free_port();
+            let child = Command::new(env!("CARGO_BIN_EXE_distlock"))
+                .args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)])
+                .arg("--data-dir")
+                .arg(&self.dir)
+                .args(&self.extra)
+                .env("DISTLOCK_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn distlock serve");
+            self.child = Some(child);
+            if self.wait_ready() {
+                return;
+            }
+            self.kill9();
+        }
+        panic!("distlock serve did not start");
+    }
+
+    fn wait_ready(&mut self) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
+                return false;
+            }
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
+                let _ = s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n");
+                let mut buf = String::new();
+                let _ = s.read_to_string(&mut buf);
+                if buf.starts_with("HTTP/1.0 200") || buf.starts_with("HTTP/1.1 200") {
+                    return true;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    async fn locker(&self) -> Locker {
+        Locker::open(&self.url()).await.expect("open http backend")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+async fn post(server: &Server, path: &str, body: &str) -> (u16, Value) {
+    let r =
+        http().post(format!("{}{path}", server.url())).body(body.to_owned()).send().await.expect("request");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn get(server: &Server, path: &str) -> (u16, Value) {
+    let r = http().get(format!("{}{path}", server.url())).send().await.expect("request");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+fn code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("")
+}
+
+#[tokio::test]
+async fn endpoints_and_error_codes() {
+    let server = Server::start(&[]);
+    let (s, lease) =
+        post(&server, "/v1/locks/deploy%2Fweb/acquire", r#"{"ttl_ms":5000,"holder":"host-1/pid-42"}"#).await;
+    assert_eq!(s, 200, "{lease}");
+    assert_eq!(lease["key"], "deploy/web");
+    assert_eq!(lease["fencing_token"], 1);
+    assert_eq!(lease["ttl_ms"], 5000);
+    let id = lease["lease_id"].as_str().unwrap().to_owned();
+    assert_eq!(id.len(), 32);
+
+    let (s, held) = post(&server, "/v1/locks/deploy%2Fweb/acquire", "").await;
+    assert_eq!((s, code(&held)), (409, "lock_held"));
+    assert_eq!(held["error"]["holder"], "host-1/pid-42");
+
+    let (s, st) = get(&server, "/v1/locks/deploy%2Fweb").await;
+    assert_eq!(s, 200);
+    assert_eq!(st["held"], true);
+    assert_eq!(st["holder"], "host-1/pid-42");
+    assert_eq!(st["fencing_token"], 1);
+    assert!(st["expires_in_ms"].as_u64().unwrap() <= 5000);
+    assert_eq!(st["waiters"], 0);
+    assert!(!st.to_string().contains(&id), "status must never show the lease id");
+    let (s, free) = get(&server, "/v1/locks/nobody").await;
+    assert_eq!((s, &free["held"]), (200, &json!(false)));
+    let (s, list) = get(&server, "/v1/locks?prefix=deploy").await;
+    assert_eq!(s, 200);
+    assert_eq!(list["locks"].as_array().unwrap().len(), 1);
+    assert!(!list.to_string().contains(&id));
+
+    let stranger = LeaseId::generate();
+    let (s, e) =
+        post(&server, "/v1/locks/deploy%2Fweb/renew", &json!({"lease_id": stranger.as_str()}).to_string())
+            .await;
+    assert_eq!((s, code(&e)), (409, "lease_lost"));
+    let (s, e) =
+        post(&server, "/v1/locks/deploy%2Fweb/release", &json!({"lease_id": stranger.as_str()}).to_string())
+            .await;
+    assert_eq!((s, code(&e)), (409, "lease_lost"));
+    let (s, r) =
+        post(&server, "/v1/locks/deploy%2Fweb/renew", &json!({"lease_id": id, "ttl_ms": 9000}).to_string())
+            .await;
+    assert_eq!((s, &r["ttl_ms"], &r["fencing_token"]), (200, &json!(9000), &json!(1)));
+    let (s, _) = post(&server, "/v1/locks/deploy%2Fweb/release", &json!({"lease_id": id}).to_string()).await;
+    assert_eq!(s, 200);
+    let (s, e) = post(&server, "/v1/locks/deploy%2Fweb/release", &json!({"lease_id": id}).to_string()).await;
+    assert_eq!((s, code(&e)), (409, "lease_lost"), "released twice");
+
+    // Bad input: 400 invalid_request, and nothing changes.
+    let long_key = "k".repeat(1025);
+    for (path, body) in [
+        (format!("/v1/locks/{long_key}/acquire"), ""),
+        ("/v1/locks/a%00b/acquire".to_owned(), ""),
+        ("/v1/locks/%FF/acquire".to_owned(), ""),
+        ("/v1/locks/k/acquire".to_owned(), r#"{"ttl_ms":99}"#),
+        ("/v1/locks/k/acquire".to_owned(), r#"{"ttl_ms":86400001}"#),
+        ("/v1/locks/k/acquire".to_owned(), r#"{"ttl_ms":"30s"}"#),
+        ("/v1/locks/k/acquire".to_owned(), r#"{"ttl_ms":-1}"#),
+        ("/v1/locks/k/acquire".to_owned(), r#"{"wait_ms":3600001}"#),
+        ("/v1/locks/k/acquire".to_owned(), r#"{"holder":"a\nb"}"#),
+        ("/v1/locks/k/acquire".to_owned(), r#"{"tll_ms":1000}"#),
+        ("/v1/locks/k/acquire".to_owned(), "{not json"),
+        ("/v1/locks/k/renew".to_owned(), ""),
+        ("/v1/locks/k/renew".to_owned(), r#"{"lease_id":""}"#),
+        ("/v1/locks/k/release".to_owned(), r#"{"lease_id":42}"#),
+    ] {
+        let (s, e) = post(&server, &path, body).await;
+        assert_eq!((s, code(&e)), (400, "invalid_request"), "{path} {body}: {e}");
+        assert!(e["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    let (s, e) = post(&server, "/v1/locks/k/acquire", &"x".repeat(70_000)).await;
+    assert_eq!((s, code(&e)), (413, "payload_too_large"));
+    let (s, e) = get(&server, "/v2/nothing").await;
+    assert_eq!((s, code(&e)), (404, "not_found"));
+    let (_, list) = get(&server, "/v1/locks").await;
+    assert_eq!(list["locks"], json!([]), "bad requests changed nothing");
+
+    let (s, _) = get(&server, "/v1/locks/".to_owned().as_str()).await;
+    assert!(s == 404 || s == 400);
+    let (s, spec) = get(&server, "/openapi.json").await;
+    assert_eq!(s, 200);
+    assert!(spec["paths"]["/v1/locks/{key}/acquire"].is_object(), "openapi describes acquire");
+    let metrics = http().get(format!("{}/metrics", server.url())).send().await.unwrap().text().await.unwrap();
+    for name in [
+        "distlock_grants_total",
+        "distlock_releases_total",
+        "distlock_expiries_total",
+        "distlock_waiters",
+        "distlock_request_seconds_bucket",
+    ] {
+        assert!(metrics.contains(name), "metrics lack {name}");
+    }
+}
+
+/// Two clients on one key through the library: ownership is enforced by the server.
+#[tokio::test]
+async fn library_clients_share_the_server() {
+    let server = Server::start(&[]);
+    let (a, b) = (server.locker().await, server.locker().await);
+    let lease = a.acquire("k", &AcquireOptions::new().holder("alpha")).await.unwrap();
+    assert_eq!(
+        b.acquire("k", &AcquireOptions::new()).await.unwrap_err(),
+        Error::Held { key: "k".into(), holder: Some("alpha".into()) }
+    );
+    let stranger = LeaseId::generate();
+    assert_eq!(
+        b.release_lease("k", &stranger).await.unwrap_err(),
+        Error::LeaseLost { key: "k".into(), reason: LossReason::NotOwner }
+    );
+    let err = b.acquire("k", &AcquireOptions::new().wait(Duration::from_millis(300))).await.unwrap_err();
+    assert!(matches!(&err, Error::WaitTimeout { holder: Some(h), .. } if h == "alpha"), "{err:?}");
+    assert_eq!(b.status("k").await.unwrap().fencing_token, Some(lease.fencing_token()));
+    lease.release().await.unwrap();
+    let next = b.acquire("k", &AcquireOptions::new()).await.unwrap();
+    assert!(next.fencing_token() > 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_exclusion_over_http() {
+    let server = Server::start(&[]);
+    let lockers = [server.locker().await, server.locker().await];
+    support::hammer(&lockers, "counter", 16, 400).await;
+}
+
+/// Long-poll waiters are served in arrival order, woken by each release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_poll_waiters_are_fifo() {
+    let server = Server::start(&[]);
+    let locker = server.locker().await;
+    let first = locker.acquire("q", &AcquireOptions::new()).await.unwrap();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..6u64 {
+        let (l, order) = (server.locker().await, order.clone());
+        tasks.push(tokio::spawn(async move {
+            let lease = l.acquire("q", &AcquireOptions::new().wait(Duration::from_secs(30))).await.unwrap();
+            order.lock().unwrap().push(i);
+            lease.release().await.unwrap();
+        }));
+        let start = Instant::now();
+        while locker.status("q").await.unwrap().waiters != i + 1 {
+            assert!(start.elapsed() < Duration::from_secs(10));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let start = Instant::now();
+    first.release().await.unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(*order.lock().unwrap(), (0..6).collect::<Vec<_>>());
+    assert!(start.elapsed() < Duration::from_secs(3));
+}
+
+/// A long-polling client that goes away does not keep the lock from the next one.
+#[tokio::test]
+async fn abandoned_long_poll_does_not_hold_the_lock() {
+    let server = Server::start(&[]);
+    let locker = server.locker().await;
+    let held = locker.acquire("k", &AcquireOptions::new()).await.unwrap();
+    let url = server.url();
+    // A raw client that asks to wait 60 s but gives up after 300 ms.
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/locks/k/acquire"))
+        .body(r#"{"wait_ms":60000}"#)
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(r.is_err());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    held.release().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let next = locker.acquire("k", &AcquireOptions::new()).await;
+    assert!(next.is_ok(), "the lock went to the abandoned request: {next:?}");
+}
+
+/// Automatic renewal through the server keeps a short lease past five TTLs.
+#[tokio::test]
+async fn renewal_over_http() {
+    let server = Server::start(&[]);
+    let (a, b) = (server.locker().await, server.locker().await);
+    let lease = a.acquire("k", &AcquireOptions::new().ttl(Duration::from_millis(500))).await.unwrap();
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(matches!(b.acquire("k", &AcquireOptions::new()).await, Err(Error::Held { .. })));
+    }
+    assert!(lease.is_held());
+}
+
+fn segment(dir: &Path) -> PathBuf {
+    let mut logs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    logs.sort();
+    logs.pop().expect("a log segment")
+}
+
+/// kill -9 in the middle of load: every acknowledged, unreleased lease is still held after the
+/// restart with its token, released ones are free, and new tokens are above every token issued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_keeps_acknowledged_leases_and_tokens() {
+    let mut server = Server::start(&[]);
+    let locker = server.locker().await;
+    let opts = AcquireOptions::new().ttl(Duration::from_secs(3600)).auto_renew(false);
+    let mut kept = Vec::new();
+    for i in 0..50 {
+        let lease = locker.acquire(&format!("held-{i}"), &opts).await.unwrap();
+        kept.push((lease.key().to_owned(), lease.fencing_token(), lease.lease_id().clone()));
+        std::mem::forget(lease);
+    }
+    for i in 0..20 {
+        let lease = locker.acquire(&format!("gone-{i}"), &opts).await.unwrap();
+        lease.release().await.unwrap();
+    }
+    // Load while the server dies: every acknowledged token is recorded.
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let mut load = Vec::new();
+    for t in 0..8 {
+        let (l, acked) = (server.locker().await, acked.clone());
+        load.push(tokio::spawn(async move {
+            let opts = AcquireOptions::new().ttl(Duration::from_secs(3600)).auto_renew(false);
+            for n in 0.. {
+                match l.acquire(&format!("load-{t}-{n}"), &opts).await {
+                    Ok(lease) => {
+                        acked.lock().unwrap().push(lease.fencing_token());
+                        std::mem::forget(lease);
+                    }
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.kill9();
+    for t in load {
+        t.await.unwrap();
+    }
+    server.spawn();
+    let locker = server.locker().await;
+    for (key, token, id) in &kept {
+        let st = locker.status(key).await.unwrap();
+        assert!(st.held, "{key} lost across kill -9");
+        assert_eq!(st.fencing_token, Some(*token));
+        locker.renew_lease(key, id, Duration::from_secs(60)).await.expect("the holder still owns it");
+    }
+    for i in 0..20 {
+        assert!(!locker.status(&format!("gone-{i}")).await.unwrap().held);
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 10, "load made progress before the kill ({})", acked.len());
+    let max_acked = acked.iter().copied().max().unwrap();
+    let fresh = locker.acquire("after-restart", &AcquireOptions::new()).await.unwrap();
+    assert!(
+        fresh.fencing_token() > max_acked,
+        "token {} reissued or went back (max acked {max_acked})",
+        fresh.fencing_token()
+    );
+}
+
+/// A torn write at the end of the log is cut off with a warning; the rest survives. Damage in
+/// the middle refuses to start with a clear message.
+#[tokio::test]
+async fn torn_tail_recovers_corrupt_middle_refuses() {
+    let mut server = Server::start(&["--compact-bytes", "100000000"]);
+    let locker = server.locker().await;
+    let opts = AcquireOptions::new().ttl(Duration::from_secs(3600)).auto_renew(false);
+    for i in 0..5 {
+        std::mem::forget(locker.acquire(&format!("k{i}"), &opts).await.unwrap());
+    }
+    server.kill9();
+    let log = segment(&server.dir);
+    let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, b'{', b'"']).unwrap(); // a frame cut short
+    drop(f);
+    server.spawn();
+    let locker = server.locker().await;
+    for i in 0..5 {
+        assert!(locker.status(&format!("k{i}")).await.unwrap().held);
+    }
+    let later = locker.acquire("k-later", &opts).await.unwrap();
+    assert_eq!(later.fencing_token(), 6);
+    std::mem::forget(later);
+    for i in 0..3 {
+        std::mem::forget(locker.acquire(&format!("k-more-{i}"), &opts).await.unwrap());
+    }
+    // Flip a byte inside the first record of the current segment (more records follow it).
+    server.kill9();
+    let log = segment(&server.dir);
+    let mut bytes = std::fs::read(&log).unwrap();
+    assert!(bytes.len() > 40, "segment has records");
+    bytes[20] ^= 0x55;
+    std::fs::write(&log, &bytes).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_distlock"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&server.dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            panic!("the server started on a log with a corrupt middle");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success());
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(stderr.contains("corrupt") && stderr.contains("refusing to start"), "{stderr}");
+}
+
+/// Compaction keeps the data directory to the live leases: after many acquire/release cycles the
+/// log is small, and a restart restores exactly the live leases.
+#[tokio::test]
+async fn compaction_follows_live_leases() {
+    let mut server = Server::start(&["--compact-bytes", "20000"]);
+    let locker = server.locker().await;
+    let opts = AcquireOptions::new().ttl(Duration::from_secs(3600)).auto_renew(false);
+    let keep = locker.acquire("keep", &opts).await.unwrap();
+    let keep_token = keep.fencing_token();
+    std::mem::forget(keep);
+    for i in 0..400 {
+        let l = locker.acquire(&format!("churn-{}", i % 7), &opts).await.unwrap();
+        l.release().await.unwrap();
+    }
+    let total: u64 =
+        std::fs::read_dir(&server.dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    assert!(total < 60_000, "data dir is {total} bytes after compaction");
+    server.restart();
+    let locker = server.locker().await;
+    let list = locker.list("").await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].fencing_token, Some(keep_token));
+    assert!(locker.acquire("new", &opts).await.unwrap().fencing_token() > 401);
+}
+
+#[tokio::test]
+async fn auth_on_and_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = tmp.path().join("tokens");
+    std::fs::write(&tokens, "# team tokens\nsecret-one\n\nsecret-two\n").unwrap();
+    let server = Server::start(&["--auth-token-file", tokens.to_str().unwrap()]);
+    let url = format!("{}/v1/locks/k", server.url());
+    for header in [None, Some("Bearer wrong"), Some("secret-one")] {
+        let mut req = http().get(&url);
+        if let Some(h) = header {
+            req = req.header("authorization", h);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 401, "{header:?}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(code(&v), "unauthorized");
+    }
+    let r = http().get(&url).bearer_auth("secret-two").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(http().get(format!("{}/healthz", server.url())).send().await.unwrap().status().as_u16(), 200);
+    // The library: without a token it gets Unauthorized; with one in the URL it works.
+    let err =
+        Locker::open(&server.url()).await.unwrap().acquire("k", &AcquireOptions::new()).await.unwrap_err();
+    assert!(matches!(err, Error::Unauthorized(_)), "{err:?}");
+    let locker = Locker::open(&format!("{}?token=secret-one", server.url())).await.unwrap();
+    locker.acquire("k", &AcquireOptions::new()).await.unwrap();
+
+    let open = Server::start(&[]);
+    assert_eq!(http().get(format!("{}/v1/locks/k", open.url())).send().await.unwrap().status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn limits_answer_429() {
+    let server = Server::start(&["--max-leases", "2", "--max-waiters", "1"]);
+    let locker = server.locker().await;
+    let _a = locker.acquire("a", &AcquireOptions::new()).await.unwrap();
+    let _b = locker.acquire("b", &AcquireOptions::new()).await.unwrap();
+    let err = locker.acquire("c", &AcquireOptions::new()).await.unwrap_err();
+    assert!(matches!(err, Error::LimitExceeded(_)), "{err:?}");
+    let (s, e) = post(&server, "/v1/locks/c/acquire", "").await;
+    assert_eq!((s, code(&e)), (429, "limit_exceeded"));
+    let l2 = server.locker().await;
+    let waiter =
+        tokio::spawn(
+            async move { l2.acquire("a", &AcquireOptions::new().wait(Duration::from_secs(5))).await },
+        );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let err = locker.acquire("b", &AcquireOptions::new().wait(Duration::from_secs(1))).await.unwrap_err();
+    assert!(matches!(err, Error::LimitExceeded(_)), "{err:?}");
+    waiter.abort();
+}
+
+/// Garbage in every shape: the server answers 4xx, never 5xx, never crashes, changes nothing.
+#[tokio::test]
+async fn garbage_sweep() {
+    let mut server = Server::start(&[]);
+    let mut seed = 0x2545F4914F6CDD1Du64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let paths = [
+        "/v1/locks/k/acquire",
+        "/v1/locks/k/renew",
+        "/v1/locks/k/release",
+        "/v1/locks/%/acquire",
+        "/v1/locks/k/acquire?x=%zz",
+        "/v1/locks?prefix=%00",
+    ];
+    for i in 0..300 {
+        let len = (next() % 300) as usize;
+        let body: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        let path = paths[i % paths.len()];
+        let r = http().post(format!("{}{path}", server.url())).body(body).send().await.unwrap();
+        assert!(r.status().is_client_error(), "{path}: {}", r.status());
+    }
+    // Raw malformed HTTP on the socket.
+    for raw in [
+        &b"GARBAGE\r\n\r\n"[..],
+        b"POST /v1/locks/k/acquire HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n",
+        b"\x00\xff\x13\x37",
+    ] {
+        let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let _ = s.write_all(raw);
+        let mut buf = [0u8; 256];
+        let _ = s.read(&mut buf);
+    }
+    let (s, list) = get(&server, "/v1/locks").await;
+    assert_eq!(s, 200, "server still answers");
+    assert_eq!(list["locks"], json!([]), "garbage changed nothing");
+    assert!(server.child.as_mut().unwrap().try_wait().unwrap().is_none(), "server still running");
+}
+
+/// SIGTERM shuts down cleanly (exit 0) and the data survives.
+#[tokio::test]
+async fn sigterm_is_graceful() {
+    let mut server = Server::start(&[]);
+    let locker = server.locker().await;
+    std::mem::forget(
+        locker
+            .acquire("k", &AcquireOptions::new().ttl(Duration::from_secs(600)).auto_renew(false))
+            .await
+            .unwrap(),
+    );
+    let mut child = server.child.take().unwrap();
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let start = Instant::now();
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "{exit:?}");
+    server.spawn();
+    assert!(server.locker().await.status("k").await.unwrap().held);
+}

@@ -1,0 +1,234 @@
+//! The `http://` backend: a client of the `distlock serve` lock server.
+//!
+//! URL: `http://host:port[?token=T&timeout=D]`. The bearer token may also come from the
+//! `DISTLOCK_TOKEN` environment variable. `timeout` (default 5 s) bounds every call; an acquire
+//! that waits gets its wait on top. Waiting is done by the server (a long poll, FIFO per key); a
+//! wait longer than the server's one-hour cap is split into several long polls. The server
+//! chooses the lease id. Status codes map to [`Error`] variants: 409 `lock_held` → `Held` /
+//! `WaitTimeout`, 409 `lease_lost` → `LeaseLost`, 400 → `InvalidInput`, 401 → `Unauthorized`,
+//! 429 → `LimitExceeded`, 503, other failures and no answer → `Unavailable`.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use crate::backend::Backend;
+use crate::error::{Error, LossReason, Result};
+use crate::types::{AcquireRequest, Grant, LeaseId, LockInfo};
+
+/// Longest wait one long poll asks for (the server's cap).
+const MAX_POLL: Duration = Duration::from_secs(3600);
+
+/// A client of one lock server.
+pub struct HttpBackend {
+    client: reqwest::Client,
+    base: String,
+    token: Option<String>,
+    timeout: Duration,
+}
+
+#[derive(Deserialize)]
+struct LeaseBody {
+    lease_id: String,
+    fencing_token: u64,
+    ttl_ms: u64,
+    #[serde(default)]
+    waited_ms: u64,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    code: String,
+    message: String,
+    holder: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct LockList {
+    locks: Vec<LockInfo>,
+}
+
+/// Percent-encodes a key as one path segment.
+fn encode_segment(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl HttpBackend {
+    /// Parses the URL; connects on first use.
+    ///
+    /// ```
+    /// let b = distlock::backend::http::HttpBackend::open("http://127.0.0.1:7878?timeout=2s").unwrap();
+    /// # drop(b);
+    /// assert!(distlock::backend::http::HttpBackend::open("http://h:1?timeout=x").is_err());
+    /// ```
+    pub fn open(url: &str) -> Result<HttpBackend> {
+        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        let base = base.trim_end_matches('/').to_owned();
+        if base.len() <= "http://".len() {
+            return Err(Error::InvalidInput(format!("{url:?} names no server")));
+        }
+        let mut token = std::env::var("DISTLOCK_TOKEN").ok().filter(|t| !t.is_empty());
+        let mut timeout = Duration::from_secs(5);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("token", t)) => token = Some(t.to_owned()),
+                Some(("timeout", t)) => {
+                    timeout = humantime::parse_duration(t).ok().filter(|d| !d.is_zero()).ok_or_else(|| {
+                        Error::InvalidInput(format!("timeout={t:?} is not a duration like 5s or 500ms"))
+                    })?
+                }
+                _ => return Err(Error::InvalidInput(format!("unknown parameter {pair:?} in {url:?}"))),
+            }
+        }
+        let client = reqwest::Client::builder()
+            .connect_timeout(timeout)
+            .build()
+            .map_err(|e| Error::InvalidInput(format!("http client: {e}")))?;
+        Ok(HttpBackend { client, base, token, timeout })
+    }
+
+    fn url(&self, key: &str, action: &str) -> String {
+        format!("{}/v1/locks/{}{action}", self.base, encode_segment(key))
+    }
+
+    async fn send(&self, builder: reqwest::RequestBuilder, timeout: Duration) -> Result<reqwest::Response> {
+        let builder = match &self.token {
+            Some(t) => builder.bearer_auth(t),
+            None => builder,
+        };
+        builder.timeout(timeout).send().await.map_err(|e| {
+            Error::Unavailable(format!(
+                "lock server {}: {}",
+                self.base,
+                if e.is_timeout() { "timed out".to_owned() } else { e.to_string() }
+            ))
+        })
+    }
+
+    /// Turns a non-2xx answer into the matching error.
+    async fn error(&self, key: &str, response: reqwest::Response, waited: Option<Duration>) -> Error {
+        let status = response.status();
+        let detail = response.json::<ErrorBody>().await.map(|b| b.error).unwrap_or_else(|_| ErrorDetail {
+            code: String::new(),
+            message: format!("HTTP {status}"),
+            holder: None,
+        });
+        match detail.code.as_str() {
+            "lock_held" => match waited {
+                Some(waited) => Error::WaitTimeout { key: key.to_owned(), holder: detail.holder, waited },
+                None => Error::Held { key: key.to_owned(), holder: detail.holder },
+            },
+            "lease_lost" => Error::LeaseLost { key: key.to_owned(), reason: LossReason::NotOwner },
+            "invalid_request" | "payload_too_large" => Error::InvalidInput(detail.message),
+            "unauthorized" => Error::Unauthorized(detail.message),
+            "limit_exceeded" => Error::LimitExceeded(detail.message),
+            _ => Error::Unavailable(format!("lock server {}: {}", self.base, detail.message)),
+        }
+    }
+
+    fn grant(body: LeaseBody, sent: Instant) -> Result<Grant> {
+        // The server started the TTL `waited_ms` after it received the request, which was after
+        // `sent`; never later than now.
+        let counted_from = (sent + Duration::from_millis(body.waited_ms)).min(Instant::now());
+        Ok(Grant {
+            lease_id: LeaseId::parse(&body.lease_id)?,
+            fencing_token: body.fencing_token,
+            ttl: Duration::from_millis(body.ttl_ms),
+            counted_from,
+        })
+    }
+
+    async fn read<T: for<'de> Deserialize<'de>>(&self, response: reqwest::Response) -> Result<T> {
+        response.json::<T>().await.map_err(|e| {
+            Error::Unavailable(format!("lock server {} sent an unreadable answer: {e}", self.base))
+        })
+    }
+}
+
+#[async_trait]
+impl Backend for HttpBackend {
+    fn name(&self) -> &'static str {
+        "http"
+    }
+
+    async fn acquire(&self, req: AcquireRequest) -> Result<Grant> {
+        let start = Instant::now();
+        let deadline = req.wait.and_then(|w| start.checked_add(w));
+        loop {
+            let poll = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()).min(MAX_POLL),
+                None => MAX_POLL,
+            };
+            let body = serde_json::json!({
+                "ttl_ms": req.ttl.as_millis() as u64,
+                "wait_ms": poll.as_millis() as u64,
+                "holder": req.holder,
+            });
+            let sent = Instant::now();
+            let response = self
+                .send(self.client.post(self.url(&req.key, "/acquire")).json(&body), poll + self.timeout)
+                .await?;
+            if response.status().is_success() {
+                return Self::grant(self.read(response).await?, sent);
+            }
+            let waited = (req.wait != Some(Duration::ZERO)).then(|| start.elapsed());
+            let err = self.error(&req.key, response, waited).await;
+            let more_to_wait = deadline.is_none_or(|d| Instant::now() < d);
+            if !(matches!(err, Error::WaitTimeout { .. }) && more_to_wait) {
+                return Err(err);
+            }
+        }
+    }
+
+    async fn renew(&self, key: &str, lease_id: &LeaseId, ttl: Duration) -> Result<Grant> {
+        let body = serde_json::json!({"lease_id": lease_id.as_str(), "ttl_ms": ttl.as_millis() as u64});
+        let sent = Instant::now();
+        let response = self.send(self.client.post(self.url(key, "/renew")).json(&body), self.timeout).await?;
+        if response.status().is_success() {
+            return Self::grant(self.read(response).await?, sent);
+        }
+        Err(self.error(key, response, None).await)
+    }
+
+    async fn release(&self, key: &str, lease_id: &LeaseId) -> Result<()> {
+        let body = serde_json::json!({"lease_id": lease_id.as_str()});
+        let response =
+            self.send(self.client.post(self.url(key, "/release")).json(&body), self.timeout).await?;
+        if response.status().is_success() {
+            return Ok(());
+        }
+        Err(self.error(key, response, None).await)
+    }
+
+    async fn status(&self, key: &str) -> Result<LockInfo> {
+        let response = self.send(self.client.get(self.url(key, "")), self.timeout).await?;
+        if response.status().is_success() {
+            return self.read(response).await;
+        }
+        Err(self.error(key, response, None).await)
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>> {
+        let url = format!("{}/v1/locks?prefix={}", self.base, encode_segment(prefix));
+        let response = self.send(self.client.get(url), self.timeout).await?;
+        if response.status().is_success() {
+            return Ok(self.read::<LockList>(response).await?.locks);
+        }
+        Err(self.error(prefix, response, None).await)
+    }
+}
