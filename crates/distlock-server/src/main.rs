@@ -20,11 +20,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the lock server (HTTP JSON API, durable embedded store by default).
-    ///
-    /// Examples:
-    ///   distlock serve
-    ///   distlock serve --listen 0.0.0.0:7878 --data-dir /var/lib/distlock --auth-token-file /etc/distlock/tokens
-    ///   distlock serve --store redis://10.0.0.5:6379   # a stateless front for Redis
+    #[command(after_help = "Examples:\n  \
+        distlock serve\n  \
+        distlock serve --listen 0.0.0.0:7878 --data-dir /var/lib/distlock --auth-token-file /etc/distlock/tokens\n  \
+        distlock serve --store redis://10.0.0.5:6379    # several stateless servers in front of one Redis\n\n\
+        Exit status: 0 after a clean shutdown (SIGTERM/SIGINT), 1 when the server cannot start \
+        (bad flags, port in use, corrupt data directory).")]
     Serve(ServeArgs),
 }
 

@@ -592,3 +592,28 @@ async fn sigterm_is_graceful() {
     server.spawn();
     assert!(server.locker().await.status("k").await.unwrap().held);
 }
+
+/// With `--store redis://…` the server is a stateless front: two servers share one Redis.
+#[tokio::test]
+async fn servers_in_front_of_one_redis() {
+    let redis = support::RedisServer::start();
+    let store = format!("--store={}", redis.url());
+    let (one, two) = (Server::start(&[&store]), Server::start(&[&store]));
+    let (a, b) = (one.locker().await, two.locker().await);
+    let lease = a.acquire("shared", &AcquireOptions::new().holder("via-one")).await.unwrap();
+    assert_eq!(
+        b.acquire("shared", &AcquireOptions::new()).await.unwrap_err(),
+        Error::Held { key: "shared".into(), holder: Some("via-one".into()) }
+    );
+    let direct = Locker::open(&redis.url()).await.unwrap();
+    assert_eq!(direct.status("shared").await.unwrap().fencing_token, Some(lease.fencing_token()));
+    let waiter = tokio::spawn(async move {
+        b.acquire("shared", &AcquireOptions::new().wait(Duration::from_secs(5))).await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    lease.release().await.unwrap();
+    let next = waiter.await.unwrap().unwrap();
+    assert!(next.fencing_token() > 1);
+    let (s, h) = get(&one, "/healthz").await;
+    assert_eq!((s, &h["store"]), (200, &json!("redis")));
+}
