@@ -1,12 +1,17 @@
 //! The distlock lock server (`distlock serve`) and the pieces it is made of.
 //!
 //! # Layout
+//! - [`bench`]: load generation for benchmarks.
+//! - [`cli`]: the client subcommands, their output and exit codes; [`run`]: `distlock run`.
 //! - [`serve`]: settings and the run loop (listener, store, shutdown).
 //! - [`http`]: the JSON API (routes, errors, auth, metrics).
 //! - [`store`]: the embedded store — the in-process lease table made durable by [`wal`].
 //! - [`wal`]: the write-ahead log with group commit, snapshots and crash recovery.
 
+pub mod bench;
+pub mod cli;
 pub mod http;
+pub mod run;
 pub mod serve;
 pub mod store;
 pub mod wal;

@@ -6,15 +6,48 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use distlock::{AcquireOptions, Locker};
+use distlock_server::cli::{self, Output};
 use distlock_server::serve::{self, ServeConfig};
 use distlock_server::store::Limits;
 
 /// Distributed locks: a lock server, and a client for every distlock backend.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, after_help = EXIT_CODES)]
 struct Cli {
+    /// Where locks live: http://host:7878 (a distlock server), redis://, redlock://, memory://.
+    #[arg(long, global = true, env = "DISTLOCK_BACKEND", default_value = "http://127.0.0.1:7878")]
+    backend: String,
+    /// Print results as JSON on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    /// No messages on stderr.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    /// More detail on stderr.
+    #[arg(short, long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
+}
+
+const EXIT_CODES: &str = "Exit codes: 0 success (run: the command's own code, 128+N if killed by signal N); \
+75 held by someone else / not acquired within --wait; 76 lease lost; 69 backend unavailable; \
+77 unauthorized; 64 invalid input; 1 other failure.";
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 30s, 500ms, 2m)"))
+}
+
+/// Lock options shared by run and acquire.
+#[derive(clap::Args)]
+struct LockArgs {
+    /// Lease TTL, from 100ms to 24h; renewed automatically while held by `run`.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    ttl: Duration,
+    /// Holder label shown in status (default: host/pid).
+    #[arg(long)]
+    holder: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -27,6 +60,72 @@ enum Command {
         Exit status: 0 after a clean shutdown (SIGTERM/SIGINT), 1 when the server cannot start \
         (bad flags, port in use, corrupt data directory).")]
     Serve(ServeArgs),
+    /// Run a command while holding a lock; release when it exits.
+    #[command(after_help = "Examples:\n  \
+        distlock run nightly-backup -- /usr/local/bin/backup.sh\n  \
+        distlock run --wait 0s deploy -- make deploy      # skip (exit 75) if someone else deploys\n  \
+        distlock --backend redis://10.0.0.5:6379 run --ttl 10s job -- ./job\n\n\
+        The command sees DISTLOCK_KEY, DISTLOCK_FENCING_TOKEN and DISTLOCK_LEASE_ID. SIGINT, SIGTERM and \
+        SIGHUP are passed on to it. If the lock is lost while it runs, it gets SIGTERM (SIGKILL after \
+        --kill-after) and distlock exits 76. distlock exits 75 when the lock is not acquired within --wait.")]
+    Run {
+        /// The lock to hold.
+        key: String,
+        #[command(flatten)]
+        lock: LockArgs,
+        /// How long to wait for the lock (default: as long as it takes).
+        #[arg(long, value_parser = duration)]
+        wait: Option<Duration>,
+        /// Time between SIGTERM and SIGKILL when the lock is lost.
+        #[arg(long, default_value = "10s", value_parser = duration)]
+        kill_after: Duration,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Take a lock and leave it held; prints the lease (renew or release it by its id).
+    #[command(after_help = "Example:\n  \
+        eval \"$(distlock acquire --ttl 5m migrate)\"   # sets key, lease_id, fencing_token, ttl_ms\n  \
+        distlock release migrate --lease \"$lease_id\"")]
+    Acquire {
+        /// The lock.
+        key: String,
+        #[command(flatten)]
+        lock: LockArgs,
+        /// How long to wait for the lock (default: try once).
+        #[arg(long, default_value = "0s", value_parser = duration)]
+        wait: Duration,
+    },
+    /// Extend a held lease.
+    Renew {
+        /// The lock.
+        key: String,
+        /// The lease id printed by acquire.
+        #[arg(long)]
+        lease: String,
+        /// New TTL.
+        #[arg(long, default_value = "30s", value_parser = duration)]
+        ttl: Duration,
+    },
+    /// Release a held lease.
+    Release {
+        /// The lock.
+        key: String,
+        /// The lease id printed by acquire.
+        #[arg(long)]
+        lease: String,
+    },
+    /// Show who holds a lock.
+    Status {
+        /// The lock.
+        key: String,
+    },
+    /// List held locks.
+    List {
+        /// Only keys starting with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -59,10 +158,11 @@ struct ServeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let default_log = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("DISTLOCK_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log)),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -73,6 +173,38 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let out = Output { json: cli.json, quiet: cli.quiet, verbose: cli.verbose };
+    let backend = cli.backend.clone();
+    let lock_opts = |lock: LockArgs| {
+        AcquireOptions::new().ttl(lock.ttl).holder(lock.holder.unwrap_or_else(cli::default_holder))
+    };
+    let client = |command: Command| async move {
+        let locker = match Locker::open(&backend).await {
+            Ok(l) => l,
+            Err(e) => return out.fail(&e),
+        };
+        match command {
+            Command::Serve(_) => 0,
+            Command::Run { key, lock, wait, kill_after, command } => {
+                let opts = lock_opts(lock);
+                let opts = match wait {
+                    Some(w) => opts.wait(w),
+                    None => opts.wait_forever(),
+                };
+                distlock_server::run::run(&locker, &key, opts, kill_after, &command, &out).await
+            }
+            Command::Acquire { key, lock, wait } => {
+                cli::acquire(&locker, &key, lock_opts(lock).wait(wait), &out).await
+            }
+            Command::Renew { key, lease, ttl } => cli::renew(&locker, &key, &lease, ttl, &out).await,
+            Command::Release { key, lease } => cli::release(&locker, &key, &lease, &out).await,
+            Command::Status { key } => cli::status(&locker, &key, &out).await,
+            Command::List { prefix } => cli::list(&locker, &prefix, &out).await,
+        }
+    };
+    if !matches!(cli.command, Command::Serve(_)) {
+        return ExitCode::from(runtime.block_on(client(cli.command)));
+    }
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(a) => {
@@ -87,6 +219,7 @@ fn main() -> ExitCode {
                 };
                 serve::run(config, serve::shutdown_signal()).await
             }
+            _ => Ok(()),
         }
     });
     match result {

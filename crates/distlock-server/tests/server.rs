@@ -1,109 +1,19 @@
 //! Black-box tests of `distlock serve` over real HTTP: the binary is started as a process on a
 //! free loopback port with its own data directory, and killed with SIGKILL where the test says so.
 
-#[path = "../../distlock/tests/support/mod.rs"]
-mod support;
+mod common;
+
+use common::{support, Server};
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use distlock::{AcquireOptions, Error, LeaseId, Locker, LossReason};
 use serde_json::{json, Value};
-
-struct Server {
-    child: Option<Child>,
-    port: u16,
-    dir: PathBuf,
-    extra: Vec<String>,
-    _tmp: Option<tempfile::TempDir>,
-}
-
-impl Server {
-    fn start(extra: &[&str]) -> Server {
-        let tmp = tempfile::tempdir().expect("temp dir");
-        let dir = tmp.path().join("data");
-        let mut s = Server {
-            child: None,
-            port: 0,
-            dir,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            _tmp: Some(tmp),
-        };
-        s.spawn();
-        s
-    }
-
-    fn spawn(&mut self) {
-        for _ in 0..5 {
-            self.port = support::free_port();
-            let child = Command::new(env!("CARGO_BIN_EXE_distlock"))
-                .args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)])
-                .arg("--data-dir")
-                .arg(&self.dir)
-                .args(&self.extra)
-                .env("DISTLOCK_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn distlock serve");
-            self.child = Some(child);
-            if self.wait_ready() {
-                return;
-            }
-            self.kill9();
-        }
-        panic!("distlock serve did not start");
-    }
-
-    fn wait_ready(&mut self) -> bool {
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(10) {
-            if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
-                return false;
-            }
-            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
-                let _ = s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n");
-                let mut buf = String::new();
-                let _ = s.read_to_string(&mut buf);
-                if buf.starts_with("HTTP/1.0 200") || buf.starts_with("HTTP/1.1 200") {
-                    return true;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn restart(&mut self) {
-        self.kill9();
-        self.spawn();
-    }
-
-    async fn locker(&self) -> Locker {
-        Locker::open(&self.url()).await.expect("open http backend")
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
 
 fn http() -> reqwest::Client {
     reqwest::Client::new()

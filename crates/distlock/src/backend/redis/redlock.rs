@@ -37,6 +37,9 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::types::{AcquireRequest, Grant, LeaseId, LockInfo};
 
+/// After a majority released, how long release still waits for the other masters.
+const RELEASE_GRACE: Duration = Duration::from_millis(50);
+
 /// Settings of a Redlock backend, parsed from its URL.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RedlockConfig {
@@ -154,8 +157,9 @@ impl RedlockBackend {
         ))
     }
 
-    /// Compare-and-delete on every master. Returns once a majority released or every master
-    /// answered; calls to slow or dead masters go on in the background, so they still clean up.
+    /// Compare-and-delete on every master. Returns once every master answered, or a majority
+    /// released and the others had [`RELEASE_GRACE`] more; calls to dead masters go on in the
+    /// background, so they still clean up when the master answers within its timeout.
     async fn release_everywhere(&self, keys: &LockKeys, lease_id: &LeaseId) -> Vec<Result<bool>> {
         let mut pending: FuturesUnordered<_> = self
             .nodes
@@ -170,11 +174,25 @@ impl RedlockBackend {
             })
             .collect();
         let mut results = Vec::with_capacity(self.nodes.len());
-        while let Some(joined) = pending.next().await {
-            results.push(
-                joined.unwrap_or_else(|e| Err(Error::Unavailable(format!("release task failed: {e}")))),
-            );
+        let joined = |j: std::result::Result<Result<bool>, tokio::task::JoinError>| {
+            j.unwrap_or_else(|e| Err(Error::Unavailable(format!("release task failed: {e}"))))
+        };
+        while let Some(j) = pending.next().await {
+            results.push(joined(j));
             if results.iter().filter(|r| matches!(r, Ok(true))).count() >= self.quorum {
+                // Live masters answer within a millisecond: wait briefly for them, so that a
+                // release is complete everywhere reachable when it returns, but not for dead ones.
+                let grace = tokio::time::sleep(RELEASE_GRACE);
+                tokio::pin!(grace);
+                loop {
+                    tokio::select! {
+                        next = pending.next() => match next {
+                            Some(j) => results.push(joined(j)),
+                            None => break,
+                        },
+                        _ = &mut grace => break,
+                    }
+                }
                 break;
             }
         }

@@ -1,0 +1,218 @@
+//! Speed of every networked backend on this machine, with the raw Redis figure beside it.
+//!
+//! `cargo bench -p distlock-server --bench backends` starts its own servers on loopback — the
+//! `distlock serve` binary (embedded store, in a temp dir), a `redis-server` for `redis://` and
+//! three for `redlock://` — and prints Markdown tables for docs/BENCHMARKS.md. `BENCH_SECS`
+//! (default 5) is the time per row; `BENCH_LEASES` (default 1,000,000) the size of the
+//! held-leases run; `BENCH_SERVER_ARGS` adds flags to `distlock serve`. Under `cargo test` every row runs briefly as a smoke test.
+
+#[path = "../../distlock/tests/support/mod.rs"]
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use distlock::{AcquireRequest, Backend, LeaseId, Locker};
+use distlock_server::bench::{contended, percentile, uncontended};
+use distlock_server::store::{EmbeddedStore, Limits};
+
+fn ms(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1e3)
+}
+
+/// `redis-benchmark -t set` at `clients` concurrency: requests per second.
+fn redis_benchmark_set(port: u16, clients: usize, requests: usize) -> f64 {
+    let out = Command::new("redis-benchmark")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", "set", "--csv"])
+        .args(["-c", &clients.to_string(), "-n", &requests.to_string(), "-r", "100000"])
+        .output()
+        .expect("redis-benchmark (Debian package redis-tools) must be installed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with("\"SET\""))
+        .and_then(|l| l.split(',').nth(1))
+        .and_then(|v| v.trim_matches('"').parse().ok())
+        .unwrap_or(0.0)
+}
+
+struct DistlockServer {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl DistlockServer {
+    fn start() -> DistlockServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = support::free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_distlock"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            // Extra flags for experiments, e.g. BENCH_SERVER_ARGS="--store memory://".
+            .args(std::env::var("BENCH_SERVER_ARGS").unwrap_or_default().split_whitespace())
+            .env("DISTLOCK_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn distlock serve");
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(10), "distlock serve did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        DistlockServer { child, port, _dir: dir }
+    }
+}
+
+impl Drop for DistlockServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_owned))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Holds `n` leases in an embedded store (in-process, durable), then measures memory per lease,
+/// disk, and the time to recover them.
+async fn held_leases(n: u64) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let rss_before = rss_bytes();
+    let store = Arc::new(
+        EmbeddedStore::open(dir.path(), Limits { max_leases: n + 1, max_waiters: 1 }, 256 << 20)
+            .expect("open"),
+    );
+    let start = Instant::now();
+    let writers = 512u64;
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut i = w;
+            while i < n {
+                let req = AcquireRequest {
+                    key: format!("lease-{i:08}"),
+                    lease_id: LeaseId::generate(),
+                    holder: "bench".into(),
+                    ttl: Duration::from_secs(3600),
+                    wait: Some(Duration::ZERO),
+                };
+                store.acquire(req).await.expect("acquire");
+                i += writers;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let fill = start.elapsed();
+    let stats = store.stats();
+    let rss_after = rss_bytes();
+    drop(store);
+    let disk: u64 = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    let start = Instant::now();
+    let reopened = EmbeddedStore::open(dir.path(), Limits { max_leases: n + 1, max_waiters: 1 }, 256 << 20)
+        .expect("reopen");
+    let restart = start.elapsed();
+    assert_eq!(reopened.stats().leases, n, "every lease came back");
+    println!("| leases held | {n} |");
+    println!("|---|---|");
+    println!(
+        "| durable acquires, 512 concurrent (in-process) | {:.0}/s ({} records in {} fsyncs) |",
+        n as f64 / fill.as_secs_f64(),
+        stats.records_total,
+        stats.syncs_total
+    );
+    println!(
+        "| memory per lease (RSS growth / leases) | {} bytes |",
+        rss_after.saturating_sub(rss_before) / n.max(1)
+    );
+    println!("| data directory after the fill | {:.1} MiB |", disk as f64 / (1 << 20) as f64);
+    println!("| restart (recover + snapshot) | {} ms |", restart.as_millis());
+}
+
+fn main() {
+    let benching = std::env::args().any(|a| a == "--bench");
+    let secs = if benching {
+        Duration::from_secs(std::env::var("BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(5))
+    } else {
+        Duration::from_millis(200)
+    };
+    let leases = std::env::var("BENCH_LEASES").ok().and_then(|s| s.parse().ok()).unwrap_or(if benching {
+        1_000_000
+    } else {
+        5_000
+    });
+    let requests = if benching { 200_000 } else { 2_000 };
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let redis = support::RedisServer::start();
+    let masters: Vec<support::RedisServer> = (0..3).map(|_| support::RedisServer::start()).collect();
+    let server = DistlockServer::start();
+    let backends = [
+        ("distlock serve (embedded, durable)", format!("http://127.0.0.1:{}", server.port)),
+        ("redis", redis.url()),
+        (
+            "redlock (3 masters)",
+            format!(
+                "redlock://{}",
+                masters.iter().map(|m| format!("127.0.0.1:{}", m.port)).collect::<Vec<_>>().join(",")
+            ),
+        ),
+    ];
+
+    println!("| backend | tasks | cycles/s | acquire p50 / p99 ms | release p50 / p99 ms | errors | redis-benchmark SET/s |");
+    println!("|---|---|---|---|---|---|---|");
+    for (name, url) in &backends {
+        let locker = rt.block_on(Locker::open(url)).expect("open");
+        for tasks in [1usize, 32, 64] {
+            let r = rt.block_on(uncontended(&locker, tasks, secs));
+            let set = if *name == "redis" {
+                format!("{:.0}", redis_benchmark_set(redis.port, tasks, requests))
+            } else {
+                String::new()
+            };
+            println!(
+                "| {name} | {tasks} | {:.0} | {} / {} | {} / {} | {} | {set} |",
+                r.cycles_per_s,
+                ms(percentile(&r.acquire, 0.5)),
+                ms(percentile(&r.acquire, 0.99)),
+                ms(percentile(&r.release, 0.5)),
+                ms(percentile(&r.release, 0.99)),
+                r.errors
+            );
+        }
+    }
+    println!();
+    println!("| backend | tasks on one key | handoffs/s | handoff p50 / p99 / max ms | overlaps | tokens rose | errors |");
+    println!("|---|---|---|---|---|---|---|");
+    for (name, url) in &backends {
+        let locker = rt.block_on(Locker::open(url)).expect("open");
+        let c = rt.block_on(contended(&locker, 8, secs));
+        assert_eq!(c.overlaps, 0, "{name}: two holders overlapped");
+        assert!(c.tokens_rose, "{name}: fencing tokens did not rise");
+        println!(
+            "| {name} | 8 | {:.0} | {} / {} / {} | {} | {} | {} |",
+            c.handoffs_per_s,
+            ms(percentile(&c.handoff, 0.5)),
+            ms(percentile(&c.handoff, 0.99)),
+            ms(c.handoff.last().copied().unwrap_or_default()),
+            c.overlaps,
+            if c.tokens_rose { "yes" } else { "NO" },
+            c.errors
+        );
+    }
+    println!();
+    rt.block_on(held_leases(leases));
+}
