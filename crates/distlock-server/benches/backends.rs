@@ -4,7 +4,8 @@
 //! `distlock serve` binary (embedded store, in a temp dir), a `redis-server` for `redis://` and
 //! three for `redlock://` — and prints Markdown tables for docs/BENCHMARKS.md. `BENCH_SECS`
 //! (default 5) is the time per row; `BENCH_LEASES` (default 1,000,000) the size of the
-//! held-leases run; `BENCH_SERVER_ARGS` adds flags to `distlock serve`. Under `cargo test` every row runs briefly as a smoke test.
+//! held-leases run; `BENCH_SERVER_ARGS` adds flags to `distlock serve`; `BENCH_ONLY_LEASES=N`
+//! runs only the held-leases measurement; `DISTLOCK_LOG=info` shows the store's recovery phases. Under `cargo test` every row runs briefly as a smoke test.
 
 #[path = "../../distlock/tests/support/mod.rs"]
 mod support;
@@ -86,7 +87,7 @@ async fn held_leases(n: u64) {
     let dir = tempfile::tempdir().expect("temp dir");
     let rss_before = rss_bytes();
     let store = Arc::new(
-        EmbeddedStore::open(dir.path(), Limits { max_leases: n + 1, max_waiters: 1 }, 256 << 20)
+        EmbeddedStore::open(dir.path(), Limits { max_leases: n + 1, max_waiters: 1 }, 64 << 20)
             .expect("open"),
     );
     let start = Instant::now();
@@ -122,7 +123,7 @@ async fn held_leases(n: u64) {
         .map(|m| m.len())
         .sum();
     let start = Instant::now();
-    let reopened = EmbeddedStore::open(dir.path(), Limits { max_leases: n + 1, max_waiters: 1 }, 256 << 20)
+    let reopened = EmbeddedStore::open(dir.path(), Limits { max_leases: n + 1, max_waiters: 1 }, 64 << 20)
         .expect("reopen");
     let restart = start.elapsed();
     assert_eq!(reopened.stats().leases, n, "every lease came back");
@@ -139,10 +140,27 @@ async fn held_leases(n: u64) {
         rss_after.saturating_sub(rss_before) / n.max(1)
     );
     println!("| data directory after the fill | {:.1} MiB |", disk as f64 / (1 << 20) as f64);
-    println!("| restart (recover + snapshot) | {} ms |", restart.as_millis());
+    println!(
+        "| restart (snapshot + log replay + load), default 64 MiB compaction | {} ms |",
+        restart.as_millis()
+    );
 }
 
 fn main() {
+    if std::env::var_os("DISTLOCK_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_env("DISTLOCK_LOG"))
+            .init();
+    }
+    if let Some(n) = std::env::var("BENCH_ONLY_LEASES").ok().and_then(|s| s.parse().ok()) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(held_leases(n));
+        return;
+    }
     let benching = std::env::args().any(|a| a == "--bench");
     let secs = if benching {
         Duration::from_secs(std::env::var("BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(5))

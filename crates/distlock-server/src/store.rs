@@ -61,18 +61,25 @@ impl EmbeddedStore {
     /// segment size after which the log is compacted into a snapshot.
     pub fn open(dir: &Path, limits: Limits, compact_bytes: u64) -> Result<EmbeddedStore, WalError> {
         let started = std::time::Instant::now();
-        let (recovered, next) = wal::recover(dir)?;
+        let (recovered, next, replayed_bytes) = wal::recover(dir)?;
+        let replayed = started.elapsed();
         let restored = recovered.leases.len();
-        let memory = MemoryBackend::restore(recovered.last_token, recovered.leases.into_values().collect())
+        let last_token = recovered.last_token;
+        let memory = MemoryBackend::restore(last_token, recovered.leases.into_values().collect())
             .map_err(|e| WalError::Closed(e.to_string()))?;
         let memory = Arc::new(memory);
+        let loaded = started.elapsed();
         let source = memory.clone();
-        let (wal, wal_stats) = Wal::open(dir, next, Arc::new(move || source.snapshot()), compact_bytes)?;
+        let snapshot = replayed_bytes >= compact_bytes;
+        let (wal, wal_stats) =
+            Wal::open(dir, next, Arc::new(move || source.snapshot()), compact_bytes, snapshot)?;
         tracing::info!(
             dir = %dir.display(),
             leases = restored,
-            last_token = recovered.last_token,
-            elapsed_ms = started.elapsed().as_millis() as u64,
+            last_token,
+            replay_ms = replayed.as_millis() as u64,
+            load_ms = (loaded - replayed).as_millis() as u64,
+            snapshot_ms = (started.elapsed() - loaded).as_millis() as u64,
             "embedded store recovered"
         );
         Ok(EmbeddedStore { memory, wal, wal_stats, limits, waiting: AtomicU64::new(0) })

@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 
 /// One logged change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Record {
     /// A lease was granted.
     Acquire(SavedLease),
@@ -197,8 +197,8 @@ fn sync_dir(dir: &Path) -> Result<(), WalError> {
 }
 
 /// Rebuilds the state from `dir` (created if missing). Returns it with the number the next
-/// segment should have.
-pub fn recover(dir: &Path) -> Result<(Recovered, u64), WalError> {
+/// segment should have and the bytes of log replayed.
+pub fn recover(dir: &Path) -> Result<(Recovered, u64, u64), WalError> {
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     let mut state = Recovered::default();
     let mut from = 0;
@@ -227,8 +227,10 @@ pub fn recover(dir: &Path) -> Result<(Recovered, u64), WalError> {
     let segments: Vec<(u64, PathBuf)> =
         numbered(dir, "wal-", ".log")?.into_iter().filter(|(n, _)| *n >= from).collect();
     let last = segments.last().map(|(n, _)| *n);
+    let mut replayed = 0u64;
     for (n, path) in &segments {
         let frames = read_frames(path)?;
+        replayed += frames.payloads.iter().map(|p| p.len() as u64 + 8).sum::<u64>();
         for (i, payload) in frames.payloads.iter().enumerate() {
             let record: Record = serde_json::from_slice(payload).map_err(|e| WalError::Corrupt {
                 path: path.clone(),
@@ -251,7 +253,7 @@ pub fn recover(dir: &Path) -> Result<(Recovered, u64), WalError> {
         }
     }
     let next = last.map_or(from, |n| n + 1).max(from);
-    Ok((state, next))
+    Ok((state, next, replayed))
 }
 
 /// Writes a snapshot for segment `n` and removes everything older.
@@ -300,17 +302,22 @@ pub struct WalStats {
 }
 
 impl Wal {
-    /// Starts a fresh segment `next` after writing a snapshot of `source` for it (so start-up
-    /// cost follows live leases, not history), and spawns the writer. A new segment is started
-    /// (and older files removed) whenever the current one passes `compact_bytes`.
+    /// Starts a fresh segment `next` and spawns the writer. With `snapshot`, a snapshot of
+    /// `source` is written for the new segment first and older files are removed; the store asks
+    /// for it when the log it just replayed had grown past `compact_bytes`, so start-up cost
+    /// follows live leases, not history. A new segment (with a snapshot) is also started whenever
+    /// the current one passes `compact_bytes`.
     pub fn open(
         dir: &Path,
         next: u64,
         source: SnapshotSource,
         compact_bytes: u64,
+        snapshot: bool,
     ) -> Result<(Wal, Arc<WalStats>), WalError> {
-        let (last_token, leases) = source();
-        write_snapshot(dir, next, last_token, leases)?;
+        if snapshot {
+            let (last_token, leases) = source();
+            write_snapshot(dir, next, last_token, leases)?;
+        }
         let path = segment_path(dir, next);
         let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&path))?;
         sync_dir(dir)?;

@@ -165,11 +165,11 @@ impl LeaseTable {
 
     /// Puts back a lease restored from disk (replacing what `key` had); raises the token counter
     /// to at least its token.
-    pub fn restore(&mut self, key: &str, entry: Entry) {
-        self.remove(key);
+    pub fn restore(&mut self, key: String, entry: Entry) {
+        self.remove(&key);
         self.last_token = self.last_token.max(entry.fencing_token);
-        self.expirations.insert((entry.expires_at, key.to_owned()));
-        self.locks.insert(key.to_owned(), entry);
+        self.expirations.insert((entry.expires_at, key.clone()));
+        self.locks.insert(key, entry);
     }
 
     fn remove(&mut self, key: &str) {

@@ -115,7 +115,7 @@ impl MemoryBackend {
                     ttl,
                     expires_at: now + ttl,
                 };
-                s.table.restore(&l.key, entry);
+                s.table.restore(l.key, entry);
             }
         });
         Ok(backend)

@@ -23,7 +23,7 @@ pub use memory::{MemoryBackend, MemoryStats, SavedLease};
 
 /// The URL schemes this build can open.
 pub const SCHEMES: &str =
-    if cfg!(feature = "redis") { "memory://, redis://, rediss://, redlock://" } else { "memory://" };
+    if cfg!(feature = "redis") { "memory://, redis://, redlock://" } else { "memory://" };
 
 /// A store that keeps leases. Inputs reaching a backend are already validated.
 ///
@@ -60,7 +60,7 @@ pub trait Backend: Send + Sync + 'static {
 /// Opens the backend a URL names.
 ///
 /// Supported: `memory://` (a fresh in-process table), `http://` (a `distlock serve` server, see
-/// [`http`]), `redis://` and `rediss://` (one Redis, see
+/// [`http`]), `redis://` (one Redis; `rediss://` needs a build of the redis crate with TLS, not enabled yet; see
 /// [`redis`]), `redlock://` (a majority of several masters, see [`redis::redlock`]). Must be called inside a Tokio runtime.
 pub async fn open(url: &str) -> Result<Arc<dyn Backend>> {
     let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
