@@ -22,8 +22,12 @@ use crate::types::{AcquireRequest, Grant, LeaseId, LockInfo};
 pub use memory::{MemoryBackend, MemoryStats, SavedLease};
 
 /// The URL schemes this build can open.
-pub const SCHEMES: &str =
-    if cfg!(feature = "redis") { "memory://, redis://, redlock://" } else { "memory://" };
+pub const SCHEMES: &str = match (cfg!(feature = "http"), cfg!(feature = "redis")) {
+    (true, true) => "memory://, http://, redis://, redlock://",
+    (true, false) => "memory://, http://",
+    (false, true) => "memory://, redis://, redlock://",
+    (false, false) => "memory://",
+};
 
 /// A store that keeps leases. Inputs reaching a backend are already validated.
 ///
