@@ -11,6 +11,8 @@ cd "$(dirname "$0")/.."
 needs=(
   redis-server:redis-server
   redis-benchmark:redis-tools
+  etcd:etcd-server
+  protoc:protobuf-compiler
 )
 
 missing=()

@@ -5,6 +5,8 @@
 //! the loss signal, the conservative deadline, release on drop) is written once in
 //! [`crate::lease`] and works the same on every backend.
 
+#[cfg(feature = "etcd")]
+pub mod etcd;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod memory;
@@ -22,11 +24,12 @@ use crate::types::{AcquireRequest, Grant, LeaseId, LockInfo};
 pub use memory::{MemoryBackend, MemoryStats, SavedLease};
 
 /// The URL schemes this build can open.
-pub const SCHEMES: &str = match (cfg!(feature = "http"), cfg!(feature = "redis")) {
-    (true, true) => "memory://, http://, redis://, redlock://",
-    (true, false) => "memory://, http://",
-    (false, true) => "memory://, redis://, redlock://",
-    (false, false) => "memory://",
+pub const SCHEMES: &str = match (cfg!(feature = "http"), cfg!(feature = "redis"), cfg!(feature = "etcd")) {
+    (true, true, true) => "memory://, http://, redis://, redlock://, etcd://",
+    (true, true, false) => "memory://, http://, redis://, redlock://",
+    (true, false, _) => "memory://, http://",
+    (false, true, _) => "memory://, redis://, redlock://",
+    (false, false, _) => "memory://",
 };
 
 /// A store that keeps leases. Inputs reaching a backend are already validated.
@@ -70,6 +73,8 @@ pub async fn open(url: &str) -> Result<Arc<dyn Backend>> {
     let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
     match scheme {
         "memory" => Ok(Arc::new(MemoryBackend::new()?)),
+        #[cfg(feature = "etcd")]
+        "etcd" => Ok(Arc::new(etcd::EtcdBackend::open(url).await?)),
         #[cfg(feature = "http")]
         "http" => Ok(Arc::new(http::HttpBackend::open(url)?)),
         #[cfg(feature = "redis")]

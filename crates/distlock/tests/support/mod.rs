@@ -173,3 +173,104 @@ pub async fn hammer(lockers: &[distlock::Locker], key: &str, tasks: usize, grant
     assert!(tokens.windows(2).all(|w| w[0] < w[1]), "fencing tokens must rise with each grant");
     tokens
 }
+
+/// An `etcd` member (or a cluster of them) on free loopback ports, each in its own temp dir.
+pub struct EtcdCluster {
+    members: Vec<EtcdMember>,
+}
+
+struct EtcdMember {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members forming one cluster and waits until every client port answers.
+    pub fn start(n: usize) -> EtcdCluster {
+        let bin = require_binary("etcd", "etcd-server");
+        let members: Vec<EtcdMember> = (0..n)
+            .map(|i| EtcdMember {
+                name: format!("m{i}"),
+                client_port: free_port(),
+                peer_port: free_port(),
+                dir: tempfile::tempdir().expect("temp dir"),
+                child: None,
+            })
+            .collect();
+        let mut cluster = EtcdCluster { members };
+        for i in 0..n {
+            cluster.spawn(i, &bin, "new");
+        }
+        cluster.wait_ready();
+        cluster
+    }
+
+    fn initial_cluster(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn spawn(&mut self, i: usize, bin: &PathBuf, state: &str) {
+        let initial = self.initial_cluster();
+        let m = &mut self.members[i];
+        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let peer = format!("http://127.0.0.1:{}", m.peer_port);
+        let child = Command::new(bin)
+            .args(["--name", &m.name, "--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &initial, "--initial-cluster-state", state])
+            .args(["--initial-cluster-token", "distlock-test", "--log-level", "error"])
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .arg("--data-dir")
+            .arg(m.dir.path().join("data"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn etcd");
+        m.child = Some(child);
+    }
+
+    fn wait_ready(&mut self) {
+        let start = Instant::now();
+        for m in &self.members {
+            while TcpStream::connect(("127.0.0.1", m.client_port)).is_err() {
+                assert!(start.elapsed() < Duration::from_secs(20), "etcd {} did not start", m.name);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// `etcd://` URL naming every member.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> =
+            self.members.iter().map(|m| format!("127.0.0.1:{}", m.client_port)).collect();
+        format!("etcd://{}", hosts.join(","))
+    }
+
+    /// Client ports of the members, in order.
+    pub fn client_ports(&self) -> Vec<u16> {
+        self.members.iter().map(|m| m.client_port).collect()
+    }
+
+    /// `kill -9` member `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}

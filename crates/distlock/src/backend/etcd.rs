@@ -1,0 +1,456 @@
+//! The etcd backend: `etcd://host:2379[,host2:2379,...][?prefix=P&timeout=D&user=U&password=W]`.
+//!
+//! The algorithm of etcd's own `concurrency.Mutex`, as a thin adapter:
+//! - each acquire grants an etcd lease (TTL rounded up to whole seconds, and at least etcd's
+//!   minimum) and creates its own key `<prefix>/<encoded key>/<lease id>` bound to it, in a
+//!   transaction that only creates (create revision == 0) — never a blind put;
+//! - the owner is the key with the lowest create revision under the lock's prefix; a waiter
+//!   watches only the key just ahead of it (no thundering herd) and re-checks after every delete;
+//!   its etcd lease is kept alive while it waits, and a waiter that gives up deletes its key;
+//! - the fencing token is the create revision of the holder's key (etcd's global revision, so it
+//!   strictly increases across all grants);
+//! - renew refreshes the etcd lease once (keep-alive); release deletes the holder's own key and
+//!   revokes its lease. The key name carries the secret lease id, so nobody else can address it.
+//!
+//! Keys are percent-encoded (`/` → `%2F`, `%` → `%25`) so one lock's prefix never contains
+//! another's. Every call is bounded by `timeout` (default 2 s) and fails with `Unavailable`.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, SortOrder,
+    SortTarget, Txn, TxnOp, TxnOpResponse, WatchOptions,
+};
+use tokio::time::Instant;
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::types::{AcquireRequest, Grant, LeaseId, LockInfo};
+
+/// A client of one etcd cluster.
+pub struct EtcdBackend {
+    /// One client per endpoint; requests go to `current` and move on when it fails.
+    clients: Vec<Client>,
+    current: std::sync::atomic::AtomicUsize,
+    prefix: String,
+    timeout: Duration,
+    /// How long one attempt on one member may take before the next member is tried.
+    attempt_timeout: Duration,
+    /// Attempts per request (two rounds over the endpoints).
+    attempts: usize,
+}
+
+/// Errors worth another attempt: the request did not reach a live member (another endpoint of the
+/// balanced channel may answer).
+fn is_transient(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) => true,
+        // Cancelled, DeadlineExceeded, Unavailable.
+        etcd_client::Error::GRpcStatus(s) => matches!(s.code() as i32, 1 | 4 | 14),
+        _ => false,
+    }
+}
+
+/// Runs one request on a clone of the client, retrying transient failures (a dead member) on
+/// the other endpoints, all within the backend's timeout. The request expression is evaluated
+/// again for each attempt.
+macro_rules! call {
+    ($self:expr, |$c:ident| $request:expr) => {{
+        let deadline = Instant::now() + $self.timeout;
+        let mut attempt = 0;
+        loop {
+            let (endpoint, mut $c) = $self.client();
+            let attempt_end = deadline.min(Instant::now() + $self.attempt_timeout);
+            match tokio::time::timeout_at(attempt_end, $request).await {
+                Ok(Ok(v)) => break Ok(v),
+                Ok(Err(e)) if !is_transient(&e) => break Err(unavailable(e)),
+                outcome => {
+                    // Transport failure or no answer from this member: try the next one.
+                    $self.rotate(endpoint);
+                    attempt += 1;
+                    if attempt >= $self.attempts || Instant::now() >= deadline {
+                        break Err(match outcome {
+                            Ok(Err(e)) => unavailable(e),
+                            _ => {
+                                Error::Unavailable(format!("etcd did not answer within {:?}", $self.timeout))
+                            }
+                        });
+                    }
+                }
+            }
+        }
+    }};
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Error {
+    Error::Unavailable(format!("etcd: {e}"))
+}
+
+/// Percent-encodes `/` and `%` so lock prefixes never nest.
+fn encode(key: &str) -> String {
+    key.replace('%', "%25").replace('/', "%2F")
+}
+
+fn decode(key: &str) -> String {
+    key.replace("%2F", "/").replace("%25", "%")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+impl EtcdBackend {
+    /// Connects to the endpoints of `url`.
+    pub async fn open(url: &str) -> Result<EtcdBackend> {
+        let rest = url
+            .strip_prefix("etcd://")
+            .ok_or_else(|| Error::InvalidInput(format!("{url:?} is not etcd://")))?;
+        let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (mut prefix, mut timeout, mut user, mut password) =
+            ("distlock".to_owned(), Duration::from_secs(2), None, None);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("prefix", v)) if !v.is_empty() => prefix = v.to_owned(),
+                Some(("timeout", v)) => {
+                    timeout = humantime::parse_duration(v).ok().filter(|d| !d.is_zero()).ok_or_else(|| {
+                        Error::InvalidInput(format!("timeout={v:?} is not a duration like 2s"))
+                    })?
+                }
+                Some(("user", v)) => user = Some(v.to_owned()),
+                Some(("password", v)) => password = Some(v.to_owned()),
+                _ => return Err(Error::InvalidInput(format!("unknown parameter {pair:?} in {url:?}"))),
+            }
+        }
+        let endpoints: Vec<String> =
+            hosts.trim_end_matches('/').split(',').map(|h| format!("http://{h}")).collect();
+        if hosts.is_empty() || endpoints.iter().any(|e| e.len() <= "http://".len()) {
+            return Err(Error::InvalidInput(format!("{url:?} names no etcd endpoint")));
+        }
+        let mut options = ConnectOptions::new().with_connect_timeout(timeout).with_timeout(timeout);
+        if let (Some(u), Some(p)) = (user, password) {
+            options = options.with_user(u, p);
+        }
+        let mut clients = Vec::with_capacity(endpoints.len());
+        let mut errors = Vec::new();
+        for endpoint in &endpoints {
+            match tokio::time::timeout(timeout, Client::connect([endpoint.as_str()], Some(options.clone())))
+                .await
+            {
+                Ok(Ok(c)) => clients.push(c),
+                Ok(Err(e)) => errors.push(format!("{endpoint}: {e}")),
+                Err(_) => errors.push(format!("{endpoint}: no answer within {timeout:?}")),
+            }
+        }
+        if clients.is_empty() {
+            return Err(Error::Unavailable(format!("etcd: no endpoint usable: {}", errors.join("; "))));
+        }
+        let n = clients.len();
+        Ok(EtcdBackend {
+            clients,
+            current: std::sync::atomic::AtomicUsize::new(0),
+            prefix,
+            timeout,
+            attempt_timeout: (timeout / n as u32).max(Duration::from_millis(300)),
+            attempts: 2 * n,
+        })
+    }
+
+    /// The member requests go to now, and its index.
+    fn client(&self) -> (usize, Client) {
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed) % self.clients.len();
+        (i, self.clients[i].clone())
+    }
+
+    /// Moves on from member `failed` (unless another request already did).
+    fn rotate(&self, failed: usize) {
+        let next = (failed + 1) % self.clients.len();
+        let _ = self.current.compare_exchange(
+            failed,
+            next,
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    fn lock_prefix(&self, key: &str) -> String {
+        format!("{}/{}/", self.prefix, encode(key))
+    }
+
+    /// The owner (lowest create revision) under a lock prefix.
+    async fn owner(&self, pfx: &str) -> Result<Option<KeyValue>> {
+        let opts =
+            GetOptions::new().with_prefix().with_sort(SortTarget::Create, SortOrder::Ascend).with_limit(1);
+        let resp = call!(self, |c| c.get(pfx, Some(opts.clone())))?;
+        Ok(resp.kvs().first().cloned())
+    }
+
+    /// Refreshes an etcd lease once; returns its TTL (0 when it no longer exists).
+    async fn keep_alive_once(clients: &[Client], first: usize, lease: i64, timeout: Duration) -> Result<i64> {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        for attempt in 0..clients.len() * 2 {
+            let mut c = clients[(first + attempt) % clients.len()].clone();
+            let once = async {
+                let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
+                keeper.keep_alive().await?;
+                Ok::<_, etcd_client::Error>(stream.message().await?.map_or(0, |r| r.ttl()))
+            };
+            let attempt_end = deadline.min(Instant::now() + (timeout / 2).max(Duration::from_millis(300)));
+            match tokio::time::timeout_at(attempt_end, once).await {
+                Ok(Ok(ttl)) => return Ok(ttl),
+                Ok(Err(e)) if is_transient(&e) => last = Some(e.to_string()),
+                Ok(Err(e)) => return Err(unavailable(e)),
+                Err(_) if Instant::now() >= deadline => break,
+                Err(_) => last = Some("no answer".into()),
+            }
+        }
+        Err(Error::Unavailable(format!("etcd keep-alive: {}", last.unwrap_or_else(|| "timed out".into()))))
+    }
+
+    /// Deletes our key and revokes our lease, in the background (a waiter giving up).
+    fn abandon(&self, my_key: String, lease: i64) {
+        let clients = self.clients.clone();
+        tokio::spawn(async move {
+            for attempt in 0..clients.len() * 2 {
+                let mut c = clients[attempt % clients.len()].clone();
+                if c.delete(my_key.as_str(), None).await.is_ok() {
+                    let _ = c.lease_revoke(lease).await;
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    }
+
+    /// Waits until our key is the owner, watching only the key just ahead of it each time. A
+    /// broken watch (a member died) is set up again on another endpoint.
+    async fn wait_turn(
+        &self,
+        pfx: &str,
+        my_key: &str,
+        my_rev: i64,
+        deadline: Option<Instant>,
+    ) -> Result<bool> {
+        loop {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(false);
+            }
+            let opts = GetOptions::new()
+                .with_prefix()
+                .with_sort(SortTarget::Create, SortOrder::Descend)
+                .with_max_create_revision(my_rev - 1)
+                .with_limit(1);
+            let resp = call!(self, |c| c.get(pfx, Some(opts.clone())))?;
+            let Some(ahead) = resp.kvs().first().cloned() else {
+                // Nobody ahead: ours, if our key still exists (our lease may have expired).
+                let mine = call!(self, |c| c.get(my_key, None))?;
+                return if mine.kvs().is_empty() {
+                    Err(Error::Unavailable("etcd: our wait key vanished (its lease expired)".into()))
+                } else {
+                    Ok(true)
+                };
+            };
+            let from = resp.header().map_or(0, |h| h.revision()) + 1;
+            let watch_opts = WatchOptions::new().with_start_revision(from);
+            let mut stream = call!(self, |c| c.watch(ahead.key(), Some(watch_opts.clone())))?;
+            let deleted = async {
+                while let Ok(Some(msg)) = stream.message().await {
+                    if msg.events().iter().any(|e| e.event_type() == EventType::Delete) {
+                        return true;
+                    }
+                    if msg.canceled() {
+                        return false;
+                    }
+                }
+                false
+            };
+            let deleted = match deadline {
+                Some(d) => match tokio::time::timeout_at(d, deleted).await {
+                    Ok(deleted) => deleted,
+                    Err(_) => return Ok(false),
+                },
+                None => deleted.await,
+            };
+            if !deleted {
+                // The watch broke: look again after a short pause (bounded by the deadline).
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for EtcdBackend {
+    fn name(&self) -> &'static str {
+        "etcd"
+    }
+
+    async fn acquire(&self, req: AcquireRequest) -> Result<Grant> {
+        let start = Instant::now();
+        let pfx = self.lock_prefix(&req.key);
+        let my_key = format!("{pfx}{}", req.lease_id.as_str());
+        let ttl_secs = (req.ttl.as_millis().div_ceil(1000) as i64).max(1);
+        let lease = call!(self, |c| c.lease_grant(ttl_secs, None))?;
+        let (lease_id, ttl) = (lease.id(), Duration::from_secs(lease.ttl().max(1) as u64));
+        let owner_opts =
+            GetOptions::new().with_prefix().with_sort(SortTarget::Create, SortOrder::Ascend).with_limit(1);
+        let txn =
+            Txn::new().when([Compare::create_revision(my_key.as_str(), CompareOp::Equal, 0)]).and_then([
+                TxnOp::put(
+                    my_key.as_str(),
+                    req.holder.as_str(),
+                    Some(PutOptions::new().with_lease(lease_id)),
+                ),
+                TxnOp::get(pfx.as_str(), Some(owner_opts)),
+            ]);
+        let resp = match call!(self, |c| c.txn(txn.clone())) {
+            Ok(r) => r,
+            Err(e) => {
+                self.abandon(my_key, lease_id);
+                return Err(e);
+            }
+        };
+        let (my_rev, owner) = if resp.succeeded() {
+            let owner = resp.op_responses().into_iter().find_map(|r| match r {
+                TxnOpResponse::Get(g) => g.kvs().first().cloned(),
+                _ => None,
+            });
+            (resp.header().map_or(0, |h| h.revision()), owner)
+        } else {
+            // A retried transaction whose first attempt had created our key: read it back.
+            let mine = call!(self, |c| c.get(my_key.as_str(), None))?;
+            let Some(kv) = mine.kvs().first() else {
+                return Err(Error::Unavailable("etcd: our key vanished while acquiring".into()));
+            };
+            (kv.create_revision(), self.owner(&pfx).await?)
+        };
+        let grant = |counted_from| Grant {
+            lease_id: req.lease_id.clone(),
+            fencing_token: my_rev as u64,
+            ttl,
+            counted_from,
+        };
+        if owner.as_ref().is_some_and(|o| o.create_revision() == my_rev) {
+            return Ok(grant(start));
+        }
+        let holder = owner.map(|o| text(o.value()));
+        if req.wait == Some(Duration::ZERO) {
+            self.abandon(my_key, lease_id);
+            return Err(Error::Held { key: req.key, holder });
+        }
+        // Keep our lease alive while we wait; remember when the last refresh was sent.
+        let refreshed = Arc::new(Mutex::new(start));
+        let keeper = {
+            let (clients, refreshed, timeout) = (self.clients.clone(), refreshed.clone(), self.timeout);
+            let first = self.client().0;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(ttl / 3).await;
+                    let sent = Instant::now();
+                    if matches!(EtcdBackend::keep_alive_once(&clients, first, lease_id, timeout).await, Ok(t) if t > 0)
+                    {
+                        if let Ok(mut r) = refreshed.lock() {
+                            *r = sent;
+                        }
+                    }
+                }
+            })
+        };
+        let deadline = req.wait.and_then(|w| start.checked_add(w));
+        let outcome = self.wait_turn(&pfx, &my_key, my_rev, deadline).await;
+        keeper.abort();
+        match outcome {
+            Ok(true) => {
+                let counted_from = refreshed.lock().map(|r| *r).unwrap_or(start);
+                Ok(grant(counted_from))
+            }
+            Ok(false) => {
+                self.abandon(my_key, lease_id);
+                let holder = self.owner(&pfx).await.ok().flatten().map(|o| text(o.value()));
+                Err(Error::WaitTimeout { key: req.key, holder, waited: start.elapsed() })
+            }
+            Err(e) => {
+                self.abandon(my_key, lease_id);
+                Err(e)
+            }
+        }
+    }
+
+    async fn renew(&self, key: &str, lease_id: &LeaseId, _ttl: Duration) -> Result<Grant> {
+        let my_key = format!("{}{}", self.lock_prefix(key), lease_id.as_str());
+        let sent = Instant::now();
+        let resp = call!(self, |c| c.get(my_key.as_str(), None))?;
+        let Some(kv) = resp.kvs().first() else { return Err(Error::not_owner(key)) };
+        let ttl = Self::keep_alive_once(&self.clients, self.client().0, kv.lease(), self.timeout).await?;
+        if ttl <= 0 {
+            return Err(Error::not_owner(key));
+        }
+        Ok(Grant {
+            lease_id: lease_id.clone(),
+            fencing_token: kv.create_revision() as u64,
+            ttl: Duration::from_secs(ttl as u64),
+            counted_from: sent,
+        })
+    }
+
+    async fn release(&self, key: &str, lease_id: &LeaseId) -> Result<()> {
+        let my_key = format!("{}{}", self.lock_prefix(key), lease_id.as_str());
+        let resp = call!(self, |c| c.get(my_key.as_str(), None))?;
+        let Some(kv) = resp.kvs().first().cloned() else { return Err(Error::not_owner(key)) };
+        // Delete exactly the key we read (not a later one of the same name), then drop the lease.
+        let txn = Txn::new()
+            .when([Compare::create_revision(my_key.as_str(), CompareOp::Equal, kv.create_revision())])
+            .and_then([TxnOp::delete(my_key.as_str(), None)]);
+        let done = call!(self, |c| c.txn(txn.clone()))?;
+        let _ = call!(self, |c| c.lease_revoke(kv.lease()));
+        if done.succeeded() {
+            Ok(())
+        } else {
+            Err(Error::not_owner(key))
+        }
+    }
+
+    async fn status(&self, key: &str) -> Result<LockInfo> {
+        let pfx = self.lock_prefix(key);
+        let opts = GetOptions::new().with_prefix().with_sort(SortTarget::Create, SortOrder::Ascend);
+        let resp = call!(self, |c| c.get(pfx.as_str(), Some(opts.clone())))?;
+        let Some(owner) = resp.kvs().first() else { return Ok(LockInfo::free(key, 0)) };
+        let left = call!(self, |c| c.lease_time_to_live(owner.lease(), None)).map(|t| t.ttl()).unwrap_or(0);
+        Ok(LockInfo {
+            key: key.to_owned(),
+            held: true,
+            holder: Some(text(owner.value())),
+            fencing_token: Some(owner.create_revision() as u64),
+            expires_in: Some(Duration::from_secs(left.max(0) as u64)),
+            waiters: resp.kvs().len() as u64 - 1,
+        })
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>> {
+        let search = format!("{}/{}", self.prefix, encode(prefix));
+        let resp =
+            call!(self, |c| c.get(search.as_str(), Some(GetOptions::new().with_prefix().with_keys_only())))?;
+        let mut keys: Vec<String> = resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let k = text(kv.key());
+                let inner = k.strip_prefix(&format!("{}/", self.prefix))?.to_owned();
+                let (lock, _) = inner.rsplit_once('/')?;
+                Some(decode(lock))
+            })
+            .collect();
+        keys.sort();
+        keys.dedup();
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            let info = self.status(&key).await?;
+            if info.held {
+                out.push(info);
+            }
+        }
+        Ok(out)
+    }
+}

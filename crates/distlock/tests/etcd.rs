@@ -1,0 +1,188 @@
+//! The etcd backend against real `etcd` processes (Debian's etcd-server 3.4) started by the harness.
+#![cfg(feature = "etcd")]
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use distlock::{AcquireOptions, AcquireRequest, Error, LeaseId, Locker, LossReason};
+use support::EtcdCluster;
+use tokio::time::Instant;
+
+async fn locker(cluster: &EtcdCluster) -> Locker {
+    let url = format!("{}?timeout=2s&prefix=dl-test", cluster.url());
+    let start = Instant::now();
+    loop {
+        match Locker::open(&url).await {
+            Ok(l) if l.status("warm-up").await.is_ok() => return l,
+            _ if start.elapsed() < Duration::from_secs(20) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => panic!("etcd not usable: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_exclusion_16_tasks_500_grants() {
+    let cluster = EtcdCluster::start(1);
+    let lockers = [locker(&cluster).await, locker(&cluster).await];
+    support::hammer(&lockers, "counter", 16, 500).await;
+}
+
+#[tokio::test]
+async fn ownership_status_and_tokens() {
+    let cluster = EtcdCluster::start(1);
+    let (a, b) = (locker(&cluster).await, locker(&cluster).await);
+    let lease = a.acquire("a/b", &AcquireOptions::new().holder("alpha")).await.unwrap();
+    assert_eq!(
+        b.acquire("a/b", &AcquireOptions::new()).await.unwrap_err(),
+        Error::Held { key: "a/b".into(), holder: Some("alpha".into()) }
+    );
+    // A lock whose key extends this one is a different lock.
+    let other = b.acquire("a/b/c", &AcquireOptions::new()).await.unwrap();
+    let stranger = LeaseId::generate();
+    assert_eq!(
+        b.release_lease("a/b", &stranger).await.unwrap_err(),
+        Error::LeaseLost { key: "a/b".into(), reason: LossReason::NotOwner }
+    );
+    assert!(b.renew_lease("a/b", &stranger, Duration::from_secs(5)).await.unwrap_err().is_lease_lost());
+    let st = b.status("a/b").await.unwrap();
+    assert_eq!(
+        (st.held, st.holder.as_deref(), st.fencing_token),
+        (true, Some("alpha"), Some(lease.fencing_token()))
+    );
+    assert_eq!(b.list("a/").await.unwrap().len(), 2);
+    let t1 = lease.fencing_token();
+    lease.release().await.unwrap();
+    let next = b.acquire("a/b", &AcquireOptions::new()).await.unwrap();
+    assert!(next.fencing_token() > t1 && next.fencing_token() > other.fencing_token());
+}
+
+/// Waiters are served in arrival order, each watching only the key ahead of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_are_served_fifo() {
+    let cluster = EtcdCluster::start(1);
+    let first_locker = locker(&cluster).await;
+    let first = first_locker.acquire("q", &AcquireOptions::new()).await.unwrap();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..6u64 {
+        let (l, order) = (locker(&cluster).await, order.clone());
+        tasks.push(tokio::spawn(async move {
+            let lease = l.acquire("q", &AcquireOptions::new().wait(Duration::from_secs(30))).await.unwrap();
+            order.lock().unwrap().push(i);
+            lease.release().await.unwrap();
+        }));
+        let start = Instant::now();
+        while first_locker.status("q").await.unwrap().waiters != i + 1 {
+            assert!(start.elapsed() < Duration::from_secs(10));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    first.release().await.unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(*order.lock().unwrap(), (0..6).collect::<Vec<_>>());
+}
+
+/// A crashed holder (lease never kept alive) expires and the waiter gets in; a waiter that times
+/// out leaves the queue.
+#[tokio::test]
+async fn expiry_and_wait_timeout() {
+    let cluster = EtcdCluster::start(1);
+    let (a, b) = (locker(&cluster).await, locker(&cluster).await);
+    let crashed = a
+        .backend()
+        .acquire(AcquireRequest {
+            key: "k".into(),
+            lease_id: LeaseId::generate(),
+            holder: "crashed".into(),
+            ttl: Duration::from_secs(2),
+            wait: Some(Duration::ZERO),
+        })
+        .await
+        .unwrap();
+    let err = b.acquire("k", &AcquireOptions::new().wait(Duration::from_millis(300))).await.unwrap_err();
+    assert!(matches!(&err, Error::WaitTimeout { holder: Some(h), .. } if h == "crashed"), "{err:?}");
+    let start = Instant::now();
+    let lease = b.acquire("k", &AcquireOptions::new().wait(Duration::from_secs(15))).await.unwrap();
+    assert!(start.elapsed() < Duration::from_secs(8), "took {:?}", start.elapsed());
+    assert!(lease.fencing_token() > crashed.fencing_token);
+    assert_eq!(b.status("k").await.unwrap().waiters, 0);
+}
+
+async fn leader(cluster: &EtcdCluster) -> usize {
+    for (i, port) in cluster.client_ports().into_iter().enumerate() {
+        let Ok(mut c) = etcd_client::Client::connect([format!("http://127.0.0.1:{port}")], None).await else {
+            continue;
+        };
+        if let Ok(status) = c.status().await {
+            if status.header().map(|h| h.member_id()) == Some(status.leader()) {
+                return i;
+            }
+        }
+    }
+    panic!("no leader found");
+}
+
+/// Three members: the leader is killed while 8 tasks contend for one key. Locks keep working on
+/// the surviving majority, no update to the shared counter is lost (no two holders overlapped),
+/// and tokens rise in the order of the critical sections. Calls that fail while the cluster
+/// elects a new leader are retried by the tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_during_contention() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let mut cluster = EtcdCluster::start(3);
+    let lockers = [locker(&cluster).await, locker(&cluster).await];
+    let counter = Arc::new(AtomicU64::new(0));
+    let granted = Arc::new(AtomicU64::new(0));
+    let tokens = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for t in 0..8usize {
+        let (l, counter, granted, tokens, stop) =
+            (lockers[t % 2].clone(), counter.clone(), granted.clone(), tokens.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let opts = AcquireOptions::new().ttl(Duration::from_secs(5)).wait(Duration::from_secs(20));
+            while !stop.load(Ordering::SeqCst) {
+                let Ok(lease) = l.acquire("k", &opts).await else { continue };
+                let seen = counter.load(Ordering::SeqCst);
+                tokio::task::yield_now().await;
+                counter.store(seen + 1, Ordering::SeqCst);
+                granted.fetch_add(1, Ordering::SeqCst);
+                tokens.lock().unwrap().push(lease.fencing_token());
+                let _ = lease.release().await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = granted.load(Ordering::SeqCst);
+    let leader = leader(&cluster).await;
+    cluster.kill(leader);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let after = granted.load(Ordering::SeqCst);
+    assert!(before > 5, "progress before the kill ({before})");
+    assert!(after > before + 5, "progress after the leader died ({before} -> {after})");
+    assert_eq!(counter.load(Ordering::SeqCst), after, "an update was lost: two holders overlapped");
+    let tokens = tokens.lock().unwrap();
+    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "tokens rose");
+}
+
+#[tokio::test]
+async fn unreachable_cluster_is_unavailable() {
+    let port = support::free_port();
+    let start = Instant::now();
+    let result = match Locker::open(&format!("etcd://127.0.0.1:{port}?timeout=500ms")).await {
+        Ok(l) => l.acquire("k", &AcquireOptions::new()).await.map(drop),
+        Err(e) => Err(e),
+    };
+    assert!(matches!(result, Err(Error::Unavailable(_))), "{result:?}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+}
