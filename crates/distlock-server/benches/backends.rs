@@ -1,11 +1,12 @@
 //! Speed of every networked backend on this machine, with the raw Redis figure beside it.
 //!
 //! `cargo bench -p distlock-server --bench backends` starts its own servers on loopback — the
-//! `distlock serve` binary (embedded store, in a temp dir), a `redis-server` for `redis://` and
-//! three for `redlock://` — and prints Markdown tables for docs/BENCHMARKS.md. `BENCH_SECS`
-//! (default 5) is the time per row; `BENCH_LEASES` (default 1,000,000) the size of the
+//! `distlock serve` binary (embedded store, in a temp dir), a `redis-server` for `redis://`,
+//! three for `redlock://`, and one `etcd` member for `etcd://` — and prints Markdown tables for
+//! docs/BENCHMARKS.md. `BENCH_SECS` (default 5) is the time per row; `BENCH_LEASES` (default 1,000,000) the size of the
 //! held-leases run; `BENCH_SERVER_ARGS` adds flags to `distlock serve`; `BENCH_ONLY_LEASES=N`
-//! runs only the held-leases measurement; `DISTLOCK_LOG=info` shows the store's recovery phases. Under `cargo test` every row runs briefly as a smoke test.
+//! runs only the held-leases measurement; `DISTLOCK_LOG=info` shows the store's recovery phases.
+//! Under `cargo test` every row runs briefly as a smoke test.
 
 #[path = "../../distlock/tests/support/mod.rs"]
 mod support;
@@ -71,6 +72,20 @@ impl Drop for DistlockServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Latency of `n` sequential puts straight to etcd: the raw store figure beside the etcd rows.
+async fn etcd_put_latency(etcd: &support::EtcdCluster, n: usize) -> Vec<Duration> {
+    let port = etcd.client_ports()[0];
+    let mut c = etcd_client::Client::connect([format!("http://127.0.0.1:{port}")], None).await.expect("etcd");
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let t0 = Instant::now();
+        c.put(format!("bench-put-{}", i % 100), "x", None).await.expect("put");
+        out.push(t0.elapsed());
+    }
+    out.sort();
+    out
 }
 
 fn rss_bytes() -> u64 {
@@ -178,6 +193,9 @@ fn main() {
     let redis = support::RedisServer::start();
     let masters: Vec<support::RedisServer> = (0..3).map(|_| support::RedisServer::start()).collect();
     let server = DistlockServer::start();
+    let etcd = support::EtcdCluster::start(1);
+    let etcd_url = format!("{}?timeout=5s", etcd.url());
+    let etcd_put = rt.block_on(etcd_put_latency(&etcd, if benching { 2000 } else { 50 }));
     let backends = [
         ("distlock serve (embedded, durable)", format!("http://127.0.0.1:{}", server.port)),
         ("redis", redis.url()),
@@ -188,13 +206,14 @@ fn main() {
                 masters.iter().map(|m| format!("127.0.0.1:{}", m.port)).collect::<Vec<_>>().join(",")
             ),
         ),
+        ("etcd (1 member)", etcd_url),
     ];
 
     println!("| backend | tasks | cycles/s | acquire p50 / p99 ms | release p50 / p99 ms | errors | redis-benchmark SET/s |");
     println!("|---|---|---|---|---|---|---|");
     for (name, url) in &backends {
         let locker = rt.block_on(Locker::open(url)).expect("open");
-        for tasks in [1usize, 32, 64] {
+        for tasks in [1usize, 16, 32, 64] {
             let r = rt.block_on(uncontended(&locker, tasks, secs));
             let set = if *name == "redis" {
                 format!("{:.0}", redis_benchmark_set(redis.port, tasks, requests))
@@ -231,6 +250,12 @@ fn main() {
             c.errors
         );
     }
+    println!();
+    println!(
+        "etcd's own write latency (sequential puts, same member): p50 {} ms, p99 {} ms",
+        ms(percentile(&etcd_put, 0.5)),
+        ms(percentile(&etcd_put, 0.99))
+    );
     println!();
     rt.block_on(held_leases(leases));
 }

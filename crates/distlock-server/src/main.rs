@@ -15,7 +15,7 @@ use distlock_server::store::Limits;
 #[derive(Parser)]
 #[command(version, about, long_about = None, after_help = EXIT_CODES)]
 struct Cli {
-    /// Where locks live: http://host:7878 (a distlock server), redis://, redlock://, memory://.
+    /// Where locks live: http://host:7878 (a distlock server), redis://, redlock://, etcd://, memory://.
     #[arg(long, global = true, env = "DISTLOCK_BACKEND", default_value = "http://127.0.0.1:7878")]
     backend: String,
     /// Print results as JSON on stdout.
@@ -136,7 +136,7 @@ struct ServeArgs {
     /// Directory of the embedded store (created if missing).
     #[arg(long, env = "DISTLOCK_DATA_DIR", default_value = "./distlock-data")]
     data_dir: PathBuf,
-    /// Keep locks in this store instead of the embedded one: a redis:// or redlock:// URL.
+    /// Keep locks in this store instead of the embedded one: a redis://, redlock:// or etcd:// URL.
     #[arg(long, env = "DISTLOCK_STORE")]
     store: Option<String>,
     /// File of bearer tokens, one per line; when given, every /v1 call and /metrics needs one.

@@ -21,7 +21,7 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     /// Directory of the embedded store.
     pub data_dir: PathBuf,
-    /// `None` for the embedded store, or a backend URL (`redis://`, `redlock://`) to front.
+    /// `None` for the embedded store, or a backend URL (`redis://`, `redlock://`, `etcd://`) to front.
     pub store: Option<String>,
     /// File of accepted bearer tokens, one per line.
     pub auth_token_file: Option<PathBuf>,

@@ -527,3 +527,23 @@ async fn servers_in_front_of_one_redis() {
     let (s, h) = get(&one, "/healthz").await;
     assert_eq!((s, &h["store"]), (200, &json!("redis")));
 }
+
+/// With `--store etcd://…` the server is a stateless front for an etcd cluster.
+#[tokio::test]
+async fn server_in_front_of_etcd() {
+    let etcd = support::EtcdCluster::start(1);
+    let store = format!("--store={}?timeout=5s", etcd.url());
+    let server = Server::start(&[&store]);
+    let (a, b) = (server.locker().await, server.locker().await);
+    let lease = a.acquire("shared", &AcquireOptions::new().holder("via-http")).await.unwrap();
+    assert_eq!(
+        b.acquire("shared", &AcquireOptions::new()).await.unwrap_err(),
+        Error::Held { key: "shared".into(), holder: Some("via-http".into()) }
+    );
+    let direct = Locker::open(&etcd.url()).await.unwrap();
+    assert_eq!(direct.status("shared").await.unwrap().fencing_token, Some(lease.fencing_token()));
+    lease.release().await.unwrap();
+    assert!(b.acquire("shared", &AcquireOptions::new()).await.unwrap().fencing_token() > 1);
+    let (s, h) = get(&server, "/healthz").await;
+    assert_eq!((s, &h["store"]), (200, &json!("etcd")));
+}
