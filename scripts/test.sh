@@ -12,6 +12,8 @@ needs=(
   redis-server:redis-server
   redis-benchmark:redis-tools
   etcd:etcd-server
+  etcdctl:etcd-client
+  openssl:openssl
   protoc:protobuf-compiler
 )
 

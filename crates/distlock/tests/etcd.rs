@@ -186,3 +186,159 @@ async fn unreachable_cluster_is_unavailable() {
     assert!(matches!(result, Err(Error::Unavailable(_))), "{result:?}");
     assert!(start.elapsed() < Duration::from_secs(5));
 }
+
+/// TLS: etcd serving https with a certificate from a test CA; the backend connects with `ca=`
+/// and fails cleanly without it.
+#[tokio::test]
+async fn tls_with_a_ca_file() {
+    use std::process::{Command, Stdio};
+    let openssl = support::require_binary("openssl", "openssl");
+    let etcd_bin = support::require_binary("etcd", "etcd-server");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sh = |args: &[&str]| {
+        let ok = Command::new(&openssl)
+            .current_dir(d)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "openssl {args:?}");
+    };
+    sh(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=distlock-test-ca",
+    ]);
+    sh(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(d.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    sh(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    let (port, peer) = (support::free_port(), support::free_port());
+    let client_url = format!("https://127.0.0.1:{port}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let mut child = Command::new(etcd_bin)
+        .args([
+            "--name",
+            "tls",
+            "--log-level",
+            "error",
+            "--listen-client-urls",
+            &client_url,
+            "--advertise-client-urls",
+            &client_url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+            "--initial-cluster",
+            &format!("tls={peer_url}"),
+        ])
+        .arg("--cert-file")
+        .arg(d.join("server.pem"))
+        .arg("--key-file")
+        .arg(d.join("server.key"))
+        .arg("--data-dir")
+        .arg(d.join("data"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("etcd://127.0.0.1:{port}?timeout=3s&ca={}", d.join("ca.pem").display());
+    let start = Instant::now();
+    let locker = loop {
+        match Locker::open(&url).await {
+            Ok(l) if l.status("k").await.is_ok() => break l,
+            _ if start.elapsed() < Duration::from_secs(20) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => {
+                let _ = child.kill();
+                panic!("TLS etcd not usable: {other:?}");
+            }
+        }
+    };
+    let lease = locker.acquire("k", &AcquireOptions::new().holder("tls")).await.unwrap();
+    assert_eq!(locker.status("k").await.unwrap().holder.as_deref(), Some("tls"));
+    lease.release().await.unwrap();
+    let plain = match Locker::open(&format!("etcd://127.0.0.1:{port}?timeout=1s")).await {
+        Ok(l) => l.acquire("k", &AcquireOptions::new()).await.map(drop),
+        Err(e) => Err(e),
+    };
+    assert!(matches!(plain, Err(Error::Unavailable(_))), "plain http to a TLS port: {plain:?}");
+    let missing = Locker::open(&format!("etcd://127.0.0.1:{port}?ca=/nonexistent.pem")).await;
+    assert!(matches!(missing, Err(Error::InvalidInput(_))), "{missing:?}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Auth: with etcd's auth enabled, `user=`/`password=` work and missing credentials are refused
+/// as `Unauthorized`.
+#[tokio::test]
+async fn user_and_password() {
+    use std::process::Command;
+    let cluster = EtcdCluster::start(1);
+    let _ = locker(&cluster).await; // up and answering
+    let etcdctl = support::require_binary("etcdctl", "etcd-client");
+    let endpoint = format!("http://127.0.0.1:{}", cluster.client_ports()[0]);
+    for args in [&["user", "add", "root:s3cret"][..], &["auth", "enable"][..]] {
+        let ok = Command::new(&etcdctl)
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &endpoint])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(ok.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&ok.stderr));
+    }
+    let url = format!("{}?timeout=3s&user=root&password=s3cret", cluster.url());
+    let authed = Locker::open(&url).await.unwrap();
+    let lease = authed.acquire("k", &AcquireOptions::new()).await.unwrap();
+    lease.release().await.unwrap();
+    let anonymous = match Locker::open(&format!("{}?timeout=3s", cluster.url())).await {
+        Ok(l) => l.acquire("k", &AcquireOptions::new()).await.map(drop),
+        Err(e) => Err(e),
+    };
+    assert!(matches!(anonymous, Err(Error::Unauthorized(_))), "{anonymous:?}");
+    let wrong =
+        Locker::open(&format!("{}?timeout=3s&user=root&password=nope", cluster.url())).await.map(drop);
+    assert!(matches!(wrong, Err(Error::Unauthorized(_))), "{wrong:?}");
+}

@@ -1,4 +1,5 @@
-//! The etcd backend: `etcd://host:2379[,host2:2379,...][?prefix=P&timeout=D&user=U&password=W]`.
+//! The etcd backend: `etcd://host:2379[,host2:2379,...][?prefix=P&timeout=D&user=U&password=W]`,
+//! with TLS when `ca=PATH` (PEM) is given, and a client certificate with `cert=PATH&key=PATH`.
 //!
 //! The algorithm of etcd's own `concurrency.Mutex`, as a thin adapter:
 //! - each acquire grants an etcd lease (TTL rounded up to whole seconds, and at least etcd's
@@ -65,7 +66,7 @@ macro_rules! call {
             let attempt_end = deadline.min(Instant::now() + $self.attempt_timeout);
             match tokio::time::timeout_at(attempt_end, $request).await {
                 Ok(Ok(v)) => break Ok(v),
-                Ok(Err(e)) if !is_transient(&e) => break Err(unavailable(e)),
+                Ok(Err(e)) if !is_transient(&e) => break Err(etcd_error(e)),
                 outcome => {
                     // Transport failure or no answer from this member: try the next one.
                     $self.rotate(endpoint);
@@ -82,6 +83,20 @@ macro_rules! call {
             }
         }
     }};
+}
+
+/// Maps an etcd error: refused credentials are `Unauthorized`, everything else `Unavailable`.
+fn etcd_error(e: etcd_client::Error) -> Error {
+    if let etcd_client::Error::GRpcStatus(s) = &e {
+        // PermissionDenied, Unauthenticated; etcd also says "user name is empty" as InvalidArgument.
+        if matches!(s.code() as i32, 7 | 16)
+            || s.message().contains("user name")
+            || s.message().contains("authentication")
+        {
+            return Error::Unauthorized(format!("etcd: {}", s.message()));
+        }
+    }
+    unavailable(e)
 }
 
 fn unavailable(e: impl std::fmt::Display) -> Error {
@@ -110,6 +125,8 @@ impl EtcdBackend {
         let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
         let (mut prefix, mut timeout, mut user, mut password) =
             ("distlock".to_owned(), Duration::from_secs(2), None, None);
+        let (mut ca, mut cert, mut key): (Option<String>, Option<String>, Option<String>) =
+            (None, None, None);
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             match pair.split_once('=') {
                 Some(("prefix", v)) if !v.is_empty() => prefix = v.to_owned(),
@@ -120,17 +137,38 @@ impl EtcdBackend {
                 }
                 Some(("user", v)) => user = Some(v.to_owned()),
                 Some(("password", v)) => password = Some(v.to_owned()),
+                Some(("ca", v)) => ca = Some(v.to_owned()),
+                Some(("cert", v)) => cert = Some(v.to_owned()),
+                Some(("key", v)) => key = Some(v.to_owned()),
                 _ => return Err(Error::InvalidInput(format!("unknown parameter {pair:?} in {url:?}"))),
             }
         }
+        let scheme = if ca.is_some() { "https" } else { "http" };
         let endpoints: Vec<String> =
-            hosts.trim_end_matches('/').split(',').map(|h| format!("http://{h}")).collect();
-        if hosts.is_empty() || endpoints.iter().any(|e| e.len() <= "http://".len()) {
+            hosts.trim_end_matches('/').split(',').map(|h| format!("{scheme}://{h}")).collect();
+        if hosts.is_empty() || endpoints.iter().any(|e| e.ends_with("://")) {
             return Err(Error::InvalidInput(format!("{url:?} names no etcd endpoint")));
         }
         let mut options = ConnectOptions::new().with_connect_timeout(timeout).with_timeout(timeout);
         if let (Some(u), Some(p)) = (user, password) {
             options = options.with_user(u, p);
+        }
+        if let Some(ca) = ca {
+            let read = |path: &str| {
+                std::fs::read(path).map_err(|e| Error::InvalidInput(format!("reading TLS file {path}: {e}")))
+            };
+            let mut tls =
+                etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(read(&ca)?));
+            match (cert, key) {
+                (Some(cert), Some(key)) => {
+                    tls = tls.identity(etcd_client::Identity::from_pem(read(&cert)?, read(&key)?));
+                }
+                (None, None) => {}
+                _ => {
+                    return Err(Error::InvalidInput("etcd TLS: give both cert= and key=, or neither".into()))
+                }
+            }
+            options = options.with_tls(tls);
         }
         let mut clients = Vec::with_capacity(endpoints.len());
         let mut errors = Vec::new();
@@ -139,7 +177,10 @@ impl EtcdBackend {
                 .await
             {
                 Ok(Ok(c)) => clients.push(c),
-                Ok(Err(e)) => errors.push(format!("{endpoint}: {e}")),
+                Ok(Err(e)) => match etcd_error(e) {
+                    Error::Unauthorized(m) => return Err(Error::Unauthorized(m)),
+                    e => errors.push(format!("{endpoint}: {e}")),
+                },
                 Err(_) => errors.push(format!("{endpoint}: no answer within {timeout:?}")),
             }
         }
