@@ -103,21 +103,30 @@ pub fn spinner(out: &Output, key: &str, holder: Option<&str>) -> Option<indicati
     Some(bar)
 }
 
-/// `distlock acquire`: takes the lock and leaves it held (no renewal) for another command to
-/// renew or release by its lease id.
-pub async fn acquire(locker: &Locker, key: &str, opts: distlock::AcquireOptions, out: &Output) -> u8 {
-    let waiting = opts.wait != Some(Duration::ZERO);
-    let bar = if waiting {
+/// Acquires, with a spinner on the terminal while waiting (holder read once, up front).
+pub async fn acquire_showing_wait(
+    locker: &Locker,
+    key: &str,
+    opts: &distlock::AcquireOptions,
+    out: &Output,
+) -> distlock::Result<distlock::Lease> {
+    let bar = if opts.wait != Some(Duration::ZERO) {
         let holder = locker.status(key).await.ok().and_then(|s| s.holder);
         spinner(out, key, holder.as_deref())
     } else {
         None
     };
-    let result = locker.acquire(key, &opts.auto_renew(false)).await;
+    let result = locker.acquire(key, opts).await;
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    match result {
+    result
+}
+
+/// `distlock acquire`: takes the lock and leaves it held (no renewal) for another command to
+/// renew or release by its lease id.
+pub async fn acquire(locker: &Locker, key: &str, opts: distlock::AcquireOptions, out: &Output) -> u8 {
+    match acquire_showing_wait(locker, key, &opts.auto_renew(false), out).await {
         Ok(lease) => {
             let ttl_ms = lease.ttl().as_millis() as u64;
             if out.json {

@@ -216,6 +216,18 @@ pub struct LeaseBody {
     pub waited_ms: u64,
 }
 
+impl LeaseBody {
+    fn new(key: String, grant: &distlock::Grant, received: tokio::time::Instant) -> LeaseBody {
+        LeaseBody {
+            key,
+            lease_id: grant.lease_id.to_string(),
+            fencing_token: grant.fencing_token,
+            ttl_ms: grant.ttl.as_millis() as u64,
+            waited_ms: grant.counted_from.saturating_duration_since(received).as_millis() as u64,
+        }
+    }
+}
+
 async fn acquire(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
@@ -235,13 +247,7 @@ async fn acquire(
         AcquireRequest { key: key.clone(), lease_id: LeaseId::generate(), holder, ttl, wait: Some(wait) };
     let grant = state.backend.acquire(req).await?;
     metrics::counter!("distlock_grants_total").increment(1);
-    Ok(Json(LeaseBody {
-        key,
-        lease_id: grant.lease_id.to_string(),
-        fencing_token: grant.fencing_token,
-        ttl_ms: grant.ttl.as_millis() as u64,
-        waited_ms: grant.counted_from.saturating_duration_since(started).as_millis() as u64,
-    }))
+    Ok(Json(LeaseBody::new(key, &grant, started)))
 }
 
 async fn renew(
@@ -256,13 +262,7 @@ async fn renew(
     let ttl = checked_ttl(body.ttl_ms)?;
     let grant = state.backend.renew(&key, &lease_id, ttl).await?;
     metrics::counter!("distlock_renewals_total").increment(1);
-    Ok(Json(LeaseBody {
-        key,
-        lease_id: grant.lease_id.to_string(),
-        fencing_token: grant.fencing_token,
-        ttl_ms: grant.ttl.as_millis() as u64,
-        waited_ms: grant.counted_from.saturating_duration_since(started).as_millis() as u64,
-    }))
+    Ok(Json(LeaseBody::new(key, &grant, started)))
 }
 
 #[derive(Serialize)]

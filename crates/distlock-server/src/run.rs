@@ -14,7 +14,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::cli::{exit_code, spinner, Output, EXIT_HELD, EXIT_LOST};
+use crate::cli::{acquire_showing_wait, exit_code, Output, EXIT_HELD, EXIT_LOST};
 
 /// Runs `command` under the lock on `key`; returns the exit code for distlock.
 pub async fn run(
@@ -29,18 +29,7 @@ pub async fn run(
         out.say("no command given: distlock run KEY -- CMD [ARGS...]");
         return crate::cli::EXIT_USAGE;
     };
-    let waiting = opts.wait != Some(Duration::ZERO);
-    let bar = if waiting {
-        let holder = locker.status(key).await.ok().and_then(|s| s.holder);
-        spinner(out, key, holder.as_deref())
-    } else {
-        None
-    };
-    let acquired = locker.acquire(key, &opts).await;
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
-    let lease = match acquired {
+    let lease = match acquire_showing_wait(locker, key, &opts, out).await {
         Ok(lease) => lease,
         Err(e @ (Error::Held { .. } | Error::WaitTimeout { .. })) => {
             out.say(format!("not acquired: {e}"));

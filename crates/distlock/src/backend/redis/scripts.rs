@@ -23,8 +23,8 @@ local function parse(v)
 end
 "#;
 
-/// The server's clock in ms, and waiters whose registration lapsed removed from the queue.
-/// Expects `queue` and `alive` to be set to the queue and alive key names.
+/// `purge`: the server's clock in ms, with waiters whose registration lapsed removed from the
+/// queue; `wake_head`: purge, then wake the first waiter left.
 const PURGE_DEAD_WAITERS: &str = r#"
 local function purge(queue, alive)
   local t = redis.call('TIME')
@@ -34,6 +34,15 @@ local function purge(queue, alive)
     redis.call('ZREM', alive, id)
   end
   return now
+end
+
+-- Publishes the lease id of the first live waiter, which wakes exactly that waiter.
+local function wake_head(queue, alive, channel)
+  purge(queue, alive)
+  local head = redis.call('ZRANGE', queue, 0, 0)[1]
+  if head then
+    redis.call('PUBLISH', channel, head)
+  end
 end
 "#;
 
@@ -92,11 +101,7 @@ if id ~= ARGV[1] then
 end
 redis.call('DEL', KEYS[1])
 if redis.call('EXISTS', KEYS[2]) == 1 then
-  purge(KEYS[2], KEYS[3])
-  local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
-  if head then
-    redis.call('PUBLISH', ARGV[2], head)
-  end
+  wake_head(KEYS[2], KEYS[3], ARGV[2])
 end
 return 1
 "#;
@@ -107,11 +112,7 @@ const DEQUEUE: &str = r#"
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  purge(KEYS[2], KEYS[3])
-  local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
-  if head then
-    redis.call('PUBLISH', ARGV[2], head)
-  end
+  wake_head(KEYS[2], KEYS[3], ARGV[2])
 end
 return 1
 "#;
