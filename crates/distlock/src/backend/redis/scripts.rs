@@ -14,12 +14,19 @@
 //! key nobody waits for, release with nobody waiting, renew) take three Redis calls or fewer; the
 //! queue is only touched when someone waits.
 
-/// Splits a lock value. Shared by the scripts that read the lock.
+/// Splits a lock value (`parse`) and checks ownership (`owned`). Shared by every script.
 const PARSE_LOCK: &str = r#"
 local function parse(v)
   if not v then return nil end
   local id, token, holder = string.match(v, '^(%S+) (%d+) (.*)$')
   return id, tonumber(token), holder
+end
+
+-- The token of the lock at `key` when `lease_id` holds it, else nil.
+local function owned(key, lease_id)
+  local id, token = parse(redis.call('GET', key))
+  if id == lease_id then return token end
+  return nil
 end
 "#;
 
@@ -84,8 +91,8 @@ return {0, redis.call('PTTL', KEYS[1]), holder or ''}
 
 /// KEYS: lock. ARGV: lease id, ttl ms. Returns the token, or 0 when not the owner.
 const RENEW: &str = r#"
-local id, token = parse(redis.call('GET', KEYS[1]))
-if id ~= ARGV[1] then
+local token = owned(KEYS[1], ARGV[1])
+if not token then
   return 0
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -95,8 +102,7 @@ return token
 /// KEYS: lock, queue, alive. ARGV: lease id, wake channel. Deletes the lock if it is the
 /// caller's and wakes the first live waiter (the message is its lease id). Returns 1 or 0.
 const RELEASE: &str = r#"
-local id = parse(redis.call('GET', KEYS[1]))
-if id ~= ARGV[1] then
+if not owned(KEYS[1], ARGV[1]) then
   return 0
 end
 redis.call('DEL', KEYS[1])
@@ -142,8 +148,7 @@ return {0, redis.call('PTTL', KEYS[1]), holder or ''}
 /// Redlock, on one master. KEYS: lock, meta. ARGV: lease id, token, holder. If the caller holds
 /// the lock here, raise the fencing counter to at least `token` and record it on the lock.
 const REDLOCK_FENCE: &str = r#"
-local id = parse(redis.call('GET', KEYS[1]))
-if id ~= ARGV[1] then
+if not owned(KEYS[1], ARGV[1]) then
   return 0
 end
 if tonumber(ARGV[2]) > tonumber(redis.call('HGET', KEYS[2], 'fence') or '0') then
@@ -156,8 +161,7 @@ return 1
 /// Redlock, on one master. KEYS: lock. ARGV: lease id, wake channel. Compare-and-delete, then
 /// wake every waiter of the lock (Redlock waiting is not FIFO).
 const REDLOCK_RELEASE: &str = r#"
-local id = parse(redis.call('GET', KEYS[1]))
-if id ~= ARGV[1] then
+if not owned(KEYS[1], ARGV[1]) then
   return 0
 end
 redis.call('DEL', KEYS[1])
