@@ -15,12 +15,32 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use distlock::{AcquireRequest, Backend, LeaseId, Locker};
-use distlock_server::bench::{contended, percentile, uncontended};
+use distlock::{Backend, Locker};
+use distlock_server::bench::{self, quantile_ms, BenchConfig, Progress, Workload};
 use distlock_server::store::{EmbeddedStore, Limits};
 
 fn ms(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64() * 1e3)
+}
+
+/// The value at quantile `q` (0..=1) of sorted samples.
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+/// One `distlock bench`-style run through the library.
+fn run(
+    rt: &tokio::runtime::Runtime,
+    locker: &Locker,
+    workload: Workload,
+    tasks: usize,
+    secs: Duration,
+) -> bench::Report {
+    let config = BenchConfig { workload, concurrency: tasks, duration: secs, ..BenchConfig::default() };
+    rt.block_on(bench::run(locker, &config, Arc::new(Progress::default())))
 }
 
 /// `redis-benchmark -t set` at `clients` concurrency: requests per second.
@@ -106,28 +126,9 @@ async fn held_leases(n: u64) {
             .expect("open"),
     );
     let start = Instant::now();
-    let writers = 512u64;
-    let mut tasks = Vec::new();
-    for w in 0..writers {
-        let store = store.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut i = w;
-            while i < n {
-                let req = AcquireRequest {
-                    key: format!("lease-{i:08}"),
-                    lease_id: LeaseId::generate(),
-                    holder: "bench".into(),
-                    ttl: Duration::from_secs(3600),
-                    wait: Some(Duration::ZERO),
-                };
-                store.acquire(req).await.expect("acquire");
-                i += writers;
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("task");
-    }
+    let backend: Arc<dyn Backend> = store.clone();
+    let held = bench::hold_background(&backend, "", n, Duration::from_secs(3600), 512).await;
+    assert_eq!(held, n, "every acquire was granted");
     let fill = start.elapsed();
     let stats = store.stats();
     let rss_after = rss_bytes();
@@ -214,20 +215,20 @@ fn main() {
     for (name, url) in &backends {
         let locker = rt.block_on(Locker::open(url)).expect("open");
         for tasks in [1usize, 16, 32, 64] {
-            let r = rt.block_on(uncontended(&locker, tasks, secs));
+            let r = run(&rt, &locker, Workload::Uncontended, tasks, secs);
             let set = if *name == "redis" {
                 format!("{:.0}", redis_benchmark_set(redis.port, tasks, requests))
             } else {
                 String::new()
             };
             println!(
-                "| {name} | {tasks} | {:.0} | {} / {} | {} / {} | {} | {set} |",
-                r.cycles_per_s,
-                ms(percentile(&r.acquire, 0.5)),
-                ms(percentile(&r.acquire, 0.99)),
-                ms(percentile(&r.release, 0.5)),
-                ms(percentile(&r.release, 0.99)),
-                r.errors
+                "| {name} | {tasks} | {:.0} | {:.3} / {:.3} | {:.3} / {:.3} | {} | {set} |",
+                r.ops_per_s(),
+                quantile_ms(&r.acquire, 0.5),
+                quantile_ms(&r.acquire, 0.99),
+                quantile_ms(&r.release, 0.5),
+                quantile_ms(&r.release, 0.99),
+                r.error_count()
             );
         }
     }
@@ -236,18 +237,18 @@ fn main() {
     println!("|---|---|---|---|---|---|---|");
     for (name, url) in &backends {
         let locker = rt.block_on(Locker::open(url)).expect("open");
-        let c = rt.block_on(contended(&locker, 8, secs));
+        let c = run(&rt, &locker, Workload::Contended, 8, secs);
         assert_eq!(c.overlaps, 0, "{name}: two holders overlapped");
-        assert!(c.tokens_rose, "{name}: fencing tokens did not rise");
+        assert_eq!(c.token_regressions, 0, "{name}: fencing tokens did not rise");
         println!(
-            "| {name} | 8 | {:.0} | {} / {} / {} | {} | {} | {} |",
-            c.handoffs_per_s,
-            ms(percentile(&c.handoff, 0.5)),
-            ms(percentile(&c.handoff, 0.99)),
-            ms(c.handoff.last().copied().unwrap_or_default()),
+            "| {name} | 8 | {:.0} | {:.3} / {:.3} / {:.3} | {} | {} | {} |",
+            c.ops_per_s(),
+            quantile_ms(&c.handoff, 0.5),
+            quantile_ms(&c.handoff, 0.99),
+            quantile_ms(&c.handoff, 1.0),
             c.overlaps,
-            if c.tokens_rose { "yes" } else { "NO" },
-            c.errors
+            if c.token_regressions == 0 { "yes" } else { "NO" },
+            c.error_count()
         );
     }
     println!();

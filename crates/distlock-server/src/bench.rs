@@ -1,146 +1,532 @@
-//! Load generation against any backend: the workloads behind the `backends` benchmark.
+//! Load generation against any backend: `distlock bench` and the `backends` benchmark.
 //!
 //! Every cycle goes through the public API (`Locker::acquire`, `Lease::release`), so the figures
-//! are what a library user gets. Contended runs also check what they measure: no two holders
-//! overlapped, and fencing tokens rose with every grant.
+//! are what a library user gets. Latencies go into HDR histograms (microsecond resolution, three
+//! significant digits). Every run also checks what it measures: per key, no two holders were inside
+//! at once and fencing tokens rose with every grant.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use distlock::{AcquireOptions, Locker};
+use distlock::{AcquireOptions, AcquireRequest, Backend, LeaseId, Locker};
+use hdrhistogram::Histogram;
 
-/// The value at quantile `q` (0..=1) of sorted samples.
-pub fn percentile(sorted: &[Duration], q: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+use crate::cli::Output;
+use rand::{Rng, SeedableRng};
+use rand_distr::Distribution;
+use serde::Serialize;
+
+/// What each task does in a loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    /// Each task on its own key: acquire (try once) + release.
+    Uncontended,
+    /// All tasks on one key: acquire (waiting) + release; measures handoff.
+    Contended,
+    /// Tasks pick one of `keys` keys at random (uniform or zipf), wait for it, hold it, release.
+    Mixed,
 }
 
-/// Result of an uncontended run.
+/// One benchmark run.
 #[derive(Debug, Clone)]
-pub struct Uncontended {
-    /// Acquire + release cycles per second over all tasks.
-    pub cycles_per_s: f64,
-    /// Acquire latencies, sorted.
-    pub acquire: Vec<Duration>,
-    /// Release latencies, sorted.
-    pub release: Vec<Duration>,
-    /// Calls that failed.
-    pub errors: u64,
+pub struct BenchConfig {
+    /// The workload.
+    pub workload: Workload,
+    /// Concurrent tasks.
+    pub concurrency: usize,
+    /// Keys of the mixed workload (uncontended uses one per task, contended one).
+    pub keys: usize,
+    /// How long to run.
+    pub duration: Duration,
+    /// Lease TTL.
+    pub ttl: Duration,
+    /// How long to wait for a held lock (contended and mixed).
+    pub wait: Duration,
+    /// Time inside the lock before releasing (mixed; 0 elsewhere unless set).
+    pub hold: Duration,
+    /// Zipf exponent for the mixed workload's key choice (`None`: uniform).
+    pub zipf: Option<f64>,
+    /// Prefix of every key the run touches.
+    pub key_prefix: String,
+    /// Seed of the key choice, for repeatable runs.
+    pub seed: u64,
 }
 
-/// `tasks` tasks, each on its own key, acquire + release in a loop for `duration`.
-pub async fn uncontended(locker: &Locker, tasks: usize, duration: Duration) -> Uncontended {
-    let samples = Arc::new(Mutex::new((Vec::new(), Vec::new())));
-    let errors = Arc::new(AtomicU64::new(0));
+impl Default for BenchConfig {
+    fn default() -> Self {
+        BenchConfig {
+            workload: Workload::Uncontended,
+            concurrency: 1,
+            keys: 100,
+            duration: Duration::from_secs(10),
+            ttl: Duration::from_secs(10),
+            wait: Duration::from_secs(30),
+            hold: Duration::ZERO,
+            zipf: None,
+            key_prefix: "bench/".into(),
+            seed: 1,
+        }
+    }
+}
+
+impl BenchConfig {
+    /// Number of distinct keys the run uses.
+    pub fn key_count(&self) -> usize {
+        match self.workload {
+            Workload::Uncontended => self.concurrency,
+            Workload::Contended => 1,
+            Workload::Mixed => self.keys.max(1),
+        }
+    }
+}
+
+/// Counters a progress line reads while the run goes on.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Completed acquire + release cycles.
+    pub cycles: AtomicU64,
+    /// Failed calls.
+    pub errors: AtomicU64,
+}
+
+/// Latency histogram in microseconds, from 1 µs to one hour.
+pub fn histogram() -> Histogram<u64> {
+    // Constant bounds within what hdrhistogram accepts (low >= 1, high >= 2 * low, 3 digits).
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant histogram bounds are valid")
+}
+
+fn record(h: &mut Histogram<u64>, d: Duration) {
+    h.saturating_record(d.as_micros().clamp(1, u64::MAX as u128) as u64);
+}
+
+/// Milliseconds at quantile `q` (0..=1) of a microsecond histogram; 0 when empty.
+pub fn quantile_ms(h: &Histogram<u64>, q: f64) -> f64 {
+    if h.is_empty() {
+        return 0.0;
+    }
+    h.value_at_quantile(q) as f64 / 1e3
+}
+
+/// Latency summary of one histogram, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Latency {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50_ms: f64,
+    /// 90th percentile.
+    pub p90_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// Largest.
+    pub max_ms: f64,
+}
+
+impl Latency {
+    /// Summary of a microsecond histogram.
+    pub fn of(h: &Histogram<u64>) -> Latency {
+        Latency {
+            count: h.len(),
+            p50_ms: quantile_ms(h, 0.5),
+            p90_ms: quantile_ms(h, 0.9),
+            p99_ms: quantile_ms(h, 0.99),
+            max_ms: if h.is_empty() { 0.0 } else { h.max() as f64 / 1e3 },
+        }
+    }
+}
+
+/// Result of a run.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// What ran.
+    pub config: BenchConfig,
+    /// Wall time of the run.
+    pub elapsed: Duration,
+    /// Completed acquire + release cycles.
+    pub cycles: u64,
+    /// Acquire latency (µs): from the call to the grant, waiting included.
+    pub acquire: Histogram<u64>,
+    /// Release latency (µs).
+    pub release: Histogram<u64>,
+    /// From a release being acknowledged to the next holder's grant on the same key (µs):
+    /// contended runs only.
+    pub handoff: Histogram<u64>,
+    /// Failed calls by error code (`lock_held`, `wait_timeout`, `backend_unavailable`, ...).
+    pub errors: BTreeMap<String, u64>,
+    /// Grants that began while another holder of the same key was still inside (must be 0).
+    pub overlaps: u64,
+    /// Pairs of successive grants of one key whose tokens did not rise (must be 0).
+    pub token_regressions: u64,
+}
+
+impl Report {
+    /// Cycles per second.
+    pub fn ops_per_s(&self) -> f64 {
+        self.cycles as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Whether the run saw mutual exclusion and rising tokens.
+    pub fn checks_passed(&self) -> bool {
+        self.overlaps == 0 && self.token_regressions == 0
+    }
+
+    /// Total failed calls.
+    pub fn error_count(&self) -> u64 {
+        self.errors.values().sum()
+    }
+
+    /// The `--json` form: one flat object.
+    pub fn to_json(&self, backend: &str) -> serde_json::Value {
+        let (a, r, h) = (Latency::of(&self.acquire), Latency::of(&self.release), Latency::of(&self.handoff));
+        serde_json::json!({
+            "backend": backend,
+            "workload": self.config.workload,
+            "concurrency": self.config.concurrency,
+            "keys": self.config.key_count(),
+            "duration_s": self.elapsed.as_secs_f64(),
+            "ttl_ms": self.config.ttl.as_millis() as u64,
+            "hold_ms": self.config.hold.as_millis() as u64,
+            "zipf": self.config.zipf,
+            "cycles": self.cycles,
+            "ops_per_s": self.ops_per_s(),
+            "acquire_p50_ms": a.p50_ms,
+            "acquire_p90_ms": a.p90_ms,
+            "acquire_p99_ms": a.p99_ms,
+            "acquire_max_ms": a.max_ms,
+            "release_p50_ms": r.p50_ms,
+            "release_p90_ms": r.p90_ms,
+            "release_p99_ms": r.p99_ms,
+            "release_max_ms": r.max_ms,
+            "handoff_p50_ms": if self.config.workload == Workload::Contended { Some(h.p50_ms) } else { None },
+            "handoff_p99_ms": if self.config.workload == Workload::Contended { Some(h.p99_ms) } else { None },
+            "handoff_max_ms": if self.config.workload == Workload::Contended { Some(h.max_ms) } else { None },
+            "errors": self.error_count(),
+            "errors_by_code": self.errors,
+            "overlaps": self.overlaps,
+            "token_regressions": self.token_regressions,
+            "checks_passed": self.checks_passed(),
+        })
+    }
+
+    /// The human summary, several lines.
+    pub fn summary(&self, backend: &str) -> String {
+        let c = &self.config;
+        let line = |name: &str, h: &Histogram<u64>| {
+            let l = Latency::of(h);
+            format!(
+                "  {name:<11} p50 {:.3}  p90 {:.3}  p99 {:.3}  max {:.3}\n",
+                l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms
+            )
+        };
+        let mut s = format!(
+            "{:?} on {backend}: {} task(s), {} key(s), ttl {}, {:.1} s\n",
+            c.workload,
+            c.concurrency,
+            c.key_count(),
+            humantime::format_duration(c.ttl),
+            self.elapsed.as_secs_f64()
+        )
+        .to_lowercase();
+        s.push_str(&format!("  cycles      {} ({:.1}/s)\n", self.cycles, self.ops_per_s()));
+        s.push_str("  latency ms\n");
+        s.push_str(&line("acquire", &self.acquire));
+        s.push_str(&line("release", &self.release));
+        if c.workload == Workload::Contended {
+            s.push_str(&line("handoff", &self.handoff));
+        }
+        if self.errors.is_empty() {
+            s.push_str("  errors      none\n");
+        } else {
+            let list: Vec<String> = self.errors.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            s.push_str(&format!("  errors      {}\n", list.join(", ")));
+        }
+        s.push_str(&format!(
+            "  checks      {}; {}\n",
+            if self.overlaps == 0 {
+                "no two holders overlapped".to_owned()
+            } else {
+                format!("FAILED: {} overlapping grants", self.overlaps)
+            },
+            if self.token_regressions == 0 {
+                format!("fencing tokens rose on all {} grants", self.acquire.len())
+            } else {
+                format!("FAILED: tokens did not rise {} times", self.token_regressions)
+            }
+        ));
+        s
+    }
+}
+
+/// One key's state during a run: who is inside, and every grant (token, granted, released).
+#[derive(Default)]
+struct KeyLog {
+    inside: AtomicBool,
+    grants: Mutex<Vec<(u64, Instant, Instant)>>,
+}
+
+/// What one task measured.
+struct TaskResult {
+    acquire: Histogram<u64>,
+    release: Histogram<u64>,
+    errors: BTreeMap<String, u64>,
+    overlaps: u64,
+}
+
+/// Picks keys for one task.
+enum KeyPicker {
+    Fixed(usize),
+    Uniform(usize, rand::rngs::StdRng),
+    Zipf(rand_distr::Zipf<f64>, rand::rngs::StdRng),
+}
+
+impl KeyPicker {
+    fn new(config: &BenchConfig, task: usize) -> KeyPicker {
+        let rng =
+            rand::rngs::StdRng::seed_from_u64(config.seed.wrapping_mul(1_000_003).wrapping_add(task as u64));
+        match config.workload {
+            Workload::Uncontended => KeyPicker::Fixed(task),
+            Workload::Contended => KeyPicker::Fixed(0),
+            Workload::Mixed => {
+                let n = config.keys.max(1);
+                match config.zipf.and_then(|s| rand_distr::Zipf::new(n as f64, s).ok()) {
+                    Some(z) => KeyPicker::Zipf(z, rng),
+                    None => KeyPicker::Uniform(n, rng),
+                }
+            }
+        }
+    }
+
+    fn next(&mut self) -> usize {
+        match self {
+            KeyPicker::Fixed(k) => *k,
+            KeyPicker::Uniform(n, rng) => rng.random_range(0..*n),
+            // Zipf gives 1..=n, most often 1.
+            KeyPicker::Zipf(z, rng) => (z.sample(rng) as usize).saturating_sub(1),
+        }
+    }
+}
+
+/// Runs `config` against `locker`, updating `progress` as cycles complete.
+pub async fn run(locker: &Locker, config: &BenchConfig, progress: Arc<Progress>) -> Report {
+    let keys: Arc<Vec<KeyLog>> = Arc::new((0..config.key_count()).map(|_| KeyLog::default()).collect());
     let start = Instant::now();
     let mut handles = Vec::new();
-    for t in 0..tasks {
-        let (locker, samples, errors) = (locker.clone(), samples.clone(), errors.clone());
-        handles.push(tokio::spawn(async move {
-            let key = format!("bench-{t}");
-            let opts = AcquireOptions::new().ttl(Duration::from_secs(10));
-            let (mut a, mut r) = (Vec::new(), Vec::new());
-            while start.elapsed() < duration {
-                let t0 = Instant::now();
-                let Ok(lease) = locker.acquire(&key, &opts).await else {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                };
-                let t1 = Instant::now();
-                if lease.release().await.is_err() {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                }
-                a.push(t1 - t0);
-                r.push(t1.elapsed());
-            }
-            if let Ok(mut s) = samples.lock() {
-                s.0.extend(a);
-                s.1.extend(r);
-            }
-        }));
+    for task in 0..config.concurrency {
+        let (locker, keys, progress, config) =
+            (locker.clone(), keys.clone(), progress.clone(), config.clone());
+        handles
+            .push(tokio::spawn(async move { one_task(locker, config, task, keys, progress, start).await }));
     }
+    let (mut acquire, mut release) = (histogram(), histogram());
+    let mut errors = BTreeMap::new();
+    let mut overlaps = 0;
     for h in handles {
-        let _ = h.await;
+        match h.await {
+            Ok(r) => {
+                let _ = acquire.add(&r.acquire);
+                let _ = release.add(&r.release);
+                for (k, v) in r.errors {
+                    *errors.entry(k).or_insert(0) += v;
+                }
+                overlaps += r.overlaps;
+            }
+            Err(e) => *errors.entry(format!("task_failed: {e}")).or_insert(0) += 1,
+        }
     }
-    let elapsed = start.elapsed().as_secs_f64();
-    let (mut acquire, mut release) = samples.lock().map(|mut s| std::mem::take(&mut *s)).unwrap_or_default();
-    acquire.sort();
-    release.sort();
-    Uncontended {
-        cycles_per_s: acquire.len() as f64 / elapsed,
+    let elapsed = start.elapsed();
+    let mut handoff = histogram();
+    let mut token_regressions = 0;
+    for key in keys.iter() {
+        let mut grants = key.grants.lock().map(|mut g| std::mem::take(&mut *g)).unwrap_or_default();
+        // Grant order is the order the holders saw their grants; tokens must rise along it.
+        grants.sort_by_key(|g| g.1);
+        for w in grants.windows(2) {
+            if w[1].0 <= w[0].0 {
+                token_regressions += 1;
+            }
+            if config.workload == Workload::Contended {
+                record(&mut handoff, w[1].1.saturating_duration_since(w[0].2));
+            }
+        }
+    }
+    Report {
+        config: config.clone(),
+        elapsed,
+        cycles: acquire.len(),
         acquire,
         release,
-        errors: errors.load(Ordering::Relaxed),
+        handoff,
+        errors,
+        overlaps,
+        token_regressions,
     }
 }
 
-/// Result of a contended run.
-#[derive(Debug, Clone)]
-pub struct Contended {
-    /// Grants per second on the one key.
-    pub handoffs_per_s: f64,
-    /// From a release being acknowledged to the next holder's grant, sorted.
-    pub handoff: Vec<Duration>,
-    /// Times a holder entered while another was inside (must be 0).
-    pub overlaps: u64,
-    /// Whether fencing tokens rose with every grant.
-    pub tokens_rose: bool,
-    /// Calls that failed.
-    pub errors: u64,
+async fn one_task(
+    locker: Locker,
+    config: BenchConfig,
+    task: usize,
+    keys: Arc<Vec<KeyLog>>,
+    progress: Arc<Progress>,
+    start: Instant,
+) -> TaskResult {
+    let wait = if config.workload == Workload::Uncontended { Duration::ZERO } else { config.wait };
+    let opts = AcquireOptions::new().ttl(config.ttl).wait(wait).holder(format!("bench/task-{task}"));
+    let mut picker = KeyPicker::new(&config, task);
+    let mut result =
+        TaskResult { acquire: histogram(), release: histogram(), errors: BTreeMap::new(), overlaps: 0 };
+    let fail = |result: &mut TaskResult, e: distlock::Error| {
+        *result.errors.entry(e.code().to_owned()).or_insert(0) += 1;
+        progress.errors.fetch_add(1, Ordering::Relaxed);
+    };
+    while start.elapsed() < config.duration {
+        let k = picker.next();
+        let key = format!("{}{k}", config.key_prefix);
+        let t0 = Instant::now();
+        let lease = match locker.acquire(&key, &opts).await {
+            Ok(l) => l,
+            Err(e) => {
+                fail(&mut result, e);
+                // Do not spin on a dead backend.
+                if start.elapsed() < config.duration {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                continue;
+            }
+        };
+        let granted = Instant::now();
+        let log = &keys[k];
+        if log.inside.swap(true, Ordering::SeqCst) {
+            result.overlaps += 1;
+        }
+        if !config.hold.is_zero() {
+            tokio::time::sleep(config.hold).await;
+        }
+        let token = lease.fencing_token();
+        log.inside.store(false, Ordering::SeqCst);
+        let t1 = Instant::now();
+        let released = lease.release().await;
+        let done = Instant::now();
+        if let Err(e) = released {
+            fail(&mut result, e);
+        }
+        record(&mut result.acquire, granted - t0);
+        record(&mut result.release, done - t1);
+        if let Ok(mut g) = log.grants.lock() {
+            g.push((token, granted, done));
+        }
+        progress.cycles.fetch_add(1, Ordering::Relaxed);
+    }
+    result
 }
 
-/// `tasks` tasks on one key for `duration`.
-pub async fn contended(locker: &Locker, tasks: usize, duration: Duration) -> Contended {
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let inside = Arc::new(AtomicBool::new(false));
-    let overlaps = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let mut handles = Vec::new();
-    for _ in 0..tasks {
-        let (locker, events, inside, overlaps, errors) =
-            (locker.clone(), events.clone(), inside.clone(), overlaps.clone(), errors.clone());
-        handles.push(tokio::spawn(async move {
-            let opts = AcquireOptions::new().ttl(Duration::from_secs(10)).wait(Duration::from_secs(30));
-            while start.elapsed() < duration {
-                let Ok(lease) = locker.acquire("bench-hot", &opts).await else {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                    continue;
+/// Acquires `count` leases on keys `{prefix}bg/{i}` that stay held for `ttl` (no keeper tasks, no
+/// renewal; they expire on their own), with `concurrency` calls in flight. Returns how many were
+/// granted. Used to measure how the cost of a cycle grows with the number of held leases.
+pub async fn hold_background(
+    backend: &Arc<dyn Backend>,
+    prefix: &str,
+    count: u64,
+    ttl: Duration,
+    concurrency: u64,
+) -> u64 {
+    let granted = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..concurrency.max(1) {
+        let (backend, granted, prefix) = (backend.clone(), granted.clone(), prefix.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let mut i = w;
+            while i < count {
+                let req = AcquireRequest {
+                    key: format!("{prefix}bg/{i}"),
+                    lease_id: LeaseId::generate(),
+                    holder: "bench/background".into(),
+                    ttl,
+                    wait: Some(Duration::ZERO),
                 };
-                let granted = Instant::now();
-                if inside.swap(true, Ordering::SeqCst) {
-                    overlaps.fetch_add(1, Ordering::Relaxed);
+                if backend.acquire(req).await.is_ok() {
+                    granted.fetch_add(1, Ordering::Relaxed);
                 }
-                let token = lease.fencing_token();
-                inside.store(false, Ordering::SeqCst);
-                if lease.release().await.is_err() {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                }
-                if let Ok(mut e) = events.lock() {
-                    e.push((token, granted, Instant::now()));
-                }
+                i += concurrency.max(1);
             }
         }));
     }
-    for h in handles {
-        let _ = h.await;
+    for t in tasks {
+        let _ = t.await;
     }
-    let elapsed = start.elapsed().as_secs_f64();
-    let mut events = events.lock().map(|mut e| std::mem::take(&mut *e)).unwrap_or_default();
-    // Grant order is token order when tokens rise; check that against the time of each grant.
-    events.sort_by_key(|e| e.1);
-    let tokens_rose = events.windows(2).all(|w| w[0].0 < w[1].0);
-    let mut handoff: Vec<Duration> =
-        events.windows(2).map(|w| w[1].1.saturating_duration_since(w[0].2)).collect();
-    handoff.sort();
-    Contended {
-        handoffs_per_s: events.len() as f64 / elapsed,
-        handoff,
-        overlaps: overlaps.load(Ordering::Relaxed),
-        tokens_rose,
-        errors: errors.load(Ordering::Relaxed),
+    granted.load(Ordering::Relaxed)
+}
+
+/// `distlock bench`: optional background leases, the run with a progress line on a terminal, then
+/// the summary (or one JSON object). Exit code 0, or 1 when a check failed (two holders overlapped
+/// or tokens did not rise), or the backend's error code when it cannot be opened.
+pub async fn command(
+    locker: &Locker,
+    backend: &str,
+    config: &BenchConfig,
+    background: u64,
+    out: &Output,
+) -> u8 {
+    use std::io::IsTerminal;
+    if background > 0 {
+        out.say(format!("holding {background} background leases first..."));
+        let ttl = (config.duration + Duration::from_secs(300)).min(Duration::from_secs(24 * 3600));
+        let got = hold_background(locker.backend(), &config.key_prefix, background, ttl, 64).await;
+        out.say(format!(
+            "{got} background leases held (they expire after {})",
+            humantime::format_duration(ttl)
+        ));
+    }
+    let progress = Arc::new(Progress::default());
+    let bar = (!out.quiet && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {elapsed} {msg}") {
+            bar.set_style(style);
+        }
+        bar
+    });
+    let ticker = bar.clone().map(|bar| {
+        let progress = progress.clone();
+        let total = config.duration;
+        tokio::spawn(async move {
+            let start = Instant::now();
+            let mut last = (0u64, Instant::now());
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let cycles = progress.cycles.load(Ordering::Relaxed);
+                let rate = (cycles - last.0) as f64 / last.1.elapsed().as_secs_f64().max(1e-9);
+                last = (cycles, Instant::now());
+                bar.set_message(format!(
+                    "of {}: {cycles} cycles, {rate:.0}/s, {} errors",
+                    humantime::format_duration(total),
+                    progress.errors.load(Ordering::Relaxed)
+                ));
+                bar.tick();
+                if start.elapsed() > total + Duration::from_secs(3600) {
+                    break;
+                }
+            }
+        })
+    });
+    let report = run(locker, config, progress).await;
+    if let Some(t) = ticker {
+        t.abort();
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    if out.json {
+        println!("{}", report.to_json(backend));
+    } else {
+        print!("{}", report.summary(backend));
+    }
+    if report.checks_passed() {
+        0
+    } else {
+        out.say("a check failed: the backend granted one key to two holders or tokens went backwards");
+        1
     }
 }

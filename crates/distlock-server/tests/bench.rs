@@ -1,0 +1,138 @@
+//! `distlock bench`: its checks catch a broken backend, and the command's output has the
+//! documented fields, against a real server.
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use common::Server;
+use distlock::{async_trait, AcquireRequest, Backend, Grant, LeaseId, LockInfo, Locker, Result};
+use distlock_server::bench::{self, BenchConfig, Progress, Workload};
+
+/// A "lock" that grants everyone at once and always hands out token 7: what the checks exist for.
+struct Broken;
+
+#[async_trait]
+impl Backend for Broken {
+    fn name(&self) -> &'static str {
+        "broken"
+    }
+    async fn acquire(&self, req: AcquireRequest) -> Result<Grant> {
+        Ok(Grant { lease_id: req.lease_id, fencing_token: 7, ttl: req.ttl, counted_from: Instant::now() })
+    }
+    async fn renew(&self, _: &str, id: &LeaseId, ttl: Duration) -> Result<Grant> {
+        Ok(Grant { lease_id: id.clone(), fencing_token: 7, ttl, counted_from: Instant::now() })
+    }
+    async fn release(&self, _: &str, _: &LeaseId) -> Result<()> {
+        Ok(())
+    }
+    async fn status(&self, key: &str) -> Result<LockInfo> {
+        Ok(LockInfo::free(key, 0))
+    }
+    async fn list(&self, _: &str) -> Result<Vec<LockInfo>> {
+        Ok(Vec::new())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_catch_a_backend_that_grants_twice() {
+    let locker = Locker::with_backend(Arc::new(Broken));
+    let config = BenchConfig {
+        workload: Workload::Contended,
+        concurrency: 4,
+        duration: Duration::from_millis(300),
+        hold: Duration::from_millis(2),
+        ..BenchConfig::default()
+    };
+    let report = bench::run(&locker, &config, Arc::new(Progress::default())).await;
+    assert!(report.overlaps > 0, "overlapping holders went unnoticed");
+    assert!(report.token_regressions > 0, "repeated tokens went unnoticed");
+    assert!(!report.checks_passed());
+    assert!(report.summary("broken://").contains("FAILED"));
+
+    // The same run on a real lock passes.
+    let locker = Locker::open("memory://").await.expect("memory");
+    let report = bench::run(&locker, &config, Arc::new(Progress::default())).await;
+    assert!(report.cycles > 0);
+    assert!(report.checks_passed(), "{}", report.summary("memory://"));
+}
+
+fn bench_json(backend: &str, args: &[&str]) -> serde_json::Value {
+    let o = Command::new(env!("CARGO_BIN_EXE_distlock"))
+        .args(["--backend", backend, "--json", "bench"])
+        .args(args)
+        .output()
+        .expect("run distlock bench");
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("one JSON object")
+}
+
+#[test]
+fn bench_command_against_the_server() {
+    let server = Server::start(&[]);
+    let b = server.url();
+    for (workload, extra) in [
+        ("uncontended", vec!["--concurrency", "4"]),
+        ("contended", vec!["--concurrency", "4"]),
+        ("mixed", vec!["--concurrency", "4", "--keys", "8", "--zipf", "1.1", "--hold", "1ms"]),
+    ] {
+        let mut args = vec!["--duration", "700ms", "--workload", workload];
+        args.extend(extra);
+        let j = bench_json(&b, &args);
+        for field in [
+            "backend",
+            "workload",
+            "concurrency",
+            "keys",
+            "duration_s",
+            "ops_per_s",
+            "acquire_p50_ms",
+            "acquire_p99_ms",
+            "release_p50_ms",
+            "release_p99_ms",
+            "handoff_p50_ms",
+            "errors",
+        ] {
+            assert!(j.get(field).is_some(), "{workload}: no {field} in {j}");
+        }
+        assert_eq!(j["workload"], workload);
+        assert_eq!(j["backend"], b.as_str());
+        assert!(j["cycles"].as_u64().unwrap_or(0) > 0, "{workload}: no cycles: {j}");
+        assert_eq!(j["checks_passed"], true, "{j}");
+        assert_eq!(j["overlaps"], 0);
+        if workload == "contended" {
+            assert!(j["handoff_p50_ms"].as_f64().is_some(), "{j}");
+            assert_eq!(j["keys"], 1);
+        } else {
+            assert!(j["handoff_p50_ms"].is_null());
+        }
+    }
+
+    // Bad input: nothing runs, exit 64; a dead backend: errors are counted by code, exit 0.
+    let o = Command::new(env!("CARGO_BIN_EXE_distlock"))
+        .args(["--backend", &b, "bench", "--ttl", "5ms"])
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(64));
+    let dead = format!("http://127.0.0.1:{}?timeout=200ms", common::support::free_port());
+    let j = bench_json(&dead, &["--duration", "300ms"]);
+    assert_eq!(j["cycles"], 0);
+    assert!(j["errors_by_code"]["backend_unavailable"].as_u64().unwrap_or(0) > 0, "{j}");
+
+    // Background leases are held while the run measures.
+    let o = Command::new(env!("CARGO_BIN_EXE_distlock"))
+        .args(["--backend", &b, "bench", "--duration", "200ms", "--background-leases", "300"])
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(0));
+    let listed = Command::new(env!("CARGO_BIN_EXE_distlock"))
+        .args(["--backend", &b, "--json", "list", "--prefix", "bench/bg/"])
+        .output()
+        .expect("list");
+    let list: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("json");
+    assert_eq!(list.as_array().map(Vec::len), Some(300));
+}
