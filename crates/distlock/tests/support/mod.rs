@@ -110,6 +110,11 @@ impl RedisServer {
         assert!(self.wait_ready(Duration::from_secs(5)), "redis-server did not restart");
     }
 
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Sends one raw command (inline protocol) and returns the raw reply.
     pub fn raw(&self, command: &str) -> String {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
@@ -264,6 +269,24 @@ impl EtcdCluster {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Starts member `i` again on its ports and data directory (it rejoins the cluster).
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        let bin = require_binary("etcd", "etcd-server");
+        self.spawn(i, &bin, "new");
+        self.wait_ready();
+    }
+
+    /// Process id of member `i`, while running.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.members[i].child.as_ref().map(Child::id)
+    }
+
+    /// Number of members.
+    pub fn member_count(&self) -> usize {
+        self.members.len()
     }
 }
 

@@ -1,0 +1,116 @@
+//! A client process: acquire → write → hold → write → release, in a loop, against one backend
+//! URL, recording everything. Settings come from environment variables set by the harness.
+//!
+//! Each write first checks the lease (`Lease::is_held`: held and before its safe deadline) and is
+//! sent either way, marked with what the holder believed: a holder woken from SIGSTOP finds its
+//! lease lost, and its stale write must then be refused by the fenced resource.
+
+use std::time::Duration;
+
+use distlock::{AcquireOptions, LeaseState, Locker};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+use crate::history::{now_ns, ns_of, Event, Recorder};
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("client needs {name}"))
+}
+
+fn env_ms(name: &str) -> Duration {
+    Duration::from_millis(env(name).parse().unwrap_or_else(|_| panic!("{name} must be milliseconds")))
+}
+
+/// The fenced resource, over one TCP connection: `key token client` → `1` accepted / `0` refused.
+struct Fence {
+    addr: String,
+    conn: Option<BufReader<TcpStream>>,
+}
+
+impl Fence {
+    async fn write(&mut self, key: &str, token: u64, client: u32) -> Option<bool> {
+        for _ in 0..2 {
+            if self.conn.is_none() {
+                self.conn = TcpStream::connect(&self.addr).await.ok().map(BufReader::new);
+            }
+            let conn = self.conn.as_mut()?;
+            let mut reply = String::new();
+            let ok = conn.get_mut().write_all(format!("{key} {token} {client}\n").as_bytes()).await.is_ok()
+                && conn.read_line(&mut reply).await.map(|n| n > 0).unwrap_or(false);
+            if ok {
+                return Some(reply.trim() == "1");
+            }
+            self.conn = None;
+        }
+        None
+    }
+}
+
+pub async fn main() {
+    let c: u32 = env("FAULTS_CLIENT").parse().expect("client number");
+    let backend = env("FAULTS_BACKEND");
+    let key = env("FAULTS_KEY");
+    let ttl = env_ms("FAULTS_TTL_MS");
+    let hold = env_ms("FAULTS_HOLD_MS");
+    let until: i64 = env("FAULTS_UNTIL_NS").parse().expect("FAULTS_UNTIL_NS");
+    let mut rec = Recorder::create(std::path::Path::new(&env("FAULTS_HISTORY"))).expect("history file");
+    let mut fence = Fence { addr: env("FAULTS_FENCE"), conn: None };
+    let locker = loop {
+        match Locker::open(&backend).await {
+            Ok(l) => break l,
+            Err(_) if now_ns() < until => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => panic!("cannot open {backend}: {e}"),
+        }
+    };
+    let opts = AcquireOptions::new().ttl(ttl).wait(ttl * 3).holder(format!("faults/client-{c}"));
+    while now_ns() < until {
+        let t_req = now_ns();
+        let lease = match locker.acquire(&key, &opts).await {
+            Ok(l) => l,
+            Err(e) => {
+                rec.record(&Event::Fail { c, t_req, t: now_ns(), code: e.code().to_owned() });
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let token = lease.fencing_token();
+        rec.record(&Event::Grant { c, t_req, t: now_ns(), token, safe_until: ns_of(lease.safe_until()) });
+        let mut watch = lease.watch();
+        let mut lost_recorded = false;
+        for step in 0..2 {
+            let t_check = now_ns();
+            let believed = lease.is_held();
+            let accepted = fence.write(&key, token, c).await;
+            if let Some(accepted) = accepted {
+                rec.record(&Event::Write { c, token, believed, t_check, t_ack: now_ns(), accepted });
+            }
+            if step == 0 {
+                // Hold, but notice a loss the moment the keeper reports it.
+                tokio::select! {
+                    _ = tokio::time::sleep(hold) => {}
+                    reason = watch.lost() => {
+                        if let Some(reason) = reason {
+                            lost_recorded = true;
+                            rec.record(&Event::Lost {
+                                c, token, t: now_ns(), reason: format!("{reason:?}"),
+                                safe_until: ns_of(lease.safe_until()),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        if let (LeaseState::Lost(reason), false) = (lease.state(), lost_recorded) {
+            // A loss noticed after the hold.
+            rec.record(&Event::Lost {
+                c,
+                token,
+                t: now_ns(),
+                reason: format!("{reason:?}"),
+                safe_until: ns_of(lease.safe_until()),
+            });
+        }
+        let released = lease.release().await;
+        rec.record(&Event::Release { c, token, t: now_ns(), code: released.err().map(|e| e.code().to_owned()) });
+    }
+}
