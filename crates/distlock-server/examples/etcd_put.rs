@@ -12,7 +12,8 @@ async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let endpoint = args.next().unwrap_or_else(|| "http://127.0.0.1:2379".into());
     let tasks: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1);
-    let duration = args.next().map(|s| humantime::parse_duration(&s)).transpose()?.unwrap_or(Duration::from_secs(3));
+    let duration =
+        args.next().map(|s| humantime::parse_duration(&s)).transpose()?.unwrap_or(Duration::from_secs(3));
     let client = etcd_client::Client::connect([endpoint.as_str()], None).await?;
     let start = Instant::now();
     let mut handles = Vec::new();

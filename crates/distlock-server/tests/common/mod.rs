@@ -38,24 +38,47 @@ impl Server {
 
     pub fn spawn(&mut self) {
         for _ in 0..5 {
-            self.port = support::free_port();
-            let child = Command::new(env!("CARGO_BIN_EXE_distlock"))
-                .args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)])
-                .arg("--data-dir")
-                .arg(&self.dir)
-                .args(&self.extra)
-                .env("DISTLOCK_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn distlock serve");
-            self.child = Some(child);
-            if self.wait_ready() {
+            if self.spawn_on(support::free_port()) {
                 return;
             }
-            self.kill9();
         }
         panic!("distlock serve did not start");
+    }
+
+    /// Starts the server on `port`; `false` if it did not come up (e.g. the port was taken).
+    fn spawn_on(&mut self, port: u16) -> bool {
+        self.port = port;
+        let child = Command::new(env!("CARGO_BIN_EXE_distlock"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)])
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(&self.extra)
+            .env("DISTLOCK_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn distlock serve");
+        self.child = Some(child);
+        if self.wait_ready() {
+            return true;
+        }
+        self.kill9();
+        false
+    }
+
+    /// `kill -9`, then start again on the same port and data directory.
+    pub fn restart_in_place(&mut self) {
+        self.kill9();
+        let port = self.port;
+        let start = Instant::now();
+        while !self.spawn_on(port) {
+            assert!(start.elapsed() < Duration::from_secs(20), "distlock serve did not restart on {port}");
+        }
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn wait_ready(&mut self) -> bool {

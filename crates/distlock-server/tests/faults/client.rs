@@ -1,6 +1,7 @@
 //! A client process: acquire → write → hold → write → release, in a loop, against one backend
 //! URL, recording everything. Settings come from environment variables set by the harness.
 //!
+//! Most critical sections are short (`FAULTS_HOLD_MS`); one in four lasts 1.2 TTLs, renewed.
 //! Each write first checks the lease (`Lease::is_held`: held and before its safe deadline) and is
 //! sent either way, marked with what the holder believed: a holder woken from SIGSTOP finds its
 //! lease lost, and its stale write must then be refused by the fenced resource.
@@ -8,6 +9,7 @@
 use std::time::Duration;
 
 use distlock::{AcquireOptions, LeaseState, Locker};
+use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -28,14 +30,19 @@ struct Fence {
 }
 
 impl Fence {
-    async fn write(&mut self, key: &str, token: u64, client: u32) -> Option<bool> {
+    /// `long`: the writer is starting a long hold (a hint the nemesis uses to strike mid-hold).
+    async fn write(&mut self, key: &str, token: u64, client: u32, long: bool) -> Option<bool> {
         for _ in 0..2 {
             if self.conn.is_none() {
                 self.conn = TcpStream::connect(&self.addr).await.ok().map(BufReader::new);
             }
             let conn = self.conn.as_mut()?;
             let mut reply = String::new();
-            let ok = conn.get_mut().write_all(format!("{key} {token} {client}\n").as_bytes()).await.is_ok()
+            let ok = conn
+                .get_mut()
+                .write_all(format!("{key} {token} {client} {}\n", u8::from(long)).as_bytes())
+                .await
+                .is_ok()
                 && conn.read_line(&mut reply).await.map(|n| n > 0).unwrap_or(false);
             if ok {
                 return Some(reply.trim() == "1");
@@ -52,6 +59,12 @@ pub async fn main() {
     let key = env("FAULTS_KEY");
     let ttl = env_ms("FAULTS_TTL_MS");
     let hold = env_ms("FAULTS_HOLD_MS");
+    // One critical section in four holds longer than the TTL, kept alive by renewal: faults that
+    // strike then cut a holder off mid-section.
+    let long_hold = ttl * 6 / 5;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(
+        env("FAULTS_SEED").parse::<u64>().unwrap_or(1) * 1000 + u64::from(c),
+    );
     let until: i64 = env("FAULTS_UNTIL_NS").parse().expect("FAULTS_UNTIL_NS");
     let mut rec = Recorder::create(std::path::Path::new(&env("FAULTS_HISTORY"))).expect("history file");
     let mut fence = Fence { addr: env("FAULTS_FENCE"), conn: None };
@@ -75,14 +88,25 @@ pub async fn main() {
         };
         let token = lease.fencing_token();
         rec.record(&Event::Grant { c, t_req, t: now_ns(), token, safe_until: ns_of(lease.safe_until()) });
+        let long = rng.random_ratio(1, 4);
+        let hold = if long { long_hold } else { hold };
         let mut watch = lease.watch();
         let mut lost_recorded = false;
         for step in 0..2 {
             let t_check = now_ns();
             let believed = lease.is_held();
-            let accepted = fence.write(&key, token, c).await;
+            let safe_until = ns_of(lease.safe_until());
+            let accepted = fence.write(&key, token, c, long && step == 0).await;
             if let Some(accepted) = accepted {
-                rec.record(&Event::Write { c, token, believed, t_check, t_ack: now_ns(), accepted });
+                rec.record(&Event::Write {
+                    c,
+                    token,
+                    believed,
+                    t_check,
+                    t_ack: now_ns(),
+                    accepted,
+                    safe_until,
+                });
             }
             if step == 0 {
                 // Hold, but notice a loss the moment the keeper reports it.
@@ -111,6 +135,11 @@ pub async fn main() {
             });
         }
         let released = lease.release().await;
-        rec.record(&Event::Release { c, token, t: now_ns(), code: released.err().map(|e| e.code().to_owned()) });
+        rec.record(&Event::Release {
+            c,
+            token,
+            t: now_ns(),
+            code: released.err().map(|e| e.code().to_owned()),
+        });
     }
 }

@@ -1,6 +1,8 @@
 //! The fenced resource: a tiny store inside the harness that accepts a write only with a token at
 //! least as high as the highest it has seen for that key, and logs every write it judged.
-//! Protocol over TCP, one line each way: `key token client` → `1` (accepted) or `0` (refused).
+//! Protocol over TCP, one line each way: `key token client long` → `1` (accepted) or `0`
+//! (refused); `long` = 1 marks the first write of a long critical section, so the nemesis can
+//! strike while a holder is inside one.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,7 +16,6 @@ use crate::history::now_ns;
 #[derive(Debug, Clone)]
 pub struct Judged {
     pub t: i64,
-    pub key: String,
     pub token: u64,
     pub client: u32,
     pub accepted: bool,
@@ -24,6 +25,8 @@ pub struct Judged {
 struct State {
     highest: HashMap<String, u64>,
     log: Vec<Judged>,
+    /// The client inside a long critical section, as of its last accepted write.
+    in_long_hold: Option<u32>,
 }
 
 /// A running fenced resource.
@@ -52,14 +55,16 @@ impl FencedResource {
                         else {
                             break;
                         };
+                        let long = parts.next() == Some("1");
                         let accepted = {
                             let mut s = state.lock().expect("fence state");
                             let highest = s.highest.entry(key.to_owned()).or_insert(0);
                             let accepted = token >= *highest;
                             if accepted {
                                 *highest = token;
+                                s.in_long_hold = long.then_some(client);
                             }
-                            s.log.push(Judged { t: now_ns(), key: key.to_owned(), token, client, accepted });
+                            s.log.push(Judged { t: now_ns(), token, client, accepted });
                             accepted
                         };
                         if w.write_all(if accepted { b"1\n" } else { b"0\n" }).await.is_err() {
@@ -75,6 +80,11 @@ impl FencedResource {
     /// The client whose write was accepted last: the current holder, as far as the resource knows.
     pub fn last_writer(&self) -> Option<u32> {
         self.state.lock().ok()?.log.iter().rev().find(|j| j.accepted).map(|j| j.client)
+    }
+
+    /// The client that has just begun a long critical section, if one is inside one now.
+    pub fn in_long_hold(&self) -> Option<u32> {
+        self.state.lock().ok()?.in_long_hold
     }
 
     /// Every judged write so far.

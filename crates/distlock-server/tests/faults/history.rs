@@ -33,8 +33,8 @@ pub enum Event {
     /// An acquire failed with error `code`.
     Fail { c: u32, t_req: i64, t: i64, code: String },
     /// A write to the fenced resource with the lease's token. `believed`: the holder checked its
-    /// lease valid at `t_check` just before sending.
-    Write { c: u32, token: u64, believed: bool, t_check: i64, t_ack: i64, accepted: bool },
+    /// lease valid at `t_check` just before sending; `safe_until`: its deadline then.
+    Write { c: u32, token: u64, believed: bool, t_check: i64, t_ack: i64, accepted: bool, safe_until: i64 },
     /// The lease was lost while held, for `reason`; `safe_until` is where the holder's deadline
     /// stood when it noticed (later than `t` means the store dropped a lease it should have kept).
     Lost { c: u32, token: u64, t: i64, reason: String, safe_until: i64 },

@@ -32,7 +32,8 @@ impl Proxy {
                 let mut rx = modes.subscribe();
                 tokio::spawn(async move {
                     let _ = client.set_nodelay(true);
-                    match *rx.borrow_and_update() {
+                    let mode = *rx.borrow_and_update();
+                    match mode {
                         Mode::Drop => return,
                         Mode::Blackhole => {
                             // Hold the connection silently until healed, then close it.
@@ -48,7 +49,8 @@ impl Proxy {
                         _ = async {
                             while rx.changed().await.is_ok() && *rx.borrow() == Mode::Pass {}
                         } => {
-                            if *rx.borrow() == Mode::Blackhole {
+                            let mode = *rx.borrow();
+                            if mode == Mode::Blackhole {
                                 while rx.changed().await.is_ok() && *rx.borrow() != Mode::Pass {}
                             }
                             // Dropping both sockets closes them.

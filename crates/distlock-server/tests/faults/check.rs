@@ -1,0 +1,224 @@
+//! Checkers over a run's merged history and the fenced resource's log.
+//!
+//! - Mutual exclusion: each grant's interval runs from the grant to the end of its holder's
+//!   entitlement as the holder saw it (its last write, its loss signal, or its deadline, whichever
+//!   came first); no two such intervals of one key may overlap.
+//! - Fencing: a grant answered before another was requested has the lower token, no token is
+//!   granted twice; the current holder's writes are accepted by the fenced resource, and no write
+//!   is accepted after a grant with a higher token was answered (a stale write).
+//! - Durability: no lease was reported lost as `NotOwner` before its holder's safe deadline (the
+//!   store forgot an acknowledged lease, e.g. across a restart).
+//! - Liveness: after the last fault healed, every client got the lock again within 2 TTLs.
+
+use std::collections::HashMap;
+
+use crate::fence::Judged;
+use crate::history::Event;
+
+/// What one run found.
+#[derive(Debug, Default, Clone)]
+pub struct Findings {
+    pub grants: u64,
+    pub overlaps: u64,
+    pub stale_refused: u64,
+    pub stale_accepted: u64,
+    pub current_refused: u64,
+    pub token_violations: u64,
+    pub acked_lost: u64,
+    pub longest_unavailable_ms: f64,
+    /// From the last heal to the first grant (`None`: none came).
+    pub first_grant_after_heal_ms: Option<f64>,
+    /// Longest time from the last heal to a client's next grant (`None`: a client never got one).
+    pub recovery_ms: Option<f64>,
+    /// The lock was granted within 2 TTLs of the last heal, and every client within 2 TTLs plus
+    /// the long critical sections of the others queued ahead of it (or no fault was injected).
+    pub live: bool,
+    pub examples: Vec<String>,
+}
+
+impl Findings {
+    /// Safe: nothing a lock promises was broken.
+    pub fn safe(&self) -> bool {
+        self.overlaps == 0
+            && self.stale_accepted == 0
+            && self.current_refused == 0
+            && self.token_violations == 0
+            && self.acked_lost == 0
+    }
+
+    fn note(&mut self, s: String) {
+        if self.examples.len() < 5 {
+            self.examples.push(s);
+        }
+    }
+}
+
+/// `heal`: when the last fault ended (monotonic ns), if any; `clients`: how many ran; `long_hold_ns`:
+/// the longest critical section a client runs.
+pub fn check(
+    events: &[Event],
+    fence: &[Judged],
+    ttl_ns: i64,
+    long_hold_ns: i64,
+    heal: Option<i64>,
+    clients: u32,
+) -> Findings {
+    let mut f = Findings::default();
+    // Grants in the order they were answered.
+    let mut grants: Vec<(u32, i64, i64, u64)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Grant { c, t_req, t, token, .. } => Some((*c, *t_req, *t, *token)),
+            _ => None,
+        })
+        .collect();
+    grants.sort_by_key(|g| g.2);
+    f.grants = grants.len() as u64;
+
+    // Mutual exclusion over the holders' own view. A holder may act on its lease from the grant
+    // until the first of: its last write (it stops acting there), the moment its loss signal
+    // fired, and the latest deadline (`safe_until`, moved by renewals) it recorded. A client's
+    // events are in the order it recorded them, so each event belongs to its latest grant.
+    #[derive(Default)]
+    struct View {
+        last_write: Option<i64>,
+        lost: Option<i64>,
+        safe_until: i64,
+    }
+    let mut views: HashMap<(u32, i64), View> = HashMap::new();
+    let mut current: HashMap<u32, i64> = HashMap::new();
+    for e in events {
+        let (c, safe_until) = match e {
+            Event::Grant { c, t, safe_until, .. } => {
+                current.insert(*c, *t);
+                (c, *safe_until)
+            }
+            Event::Write { c, safe_until, .. } | Event::Lost { c, safe_until, .. } => (c, *safe_until),
+            _ => continue,
+        };
+        let Some(&g) = current.get(c) else { continue };
+        let v = views.entry((*c, g)).or_default();
+        v.safe_until = v.safe_until.max(safe_until);
+        match e {
+            Event::Write { t_ack, .. } => v.last_write = Some(*t_ack),
+            Event::Lost { t, .. } => v.lost = Some(v.lost.map_or(*t, |l| l.min(*t))),
+            _ => {}
+        }
+    }
+    let last_valid: HashMap<(u32, i64), i64> = views
+        .iter()
+        .filter_map(|(k, v)| {
+            let end = [v.last_write, v.lost, Some(v.safe_until)].into_iter().flatten().min()?;
+            Some((*k, end))
+        })
+        .collect();
+    let mut intervals: Vec<(i64, i64, u32, u64)> = grants
+        .iter()
+        .filter_map(|&(c, _, t, token)| last_valid.get(&(c, t)).map(|&end| (t, end, c, token)))
+        .collect();
+    intervals.sort();
+    let mut reach: Option<(i64, u32, u64)> = None;
+    for &(start, end, c, token) in &intervals {
+        if let Some((r_end, r_c, r_token)) = reach {
+            if start < r_end {
+                f.overlaps += 1;
+                f.note(format!(
+                    "overlap: client {c} (token {token}) granted {:.1} ms before client {r_c} (token {r_token}) stopped counting on its lease",
+                    (r_end - start) as f64 / 1e6
+                ));
+            }
+        }
+        if reach.is_none_or(|r| end > r.0) {
+            reach = Some((end, c, token));
+        }
+    }
+
+    // Token order: everything answered before a request was sent has a lower token.
+    let mut by_req: Vec<&(u32, i64, i64, u64)> = grants.iter().collect();
+    by_req.sort_by_key(|g| g.1);
+    let mut seen: HashMap<u64, u32> = HashMap::new();
+    let (mut i, mut max_before) = (0, None::<u64>);
+    for g in by_req {
+        while i < grants.len() && grants[i].2 < g.1 {
+            max_before = max_before.max(Some(grants[i].3));
+            i += 1;
+        }
+        if let Some(m) = max_before.filter(|&m| m >= g.3) {
+            f.token_violations += 1;
+            f.note(format!("token {} granted to client {} after token {m} had been granted", g.3, g.0));
+        }
+        if let Some(other) = seen.insert(g.3, g.0) {
+            f.token_violations += 1;
+            f.note(format!("token {} granted twice (clients {other} and {})", g.3, g.0));
+        }
+    }
+
+    // Writes: the current holder's (the latest grant answered before the write was judged) must
+    // be accepted; an older holder's must be refused.
+    for j in fence {
+        let latest = grants[..grants.partition_point(|g| g.2 < j.t)].last();
+        let is_current = latest.is_some_and(|g| g.0 == j.client && g.3 == j.token);
+        match (j.accepted, is_current) {
+            (true, false) => {
+                f.stale_accepted += 1;
+                f.note(format!(
+                    "stale write accepted: client {} token {} after client {:?} was granted token {:?}",
+                    j.client,
+                    j.token,
+                    latest.map(|g| g.0),
+                    latest.map(|g| g.3)
+                ));
+            }
+            (false, false) => f.stale_refused += 1,
+            (false, true) => {
+                f.current_refused += 1;
+                f.note(format!(
+                    "client {} holds the newest grant (token {}) but the resource had seen a higher token",
+                    j.client, j.token
+                ));
+            }
+            (true, true) => {}
+        }
+    }
+
+    // Durability: a lease the store disowned before its holder's deadline.
+    for e in events {
+        if let Event::Lost { c, token, t, reason, safe_until } = e {
+            if reason == "NotOwner" && t < safe_until {
+                f.acked_lost += 1;
+                f.note(format!(
+                    "client {c}: store disowned token {token} {:.1} ms before its deadline",
+                    (safe_until - t) as f64 / 1e6
+                ));
+            }
+        }
+    }
+
+    f.longest_unavailable_ms = grants.windows(2).map(|w| (w[1].2 - w[0].2) as f64 / 1e6).fold(0.0, f64::max);
+
+    // Liveness after the last heal.
+    f.live = true;
+    if let Some(h) = heal {
+        let first = grants.iter().find(|g| g.2 > h).map(|g| (g.2 - h) as f64 / 1e6);
+        let mut worst = Some(0.0f64);
+        for c in 0..clients {
+            match grants.iter().find(|g| g.0 == c && g.2 > h) {
+                Some(g) => worst = worst.map(|w| w.max((g.2 - h) as f64 / 1e6)),
+                None => worst = None,
+            }
+        }
+        f.first_grant_after_heal_ms = first;
+        f.recovery_ms = worst;
+        let ttl_ms = ttl_ns as f64 / 1e6;
+        let all_limit = 2.0 * ttl_ms + f64::from(clients.saturating_sub(1)) * long_hold_ns as f64 / 1e6;
+        f.live = first.is_some_and(|v| v <= 2.0 * ttl_ms) && worst.is_some_and(|w| w <= all_limit);
+        if !f.live {
+            f.note(format!(
+                "liveness: after the last heal the first grant came after {first:?} ms (limit {:.0}), \
+                 the last client's after {worst:?} ms (limit {all_limit:.0})",
+                2.0 * ttl_ms
+            ));
+        }
+    }
+    f
+}

@@ -1,0 +1,362 @@
+//! A Jepsen-style safety suite: client processes loop acquire → write → hold → write → release
+//! against one backend while a nemesis injects faults, and checkers go over the merged history
+//! (see `check.rs`). Runs under `cargo test` with the short profile (one fault per case, fixed
+//! seed); by hand with longer runs:
+//!
+//! ```text
+//! cargo test --release -p distlock-server --test faults -- --duration 10m [--only etcd] [--seed 7]
+//! ```
+//!
+//! Prints a table (also written to `target/faults-report.md`) and fails when a case whose backend
+//! promises safety under that fault shows an overlap, a stale write accepted, the current holder
+//! refused, tokens out of order, an acknowledged lease lost, or no recovery within 2 TTLs.
+
+mod check;
+mod client;
+#[path = "../common/mod.rs"]
+mod common;
+mod fence;
+mod history;
+mod proxy;
+mod stores;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+
+use check::Findings;
+use fence::FencedResource;
+use history::now_ns;
+use proxy::{Mode, Proxy};
+use stores::{pause_process, Kind, Store};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Nemesis {
+    /// SIGSTOP the current holder for 2.5 TTLs, then SIGCONT.
+    PauseHolder,
+    /// `kill -9` the store (the etcd leader; the first Redlock master) and start it again.
+    KillStore,
+    /// Cut the current holder off from the store (its proxies drop everything silently).
+    Partition,
+    /// SIGSTOP the store (the etcd leader) for 2.5 TTLs.
+    PauseStore,
+}
+
+impl Nemesis {
+    fn name(self) -> &'static str {
+        match self {
+            Nemesis::PauseHolder => "pause holder (SIGSTOP > TTL)",
+            Nemesis::KillStore => "kill -9 + restart store",
+            Nemesis::Partition => "partition holder from store",
+            Nemesis::PauseStore => "pause store (SIGSTOP > TTL)",
+        }
+    }
+}
+
+struct Case {
+    kind: Kind,
+    nemesis: Nemesis,
+    /// Whether the backend promises mutual exclusion and fencing under this fault.
+    promised: bool,
+}
+
+impl Case {
+    /// Whether the backend promises to serve every waiter soon after a fault heals: not Redlock,
+    /// whose waiters race (no queue across independent masters).
+    fn fair(&self) -> bool {
+        !matches!(self.kind, Kind::Redlock(_) | Kind::Broken)
+    }
+}
+
+fn cases() -> Vec<Case> {
+    use Nemesis::*;
+    let all = [PauseHolder, KillStore, Partition, PauseStore];
+    // First, proof that the checkers catch a lock that excludes nobody.
+    let mut v = vec![Case { kind: Kind::Broken, nemesis: PauseHolder, promised: false }];
+    for n in all {
+        v.push(Case { kind: Kind::Server, nemesis: n, promised: true });
+    }
+    for n in all {
+        // A Redis without persistence forgets every lock and fencing counter when it restarts.
+        v.push(Case { kind: Kind::Redis, nemesis: n, promised: n != KillStore });
+    }
+    for n in [PauseHolder, Partition] {
+        v.push(Case { kind: Kind::Redlock(3), nemesis: n, promised: true });
+    }
+    // A master restarted empty at once is outside Redlock's assumptions (delayed restarts).
+    v.push(Case { kind: Kind::Redlock(3), nemesis: KillStore, promised: false });
+    v.push(Case { kind: Kind::Redlock(5), nemesis: KillStore, promised: false });
+    for n in all {
+        v.push(Case { kind: Kind::Etcd(3), nemesis: n, promised: true });
+    }
+    v
+}
+
+struct Settings {
+    duration: Option<Duration>,
+    only: Option<String>,
+    seed: u64,
+    clients: u32,
+}
+
+fn settings() -> Settings {
+    let mut s = Settings { duration: None, only: None, seed: 1, clients: 3 };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--duration" => s.duration = args.next().and_then(|d| humantime::parse_duration(&d).ok()),
+            "--only" => s.only = args.next(),
+            "--seed" => s.seed = args.next().and_then(|d| d.parse().ok()).unwrap_or(1),
+            "--clients" => s.clients = args.next().and_then(|d| d.parse().ok()).unwrap_or(3),
+            _ => {} // cargo test's own flags
+        }
+    }
+    s
+}
+
+struct Row {
+    backend: String,
+    nemesis: &'static str,
+    promised: bool,
+    fair: bool,
+    faults: u32,
+    findings: Findings,
+}
+
+impl Row {
+    fn live(&self) -> bool {
+        self.findings.live
+    }
+
+    fn passed(&self) -> bool {
+        (!self.promised || self.findings.safe()) && (!self.fair || self.live())
+    }
+}
+
+struct ClientSpec<'a> {
+    url: String,
+    key: &'a str,
+    ttl: Duration,
+    dir: &'a std::path::Path,
+    fence: &'a str,
+    until: i64,
+    seed: u64,
+}
+
+fn spawn_client(c: u32, spec: &ClientSpec) -> Child {
+    let ClientSpec { url, key, ttl, dir, fence, until, seed } = spec;
+    Command::new(std::env::current_exe().expect("own path"))
+        .env("FAULTS_CLIENT", c.to_string())
+        .env("FAULTS_BACKEND", url)
+        .env("FAULTS_KEY", key)
+        .env("FAULTS_TTL_MS", ttl.as_millis().to_string())
+        .env("FAULTS_HOLD_MS", "50")
+        .env("FAULTS_SEED", seed.to_string())
+        .env("FAULTS_UNTIL_NS", until.to_string())
+        .env("FAULTS_FENCE", fence)
+        .env("FAULTS_HISTORY", dir.join(format!("client-{c}.jsonl")))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::File::create(dir.join(format!("client-{c}.err")))
+                .map(Stdio::from)
+                .unwrap_or(Stdio::null()),
+        )
+        .spawn()
+        .expect("spawn a client process")
+}
+
+async fn run_case(case: &Case, s: &Settings, rng: &mut rand::rngs::StdRng) -> Row {
+    let ttl = case.kind.ttl();
+    let fault_len = ttl * 5 / 2;
+    // Long enough for every client to be served after the heal: 2 TTLs plus the long critical
+    // sections of the clients queued ahead.
+    let quiet = ttl * 5;
+    let strike_wait = Duration::from_secs(2);
+    let warmup = Duration::from_millis(1500);
+    let duration =
+        s.duration.unwrap_or(warmup + strike_wait + fault_len + quiet + Duration::from_millis(500));
+    let mut store = tokio::task::block_in_place(|| Store::start(case.kind));
+    let fence = FencedResource::start().await;
+    let ports = store.ports();
+    let mut proxies = Vec::new();
+    for _ in 0..s.clients {
+        let mut mine = Vec::new();
+        for &p in &ports {
+            mine.push(Proxy::start(p).await);
+        }
+        proxies.push(mine);
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let start = now_ns();
+    let until = start + duration.as_nanos() as i64;
+    let key = "faults/the-lock";
+    let mut clients: Vec<Child> = (0..s.clients)
+        .map(|c| {
+            let url = store.url(&proxies[c as usize].iter().map(|p| p.port).collect::<Vec<_>>());
+            spawn_client(
+                c,
+                &ClientSpec { url, key, ttl, dir: dir.path(), fence: &fence.addr, until, seed: s.seed },
+            )
+        })
+        .collect();
+
+    tokio::time::sleep(warmup + Duration::from_millis(rng.random_range(0..300))).await;
+    let mut heal = None;
+    let mut faults = 0;
+    let left = |now: i64| Duration::from_nanos((until - now).max(0) as u64);
+    while left(now_ns()) >= strike_wait + fault_len + quiet {
+        faults += 1;
+        // Strike while a holder is inside a long critical section, if one comes along soon.
+        let since = std::time::Instant::now();
+        let holder = loop {
+            match fence.in_long_hold() {
+                Some(c) => break c,
+                None if since.elapsed() > strike_wait => break fence.last_writer().unwrap_or(0),
+                None => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        } as usize;
+        match case.nemesis {
+            Nemesis::PauseHolder => {
+                pause_process(clients[holder].id(), true);
+                tokio::time::sleep(fault_len).await;
+                pause_process(clients[holder].id(), false);
+            }
+            Nemesis::Partition => {
+                // Alternate a half-open network (requests vanish) and one that resets connections.
+                let mode = if faults % 2 == 1 { Mode::Blackhole } else { Mode::Drop };
+                proxies[holder].iter().for_each(|p| p.set(mode));
+                tokio::time::sleep(fault_len).await;
+                proxies[holder].iter().for_each(|p| p.set(Mode::Pass));
+            }
+            Nemesis::PauseStore => {
+                let i = store.leader().await;
+                store.pause(i, true);
+                tokio::time::sleep(fault_len).await;
+                store.pause(i, false);
+            }
+            Nemesis::KillStore => {
+                let i = store.leader().await;
+                store.kill(i);
+                tokio::time::sleep(if matches!(case.kind, Kind::Etcd(_)) { ttl } else { ttl / 3 }).await;
+                tokio::task::block_in_place(|| store.restart(i));
+            }
+        }
+        heal = Some(now_ns());
+        tokio::time::sleep(quiet + Duration::from_millis(rng.random_range(0..300))).await;
+    }
+    // Clients stop at `until` after their current cycle.
+    let deadline = std::time::Instant::now() + left(now_ns()) + ttl * 6 + Duration::from_secs(5);
+    for c in clients.iter_mut() {
+        loop {
+            match c.try_wait() {
+                Ok(Some(_)) => break,
+                _ if std::time::Instant::now() > deadline => {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+    let paths: Vec<_> = (0..s.clients).map(|c| dir.path().join(format!("client-{c}.jsonl"))).collect();
+    let events = history::load(&paths);
+    for c in 0..s.clients {
+        let err = std::fs::read_to_string(dir.path().join(format!("client-{c}.err"))).unwrap_or_default();
+        if !err.trim().is_empty() {
+            eprintln!("client {c} stderr:\n{err}");
+        }
+    }
+    let long_hold = (ttl * 6 / 5).as_nanos() as i64;
+    let findings = check::check(&events, &fence.log(), ttl.as_nanos() as i64, long_hold, heal, s.clients);
+    Row {
+        backend: case.kind.name(),
+        nemesis: case.nemesis.name(),
+        promised: case.promised,
+        fair: case.fair(),
+        faults,
+        findings,
+    }
+}
+
+fn table(rows: &[Row]) -> String {
+    let mut t = String::from(
+        "| backend | nemesis | safety promised | faults | grants | overlaps | stale writes refused | \
+         stale writes accepted | current holder refused | token order violations | acked leases lost | \
+         longest unavailable ms | after heal: first grant / all clients ms | result |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        let f = &r.findings;
+        let safety = match (f.safe(), r.promised) {
+            (true, _) => "safe",
+            (false, true) => "**UNSAFE: FAILED**",
+            (false, false) => "unsafe (as documented)",
+        };
+        let liveness = match (r.live(), r.fair) {
+            (true, _) => "",
+            (false, true) => ", **LIVENESS FAILED**",
+            (false, false) => ", slow recovery (not fair)",
+        };
+        let ms = |v: Option<f64>| v.map_or("never".into(), |v| format!("{v:.0}"));
+        t.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} / {} | {safety}{liveness} |\n",
+            r.backend,
+            r.nemesis,
+            if r.promised { "yes" } else { "no" },
+            r.faults,
+            f.grants,
+            f.overlaps,
+            f.stale_refused,
+            f.stale_accepted,
+            f.current_refused,
+            f.token_violations,
+            f.acked_lost,
+            f.longest_unavailable_ms,
+            ms(f.first_grant_after_heal_ms),
+            ms(f.recovery_ms),
+        ));
+    }
+    t
+}
+
+fn main() {
+    if std::env::var_os("FAULTS_CLIENT").is_some() {
+        let rt =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+        rt.block_on(client::main());
+        return;
+    }
+    let s = settings();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(s.seed);
+    let mut rows = Vec::new();
+    for case in cases() {
+        let label = format!("{} / {}", case.kind.name(), case.nemesis.name());
+        if s.only.as_ref().is_some_and(|o| !label.contains(o.as_str())) {
+            continue;
+        }
+        eprintln!("faults: {label} ...");
+        let row = rt.block_on(run_case(&case, &s, &mut rng));
+        for e in &row.findings.examples {
+            eprintln!("    {e}");
+        }
+        rows.push(row);
+    }
+    let report = table(&rows);
+    println!("{report}");
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("../faults-report.md");
+    let _ = std::fs::write(&path, &report);
+    let failed: Vec<String> =
+        rows.iter().filter(|r| !r.passed()).map(|r| format!("{} / {}", r.backend, r.nemesis)).collect();
+    assert!(failed.is_empty(), "safety or liveness broken where promised: {failed:?}");
+    for r in rows.iter().filter(|r| r.backend == Kind::Broken.name()) {
+        let f = &r.findings;
+        assert!(
+            f.overlaps > 0 && f.token_violations > 0 && f.stale_accepted > 0,
+            "the checkers missed a lock that excludes nobody: {f:?}"
+        );
+    }
+}
