@@ -15,6 +15,8 @@ needs=(
   etcdctl:etcd-client
   openssl:openssl
   protoc:protobuf-compiler
+  chromium:chromium
+  chromedriver:chromium-driver
 )
 
 missing=()

@@ -3,7 +3,8 @@
 //! Errors are always `{"error":{"code":"...","message":"..."}}` (plus `"holder"` for
 //! `lock_held`) with a stable `code`: `invalid_request` (400), `unauthorized` (401),
 //! `not_found` (404), `payload_too_large` (413), `lock_held` / `lease_lost` (409),
-//! `limit_exceeded` (429), `backend_unavailable` (503), `internal` (500).
+//! `limit_exceeded` (429), `backend_unavailable` (503), `internal` (500); for the operator
+//! routes also `admin_disabled` (403), `not_held` (404) and `not_supported` (501).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -21,6 +23,7 @@ use distlock::{validate, AcquireRequest, Backend, Error, LeaseId, LockInfo};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 
+use crate::events::{self, Kind, SharedEvents};
 use crate::store::EmbeddedStore;
 
 /// Largest request body accepted.
@@ -37,8 +40,14 @@ pub struct AppState {
     pub embedded: Option<Arc<EmbeddedStore>>,
     /// Accepted bearer tokens; `None` turns auth off.
     pub tokens: Option<Arc<HashSet<String>>>,
+    /// Tokens that may force-release locks; `None` disables force-release.
+    pub admin_tokens: Option<Arc<HashSet<String>>>,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
+    /// Live events for the web page.
+    pub events: SharedEvents,
+    /// Turns `true` when the server shuts down (ends event streams).
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The router with every route and layer.
@@ -49,10 +58,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/locks/{key}/acquire", post(acquire))
         .route("/v1/locks/{key}/renew", post(renew))
         .route("/v1/locks/{key}/release", post(release))
+        .route("/v1/locks/{key}/waiters", get(waiters))
+        .route("/v1/info", get(info))
+        .route("/v1/events", get(events_stream))
         .route("/metrics", get(metrics_text))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .merge(api)
+        .route("/v1/admin/locks/{key}/release", post(force_release))
         .route("/", get(index))
         .route("/healthz", get(healthz))
         .route("/openapi.json", get(openapi))
@@ -243,10 +256,24 @@ async fn acquire(
     }
     let holder = body.holder.unwrap_or_default();
     validate::holder(&holder)?;
-    let req =
-        AcquireRequest { key: key.clone(), lease_id: LeaseId::generate(), holder, ttl, wait: Some(wait) };
-    let grant = state.backend.acquire(req).await?;
+    let req = AcquireRequest {
+        key: key.clone(),
+        lease_id: LeaseId::generate(),
+        holder: holder.clone(),
+        ttl,
+        wait: Some(wait),
+    };
+    let grant = match state.backend.acquire(req).await {
+        Ok(g) => g,
+        Err(e) => {
+            if matches!(e, Error::WaitTimeout { .. }) {
+                state.events.publish(Kind::WaitTimeout, &key, Some(&holder), None);
+            }
+            return Err(e.into());
+        }
+    };
     metrics::counter!("distlock_grants_total").increment(1);
+    state.events.publish(Kind::Grant, &key, Some(&holder), Some(grant.fencing_token));
     Ok(Json(LeaseBody::new(key, &grant, started)))
 }
 
@@ -260,7 +287,7 @@ async fn renew(
     let body: RenewBody = parse_required(&body?)?;
     let lease_id = LeaseId::parse(&body.lease_id)?;
     let ttl = checked_ttl(body.ttl_ms)?;
-    let grant = state.backend.renew(&key, &lease_id, ttl).await?;
+    let grant = state.backend.renew(&key, &lease_id, ttl).await.inspect_err(|e| lost(&state, &key, e))?;
     metrics::counter!("distlock_renewals_total").increment(1);
     Ok(Json(LeaseBody::new(key, &grant, started)))
 }
@@ -279,9 +306,145 @@ async fn release(
     let key = checked_key(path)?;
     let body: ReleaseBody = parse_required(&body?)?;
     let lease_id = LeaseId::parse(&body.lease_id)?;
-    state.backend.release(&key, &lease_id).await?;
+    state.backend.release(&key, &lease_id).await.inspect_err(|e| lost(&state, &key, e))?;
     metrics::counter!("distlock_releases_total").increment(1);
+    state.events.publish(Kind::Release, &key, None, None);
     Ok(Json(Released { key, released: true }))
+}
+
+/// Publishes a `lost` event when a renew or release found its lease gone.
+fn lost(state: &AppState, key: &str, e: &Error) {
+    if matches!(e, Error::LeaseLost { .. }) {
+        state.events.publish(Kind::Lost, key, None, None);
+    }
+}
+
+fn embedded(state: &AppState) -> Result<&Arc<EmbeddedStore>, ApiError> {
+    state.embedded.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "not_supported",
+            format!("the {} store does not support this; the embedded store does", state.backend.name()),
+        )
+    })
+}
+
+#[derive(Serialize)]
+struct Waiters {
+    key: String,
+    waiters: Vec<distlock::WaiterInfo>,
+}
+
+/// `GET /v1/locks/{key}/waiters`: the queue of one lock (embedded store only).
+async fn waiters(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Waiters>, ApiError> {
+    let key = checked_key(path)?;
+    let waiters = embedded(&state)?.waiting_on(&key);
+    Ok(Json(Waiters { key, waiters }))
+}
+
+#[derive(Serialize)]
+struct ForceReleased {
+    key: String,
+    released: bool,
+    holder: String,
+    fencing_token: u64,
+}
+
+/// `POST /v1/admin/locks/{key}/release`: frees a lock whoever holds it; needs an admin token.
+async fn force_release(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<ForceReleased>, ApiError> {
+    let Some(admins) = &state.admin_tokens else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "admin_disabled",
+            "force-release is off: start the server with --admin-token-file",
+        ));
+    };
+    if !bearer(&headers).is_some_and(|t| admins.contains(t)) {
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "an admin token is required"));
+    }
+    let key = checked_key(path)?;
+    let Some(lease) = embedded(&state)?.force_release(&key).await? else {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_held", format!("lock {key:?} is not held")));
+    };
+    tracing::warn!(key = %key, holder = %lease.holder, token = lease.fencing_token, "lock force-released by an admin");
+    state.events.publish(Kind::ForceRelease, &key, Some(&lease.holder), Some(lease.fencing_token));
+    Ok(Json(ForceReleased { key, released: true, holder: lease.holder, fencing_token: lease.fencing_token }))
+}
+
+/// Server facts for the web page and scripts.
+fn facts(state: &AppState) -> serde_json::Value {
+    let stats = state.embedded.as_ref().map(|s| s.stats());
+    serde_json::json!({
+        "store": state.backend.name(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": state.events.uptime().as_secs(),
+        "leases": stats.map(|s| s.leases),
+        "waiters": stats.map(|s| s.waiters),
+        "grants_total": state.events.grants_total(),
+        "auth": state.tokens.is_some(),
+        "force_release": state.admin_tokens.is_some() && state.embedded.is_some(),
+    })
+}
+
+/// `GET /v1/info`.
+async fn info(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(facts(&state))
+}
+
+/// `GET /v1/events`: server-sent events (see [`crate::events`]).
+async fn events_stream(
+    State(state): State<AppState>,
+) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(16);
+    let mut sub = state.events.subscribe();
+    let mut stopping = state.stopping.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let (mut ticks, mut last_grants, mut last_at) = (0u64, state.events.grants_total(), Instant::now());
+        let stats = |last_grants: u64, last_at: Instant| {
+            let mut f = facts(&state);
+            let grants = state.events.grants_total();
+            f["grants_per_s"] =
+                serde_json::json!((grants - last_grants) as f64 / last_at.elapsed().as_secs_f64().max(1e-3));
+            (f, grants)
+        };
+        let (f, _) = stats(last_grants, last_at);
+        if tx.send(SseEvent::default().event("stats").data(f.to_string())).await.is_err() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stopping.wait_for(|s| *s) => break,
+            }
+            ticks += 1;
+            let mut batch = Vec::new();
+            let dropped = events::drain(&mut sub, &mut batch, 5_000);
+            if !batch.is_empty() || dropped > 0 {
+                let data = serde_json::json!({"events": batch, "dropped": dropped}).to_string();
+                if tx.send(SseEvent::default().event("events").data(data)).await.is_err() {
+                    break;
+                }
+            }
+            if ticks % 10 == 0 {
+                let (f, grants) = stats(last_grants, last_at);
+                (last_grants, last_at) = (grants, Instant::now());
+                if tx.send(SseEvent::default().event("stats").data(f.to_string())).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) });
+    Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
 async fn status(
@@ -296,6 +459,8 @@ async fn status(
 struct ListQuery {
     #[serde(default)]
     prefix: String,
+    /// At most this many locks (in key order); all when absent.
+    limit: Option<usize>,
 }
 
 #[derive(Serialize)]
@@ -311,7 +476,11 @@ async fn list(
     if q.prefix.len() > validate::MAX_KEY_BYTES || q.prefix.contains('\0') {
         return Err(ApiError::invalid("prefix must be at most 1024 bytes without NUL"));
     }
-    Ok(Json(LockList { locks: state.backend.list(&q.prefix).await? }))
+    let mut locks = state.backend.list(&q.prefix).await?;
+    if let Some(limit) = q.limit {
+        locks.truncate(limit);
+    }
+    Ok(Json(LockList { locks }))
 }
 
 async fn healthz(State(state): State<AppState>) -> Response {
@@ -342,15 +511,19 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route; see /openapi.json")
 }
 
+/// The bearer token of a request, if any.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
 /// Bearer-token check for the API routes when tokens are configured.
 async fn auth(State(state): State<AppState>, headers: HeaderMap, req: Request, next: Next) -> Response {
     if let Some(tokens) = &state.tokens {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        if !given.is_some_and(|t| tokens.contains(t)) {
+        if !bearer(&headers).is_some_and(|t| tokens.contains(t)) {
             return ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",

@@ -4,12 +4,14 @@
 //! - [`bench`]: load generation for benchmarks.
 //! - [`cli`]: the client subcommands, their output and exit codes; [`run`]: `distlock run`.
 //! - [`serve`]: settings and the run loop (listener, store, shutdown).
-//! - [`http`]: the JSON API (routes, errors, auth, metrics).
+//! - [`http`]: the JSON API (routes, errors, auth, metrics) and the web page.
+//! - [`events`]: the live event stream behind the web page.
 //! - [`store`]: the embedded store — the in-process lease table made durable by [`wal`].
 //! - [`wal`]: the write-ahead log with group commit, snapshots and crash recovery.
 
 pub mod bench;
 pub mod cli;
+pub mod events;
 pub mod http;
 pub mod run;
 pub mod serve;

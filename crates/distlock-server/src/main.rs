@@ -187,6 +187,10 @@ struct ServeArgs {
     /// File of bearer tokens, one per line; when given, every /v1 call and /metrics needs one.
     #[arg(long, env = "DISTLOCK_AUTH_TOKEN_FILE")]
     auth_token_file: Option<PathBuf>,
+    /// File of admin tokens, one per line: they may force-release any lock (web page, or
+    /// POST /v1/admin/locks/{key}/release). Without it force-release is off.
+    #[arg(long, env = "DISTLOCK_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
     /// Most leases held at once (more acquires answer 429).
     #[arg(long, env = "DISTLOCK_MAX_LEASES", default_value_t = 1_000_000)]
     max_leases: u64,
@@ -291,6 +295,7 @@ fn main() -> ExitCode {
                     data_dir: a.data_dir,
                     store: a.store,
                     auth_token_file: a.auth_token_file,
+                    admin_token_file: a.admin_token_file,
                     limits: Limits { max_leases: a.max_leases, max_waiters: a.max_waiters },
                     compact_bytes: a.compact_bytes,
                     shutdown_grace: a.shutdown_grace,

@@ -11,6 +11,9 @@ use anyhow::Context;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
+use distlock::TableEvent;
+
+use crate::events::{Events, Kind};
 use crate::http::{router, AppState};
 use crate::store::{EmbeddedStore, Limits};
 
@@ -25,6 +28,8 @@ pub struct ServeConfig {
     pub store: Option<String>,
     /// File of accepted bearer tokens, one per line.
     pub auth_token_file: Option<PathBuf>,
+    /// File of admin tokens (force-release), one per line; `None` disables force-release.
+    pub admin_token_file: Option<PathBuf>,
     /// Lease and waiter caps.
     pub limits: Limits,
     /// Log segment size that triggers compaction.
@@ -87,12 +92,35 @@ pub async fn run(
             (distlock::backend::open(url).await.with_context(|| format!("opening store {url}"))?, None)
         }
     };
-    let state = AppState { backend: backend.clone(), embedded, tokens, metrics: metrics_handle()? };
+    let admin_tokens = match &config.admin_token_file {
+        Some(path) => Some(Arc::new(read_tokens(path)?)),
+        None => None,
+    };
+    let events = Arc::new(Events::default());
+    if let Some(store) = &embedded {
+        let events = events.clone();
+        store.observe(Arc::new(move |event| match event {
+            TableEvent::Expired(lease) => {
+                events.publish(Kind::Expiry, &lease.key, Some(&lease.holder), Some(lease.fencing_token))
+            }
+            TableEvent::Queued { key, holder } => events.publish(Kind::Wait, key, Some(holder), None),
+        }));
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let state = AppState {
+        backend: backend.clone(),
+        embedded,
+        tokens,
+        admin_tokens,
+        metrics: metrics_handle()?,
+        events,
+        stopping: stop_rx.clone(),
+    };
     let listener =
         TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, store = backend.name(), auth = state.tokens.is_some(), "distlock server listening");
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let mut stop_rx = stop_rx;
     let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
         shutdown.await;
         tracing::info!("shutting down: no new connections; finishing requests in flight");

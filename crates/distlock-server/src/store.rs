@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use distlock::async_trait;
-use distlock::{AcquireRequest, Backend, Error, Grant, LeaseId, LockInfo, MemoryBackend, SavedLease};
+use distlock::{
+    AcquireRequest, Backend, Error, Grant, LeaseId, LockInfo, MemoryBackend, Observer, SavedLease, WaiterInfo,
+};
 
 use crate::wal::{self, Record, Wal, WalError, WalStats};
 
@@ -95,6 +97,24 @@ impl EmbeddedStore {
             syncs_total: self.wal_stats.syncs.load(Ordering::Relaxed),
             records_total: self.wal_stats.records.load(Ordering::Relaxed),
         }
+    }
+
+    /// Frees `key` whoever holds it (the admin force-release) and logs it like a release.
+    /// Returns the lease it removed, `None` when the key was not held.
+    pub async fn force_release(&self, key: &str) -> distlock::Result<Option<SavedLease>> {
+        let Some(lease) = self.memory.force_release(key) else { return Ok(None) };
+        self.log(Record::Release { key: key.to_owned(), lease_id: lease.lease_id.clone() }).await?;
+        Ok(Some(lease))
+    }
+
+    /// The callers waiting for `key`, first in line first.
+    pub fn waiting_on(&self, key: &str) -> Vec<WaiterInfo> {
+        self.memory.waiting_on(key)
+    }
+
+    /// Calls `observer` with every expiry and every caller that joins a queue.
+    pub fn observe(&self, observer: Observer) {
+        self.memory.observe(observer);
     }
 
     async fn log(&self, record: Record) -> distlock::Result<()> {

@@ -29,6 +29,8 @@ pub struct Entry {
     pub ttl: Duration,
     /// The lease is live while `now < expires_at`.
     pub expires_at: Instant,
+    /// When the key was granted to this lease (or restored from disk).
+    pub granted_at: Instant,
 }
 
 /// Held locks and their deadlines. See the module documentation.
@@ -90,6 +92,7 @@ impl LeaseTable {
             holder: holder.to_owned(),
             ttl,
             expires_at: now + ttl,
+            granted_at: now,
         };
         self.expirations.insert((entry.expires_at, key.to_owned()));
         self.locks.insert(key.to_owned(), entry);
@@ -120,20 +123,30 @@ impl LeaseTable {
         }
     }
 
-    /// Removes every lease whose deadline is at or before `now` and returns their keys, earliest
-    /// deadline first.
-    pub fn purge_expired(&mut self, now: Instant) -> Vec<String> {
+    /// Removes every lease whose deadline is at or before `now` and returns them with their keys,
+    /// earliest deadline first.
+    pub fn purge_expired(&mut self, now: Instant) -> Vec<(String, Entry)> {
         let mut expired = Vec::new();
         while let Some((when, _)) = self.expirations.first() {
             if *when > now {
                 break;
             }
             if let Some((_, key)) = self.expirations.pop_first() {
-                self.locks.remove(&key);
-                expired.push(key);
+                if let Some(entry) = self.locks.remove(&key) {
+                    expired.push((key, entry));
+                }
             }
         }
         expired
+    }
+
+    /// Frees `key` whoever holds it (an operator's override) and returns the lease it removed.
+    /// The token counter is untouched: the next grant still gets a higher token.
+    pub fn force_release(&mut self, key: &str, now: Instant) -> Option<Entry> {
+        self.live(key, now)?;
+        let entry = self.locks.remove(key)?;
+        self.expirations.remove(&(entry.expires_at, key.to_owned()));
+        Some(entry)
     }
 
     /// The earliest deadline in the table.
@@ -187,5 +200,6 @@ fn entry_info(key: &str, e: &Entry, now: Instant) -> LockInfo {
         fencing_token: Some(e.fencing_token),
         expires_in: Some(e.expires_at.saturating_duration_since(now)),
         waiters: 0,
+        held_for: Some(now.saturating_duration_since(e.granted_at)),
     }
 }

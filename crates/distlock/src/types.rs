@@ -131,6 +131,10 @@ pub struct LockInfo {
     pub expires_in: Option<Duration>,
     /// How many callers wait for the key (where the backend can count them).
     pub waiters: u64,
+    /// How long the current holder has held the key, where the store knows (the lock server's
+    /// embedded store and `memory://`; counted from the server's restart for restored leases).
+    #[serde(default, with = "millis_opt", rename = "held_for_ms")]
+    pub held_for: Option<Duration>,
 }
 
 impl LockInfo {
@@ -143,6 +147,7 @@ impl LockInfo {
             fencing_token: None,
             expires_in: None,
             waiters,
+            held_for: None,
         }
     }
 }

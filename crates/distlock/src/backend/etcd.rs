@@ -466,6 +466,7 @@ impl Backend for EtcdBackend {
             fencing_token: Some(owner.create_revision() as u64),
             expires_in: Some(Duration::from_secs(left.max(0) as u64)),
             waiters: resp.kvs().len() as u64 - 1,
+            held_for: None,
         })
     }
 

@@ -48,6 +48,38 @@ struct State {
     queues: HashMap<String, VecDeque<Waiter>>,
     shutdown: bool,
     expired_total: u64,
+    observer: Option<Observer>,
+}
+
+/// Something the table did on its own or that a caller cannot see from its answer.
+#[derive(Debug, Clone, Copy)]
+pub enum TableEvent<'a> {
+    /// A lease ran out its TTL.
+    Expired(&'a SavedLease),
+    /// A caller joined the queue of a held key.
+    Queued {
+        /// The key.
+        key: &'a str,
+        /// The waiter's holder label.
+        holder: &'a str,
+    },
+}
+
+/// Called with every [`TableEvent`], under the table's lock: keep it short (e.g. a channel send).
+pub type Observer = Arc<dyn Fn(TableEvent<'_>) + Send + Sync>;
+
+/// A caller waiting for a key, as [`MemoryBackend::waiting_on`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct WaiterInfo {
+    /// The waiter's holder label.
+    pub holder: String,
+    /// How long it has waited so far.
+    #[serde(rename = "waiting_ms", serialize_with = "as_millis")]
+    pub waiting: Duration,
+}
+
+fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis() as u64)
 }
 
 /// A lease as saved to disk by a durable store built on this backend.
@@ -83,6 +115,7 @@ struct Waiter {
     lease_id: LeaseId,
     holder: String,
     ttl: Duration,
+    since: Instant,
     tx: oneshot::Sender<Grant>,
 }
 
@@ -114,6 +147,7 @@ impl MemoryBackend {
                     holder: l.holder,
                     ttl,
                     expires_at: now + ttl,
+                    granted_at: now,
                 };
                 s.table.restore(l.key, entry);
             }
@@ -149,6 +183,43 @@ impl MemoryBackend {
             s.hand_off(key, now);
             Ok(())
         })
+    }
+
+    /// Frees `key` whoever holds it — an operator's override — and hands it to the next waiter.
+    /// Returns the lease it removed (`None` when the key was not held). The token counter is not
+    /// touched; the old holder's next renew or release gets [`Error::LeaseLost`].
+    pub fn force_release(&self, key: &str) -> Option<SavedLease> {
+        let now = Instant::now();
+        self.shared.with_state(now, |s| {
+            let e = s.table.force_release(key, now)?;
+            s.hand_off(key, now);
+            Some(SavedLease {
+                key: key.to_owned(),
+                lease_id: e.lease_id,
+                holder: e.holder,
+                ttl_ms: e.ttl.as_millis() as u64,
+                fencing_token: e.fencing_token,
+            })
+        })
+    }
+
+    /// The callers waiting for `key`, first in line first.
+    pub fn waiting_on(&self, key: &str) -> Vec<WaiterInfo> {
+        let now = Instant::now();
+        self.shared.with_state(now, |s| {
+            s.queues.get(key).map_or_else(Vec::new, |q| {
+                q.iter()
+                    .filter(|w| !w.tx.is_closed())
+                    .map(|w| WaiterInfo { holder: w.holder.clone(), waiting: now - w.since })
+                    .collect()
+            })
+        })
+    }
+
+    /// Calls `observer` with every [`TableEvent`] from now on (one observer; a second call
+    /// replaces the first).
+    pub fn observe(&self, observer: Observer) {
+        self.shared.lock().observer = Some(observer);
     }
 
     /// Entries in the table (cheap; for limits).
@@ -214,9 +285,18 @@ impl Shared {
 impl State {
     /// Expires due leases and hands each freed key to its next waiter.
     fn purge(&mut self, now: Instant) {
-        for key in self.table.purge_expired(now) {
+        for (key, entry) in self.table.purge_expired(now) {
             tracing::debug!(key = %key, "lease expired");
             self.expired_total += 1;
+            if let Some(observe) = &self.observer {
+                observe(TableEvent::Expired(&SavedLease {
+                    key: key.clone(),
+                    lease_id: entry.lease_id,
+                    holder: entry.holder,
+                    ttl_ms: entry.ttl.as_millis() as u64,
+                    fencing_token: entry.fencing_token,
+                }));
+            }
             self.hand_off(&key, now);
         }
     }
@@ -247,6 +327,9 @@ impl State {
     }
 
     fn enqueue(&mut self, key: &str, waiter: Waiter) {
+        if let Some(observe) = &self.observer {
+            observe(TableEvent::Queued { key, holder: &waiter.holder });
+        }
         let queue = self.queues.entry(key.to_owned()).or_default();
         queue.push_back(waiter);
         // Waiters that timed out stay in the queue until skipped; sweep them when the queue
@@ -338,6 +421,7 @@ impl Backend for MemoryBackend {
                         lease_id: req.lease_id.clone(),
                         holder: req.holder.clone(),
                         ttl: req.ttl,
+                        since: started,
                         tx,
                     };
                     s.enqueue(&req.key, waiter);

@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use crate::error::{Error, Result};
 use crate::types::{AcquireRequest, Grant, LeaseId, LockInfo};
 
-pub use memory::{MemoryBackend, MemoryStats, SavedLease};
+pub use memory::{MemoryBackend, MemoryStats, Observer, SavedLease, TableEvent, WaiterInfo};
 
 /// The URL schemes this build can open.
 pub const SCHEMES: &str = match (cfg!(feature = "http"), cfg!(feature = "redis"), cfg!(feature = "etcd")) {

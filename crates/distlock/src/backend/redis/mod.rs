@@ -187,6 +187,7 @@ impl Store {
             fencing_token: Some(token),
             expires_in: Some(Duration::from_millis(pttl.max(0) as u64)),
             waiters,
+            held_for: None,
         })
     }
 
