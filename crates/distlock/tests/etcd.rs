@@ -192,65 +192,10 @@ async fn unreachable_cluster_is_unavailable() {
 #[tokio::test]
 async fn tls_with_a_ca_file() {
     use std::process::{Command, Stdio};
-    let openssl = support::require_binary("openssl", "openssl");
     let etcd_bin = support::require_binary("etcd", "etcd-server");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let sh = |args: &[&str]| {
-        let ok = Command::new(&openssl)
-            .current_dir(d)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(ok.success(), "openssl {args:?}");
-    };
-    sh(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=distlock-test-ca",
-    ]);
-    sh(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    std::fs::write(d.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    sh(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "1",
-        "-extfile",
-        "ext.cnf",
-    ]);
+    support::make_certs(d);
     let (port, peer) = (support::free_port(), support::free_port());
     let client_url = format!("https://127.0.0.1:{port}");
     let peer_url = format!("http://127.0.0.1:{peer}");

@@ -254,3 +254,60 @@ async fn bad_urls_are_invalid_input() {
         assert!(matches!(err, Error::InvalidInput(_)), "{url}: {err:?}");
     }
 }
+
+#[tokio::test]
+async fn tls_with_a_ca_and_a_client_certificate() {
+    use std::process::{Command, Stdio};
+    let bin = support::require_binary("redis-server", "redis-server");
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path();
+    support::make_certs(d);
+    let port = support::free_port();
+    let path = |f: &str| d.join(f).display().to_string();
+    let mut child = Command::new(bin)
+        .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--tls-cert-file", &path("server.pem"), "--tls-key-file", &path("server.key")])
+        .args(["--tls-ca-cert-file", &path("ca.pem"), "--tls-auth-clients", "yes"])
+        .args(["--save", "", "--appendonly", "no", "--dir", &path("")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start a TLS redis-server");
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(10), "TLS redis-server did not start");
+        tokio::time::sleep(ms(20)).await;
+    }
+    let base = format!("rediss://127.0.0.1:{port}?timeout=2s&ca={}", path("ca.pem"));
+    let url = format!("{base}&cert={}&key={}", path("client.pem"), path("client.key"));
+
+    let locker = Locker::open(&url).await.expect("open rediss://");
+    let opts = AcquireOptions::new().ttl(Duration::from_secs(5));
+    let lease = locker.acquire("tls", &opts).await.expect("acquire over TLS");
+    assert!(matches!(locker.acquire("tls", &opts).await, Err(Error::Held { .. })));
+    let first = lease.fencing_token();
+    lease.release().await.expect("release over TLS");
+    assert!(locker.acquire("tls", &opts).await.expect("again").fencing_token() > first);
+
+    // Redis asks for a client certificate: without one the connection is refused.
+    let no_cert = Locker::open(&base).await.expect("open");
+    assert!(matches!(no_cert.acquire("tls", &opts).await, Err(Error::Unavailable(_))));
+    // A CA that did not sign the server's certificate: refused too.
+    let other = tempfile::tempdir().expect("dir");
+    support::make_certs(other.path());
+    let wrong = url.replace(&path("ca.pem"), &other.path().join("ca.pem").display().to_string());
+    assert!(matches!(
+        Locker::open(&wrong).await.expect("open").acquire("x", &opts).await,
+        Err(Error::Unavailable(_))
+    ));
+    // TLS files on a plain URL, half a client certificate, a missing file: bad input, at once.
+    for bad in [
+        format!("redis://127.0.0.1:{port}?ca={}", path("ca.pem")),
+        format!("rediss://127.0.0.1:{port}?cert={}", path("client.pem")),
+        format!("rediss://127.0.0.1:{port}?ca={}", path("missing.pem")),
+    ] {
+        assert!(matches!(Locker::open(&bad).await, Err(Error::InvalidInput(_))), "{bad}");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -67,8 +67,8 @@ pub trait Backend: Send + Sync + 'static {
 /// Opens the backend a URL names.
 ///
 /// Supported: `memory://` (a fresh in-process table), `http://` (a `distlock serve` server, see
-/// [`http`]), `redis://` (one Redis; `rediss://` needs a build of the redis crate with TLS, not enabled yet; see
-/// [`redis`]), `redlock://` (a majority of several masters, see [`redis::redlock`]). Must be called inside a Tokio runtime.
+/// [`http`]), `redis://` (one Redis; `rediss://` with TLS; see [`redis`]), `redlock://` (a
+/// majority of several masters; `redlocks://` with TLS; see [`redis::redlock`]), `etcd://`. Must be called inside a Tokio runtime.
 pub async fn open(url: &str) -> Result<Arc<dyn Backend>> {
     let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
     match scheme {
@@ -80,7 +80,7 @@ pub async fn open(url: &str) -> Result<Arc<dyn Backend>> {
         #[cfg(feature = "redis")]
         "redis" | "rediss" => Ok(Arc::new(redis::RedisBackend::open(redis::RedisConfig::parse(url)?).await?)),
         #[cfg(feature = "redis")]
-        "redlock" => Ok(Arc::new(
+        "redlock" | "redlocks" => Ok(Arc::new(
             redis::redlock::RedlockBackend::open(redis::redlock::RedlockConfig::parse(url)?).await?,
         )),
         "" => Err(Error::InvalidInput(format!("{url:?} is not a backend URL; expected e.g. memory://"))),

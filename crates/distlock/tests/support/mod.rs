@@ -297,3 +297,61 @@ impl Drop for EtcdCluster {
         }
     }
 }
+
+/// Writes a test CA (`ca.pem`, `ca.key`), a server certificate for 127.0.0.1 (`server.pem`,
+/// `server.key`) and a client certificate (`client.pem`, `client.key`), both signed by the CA,
+/// into `dir`, with the `openssl` command.
+pub fn make_certs(dir: &std::path::Path) {
+    let openssl = require_binary("openssl", "openssl");
+    let sh = |args: &[&str]| {
+        let ok = Command::new(&openssl)
+            .current_dir(dir)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run openssl");
+        assert!(ok.success(), "openssl {args:?}");
+    };
+    let days = ["-days", "1"];
+    sh(&[
+        &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem"][..],
+        &days,
+        &["-subj", "/CN=distlock-test-ca"],
+    ]
+    .concat());
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").expect("ext.cnf");
+    for name in ["server", "client"] {
+        let (key, csr, pem) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"));
+        sh(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        sh(&[
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+            ][..],
+            &days,
+            &["-extfile", "ext.cnf"],
+        ]
+        .concat());
+    }
+}

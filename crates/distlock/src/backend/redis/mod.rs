@@ -1,5 +1,6 @@
-//! The single-Redis backend: `redis://[user:password@]host:port[/db][?prefix=P&timeout=D]`
-//! (`rediss://` for TLS where the redis crate is built with it).
+//! The single-Redis backend: `redis://[user:password@]host:port[/db][?prefix=P&timeout=D]`,
+//! or `rediss://…` for TLS (rustls): the system's root certificates, or `ca=PATH` (a PEM file),
+//! and `cert=PATH&key=PATH` for a client certificate when Redis asks for one.
 //!
 //! One Lua script per operation ([`scripts`]): acquire sets the lock and increments the key's
 //! fencing counter in the same step; renew is compare-and-PEXPIRE; release is compare-and-delete.
@@ -34,9 +35,43 @@ pub struct RedisConfig {
     pub prefix: String,
     /// Bound on every call to Redis (`timeout` parameter, e.g. `500ms`; default 2 s).
     pub timeout: Duration,
+    /// PEM files for TLS (`ca`, `cert`, `key` parameters; `rediss://` only).
+    pub tls: TlsFiles,
     /// How long a waiter's place in the queue lasts unless refreshed: a waiter that crashed
     /// holds up the queue at most this long (`queue_ttl` parameter; default 6 s).
     pub queue_ttl: Duration,
+}
+
+/// PEM files for a `rediss://` connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// CA certificates to trust instead of the system's roots.
+    pub ca: Option<String>,
+    /// Client certificate (with `key`), for servers that verify clients.
+    pub cert: Option<String>,
+    /// The client certificate's private key.
+    pub key: Option<String>,
+}
+
+impl TlsFiles {
+    fn any(&self) -> bool {
+        self.ca.is_some() || self.cert.is_some() || self.key.is_some()
+    }
+
+    /// Reads the files into what the redis crate takes.
+    fn load(&self) -> Result<redis::TlsCertificates> {
+        let read = |path: &str| {
+            std::fs::read(path).map_err(|e| Error::InvalidInput(format!("cannot read {path}: {e}")))
+        };
+        let client_tls = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                Some(redis::ClientTlsConfig { client_cert: read(cert)?, client_key: read(key)? })
+            }
+            (None, None) => None,
+            _ => return Err(Error::InvalidInput("cert= and key= go together".into())),
+        };
+        Ok(redis::TlsCertificates { client_tls, root_cert: self.ca.as_deref().map(read).transpose()? })
+    }
 }
 
 impl RedisConfig {
@@ -56,6 +91,7 @@ impl RedisConfig {
             prefix: "distlock".to_owned(),
             timeout: Duration::from_secs(2),
             queue_ttl: Duration::from_secs(6),
+            tls: TlsFiles::default(),
         };
         let mut passthrough = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -69,11 +105,17 @@ impl RedisConfig {
                 "prefix" => config.prefix = value.to_owned(),
                 "timeout" => config.timeout = duration()?,
                 "queue_ttl" => config.queue_ttl = duration()?.max(Duration::from_millis(300)),
+                "ca" => config.tls.ca = Some(value.to_owned()),
+                "cert" => config.tls.cert = Some(value.to_owned()),
+                "key" => config.tls.key = Some(value.to_owned()),
                 _ => passthrough.push(pair),
             }
         }
         if !passthrough.is_empty() {
             config.url = format!("{base}?{}", passthrough.join("&"));
+        }
+        if config.tls.any() && !base.starts_with("rediss://") {
+            return Err(Error::InvalidInput("ca=, cert= and key= need a rediss:// URL".into()));
         }
         if config.prefix.is_empty() || config.prefix.contains(['{', '}', '\0']) {
             return Err(Error::InvalidInput(
@@ -111,8 +153,12 @@ struct LockKeys {
 impl RedisBackend {
     /// Connects lazily: an unreachable Redis shows up as [`Error::Unavailable`] on first use.
     pub async fn open(config: RedisConfig) -> Result<RedisBackend> {
-        let client = redis::Client::open(config.url.as_str())
-            .map_err(|e| Error::InvalidInput(format!("bad redis URL: {e}")))?;
+        let client = if config.tls.any() {
+            redis::Client::build_with_tls(config.url.as_str(), config.tls.load()?)
+        } else {
+            redis::Client::open(config.url.as_str())
+        }
+        .map_err(|e| Error::InvalidInput(format!("bad redis URL: {e}")))?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.timeout))
             .set_response_timeout(Some(config.timeout))

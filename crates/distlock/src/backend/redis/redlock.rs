@@ -1,5 +1,6 @@
 //! Redlock over several independent Redis masters:
-//! `redlock://[user:password@]host1:6379,host2:6379,host3:6379[/db][?prefix=P&timeout=D&drift=F]`.
+//! `redlock://[user:password@]host1:6379,host2:6379,host3:6379[/db][?prefix=P&timeout=D&drift=F]`
+//! (`redlocks://` for TLS to every master; `ca=`, `cert=`, `key=` as for `rediss://`).
 //!
 //! Acquire sets the lock on every master in parallel and succeeds when a majority granted it
 //! within the validity time (TTL − elapsed − drift, drift = TTL × `drift` (default 0.01) + 2 ms);
@@ -60,9 +61,11 @@ impl RedlockConfig {
     /// assert_eq!(c.drift_factor, 0.02);
     /// ```
     pub fn parse(url: &str) -> Result<RedlockConfig> {
-        let rest = url
-            .strip_prefix("redlock://")
-            .ok_or_else(|| Error::InvalidInput(format!("{url:?} is not a redlock:// URL")))?;
+        let (scheme, rest) = match (url.strip_prefix("redlock://"), url.strip_prefix("redlocks://")) {
+            (Some(rest), _) => ("redis", rest),
+            (_, Some(rest)) => ("rediss", rest),
+            _ => return Err(Error::InvalidInput(format!("{url:?} is not a redlock:// URL"))),
+        };
         let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
         let (auth, rest) = match rest.rsplit_once('@') {
             Some((auth, hosts)) => (format!("{auth}@"), hosts),
@@ -93,7 +96,7 @@ impl RedlockConfig {
                 if host.is_empty() {
                     return Err(Error::InvalidInput(format!("empty host in {url:?}")));
                 }
-                RedisConfig::parse(&format!("redis://{auth}{host}{db}{query}"))
+                RedisConfig::parse(&format!("{scheme}://{auth}{host}{db}{query}"))
             })
             .collect::<Result<Vec<_>>>()?;
         if nodes.len() < 3 {
