@@ -32,7 +32,6 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub const MAX_WAIT: Duration = Duration::from_secs(3600);
 
 /// What every handler shares.
-#[derive(Clone)]
 pub struct AppState {
     /// The store locks live in.
     pub backend: Arc<dyn Backend>,
@@ -52,6 +51,8 @@ pub struct AppState {
 
 /// The router with every route and layer.
 pub fn router(state: AppState) -> Router {
+    // One shared state: every request clones an `Arc`, not the fields.
+    let state = Arc::new(state);
     let api = Router::new()
         .route("/v1/locks", get(list))
         .route("/v1/locks/{key}", get(status))
@@ -242,7 +243,7 @@ impl LeaseBody {
 }
 
 async fn acquire(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     path: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<LeaseBody>, ApiError> {
@@ -278,7 +279,7 @@ async fn acquire(
 }
 
 async fn renew(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     path: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<LeaseBody>, ApiError> {
@@ -299,7 +300,7 @@ struct Released {
 }
 
 async fn release(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     path: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Released>, ApiError> {
@@ -337,7 +338,7 @@ struct Waiters {
 
 /// `GET /v1/locks/{key}/waiters`: the queue of one lock (embedded store only).
 async fn waiters(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Waiters>, ApiError> {
     let key = checked_key(path)?;
@@ -355,7 +356,7 @@ struct ForceReleased {
 
 /// `POST /v1/admin/locks/{key}/release`: frees a lock whoever holds it; needs an admin token.
 async fn force_release(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<ForceReleased>, ApiError> {
@@ -394,13 +395,13 @@ fn facts(state: &AppState) -> serde_json::Value {
 }
 
 /// `GET /v1/info`.
-async fn info(State(state): State<AppState>) -> Json<serde_json::Value> {
+async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     Json(facts(&state))
 }
 
 /// `GET /v1/events`: server-sent events (see [`crate::events`]).
 async fn events_stream(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(16);
     let mut sub = state.events.subscribe();
@@ -448,7 +449,7 @@ async fn events_stream(
 }
 
 async fn status(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<LockInfo>, ApiError> {
     let key = checked_key(path)?;
@@ -469,7 +470,7 @@ struct LockList {
 }
 
 async fn list(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<LockList>, ApiError> {
     let Query(q) = query.map_err(|r| ApiError::invalid(r.body_text()))?;
@@ -483,11 +484,11 @@ async fn list(
     Ok(Json(LockList { locks }))
 }
 
-async fn healthz(State(state): State<AppState>) -> Response {
+async fn healthz(State(state): State<Arc<AppState>>) -> Response {
     (StatusCode::OK, Json(serde_json::json!({"status": "ok", "store": state.backend.name()}))).into_response()
 }
 
-async fn metrics_text(State(state): State<AppState>) -> Response {
+async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
     if let Some(store) = &state.embedded {
         let s = store.stats();
         metrics::gauge!("distlock_leases").set(s.leases as f64);
@@ -521,7 +522,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Bearer-token check for the API routes when tokens are configured.
-async fn auth(State(state): State<AppState>, headers: HeaderMap, req: Request, next: Next) -> Response {
+async fn auth(State(state): State<Arc<AppState>>, headers: HeaderMap, req: Request, next: Next) -> Response {
     if let Some(tokens) = &state.tokens {
         if !bearer(&headers).is_some_and(|t| tokens.contains(t)) {
             return ApiError::new(

@@ -332,7 +332,10 @@ impl Wal {
             compact_bytes,
             stats: stats.clone(),
         };
-        tokio::spawn(run_writer(Arc::new(std::sync::Mutex::new(writer)), rx));
+        std::thread::Builder::new()
+            .name("distlock-wal".into())
+            .spawn(move || run_writer(writer, rx))
+            .map_err(|e| WalError::Closed(format!("cannot start the log writer thread: {e}")))?;
         Ok((Wal { tx }, stats))
     }
 
@@ -358,23 +361,25 @@ struct Writer {
     stats: Arc<WalStats>,
 }
 
-/// The writer task: takes every append queued, writes and syncs them as one batch on a blocking
-/// thread, then answers each. After a failure it answers every later append with the error.
-async fn run_writer(writer: Arc<std::sync::Mutex<Writer>>, mut rx: mpsc::Receiver<Append>) {
+/// The writer thread: takes every append queued, writes and syncs them as one batch, then
+/// answers each. After a failure it answers every later append with the error. A dedicated
+/// thread (not a task plus a blocking-pool hand-off per batch) keeps one thread switch per batch.
+fn run_writer(mut writer: Writer, mut rx: mpsc::Receiver<Append>) {
     let mut failed: Option<String> = None;
     let mut batch = Vec::new();
-    while rx.recv_many(&mut batch, 4096).await > 0 {
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < 4096 {
+            match rx.try_recv() {
+                Ok(a) => batch.push(a),
+                Err(_) => break,
+            }
+        }
         let result = match &failed {
             Some(e) => Err(e.clone()),
             None => {
-                let records: Vec<Record> = batch.iter().map(|a| a.record.clone()).collect();
-                let writer = writer.clone();
-                let written = tokio::task::spawn_blocking(move || match writer.lock() {
-                    Ok(mut w) => w.write(&records).map_err(|e| e.to_string()),
-                    Err(_) => Err("writer state poisoned by an earlier failure".to_owned()),
-                })
-                .await;
-                written.unwrap_or_else(|e| Err(format!("writer thread failed: {e}")))
+                let records: Vec<&Record> = batch.iter().map(|a| &a.record).collect();
+                writer.write(&records).map_err(|e| e.to_string())
             }
         };
         if let Err(e) = &result {
@@ -391,7 +396,7 @@ async fn run_writer(writer: Arc<std::sync::Mutex<Writer>>, mut rx: mpsc::Receive
 
 impl Writer {
     /// Writes and syncs one batch; rolls to a new segment with a snapshot when due.
-    fn write(&mut self, records: &[Record]) -> Result<(), WalError> {
+    fn write(&mut self, records: &[&Record]) -> Result<(), WalError> {
         let path = segment_path(&self.dir, self.segment);
         let mut buf = Vec::with_capacity(records.len() * 160);
         for r in records {
