@@ -41,6 +41,7 @@ pub struct EmbeddedStore {
     wal_stats: Arc<WalStats>,
     limits: Limits,
     waiting: AtomicU64,
+    _dir_lock: wal::DirLock,
 }
 
 /// Counts for metrics.
@@ -63,6 +64,7 @@ impl EmbeddedStore {
     /// segment size after which the log is compacted into a snapshot.
     pub fn open(dir: &Path, limits: Limits, compact_bytes: u64) -> Result<EmbeddedStore, WalError> {
         let started = std::time::Instant::now();
+        let dir_lock = wal::lock_dir(dir)?;
         let (recovered, next, replayed_bytes) = wal::recover(dir)?;
         let replayed = started.elapsed();
         let restored = recovered.leases.len();
@@ -84,7 +86,7 @@ impl EmbeddedStore {
             snapshot_ms = (started.elapsed() - loaded).as_millis() as u64,
             "embedded store recovered"
         );
-        Ok(EmbeddedStore { memory, wal, wal_stats, limits, waiting: AtomicU64::new(0) })
+        Ok(EmbeddedStore { memory, wal, wal_stats, limits, waiting: AtomicU64::new(0), _dir_lock: dir_lock })
     }
 
     /// Counts for metrics.

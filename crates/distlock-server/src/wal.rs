@@ -70,6 +70,9 @@ pub enum WalError {
         /// What was wrong.
         reason: String,
     },
+    /// Another process has the data directory open.
+    #[error("{0} is in use by another distlock server (it holds the lock on {0}/LOCK); two servers on one data directory would each grant the same locks")]
+    InUse(PathBuf),
     /// A previous write failed; the log accepts nothing more.
     #[error("the write-ahead log failed earlier and is closed: {0}")]
     Closed(String),
@@ -194,6 +197,27 @@ fn snapshot_path(dir: &Path, n: u64) -> PathBuf {
 
 fn sync_dir(dir: &Path) -> Result<(), WalError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+}
+
+/// Takes the data directory for this process: an exclusive `flock` on `dir/LOCK`, held as long
+/// as the returned guard lives (the kernel drops it when the process dies, even by `kill -9`).
+pub fn lock_dir(dir: &Path) -> Result<DirLock, WalError> {
+    use nix::fcntl::{Flock, FlockArg};
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let path = dir.join("LOCK");
+    let file =
+        OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(DirLock { _lock: lock }),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(WalError::InUse(dir.to_owned())),
+        Err((_, e)) => Err(WalError::Io { path, source: io::Error::from(e) }),
+    }
+}
+
+/// Holds the data directory's lock; see [`lock_dir`].
+#[derive(Debug)]
+pub struct DirLock {
+    _lock: nix::fcntl::Flock<File>,
 }
 
 /// Rebuilds the state from `dir` (created if missing). Returns it with the number the next
@@ -331,6 +355,7 @@ impl Wal {
             source,
             compact_bytes,
             stats: stats.clone(),
+            snapshotting: None,
         };
         std::thread::Builder::new()
             .name("distlock-wal".into())
@@ -359,6 +384,8 @@ struct Writer {
     source: SnapshotSource,
     compact_bytes: u64,
     stats: Arc<WalStats>,
+    /// The snapshot being written in the background, if any.
+    snapshotting: Option<std::thread::JoinHandle<()>>,
 }
 
 /// The writer thread: takes every append queued, writes and syncs them as one batch, then
@@ -416,8 +443,15 @@ impl Writer {
     }
 
     /// New segment first, then the snapshot: every change whose record went to the old segment
-    /// was applied to the table before it was logged, so the snapshot contains it.
+    /// was applied to the table before it was logged, so the snapshot contains it. The snapshot
+    /// is written by its own thread, so appends to the new segment go on meanwhile; until it is
+    /// on disk the older snapshot and segments stay, and recovery replays from those (older
+    /// files are removed only once the new snapshot is durable).
     fn roll(&mut self) -> Result<(), WalError> {
+        // One snapshot at a time (the previous one is normally long done).
+        if let Some(previous) = self.snapshotting.take() {
+            let _ = previous.join();
+        }
         let next = self.segment + 1;
         let path = segment_path(&self.dir, next);
         self.file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&path))?;
@@ -425,8 +459,20 @@ impl Writer {
         self.segment = next;
         self.written = 0;
         let (last_token, leases) = (self.source)();
-        write_snapshot(&self.dir, next, last_token, leases)?;
-        self.stats.snapshots.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (dir, stats) = (self.dir.clone(), self.stats.clone());
+        let thread = std::thread::Builder::new().name("distlock-snapshot".into()).spawn(move || {
+            match write_snapshot(&dir, next, last_token, leases) {
+                Ok(()) => {
+                    stats.snapshots.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "snapshot failed; the older snapshot and log segments are kept, and the next roll tries again"
+                ),
+            }
+        });
+        self.snapshotting =
+            Some(thread.map_err(|e| WalError::Closed(format!("cannot start a snapshot thread: {e}")))?);
         Ok(())
     }
 }

@@ -547,3 +547,22 @@ async fn server_in_front_of_etcd() {
     let (s, h) = get(&server, "/healthz").await;
     assert_eq!((s, &h["store"]), (200, &json!("etcd")));
 }
+
+/// Two servers on one data directory would each grant the same locks: the second refuses to
+/// start while the first runs, and starts once the first is gone (even after `kill -9`).
+#[tokio::test]
+async fn one_server_per_data_directory() {
+    let mut server = Server::start(&[]);
+    let output = Command::new(env!("CARGO_BIN_EXE_distlock"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&server.dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("in use by another distlock server"), "{stderr}");
+    assert!(server.locker().await.status("k").await.is_ok(), "the first server keeps serving");
+    server.restart_in_place();
+    assert!(server.locker().await.status("k").await.is_ok(), "free again after kill -9");
+}
