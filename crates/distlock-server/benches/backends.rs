@@ -132,7 +132,7 @@ async fn held_leases(n: u64) {
     let fill = start.elapsed();
     let stats = store.stats();
     let rss_after = rss_bytes();
-    drop(store);
+    drop((backend, store));
     let disk: u64 = std::fs::read_dir(dir.path())
         .expect("dir")
         .filter_map(|e| e.ok()?.metadata().ok())

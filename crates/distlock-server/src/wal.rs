@@ -308,10 +308,20 @@ struct Append {
     done: oneshot::Sender<Result<(), String>>,
 }
 
-/// Handle to the writer task.
-#[derive(Clone)]
+/// Handle to the writer thread. Dropping it lets the writer finish what is queued and waits
+/// for it (and for a snapshot in progress), so the files are quiet once it is gone.
 pub struct Wal {
-    tx: mpsc::Sender<Append>,
+    tx: Option<mpsc::Sender<Append>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Counters of the writer, for metrics and tests.
@@ -357,17 +367,18 @@ impl Wal {
             stats: stats.clone(),
             snapshotting: None,
         };
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("distlock-wal".into())
             .spawn(move || run_writer(writer, rx))
             .map_err(|e| WalError::Closed(format!("cannot start the log writer thread: {e}")))?;
-        Ok((Wal { tx }, stats))
+        Ok((Wal { tx: Some(tx), thread: Some(thread) }, stats))
     }
 
     /// Appends `record` and returns once it is on disk.
     pub async fn append(&self, record: Record) -> Result<(), WalError> {
         let (done, rx) = oneshot::channel();
-        self.tx.send(Append { record, done }).await.map_err(|_| WalError::Closed("writer stopped".into()))?;
+        let tx = self.tx.as_ref().ok_or_else(|| WalError::Closed("writer stopped".into()))?;
+        tx.send(Append { record, done }).await.map_err(|_| WalError::Closed("writer stopped".into()))?;
         match rx.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(WalError::Closed(e)),
@@ -418,6 +429,9 @@ fn run_writer(mut writer: Writer, mut rx: mpsc::Receiver<Append>) {
         for a in batch.drain(..) {
             let _ = a.done.send(result.clone());
         }
+    }
+    if let Some(snapshot) = writer.snapshotting.take() {
+        let _ = snapshot.join();
     }
 }
 
