@@ -37,7 +37,8 @@ enum Nemesis {
     PauseHolder,
     /// `kill -9` the store (the etcd leader; the first Redlock master) and start it again.
     KillStore,
-    /// Cut the current holder off from the store (its proxies drop everything silently).
+    /// Cut the current holder off from the store through its proxies: requests vanish, then (in
+    /// longer runs) connections reset, then everything arrives a TTL late.
     Partition,
     /// SIGSTOP the store (the etcd leader) for 2.5 TTLs.
     PauseStore,
@@ -224,8 +225,13 @@ async fn run_case(case: &Case, s: &Settings, rng: &mut rand::rngs::StdRng) -> Ro
                 pause_process(clients[holder].id(), false);
             }
             Nemesis::Partition => {
-                // Alternate a half-open network (requests vanish) and one that resets connections.
-                let mode = if faults % 2 == 1 { Mode::Blackhole } else { Mode::Drop };
+                // In turn: a half-open network (requests vanish), one that resets connections, and
+                // one that delivers everything a TTL late.
+                let mode = match faults % 3 {
+                    1 => Mode::Blackhole,
+                    2 => Mode::Drop,
+                    _ => Mode::Delay(ttl),
+                };
                 proxies[holder].iter().for_each(|p| p.set(mode));
                 tokio::time::sleep(fault_len).await;
                 proxies[holder].iter().for_each(|p| p.set(Mode::Pass));

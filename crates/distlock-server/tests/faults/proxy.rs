@@ -1,6 +1,7 @@
 //! A TCP proxy the harness controls, one per client and store endpoint, to cut a client off from
-//! its store: `Pass` forwards; `Drop` resets every connection and refuses new ones; `Blackhole`
-//! keeps connections open but forwards nothing (a half-open network: requests vanish). Healing
+//! its store: `Pass` forwards; `Delay` forwards every chunk late (a congested or flapping link);
+//! `Drop` resets every connection and refuses new ones; `Blackhole` keeps connections open but
+//! forwards nothing (a half-open network: requests vanish). Healing from `Drop` or `Blackhole`
 //! (back to `Pass`) closes the connections that were held, so clients reconnect.
 
 use std::sync::Arc;
@@ -11,8 +12,39 @@ use tokio::sync::watch;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Pass,
+    Delay(std::time::Duration),
     Drop,
     Blackhole,
+}
+
+/// Copies one direction, late by the current delay, until either side closes.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mode: watch::Receiver<Mode>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let delay = match *mode.borrow() {
+            Mode::Delay(d) => Some(d),
+            _ => None,
+        };
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn forwarding(mode: Mode) -> bool {
+    matches!(mode, Mode::Pass | Mode::Delay(_))
 }
 
 pub struct Proxy {
@@ -28,7 +60,7 @@ impl Proxy {
         let mode = Arc::new(watch::Sender::new(Mode::Pass));
         let modes = mode.clone();
         tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
+            while let Ok((client, _)) = listener.accept().await {
                 let mut rx = modes.subscribe();
                 tokio::spawn(async move {
                     let _ = client.set_nodelay(true);
@@ -40,14 +72,22 @@ impl Proxy {
                             while rx.changed().await.is_ok() && *rx.borrow() != Mode::Pass {}
                             return;
                         }
-                        Mode::Pass => {}
+                        Mode::Pass | Mode::Delay(_) => {}
                     }
-                    let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)).await else { return };
+                    let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)).await else { return };
                     let _ = server.set_nodelay(true);
+                    let (client_r, client_w) = client.into_split();
+                    let (server_r, server_w) = server.into_split();
+                    let (up, down) = (rx.clone(), rx.clone());
+                    // Pinned here so that the sockets outlive the select: a blackholed
+                    // connection stays open, silent, until healed.
+                    let pumps =
+                        async { tokio::join!(pump(client_r, server_w, up), pump(server_r, client_w, down)) };
+                    tokio::pin!(pumps);
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = &mut pumps => {}
                         _ = async {
-                            while rx.changed().await.is_ok() && *rx.borrow() == Mode::Pass {}
+                            while rx.changed().await.is_ok() && forwarding(*rx.borrow()) {}
                         } => {
                             let mode = *rx.borrow();
                             if mode == Mode::Blackhole {
