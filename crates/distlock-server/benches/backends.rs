@@ -78,11 +78,7 @@ impl DistlockServer {
             .stdout(Stdio::null())
             .spawn()
             .expect("spawn distlock serve");
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(10), "distlock serve did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        support::wait_for_port(port, Duration::from_secs(10), "distlock serve");
         DistlockServer { child, port, _dir: dir }
     }
 }

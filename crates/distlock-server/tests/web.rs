@@ -32,11 +32,7 @@ impl Driver {
             .stderr(Stdio::null())
             .spawn()
             .expect("start chromedriver");
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(20), "chromedriver did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        support::wait_for_port(port, Duration::from_secs(20), "chromedriver");
         Driver { child, port, _profile: tempfile::tempdir().expect("profile dir") }
     }
 

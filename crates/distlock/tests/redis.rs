@@ -273,11 +273,7 @@ async fn tls_with_a_ca_and_a_client_certificate() {
         .stderr(Stdio::null())
         .spawn()
         .expect("start a TLS redis-server");
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(start.elapsed() < Duration::from_secs(10), "TLS redis-server did not start");
-        tokio::time::sleep(ms(20)).await;
-    }
+    support::wait_for_port(port, Duration::from_secs(10), "TLS redis-server");
     let base = format!("rediss://127.0.0.1:{port}?timeout=2s&ca={}", path("ca.pem"));
     let url = format!("{base}&cert={}&key={}", path("client.pem"), path("client.key"));
 

@@ -29,6 +29,15 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind a free port")
 }
 
+/// Waits until something accepts connections on 127.0.0.1:`port`; panics after `within`.
+pub fn wait_for_port(port: u16, within: Duration, what: &str) {
+    let start = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < within, "{what} did not start on port {port} within {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A `redis-server` with no persistence, on its own port and temp dir.
 pub struct RedisServer {
     child: Option<Child>,
