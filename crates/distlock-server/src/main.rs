@@ -20,7 +20,8 @@ use distlock_server::store::Limits;
 #[derive(Parser)]
 #[command(version, about, long_about = None, after_help = EXIT_CODES)]
 struct Cli {
-    /// Where locks live: http://host:7878 (a distlock server), redis://, redlock://, etcd://, memory://.
+    /// Where locks live: http://host:7878 (a distlock server), redis:// (rediss:// with TLS),
+    /// redlock://h1,h2,h3 (redlocks://), etcd://h1,h2,h3, memory://.
     #[arg(long, global = true, env = "DISTLOCK_BACKEND", default_value = "http://127.0.0.1:7878")]
     backend: String,
     /// Print results as JSON on stdout.
