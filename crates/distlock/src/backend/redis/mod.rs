@@ -289,8 +289,13 @@ fn glob_escape(s: &str) -> String {
     out
 }
 
-/// While armed, dropping this (the waiting acquire was cancelled) leaves the queue and releases
-/// a grant that may have been made but never seen, in the background.
+/// While armed, dropping this (the acquire was cancelled, or failed without a definite answer)
+/// leaves the queue and releases a grant that may have been made but never seen, in the
+/// background. When Redis cannot be reached (down, paused, cut off), a call that timed out may
+/// still run once it is back — queue the caller or even grant it — so the clean-up keeps trying
+/// until Redis answers, then once more after a round-trip timeout for a command that arrived late;
+/// otherwise an abandoned place at the head of the queue would hold every waiter up for
+/// `queue_ttl`. It gives up after `queue_ttl` (by then the abandoned place has lapsed anyway).
 struct WaitGuard<'a> {
     store: &'a Store,
     keys: &'a LockKeys,
@@ -306,8 +311,21 @@ impl Drop for WaitGuard<'_> {
         let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
         let (store, keys, lease_id) = (self.store.clone(), self.keys.clone(), self.lease_id.clone());
         handle.spawn(async move {
-            let _ = store.release_keys(&keys, &lease_id).await;
-            let _ = store.dequeue(&keys, &lease_id).await;
+            let give_up = Instant::now() + store.config.queue_ttl;
+            let mut confirmed = false;
+            while Instant::now() < give_up {
+                let cleaned = store.release_keys(&keys, &lease_id).await.is_ok()
+                    && store.dequeue(&keys, &lease_id).await.is_ok();
+                if cleaned && confirmed {
+                    return;
+                }
+                if cleaned {
+                    confirmed = true;
+                    tokio::time::sleep(store.config.timeout).await;
+                } else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
         });
     }
 }
@@ -324,7 +342,7 @@ impl Backend for RedisBackend {
         let deadline = req.wait.and_then(|w| start.checked_add(w));
         let waiting = req.wait != Some(Duration::ZERO);
         let store = &self.store;
-        let mut guard = WaitGuard { store, keys: &keys, lease_id: &req.lease_id, armed: waiting };
+        let mut guard = WaitGuard { store, keys: &keys, lease_id: &req.lease_id, armed: true };
         let mut registration: Option<Registration> = None;
         loop {
             // Register for the wake-up before looking, so a release in between is not missed.
@@ -354,6 +372,8 @@ impl Backend for RedisBackend {
             }
             let holder = (!holder.is_empty()).then_some(holder);
             if !waiting {
+                // A definite "held": a try-once acquire never joins the queue.
+                guard.armed = false;
                 return Err(Error::Held { key: req.key, holder });
             }
             let now = Instant::now();
