@@ -312,7 +312,7 @@ impl Drop for WaitGuard<'_> {
         let (store, keys, lease_id) = (self.store.clone(), self.keys.clone(), self.lease_id.clone());
         handle.spawn(async move {
             let give_up = Instant::now() + store.config.queue_ttl;
-            let mut confirmed = false;
+            let (mut confirmed, mut pause) = (false, Duration::from_millis(100));
             while Instant::now() < give_up {
                 let cleaned = store.release_keys(&keys, &lease_id).await.is_ok()
                     && store.dequeue(&keys, &lease_id).await.is_ok();
@@ -323,7 +323,9 @@ impl Drop for WaitGuard<'_> {
                     confirmed = true;
                     tokio::time::sleep(store.config.timeout).await;
                 } else {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // Backing off: many callers may be failing at once while Redis is away.
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
                 }
             }
         });
