@@ -325,7 +325,7 @@ impl Drop for WaitGuard<'_> {
                 } else {
                     // Backing off: many callers may be failing at once while Redis is away.
                     tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(1));
+                    pause = (pause * 2).min(Duration::from_millis(500));
                 }
             }
         });
