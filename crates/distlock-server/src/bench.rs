@@ -491,8 +491,8 @@ pub async fn command(
     let ticker = bar.clone().map(|bar| {
         let progress = progress.clone();
         let total = config.duration;
+        // Runs until aborted when the run ends.
         tokio::spawn(async move {
-            let start = Instant::now();
             let mut last = (0u64, Instant::now());
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -505,9 +505,6 @@ pub async fn command(
                     progress.errors.load(Ordering::Relaxed)
                 ));
                 bar.tick();
-                if start.elapsed() > total + Duration::from_secs(3600) {
-                    break;
-                }
             }
         })
     });

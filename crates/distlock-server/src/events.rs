@@ -72,7 +72,7 @@ impl Events {
         if kind == Kind::Grant {
             self.grants.fetch_add(1, Ordering::Relaxed);
         }
-        if self.tx.receiver_count() == 0 {
+        if !self.listening() {
             return;
         }
         let at_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
@@ -83,6 +83,11 @@ impl Events {
             fencing_token,
             at_ms,
         });
+    }
+
+    /// Whether anyone subscribes now (callers skip building event data otherwise).
+    pub fn listening(&self) -> bool {
+        self.tx.receiver_count() > 0
     }
 
     /// A new subscription.

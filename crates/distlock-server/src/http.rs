@@ -257,24 +257,21 @@ async fn acquire(
     }
     let holder = body.holder.unwrap_or_default();
     validate::holder(&holder)?;
-    let req = AcquireRequest {
-        key: key.clone(),
-        lease_id: LeaseId::generate(),
-        holder: holder.clone(),
-        ttl,
-        wait: Some(wait),
-    };
+    // The label is kept for the live events only when someone watches them (not on every acquire).
+    let label = state.events.listening().then(|| holder.clone());
+    let req =
+        AcquireRequest { key: key.clone(), lease_id: LeaseId::generate(), holder, ttl, wait: Some(wait) };
     let grant = match state.backend.acquire(req).await {
         Ok(g) => g,
         Err(e) => {
             if matches!(e, Error::WaitTimeout { .. }) {
-                state.events.publish(Kind::WaitTimeout, &key, Some(&holder), None);
+                state.events.publish(Kind::WaitTimeout, &key, label.as_deref(), None);
             }
             return Err(e.into());
         }
     };
     metrics::counter!("distlock_grants_total").increment(1);
-    state.events.publish(Kind::Grant, &key, Some(&holder), Some(grant.fencing_token));
+    state.events.publish(Kind::Grant, &key, label.as_deref(), Some(grant.fencing_token));
     Ok(Json(LeaseBody::new(key, &grant, started)))
 }
 

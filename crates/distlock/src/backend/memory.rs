@@ -97,6 +97,19 @@ pub struct SavedLease {
     pub fencing_token: u64,
 }
 
+impl SavedLease {
+    /// The saved form of the table entry holding `key`.
+    fn of(key: &str, e: crate::table::Entry) -> SavedLease {
+        SavedLease {
+            key: key.to_owned(),
+            lease_id: e.lease_id,
+            holder: e.holder,
+            ttl_ms: e.ttl.as_millis() as u64,
+            fencing_token: e.fencing_token,
+        }
+    }
+}
+
 /// Counts for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryStats {
@@ -163,13 +176,7 @@ impl MemoryBackend {
                 .table
                 .entries()
                 .filter(|(_, e)| now < e.expires_at)
-                .map(|(k, e)| SavedLease {
-                    key: k.clone(),
-                    lease_id: e.lease_id.clone(),
-                    holder: e.holder.clone(),
-                    ttl_ms: e.ttl.as_millis() as u64,
-                    fencing_token: e.fencing_token,
-                })
+                .map(|(k, e)| SavedLease::of(k, e.clone()))
                 .collect();
             (s.table.last_token(), leases)
         })
@@ -193,13 +200,7 @@ impl MemoryBackend {
         self.shared.with_state(now, |s| {
             let e = s.table.force_release(key, now)?;
             s.hand_off(key, now);
-            Some(SavedLease {
-                key: key.to_owned(),
-                lease_id: e.lease_id,
-                holder: e.holder,
-                ttl_ms: e.ttl.as_millis() as u64,
-                fencing_token: e.fencing_token,
-            })
+            Some(SavedLease::of(key, e))
         })
     }
 
@@ -289,13 +290,7 @@ impl State {
             tracing::debug!(key = %key, "lease expired");
             self.expired_total += 1;
             if let Some(observe) = &self.observer {
-                observe(TableEvent::Expired(&SavedLease {
-                    key: key.clone(),
-                    lease_id: entry.lease_id,
-                    holder: entry.holder,
-                    ttl_ms: entry.ttl.as_millis() as u64,
-                    fencing_token: entry.fencing_token,
-                }));
+                observe(TableEvent::Expired(&SavedLease::of(&key, entry)));
             }
             self.hand_off(&key, now);
         }
