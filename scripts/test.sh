@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# command the tests need -> Debian package that provides it
+# command (or file) the tests need -> Debian package that provides it
 needs=(
   redis-server:redis-server
   redis-benchmark:redis-tools
@@ -15,6 +15,7 @@ needs=(
   etcdctl:etcd-client
   openssl:openssl
   protoc:protobuf-compiler
+  /usr/include/google/protobuf/descriptor.proto:libprotobuf-dev
   chromium:chromium
   chromedriver:chromium-driver
 )
@@ -22,7 +23,11 @@ needs=(
 missing=()
 for pair in "${needs[@]}"; do
   cmd=${pair%%:*} pkg=${pair#*:}
-  command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
+  if [[ $cmd == /* ]]; then
+    [[ -e $cmd ]] || missing+=("$pkg")  # protoc's standard imports, which etcd-client's build needs
+  else
+    command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
+  fi
 done
 if ((${#missing[@]})); then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
