@@ -60,6 +60,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/locks/{key}/renew", post(renew))
         .route("/v1/locks/{key}/release", post(release))
         .route("/v1/locks/{key}/waiters", get(waiters))
+        .route("/v1/batch", post(batch))
         .route("/v1/info", get(info))
         .route("/v1/events", get(events_stream))
         .route("/metrics", get(metrics_text))
@@ -250,6 +251,16 @@ async fn acquire(
     let started = tokio::time::Instant::now();
     let key = checked_key(path)?;
     let body: AcquireBody = parse_body(&body?)?;
+    Ok(Json(do_acquire(&state, key, body, started).await?))
+}
+
+/// An acquire of a checked key: what the route and a batch both run.
+async fn do_acquire(
+    state: &AppState,
+    key: String,
+    body: AcquireBody,
+    started: tokio::time::Instant,
+) -> Result<LeaseBody, ApiError> {
     let ttl = checked_ttl(body.ttl_ms)?;
     let wait = Duration::from_millis(body.wait_ms.unwrap_or(0));
     if wait > MAX_WAIT {
@@ -272,7 +283,7 @@ async fn acquire(
     };
     metrics::counter!("distlock_grants_total").increment(1);
     state.events.publish(Kind::Grant, &key, label.as_deref(), Some(grant.fencing_token));
-    Ok(Json(LeaseBody::new(key, &grant, started)))
+    Ok(LeaseBody::new(key, &grant, started))
 }
 
 async fn renew(
@@ -283,17 +294,30 @@ async fn renew(
     let started = tokio::time::Instant::now();
     let key = checked_key(path)?;
     let body: RenewBody = parse_required(&body?)?;
-    let lease_id = LeaseId::parse(&body.lease_id)?;
-    let ttl = checked_ttl(body.ttl_ms)?;
-    let grant = state.backend.renew(&key, &lease_id, ttl).await.inspect_err(|e| lost(&state, &key, e))?;
-    metrics::counter!("distlock_renewals_total").increment(1);
-    Ok(Json(LeaseBody::new(key, &grant, started)))
+    Ok(Json(do_renew(&state, key, body, started).await?))
 }
 
-#[derive(Serialize)]
-struct Released {
+/// A renew of a checked key.
+async fn do_renew(
+    state: &AppState,
     key: String,
-    released: bool,
+    body: RenewBody,
+    started: tokio::time::Instant,
+) -> Result<LeaseBody, ApiError> {
+    let lease_id = LeaseId::parse(&body.lease_id)?;
+    let ttl = checked_ttl(body.ttl_ms)?;
+    let grant = state.backend.renew(&key, &lease_id, ttl).await.inspect_err(|e| lost(state, &key, e))?;
+    metrics::counter!("distlock_renewals_total").increment(1);
+    Ok(LeaseBody::new(key, &grant, started))
+}
+
+/// Answer of a release.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Released {
+    /// The key.
+    pub key: String,
+    /// Always `true` (a release that did not happen is an error).
+    pub released: bool,
 }
 
 async fn release(
@@ -303,11 +327,138 @@ async fn release(
 ) -> Result<Json<Released>, ApiError> {
     let key = checked_key(path)?;
     let body: ReleaseBody = parse_required(&body?)?;
+    Ok(Json(do_release(&state, key, body).await?))
+}
+
+/// A release of a checked key.
+async fn do_release(state: &AppState, key: String, body: ReleaseBody) -> Result<Released, ApiError> {
     let lease_id = LeaseId::parse(&body.lease_id)?;
-    state.backend.release(&key, &lease_id).await.inspect_err(|e| lost(&state, &key, e))?;
+    state.backend.release(&key, &lease_id).await.inspect_err(|e| lost(state, &key, e))?;
     metrics::counter!("distlock_releases_total").increment(1);
     state.events.publish(Kind::Release, &key, None, None);
-    Ok(Json(Released { key, released: true }))
+    Ok(Released { key, released: true })
+}
+
+/// Most operations one batch may carry.
+pub const MAX_BATCH_OPS: usize = 1000;
+
+/// One operation of `POST /v1/batch`: the body of the single route plus `op` and `key`.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum BatchOp {
+    /// As `POST /v1/locks/{key}/acquire`, without waiting (`wait_ms` must be 0 or absent).
+    Acquire {
+        /// The key (not percent-encoded).
+        key: String,
+        /// Lease TTL in ms.
+        ttl_ms: Option<u64>,
+        /// Must be 0 or absent: a batch never waits.
+        wait_ms: Option<u64>,
+        /// Holder label.
+        holder: Option<String>,
+    },
+    /// As `POST /v1/locks/{key}/renew`.
+    Renew {
+        /// The key.
+        key: String,
+        /// The lease to renew.
+        lease_id: String,
+        /// New TTL in ms.
+        ttl_ms: Option<u64>,
+    },
+    /// As `POST /v1/locks/{key}/release`.
+    Release {
+        /// The key.
+        key: String,
+        /// The lease to release.
+        lease_id: String,
+    },
+}
+
+/// Body of `POST /v1/batch`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchBody {
+    /// The operations, at most [`MAX_BATCH_OPS`]; they run concurrently, in no set order.
+    pub ops: Vec<BatchOp>,
+}
+
+/// What one operation of a batch answered: the status and body its single route would have.
+#[derive(Debug, Serialize)]
+pub struct BatchResult {
+    /// HTTP status the single route would have answered.
+    pub status: u16,
+    /// The body it would have answered (a lease, a release, or `{"error":{...}}`).
+    pub body: serde_json::Value,
+}
+
+#[derive(Serialize)]
+struct BatchAnswer {
+    results: Vec<BatchResult>,
+}
+
+fn batch_result<T: Serialize>(outcome: Result<T, ApiError>) -> BatchResult {
+    match outcome {
+        Ok(body) => BatchResult { status: 200, body: serde_json::to_value(body).unwrap_or_default() },
+        Err(e) => {
+            metrics::counter!("distlock_errors_total", "code" => e.code).increment(1);
+            let body = serde_json::json!({"error": ErrorDetail {
+                code: e.code, message: &e.message, holder: e.holder.as_deref(),
+            }});
+            BatchResult { status: e.status.as_u16(), body }
+        }
+    }
+}
+
+async fn run_op(state: &AppState, op: BatchOp, started: tokio::time::Instant) -> BatchResult {
+    match op {
+        BatchOp::Acquire { key, ttl_ms, wait_ms, holder } => batch_result(
+            async {
+                validate::key(&key)?;
+                if wait_ms.unwrap_or(0) != 0 {
+                    return Err(ApiError::invalid(
+                        "an acquire in a batch cannot wait: use POST /v1/locks/{key}/acquire",
+                    ));
+                }
+                do_acquire(state, key, AcquireBody { ttl_ms, wait_ms: None, holder }, started).await
+            }
+            .await,
+        ),
+        BatchOp::Renew { key, lease_id, ttl_ms } => batch_result(
+            async {
+                validate::key(&key)?;
+                do_renew(state, key, RenewBody { lease_id, ttl_ms }, started).await
+            }
+            .await,
+        ),
+        BatchOp::Release { key, lease_id } => batch_result(
+            async {
+                validate::key(&key)?;
+                do_release(state, key, ReleaseBody { lease_id }).await
+            }
+            .await,
+        ),
+    }
+}
+
+/// `POST /v1/batch`: several acquires (without waiting), renewals and releases in one request.
+///
+/// Each operation is checked and run on its own, exactly as its single route would run it (a bad
+/// one fails alone); they run concurrently, so their log writes share one group commit, and the
+/// answer comes when all are done, in the order asked. A malformed batch changes nothing.
+async fn batch(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<BatchAnswer>, ApiError> {
+    let started = tokio::time::Instant::now();
+    let body: BatchBody = parse_required(&body?)?;
+    if body.ops.len() > MAX_BATCH_OPS {
+        return Err(ApiError::invalid(format!("a batch carries at most {MAX_BATCH_OPS} operations")));
+    }
+    metrics::counter!("distlock_batch_ops_total").increment(body.ops.len() as u64);
+    let results =
+        futures_util::future::join_all(body.ops.into_iter().map(|op| run_op(&state, op, started))).await;
+    Ok(Json(BatchAnswer { results }))
 }
 
 /// Publishes a `lost` event when a renew or release found its lease gone.

@@ -119,6 +119,7 @@ async fn endpoints_and_error_codes() {
     let (s, spec) = get(&server, "/openapi.json").await;
     assert_eq!(s, 200);
     assert!(spec["paths"]["/v1/locks/{key}/acquire"].is_object(), "openapi describes acquire");
+    assert!(spec["paths"]["/v1/batch"].is_object(), "openapi describes batch");
     let metrics = http().get(format!("{}/metrics", server.url())).send().await.unwrap().text().await.unwrap();
     for name in [
         "distlock_grants_total",
@@ -132,26 +133,137 @@ async fn endpoints_and_error_codes() {
 }
 
 /// Two clients on one key through the library: ownership is enforced by the server.
+/// `POST /v1/batch`: every operation answers as its single route would; a bad one fails alone; a
+/// malformed batch changes nothing.
+#[tokio::test]
+async fn batch_endpoint() {
+    let server = Server::start(&[]);
+    let (s, v) = post(
+        &server,
+        "/v1/batch",
+        r#"{"ops":[{"op":"acquire","key":"a","ttl_ms":5000,"holder":"h1"},
+                   {"op":"acquire","key":"b"},
+                   {"op":"acquire","key":"","ttl_ms":5000},
+                   {"op":"acquire","key":"c","wait_ms":100},
+                   {"op":"acquire","key":"d","ttl_ms":1}]}"#,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let r = v["results"].as_array().unwrap();
+    assert_eq!(r.len(), 5);
+    assert_eq!((r[0]["status"].as_u64(), &r[0]["body"]["key"]), (Some(200), &json!("a")));
+    assert_eq!(r[0]["body"]["ttl_ms"], 5000);
+    assert_eq!(r[1]["status"], 200);
+    assert_ne!(r[0]["body"]["fencing_token"], Value::Null);
+    for (i, why) in [(2, "empty key"), (3, "a batch never waits"), (4, "ttl too short")] {
+        assert_eq!((r[i]["status"].as_u64(), code(&r[i]["body"])), (Some(400), "invalid_request"), "{why}");
+    }
+    let id_a = r[0]["body"]["lease_id"].as_str().unwrap().to_owned();
+    let id_b = r[1]["body"]["lease_id"].as_str().unwrap().to_owned();
+    let stranger = LeaseId::generate().to_string();
+
+    let ops = json!({"ops":[
+        {"op":"acquire","key":"a"},
+        {"op":"renew","key":"a","lease_id":id_a,"ttl_ms":9000},
+        {"op":"release","key":"b","lease_id":stranger},
+        {"op":"release","key":"b","lease_id":"not a lease id"},
+    ]});
+    let (s, v) = post(&server, "/v1/batch", &ops.to_string()).await;
+    assert_eq!(s, 200, "{v}");
+    let r = v["results"].as_array().unwrap();
+    assert_eq!((r[0]["status"].as_u64(), code(&r[0]["body"])), (Some(409), "lock_held"));
+    assert_eq!(r[0]["body"]["error"]["holder"], "h1");
+    assert_eq!((r[1]["status"].as_u64(), &r[1]["body"]["ttl_ms"]), (Some(200), &json!(9000)));
+    assert_eq!((r[2]["status"].as_u64(), code(&r[2]["body"])), (Some(409), "lease_lost"));
+    assert_eq!((r[3]["status"].as_u64(), code(&r[3]["body"])), (Some(400), "invalid_request"));
+    assert_eq!(get(&server, "/v1/locks/b").await.1["held"], true, "a stranger's release changed nothing");
+
+    // A malformed batch is refused whole and applies nothing, not even its good operations.
+    let too_many: Vec<Value> = (0..1001).map(|i| json!({"op":"acquire","key":format!("m{i}")})).collect();
+    for bad in [
+        r#"{"ops":[{"op":"acquire","key":"x"},{"op":"explode","key":"y"}]}"#.to_owned(),
+        r#"{"ops":[{"op":"acquire","key":"x"}],"extra":1}"#.to_owned(),
+        r#"{"ops":{"op":"acquire","key":"x"}}"#.to_owned(),
+        r#"{"ops":[{"op":"acquire","key":"x"},"#.to_owned(),
+        String::new(),
+        json!({ "ops": too_many }).to_string(),
+    ] {
+        let (s, v) = post(&server, "/v1/batch", &bad).await;
+        assert_eq!((s, code(&v)), (400, "invalid_request"), "{bad:.80}: {v}");
+    }
+    let (s, v) = post(&server, "/v1/batch", &format!(r#"{{"ops":[],"pad":"{}"}}"#, "x".repeat(70_000))).await;
+    assert_eq!((s, code(&v)), (413, "payload_too_large"));
+    let (_, list) = get(&server, "/v1/locks").await;
+    let keys: Vec<&str> =
+        list["locks"].as_array().unwrap().iter().map(|l| l["key"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["a", "b"], "only the good operations of good batches took effect");
+
+    // The releases, batched, free both keys.
+    let ops = json!({"ops":[
+        {"op":"release","key":"a","lease_id":id_a},
+        {"op":"release","key":"b","lease_id":id_b},
+    ]});
+    let (s, v) = post(&server, "/v1/batch", &ops.to_string()).await;
+    assert_eq!(s, 200);
+    assert_eq!(v["results"][0], json!({"status":200,"body":{"key":"a","released":true}}));
+    assert_eq!(v["results"][1]["body"]["released"], true);
+    assert_eq!(get(&server, "/v1/locks").await.1["locks"], json!([]));
+}
+
+/// The library client gives the same answers whether it coalesces calls into batches (the
+/// default) or sends one request per call (`batch=off`).
 #[tokio::test]
 async fn library_clients_share_the_server() {
     let server = Server::start(&[]);
-    let (a, b) = (server.locker().await, server.locker().await);
-    let lease = a.acquire("k", &AcquireOptions::new().holder("alpha")).await.unwrap();
+    for url in [server.url(), format!("{}?batch=off", server.url())] {
+        let key = if url.contains("batch=off") { "k-single" } else { "k" };
+        library_client_answers(&url, key).await;
+    }
+}
+
+async fn library_client_answers(url: &str, key: &str) {
+    let (a, b) = (Locker::open(url).await.unwrap(), Locker::open(url).await.unwrap());
+    let lease = a.acquire(key, &AcquireOptions::new().holder("alpha")).await.unwrap();
     assert_eq!(
-        b.acquire("k", &AcquireOptions::new()).await.unwrap_err(),
-        Error::Held { key: "k".into(), holder: Some("alpha".into()) }
+        b.acquire(key, &AcquireOptions::new()).await.unwrap_err(),
+        Error::Held { key: key.into(), holder: Some("alpha".into()) }
     );
     let stranger = LeaseId::generate();
     assert_eq!(
-        b.release_lease("k", &stranger).await.unwrap_err(),
-        Error::LeaseLost { key: "k".into(), reason: LossReason::NotOwner }
+        b.release_lease(key, &stranger).await.unwrap_err(),
+        Error::LeaseLost { key: key.into(), reason: LossReason::NotOwner }
     );
-    let err = b.acquire("k", &AcquireOptions::new().wait(Duration::from_millis(300))).await.unwrap_err();
+    let err = b.acquire(key, &AcquireOptions::new().wait(Duration::from_millis(300))).await.unwrap_err();
     assert!(matches!(&err, Error::WaitTimeout { holder: Some(h), .. } if h == "alpha"), "{err:?}");
-    assert_eq!(b.status("k").await.unwrap().fencing_token, Some(lease.fencing_token()));
+    assert_eq!(b.status(key).await.unwrap().fencing_token, Some(lease.fencing_token()));
+    let renewed = b.renew_lease(key, &stranger, Duration::from_secs(5)).await.unwrap_err();
+    assert!(matches!(renewed, Error::LeaseLost { .. }), "{renewed:?}");
+    let bad = a.acquire("", &AcquireOptions::new()).await.unwrap_err();
+    assert!(matches!(bad, Error::InvalidInput(_)), "{bad:?}");
     lease.release().await.unwrap();
-    let next = b.acquire("k", &AcquireOptions::new()).await.unwrap();
+    let next = b.acquire(key, &AcquireOptions::new()).await.unwrap();
     assert!(next.fencing_token() > 1);
+    next.release().await.unwrap();
+    // Many tasks at once, on their own keys and on one key: coalesced or not, never two holders.
+    let locker = Locker::open(url).await.unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..32 {
+        let locker = locker.clone();
+        let key = format!("{key}-{t}");
+        tasks.push(tokio::spawn(async move {
+            let mut last = 0;
+            for _ in 0..20 {
+                let lease = locker.acquire(&key, &AcquireOptions::new()).await.expect("own key is free");
+                assert!(lease.fencing_token() > last, "tokens rise per key");
+                last = lease.fencing_token();
+                lease.release().await.expect("release");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    support::hammer(&[locker.clone(), locker], &format!("{key}-shared"), 8, 80).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -224,6 +336,36 @@ async fn renewal_over_http() {
         assert!(matches!(b.acquire("k", &AcquireOptions::new()).await, Err(Error::Held { .. })));
     }
     assert!(lease.is_held());
+}
+
+/// A server that is down, or up but silent, gives `Unavailable` within the client's timeout in both
+/// client modes, and the client works again once the server is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_or_silent_server_is_unavailable() {
+    let mut server = Server::start(&[]);
+    // A listener that accepts connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("http://{}", silent.local_addr().unwrap());
+    for mode in ["", "&batch=off"] {
+        let locker = Locker::open(&format!("{}?timeout=300ms{mode}", server.url())).await.unwrap();
+        let lease = locker.acquire("k", &AcquireOptions::new().ttl(Duration::from_secs(60))).await.unwrap();
+        let id = lease.lease_id().clone();
+        server.kill9();
+        let err = locker.acquire("other", &AcquireOptions::new()).await.unwrap_err();
+        assert!(matches!(err, Error::Unavailable(_)), "{mode}: {err:?}");
+        let err = locker.release_lease("k", &id).await.unwrap_err();
+        assert!(matches!(err, Error::Unavailable(_)), "{mode}: {err:?}");
+        server.restart_in_place();
+        // Back: the acknowledged lease survived, and the same client releases it.
+        locker.release_lease("k", &id).await.unwrap();
+        drop(lease);
+
+        let quiet = Locker::open(&format!("{silent_url}?timeout=300ms{mode}")).await.unwrap();
+        let start = Instant::now();
+        let err = quiet.acquire("k", &AcquireOptions::new()).await.unwrap_err();
+        assert!(matches!(err, Error::Unavailable(_)), "{mode}: {err:?}");
+        assert!(start.elapsed() < Duration::from_secs(5), "{mode}: took {:?}", start.elapsed());
+    }
 }
 
 fn segment(dir: &Path) -> PathBuf {
@@ -450,10 +592,13 @@ async fn garbage_sweep() {
         "/v1/locks/%/acquire",
         "/v1/locks/k/acquire?x=%zz",
         "/v1/locks?prefix=%00",
+        "/v1/batch",
     ];
     for i in 0..300 {
-        let len = (next() % 300) as usize;
-        let body: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        // Never empty or blank (an empty acquire body is a valid request for all defaults).
+        let len = 1 + (next() % 300) as usize;
+        let mut body: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        body[0] |= 0x80;
         let path = paths[i % paths.len()];
         let r = http().post(format!("{}{path}", server.url())).body(body).send().await.unwrap();
         assert!(r.status().is_client_error(), "{path}: {}", r.status());

@@ -1,17 +1,21 @@
 //! The `http://` backend: a client of the `distlock serve` lock server.
 //!
-//! URL: `http://host:port[?token=T&timeout=D]`. The bearer token may also come from the
-//! `DISTLOCK_TOKEN` environment variable. `timeout` (default 5 s) bounds every call; an acquire
-//! that waits gets its wait on top. Waiting is done by the server (a long poll, FIFO per key); a
+//! URL: `http://host:port[?token=T&timeout=D&batch=on|off]`. The bearer token may also come from
+//! the `DISTLOCK_TOKEN` environment variable. `timeout` (default 5 s) bounds every call; an acquire
+//! that waits gets its wait on top. With `batch=on` (the default), acquires that do not wait,
+//! renewals and releases made concurrently by many tasks share `POST /v1/batch` requests (see
+//! [`batch`]); `batch=off` sends one request per call. Waiting is done by the server (a long poll, FIFO per key); a
 //! wait longer than the server's one-hour cap is split into several long polls. The server
 //! chooses the lease id. Status codes map to [`Error`] variants: 409 `lock_held` → `Held` /
 //! `WaitTimeout`, 409 `lease_lost` → `LeaseLost`, 400 → `InvalidInput`, 401 → `Unauthorized`,
 //! 429 → `LimitExceeded`, 503, other failures and no answer → `Unavailable`.
 
+mod batch;
+
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::backend::Backend;
@@ -27,6 +31,17 @@ pub struct HttpBackend {
     base: String,
     token: Option<String>,
     timeout: Duration,
+    /// Coalesces concurrent calls; `None` with `batch=off`.
+    batcher: Option<batch::Batcher>,
+}
+
+/// One operation of a batch, as the server reads it.
+#[derive(Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum BatchOp<'a> {
+    Acquire { key: &'a str, ttl_ms: u64, holder: &'a str },
+    Renew { key: &'a str, lease_id: &'a str, ttl_ms: u64 },
+    Release { key: &'a str, lease_id: &'a str },
 }
 
 #[derive(Deserialize)]
@@ -84,9 +99,12 @@ impl HttpBackend {
         }
         let mut token = std::env::var("DISTLOCK_TOKEN").ok().filter(|t| !t.is_empty());
         let mut timeout = Duration::from_secs(5);
+        let mut batching = true;
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             match pair.split_once('=') {
                 Some(("token", t)) => token = Some(t.to_owned()),
+                Some(("batch", "on")) => batching = true,
+                Some(("batch", "off")) => batching = false,
                 Some(("timeout", t)) => {
                     timeout = humantime::parse_duration(t).ok().filter(|d| !d.is_zero()).ok_or_else(|| {
                         Error::InvalidInput(format!("timeout={t:?} is not a duration like 5s or 500ms"))
@@ -99,7 +117,15 @@ impl HttpBackend {
             .connect_timeout(timeout)
             .build()
             .map_err(|e| Error::InvalidInput(format!("http client: {e}")))?;
-        Ok(HttpBackend { client, base, token, timeout })
+        let batcher = batching.then(|| {
+            batch::Batcher::new(batch::Target {
+                client: client.clone(),
+                base: base.clone(),
+                token: token.clone(),
+                timeout,
+            })
+        });
+        Ok(HttpBackend { client, base, token, timeout, batcher })
     }
 
     fn url(&self, key: &str, action: &str) -> String {
@@ -122,11 +148,15 @@ impl HttpBackend {
 
     /// Turns a non-2xx answer into the matching error.
     async fn error(&self, key: &str, response: reqwest::Response, waited: Option<Duration>) -> Error {
-        let status = response.status();
-        let detail = response.json::<ErrorBody>().await.map(|b| b.error).unwrap_or_else(|_| ErrorDetail {
-            code: String::new(),
-            message: format!("HTTP {status}"),
-            holder: None,
+        let status = response.status().as_u16();
+        let body = response.json::<serde_json::Value>().await.unwrap_or_default();
+        self.error_of(key, status, body, waited)
+    }
+
+    /// The error for a non-2xx status and its body (`{"error":{...}}`).
+    fn error_of(&self, key: &str, status: u16, body: serde_json::Value, waited: Option<Duration>) -> Error {
+        let detail = serde_json::from_value::<ErrorBody>(body).map(|b| b.error).unwrap_or_else(|_| {
+            ErrorDetail { code: String::new(), message: format!("HTTP {status}"), holder: None }
         });
         match detail.code.as_str() {
             "lock_held" => match waited {
@@ -139,6 +169,23 @@ impl HttpBackend {
             "limit_exceeded" => Error::LimitExceeded(detail.message),
             _ => Error::Unavailable(format!("lock server {}: {}", self.base, detail.message)),
         }
+    }
+
+    /// Sends `op` with the next batch; the body of a 2xx answer, or the error it maps to.
+    async fn batched<T: for<'de> Deserialize<'de>>(
+        &self,
+        batcher: &batch::Batcher,
+        key: &str,
+        op: BatchOp<'_>,
+    ) -> Result<T> {
+        let op = serde_json::to_vec(&op).map_err(|e| Error::InvalidInput(format!("request: {e}")))?;
+        let (status, body) = batcher.call(op).await?;
+        if !(200..300).contains(&status) {
+            return Err(self.error_of(key, status, body, None));
+        }
+        serde_json::from_value(body).map_err(|e| {
+            Error::Unavailable(format!("lock server {} sent an unreadable answer: {e}", self.base))
+        })
     }
 
     fn grant(body: LeaseBody, sent: Instant) -> Result<Grant> {
@@ -167,6 +214,12 @@ impl Backend for HttpBackend {
     }
 
     async fn acquire(&self, req: AcquireRequest) -> Result<Grant> {
+        if let (Some(batcher), Some(Duration::ZERO)) = (&self.batcher, req.wait) {
+            let op =
+                BatchOp::Acquire { key: &req.key, ttl_ms: req.ttl.as_millis() as u64, holder: &req.holder };
+            let sent = Instant::now();
+            return Self::grant(self.batched(batcher, &req.key, op).await?, sent);
+        }
         let start = Instant::now();
         let deadline = req.wait.and_then(|w| start.checked_add(w));
         loop {
@@ -196,6 +249,11 @@ impl Backend for HttpBackend {
     }
 
     async fn renew(&self, key: &str, lease_id: &LeaseId, ttl: Duration) -> Result<Grant> {
+        if let Some(batcher) = &self.batcher {
+            let op = BatchOp::Renew { key, lease_id: lease_id.as_str(), ttl_ms: ttl.as_millis() as u64 };
+            let sent = Instant::now();
+            return Self::grant(self.batched(batcher, key, op).await?, sent);
+        }
         let body = serde_json::json!({"lease_id": lease_id.as_str(), "ttl_ms": ttl.as_millis() as u64});
         let sent = Instant::now();
         let response = self.send(self.client.post(self.url(key, "/renew")).json(&body), self.timeout).await?;
@@ -206,6 +264,10 @@ impl Backend for HttpBackend {
     }
 
     async fn release(&self, key: &str, lease_id: &LeaseId) -> Result<()> {
+        if let Some(batcher) = &self.batcher {
+            let op = BatchOp::Release { key, lease_id: lease_id.as_str() };
+            return self.batched::<serde_json::Value>(batcher, key, op).await.map(drop);
+        }
         let body = serde_json::json!({"lease_id": lease_id.as_str()});
         let response =
             self.send(self.client.post(self.url(key, "/release")).json(&body), self.timeout).await?;

@@ -1,0 +1,214 @@
+//! Coalescing for the `http://` backend: concurrent calls share `POST /v1/batch` requests.
+//!
+//! Acquires that do not wait, renewals and releases from many tasks go into one queue. A
+//! dispatcher task takes whatever is queued (up to a size cap) and sends it as one batch; while
+//! that batch is out, new calls queue up for the next one. One
+//! caller alone gets a batch of one, so nothing waits for company: coalescing only happens when
+//! calls arrive faster than the server answers. This is how the Redis client pipelines commands
+//! over one connection, done at the HTTP level: per call, the server's log write still reaches
+//! disk before the answer, and each operation is answered exactly as its single route would.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{Error, Result};
+
+/// Most operations sent in one batch.
+const MAX_OPS: usize = 256;
+/// Most bytes of operations in one batch (the server accepts bodies up to 64 KiB).
+const MAX_BYTES: usize = 48 * 1024;
+
+/// What one operation got back: the status and body its single route would have answered.
+pub(super) type Reply = Result<(u16, serde_json::Value)>;
+
+struct Pending {
+    /// The operation as JSON (`{"op":"release","key":...}`).
+    op: Vec<u8>,
+    reply: oneshot::Sender<Reply>,
+}
+
+/// Where a batch goes and how.
+#[derive(Clone)]
+pub(super) struct Target {
+    pub client: reqwest::Client,
+    pub base: String,
+    pub token: Option<String>,
+    pub timeout: Duration,
+}
+
+/// The queue in front of the dispatcher task (started on first use, on the caller's runtime,
+/// and started again if that runtime has gone).
+pub(super) struct Batcher {
+    target: Target,
+    queue: Mutex<Option<mpsc::UnboundedSender<Pending>>>,
+}
+
+#[derive(Deserialize)]
+struct Answer {
+    results: Vec<OpResult>,
+}
+
+#[derive(Deserialize)]
+struct OpResult {
+    status: u16,
+    body: serde_json::Value,
+}
+
+impl Batcher {
+    pub(super) fn new(target: Target) -> Batcher {
+        Batcher { target, queue: Mutex::new(None) }
+    }
+
+    /// Sends one operation with the next batch and waits for its answer.
+    pub(super) async fn call(&self, op: Vec<u8>) -> Reply {
+        let (reply, answer) = oneshot::channel();
+        let mut pending = Pending { op, reply };
+        // Two tries: the first may find a dispatcher whose runtime has shut down.
+        for _ in 0..2 {
+            let tx = self.sender();
+            match tx.send(pending) {
+                Ok(()) => break,
+                Err(mpsc::error::SendError(p)) => {
+                    pending = p;
+                    self.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
+                }
+            }
+        }
+        let gone = || Error::Unavailable(format!("lock server {}: request dropped", self.target.base));
+        match tokio::time::timeout(self.target.timeout, answer).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => Err(gone()),
+            Err(_) => Err(Error::Unavailable(format!("lock server {}: timed out", self.target.base))),
+        }
+    }
+
+    fn sender(&self) -> mpsc::UnboundedSender<Pending> {
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        match queue.as_ref() {
+            Some(tx) if !tx.is_closed() => tx.clone(),
+            _ => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                tokio::spawn(dispatch(rx, self.target.clone()));
+                *queue = Some(tx.clone());
+                tx
+            }
+        }
+    }
+}
+
+/// Forms batches from the queue and sends them one at a time; ends when every sender is gone.
+///
+/// One batch in flight, not several: measured with 64 tasks, one gave the best throughput and
+/// by far the best tail (p99 1.4 ms against 4–7 ms with two to eight), because the next batch
+/// then forms while the server's log write for this one is on its way to disk, which is the
+/// server's own group-commit rhythm.
+async fn dispatch(mut rx: mpsc::UnboundedReceiver<Pending>, target: Target) {
+    let mut carry: Option<Pending> = None;
+    loop {
+        let first = match carry.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        // A call whose caller has gone (cancelled, timed out) is not sent at all.
+        if first.reply.is_closed() {
+            continue;
+        }
+        let mut bytes = first.op.len();
+        let mut batch = vec![first];
+        while batch.len() < MAX_OPS {
+            match rx.try_recv() {
+                Ok(p) if p.reply.is_closed() => {}
+                Ok(p) if bytes + p.op.len() + 1 > MAX_BYTES => {
+                    carry = Some(p);
+                    break;
+                }
+                Ok(p) => {
+                    bytes += p.op.len() + 1;
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        send(&target, batch, bytes).await;
+    }
+}
+
+/// Sends one batch and hands every operation its answer.
+async fn send(target: &Target, batch: Vec<Pending>, bytes: usize) {
+    let mut body = Vec::with_capacity(bytes + 16);
+    body.extend_from_slice(b"{\"ops\":[");
+    for (i, p) in batch.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(&p.op);
+    }
+    body.extend_from_slice(b"]}");
+    let n = batch.len();
+    let answers = post(target, body, n).await;
+    match answers {
+        Ok(results) => {
+            for (p, r) in batch.into_iter().zip(results) {
+                let _ = p.reply.send(Ok((r.status, r.body)));
+            }
+        }
+        Err(Failure::Whole(status, body)) => {
+            // The server refused the batch as a whole (auth, limits): every operation gets that answer.
+            for p in batch {
+                let _ = p.reply.send(Ok((status, body.clone())));
+            }
+        }
+        Err(Failure::Transport(message)) => {
+            for p in batch {
+                let _ = p.reply.send(Err(Error::Unavailable(message.clone())));
+            }
+        }
+    }
+}
+
+enum Failure {
+    /// A non-2xx answer to the whole batch, with its error body.
+    Whole(u16, serde_json::Value),
+    /// No usable answer.
+    Transport(String),
+}
+
+async fn post(target: &Target, body: Vec<u8>, n: usize) -> std::result::Result<Vec<OpResult>, Failure> {
+    let mut request = target
+        .client
+        .post(format!("{}/v1/batch", target.base))
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .timeout(target.timeout);
+    if let Some(t) = &target.token {
+        request = request.bearer_auth(t);
+    }
+    let unavailable = |e: String| Failure::Transport(format!("lock server {}: {e}", target.base));
+    let response = request
+        .send()
+        .await
+        .map_err(|e| unavailable(if e.is_timeout() { "timed out".to_owned() } else { e.to_string() }))?;
+    let status = response.status().as_u16();
+    let bytes = response.bytes().await.map_err(|e| unavailable(e.to_string()))?;
+    if !(200..300).contains(&status) {
+        let body = serde_json::from_slice(&bytes).unwrap_or_else(
+            |_| serde_json::json!({"error": {"code": "", "message": format!("HTTP {status}")}}),
+        );
+        return Err(Failure::Whole(status, body));
+    }
+    let answer: Answer =
+        serde_json::from_slice(&bytes).map_err(|e| unavailable(format!("unreadable batch answer: {e}")))?;
+    if answer.results.len() != n {
+        return Err(unavailable(format!(
+            "batch answer has {} results for {n} operations",
+            answer.results.len()
+        )));
+    }
+    Ok(answer.results)
+}
