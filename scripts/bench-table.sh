@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Regenerates the main table of docs/BENCHMARKS.md with `distlock bench`: the embedded server,
-# one Redis, Redlock over 3 Redis masters and one etcd member, at concurrency 1 and 32
-# (uncontended) and 8 (contended), each row the median of RUNS runs (default 3) of DURATION
+# Regenerates the main table of docs/BENCHMARKS.md with `distlock bench`: the embedded server
+# (through the library's default client, which coalesces concurrent calls into batches, and with
+# ?batch=off, one request per call), one Redis, Redlock over 3 Redis masters and one etcd member,
+# at concurrency 1, 32 and 64 (uncontended) and 8 (contended), each row the median of RUNS runs (default 3) of DURATION
 # (default 3s), beside the raw store figure measured in the same run: `redis-benchmark -t set`
 # at the same concurrency, and etcd puts at the same concurrency (examples/etcd_put.rs).
 # Starts every server itself on free loopback ports and stops them at the end. Under 5 minutes
@@ -42,13 +43,14 @@ out=target/bench/table.jsonl
 : >"$out"
 backends=(
   "distlock serve (embedded, durable)|http://127.0.0.1:$sp"
+  "distlock serve, batch=off|http://127.0.0.1:$sp?batch=off"
   "redis|redis://127.0.0.1:$r1"
   "redlock (3 masters)|redlock://127.0.0.1:$m1,127.0.0.1:$m2,127.0.0.1:$m3"
   "etcd (1 member)|etcd://127.0.0.1:$ep"
 )
 for entry in "${backends[@]}"; do
   name=${entry%%|*} url=${entry#*|}
-  for shape in "uncontended 1" "uncontended 32" "contended 8"; do
+  for shape in "uncontended 1" "uncontended 32" "uncontended 64" "contended 8"; do
     set -- $shape
     for run in $(seq "$RUNS"); do
       echo "  $name: $1 x$2, run $run/$RUNS" >&2
@@ -57,7 +59,7 @@ for entry in "${backends[@]}"; do
     done
   done
 done
-for c in 1 32; do
+for c in 1 32 64; do
   for run in $(seq "$RUNS"); do
     n=$(( c == 1 ? 30000 : 200000 ))
     redis-benchmark -h 127.0.0.1 -p "$r1" -t set -c "$c" -n "$n" -r 100000 --csv |
@@ -74,7 +76,7 @@ med = lambda xs: statistics.median(xs) if xs else float("nan")
 def raw(kind, c):
     return med([r["ops_per_s"] for r in rows if r.get("raw") == kind and r["concurrency"] == c])
 print(f"Medians of {sys.argv[2]} runs of {sys.argv[3]} each; {os.cpu_count()} cores; JSON of every run in {sys.argv[1]}.\n")
-print("| backend | workload | tasks | cycles/s | acquire p50 / p99 ms | release p50 / p99 ms | handoff p50 / p99 ms | raw store, same concurrency | checks |")
+print("| backend | workload | tasks | cycles/s | acquire p50 / p99 ms | release p50 / p99 ms | handoff p50 / p99 ms | raw store / ratio, same concurrency | checks |")
 print("|---|---|---|---|---|---|---|---|---|")
 seen = []
 for r in rows:
@@ -87,6 +89,9 @@ for name, workload, c in seen:
         base = f"SET {raw('redis-benchmark SET', c):,.0f}/s (half: {raw('redis-benchmark SET', c) / 2:,.0f})"
     elif workload == "uncontended" and name.startswith("etcd"):
         base = f"put {raw('etcd put', c):,.0f}/s"
+    elif workload == "uncontended" and name.startswith("distlock serve"):
+        redis = med([x["ops_per_s"] for x in rows if x.get("name") == "redis" and x["workload"] == workload and x["concurrency"] == c])
+        base = f"{med([x['ops_per_s'] for x in rs]) / redis:.0%} of the Redis backend" if redis == redis else ""
     else:
         base = ""
     handoff = f"{m('handoff_p50_ms'):.3f} / {m('handoff_p99_ms'):.3f}" if workload == "contended" else ""
