@@ -1,7 +1,7 @@
 //! The distlock lock server (`distlock serve`) and the pieces it is made of.
 //!
 //! # Layout
-//! - [`bench`]: load generation for benchmarks.
+//! - [`bench`](mod@bench): load generation for benchmarks.
 //! - [`cli`]: the client subcommands, their output and exit codes; [`run`]: `distlock run`.
 //! - [`serve`]: settings and the run loop (listener, store, shutdown).
 //! - [`http`]: the JSON API (routes, errors, auth, metrics) and the web page.

@@ -4,8 +4,9 @@
 //! the `DISTLOCK_TOKEN` environment variable. `timeout` (default 5 s) bounds every call; an acquire
 //! that waits gets its wait on top. With `batch=on` (the default), acquires that do not wait,
 //! renewals and releases made concurrently by many tasks share `POST /v1/batch` requests (see
-//! [`batch`]); `batch=off` sends one request per call. Waiting is done by the server (a long poll, FIFO per key); a
-//! wait longer than the server's one-hour cap is split into several long polls. The server
+//! `batch.rs`); `batch=off` sends one request per call. Waiting is done by the server (a long
+//! poll, FIFO per key); a wait longer than the server's one-hour cap is split into several long
+//! polls. The server
 //! chooses the lease id. Status codes map to [`Error`] variants: 409 `lock_held` → `Held` /
 //! `WaitTimeout`, 409 `lease_lost` → `LeaseLost`, 400 → `InvalidInput`, 401 → `Unauthorized`,
 //! 429 → `LimitExceeded`, 503, other failures and no answer → `Unavailable`.

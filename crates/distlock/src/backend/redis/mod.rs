@@ -2,10 +2,10 @@
 //! or `rediss://…` for TLS (rustls): the system's root certificates, or `ca=PATH` (a PEM file),
 //! and `cert=PATH&key=PATH` for a client certificate when Redis asks for one.
 //!
-//! One Lua script per operation ([`scripts`]): acquire sets the lock and increments the key's
+//! One Lua script per operation (`scripts.rs`): acquire sets the lock and increments the key's
 //! fencing counter in the same step; renew is compare-and-PEXPIRE; release is compare-and-delete.
 //! Waiting is FIFO through a per-key queue in Redis, woken by the release over pub/sub
-//! ([`wakeups`]) and, for expiry (which publishes nothing), by a fallback timer set to the lock's
+//! (`wakeups.rs`) and, for expiry (which publishes nothing), by a fallback timer set to the lock's
 //! remaining TTL. One multiplexed, self-reconnecting connection per backend; every call is
 //! bounded by `timeout` (default 2 s) and fails with [`Error::Unavailable`] past it.
 
