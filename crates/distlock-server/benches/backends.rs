@@ -40,7 +40,7 @@ fn run(
     secs: Duration,
 ) -> bench::Report {
     let config = BenchConfig { workload, concurrency: tasks, duration: secs, ..BenchConfig::default() };
-    rt.block_on(bench::run(locker, &config, Arc::new(Progress::default())))
+    rt.block_on(bench::run(std::slice::from_ref(locker), &config, Arc::new(Progress::default())))
 }
 
 /// `redis-benchmark -t set` at `clients` concurrency: requests per second.

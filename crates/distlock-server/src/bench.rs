@@ -37,6 +37,9 @@ pub struct BenchConfig {
     pub workload: Workload,
     /// Concurrent tasks.
     pub concurrency: usize,
+    /// Independent clients the tasks are spread over, each its own `Locker` (its own connections
+    /// and, for `http://`, its own batch queue), as if they were separate processes.
+    pub clients: usize,
     /// Keys of the mixed workload (uncontended uses one per task, contended one).
     pub keys: usize,
     /// How long to run.
@@ -60,6 +63,7 @@ impl Default for BenchConfig {
         BenchConfig {
             workload: Workload::Uncontended,
             concurrency: 1,
+            clients: 1,
             keys: 100,
             duration: Duration::from_secs(10),
             ttl: Duration::from_secs(10),
@@ -185,6 +189,7 @@ impl Report {
             "backend": backend,
             "workload": self.config.workload,
             "concurrency": self.config.concurrency,
+            "clients": self.config.clients,
             "keys": self.config.key_count(),
             "duration_s": self.elapsed.as_secs_f64(),
             "ttl_ms": self.config.ttl.as_millis() as u64,
@@ -222,9 +227,10 @@ impl Report {
             )
         };
         let mut s = format!(
-            "{:?} on {backend}: {} task(s), {} key(s), ttl {}, {:.1} s\n",
+            "{:?} on {backend}: {} task(s) over {} client(s), {} key(s), ttl {}, {:.1} s\n",
             c.workload,
             c.concurrency,
+            c.clients,
             c.key_count(),
             humantime::format_duration(c.ttl),
             self.elapsed.as_secs_f64()
@@ -309,14 +315,15 @@ impl KeyPicker {
     }
 }
 
-/// Runs `config` against `locker`, updating `progress` as cycles complete.
-pub async fn run(locker: &Locker, config: &BenchConfig, progress: Arc<Progress>) -> Report {
+/// Runs `config` with its tasks spread over `lockers` (task `i` uses `lockers[i % len]`), updating
+/// `progress` as cycles complete.
+pub async fn run(lockers: &[Locker], config: &BenchConfig, progress: Arc<Progress>) -> Report {
     let keys: Arc<Vec<KeyLog>> = Arc::new((0..config.key_count()).map(|_| KeyLog::default()).collect());
     let start = Instant::now();
     let mut handles = Vec::new();
     for task in 0..config.concurrency {
-        let (locker, keys, progress, config) =
-            (locker.clone(), keys.clone(), progress.clone(), config.clone());
+        let locker = lockers[task % lockers.len().max(1)].clone();
+        let (keys, progress, config) = (keys.clone(), progress.clone(), config.clone());
         handles
             .push(tokio::spawn(async move { one_task(locker, config, task, keys, progress, start).await }));
     }
@@ -508,7 +515,15 @@ pub async fn command(
             }
         })
     });
-    let report = run(locker, config, progress).await;
+    // The first client is the one already open; the others connect the same way.
+    let mut lockers = vec![locker.clone()];
+    while lockers.len() < config.clients {
+        match Locker::open(backend).await {
+            Ok(l) => lockers.push(l),
+            Err(e) => return out.fail(&e),
+        }
+    }
+    let report = run(&lockers, config, progress).await;
     if let Some(t) = ticker {
         t.abort();
     }

@@ -150,6 +150,10 @@ struct BenchArgs {
     /// Concurrent tasks.
     #[arg(long, short = 'c', default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     concurrency: u32,
+    /// Spread the tasks over this many independent clients (each its own connections and, for
+    /// http://, its own batch queue), as if they were separate processes.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    clients: u32,
     /// Keys of the mixed workload.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     keys: u32,
@@ -274,6 +278,7 @@ fn main() -> ExitCode {
                 let config = distlock_server::bench::BenchConfig {
                     workload: b.workload,
                     concurrency: b.concurrency as usize,
+                    clients: b.clients.min(b.concurrency) as usize,
                     keys: b.keys as usize,
                     duration: b.duration,
                     ttl: b.ttl,

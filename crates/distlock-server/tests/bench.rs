@@ -48,7 +48,7 @@ async fn checks_catch_a_backend_that_grants_twice() {
         hold: Duration::from_millis(2),
         ..BenchConfig::default()
     };
-    let report = bench::run(&locker, &config, Arc::new(Progress::default())).await;
+    let report = bench::run(std::slice::from_ref(&locker), &config, Arc::new(Progress::default())).await;
     assert!(report.overlaps > 0, "overlapping holders went unnoticed");
     assert!(report.token_regressions > 0, "repeated tokens went unnoticed");
     assert!(!report.checks_passed());
@@ -56,7 +56,7 @@ async fn checks_catch_a_backend_that_grants_twice() {
 
     // The same run on a real lock passes.
     let locker = Locker::open("memory://").await.expect("memory");
-    let report = bench::run(&locker, &config, Arc::new(Progress::default())).await;
+    let report = bench::run(std::slice::from_ref(&locker), &config, Arc::new(Progress::default())).await;
     assert!(report.cycles > 0);
     assert!(report.checks_passed(), "{}", report.summary("memory://"));
 }
@@ -77,7 +77,7 @@ fn bench_command_against_the_server() {
     let b = server.url();
     for (workload, extra) in [
         ("uncontended", vec!["--concurrency", "4"]),
-        ("contended", vec!["--concurrency", "4"]),
+        ("contended", vec!["--concurrency", "4", "--clients", "4"]),
         ("mixed", vec!["--concurrency", "4", "--keys", "8", "--zipf", "1.1", "--hold", "1ms"]),
     ] {
         let mut args = vec!["--duration", "700ms", "--workload", workload];
@@ -87,6 +87,7 @@ fn bench_command_against_the_server() {
             "backend",
             "workload",
             "concurrency",
+            "clients",
             "keys",
             "duration_s",
             "ops_per_s",
@@ -107,6 +108,7 @@ fn bench_command_against_the_server() {
         if workload == "contended" {
             assert!(j["handoff_p50_ms"].as_f64().is_some(), "{j}");
             assert_eq!(j["keys"], 1);
+            assert_eq!(j["clients"], 4, "four independent clients contend for one key");
         } else {
             assert!(j["handoff_p50_ms"].is_null());
         }

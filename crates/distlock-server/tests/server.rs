@@ -240,6 +240,13 @@ async fn library_client_answers(url: &str, key: &str) {
     assert!(matches!(renewed, Error::LeaseLost { .. }), "{renewed:?}");
     let bad = a.acquire("", &AcquireOptions::new()).await.unwrap_err();
     assert!(matches!(bad, Error::InvalidInput(_)), "{bad:?}");
+    // Keys with characters that need encoding in a path arrive intact.
+    let odd = format!("{key}/deploy web/é?#%2F");
+    let odd_lease = a.acquire(&odd, &AcquireOptions::new()).await.unwrap();
+    let info = b.status(&odd).await.unwrap();
+    assert_eq!((info.key.as_str(), info.held), (odd.as_str(), true));
+    assert_eq!(b.list(&format!("{key}/deploy ")).await.unwrap().len(), 1);
+    odd_lease.release().await.unwrap();
     lease.release().await.unwrap();
     let next = b.acquire(key, &AcquireOptions::new()).await.unwrap();
     assert!(next.fencing_token() > 1);

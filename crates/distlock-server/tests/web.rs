@@ -230,7 +230,7 @@ async fn the_page_shows_holders_waiters_and_events_live() {
                 key_prefix: "load/".into(),
                 ..Default::default()
             };
-            distlock_server::bench::run(&locker, &config, Default::default()).await
+            distlock_server::bench::run(std::slice::from_ref(&locker), &config, Default::default()).await
         })
     };
     let stall = page

@@ -34,6 +34,9 @@ struct Pending {
 #[derive(Clone)]
 pub(super) struct Target {
     pub client: reqwest::Client,
+    /// `…/v1/batch` on the server.
+    pub url: reqwest::Url,
+    /// The server as the user wrote it, for messages.
     pub base: String,
     pub token: Option<String>,
     pub timeout: Duration,
@@ -182,7 +185,7 @@ enum Failure {
 async fn post(target: &Target, body: Vec<u8>, n: usize) -> std::result::Result<Vec<OpResult>, Failure> {
     let mut request = target
         .client
-        .post(format!("{}/v1/batch", target.base))
+        .post(target.url.clone())
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .body(body)
         .timeout(target.timeout);

@@ -30,6 +30,8 @@ const MAX_POLL: Duration = Duration::from_secs(3600);
 pub struct HttpBackend {
     client: reqwest::Client,
     base: String,
+    /// `base` parsed once; each request's URL is a copy with its path set (no re-parsing).
+    base_url: reqwest::Url,
     token: Option<String>,
     timeout: Duration,
     /// Coalesces concurrent calls; `None` with `batch=off`.
@@ -91,6 +93,10 @@ impl HttpBackend {
     /// let b = distlock::backend::http::HttpBackend::open("http://127.0.0.1:7878?timeout=2s").unwrap();
     /// # drop(b);
     /// assert!(distlock::backend::http::HttpBackend::open("http://h:1?timeout=x").is_err());
+    /// assert!(distlock::backend::http::HttpBackend::open("http://h:1?batch=maybe").is_err());
+    /// assert!(distlock::backend::http::HttpBackend::open("http://[::1").is_err());
+    /// // Behind a reverse proxy, under a path:
+    /// assert!(distlock::backend::http::HttpBackend::open("http://proxy:80/locks/").is_ok());
     /// ```
     pub fn open(url: &str) -> Result<HttpBackend> {
         let (base, query) = url.split_once('?').unwrap_or((url, ""));
@@ -118,19 +124,33 @@ impl HttpBackend {
             .connect_timeout(timeout)
             .build()
             .map_err(|e| Error::InvalidInput(format!("http client: {e}")))?;
+        let base_url =
+            reqwest::Url::parse(&base).ok().filter(|u| u.has_host() && u.query().is_none()).ok_or_else(
+                || Error::InvalidInput(format!("{url:?} is not a server URL like http://host:7878")),
+            )?;
         let batcher = batching.then(|| {
+            let mut batch_url = base_url.clone();
+            batch_url.set_path(&format!("{}/v1/batch", base_url.path().trim_end_matches('/')));
             batch::Batcher::new(batch::Target {
                 client: client.clone(),
+                url: batch_url,
                 base: base.clone(),
                 token: token.clone(),
                 timeout,
             })
         });
-        Ok(HttpBackend { client, base, token, timeout, batcher })
+        Ok(HttpBackend { client, base, base_url, token, timeout, batcher })
     }
 
-    fn url(&self, key: &str, action: &str) -> String {
-        format!("{}/v1/locks/{}{action}", self.base, encode_segment(key))
+    fn url(&self, key: &str, action: &str) -> reqwest::Url {
+        let mut url = self.base_url.clone();
+        let path = format!(
+            "{}/v1/locks/{}{action}",
+            self.base_url.path().trim_end_matches('/'),
+            encode_segment(key)
+        );
+        url.set_path(&path);
+        url
     }
 
     async fn send(&self, builder: reqwest::RequestBuilder, timeout: Duration) -> Result<reqwest::Response> {
