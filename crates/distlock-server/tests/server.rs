@@ -345,6 +345,36 @@ async fn renewal_over_http() {
     assert!(lease.is_held());
 }
 
+/// Many concurrent calls with the longest keys: the client splits them into batches under the
+/// server's 64 KiB body limit (a batch over it would fail every call in it with 413).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_batches_stay_under_the_body_limit() {
+    let server = Server::start(&[]);
+    let locker = server.locker().await;
+    let holder = "h".repeat(distlock::validate::MAX_HOLDER_BYTES);
+    let tasks: Vec<_> = (0..300)
+        .map(|i| {
+            let (locker, holder) = (locker.clone(), holder.clone());
+            tokio::spawn(async move {
+                // 1024 bytes, and JSON-escaped ("\u0001") several times longer on the wire.
+                let key = format!("{i:04}{}", "\u{1}".repeat(1020));
+                let lease = locker.acquire(&key, &AcquireOptions::new().holder(holder)).await?;
+                lease.release().await
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().expect("every call succeeds");
+    }
+    let text = http().get(format!("{}/metrics", server.url())).send().await.unwrap().text().await.unwrap();
+    let batched: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("distlock_batch_ops_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(batched >= 600.0, "the calls went through batches: {batched}");
+}
+
 /// A server that is down, or up but silent, gives `Unavailable` within the client's timeout in both
 /// client modes, and the client works again once the server is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
