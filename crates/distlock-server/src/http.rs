@@ -388,8 +388,9 @@ pub struct BatchBody {
 pub struct BatchResult {
     /// HTTP status the single route would have answered.
     pub status: u16,
-    /// The body it would have answered (a lease, a release, or `{"error":{...}}`).
-    pub body: serde_json::Value,
+    /// The body it would have answered (a lease, a release, or `{"error":{...}}`), as it would
+    /// have been written.
+    pub body: Box<serde_json::value::RawValue>,
 }
 
 #[derive(Serialize)]
@@ -398,16 +399,17 @@ struct BatchAnswer {
 }
 
 fn batch_result<T: Serialize>(outcome: Result<T, ApiError>) -> BatchResult {
-    match outcome {
-        Ok(body) => BatchResult { status: 200, body: serde_json::to_value(body).unwrap_or_default() },
+    let (status, body) = match outcome {
+        Ok(body) => (200, serde_json::value::to_raw_value(&body)),
         Err(e) => {
             metrics::counter!("distlock_errors_total", "code" => e.code).increment(1);
-            let body = serde_json::json!({"error": ErrorDetail {
-                code: e.code, message: &e.message, holder: e.holder.as_deref(),
-            }});
-            BatchResult { status: e.status.as_u16(), body }
+            let detail = ErrorDetail { code: e.code, message: &e.message, holder: e.holder.as_deref() };
+            (e.status.as_u16(), serde_json::value::to_raw_value(&ErrorBody { error: detail }))
         }
-    }
+    };
+    // Serializing these plain structs cannot fail; `null` stands in if it ever did.
+    let body = body.unwrap_or_else(|_| serde_json::value::RawValue::NULL.to_owned());
+    BatchResult { status, body }
 }
 
 async fn run_op(state: &AppState, op: BatchOp, started: tokio::time::Instant) -> BatchResult {

@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
@@ -22,7 +23,7 @@ const MAX_OPS: usize = 256;
 const MAX_BYTES: usize = 48 * 1024;
 
 /// What one operation got back: the status and body its single route would have answered.
-pub(super) type Reply = Result<(u16, serde_json::Value)>;
+pub(super) type Reply = Result<(u16, Box<RawValue>)>;
 
 struct Pending {
     /// The operation as JSON (`{"op":"release","key":...}`).
@@ -57,7 +58,7 @@ struct Answer {
 #[derive(Deserialize)]
 struct OpResult {
     status: u16,
-    body: serde_json::Value,
+    body: Box<RawValue>,
 }
 
 impl Batcher {
@@ -177,7 +178,7 @@ async fn send(target: &Target, batch: Vec<Pending>, bytes: usize) {
 
 enum Failure {
     /// A non-2xx answer to the whole batch, with its error body.
-    Whole(u16, serde_json::Value),
+    Whole(u16, Box<RawValue>),
     /// No usable answer.
     Transport(String),
 }
@@ -200,9 +201,8 @@ async fn post(target: &Target, body: Vec<u8>, n: usize) -> std::result::Result<V
     let status = response.status().as_u16();
     let bytes = response.bytes().await.map_err(|e| unavailable(e.to_string()))?;
     if !(200..300).contains(&status) {
-        let body = serde_json::from_slice(&bytes).unwrap_or_else(
-            |_| serde_json::json!({"error": {"code": "", "message": format!("HTTP {status}")}}),
-        );
+        // Not JSON (a proxy's page, say): `null`, and the error maps by status alone.
+        let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| RawValue::NULL.to_owned());
         return Err(Failure::Whole(status, body));
     }
     let answer: Answer =

@@ -170,13 +170,13 @@ impl HttpBackend {
     /// Turns a non-2xx answer into the matching error.
     async fn error(&self, key: &str, response: reqwest::Response, waited: Option<Duration>) -> Error {
         let status = response.status().as_u16();
-        let body = response.json::<serde_json::Value>().await.unwrap_or_default();
-        self.error_of(key, status, body, waited)
+        let body = response.bytes().await.unwrap_or_default();
+        self.error_of(key, status, &body, waited)
     }
 
     /// The error for a non-2xx status and its body (`{"error":{...}}`).
-    fn error_of(&self, key: &str, status: u16, body: serde_json::Value, waited: Option<Duration>) -> Error {
-        let detail = serde_json::from_value::<ErrorBody>(body).map(|b| b.error).unwrap_or_else(|_| {
+    fn error_of(&self, key: &str, status: u16, body: &[u8], waited: Option<Duration>) -> Error {
+        let detail = serde_json::from_slice::<ErrorBody>(body).map(|b| b.error).unwrap_or_else(|_| {
             ErrorDetail { code: String::new(), message: format!("HTTP {status}"), holder: None }
         });
         match detail.code.as_str() {
@@ -202,9 +202,9 @@ impl HttpBackend {
         let op = serde_json::to_vec(&op).map_err(|e| Error::InvalidInput(format!("request: {e}")))?;
         let (status, body) = batcher.call(op).await?;
         if !(200..300).contains(&status) {
-            return Err(self.error_of(key, status, body, None));
+            return Err(self.error_of(key, status, body.get().as_bytes(), None));
         }
-        serde_json::from_value(body).map_err(|e| {
+        serde_json::from_str(body.get()).map_err(|e| {
             Error::Unavailable(format!("lock server {} sent an unreadable answer: {e}", self.base))
         })
     }
@@ -287,7 +287,7 @@ impl Backend for HttpBackend {
     async fn release(&self, key: &str, lease_id: &LeaseId) -> Result<()> {
         if let Some(batcher) = &self.batcher {
             let op = BatchOp::Release { key, lease_id: lease_id.as_str() };
-            return self.batched::<serde_json::Value>(batcher, key, op).await.map(drop);
+            return self.batched::<serde::de::IgnoredAny>(batcher, key, op).await.map(drop);
         }
         let body = serde_json::json!({"lease_id": lease_id.as_str()});
         let response =
