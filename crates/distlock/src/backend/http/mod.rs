@@ -12,7 +12,9 @@
 //! 429 → `LimitExceeded`, 503, other failures and no answer → `Unavailable`.
 
 mod batch;
+mod client;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -28,11 +30,7 @@ const MAX_POLL: Duration = Duration::from_secs(3600);
 
 /// A client of one lock server.
 pub struct HttpBackend {
-    client: reqwest::Client,
-    base: String,
-    /// `base` parsed once; each request's URL is a copy with its path set (no re-parsing).
-    base_url: reqwest::Url,
-    token: Option<String>,
+    client: Arc<client::Client>,
     timeout: Duration,
     /// Coalesces concurrent calls; `None` with `batch=off`.
     batcher: Option<batch::Batcher>,
@@ -120,58 +118,33 @@ impl HttpBackend {
                 _ => return Err(Error::InvalidInput(format!("unknown parameter {pair:?} in {url:?}"))),
             }
         }
-        let client = reqwest::Client::builder()
-            .connect_timeout(timeout)
-            .build()
-            .map_err(|e| Error::InvalidInput(format!("http client: {e}")))?;
-        let base_url =
-            reqwest::Url::parse(&base).ok().filter(|u| u.has_host() && u.query().is_none()).ok_or_else(
-                || Error::InvalidInput(format!("{url:?} is not a server URL like http://host:7878")),
-            )?;
-        let batcher = batching.then(|| {
-            let mut batch_url = base_url.clone();
-            batch_url.set_path(&format!("{}/v1/batch", base_url.path().trim_end_matches('/')));
-            batch::Batcher::new(batch::Target {
-                client: client.clone(),
-                url: batch_url,
-                base: base.clone(),
-                token: token.clone(),
-                timeout,
-            })
-        });
-        Ok(HttpBackend { client, base, base_url, token, timeout, batcher })
+        let client = Arc::new(client::Client::new(&base, token.as_deref(), timeout)?);
+        let batcher = batching.then(|| batch::Batcher::new(client.clone(), timeout));
+        Ok(HttpBackend { client, timeout, batcher })
     }
 
-    fn url(&self, key: &str, action: &str) -> reqwest::Url {
-        let mut url = self.base_url.clone();
-        let path = format!(
-            "{}/v1/locks/{}{action}",
-            self.base_url.path().trim_end_matches('/'),
-            encode_segment(key)
-        );
-        url.set_path(&path);
-        url
+    /// The path of a lock's route below the server's prefix.
+    fn path(key: &str, action: &str) -> String {
+        format!("/v1/locks/{}{action}", encode_segment(key))
     }
 
-    async fn send(&self, builder: reqwest::RequestBuilder, timeout: Duration) -> Result<reqwest::Response> {
-        let builder = match &self.token {
-            Some(t) => builder.bearer_auth(t),
-            None => builder,
-        };
-        builder.timeout(timeout).send().await.map_err(|e| {
-            Error::Unavailable(format!(
-                "lock server {}: {}",
-                self.base,
-                if e.is_timeout() { "timed out".to_owned() } else { e.to_string() }
-            ))
-        })
+    /// Sends one request; the answer whatever its status, or `Unavailable`.
+    async fn send(
+        &self,
+        path: &str,
+        body: Option<serde_json::Value>,
+        timeout: Duration,
+    ) -> Result<client::Answer> {
+        let body = body
+            .map(|b| serde_json::to_vec(&b))
+            .transpose()
+            .map_err(|e| Error::InvalidInput(format!("request: {e}")))?;
+        self.client.call(path, body, timeout).await
     }
 
     /// Turns a non-2xx answer into the matching error.
-    async fn error(&self, key: &str, response: reqwest::Response, waited: Option<Duration>) -> Error {
-        let status = response.status().as_u16();
-        let body = response.bytes().await.unwrap_or_default();
-        self.error_of(key, status, &body, waited)
+    fn error(&self, key: &str, answer: &client::Answer, waited: Option<Duration>) -> Error {
+        self.error_of(key, answer.status, &answer.body, waited)
     }
 
     /// The error for a non-2xx status and its body (`{"error":{...}}`).
@@ -188,7 +161,7 @@ impl HttpBackend {
             "invalid_request" | "payload_too_large" => Error::InvalidInput(detail.message),
             "unauthorized" => Error::Unauthorized(detail.message),
             "limit_exceeded" => Error::LimitExceeded(detail.message),
-            _ => Error::Unavailable(format!("lock server {}: {}", self.base, detail.message)),
+            _ => self.client.unavailable(detail.message),
         }
     }
 
@@ -204,9 +177,8 @@ impl HttpBackend {
         if !(200..300).contains(&status) {
             return Err(self.error_of(key, status, body.get().as_bytes(), None));
         }
-        serde_json::from_str(body.get()).map_err(|e| {
-            Error::Unavailable(format!("lock server {} sent an unreadable answer: {e}", self.base))
-        })
+        serde_json::from_str(body.get())
+            .map_err(|e| self.client.unavailable(format_args!("unreadable answer: {e}")))
     }
 
     fn grant(body: LeaseBody, sent: Instant) -> Result<Grant> {
@@ -221,10 +193,13 @@ impl HttpBackend {
         })
     }
 
-    async fn read<T: for<'de> Deserialize<'de>>(&self, response: reqwest::Response) -> Result<T> {
-        response.json::<T>().await.map_err(|e| {
-            Error::Unavailable(format!("lock server {} sent an unreadable answer: {e}", self.base))
-        })
+    /// The body of a 2xx answer, or the error its status maps to.
+    fn read<T: for<'de> Deserialize<'de>>(&self, key: &str, answer: client::Answer) -> Result<T> {
+        if !(200..300).contains(&answer.status) {
+            return Err(self.error(key, &answer, None));
+        }
+        serde_json::from_slice(&answer.body)
+            .map_err(|e| self.client.unavailable(format_args!("unreadable answer: {e}")))
     }
 }
 
@@ -254,14 +229,13 @@ impl Backend for HttpBackend {
                 "holder": req.holder,
             });
             let sent = Instant::now();
-            let response = self
-                .send(self.client.post(self.url(&req.key, "/acquire")).json(&body), poll + self.timeout)
-                .await?;
-            if response.status().is_success() {
-                return Self::grant(self.read(response).await?, sent);
+            let answer =
+                self.send(&Self::path(&req.key, "/acquire"), Some(body), poll + self.timeout).await?;
+            if (200..300).contains(&answer.status) {
+                return Self::grant(self.read(&req.key, answer)?, sent);
             }
             let waited = (req.wait != Some(Duration::ZERO)).then(|| start.elapsed());
-            let err = self.error(&req.key, response, waited).await;
+            let err = self.error(&req.key, &answer, waited);
             let more_to_wait = deadline.is_none_or(|d| Instant::now() < d);
             if !(matches!(err, Error::WaitTimeout { .. }) && more_to_wait) {
                 return Err(err);
@@ -277,11 +251,8 @@ impl Backend for HttpBackend {
         }
         let body = serde_json::json!({"lease_id": lease_id.as_str(), "ttl_ms": ttl.as_millis() as u64});
         let sent = Instant::now();
-        let response = self.send(self.client.post(self.url(key, "/renew")).json(&body), self.timeout).await?;
-        if response.status().is_success() {
-            return Self::grant(self.read(response).await?, sent);
-        }
-        Err(self.error(key, response, None).await)
+        let answer = self.send(&Self::path(key, "/renew"), Some(body), self.timeout).await?;
+        Self::grant(self.read(key, answer)?, sent)
     }
 
     async fn release(&self, key: &str, lease_id: &LeaseId) -> Result<()> {
@@ -290,28 +261,18 @@ impl Backend for HttpBackend {
             return self.batched::<serde::de::IgnoredAny>(batcher, key, op).await.map(drop);
         }
         let body = serde_json::json!({"lease_id": lease_id.as_str()});
-        let response =
-            self.send(self.client.post(self.url(key, "/release")).json(&body), self.timeout).await?;
-        if response.status().is_success() {
-            return Ok(());
-        }
-        Err(self.error(key, response, None).await)
+        let answer = self.send(&Self::path(key, "/release"), Some(body), self.timeout).await?;
+        self.read::<serde::de::IgnoredAny>(key, answer).map(drop)
     }
 
     async fn status(&self, key: &str) -> Result<LockInfo> {
-        let response = self.send(self.client.get(self.url(key, "")), self.timeout).await?;
-        if response.status().is_success() {
-            return self.read(response).await;
-        }
-        Err(self.error(key, response, None).await)
+        let answer = self.send(&Self::path(key, ""), None, self.timeout).await?;
+        self.read(key, answer)
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>> {
-        let url = format!("{}/v1/locks?prefix={}", self.base, encode_segment(prefix));
-        let response = self.send(self.client.get(url), self.timeout).await?;
-        if response.status().is_success() {
-            return Ok(self.read::<LockList>(response).await?.locks);
-        }
-        Err(self.error(prefix, response, None).await)
+        let path = format!("/v1/locks?prefix={}", encode_segment(prefix));
+        let answer = self.send(&path, None, self.timeout).await?;
+        Ok(self.read::<LockList>(prefix, answer)?.locks)
     }
 }
