@@ -2,10 +2,11 @@
 # Regenerates the main table of docs/BENCHMARKS.md with `distlock bench`: the embedded server
 # (through the library's default client, which coalesces concurrent calls into batches, and with
 # ?batch=off, one request per call), one Redis, Redlock over 3 Redis masters and one etcd member,
-# at concurrency 1, 32 and 64 (uncontended) and 8 (contended), each row the median of RUNS runs (default 3) of DURATION
+# at concurrency 1, 32 and 64 (uncontended; 64 tasks both sharing one client and as 64 separate
+# clients, each its own connections) and 8 (contended), each row the median of RUNS runs (default 3) of DURATION
 # (default 3s), beside the raw store figure measured in the same run: `redis-benchmark -t set`
 # at the same concurrency, and etcd puts at the same concurrency (examples/etcd_put.rs).
-# Starts every server itself on free loopback ports and stops them at the end. Under 5 minutes
+# Starts every server itself on free loopback ports and stops them at the end. About 7 minutes
 # with the defaults once the release build exists; the JSON of every run is kept in
 # target/bench/table.jsonl.
 # Needs: redis-server, redis-benchmark (redis-server, redis-tools), etcd (etcd-server), python3.
@@ -50,11 +51,12 @@ backends=(
 )
 for entry in "${backends[@]}"; do
   name=${entry%%|*} url=${entry#*|}
-  for shape in "uncontended 1" "uncontended 32" "uncontended 64" "contended 8"; do
+  # workload, tasks, clients (64 tasks of one program sharing a client, or as 64 processes)
+  for shape in "uncontended 1 1" "uncontended 32 1" "uncontended 64 1" "uncontended 64 64" "contended 8 1"; do
     set -- $shape
     for run in $(seq "$RUNS"); do
-      echo "  $name: $1 x$2, run $run/$RUNS" >&2
-      $BIN --backend "$url" --json -q bench --workload "$1" --concurrency "$2" --duration "$DURATION" --key-prefix "bench-$run/" |
+      echo "  $name: $1 x$2 over $3 clients, run $run/$RUNS" >&2
+      $BIN --backend "$url" --json -q bench --workload "$1" --concurrency "$2" --clients "$3" --duration "$DURATION" --key-prefix "bench-$run/" |
         python3 -c 'import json,sys; j=json.loads(sys.stdin.read()); j["name"]=sys.argv[1]; print(json.dumps(j))' "$name" >>"$out"
     done
   done
@@ -76,27 +78,27 @@ med = lambda xs: statistics.median(xs) if xs else float("nan")
 def raw(kind, c):
     return med([r["ops_per_s"] for r in rows if r.get("raw") == kind and r["concurrency"] == c])
 print(f"Medians of {sys.argv[2]} runs of {sys.argv[3]} each; {os.cpu_count()} cores; JSON of every run in {sys.argv[1]}.\n")
-print("| backend | workload | tasks | cycles/s | acquire p50 / p99 ms | release p50 / p99 ms | handoff p50 / p99 ms | raw store / ratio, same concurrency | checks |")
+print("| backend | workload | tasks / clients | cycles/s | acquire p50 / p99 ms | release p50 / p99 ms | handoff p50 / p99 ms | raw store / ratio, same concurrency | checks |")
 print("|---|---|---|---|---|---|---|---|---|")
 seen = []
 for r in rows:
-    if "name" in r and (r["name"], r["workload"], r["concurrency"]) not in seen:
-        seen.append((r["name"], r["workload"], r["concurrency"]))
-for name, workload, c in seen:
-    rs = [r for r in rows if r.get("name") == name and r["workload"] == workload and r["concurrency"] == c]
+    if "name" in r and (r["name"], r["workload"], r["concurrency"], r["clients"]) not in seen:
+        seen.append((r["name"], r["workload"], r["concurrency"], r["clients"]))
+for name, workload, c, k in seen:
+    rs = [r for r in rows if r.get("name") == name and r["workload"] == workload and r["concurrency"] == c and r["clients"] == k]
     m = lambda f: med([r[f] for r in rs if r[f] is not None])
-    if workload == "uncontended" and name == "redis":
+    if workload == "uncontended" and name == "redis" and k == 1:
         base = f"SET {raw('redis-benchmark SET', c):,.0f}/s (half: {raw('redis-benchmark SET', c) / 2:,.0f})"
     elif workload == "uncontended" and name.startswith("etcd"):
         base = f"put {raw('etcd put', c):,.0f}/s"
     elif workload == "uncontended" and name.startswith("distlock serve"):
-        redis = med([x["ops_per_s"] for x in rows if x.get("name") == "redis" and x["workload"] == workload and x["concurrency"] == c])
+        redis = med([x["ops_per_s"] for x in rows if x.get("name") == "redis" and x["workload"] == workload and x["concurrency"] == c and x["clients"] == k])
         base = f"{med([x['ops_per_s'] for x in rs]) / redis:.0%} of the Redis backend" if redis == redis else ""
     else:
         base = ""
     handoff = f"{m('handoff_p50_ms'):.3f} / {m('handoff_p99_ms'):.3f}" if workload == "contended" else ""
     checks = "ok" if all(r["checks_passed"] for r in rs) else "FAILED"
     errors = sum(r["errors"] for r in rs)
-    print(f"| {name} | {workload} | {c} | {m('ops_per_s'):,.0f} | {m('acquire_p50_ms'):.3f} / {m('acquire_p99_ms'):.3f} | "
+    print(f"| {name} | {workload} | {c} / {k} | {m('ops_per_s'):,.0f} | {m('acquire_p50_ms'):.3f} / {m('acquire_p99_ms'):.3f} | "
           f"{m('release_p50_ms'):.3f} / {m('release_p99_ms'):.3f} | {handoff} | {base} | {checks}{f', {errors} errors' if errors else ''} |")
 PY
