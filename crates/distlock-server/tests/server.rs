@@ -405,6 +405,43 @@ async fn dead_or_silent_server_is_unavailable() {
     }
 }
 
+/// The client keeps connections open between calls; after the server restarts, those are found
+/// closed and replaced, so the first calls after the restart succeed (nothing is reported
+/// unavailable, nothing is sent twice: the lease is still held by its owner alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_connections_are_replaced_after_a_server_restart() {
+    let mut server = Server::start(&[]);
+    for mode in ["", "?batch=off"] {
+        let locker = Locker::open(&format!("{}{mode}", server.url())).await.unwrap();
+        let opts = AcquireOptions::new().ttl(Duration::from_secs(60)).auto_renew(false);
+        let round = |round: usize| {
+            let tasks: Vec<_> = (0..16)
+                .map(|i| {
+                    let (locker, opts) = (locker.clone(), opts.clone());
+                    tokio::spawn(async move {
+                        let key = format!("kept{mode}-{round}-{i}");
+                        let lease = locker.acquire(&key, &opts).await?;
+                        lease.release().await
+                    })
+                })
+                .collect();
+            async move {
+                for t in tasks {
+                    t.await.unwrap().unwrap();
+                }
+            }
+        };
+        round(0).await;
+        let held = locker.acquire(&format!("held{mode}"), &opts).await.unwrap();
+        server.restart_in_place();
+        round(1).await;
+        // The lease acknowledged before the restart is still this client's, and only its.
+        let err = locker.acquire(&format!("held{mode}"), &opts).await.unwrap_err();
+        assert!(matches!(err, Error::Held { .. }), "{mode}: {err:?}");
+        held.release().await.unwrap();
+    }
+}
+
 fn segment(dir: &Path) -> PathBuf {
     let mut logs: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
