@@ -689,6 +689,15 @@ async fn garbage_sweep() {
         let mut buf = [0u8; 256];
         let _ = s.read(&mut buf);
     }
+    // Made-up methods: refused, and they share one metrics label instead of adding series.
+    for i in 0..50 {
+        let method = reqwest::Method::from_bytes(format!("X{i}").as_bytes()).unwrap();
+        let r = http().request(method, format!("{}/v1/locks/k/acquire", server.url())).send().await.unwrap();
+        assert!(r.status().is_client_error(), "{}", r.status());
+    }
+    let metrics = http().get(format!("{}/metrics", server.url())).send().await.unwrap().text().await.unwrap();
+    assert!(!metrics.contains("method=\"X1\""), "a made-up method became a label");
+    assert!(metrics.contains("method=\"OTHER\""), "made-up methods are counted as OTHER");
     let (s, list) = get(&server, "/v1/locks").await;
     assert_eq!(s, 200, "server still answers");
     assert_eq!(list["locks"], json!([]), "garbage changed nothing");
