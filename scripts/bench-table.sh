@@ -26,8 +26,10 @@ wait_port() { for _ in $(seq 200); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/nul
 dir=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"' EXIT
-redis_port() { local p; p=$(free_port); redis-server --port "$p" --bind 127.0.0.1 --save '' --appendonly no --dir "$dir" >/dev/null & pids+=($!); wait_port "$p"; echo "$p"; }
-r1=$(redis_port); m1=$(redis_port); m2=$(redis_port); m3=$(redis_port)
+# Starts a redis-server and sets the variable named $1 to its port (not in a $(…) subshell, whose
+# `pids` would be lost and the server left running after the script).
+start_redis() { local p; p=$(free_port); redis-server --port "$p" --bind 127.0.0.1 --save '' --appendonly no --dir "$dir" >/dev/null & pids+=($!); wait_port "$p"; printf -v "$1" %s "$p"; }
+start_redis r1; start_redis m1; start_redis m2; start_redis m3
 ep=$(free_port) pp=$(free_port)
 etcd --name bench --data-dir "$dir/etcd" --log-level error \
   --listen-client-urls "http://127.0.0.1:$ep" --advertise-client-urls "http://127.0.0.1:$ep" \
