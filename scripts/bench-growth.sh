@@ -15,8 +15,7 @@ SIZES=${SIZES:-"1000 100000 1000000"}
 WAITERS=${WAITERS:-"1 100 10000"}
 cargo build --release -q -p distlock-server --bin distlock
 BIN=target/release/distlock
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+source scripts/ports.sh
 rss_mib() { awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 

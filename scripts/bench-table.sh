@@ -20,8 +20,7 @@ ETCD_PUT=target/release/examples/etcd_put
 for tool in redis-server redis-benchmark etcd python3; do
   command -v $tool >/dev/null || { echo "missing $tool: apt-get install redis-server redis-tools etcd-server python3" >&2; exit 1; }
 done
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+source scripts/ports.sh
 
 dir=$(mktemp -d)
 pids=()

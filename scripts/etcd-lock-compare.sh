@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 ITER=${ITER:-10}
 BIN=${DISTLOCK_BIN:-target/release/distlock}
 [[ -x $BIN ]] || cargo build --release -q -p distlock-server
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+source scripts/ports.sh
 port=$(free_port) peer=$(free_port)
 dir=$(mktemp -d)
 etcd --name cmp --data-dir "$dir/etcd" --log-level error \
