@@ -6,8 +6,14 @@
 //!   replay starts from the newest valid snapshot and applies segments `n` and later.
 //!
 //! Frame: `[len: u32 LE][crc32 of payload: u32 LE][payload: JSON]`. A torn or corrupt frame at the
-//! end of the last segment (a crash mid-write) is cut off with a warning; anything else that does
-//! not check out refuses to start, rather than guess.
+//! end of the last segment written (a crash mid-write) is cut off with a warning; anything else
+//! that does not check out refuses to start, rather than guess.
+//!
+//! Segments are preallocated: each is created full of zeros (and synced) by a helper thread
+//! before the writer needs it, and records overwrite the zeros in place. An `fdatasync` then has
+//! only the records' own blocks to flush, not also the file's new size (one device write instead
+//! of two, and on a journaling file system no journal commit): on the project machine it cut a
+//! sync from ~130-160 µs to ~95 µs. Zeros after the last frame are unused space, never damage.
 //!
 //! Appends go through one writer task that takes everything queued, writes it, and makes it
 //! durable with one `fdatasync` for the whole batch (group commit); each caller is answered only
@@ -132,32 +138,47 @@ fn frame(payload: &[u8], out: &mut Vec<u8>) {
 /// Result of reading one file of frames.
 struct Frames {
     payloads: Vec<Vec<u8>>,
-    /// Where the valid frames end, if a torn tail follows.
-    torn_at: Option<u64>,
+    /// Where the valid frames end.
+    end: u64,
+    /// The file's length: past `end` there are only zeros (unused preallocated space) or, with
+    /// `torn`, a torn frame.
+    len: u64,
+    /// A frame cut short or damaged follows `end` (a crash mid-write).
+    torn: bool,
 }
 
-/// Reads the frames of a file. A bad frame is a torn tail when nothing valid can follow it:
-/// its header or payload runs past the end, it is the very last frame, or it and everything
-/// after it are zero bytes (a file extended but never written).
+fn all_zero(bytes: &[u8]) -> bool {
+    bytes.iter().all(|&b| b == 0)
+}
+
+/// Reads the frames of a file. The frames end where only zeros follow (preallocated space never
+/// written). A bad frame is a torn tail when nothing was written after it: its header or payload
+/// runs past the end of the file, or only zeros follow its payload. A bad frame with data after
+/// it is damage, and an error. (No frame is empty, so a zero header is never a frame.)
 fn read_frames(path: &Path) -> Result<Frames, WalError> {
     let mut bytes = Vec::new();
     File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(io_err(path))?;
     let mut payloads = Vec::new();
     let mut at = 0usize;
+    let done =
+        |payloads, at: usize, torn| Ok(Frames { payloads, end: at as u64, len: bytes.len() as u64, torn });
     while at < bytes.len() {
         let rest = &bytes[at..];
-        if rest.len() < 8 || rest.iter().all(|&b| b == 0) {
-            return Ok(Frames { payloads, torn_at: Some(at as u64) });
+        if all_zero(rest) {
+            return done(payloads, at, false);
+        }
+        if rest.len() < 8 {
+            return done(payloads, at, true);
         }
         let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
         let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
-        if rest.len() < 8 + len {
-            return Ok(Frames { payloads, torn_at: Some(at as u64) });
+        if rest.len() - 8 < len {
+            return done(payloads, at, true);
         }
         let payload = &rest[8..8 + len];
-        if crc32fast::hash(payload) != crc {
-            if at + 8 + len == bytes.len() {
-                return Ok(Frames { payloads, torn_at: Some(at as u64) });
+        if len == 0 || crc32fast::hash(payload) != crc {
+            if all_zero(&rest[8 + len..]) {
+                return done(payloads, at, true);
             }
             return Err(WalError::Corrupt {
                 path: path.to_owned(),
@@ -168,7 +189,7 @@ fn read_frames(path: &Path) -> Result<Frames, WalError> {
         payloads.push(payload.to_vec());
         at += 8 + len;
     }
-    Ok(Frames { payloads, torn_at: None })
+    done(payloads, at, false)
 }
 
 fn numbered(dir: &Path, prefix: &str, suffix: &str) -> Result<Vec<(u64, PathBuf)>, WalError> {
@@ -197,6 +218,41 @@ fn snapshot_path(dir: &Path, n: u64) -> PathBuf {
 
 fn sync_dir(dir: &Path) -> Result<(), WalError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+}
+
+/// Largest segment: a segment ends when it is this full (or `compact_bytes`, if smaller), and the
+/// next, preallocated meanwhile, takes over.
+pub const MAX_SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Creates segment `n` full of zeros, `size` bytes long, and makes it and its directory entry
+/// durable, so that writing records into it never changes its size.
+fn preallocate(dir: &Path, n: u64, size: u64) -> Result<File, WalError> {
+    use std::os::unix::fs::FileExt;
+    let path = segment_path(dir, n);
+    // `create_new`: a segment number is never used twice (recovery numbers past every file).
+    let file =
+        OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(io_err(&path))?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < size {
+        let chunk = (size - at).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..chunk], at).map_err(io_err(&path))?;
+        at += chunk as u64;
+    }
+    file.sync_all().map_err(io_err(&path))?;
+    sync_dir(dir)?;
+    Ok(file)
+}
+
+/// The next segment, being preallocated by its own thread.
+type Preparing = std::thread::JoinHandle<Result<File, WalError>>;
+
+fn prepare(dir: &Path, n: u64, size: u64) -> Result<Preparing, WalError> {
+    let dir = dir.to_owned();
+    std::thread::Builder::new()
+        .name("distlock-prealloc".into())
+        .spawn(move || preallocate(&dir, n, size))
+        .map_err(|e| WalError::Closed(format!("cannot start the segment preallocation thread: {e}")))
 }
 
 /// Takes the data directory for this process: an exclusive `flock` on `dir/LOCK`, held as long
@@ -229,8 +285,8 @@ pub fn recover(dir: &Path) -> Result<(Recovered, u64, u64), WalError> {
     // The newest snapshot wins; it is written to a temp file and renamed, so it is whole or absent.
     if let Some((n, path)) = numbered(dir, "snapshot-", ".bin")?.pop() {
         let frames = read_frames(&path)?;
-        let payload = match (frames.payloads.as_slice(), frames.torn_at) {
-            ([one], None) => one,
+        let payload = match (frames.payloads.as_slice(), frames.torn) {
+            ([one], false) => one,
             _ => {
                 return Err(WalError::Corrupt {
                     path,
@@ -251,29 +307,36 @@ pub fn recover(dir: &Path) -> Result<(Recovered, u64, u64), WalError> {
     let segments: Vec<(u64, PathBuf)> =
         numbered(dir, "wal-", ".log")?.into_iter().filter(|(n, _)| *n >= from).collect();
     let last = segments.last().map(|(n, _)| *n);
+    let read: Vec<Frames> = segments.iter().map(|(_, path)| read_frames(path)).collect::<Result<_, _>>()?;
+    // The segment written last is the last one with frames; after it come at most preallocated,
+    // never-written ones. Only it can end in a torn frame.
+    let written_last = read.iter().rposition(|f| !f.payloads.is_empty() || f.torn);
     let mut replayed = 0u64;
-    for (n, path) in &segments {
-        let frames = read_frames(path)?;
+    for (i, ((_, path), frames)) in segments.iter().zip(&read).enumerate() {
         replayed += frames.payloads.iter().map(|p| p.len() as u64 + 8).sum::<u64>();
-        for (i, payload) in frames.payloads.iter().enumerate() {
+        for (j, payload) in frames.payloads.iter().enumerate() {
             let record: Record = serde_json::from_slice(payload).map_err(|e| WalError::Corrupt {
                 path: path.clone(),
-                offset: i as u64,
-                reason: format!("record {i} does not parse: {e}"),
+                offset: j as u64,
+                reason: format!("record {j} does not parse: {e}"),
             })?;
             state.apply(record);
         }
-        if let Some(at) = frames.torn_at {
-            if Some(*n) != last {
-                return Err(WalError::Corrupt {
-                    path: path.clone(),
-                    offset: at,
-                    reason: "damaged frame in a segment that is not the last".into(),
-                });
-            }
-            tracing::warn!(file = %path.display(), offset = at, "cutting a torn tail off the write-ahead log");
+        if frames.torn && Some(i) != written_last {
+            return Err(WalError::Corrupt {
+                path: path.clone(),
+                offset: frames.end,
+                reason: "damaged frame in a segment that is not the last".into(),
+            });
+        }
+        if frames.torn {
+            tracing::warn!(file = %path.display(), offset = frames.end, "cutting a torn tail off the write-ahead log");
+        }
+        if frames.end < frames.len {
+            // The torn frame, or preallocated space that is no longer needed: this process
+            // writes to a new segment.
             let f = OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
-            f.set_len(at).and_then(|()| f.sync_all()).map_err(io_err(path))?;
+            f.set_len(frames.end).and_then(|()| f.sync_all()).map_err(io_err(path))?;
         }
     }
     let next = last.map_or(from, |n| n + 1).max(from);
@@ -352,9 +415,8 @@ impl Wal {
             let (last_token, leases) = source();
             write_snapshot(dir, next, last_token, leases)?;
         }
-        let path = segment_path(dir, next);
-        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&path))?;
-        sync_dir(dir)?;
+        let segment_bytes = compact_bytes.clamp(1, MAX_SEGMENT_BYTES);
+        let file = preallocate(dir, next, segment_bytes)?;
         let (tx, rx) = mpsc::channel(65_536);
         let stats = Arc::new(WalStats::default());
         let writer = Writer {
@@ -362,6 +424,9 @@ impl Wal {
             segment: next,
             file,
             written: 0,
+            segment_bytes,
+            since_snapshot: 0,
+            preparing: Some(prepare(dir, next + 1, segment_bytes)?),
             source,
             compact_bytes,
             stats: stats.clone(),
@@ -391,7 +456,14 @@ struct Writer {
     dir: PathBuf,
     segment: u64,
     file: File,
+    /// Bytes of records in the current segment (where the next batch goes).
     written: u64,
+    /// Preallocated size of a segment.
+    segment_bytes: u64,
+    /// Bytes of records logged since the last snapshot was started.
+    since_snapshot: u64,
+    /// The segment after this one, being preallocated.
+    preparing: Option<Preparing>,
     source: SnapshotSource,
     compact_bytes: u64,
     stats: Arc<WalStats>,
@@ -433,45 +505,76 @@ fn run_writer(mut writer: Writer, mut rx: mpsc::Receiver<Append>) {
     if let Some(snapshot) = writer.snapshotting.take() {
         let _ = snapshot.join();
     }
+    if let Some(preparing) = writer.preparing.take() {
+        let _ = preparing.join();
+    }
 }
 
 impl Writer {
-    /// Writes and syncs one batch; rolls to a new segment with a snapshot when due.
+    /// Writes and syncs one batch, into the current segment's preallocated space when it fits
+    /// (a segment with records in it that this batch would overflow hands over to the next one
+    /// first); then starts a snapshot when `compact_bytes` have been logged since the last.
     fn write(&mut self, records: &[&Record]) -> Result<(), WalError> {
-        let path = segment_path(&self.dir, self.segment);
+        use std::os::unix::fs::FileExt;
         let mut buf = Vec::with_capacity(records.len() * 160);
         for r in records {
             let payload = serde_json::to_vec(r)
                 .map_err(|e| WalError::Closed(format!("record does not serialize: {e}")))?;
             frame(&payload, &mut buf);
         }
-        self.file.write_all(&buf).and_then(|()| self.file.sync_data()).map_err(io_err(&path))?;
+        if self.written > 0 && self.written + buf.len() as u64 > self.segment_bytes {
+            self.next_segment()?;
+        }
+        let path = segment_path(&self.dir, self.segment);
+        // A batch larger than a whole segment grows the file past its preallocated size: correct,
+        // only that sync is slower.
+        self.file
+            .write_all_at(&buf, self.written)
+            .and_then(|()| self.file.sync_data())
+            .map_err(io_err(&path))?;
         self.written += buf.len() as u64;
+        self.since_snapshot += buf.len() as u64;
         use std::sync::atomic::Ordering::Relaxed;
         self.stats.syncs.fetch_add(1, Relaxed);
         self.stats.records.fetch_add(records.len() as u64, Relaxed);
-        if self.written >= self.compact_bytes {
-            self.roll()?;
+        if self.since_snapshot >= self.compact_bytes {
+            self.next_segment()?;
+            self.snapshot()?;
         }
         Ok(())
     }
 
-    /// New segment first, then the snapshot: every change whose record went to the old segment
-    /// was applied to the table before it was logged, so the snapshot contains it. The snapshot
-    /// is written by its own thread, so appends to the new segment go on meanwhile; until it is
-    /// on disk the older snapshot and segments stay, and recovery replays from those (older
-    /// files are removed only once the new snapshot is durable).
-    fn roll(&mut self) -> Result<(), WalError> {
+    /// Moves to the next segment, preallocated by now (if it is not, this waits for it: the log
+    /// is then writing faster than the disk can prepare space, and waiting is the back-pressure),
+    /// and starts preallocating the one after.
+    fn next_segment(&mut self) -> Result<(), WalError> {
+        let next = self.segment + 1;
+        let prepared = match self.preparing.take() {
+            Some(thread) => thread
+                .join()
+                .map_err(|_| WalError::Closed("the segment preallocation thread panicked".into()))?,
+            None => preallocate(&self.dir, next, self.segment_bytes),
+        };
+        self.file = prepared?;
+        self.segment = next;
+        self.written = 0;
+        self.preparing = Some(prepare(&self.dir, next + 1, self.segment_bytes)?);
+        Ok(())
+    }
+
+    /// Starts a snapshot for the current segment, which has just begun: every change whose
+    /// record went to an older segment was applied to the table before it was logged, so the
+    /// snapshot contains it. The snapshot is written by its own thread, so appends to the new
+    /// segment go on meanwhile; until it is on disk the older snapshot and segments stay, and
+    /// recovery replays from those (older files are removed only once the new snapshot is
+    /// durable).
+    fn snapshot(&mut self) -> Result<(), WalError> {
         // One snapshot at a time (the previous one is normally long done).
         if let Some(previous) = self.snapshotting.take() {
             let _ = previous.join();
         }
-        let next = self.segment + 1;
-        let path = segment_path(&self.dir, next);
-        self.file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&path))?;
-        sync_dir(&self.dir)?;
-        self.segment = next;
-        self.written = 0;
+        self.since_snapshot = 0;
+        let next = self.segment;
         let (last_token, leases) = (self.source)();
         let (dir, stats) = (self.dir.clone(), self.stats.clone());
         let thread = std::thread::Builder::new().name("distlock-snapshot".into()).spawn(move || {
@@ -488,5 +591,123 @@ impl Writer {
         self.snapshotting =
             Some(thread.map_err(|e| WalError::Closed(format!("cannot start a snapshot thread: {e}")))?);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(key: &str, token: u64) -> Record {
+        Record::Acquire(SavedLease {
+            key: key.into(),
+            lease_id: LeaseId::generate(),
+            holder: String::new(),
+            ttl_ms: 60_000,
+            fencing_token: token,
+        })
+    }
+
+    fn framed(records: &[Record]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for r in records {
+            frame(&serde_json::to_vec(r).unwrap(), &mut out);
+        }
+        out
+    }
+
+    fn with_zeros(mut bytes: Vec<u8>, zeros: usize) -> Vec<u8> {
+        bytes.resize(bytes.len() + zeros, 0);
+        bytes
+    }
+
+    #[test]
+    fn preallocated_zeros_end_a_segment_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = framed(&[lease("a", 1), lease("b", 2)]);
+        let records = data.len() as u64;
+        fs::write(segment_path(dir.path(), 0), with_zeros(data, 4096)).unwrap();
+        fs::write(segment_path(dir.path(), 1), with_zeros(framed(&[lease("c", 3)]), 100)).unwrap();
+        fs::write(segment_path(dir.path(), 2), vec![0; 4096]).unwrap();
+        let (state, next, _) = recover(dir.path()).unwrap();
+        assert_eq!((state.leases.len(), state.last_token, next), (3, 3, 3));
+        // The unused space was given back.
+        assert_eq!(fs::metadata(segment_path(dir.path(), 0)).unwrap().len(), records);
+        assert_eq!(fs::metadata(segment_path(dir.path(), 2)).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn a_torn_frame_in_preallocated_space_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut data = framed(&[lease("a", 1)]);
+        let good = data.len() as u64;
+        let torn = framed(&[lease("b", 2)]);
+        data.extend_from_slice(&torn[..torn.len() / 2]);
+        fs::write(segment_path(dir.path(), 0), with_zeros(data, 4096)).unwrap();
+        // The segment preallocated after it, never written.
+        fs::write(segment_path(dir.path(), 1), vec![0; 4096]).unwrap();
+        let (state, next, _) = recover(dir.path()).unwrap();
+        assert_eq!((state.leases.len(), state.last_token, next), (1, 1, 2));
+        assert_eq!(fs::metadata(segment_path(dir.path(), 0)).unwrap().len(), good);
+    }
+
+    #[test]
+    fn damage_before_more_records_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut data = framed(&[lease("a", 1), lease("b", 2)]);
+        data[10] ^= 0x55;
+        fs::write(segment_path(dir.path(), 0), with_zeros(data, 4096)).unwrap();
+        assert!(matches!(recover(dir.path()), Err(WalError::Corrupt { .. })));
+        // A torn frame is only possible in the segment written last.
+        let dir = tempfile::tempdir().unwrap();
+        let torn = framed(&[lease("a", 1)]);
+        fs::write(segment_path(dir.path(), 0), with_zeros(torn[..torn.len() - 3].to_vec(), 64)).unwrap();
+        fs::write(segment_path(dir.path(), 1), framed(&[lease("b", 2)])).unwrap();
+        assert!(matches!(recover(dir.path()), Err(WalError::Corrupt { .. })));
+        // A zero header with records after it (a frame never written) is damage too.
+        let dir = tempfile::tempdir().unwrap();
+        let data = [vec![0; 16], framed(&[lease("a", 1)])].concat();
+        fs::write(segment_path(dir.path(), 0), data).unwrap();
+        assert!(matches!(recover(dir.path()), Err(WalError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn segments_roll_into_preallocated_files_and_replay_in_order() {
+        use std::sync::Mutex;
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        // The table the log makes durable: changed first, then logged, as the store does.
+        let table = Arc::new(Mutex::new(Recovered::default()));
+        let mut next = 0;
+        for round in 0..2u64 {
+            let t = table.clone();
+            let source: SnapshotSource = Arc::new(move || {
+                let t = t.lock().unwrap();
+                (t.last_token, t.leases.values().cloned().collect())
+            });
+            // 1 KiB segments: 60 records of ~150 bytes fill several, with snapshots between.
+            let (wal, stats) = Wal::open(dir.path(), next, source, 1 << 10, false).unwrap();
+            runtime.block_on(async {
+                for i in 0..60 {
+                    let token = round * 60 + i + 1;
+                    let record = if i % 3 == 2 {
+                        let t = table.lock().unwrap();
+                        let (key, l) = t.leases.iter().next().unwrap();
+                        Record::Release { key: key.clone(), lease_id: l.lease_id.clone() }
+                    } else {
+                        lease(&format!("k{token}"), token)
+                    };
+                    table.lock().unwrap().apply(record.clone());
+                    wal.append(record).await.unwrap();
+                }
+            });
+            drop(wal);
+            assert!(stats.snapshots.load(std::sync::atomic::Ordering::Relaxed) > 0);
+            let (state, n, _) = recover(dir.path()).unwrap();
+            assert!(n > next + 4, "several segments were used ({next} -> {n})");
+            assert_eq!(state, *table.lock().unwrap());
+            next = n;
+        }
+        assert_eq!(table.lock().unwrap().leases.len(), 40, "40 acquires and 20 releases a round");
     }
 }

@@ -442,14 +442,23 @@ async fn kept_connections_are_replaced_after_a_server_restart() {
     }
 }
 
-fn segment(dir: &Path) -> PathBuf {
+/// The log segment written last (segments are preallocated full of zeros, so later ones may
+/// exist unwritten) and where its records end.
+fn segment(dir: &Path) -> (PathBuf, usize) {
     let mut logs: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "log"))
         .collect();
     logs.sort();
-    logs.pop().expect("a log segment")
+    logs.into_iter()
+        .rev()
+        .find_map(|p| {
+            // Records are JSON, so the last byte of the last one is not zero.
+            let end = std::fs::read(&p).unwrap().iter().rposition(|&b| b != 0)? + 1;
+            Some((p, end))
+        })
+        .expect("a log segment with records")
 }
 
 /// kill -9 in the middle of load: every acknowledged, unreleased lease is still held after the
@@ -525,10 +534,14 @@ async fn torn_tail_recovers_corrupt_middle_refuses() {
         std::mem::forget(locker.acquire(&format!("k{i}"), &opts).await.unwrap());
     }
     server.kill9();
-    let log = segment(&server.dir);
-    let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
-    f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, b'{', b'"']).unwrap(); // a frame cut short
-    drop(f);
+    // A frame cut short where the next record would have gone.
+    let (log, end) = segment(&server.dir);
+    let mut bytes = std::fs::read(&log).unwrap();
+    let torn = [200, 0, 0, 0, 1, 2, 3, 4, b'{', b'"'];
+    bytes.truncate(end);
+    bytes.extend_from_slice(&torn);
+    bytes.resize(bytes.len().max(std::fs::metadata(&log).unwrap().len() as usize), 0);
+    std::fs::write(&log, &bytes).unwrap();
     server.spawn();
     let locker = server.locker().await;
     for i in 0..5 {
@@ -542,9 +555,9 @@ async fn torn_tail_recovers_corrupt_middle_refuses() {
     }
     // Flip a byte inside the first record of the current segment (more records follow it).
     server.kill9();
-    let log = segment(&server.dir);
+    let (log, end) = segment(&server.dir);
     let mut bytes = std::fs::read(&log).unwrap();
-    assert!(bytes.len() > 40, "segment has records");
+    assert!(end > 40, "segment has records");
     bytes[20] ^= 0x55;
     std::fs::write(&log, &bytes).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_distlock"))
