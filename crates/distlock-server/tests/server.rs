@@ -130,6 +130,9 @@ async fn endpoints_and_error_codes() {
     ] {
         assert!(metrics.contains(name), "metrics lack {name}");
     }
+    for label in [r#"route="/v1/locks/{key}/acquire""#, r#"status="413""#, r#"route="other""#] {
+        assert!(metrics.contains(label), "request metrics lack the label {label}");
+    }
 }
 
 /// Two clients on one key through the library: ownership is enforced by the server.
