@@ -4,7 +4,8 @@
 //! the `DISTLOCK_TOKEN` environment variable. `timeout` (default 5 s) bounds every call; an acquire
 //! that waits gets its wait on top. With `batch=on` (the default), acquires that do not wait,
 //! renewals and releases made concurrently by many tasks share `POST /v1/batch` requests (see
-//! `batch.rs`); `batch=off` sends one request per call. Waiting is done by the server (a long
+//! `batch.rs`; a call made while no other is out goes alone to its single route);
+//! `batch=off` sends one request per call. Waiting is done by the server (a long
 //! poll, FIFO per key); a wait longer than the server's one-hour cap is split into several long
 //! polls. The server
 //! chooses the lease id. Status codes map to [`Error`] variants: 409 `lock_held` → `Held` /
@@ -210,12 +211,18 @@ impl Backend for HttpBackend {
     }
 
     async fn acquire(&self, req: AcquireRequest) -> Result<Grant> {
-        if let (Some(batcher), Some(Duration::ZERO)) = (&self.batcher, req.wait) {
-            let op =
-                BatchOp::Acquire { key: &req.key, ttl_ms: req.ttl.as_millis() as u64, holder: &req.holder };
-            let sent = Instant::now();
-            return Self::grant(self.batched(batcher, &req.key, op).await?, sent);
-        }
+        let _alone = match (&self.batcher, req.wait) {
+            (Some(batcher), Some(Duration::ZERO)) => match batcher.alone() {
+                Some(alone) => Some(alone),
+                None => {
+                    let ttl_ms = req.ttl.as_millis() as u64;
+                    let op = BatchOp::Acquire { key: &req.key, ttl_ms, holder: &req.holder };
+                    let sent = Instant::now();
+                    return Self::grant(self.batched(batcher, &req.key, op).await?, sent);
+                }
+            },
+            _ => None,
+        };
         let start = Instant::now();
         let deadline = req.wait.and_then(|w| start.checked_add(w));
         loop {
@@ -244,7 +251,8 @@ impl Backend for HttpBackend {
     }
 
     async fn renew(&self, key: &str, lease_id: &LeaseId, ttl: Duration) -> Result<Grant> {
-        if let Some(batcher) = &self.batcher {
+        let alone = self.batcher.as_ref().map(|b| (b, b.alone()));
+        if let Some((batcher, None)) = alone {
             let op = BatchOp::Renew { key, lease_id: lease_id.as_str(), ttl_ms: ttl.as_millis() as u64 };
             let sent = Instant::now();
             return Self::grant(self.batched(batcher, key, op).await?, sent);
@@ -256,7 +264,8 @@ impl Backend for HttpBackend {
     }
 
     async fn release(&self, key: &str, lease_id: &LeaseId) -> Result<()> {
-        if let Some(batcher) = &self.batcher {
+        let alone = self.batcher.as_ref().map(|b| (b, b.alone()));
+        if let Some((batcher, None)) = alone {
             let op = BatchOp::Release { key, lease_id: lease_id.as_str() };
             return self.batched::<serde::de::IgnoredAny>(batcher, key, op).await.map(drop);
         }
