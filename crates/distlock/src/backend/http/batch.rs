@@ -57,6 +57,14 @@ pub(super) struct Batcher {
 /// Counts a call as busy while it lives.
 struct Busy<'a>(&'a AtomicUsize);
 
+impl Busy<'_> {
+    /// Counts one more call; also says whether none was busy before it.
+    fn enter(count: &AtomicUsize) -> (Busy<'_>, bool) {
+        let idle = count.fetch_add(1, Ordering::AcqRel) == 0;
+        (Busy(count), idle)
+    }
+}
+
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
@@ -95,8 +103,8 @@ impl Batcher {
     /// to the single route itself (there is nothing to coalesce it with); calls made meanwhile
     /// are batched. `None` when others are busy: then use [`Batcher::call`].
     pub(super) fn alone(&self) -> Option<Alone<'_>> {
-        let busy = Busy(&self.busy);
-        if self.busy.fetch_add(1, Ordering::AcqRel) != 0 {
+        let (busy, idle) = Busy::enter(&self.busy);
+        if !idle {
             return None;
         }
         // The last batch may still be handing out its answers.
@@ -106,8 +114,7 @@ impl Batcher {
 
     /// Sends one operation with the next batch and waits for its answer.
     pub(super) async fn call(&self, op: Vec<u8>) -> Reply {
-        self.busy.fetch_add(1, Ordering::AcqRel);
-        let _busy = Busy(&self.busy);
+        let (_busy, _) = Busy::enter(&self.busy);
         let (reply, answer) = oneshot::channel();
         let mut pending = Pending { op, reply };
         // Two tries: the first may find a dispatcher whose runtime has shut down.
