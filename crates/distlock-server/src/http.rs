@@ -203,7 +203,8 @@ pub struct AcquireBody {
 pub struct RenewBody {
     /// The lease to renew.
     pub lease_id: String,
-    /// New TTL in ms (default 30,000).
+    /// New TTL in ms (100 ..= 86,400,000); absent or `null`: the TTL the lease was granted or
+    /// last renewed with.
     pub ttl_ms: Option<u64>,
 }
 
@@ -305,7 +306,8 @@ async fn do_renew(
     started: tokio::time::Instant,
 ) -> Result<LeaseBody, ApiError> {
     let lease_id = LeaseId::parse(&body.lease_id)?;
-    let ttl = checked_ttl(body.ttl_ms)?;
+    // Absent (or null): the store keeps the lease's own TTL.
+    let ttl = body.ttl_ms.map(|ms| checked_ttl(Some(ms))).transpose()?;
     let grant = state.backend.renew(&key, &lease_id, ttl).await.inspect_err(|e| lost(state, &key, e))?;
     metrics::counter!("distlock_renewals_total").increment(1);
     Ok(LeaseBody::new(key, &grant, started))
@@ -363,7 +365,7 @@ pub enum BatchOp {
         key: String,
         /// The lease to renew.
         lease_id: String,
-        /// New TTL in ms.
+        /// New TTL in ms; absent or `null`: the lease's own TTL.
         ttl_ms: Option<u64>,
     },
     /// As `POST /v1/locks/{key}/release`.

@@ -191,13 +191,13 @@ impl Backend for EmbeddedStore {
         Ok(grant)
     }
 
-    async fn renew(&self, key: &str, lease_id: &LeaseId, ttl: Duration) -> distlock::Result<Grant> {
+    async fn renew(&self, key: &str, lease_id: &LeaseId, ttl: Option<Duration>) -> distlock::Result<Grant> {
         let (grant, before) = self.memory.renew_reporting(key, lease_id, ttl)?;
-        if before != ttl {
+        if before != grant.ttl {
             self.log(Record::Renew {
                 key: key.to_owned(),
                 lease_id: lease_id.clone(),
-                ttl_ms: ttl.as_millis() as u64,
+                ttl_ms: grant.ttl.as_millis() as u64,
             })
             .await?;
         }

@@ -24,7 +24,8 @@ impl Backend for Broken {
     async fn acquire(&self, req: AcquireRequest) -> Result<Grant> {
         Ok(Grant { lease_id: req.lease_id, fencing_token: 7, ttl: req.ttl, counted_from: Instant::now() })
     }
-    async fn renew(&self, _: &str, id: &LeaseId, ttl: Duration) -> Result<Grant> {
+    async fn renew(&self, _: &str, id: &LeaseId, ttl: Option<Duration>) -> Result<Grant> {
+        let ttl = ttl.unwrap_or(Duration::from_secs(30));
         Ok(Grant { lease_id: id.clone(), fencing_token: 7, ttl, counted_from: Instant::now() })
     }
     async fn release(&self, _: &str, _: &LeaseId) -> Result<()> {

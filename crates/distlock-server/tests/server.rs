@@ -239,7 +239,7 @@ async fn library_client_answers(url: &str, key: &str) {
     let err = b.acquire(key, &AcquireOptions::new().wait(Duration::from_millis(300))).await.unwrap_err();
     assert!(matches!(&err, Error::WaitTimeout { holder: Some(h), .. } if h == "alpha"), "{err:?}");
     assert_eq!(b.status(key).await.unwrap().fencing_token, Some(lease.fencing_token()));
-    let renewed = b.renew_lease(key, &stranger, Duration::from_secs(5)).await.unwrap_err();
+    let renewed = b.renew_lease(key, &stranger, Some(Duration::from_secs(5))).await.unwrap_err();
     assert!(matches!(renewed, Error::LeaseLost { .. }), "{renewed:?}");
     let bad = a.acquire("", &AcquireOptions::new()).await.unwrap_err();
     assert!(matches!(bad, Error::InvalidInput(_)), "{bad:?}");
@@ -346,6 +346,55 @@ async fn renewal_over_http() {
         assert!(matches!(b.acquire("k", &AcquireOptions::new()).await, Err(Error::Held { .. })));
     }
     assert!(lease.is_held());
+}
+
+/// A renew without `ttl_ms` (absent or null, alone or in a batch) keeps the lease's own TTL — the
+/// one granted, then the last one renewed with — instead of the 30 s default; so does the
+/// library's `renew_lease(…, None)`, alone or coalesced with others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renew_without_ttl_keeps_the_lease_ttl() {
+    let server = Server::start(&[]);
+    let (s, lease) = post(&server, "/v1/locks/keep/acquire", r#"{"ttl_ms":600000}"#).await;
+    assert_eq!(s, 200, "{lease}");
+    let id = lease["lease_id"].as_str().unwrap().to_owned();
+    for body in [json!({"lease_id": id}), json!({"lease_id": id, "ttl_ms": null})] {
+        let (s, r) = post(&server, "/v1/locks/keep/renew", &body.to_string()).await;
+        assert_eq!((s, &r["ttl_ms"]), (200, &json!(600_000)), "{body}: {r}");
+        let (_, st) = get(&server, "/v1/locks/keep").await;
+        assert!(st["expires_in_ms"].as_u64().unwrap() > 590_000, "{body}: {st}");
+    }
+    let ops = json!({"ops":[{"op":"renew","key":"keep","lease_id":id}]});
+    let (s, r) = post(&server, "/v1/batch", &ops.to_string()).await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(
+        (&r["results"][0]["status"], &r["results"][0]["body"]["ttl_ms"]),
+        (&json!(200), &json!(600_000))
+    );
+    let renew = |ttl: Value| json!({"lease_id": id, "ttl_ms": ttl}).to_string();
+    let (s, r) = post(&server, "/v1/locks/keep/renew", &renew(json!(60_000))).await;
+    assert_eq!((s, &r["ttl_ms"]), (200, &json!(60_000)));
+    let (s, r) = post(&server, "/v1/locks/keep/renew", &json!({"lease_id": id}).to_string()).await;
+    assert_eq!((s, &r["ttl_ms"]), (200, &json!(60_000)), "the last TTL renewed with is kept");
+    for bad in [json!(99), json!(86_400_001), json!("60s")] {
+        let (s, e) = post(&server, "/v1/locks/keep/renew", &renew(bad.clone())).await;
+        assert_eq!((s, code(&e)), (400, "invalid_request"), "{bad}");
+    }
+
+    for (i, url) in [server.url(), format!("{}?batch=off", server.url())].iter().enumerate() {
+        let locker = Locker::open(url).await.unwrap();
+        support::renew_without_ttl_keeps_the_lease_ttl(&locker, &format!("keep-{i}"), Duration::ZERO, true)
+            .await;
+        // Many at once: the client coalesces them into batches whose renew ops carry no ttl_ms.
+        let opts = AcquireOptions::new().ttl(Duration::from_secs(600)).auto_renew(false);
+        let mut leases = Vec::new();
+        for k in 0..16 {
+            leases.push(locker.acquire(&format!("many-{i}-{k}"), &opts).await.unwrap());
+        }
+        let renewals = leases.iter().map(|l| locker.renew_lease(l.key(), l.lease_id(), None));
+        for grant in futures_util::future::join_all(renewals).await {
+            assert_eq!(grant.unwrap().ttl, Duration::from_secs(600));
+        }
+    }
 }
 
 /// A call made while no other is out goes alone to its single route: nothing to coalesce, so no
@@ -535,7 +584,7 @@ async fn kill9_keeps_acknowledged_leases_and_tokens() {
         let st = locker.status(key).await.unwrap();
         assert!(st.held, "{key} lost across kill -9");
         assert_eq!(st.fencing_token, Some(*token));
-        locker.renew_lease(key, id, Duration::from_secs(60)).await.expect("the holder still owns it");
+        locker.renew_lease(key, id, Some(Duration::from_secs(60))).await.expect("the holder still owns it");
     }
     for i in 0..20 {
         assert!(!locker.status(&format!("gone-{i}")).await.unwrap().held);

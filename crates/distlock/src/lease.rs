@@ -288,7 +288,7 @@ async fn renew_once(shared: &Shared, ttl: Duration) -> Result<()> {
     let alarm = shared.alarm(*shared.timing.borrow());
     let sent = Instant::now();
     let result = tokio::select! {
-        r = shared.backend.renew(&shared.key, &shared.lease_id, ttl) => r,
+        r = shared.backend.renew(&shared.key, &shared.lease_id, Some(ttl)) => r,
         _ = tokio::time::sleep_until(alarm) => {
             shared.mark_lost(LossReason::Expired);
             return Err(shared.lost_error());

@@ -129,11 +129,36 @@ impl Locker {
     }
 
     /// Renews a lease known only by its key and id (e.g. taken by another process of the same
-    /// holder). Most callers use [`Lease::renew`] or automatic renewal instead.
-    pub async fn renew_lease(&self, key: &str, lease_id: &LeaseId, ttl: Duration) -> Result<Grant> {
+    /// holder) for `ttl` from now, or with `None` for the TTL the lease was granted or last
+    /// renewed with (on etcd the lease's TTL is fixed at grant, so `ttl` is not used there). The
+    /// returned [`Grant::ttl`] is the TTL the store applied. Most callers use [`Lease::renew`]
+    /// or automatic renewal instead.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), distlock::Error> {
+    /// use std::time::Duration;
+    /// use distlock::{AcquireOptions, Locker};
+    ///
+    /// let locker = Locker::open("memory://").await?;
+    /// let lease = locker.acquire("job", &AcquireOptions::new().ttl(Duration::from_secs(600))).await?;
+    /// let grant = locker.renew_lease("job", lease.lease_id(), None).await?;
+    /// assert_eq!(grant.ttl, Duration::from_secs(600));
+    /// # Ok(()) }
+    /// ```
+    pub async fn renew_lease(&self, key: &str, lease_id: &LeaseId, ttl: Option<Duration>) -> Result<Grant> {
         validate::key(key)?;
-        validate::ttl(ttl)?;
+        if let Some(ttl) = ttl {
+            validate::ttl(ttl)?;
+        }
         self.backend.renew(key, lease_id, ttl).await
+    }
+
+    /// Frees `key` whoever holds it (see [`Backend::force_release`]): the lock server with an
+    /// admin token. Returns the lease that was freed, or `None` when the key was free.
+    pub async fn force_release(&self, key: &str) -> Result<Option<LockInfo>> {
+        validate::key(key)?;
+        self.backend.force_release(key).await
     }
 
     /// Releases a lease known only by its key and id. Most callers use [`Lease::release`].

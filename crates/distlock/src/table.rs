@@ -99,12 +99,20 @@ impl LeaseTable {
         Ok(Grant { lease_id: lease_id.clone(), fencing_token: self.last_token, ttl, counted_from: now })
     }
 
-    /// Extends the live lease `lease_id` on `key` to `now + ttl`.
-    pub fn renew(&mut self, key: &str, lease_id: &LeaseId, ttl: Duration, now: Instant) -> Result<Grant> {
+    /// Extends the live lease `lease_id` on `key` to `now + ttl`; with `ttl` `None`, by the TTL
+    /// of its last grant or renewal.
+    pub fn renew(
+        &mut self,
+        key: &str,
+        lease_id: &LeaseId,
+        ttl: Option<Duration>,
+        now: Instant,
+    ) -> Result<Grant> {
         let entry = match self.locks.get_mut(key) {
             Some(e) if e.lease_id == *lease_id && now < e.expires_at => e,
             _ => return Err(Error::not_owner(key)),
         };
+        let ttl = ttl.unwrap_or(entry.ttl);
         self.expirations.remove(&(entry.expires_at, key.to_owned()));
         entry.expires_at = now + ttl;
         entry.ttl = ttl;

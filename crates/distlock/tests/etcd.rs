@@ -47,7 +47,7 @@ async fn ownership_status_and_tokens() {
         b.release_lease("a/b", &stranger).await.unwrap_err(),
         Error::LeaseLost { key: "a/b".into(), reason: LossReason::NotOwner }
     );
-    assert!(b.renew_lease("a/b", &stranger, Duration::from_secs(5)).await.unwrap_err().is_lease_lost());
+    assert!(b.renew_lease("a/b", &stranger, Some(Duration::from_secs(5))).await.unwrap_err().is_lease_lost());
     let st = b.status("a/b").await.unwrap();
     assert_eq!(
         (st.held, st.holder.as_deref(), st.fencing_token),
@@ -58,6 +58,14 @@ async fn ownership_status_and_tokens() {
     lease.release().await.unwrap();
     let next = b.acquire("a/b", &AcquireOptions::new()).await.unwrap();
     assert!(next.fencing_token() > t1 && next.fencing_token() > other.fencing_token());
+}
+
+/// A renew without a TTL keeps the etcd lease's own TTL (fixed when it was granted).
+#[tokio::test]
+async fn renew_without_ttl_keeps_the_lease_ttl() {
+    let cluster = EtcdCluster::start(1);
+    support::renew_without_ttl_keeps_the_lease_ttl(&locker(&cluster).await, "keep", Duration::ZERO, false)
+        .await;
 }
 
 /// Waiters are served in arrival order, each watching only the key ahead of it.

@@ -166,7 +166,7 @@ async fn ownership_is_enforced() {
 
     let stranger = LeaseId::generate();
     for id in [&old_id, &stranger] {
-        let err = locker.renew_lease("k", id, secs(10)).await.unwrap_err();
+        let err = locker.renew_lease("k", id, Some(secs(10))).await.unwrap_err();
         assert_eq!(err, Error::LeaseLost { key: "k".into(), reason: LossReason::NotOwner });
         let err = locker.release_lease("k", id).await.unwrap_err();
         assert!(err.is_lease_lost());
@@ -178,6 +178,12 @@ async fn ownership_is_enforced() {
     let id = current.lease_id().clone();
     current.release().await.unwrap();
     assert!(locker.release_lease("k", &id).await.unwrap_err().is_lease_lost());
+}
+
+/// A renew without a TTL keeps the lease's own: the one granted, then the last one renewed with.
+#[tokio::test(start_paused = true)]
+async fn renew_without_ttl_keeps_the_lease_ttl() {
+    support::renew_without_ttl_keeps_the_lease_ttl(&memory(), "keep", Duration::ZERO, true).await;
 }
 
 /// Automatic renewal keeps the lock well past five TTLs; nobody else can take it meanwhile.
@@ -237,7 +243,7 @@ impl Backend for Partitionable {
         self.check()?;
         self.inner.acquire(req).await
     }
-    async fn renew(&self, key: &str, id: &LeaseId, ttl: Duration) -> distlock::Result<Grant> {
+    async fn renew(&self, key: &str, id: &LeaseId, ttl: Option<Duration>) -> distlock::Result<Grant> {
         self.check()?;
         self.inner.renew(key, id, ttl).await
     }

@@ -49,7 +49,7 @@ async fn held_reports_holder_and_ownership_is_enforced() {
     );
     let stranger = LeaseId::generate();
     assert_eq!(
-        b.renew_lease("k", &stranger, Duration::from_secs(5)).await.unwrap_err(),
+        b.renew_lease("k", &stranger, Some(Duration::from_secs(5))).await.unwrap_err(),
         Error::LeaseLost { key: "k".into(), reason: LossReason::NotOwner }
     );
     assert!(b.release_lease("k", &stranger).await.unwrap_err().is_lease_lost());
@@ -65,6 +65,33 @@ async fn held_reports_holder_and_ownership_is_enforced() {
 
 /// A holder that crashed (no renewal, no release) is expired by Redis, and the waiter gets in at
 /// that moment through its PTTL fallback timer.
+/// A renew without a TTL keeps the lease's own (stored in the lock's value), not the 30 s default.
+#[tokio::test]
+async fn renew_without_ttl_keeps_the_lease_ttl() {
+    let server = RedisServer::start();
+    support::renew_without_ttl_keeps_the_lease_ttl(&locker(&server).await, "keep", Duration::ZERO, true)
+        .await;
+}
+
+/// A lock value written before the TTL was stored in it (`"<id> <token> <holder>"`) still works:
+/// its holder reads right, a renew without a TTL gives it the default, and the renew stores it.
+#[tokio::test]
+async fn lock_values_without_a_stored_ttl_still_work() {
+    let server = RedisServer::start();
+    let locker = locker(&server).await;
+    let id = LeaseId::generate();
+    let reply = server.raw(&format!("SET dl-test:{{old}}:lock \"{id} 7 host-1 pid 42\" PX 60000"));
+    assert!(reply.starts_with("+OK"), "{reply}");
+    let status = locker.status("old").await.unwrap();
+    assert_eq!((status.holder.as_deref(), status.fencing_token), (Some("host-1 pid 42"), Some(7)));
+    let grant = locker.renew_lease("old", &id, None).await.unwrap();
+    assert_eq!((grant.ttl, grant.fencing_token), (Duration::from_secs(30), 7));
+    let value = server.raw("GET dl-test:{old}:lock");
+    assert!(value.contains(&format!("{id} 7 30000 host-1 pid 42")), "{value}");
+    assert_eq!(locker.status("old").await.unwrap().holder.as_deref(), Some("host-1 pid 42"));
+    locker.release_lease("old", &id).await.unwrap();
+}
+
 #[tokio::test]
 async fn expiry_lets_the_next_waiter_in() {
     let server = RedisServer::start();

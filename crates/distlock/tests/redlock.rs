@@ -137,7 +137,7 @@ async fn ownership_waiting_and_status() {
         b.release_lease("k", &stranger).await.unwrap_err(),
         Error::LeaseLost { key: "k".into(), reason: LossReason::NotOwner }
     );
-    assert!(b.renew_lease("k", &stranger, Duration::from_secs(5)).await.unwrap_err().is_lease_lost());
+    assert!(b.renew_lease("k", &stranger, Some(Duration::from_secs(5))).await.unwrap_err().is_lease_lost());
 
     // A waiter is woken by the release (well before the 5 s TTL).
     let waiter = tokio::spawn(async move {
@@ -154,6 +154,15 @@ async fn ownership_waiting_and_status() {
 }
 
 /// A holder that stops renewing is expired by the masters; the waiter gets in at the TTL.
+/// A renew without a TTL keeps the lease's own on every master (stored in the lock's value); the
+/// grant's TTL is that less the drift allowance.
+#[tokio::test]
+async fn renew_without_ttl_keeps_the_lease_ttl() {
+    let cluster = Cluster::start(3);
+    let slack = Duration::from_secs(600).mul_f64(0.01) + Duration::from_millis(2);
+    support::renew_without_ttl_keeps_the_lease_ttl(&cluster.locker().await, "keep", slack, true).await;
+}
+
 #[tokio::test]
 async fn expiry_lets_the_waiter_in() {
     let cluster = Cluster::start(3);

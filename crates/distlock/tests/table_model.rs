@@ -111,7 +111,7 @@ proptest! {
                 }
                 Op::Renew { holder, key, ttl_ms } => {
                     let Some(id) = current.get(&(holder, key)).cloned() else { continue };
-                    let r = table.renew(&key_name(key), &id, Duration::from_millis(ttl_ms), at(now_ms));
+                    let r = table.renew(&key_name(key), &id, Some(Duration::from_millis(ttl_ms)), at(now_ms));
                     let owns = matches!(model.holder_of(key, now_ms), Some((_, live, _)) if *live == id);
                     prop_assert_eq!(r.is_ok(), owns, "renew by h{} on key {}: {:?}", holder, key, r);
                     if owns {
@@ -140,7 +140,7 @@ proptest! {
                     let r = if release {
                         table.release(&key_name(key), &id, at(now_ms))
                     } else {
-                        table.renew(&key_name(key), &id, Duration::from_millis(500), at(now_ms)).map(|_| ())
+                        table.renew(&key_name(key), &id, Some(Duration::from_millis(500)), at(now_ms)).map(|_| ())
                     };
                     prop_assert!(matches!(r, Err(Error::LeaseLost { .. })), "stale id accepted: {r:?}");
                     prop_assert_eq!(table.info(&key_name(key), at(now_ms)), before, "stale op changed the lock");

@@ -419,7 +419,9 @@ impl Backend for EtcdBackend {
         }
     }
 
-    async fn renew(&self, key: &str, lease_id: &LeaseId, _ttl: Duration) -> Result<Grant> {
+    /// One keep-alive of the holder's etcd lease: its TTL was fixed when it was granted, so `ttl`
+    /// is not used (the returned grant carries the etcd lease's own TTL).
+    async fn renew(&self, key: &str, lease_id: &LeaseId, _ttl: Option<Duration>) -> Result<Grant> {
         let my_key = format!("{}{}", self.lock_prefix(key), lease_id.as_str());
         let sent = Instant::now();
         let resp = call!(self, |c| c.get(my_key.as_str(), None))?;

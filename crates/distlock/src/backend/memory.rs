@@ -239,14 +239,20 @@ impl MemoryBackend {
         })
     }
 
-    /// Renews like [`Backend::renew`] and also returns the TTL the lease had before, so a durable
-    /// store can log only renewals that change it.
-    pub fn renew_reporting(&self, key: &str, lease_id: &LeaseId, ttl: Duration) -> Result<(Grant, Duration)> {
+    /// Renews like [`Backend::renew`] (`None` keeps the lease's TTL) and also returns the TTL the
+    /// lease had before, so a durable store can log only renewals that change it.
+    pub fn renew_reporting(
+        &self,
+        key: &str,
+        lease_id: &LeaseId,
+        ttl: Option<Duration>,
+    ) -> Result<(Grant, Duration)> {
         let now = Instant::now();
         self.shared.with_state(now, |s| {
             let before = s.table.live(key, now).filter(|e| e.lease_id == *lease_id).map(|e| e.ttl);
             let grant = s.table.renew(key, lease_id, ttl, now)?;
-            Ok((grant, before.unwrap_or(ttl)))
+            let before = before.unwrap_or(grant.ttl);
+            Ok((grant, before))
         })
     }
 }
@@ -449,7 +455,7 @@ impl Backend for MemoryBackend {
         }
     }
 
-    async fn renew(&self, key: &str, lease_id: &LeaseId, ttl: Duration) -> Result<Grant> {
+    async fn renew(&self, key: &str, lease_id: &LeaseId, ttl: Option<Duration>) -> Result<Grant> {
         let now = Instant::now();
         self.shared.with_state(now, |s| s.table.renew(key, lease_id, ttl, now))
     }

@@ -51,8 +51,10 @@ pub trait Backend: Send + Sync + 'static {
     /// Returns [`Error::Held`] when `req.wait` is zero and [`Error::WaitTimeout`] after a wait.
     async fn acquire(&self, req: AcquireRequest) -> Result<Grant>;
 
-    /// Extends the live lease `lease_id` on `key` to `ttl` from now.
-    async fn renew(&self, key: &str, lease_id: &LeaseId, ttl: Duration) -> Result<Grant>;
+    /// Extends the live lease `lease_id` on `key` to `ttl` from now; with `None`, to the TTL the
+    /// lease was granted or last renewed with (the returned [`Grant::ttl`] says which TTL the
+    /// store applied).
+    async fn renew(&self, key: &str, lease_id: &LeaseId, ttl: Option<Duration>) -> Result<Grant>;
 
     /// Frees `key` if `lease_id` is its live lease.
     async fn release(&self, key: &str, lease_id: &LeaseId) -> Result<()>;
@@ -62,6 +64,20 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Held locks whose key starts with `prefix`.
     async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>>;
+
+    /// Frees `key` whoever holds it: an operator's override for a holder that hangs. Returns the
+    /// lease that was freed (its holder and fencing token), or `None` when the key was free. The
+    /// holder's next renew or release gets [`Error::LeaseLost`].
+    ///
+    /// Only the lock server offers it (to admin tokens); other backends answer
+    /// [`Error::InvalidInput`].
+    async fn force_release(&self, key: &str) -> Result<Option<LockInfo>> {
+        let _ = key;
+        Err(Error::InvalidInput(format!(
+            "force-release is an operation of the lock server (http://), not of the {} backend",
+            self.name()
+        )))
+    }
 }
 
 /// Opens the backend a URL names.

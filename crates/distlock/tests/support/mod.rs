@@ -188,6 +188,40 @@ pub async fn hammer(lockers: &[distlock::Locker], key: &str, tasks: usize, grant
     tokens
 }
 
+/// A renew without a TTL keeps the lease's own TTL, on any backend: acquired for 10 minutes and
+/// renewed with `None`, the grant and the store's status both still say about 10 minutes (not the
+/// 30 s default). Where the backend can change a lease's TTL (`ttl_follows_renewals`), a renew for
+/// one minute makes that the TTL a later renew without one keeps. `slack` is what the backend
+/// takes off the TTL it reports (Redlock's drift allowance).
+pub async fn renew_without_ttl_keeps_the_lease_ttl(
+    locker: &distlock::Locker,
+    key: &str,
+    slack: Duration,
+    ttl_follows_renewals: bool,
+) {
+    let about = |got: Duration, want: Duration| got <= want && got + slack + Duration::from_secs(2) >= want;
+    let ten = Duration::from_secs(600);
+    let opts = distlock::AcquireOptions::new().ttl(ten).auto_renew(false);
+    let lease = locker.acquire(key, &opts).await.expect("acquire");
+    let grant = locker.renew_lease(key, lease.lease_id(), None).await.expect("renew without a TTL");
+    assert!(about(grant.ttl, ten), "renewed for {:?}, not the lease's own 10 minutes", grant.ttl);
+    assert_eq!(grant.fencing_token, lease.fencing_token());
+    let left = locker.status(key).await.expect("status").expires_in.expect("held");
+    assert!(about(left, ten), "the store gives the lease {left:?}, not 10 minutes");
+    if ttl_follows_renewals {
+        let minute = Duration::from_secs(60);
+        locker.renew_lease(key, lease.lease_id(), Some(minute)).await.expect("renew for a minute");
+        let grant = locker.renew_lease(key, lease.lease_id(), None).await.expect("renew without a TTL");
+        assert!(about(grant.ttl, minute), "renewed for {:?}, not the last TTL renewed with", grant.ttl);
+        let left = locker.status(key).await.expect("status").expires_in.expect("held");
+        assert!(about(left, minute), "the store gives the lease {left:?}, not 1 minute");
+    }
+    let stranger = distlock::LeaseId::generate();
+    let err = locker.renew_lease(key, &stranger, None).await.expect_err("a stranger cannot renew");
+    assert!(err.is_lease_lost(), "{err:?}");
+    lease.release().await.expect("release");
+}
+
 /// An `etcd` member (or a cluster of them) on free loopback ports, each in its own temp dir.
 pub struct EtcdCluster {
     members: Vec<EtcdMember>,

@@ -41,9 +41,22 @@ pub struct HttpBackend {
 #[derive(Serialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 enum BatchOp<'a> {
-    Acquire { key: &'a str, ttl_ms: u64, holder: &'a str },
-    Renew { key: &'a str, lease_id: &'a str, ttl_ms: u64 },
-    Release { key: &'a str, lease_id: &'a str },
+    Acquire {
+        key: &'a str,
+        ttl_ms: u64,
+        holder: &'a str,
+    },
+    Renew {
+        key: &'a str,
+        lease_id: &'a str,
+        /// Absent: the server keeps the lease's own TTL.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ttl_ms: Option<u64>,
+    },
+    Release {
+        key: &'a str,
+        lease_id: &'a str,
+    },
 }
 
 #[derive(Deserialize)]
@@ -210,6 +223,31 @@ impl Backend for HttpBackend {
         "http"
     }
 
+    async fn force_release(&self, key: &str) -> Result<Option<LockInfo>> {
+        #[derive(Deserialize)]
+        struct Freed {
+            holder: String,
+            fencing_token: u64,
+        }
+        let path = format!("/v1/admin/locks/{}/release", encode_segment(key));
+        let answer = self.send(&path, Some(serde_json::json!({})), self.timeout).await?;
+        if answer.status == 404 {
+            return Ok(None);
+        }
+        if answer.status == 403 {
+            // `admin_disabled`: the server was started without --admin-token-file.
+            let message = serde_json::from_slice::<ErrorBody>(&answer.body)
+                .map_or_else(|_| "force-release is off on this server".to_owned(), |b| b.error.message);
+            return Err(Error::Unauthorized(message));
+        }
+        let freed: Freed = self.read(key, answer)?;
+        Ok(Some(LockInfo {
+            holder: Some(freed.holder),
+            fencing_token: Some(freed.fencing_token),
+            ..LockInfo::free(key, 0)
+        }))
+    }
+
     async fn acquire(&self, req: AcquireRequest) -> Result<Grant> {
         let _alone = match (&self.batcher, req.wait) {
             (Some(batcher), Some(Duration::ZERO)) => match batcher.alone() {
@@ -250,14 +288,19 @@ impl Backend for HttpBackend {
         }
     }
 
-    async fn renew(&self, key: &str, lease_id: &LeaseId, ttl: Duration) -> Result<Grant> {
+    async fn renew(&self, key: &str, lease_id: &LeaseId, ttl: Option<Duration>) -> Result<Grant> {
+        let ttl_ms = ttl.map(|t| t.as_millis() as u64);
         let alone = self.batcher.as_ref().map(|b| (b, b.alone()));
         if let Some((batcher, None)) = alone {
-            let op = BatchOp::Renew { key, lease_id: lease_id.as_str(), ttl_ms: ttl.as_millis() as u64 };
+            let op = BatchOp::Renew { key, lease_id: lease_id.as_str(), ttl_ms };
             let sent = Instant::now();
             return Self::grant(self.batched(batcher, key, op).await?, sent);
         }
-        let body = serde_json::json!({"lease_id": lease_id.as_str(), "ttl_ms": ttl.as_millis() as u64});
+        // Without `ttl_ms` the server renews for the lease's own TTL.
+        let body = match ttl_ms {
+            Some(ttl_ms) => serde_json::json!({"lease_id": lease_id.as_str(), "ttl_ms": ttl_ms}),
+            None => serde_json::json!({"lease_id": lease_id.as_str()}),
+        };
         let sent = Instant::now();
         let answer = self.send(&Self::path(key, "/renew"), Some(body), self.timeout).await?;
         Self::grant(self.read(key, answer)?, sent)

@@ -212,6 +212,18 @@ impl Store {
         self.eval::<i64>(inv).await.map(drop)
     }
 
+    /// Runs the renew script: `(token, ttl ms applied)`, token 0 when `lease_id` does not hold the
+    /// lock. `ttl` `None` keeps the TTL stored with the lease.
+    async fn renew(&self, keys: &LockKeys, lease_id: &LeaseId, ttl: Option<Duration>) -> Result<(u64, u64)> {
+        let mut inv = self.scripts.renew.prepare_invoke();
+        inv.key(&keys.lock)
+            .arg(lease_id.as_str())
+            .arg(ttl.map(|t| millis(t).to_string()).unwrap_or_default())
+            .arg(millis(crate::options::DEFAULT_TTL));
+        let (token, ttl_ms): (i64, i64) = self.eval(inv).await?;
+        Ok((token.max(0) as u64, ttl_ms.max(0) as u64))
+    }
+
     async fn release_keys(&self, keys: &LockKeys, lease_id: &LeaseId) -> Result<bool> {
         let mut inv = self.scripts.release.prepare_invoke();
         inv.key(&keys.lock).key(&keys.queue).key(&keys.alive).arg(lease_id.as_str()).arg(&keys.channel);
@@ -401,17 +413,19 @@ impl Backend for RedisBackend {
         }
     }
 
-    async fn renew(&self, key: &str, lease_id: &LeaseId, ttl: Duration) -> Result<Grant> {
+    async fn renew(&self, key: &str, lease_id: &LeaseId, ttl: Option<Duration>) -> Result<Grant> {
         let keys = self.store.keys(key);
         let sent = Instant::now();
-        let mut inv = self.store.scripts.renew.prepare_invoke();
-        inv.key(&keys.lock).arg(lease_id.as_str()).arg(millis(ttl));
-        match self.store.eval::<i64>(inv).await? {
-            0 => Err(Error::not_owner(key)),
-            token => {
-                Ok(Grant { lease_id: lease_id.clone(), fencing_token: token as u64, ttl, counted_from: sent })
-            }
+        let (token, ttl_ms) = self.store.renew(&keys, lease_id, ttl).await?;
+        if token == 0 {
+            return Err(Error::not_owner(key));
         }
+        Ok(Grant {
+            lease_id: lease_id.clone(),
+            fencing_token: token,
+            ttl: Duration::from_millis(ttl_ms),
+            counted_from: sent,
+        })
     }
 
     async fn release(&self, key: &str, lease_id: &LeaseId) -> Result<()> {

@@ -252,7 +252,12 @@ impl RedlockBackend {
             let fenced = join_all(granted.iter().map(|&i| async move {
                 let n = &self.nodes[i];
                 let mut inv = n.store.scripts.redlock_fence.prepare_invoke();
-                inv.key(&keys.lock).key(&keys.meta).arg(req.lease_id.as_str()).arg(token).arg(&req.holder);
+                inv.key(&keys.lock)
+                    .key(&keys.meta)
+                    .arg(req.lease_id.as_str())
+                    .arg(token)
+                    .arg(&req.holder)
+                    .arg(millis(req.ttl));
                 n.store.eval::<i64>(inv).await
             }))
             .await;
@@ -341,28 +346,23 @@ impl Backend for RedlockBackend {
         }
     }
 
-    async fn renew(&self, key: &str, lease_id: &LeaseId, ttl: Duration) -> Result<Grant> {
+    /// Renews on every master; with `ttl` `None` each master keeps the TTL stored with the lease,
+    /// and the validity is counted from the shortest TTL a renewing master applied.
+    async fn renew(&self, key: &str, lease_id: &LeaseId, ttl: Option<Duration>) -> Result<Grant> {
         let keys = self.keys(key);
         let sent = Instant::now();
-        let mut pending: FuturesUnordered<_> = self
-            .nodes
-            .iter()
-            .map(|n| {
-                let keys = &keys;
-                async move {
-                    let mut inv = n.store.scripts.renew.prepare_invoke();
-                    inv.key(&keys.lock).arg(lease_id.as_str()).arg(millis(ttl));
-                    n.store.eval::<i64>(inv).await
-                }
-            })
-            .collect();
+        let mut pending: FuturesUnordered<_> =
+            self.nodes.iter().map(|n| n.store.renew(&keys, lease_id, ttl)).collect();
         let (mut renewed, mut refused, mut errors, mut token) = (0, 0, Vec::new(), 0);
+        let mut applied: Option<Duration> = None;
         while let Some(r) = pending.next().await {
             match r {
-                Ok(0) => refused += 1,
-                Ok(t) => {
+                Ok((0, _)) => refused += 1,
+                Ok((t, ttl_ms)) => {
                     renewed += 1;
-                    token = token.max(t as u64);
+                    token = token.max(t);
+                    let here = Duration::from_millis(ttl_ms);
+                    applied = Some(applied.map_or(here, |a| a.min(here)));
                 }
                 Err(e) => errors.push(e),
             }
@@ -371,6 +371,7 @@ impl Backend for RedlockBackend {
             }
         }
         drop(pending);
+        let ttl = applied.or(ttl).unwrap_or_default();
         let validity_end = (sent + ttl).checked_sub(self.drift(ttl)).unwrap_or(sent);
         if renewed >= self.quorum && Instant::now() < validity_end {
             return Ok(Grant {

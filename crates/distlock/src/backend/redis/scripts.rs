@@ -3,8 +3,11 @@
 //!
 //! Keys of one lock share a hash tag, `<prefix>:{<key>}:...`, so every script touches one slot
 //! and stays legal on Redis Cluster:
-//! - `lock`  string `"<lease id> <token> <holder>"` with the lease's PX expiry (lease ids have no
-//!   spaces; the holder label comes last and may have them);
+//! - `lock`  string `"<lease id> <token> <ttl ms> <holder>"` with the lease's PX expiry (lease ids
+//!   have no spaces; the holder label comes last and may have them). The TTL is the one the lease
+//!   was granted or last renewed with, so a renew that names none can keep it. A value written by
+//!   an older version, `"<lease id> <token> <holder>"`, is still read (as having no stored TTL,
+//!   unless its holder label starts with digits and a space), and the next renew rewrites it;
 //! - `meta`  hash `fence` (the fencing counter, never expires) and `seq` (queue arrival order);
 //! - `queue` sorted set of waiting lease ids by arrival `seq` (FIFO);
 //! - `alive` sorted set of waiting lease ids by the time (ms) their wait registration lapses,
@@ -14,12 +17,16 @@
 //! key nobody waits for, release with nobody waiting, renew) take three Redis calls or fewer; the
 //! queue is only touched when someone waits.
 
-/// Splits a lock value (`parse`) and checks ownership (`owned`). Shared by every script.
+/// Splits a lock value (`parse`: id, token, holder, stored TTL in ms or nil) and checks ownership
+/// (`owned`). Shared by every script.
 const PARSE_LOCK: &str = r#"
 local function parse(v)
   if not v then return nil end
-  local id, token, holder = string.match(v, '^(%S+) (%d+) (.*)$')
-  return id, tonumber(token), holder
+  local id, token, ttl, holder = string.match(v, '^(%S+) (%d+) (%d+) (.*)$')
+  if id then return id, tonumber(token), holder, tonumber(ttl) end
+  -- Written by an older version, without the TTL.
+  id, token, holder = string.match(v, '^(%S+) (%d+) (.*)$')
+  return id, tonumber(token), holder, nil
 end
 
 -- The token of the lock at `key` when `lease_id` holds it, else nil.
@@ -60,7 +67,7 @@ end
 const ACQUIRE: &str = r#"
 local function grant()
   local token = redis.call('HINCRBY', KEYS[2], 'fence', 1)
-  redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. token .. ' ' .. ARGV[3], 'PX', ARGV[2])
+  redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. token .. ' ' .. ARGV[2] .. ' ' .. ARGV[3], 'PX', ARGV[2])
   return {1, token, ''}
 end
 if redis.call('EXISTS', KEYS[1], KEYS[3]) == 0 then
@@ -89,14 +96,23 @@ local _, _, holder = parse(redis.call('GET', KEYS[1]))
 return {0, redis.call('PTTL', KEYS[1]), holder or ''}
 "#;
 
-/// KEYS: lock. ARGV: lease id, ttl ms. Returns the token, or 0 when not the owner.
+/// KEYS: lock. ARGV: lease id, ttl ms (`''`: the TTL stored with the lease), the TTL in ms for a
+/// value that stores none (written by an older version). Returns `{token, ttl ms applied}`, or
+/// `{0, 0}` when not the owner. The value is rewritten only when the TTL changes.
 const RENEW: &str = r#"
-local token = owned(KEYS[1], ARGV[1])
-if not token then
-  return 0
+local v = redis.call('GET', KEYS[1])
+local id, token, holder, stored = parse(v)
+if not id or id ~= ARGV[1] then
+  return {0, 0}
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return token
+local ttl = tonumber(ARGV[2]) or stored or tonumber(ARGV[3])
+if ttl ~= stored then
+  local head = string.match(v, '^%S+ %d+ ')
+  redis.call('SET', KEYS[1], head .. string.format('%d', ttl) .. ' ' .. holder, 'PX', ttl)
+else
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
+return {token, ttl}
 "#;
 
 /// KEYS: lock, queue, alive. ARGV: lease id, wake channel. Deletes the lock if it is the
@@ -138,15 +154,15 @@ return {1, holder, token, redis.call('PTTL', KEYS[1]), waiters}
 /// free (token 0 until fenced) and returns `{1, current fencing counter, ''}`, else
 /// `{0, pttl, holder}`.
 const REDLOCK_ACQUIRE: &str = r#"
-if redis.call('SET', KEYS[1], ARGV[1] .. ' 0 ' .. ARGV[3], 'NX', 'PX', ARGV[2]) then
+if redis.call('SET', KEYS[1], ARGV[1] .. ' 0 ' .. ARGV[2] .. ' ' .. ARGV[3], 'NX', 'PX', ARGV[2]) then
   return {1, tonumber(redis.call('HGET', KEYS[2], 'fence') or '0'), ''}
 end
 local _, _, holder = parse(redis.call('GET', KEYS[1]))
 return {0, redis.call('PTTL', KEYS[1]), holder or ''}
 "#;
 
-/// Redlock, on one master. KEYS: lock, meta. ARGV: lease id, token, holder. If the caller holds
-/// the lock here, raise the fencing counter to at least `token` and record it on the lock.
+/// Redlock, on one master. KEYS: lock, meta. ARGV: lease id, token, holder, ttl ms. If the caller
+/// holds the lock here, raise the fencing counter to at least `token` and record it on the lock.
 const REDLOCK_FENCE: &str = r#"
 if not owned(KEYS[1], ARGV[1]) then
   return 0
@@ -154,7 +170,7 @@ end
 if tonumber(ARGV[2]) > tonumber(redis.call('HGET', KEYS[2], 'fence') or '0') then
   redis.call('HSET', KEYS[2], 'fence', ARGV[2])
 end
-redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. ARGV[3], 'KEEPTTL')
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. ARGV[4] .. ' ' .. ARGV[3], 'KEEPTTL')
 return 1
 "#;
 
