@@ -19,7 +19,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use distlock::{validate, AcquireRequest, Backend, Error, LeaseId, LockInfo};
+use distlock::{validate, AcquireRequest, Backend, Error, LeaseId, ListQuery, LockInfo, LockPage};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 
@@ -608,32 +608,35 @@ async fn status(
     Ok(Json(state.backend.status(&key).await?))
 }
 
+/// Most locks one `GET /v1/locks` answers, and the page size when `limit` is absent.
+pub const MAX_LIST_LIMIT: usize = 10_000;
+
+/// Query of `GET /v1/locks`.
 #[derive(Deserialize)]
-struct ListQuery {
+struct ListParams {
+    /// Only keys starting with this.
     #[serde(default)]
     prefix: String,
-    /// At most this many locks (in key order); all when absent.
+    /// Only keys after this one, in byte order (the previous page's `next`).
+    after: Option<String>,
+    /// At most this many locks (1 ..= [`MAX_LIST_LIMIT`]; default the maximum).
     limit: Option<usize>,
 }
 
-#[derive(Serialize)]
-struct LockList {
-    locks: Vec<LockInfo>,
-}
-
+/// `GET /v1/locks`: one page of held locks, `{"locks":[…],"next":KEY|null}`. The store pages from
+/// the cursor (the embedded store ranges over its ordered table from `after`).
 async fn list(
     State(state): State<Arc<AppState>>,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<LockList>, ApiError> {
+    query: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<LockPage>, ApiError> {
     let Query(q) = query.map_err(|r| ApiError::invalid(r.body_text()))?;
-    if q.prefix.len() > validate::MAX_KEY_BYTES || q.prefix.contains('\0') {
-        return Err(ApiError::invalid("prefix must be at most 1024 bytes without NUL"));
+    let limit = q.limit.unwrap_or(MAX_LIST_LIMIT);
+    if !(1..=MAX_LIST_LIMIT).contains(&limit) {
+        return Err(ApiError::invalid(format!("limit must be from 1 to {MAX_LIST_LIMIT}")));
     }
-    let mut locks = state.backend.list(&q.prefix).await?;
-    if let Some(limit) = q.limit {
-        locks.truncate(limit);
-    }
-    Ok(Json(LockList { locks }))
+    let query = ListQuery { prefix: q.prefix, after: q.after, limit: Some(limit) };
+    query.validate()?;
+    Ok(Json(state.backend.list(&query).await?))
 }
 
 async fn healthz(State(state): State<Arc<AppState>>) -> Response {

@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use distlock::async_trait;
 use distlock::{
-    AcquireRequest, Backend, Error, Grant, LeaseId, LockInfo, MemoryBackend, Observer, SavedLease, WaiterInfo,
+    AcquireRequest, Backend, Error, Grant, LeaseId, ListQuery, LockInfo, LockPage, MemoryBackend, Observer,
+    SavedLease, WaiterInfo,
 };
 
 use crate::wal::{self, Record, Wal, WalError, WalStats};
@@ -213,7 +214,8 @@ impl Backend for EmbeddedStore {
         self.memory.status(key).await
     }
 
-    async fn list(&self, prefix: &str) -> distlock::Result<Vec<LockInfo>> {
-        self.memory.list(prefix).await
+    /// Ranges over the ordered table from the cursor (see [`MemoryBackend`]'s `list`).
+    async fn list(&self, query: &ListQuery) -> distlock::Result<LockPage> {
+        self.memory.list(query).await
     }
 }

@@ -10,7 +10,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use common::Server;
-use distlock::{async_trait, AcquireRequest, Backend, Grant, LeaseId, LockInfo, Locker, Result};
+use distlock::{
+    async_trait, AcquireRequest, Backend, Grant, LeaseId, ListQuery, LockInfo, LockPage, Locker, Result,
+};
 use distlock_server::bench::{self, BenchConfig, Progress, Workload};
 
 /// A "lock" that grants everyone at once and always hands out token 7: what the checks exist for.
@@ -34,8 +36,8 @@ impl Backend for Broken {
     async fn status(&self, key: &str) -> Result<LockInfo> {
         Ok(LockInfo::free(key, 0))
     }
-    async fn list(&self, _: &str) -> Result<Vec<LockInfo>> {
-        Ok(Vec::new())
+    async fn list(&self, _: &ListQuery) -> Result<LockPage> {
+        Ok(LockPage::default())
     }
 }
 

@@ -397,6 +397,87 @@ async fn renew_without_ttl_keeps_the_lease_ttl() {
     }
 }
 
+/// `GET /v1/locks` pages from a cursor: 25 locks 10 at a time answer 10, 10 and 5, each `next`
+/// the page's last key and `null` after the last page; bad limits and cursors are 400; the
+/// library client passes `after` and `limit` through (coalescing or not).
+#[tokio::test]
+async fn list_pages_follow_the_cursor() {
+    let server = Server::start(&[]);
+    for i in 0..25 {
+        let (s, v) = post(&server, &format!("/v1/locks/pages%2F{i:02}/acquire"), r#"{"ttl_ms":60000}"#).await;
+        assert_eq!(s, 200, "{v}");
+    }
+    post(&server, "/v1/locks/pages0/acquire", "").await;
+    let (mut after, mut sizes, mut keys) = (String::new(), Vec::new(), Vec::new());
+    loop {
+        let (s, v) = get(&server, &format!("/v1/locks?prefix=pages%2F&limit=10&after={after}")).await;
+        assert_eq!(s, 200, "{v}");
+        let page: Vec<String> =
+            v["locks"].as_array().unwrap().iter().map(|l| l["key"].as_str().unwrap().to_owned()).collect();
+        sizes.push(page.len());
+        assert!(v.as_object().unwrap().contains_key("next"), "next is always there: {v}");
+        let next = v["next"].as_str().map(str::to_owned);
+        keys.extend(page.iter().cloned());
+        match next {
+            Some(next) => {
+                assert_eq!(Some(&next), page.last(), "next is the last key returned");
+                after = next.replace('/', "%2F");
+            }
+            None => break,
+        }
+        assert!(sizes.len() < 5, "{sizes:?}");
+    }
+    assert_eq!(sizes, [10, 10, 5]);
+    assert_eq!(keys, (0..25).map(|i| format!("pages/{i:02}")).collect::<Vec<_>>());
+    let (_, v) = get(&server, "/v1/locks?prefix=pages%2F&after=pages%2F19&limit=5").await;
+    assert_eq!((v["locks"].as_array().unwrap().len(), &v["next"]), (5, &Value::Null));
+
+    let long = "k".repeat(1025);
+    for query in [
+        "limit=0".to_owned(),
+        "limit=10001".to_owned(),
+        "limit=ten".to_owned(),
+        "limit=-1".to_owned(),
+        "after=a%00b".to_owned(),
+        format!("after={long}"),
+        "prefix=p%00".to_owned(),
+    ] {
+        let (s, e) = get(&server, &format!("/v1/locks?{query}")).await;
+        assert_eq!((s, code(&e)), (400, "invalid_request"), "{query}: {e}");
+    }
+    let (s, v) = get(&server, "/v1/locks?limit=10000").await;
+    assert_eq!((s, v["locks"].as_array().unwrap().len()), (200, 26));
+
+    for (i, url) in [server.url(), format!("{}?batch=off", server.url())].iter().enumerate() {
+        let locker = Locker::open(url).await.unwrap();
+        support::pages_of_ten(&locker, &format!("lib-{i}/")).await;
+        let err = locker.list_page(&distlock::ListQuery::prefix("").limit(10_001)).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidInput(_)), "{err:?}");
+    }
+}
+
+/// Without a limit the server answers pages of at most 10,000 locks (never the whole table at
+/// once), and `Locker::list` follows the pages to the end.
+#[tokio::test]
+async fn list_without_a_limit_answers_pages_of_ten_thousand() {
+    let server = Server::start(&[]);
+    for batch in 0..11 {
+        let ops: Vec<Value> = (0..1000)
+            .map(|i| json!({"op":"acquire","key":format!("bulk/{:05}", batch * 1000 + i)}))
+            .collect();
+        let (s, v) = post(&server, "/v1/batch", &json!({ "ops": ops }).to_string()).await;
+        assert_eq!(s, 200);
+        assert!(v["results"].as_array().unwrap().iter().all(|r| r["status"] == 200));
+    }
+    let (s, v) = get(&server, "/v1/locks").await;
+    assert_eq!((s, v["locks"].as_array().unwrap().len(), &v["next"]), (200, 10_000, &json!("bulk/09999")));
+    let (_, v) = get(&server, "/v1/locks?after=bulk%2F09999").await;
+    assert_eq!((v["locks"].as_array().unwrap().len(), &v["next"]), (1000, &Value::Null));
+    let all = server.locker().await.list("bulk/").await.unwrap();
+    assert_eq!(all.len(), 11_000);
+    assert!(all.windows(2).all(|w| w[0].key < w[1].key), "in key order, each once");
+}
+
 /// A call made while no other is out goes alone to its single route: nothing to coalesce, so no
 /// batch envelope (fails if the client sends every call through `/v1/batch`).
 #[tokio::test]

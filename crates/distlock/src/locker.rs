@@ -10,7 +10,7 @@ use crate::backend::{self, Backend};
 use crate::error::Result;
 use crate::lease::{Lease, Policy};
 use crate::options::AcquireOptions;
-use crate::types::{AcquireRequest, Grant, LeaseId, LockInfo};
+use crate::types::{AcquireRequest, Grant, LeaseId, ListQuery, LockInfo, LockPage};
 use crate::validate;
 
 /// A handle on one lock store. Cheap to clone; clones share the store.
@@ -120,12 +120,55 @@ impl Locker {
         self.backend.status(key).await
     }
 
-    /// Held locks whose key starts with `prefix`.
+    /// Every held lock whose key starts with `prefix`, in key order (following the pages of
+    /// [`Locker::list_page`] to the end).
     pub async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>> {
-        if prefix.contains('\0') || prefix.len() > validate::MAX_KEY_BYTES {
-            return Err(crate::Error::InvalidInput("prefix must be at most 1024 bytes without NUL".into()));
+        let mut query = ListQuery::prefix(prefix);
+        query.validate()?;
+        let mut locks = Vec::new();
+        loop {
+            let page = self.backend.list(&query).await?;
+            locks.extend(page.locks);
+            match page.next {
+                // A cursor that does not move forward would loop for ever.
+                Some(next) if query.after.as_ref().is_none_or(|after| next > *after) => {
+                    query.after = Some(next)
+                }
+                Some(_) => {
+                    return Err(crate::Error::Unavailable(format!(
+                        "the {} backend answered a list page whose cursor does not advance",
+                        self.backend.name()
+                    )))
+                }
+                None => return Ok(locks),
+            }
         }
-        self.backend.list(prefix).await
+    }
+
+    /// One page of held locks: keys starting with `query.prefix`, strictly after `query.after`
+    /// (byte order), at most `query.limit`, in key order; [`LockPage::next`] is the last key of
+    /// the page when more follow (pass it as `after` to continue), else `None`.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), distlock::Error> {
+    /// use distlock::{AcquireOptions, ListQuery, Locker};
+    ///
+    /// let locker = Locker::open("memory://").await?;
+    /// let mut held = Vec::new();
+    /// for key in ["jobs/a", "jobs/b", "jobs/c"] {
+    ///     held.push(locker.acquire(key, &AcquireOptions::new()).await?);
+    /// }
+    /// let first = locker.list_page(&ListQuery::prefix("jobs/").limit(2)).await?;
+    /// assert_eq!(first.locks.len(), 2);
+    /// assert_eq!(first.next.as_deref(), Some("jobs/b"));
+    /// let rest = locker.list_page(&ListQuery::prefix("jobs/").after("jobs/b").limit(2)).await?;
+    /// assert_eq!((rest.locks.len(), rest.next), (1, None));
+    /// # Ok(()) }
+    /// ```
+    pub async fn list_page(&self, query: &ListQuery) -> Result<LockPage> {
+        query.validate()?;
+        self.backend.list(query).await
     }
 
     /// Renews a lease known only by its key and id (e.g. taken by another process of the same

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::types::{Grant, LeaseId, LockInfo};
+use crate::types::{Grant, LeaseId, ListQuery, LockInfo};
 
 /// One held lock.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,10 +170,20 @@ impl LeaseTable {
         }
     }
 
-    /// Live leases whose key starts with `prefix`, in key order.
-    pub fn list<'a>(&'a self, prefix: &'a str, now: Instant) -> impl Iterator<Item = LockInfo> + 'a {
+    /// Live leases whose key [`ListQuery::matches`] `query` (prefix and cursor; the caller applies
+    /// the limit), in key order. The range starts at the later of `prefix` and just after
+    /// `query.after`, so a page costs what it returns, not the keys before it.
+    pub fn list<'a>(&'a self, query: &'a ListQuery, now: Instant) -> impl Iterator<Item = LockInfo> + 'a {
+        use std::ops::Bound;
+        let prefix = query.prefix.as_str();
+        let start = match query.after.as_deref() {
+            // Every key starting with `prefix` sorts at or after it, so after a cursor below
+            // `prefix` the range simply starts at `prefix`.
+            Some(after) if after >= prefix => Bound::Excluded(after),
+            _ => Bound::Included(prefix),
+        };
         self.locks
-            .range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
+            .range::<str, _>((start, Bound::Unbounded))
             .take_while(move |(k, _)| k.starts_with(prefix))
             .filter(move |(_, e)| now < e.expires_at)
             .map(move |(k, e)| entry_info(k, e, now))

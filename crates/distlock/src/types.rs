@@ -195,6 +195,94 @@ impl LockInfo {
     }
 }
 
+/// Which held locks a listing returns: those whose key starts with `prefix` and sorts strictly
+/// after `after` (byte order), at most `limit` of them, in key order. Pass a page's
+/// [`LockPage::next`] as the next query's `after` to continue.
+///
+/// ```
+/// let q = distlock::ListQuery::prefix("deploy/").after("deploy/api").limit(100);
+/// assert_eq!((q.prefix.as_str(), q.after.as_deref(), q.limit), ("deploy/", Some("deploy/api"), Some(100)));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ListQuery {
+    /// Only keys starting with this (empty: every key). At most 1024 bytes, no NUL.
+    #[serde(default)]
+    pub prefix: String,
+    /// Only keys sorting strictly after this one (a cursor: the previous page's `next`). At most
+    /// 1024 bytes, no NUL; `None` (or empty) starts from the first key.
+    #[serde(default)]
+    pub after: Option<String>,
+    /// At most this many locks (at least 1). `None`: as many as the backend returns in one page —
+    /// all of them, except over `http://`, where the server caps a page at 10,000.
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+impl ListQuery {
+    /// Every held lock whose key starts with `prefix`, from the first key, without a limit.
+    pub fn prefix(prefix: impl Into<String>) -> ListQuery {
+        ListQuery { prefix: prefix.into(), after: None, limit: None }
+    }
+
+    /// Continues after `key` (the previous page's [`LockPage::next`]).
+    pub fn after(mut self, key: impl Into<String>) -> ListQuery {
+        self.after = Some(key.into());
+        self
+    }
+
+    /// At most `n` locks per page.
+    pub fn limit(mut self, n: usize) -> ListQuery {
+        self.limit = Some(n);
+        self
+    }
+
+    /// Checks the bounds: `prefix` and `after` at most 1024 bytes without NUL, `limit` at least 1.
+    pub fn validate(&self) -> Result<()> {
+        for (name, text) in [("prefix", Some(&self.prefix)), ("after", self.after.as_ref())] {
+            if let Some(text) = text {
+                if text.contains('\0') || text.len() > crate::validate::MAX_KEY_BYTES {
+                    return Err(Error::InvalidInput(format!(
+                        "{name} must be at most 1024 bytes without NUL"
+                    )));
+                }
+            }
+        }
+        if self.limit == Some(0) {
+            return Err(Error::InvalidInput("limit must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// Whether `key` belongs on a page of this query (prefix and cursor; not the limit).
+    pub fn matches(&self, key: &str) -> bool {
+        key.starts_with(&self.prefix) && self.after.as_deref().is_none_or(|after| key > after)
+    }
+
+    /// Builds a page from held locks in key order that all [`ListQuery::matches`]: the first
+    /// `limit` of them, and `next` set to the last key returned when more follow.
+    pub fn page(&self, locks: impl IntoIterator<Item = LockInfo>) -> LockPage {
+        let mut locks = locks.into_iter();
+        let page: Vec<LockInfo> = match self.limit {
+            Some(n) => locks.by_ref().take(n).collect(),
+            None => locks.by_ref().collect(),
+        };
+        let more = locks.next().is_some();
+        let next = if more { page.last().map(|l| l.key.clone()) } else { None };
+        LockPage { locks: page, next }
+    }
+}
+
+/// One page of held locks, in key order. `next` is the last key of this page when more locks
+/// follow (pass it as [`ListQuery::after`] to continue), and `None` on the last page.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LockPage {
+    /// The held locks of this page, in key order (byte order).
+    pub locks: Vec<LockInfo>,
+    /// The cursor for the next page; `None` (JSON `null`) when this page is the last.
+    #[serde(default)]
+    pub next: Option<String>,
+}
+
 mod millis_opt {
     use std::time::Duration;
 

@@ -68,6 +68,14 @@ async fn renew_without_ttl_keeps_the_lease_ttl() {
         .await;
 }
 
+/// Listing pages through held locks from a cursor: 25 locks 10 at a time are pages of 10, 10, 5
+/// (percent-encoded names in etcd, byte order of the keys in the pages).
+#[tokio::test]
+async fn list_pages_follow_the_cursor() {
+    let cluster = EtcdCluster::start(1);
+    support::pages_of_ten(&locker(&cluster).await, "pages/").await;
+}
+
 /// Waiters are served in arrival order, each watching only the key ahead of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_are_served_fifo() {

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use distlock::{
-    AcquireOptions, AcquireRequest, Backend, Error, Grant, LeaseId, LeaseState, LockInfo, Locker, LossReason,
-    MemoryBackend,
+    AcquireOptions, AcquireRequest, Backend, Error, Grant, LeaseId, LeaseState, ListQuery, LockInfo,
+    LockPage, Locker, LossReason, MemoryBackend,
 };
 use tokio::time::Instant;
 
@@ -254,8 +254,8 @@ impl Backend for Partitionable {
     async fn status(&self, key: &str) -> distlock::Result<LockInfo> {
         self.inner.status(key).await
     }
-    async fn list(&self, prefix: &str) -> distlock::Result<Vec<LockInfo>> {
-        self.inner.list(prefix).await
+    async fn list(&self, query: &ListQuery) -> distlock::Result<LockPage> {
+        self.inner.list(query).await
     }
 }
 
@@ -355,6 +355,12 @@ async fn status_and_list() {
     assert_eq!(locker.list("").await.unwrap().len(), 3);
 }
 
+/// Listing pages through held locks from a cursor: 25 locks 10 at a time are pages of 10, 10, 5.
+#[tokio::test(start_paused = true)]
+async fn list_pages_follow_the_cursor() {
+    support::pages_of_ten(&memory(), "pages/").await;
+}
+
 #[tokio::test]
 async fn invalid_input_is_refused() {
     let locker = memory();
@@ -397,10 +403,13 @@ async fn hundred_thousand_leases() {
             .await
             .unwrap();
     }
-    assert_eq!(backend.list("lease-").await.unwrap().len(), 100_000);
+    assert_eq!(backend.list(&ListQuery::prefix("lease-")).await.unwrap().locks.len(), 100_000);
+    // A page from a cursor deep in the table.
+    let page = backend.list(&ListQuery::prefix("lease-").after("lease-099989").limit(5)).await.unwrap();
+    assert_eq!((page.locks[0].key.as_str(), page.next.as_deref()), ("lease-099990", Some("lease-099994")));
     assert!(backend.status("lease-099999").await.unwrap().held);
     tokio::time::sleep(secs(11)).await;
-    assert!(backend.list("").await.unwrap().is_empty());
+    assert!(backend.list(&ListQuery::default()).await.unwrap().locks.is_empty());
 }
 
 /// 10,000 waiters on one key are each served once, in turn, with rising tokens.

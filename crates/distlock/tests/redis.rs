@@ -272,6 +272,7 @@ async fn status_and_list() {
     assert!(info.expires_in.unwrap() > Duration::from_secs(8));
     assert!(!locker.status("nobody").await.unwrap().held);
     assert_eq!(locker.list("").await.unwrap().len(), 3);
+    support::pages_of_ten(&locker, "pages/").await;
 }
 
 #[tokio::test]

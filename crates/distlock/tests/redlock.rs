@@ -163,6 +163,13 @@ async fn renew_without_ttl_keeps_the_lease_ttl() {
     support::renew_without_ttl_keeps_the_lease_ttl(&cluster.locker().await, "keep", slack, true).await;
 }
 
+/// Listing pages through held locks from a cursor: 25 locks 10 at a time are pages of 10, 10, 5.
+#[tokio::test]
+async fn list_pages_follow_the_cursor() {
+    let cluster = Cluster::start(3);
+    support::pages_of_ten(&cluster.locker().await, "pages/").await;
+}
+
 #[tokio::test]
 async fn expiry_lets_the_waiter_in() {
     let cluster = Cluster::start(3);

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::types::{AcquireRequest, Grant, LeaseId, LockInfo};
+use crate::types::{AcquireRequest, Grant, LeaseId, ListQuery, LockInfo, LockPage};
 
 /// A client of one etcd cluster.
 pub struct EtcdBackend {
@@ -472,8 +472,11 @@ impl Backend for EtcdBackend {
         })
     }
 
-    async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>> {
-        let search = format!("{}/{}", self.prefix, encode(prefix));
+    /// Reads the names of every key under the prefix (keys only: their percent-encoding does not
+    /// keep byte order, so the cursor is applied after decoding), then the status of the locks
+    /// after the cursor, in order, only until the page is full.
+    async fn list(&self, query: &ListQuery) -> Result<LockPage> {
+        let search = format!("{}/{}", self.prefix, encode(&query.prefix));
         let resp =
             call!(self, |c| c.get(search.as_str(), Some(GetOptions::new().with_prefix().with_keys_only())))?;
         let mut keys: Vec<String> = resp
@@ -488,13 +491,16 @@ impl Backend for EtcdBackend {
             .collect();
         keys.sort();
         keys.dedup();
-        let mut out = Vec::with_capacity(keys.len());
-        for key in keys {
+        let mut held = Vec::new();
+        for key in keys.into_iter().filter(|k| query.matches(k)) {
+            if query.limit.is_some_and(|n| held.len() > n) {
+                break;
+            }
             let info = self.status(&key).await?;
             if info.held {
-                out.push(info);
+                held.push(info);
             }
         }
-        Ok(out)
+        Ok(query.page(held))
     }
 }

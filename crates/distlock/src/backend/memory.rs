@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::table::LeaseTable;
-use crate::types::{AcquireRequest, Grant, LeaseId, LockInfo};
+use crate::types::{AcquireRequest, Grant, LeaseId, ListQuery, LockInfo, LockPage};
 
 /// Leases kept in this process. Cheap to share behind an `Arc`; see the module docs.
 ///
@@ -469,10 +469,12 @@ impl Backend for MemoryBackend {
         Ok(self.shared.with_state(now, |s| LockInfo { waiters: s.waiters(key), ..s.table.info(key, now) }))
     }
 
-    async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>> {
+    /// Ranges over the ordered table from the cursor: a page costs what it returns.
+    async fn list(&self, query: &ListQuery) -> Result<LockPage> {
         let now = Instant::now();
         Ok(self.shared.with_state(now, |s| {
-            s.table.list(prefix, now).map(|info| LockInfo { waiters: s.waiters(&info.key), ..info }).collect()
+            query
+                .page(s.table.list(query, now).map(|info| LockInfo { waiters: s.waiters(&info.key), ..info }))
         }))
     }
 }

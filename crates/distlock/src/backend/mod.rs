@@ -19,7 +19,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::error::{Error, Result};
-use crate::types::{AcquireRequest, Grant, LeaseId, LockInfo};
+use crate::types::{AcquireRequest, Grant, LeaseId, ListQuery, LockInfo, LockPage};
 
 pub use memory::{MemoryBackend, MemoryStats, Observer, SavedLease, TableEvent, WaiterInfo};
 
@@ -62,8 +62,10 @@ pub trait Backend: Send + Sync + 'static {
     /// The state of `key`, held or not.
     async fn status(&self, key: &str) -> Result<LockInfo>;
 
-    /// Held locks whose key starts with `prefix`.
-    async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>>;
+    /// One page of held locks: keys that start with `query.prefix` and sort strictly after
+    /// `query.after` (byte order), at most `query.limit` of them, in key order, with
+    /// [`LockPage::next`] set to the last key returned when more follow. `query` is validated.
+    async fn list(&self, query: &ListQuery) -> Result<LockPage>;
 
     /// Frees `key` whoever holds it: an operator's override for a holder that hangs. Returns the
     /// lease that was freed (its holder and fencing token), or `None` when the key was free. The

@@ -222,6 +222,79 @@ pub async fn renew_without_ttl_keeps_the_lease_ttl(
     lease.release().await.expect("release");
 }
 
+/// Pages through 25 held locks under `prefix` (which must end in `/`) 10 at a time: pages of 10,
+/// 10 and 5, each `next` the page's last key and `None` after the last; keys in byte order; keys
+/// just outside the prefix never shown; a page that ends exactly at the last lock has no `next`;
+/// a released lock drops out; [`distlock::Locker::list`] follows the pages; bad queries are
+/// `InvalidInput`. Releases everything at the end.
+pub async fn pages_of_ten(locker: &distlock::Locker, prefix: &str) {
+    use distlock::{AcquireOptions, Error, ListQuery};
+    assert!(prefix.ends_with('/'));
+    let opts = AcquireOptions::new().ttl(Duration::from_secs(60));
+    let key = |i: usize| format!("{prefix}{i:02}");
+    let mut leases = Vec::new();
+    for i in (0..25).rev() {
+        leases.push(locker.acquire(&key(i), &opts).await.expect("acquire"));
+    }
+    // Neighbours on either side of the prefix's range ('0' sorts right after '/').
+    let (before, after) =
+        (prefix.trim_end_matches('/').to_owned(), format!("{}0", prefix.trim_end_matches('/')));
+    for k in [&before, &after] {
+        leases.push(locker.acquire(k, &opts).await.expect("acquire a neighbour"));
+    }
+
+    let mut query = ListQuery::prefix(prefix).limit(10);
+    let (mut sizes, mut keys) = (Vec::new(), Vec::new());
+    loop {
+        let page = locker.list_page(&query).await.expect("list a page");
+        sizes.push(page.locks.len());
+        let page_keys: Vec<String> = page.locks.iter().map(|l| l.key.clone()).collect();
+        assert!(page.locks.iter().all(|l| l.held && l.fencing_token.is_some()));
+        if let Some(next) = &page.next {
+            assert_eq!(Some(next), page_keys.last(), "next is the last key returned");
+        }
+        keys.extend(page_keys);
+        match page.next {
+            Some(next) => query = query.after(next),
+            None => break,
+        }
+        assert!(sizes.len() < 5, "paging does not end: {sizes:?}");
+    }
+    assert_eq!(sizes, [10, 10, 5], "pages of 10, 10 and 5");
+    assert_eq!(keys, (0..25).map(key).collect::<Vec<_>>(), "every key once, in byte order");
+
+    let last_five = locker.list_page(&ListQuery::prefix(prefix).after(key(19)).limit(5)).await.expect("page");
+    assert_eq!((last_five.locks.len(), last_five.next), (5, None), "nothing follows the last lock");
+    let first =
+        locker.list_page(&ListQuery::prefix(prefix).after(before.clone()).limit(3)).await.expect("page");
+    assert_eq!(first.next, Some(key(2)), "a cursor before the prefix starts at its first key");
+    let past = locker.list_page(&ListQuery::prefix(prefix).after(after.clone())).await.expect("page");
+    assert_eq!((past.locks.len(), past.next), (0, None), "a cursor past the prefix finds nothing");
+    let all = locker.list_page(&ListQuery::prefix(prefix)).await.expect("page");
+    assert_eq!((all.locks.len(), all.next), (25, None), "no limit: everything in one page");
+
+    let released = leases.remove(24 - 5); // key 05
+    assert_eq!(released.key(), key(5));
+    released.release().await.expect("release");
+    let listed: Vec<String> = locker.list(prefix).await.expect("list").into_iter().map(|l| l.key).collect();
+    assert_eq!(listed, (0..25).filter(|&i| i != 5).map(key).collect::<Vec<_>>());
+    let page = locker.list_page(&ListQuery::prefix(prefix).after(key(3)).limit(2)).await.expect("page");
+    assert_eq!(page.locks.iter().map(|l| l.key.clone()).collect::<Vec<_>>(), [key(4), key(6)]);
+
+    for bad in [
+        ListQuery::prefix(prefix).limit(0),
+        ListQuery::prefix(prefix).after("a\0b"),
+        ListQuery::prefix(prefix).after("k".repeat(1025)),
+        ListQuery::prefix("p\0"),
+    ] {
+        let err = locker.list_page(&bad).await.expect_err("a bad query");
+        assert!(matches!(err, Error::InvalidInput(_)), "{bad:?}: {err:?}");
+    }
+    for lease in leases {
+        lease.release().await.expect("release");
+    }
+}
+
 /// An `etcd` member (or a cluster of them) on free loopback ports, each in its own temp dir.
 pub struct EtcdCluster {
     members: Vec<EtcdMember>,

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use crate::backend::Backend;
 use crate::error::{Error, LossReason, Result};
-use crate::types::{AcquireRequest, Grant, LeaseId, LockInfo};
+use crate::types::{AcquireRequest, Grant, LeaseId, ListQuery, LockInfo, LockPage};
 
 /// Longest wait one long poll asks for (the server's cap).
 const MAX_POLL: Duration = Duration::from_secs(3600);
@@ -78,11 +78,6 @@ struct ErrorDetail {
     code: String,
     message: String,
     holder: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct LockList {
-    locks: Vec<LockInfo>,
 }
 
 /// Percent-encodes a key as one path segment.
@@ -322,9 +317,17 @@ impl Backend for HttpBackend {
         self.read(key, answer)
     }
 
-    async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>> {
-        let path = format!("/v1/locks?prefix={}", encode_segment(prefix));
+    /// `GET /v1/locks?prefix=…&after=…&limit=…`; without a limit the server answers at most
+    /// 10,000 locks per page (follow [`LockPage::next`], as [`crate::Locker::list`] does).
+    async fn list(&self, query: &ListQuery) -> Result<LockPage> {
+        let mut path = format!("/v1/locks?prefix={}", encode_segment(&query.prefix));
+        if let Some(after) = &query.after {
+            path.push_str(&format!("&after={}", encode_segment(after)));
+        }
+        if let Some(limit) = query.limit {
+            path.push_str(&format!("&limit={limit}"));
+        }
         let answer = self.send(&path, None, self.timeout).await?;
-        Ok(self.read::<LockList>(prefix, answer)?.locks)
+        self.read::<LockPage>(&query.prefix, answer)
     }
 }

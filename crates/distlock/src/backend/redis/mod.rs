@@ -24,7 +24,7 @@ use self::scripts::Scripts;
 use self::wakeups::{Registration, Wakeups};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::types::{AcquireRequest, Grant, LeaseId, LockInfo};
+use crate::types::{AcquireRequest, Grant, LeaseId, ListQuery, LockInfo, LockPage};
 
 /// Settings of a Redis backend, parsed from its URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -440,14 +440,21 @@ impl Backend for RedisBackend {
         self.store.status(key).await
     }
 
-    async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>> {
-        let mut out = Vec::new();
-        for key in self.store.scan_keys(prefix).await? {
+    /// Redis keeps no ordered index of lock keys: this SCANs every key under the prefix, sorts
+    /// them, and then reads the status of those after the cursor, in order, only until the page
+    /// is full (one more tells whether more follow).
+    async fn list(&self, query: &ListQuery) -> Result<LockPage> {
+        let mut held = Vec::new();
+        let keys = self.store.scan_keys(&query.prefix).await?;
+        for key in keys.into_iter().filter(|k| query.matches(k)) {
+            if query.limit.is_some_and(|n| held.len() > n) {
+                break;
+            }
             let info = self.store.status(&key).await?;
             if info.held {
-                out.push(info);
+                held.push(info);
             }
         }
-        Ok(out)
+        Ok(query.page(held))
     }
 }

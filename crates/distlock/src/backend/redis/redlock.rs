@@ -36,7 +36,7 @@ use super::wakeups::{Registration, Wakeups};
 use super::{millis, LockKeys, RedisBackend, RedisConfig, Store};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::types::{AcquireRequest, Grant, LeaseId, LockInfo};
+use crate::types::{AcquireRequest, Grant, LeaseId, ListQuery, LockInfo, LockPage};
 
 /// After a majority released, how long release still waits for the other masters.
 const RELEASE_GRACE: Duration = Duration::from_millis(50);
@@ -425,11 +425,13 @@ impl Backend for RedlockBackend {
         Ok(LockInfo::free(key, 0))
     }
 
-    async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>> {
+    /// SCANs every master for the keys under the prefix (no ordered index), then reads the
+    /// majority status of those after the cursor, in order, only until the page is full.
+    async fn list(&self, query: &ListQuery) -> Result<LockPage> {
         let mut keys = Vec::new();
         let mut errors = Vec::new();
         for n in &self.nodes {
-            match n.store.scan_keys(prefix).await {
+            match n.store.scan_keys(&query.prefix).await {
                 Ok(k) => keys.extend(k),
                 Err(e) => errors.push(e),
             }
@@ -439,13 +441,16 @@ impl Backend for RedlockBackend {
         }
         keys.sort();
         keys.dedup();
-        let mut out = Vec::new();
-        for key in keys {
+        let mut held = Vec::new();
+        for key in keys.into_iter().filter(|k| query.matches(k)) {
+            if query.limit.is_some_and(|n| held.len() > n) {
+                break;
+            }
             let info = self.status(&key).await?;
             if info.held {
-                out.push(info);
+                held.push(info);
             }
         }
-        Ok(out)
+        Ok(query.page(held))
     }
 }
