@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //! - [`bench`](mod@bench): load generation for benchmarks.
-//! - [`cli`]: the client subcommands, their output and exit codes; [`run`]: `distlock run`.
+//! - [`cli`]: the client subcommands, their output and exit codes; [`run`]: `distlock run`;
+//!   [`child`]: the command `run` starts and how all of it is stopped.
 //! - [`serve`]: settings and the run loop (listener, store, shutdown).
 //! - [`http`]: the JSON API (routes, errors, auth, metrics) and the web page.
 //! - [`events`]: the live event stream behind the web page.
@@ -10,6 +11,7 @@
 //! - [`wal`]: the write-ahead log with group commit, snapshots and crash recovery.
 
 pub mod bench;
+pub mod child;
 pub mod cli;
 pub mod events;
 pub mod http;

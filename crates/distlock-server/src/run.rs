@@ -1,49 +1,99 @@
 //! `distlock run KEY -- CMD...`: hold a lock while a command runs, like `flock(1)` across hosts.
 //!
-//! Acquires (waiting up to `--wait`, default forever), starts CMD with `DISTLOCK_KEY`,
-//! `DISTLOCK_FENCING_TOKEN` and `DISTLOCK_LEASE_ID` in its environment, keeps the lease renewed,
-//! passes SIGINT/SIGTERM/SIGHUP on to CMD, releases when CMD exits and exits with CMD's code
-//! (128+N if a signal N killed it). If the lease is lost while CMD runs: SIGTERM to CMD, SIGKILL
-//! after `--kill-after`, a message, exit 76. Unlike `etcdctl lock`, a lost lock stops the command.
+//! Acquires (waiting up to `--wait`, default forever, retrying an unavailable backend meanwhile),
+//! starts CMD with `DISTLOCK_KEY`, `DISTLOCK_FENCING_TOKEN`, `DISTLOCK_LEASE_ID` and
+//! `DISTLOCK_TTL_MS` in its environment, keeps the lease renewed, passes SIGINT/SIGTERM/SIGHUP on
+//! to everything CMD started, releases when CMD exits and exits with CMD's code (128+N if a signal
+//! N killed it). If the lease is lost while CMD runs, every process CMD started gets SIGTERM, then
+//! SIGKILL after `--kill-after`, and distlock exits 76 (see [`crate::child`] for how "every
+//! process" is found). Unlike `etcdctl lock`, a lost lock stops the command.
 
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
 use distlock::{AcquireOptions, Error, Locker};
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::Signal;
 use nix::unistd::Pid;
+use serde::Serialize;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::time::Instant;
 
-use crate::cli::{acquire_showing_wait, exit_code, Output, EXIT_HELD, EXIT_LOST};
+use crate::child;
+use crate::cli::{acquire_waiting, describe, not_acquired, shown, ErrorBody, Output, WaitPolicy, EXIT_LOST};
 
-/// Runs `command` under the lock on `key`; returns the exit code for distlock.
-pub async fn run(
-    locker: &Locker,
-    key: &str,
-    opts: AcquireOptions,
-    kill_after: Duration,
-    command: &[String],
-    out: &Output,
-) -> u8 {
-    let Some((program, args)) = command.split_first() else {
-        out.say("no command given: distlock run KEY -- CMD [ARGS...]");
+/// What `run` is asked to do.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// How long to wait, retry and what "not acquired" exits with.
+    pub policy: WaitPolicy,
+    /// Time between SIGTERM and SIGKILL when the lease is lost.
+    pub kill_after: Duration,
+    /// The program and its arguments (`-c STRING` becomes `/bin/sh -c STRING`).
+    pub command: Vec<String>,
+}
+
+/// The one JSON line `run --json` prints when it ends.
+#[derive(Serialize)]
+struct RunReport<'a> {
+    key: &'a str,
+    /// `ok` (the command ran; its code is `exit_code`), `not_acquired`, `lost`, `unavailable`,
+    /// or `error` (any other failure, described by `error`).
+    outcome: &'static str,
+    fencing_token: Option<u64>,
+    waited_ms: u64,
+    held_ms: Option<u64>,
+    exit_code: u8,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<ErrorBody<'a>>,
+}
+
+/// Runs the command under the lock on `key`; returns the exit code for distlock.
+pub async fn run(locker: &Locker, key: &str, opts: AcquireOptions, config: &RunConfig, out: &Output) -> u8 {
+    let started = Instant::now();
+    let Some((program, args)) = config.command.split_first() else {
+        out.say(
+            "no command given: distlock run KEY -- CMD [ARGS...]  or  distlock run KEY -c 'shell command'",
+        );
         return crate::cli::EXIT_USAGE;
     };
-    let lease = match acquire_showing_wait(locker, key, &opts, out).await {
-        Ok(lease) => lease,
-        Err(e @ (Error::Held { .. } | Error::WaitTimeout { .. })) => {
-            out.say(format!("not acquired: {e}"));
-            return EXIT_HELD;
+    // Human messages go to stderr; with --json the one report line is the only thing on stdout.
+    let quiet_out = Output { json: false, ..*out };
+    let report = |outcome, token, held: Option<Duration>, code, error: Option<&Error>| {
+        if !out.json {
+            return;
         }
+        let message = error.map(describe);
+        let r = RunReport {
+            key,
+            outcome,
+            fencing_token: token,
+            waited_ms: 0,
+            held_ms: held.map(|h| h.as_millis() as u64),
+            exit_code: code,
+            error: error.zip(message.as_deref()).map(|(e, m)| ErrorBody::of(e, m)),
+        };
+        let waited = held.map_or(started.elapsed(), |h| started.elapsed().saturating_sub(h));
+        let _ = out.json_line(&RunReport { waited_ms: waited.as_millis() as u64, ..r });
+    };
+    let lease = match acquire_waiting(locker, key, &opts, &config.policy, &quiet_out).await {
+        Ok(lease) => lease,
         Err(e) => {
-            out.say(format!("cannot acquire {key}: {e}"));
-            return exit_code(&e);
+            let code = not_acquired(&e, &config.policy, &quiet_out);
+            let outcome = match e {
+                Error::Held { .. } | Error::WaitTimeout { .. } => "not_acquired",
+                Error::Unavailable(_) => "unavailable",
+                _ => "error",
+            };
+            report(outcome, None, None, code, Some(&e));
+            return code;
         }
     };
+    let held_since = Instant::now();
+    let token = Some(lease.fencing_token());
     if out.verbose {
         out.say(format!(
             "acquired {} (fencing token {}); running {program}",
-            lease.key(),
+            shown(key),
             lease.fencing_token()
         ));
     }
@@ -55,51 +105,70 @@ pub async fn run(
         let _ = lease.release().await;
         return 1;
     };
-    let mut child = match tokio::process::Command::new(program)
-        .args(args)
+    if let Err(e) = child::become_subreaper() {
+        tracing::debug!(error = %e, "cannot become a child subreaper; daemonised processes are not tracked");
+    }
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
         .env("DISTLOCK_KEY", lease.key())
         .env("DISTLOCK_FENCING_TOKEN", lease.fencing_token().to_string())
         .env("DISTLOCK_LEASE_ID", lease.lease_id().as_str())
-        .spawn()
-    {
-        Ok(child) => child,
+        .env("DISTLOCK_TTL_MS", lease.ttl().as_millis().to_string());
+    child::configure(&mut cmd);
+    let mut process = match cmd.spawn() {
+        Ok(p) => p,
         Err(e) => {
+            child::take_terminal_back();
             out.say(format!("cannot run {program}: {e}"));
             let _ = lease.release().await;
-            return if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
+            let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
+            report("error", token, Some(held_since.elapsed()), code, None);
+            return code;
         }
     };
-    let pid = child.id().map(|id| Pid::from_raw(id as i32));
-    let send = |sig: Signal| {
-        if let Some(pid) = pid {
-            let _ = kill(pid, sig);
-        }
+    let Some(pid) = process.id().map(|id| Pid::from_raw(id as i32)) else {
+        out.say(format!("{program} exited before it could be watched"));
+        let _ = lease.release().await;
+        return 1;
+    };
+    let forward = |sig: Signal| {
+        child::signal_all(pid, sig);
     };
     let mut watch = lease.watch();
     let status = loop {
         tokio::select! {
-            status = child.wait() => break status,
-            _ = sigint.recv() => send(Signal::SIGINT),
-            _ = sigterm.recv() => send(Signal::SIGTERM),
-            _ = sighup.recv() => send(Signal::SIGHUP),
+            status = process.wait() => break status,
+            _ = sigint.recv() => forward(Signal::SIGINT),
+            _ = sigterm.recv() => forward(Signal::SIGTERM),
+            _ = sighup.recv() => forward(Signal::SIGHUP),
             reason = watch.lost() => {
-                let reason = reason.map_or_else(|| "released".to_owned(), |r| r.to_string());
-                out.say(format!("lost the lock on {key} while {program} was running ({reason}); stopping it"));
-                send(Signal::SIGTERM);
-                if tokio::time::timeout(kill_after, child.wait()).await.is_err() {
-                    out.say(format!("{program} did not stop within {}; killing it", humantime::format_duration(kill_after)));
-                    send(Signal::SIGKILL);
-                    let _ = child.wait().await;
+                let reason = reason.unwrap_or(distlock::LossReason::NotOwner);
+                out.say(format!("lost the lock on {} while {program} was running ({reason}); stopping it", shown(key)));
+                if !child::stop_all(pid, pid, config.kill_after).await {
+                    out.say(format!("{program} did not stop within {} of SIGTERM; killing it", crate::cli::human(config.kill_after)));
                 }
+                let _ = process.wait().await;
+                child::take_terminal_back();
                 let _ = lease.release().await;
+                let lost = Error::LeaseLost { key: key.to_owned(), reason };
+                report("lost", token, Some(held_since.elapsed()), EXIT_LOST, Some(&lost));
                 return EXIT_LOST;
             }
         }
     };
-    if let Err(e) = lease.release().await {
-        out.say(format!("releasing {key} after {program} exited: {e}"));
+    child::take_terminal_back();
+    child::reap_orphans(pid);
+    let left = child::descendants(nix::unistd::getpid()).len();
+    if left > 0 {
+        out.say(format!(
+            "{program} exited but left {left} process(es) running; releasing {} anyway",
+            shown(key)
+        ));
     }
-    match status {
+    if let Err(e) = lease.release().await {
+        out.say(format!("releasing {} after {program} exited: {}", shown(key), describe(&e)));
+    }
+    let code = match status {
         Ok(s) => match (s.code(), s.signal()) {
             (Some(code), _) => code.clamp(0, 255) as u8,
             (None, Some(sig)) => (128 + sig).clamp(0, 255) as u8,
@@ -109,5 +178,7 @@ pub async fn run(
             out.say(format!("waiting for {program}: {e}"));
             1
         }
-    }
+    };
+    report("ok", token, Some(held_since.elapsed()), code, None);
+    code
 }

@@ -14,7 +14,11 @@ use serde_json::Value;
 
 fn distlock(backend: &str, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_distlock"));
-    c.env("DISTLOCK_BACKEND", backend).args(args).stdin(Stdio::null());
+    c.env("DISTLOCK_BACKEND", backend)
+        .env_remove("DISTLOCK_TOKEN")
+        .env_remove("DISTLOCK_LEASE_ID")
+        .args(args)
+        .stdin(Stdio::null());
     c
 }
 
@@ -88,7 +92,8 @@ async fn exit_codes_environment_and_output() {
     assert!(stdout(&run(&b, &["status", "k2"])).contains("held by script"));
     let o = run(&b, &["list", "--json"]);
     let list: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
-    assert_eq!(list.as_array().map(Vec::len), Some(1));
+    assert_eq!(list["locks"].as_array().map(Vec::len), Some(1), "the HTTP shape: {list}");
+    assert!(list["next"].is_null());
     assert!(stdout(&run(&b, &["list"])).contains("k2"));
     assert_eq!(code(&run(&b, &["renew", "k2", "--lease", &id, "--ttl", "2m"])), 0);
     assert_eq!(code(&run(&b, &["renew", "k2", "--lease", &LeaseId::generate().to_string()])), 76);
@@ -101,7 +106,7 @@ async fn exit_codes_environment_and_output() {
     assert_eq!(code(&run(&dead, &["status", "k"])), 69);
     assert_eq!(code(&run(&b, &["--backend", "nope://x", "status", "k"])), 64);
     let o = run(&b, &["acquire", "--ttl", "soon", "k3"]);
-    assert_eq!(code(&o), 2, "clap usage error");
+    assert_eq!(code(&o), 64, "usage errors exit 64, not clap's 2: {}", stderr(&o));
 }
 
 /// The lease is renewed while the child runs for many TTLs; nobody else gets the lock meanwhile.
@@ -251,4 +256,427 @@ async fn eight_processes_exclude_each_other_on_redis() {
     let url = redis.url();
     tokio::task::spawn_blocking(move || exclusion(&url)).await.unwrap();
     drop(Locker::open(&redis.url()).await.unwrap());
+}
+
+/// Waits until `path` holds a complete line and returns it trimmed.
+fn read_when_written(path: &std::path::Path) -> String {
+    let start = Instant::now();
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path) {
+            if s.ends_with('\n') {
+                return s.trim().to_owned();
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{} was not written", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether process `pid` is alive (not gone, not a zombie).
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            !matches!(stat.rsplit(')').next().map(str::trim_start), Some(s) if s.starts_with('Z') || s.starts_with('X'))
+        }
+        Err(_) => false,
+    }
+}
+
+fn dies_within(pid: i32, within: Duration) -> bool {
+    let start = Instant::now();
+    while alive(pid) {
+        if start.elapsed() > within {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// A lost lease stops every process the command started: its process group, and a daemonised
+/// process (own session) re-parented to distlock. The old code signalled only the shell, and
+/// both sleeps ran on without the lock.
+#[tokio::test]
+async fn a_lost_lease_stops_the_whole_command() {
+    let server = Server::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (id_file, in_group, daemon) =
+        (dir.path().join("lease"), dir.path().join("in-group"), dir.path().join("daemon"));
+    let script = "sleep 300 & echo $! > \"$2\"; (setsid sleep 300 & echo $! > \"$3\"); \
+                  echo \"$DISTLOCK_LEASE_ID\" > \"$1\"; wait; echo after";
+    let mut child = distlock(
+        &server.url(),
+        &["run", "--ttl", "3s", "--kill-after", "2s", "job", "--", "sh", "-c", script, "sh"],
+    )
+    .args([&id_file, &in_group, &daemon])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let id = read_when_written(&id_file);
+    let pids: Vec<i32> = [&in_group, &daemon].map(|f| read_when_written(f).parse().unwrap()).to_vec();
+    assert!(pids.iter().all(|p| alive(*p)));
+    let locker = server.locker().await;
+    locker.release_lease("job", &LeaseId::parse(&id).unwrap()).await.unwrap();
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(10)), 76);
+    for pid in pids {
+        assert!(dies_within(pid, Duration::from_secs(3)), "process {pid} kept running after the loss");
+    }
+    let mut out = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert!(!out.contains("after"), "the script went on after the loss: {out}");
+}
+
+/// `kill -9` of distlock: the command gets SIGKILL (PR_SET_PDEATHSIG) instead of running on
+/// with nobody renewing its lease.
+#[tokio::test]
+async fn killing_distlock_kills_the_command() {
+    let server = Server::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pid");
+    let mut child =
+        distlock(&server.url(), &["run", "k", "--", "sh", "-c", "echo $$ > \"$1\"; exec sleep 300", "sh"])
+            .arg(&pid_file)
+            .spawn()
+            .unwrap();
+    let pid: i32 = read_when_written(&pid_file).parse().unwrap();
+    assert!(alive(pid));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(dies_within(pid, Duration::from_secs(3)), "the command outlived distlock");
+}
+
+/// SIGTERM to distlock reaches every process of the command, not only the shell.
+#[tokio::test]
+async fn signals_reach_the_whole_group() {
+    let server = Server::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pid");
+    let mut child =
+        distlock(&server.url(), &["run", "k", "--", "sh", "-c", "sleep 300 & echo $! > \"$1\"; wait", "sh"])
+            .arg(&pid_file)
+            .spawn()
+            .unwrap();
+    let pid: i32 = read_when_written(&pid_file).parse().unwrap();
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(5)), 128 + 15);
+    assert!(dies_within(pid, Duration::from_secs(3)), "the sleep did not get SIGTERM");
+}
+
+/// `eval "$(distlock acquire KEY)"` sets the variables `run` sets, whatever the key holds, and
+/// runs nothing from it. The old output (key=... unquoted) ran the `touch` in the key.
+#[tokio::test]
+async fn acquire_output_is_safe_for_eval() {
+    let server = Server::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("pwned");
+    let m = marker.display();
+    let keys = [
+        format!("nightly job;touch {m}"),
+        format!("$(touch {m})"),
+        format!("`touch {m}`"),
+        "it's \"quoted\" ' \\ $HOME".to_owned(),
+        "two\nlines".to_owned(),
+        "ключ/✓ 日本".to_owned(),
+        format!("'; touch {m}; echo '"),
+    ];
+    for key in keys {
+        let script = "eval \"$(\"$1\" acquire --ttl 1m -- \"$2\")\" || exit 9; \
+                      printf '%s|%s|%s|%s' \"$DISTLOCK_KEY\" \"$DISTLOCK_FENCING_TOKEN\" \"$DISTLOCK_TTL_MS\" \"${#DISTLOCK_LEASE_ID}\"";
+        let o = Command::new("sh")
+            .args(["-c", script, "sh", env!("CARGO_BIN_EXE_distlock"), &key])
+            .env("DISTLOCK_BACKEND", server.url())
+            .output()
+            .unwrap();
+        assert_eq!(code(&o), 0, "{key:?}: {}", stderr(&o));
+        let printed = stdout(&o);
+        let (shown_key, rest) =
+            printed.rsplit_once("|60000|32").map(|(a, b)| (a.rsplit_once('|'), b)).unwrap_or_default();
+        let (shown_key, token) = shown_key.unwrap_or_default();
+        assert_eq!((shown_key, rest), (key.as_str(), ""), "{printed:?}");
+        assert!(token.parse::<u64>().is_ok(), "{printed:?}");
+        assert!(!marker.exists(), "eval ran code from the key {key:?}");
+    }
+}
+
+/// Usage errors exit 64 as documented (clap's own code is 2); --help and --version exit 0.
+#[test]
+fn usage_errors_exit_64() {
+    let b = "http://127.0.0.1:1";
+    for args in [
+        &[][..],
+        &["run"],
+        &["acquire"],
+        &["acquire", "--ttl", "5", "k"],
+        &["acquire", "--ttl", "-1s", "k"],
+        &["serve", "--listen", ":7878"],
+        &["run", "k"],
+        &["run", "--wait", "-3", "k", "--", "true"],
+        &["list", "--limit", "0"],
+        &["bench", "--duration", "0s"],
+        &["no-such-command"],
+    ] {
+        let o = run(b, args);
+        assert_eq!(code(&o), 64, "{args:?}: {}", stderr(&o));
+        assert!(!stderr(&o).is_empty(), "{args:?} says what is wrong");
+    }
+    for args in [&["--help"][..], &["--version"], &["run", "--help"]] {
+        assert_eq!(code(&run(b, args)), 0, "{args:?}");
+    }
+    let help = stdout(&run(b, &["--help"]));
+    for needle in ["64", "69", "75", "76", "77", "--token-file", "--conflict-exit-code"] {
+        assert!(help.contains(needle), "--help documents {needle}");
+    }
+}
+
+/// A closed stdout ends every printing subcommand quietly (no panic, no exit 101).
+#[tokio::test]
+async fn closed_stdout_is_not_a_panic() {
+    let server = Server::start(&[]);
+    let locker = server.locker().await;
+    let mut held = Vec::new();
+    for i in 0..50 {
+        held.push(
+            locker
+                .acquire(&format!("pipe/{i}"), &AcquireOptions::new().ttl(Duration::from_secs(60)))
+                .await
+                .unwrap(),
+        );
+    }
+    for (args, want) in [
+        (&["list"][..], 0),
+        (&["list", "--json"], 0),
+        (&["status", "pipe/1"], 0),
+        (&["--json", "status", "pipe/1"], 0),
+        (&["acquire", "pipe/new"], 141),
+    ] {
+        let mut child =
+            distlock(&server.url(), args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        drop(child.stdout.take());
+        let status = child.wait().unwrap();
+        let mut err = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        assert_eq!(status.code(), Some(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    assert!(!locker.status("pipe/new").await.unwrap().held, "a lease nobody received is released");
+}
+
+/// `bench` fails (exit 1) when it measured nothing; `--duration 0s` is invalid input.
+#[test]
+fn bench_fails_when_it_measured_nothing() {
+    let dead = format!("http://127.0.0.1:{}?timeout=200ms", support::free_port());
+    let o = run(&dead, &["bench", "--json", "--duration", "1s"]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    let report: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!((report["cycles"].as_u64(), report["checks_passed"].as_bool()), (Some(0), Some(false)));
+    assert!(stderr(&o).contains("nothing was measured"), "{}", stderr(&o));
+    let o = run("memory://", &["bench", "--json", "--duration", "500ms", "--hold", "2ms"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let report: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert!(report["hold_measured_p50_ms"].as_f64().unwrap() >= 2.0, "held at least as asked: {report}");
+}
+
+/// `renew` without --ttl keeps the lease's own TTL (the old default cut a 10-minute lease to 30 s).
+#[tokio::test]
+async fn renew_keeps_the_lease_ttl() {
+    let server = Server::start(&[]);
+    let b = server.url();
+    let o = run(&b, &["--json", "acquire", "--ttl", "10m", "long"]);
+    let lease: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let id = lease["lease_id"].as_str().unwrap();
+    let o = run(&b, &["--json", "renew", "long", "--lease", id]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let renewed: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(renewed["ttl_ms"].as_u64(), Some(600_000));
+    let left = server.locker().await.status("long").await.unwrap().expires_in.unwrap();
+    assert!(left > Duration::from_secs(500), "{left:?}");
+    // The lease id may come from the environment, as `run` sets it.
+    let o = distlock(&b, &["renew", "long", "--ttl", "5m"]).env("DISTLOCK_LEASE_ID", id).output().unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}
+
+/// A waiting `run` survives a restart of the server (kill -9 and a graceful one): it retries
+/// until its wait ends instead of exiting 69.
+#[tokio::test]
+async fn a_waiting_run_survives_a_server_restart() {
+    let mut server = Server::start(&[]);
+    let locker = server.locker().await;
+    let held = locker
+        .acquire("k", &AcquireOptions::new().ttl(Duration::from_secs(2)).auto_renew(false))
+        .await
+        .unwrap();
+    std::mem::forget(held);
+    let mut child = distlock(&server.url(), &["run", "--wait", "60s", "k", "--", "true"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    server.restart_in_place();
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(30)), 0);
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(err.contains("retrying"), "{err}");
+
+    // Graceful: SIGTERM, then a new server on the same port and data.
+    let locker = server.locker().await;
+    let held = locker
+        .acquire("k", &AcquireOptions::new().ttl(Duration::from_secs(2)).auto_renew(false))
+        .await
+        .unwrap();
+    std::mem::forget(held);
+    let mut child = distlock(&server.url(), &["run", "--wait", "60s", "k", "--", "true"]).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = server.pid().unwrap().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    if let Some(c) = server.child.as_mut() {
+        let _ = c.wait();
+    }
+    server.child = None;
+    server.restart_in_place();
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(30)), 0);
+    // Try once does not retry: 69 at once.
+    let dead = format!("http://127.0.0.1:{}?timeout=300ms", support::free_port());
+    assert_eq!(code(&run(&dead, &["run", "-n", "k", "--", "true"])), 69);
+}
+
+/// Messages say what happened in words: who holds it, for how long we waited, which lease id
+/// does not hold what; a URL without scheme gets a suggestion; memory:// is refused.
+#[tokio::test]
+async fn messages_say_what_happened() {
+    let server = Server::start(&[]);
+    let b = server.url();
+    let locker = server.locker().await;
+    let _held = locker
+        .acquire("deploy/web", &AcquireOptions::new().holder("ci-7").ttl(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let o = run(&b, &["run", "-w", "1", "deploy/web", "--", "true"]);
+    assert_eq!(code(&o), 75);
+    let err = stderr(&o);
+    assert!(
+        err.contains("timed out after 1.") && err.contains("waiting for deploy/web (held by ci-7)"),
+        "{err}"
+    );
+    assert!(err.contains("waiting for deploy/web, held by ci-7"), "a status line while waiting: {err}");
+    let o = run(&b, &["release", "deploy/web", "--lease", &LeaseId::generate().to_string()]);
+    assert_eq!(code(&o), 76);
+    assert!(
+        stderr(&o).contains("this lease id does not hold deploy/web (now held by ci-7)"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&b, &["--json", "acquire", "deploy/web"]);
+    let e: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(
+        (e["error"]["code"].as_str(), e["error"]["holder"].as_str()),
+        (Some("lock_held"), Some("ci-7"))
+    );
+    let o = run(&format!("127.0.0.1:{}", server.port), &["status", "k"]);
+    assert_eq!(code(&o), 64);
+    assert!(stderr(&o).contains(&format!("http://127.0.0.1:{}", server.port)), "{}", stderr(&o));
+    for args in [&["run", "k", "--", "true"][..], &["acquire", "k"], &["hold", "k"]] {
+        let o = run("memory://", args);
+        assert_eq!(code(&o), 64, "{args:?}");
+        assert!(stderr(&o).contains("no other process"), "{}", stderr(&o));
+    }
+}
+
+/// flock's and consul lock's habits: -n, -w with bare seconds, -E, -c; `hold`; `run --json`.
+#[tokio::test]
+async fn habits_of_flock_consul_and_etcdctl() {
+    let server = Server::start(&[]);
+    let b = server.url();
+    let locker = server.locker().await;
+    let o = run(&b, &["run", "k", "-c", "echo \"in $DISTLOCK_KEY\"; exit 4"]);
+    assert_eq!((code(&o), stdout(&o).trim()), (4, "in k"));
+    let held = locker
+        .acquire("k", &AcquireOptions::new().holder("other").ttl(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert_eq!(code(&run(&b, &["run", "-n", "k", "--", "true"])), 75);
+    assert_eq!(code(&run(&b, &["run", "-n", "-E", "3", "k", "--", "true"])), 3);
+    assert_eq!(code(&run(&b, &["acquire", "-w", "0.3", "-E", "9", "k"])), 9);
+    let o = run(&b, &["--json", "run", "-n", "k", "--", "true"]);
+    let r: Value = serde_json::from_str(stdout(&o).lines().last().unwrap()).unwrap();
+    assert_eq!((r["outcome"].as_str(), r["exit_code"].as_u64()), (Some("not_acquired"), Some(75)));
+    held.release().await.unwrap();
+    let o = run(&b, &["--json", "run", "k", "--", "sh", "-c", "echo out; exit 2"]);
+    let text = stdout(&o);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "out");
+    let r: Value = serde_json::from_str(lines[1]).unwrap();
+    assert_eq!(
+        (r["outcome"].as_str(), r["exit_code"].as_u64(), r["key"].as_str()),
+        (Some("ok"), Some(2), Some("k"))
+    );
+    assert!(
+        r["fencing_token"].as_u64().is_some()
+            && r["held_ms"].as_u64().is_some()
+            && r["waited_ms"].as_u64().is_some()
+    );
+
+    // hold: prints the lease, keeps it past its TTL, releases on SIGTERM.
+    let mut child = distlock(&b, &["hold", "--ttl", "500ms", "h"]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut first = String::new();
+    let mut stdout_pipe = child.stdout.take().unwrap();
+    let mut buf = [0u8; 1];
+    while !first.contains("DISTLOCK_TTL_MS") {
+        assert_eq!(stdout_pipe.read(&mut buf).unwrap(), 1);
+        first.push(buf[0] as char);
+    }
+    assert!(first.contains("DISTLOCK_KEY='h'"), "{first}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(locker.status("h").await.unwrap().held, "renewed past its TTL");
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(5)), 0);
+    assert!(!locker.status("h").await.unwrap().held, "released on SIGTERM");
+}
+
+/// Tokens: --token-file and DISTLOCK_TOKEN on every client subcommand; a 401 says how to pass
+/// one. force-release with an admin token frees a lock and stops the `run` that held it.
+#[tokio::test]
+async fn tokens_and_force_release() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tokens, admins) = (dir.path().join("tokens"), dir.path().join("admins"));
+    std::fs::write(&tokens, "user-token\nadmin-token\n").unwrap();
+    std::fs::write(&admins, "admin-token\n").unwrap();
+    let server = Server::start(&[
+        "--auth-token-file",
+        tokens.to_str().unwrap(),
+        "--admin-token-file",
+        admins.to_str().unwrap(),
+    ]);
+    let b = server.url();
+    let o = run(&b, &["status", "k"]);
+    assert_eq!(code(&o), 77);
+    assert!(stderr(&o).contains("--token-file"), "says how to pass a token: {}", stderr(&o));
+    let token_file = dir.path().join("my-token");
+    std::fs::write(&token_file, "# CI token\nuser-token\n").unwrap();
+    let tf = token_file.to_str().unwrap();
+    assert_eq!(code(&run(&b, &["--token-file", tf, "status", "k"])), 0);
+    let o = distlock(&b, &["status", "k"]).env("DISTLOCK_TOKEN", "user-token").output().unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+
+    let mut child =
+        distlock(&b, &["--token-file", tf, "run", "--ttl", "2s", "k", "--", "sleep", "30"]).spawn().unwrap();
+    let locker = Locker::open(&format!("{b}?token=user-token")).await.unwrap();
+    let start = Instant::now();
+    while !locker.status("k").await.unwrap().held {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        code(&run(&b, &["--token-file", tf, "force-release", "k"])),
+        77,
+        "a user token is not an admin token"
+    );
+    let o = distlock(&b, &["--json", "force-release", "k"])
+        .env("DISTLOCK_TOKEN", "admin-token")
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let r: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(r["released"].as_bool(), Some(true));
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(30)), 76, "the run that held it stopped");
 }
