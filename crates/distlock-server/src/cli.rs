@@ -43,6 +43,9 @@ const WAIT_NOTICE_EVERY: Duration = Duration::from_secs(30);
 /// First and longest pause between acquire attempts while the backend is unavailable.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// A failed attempt that lasted longer than this was connected (calls give up on a silent backend
+/// sooner), so the outage it ended is a new one.
+const OUTAGE_RESET: Duration = Duration::from_secs(30);
 
 /// The exit code for an error.
 pub fn exit_code(e: &Error) -> u8 {
@@ -95,7 +98,10 @@ fn held_by(holder: &Option<String>) -> String {
 /// One line that says what an error means and, where it helps, what to do.
 pub fn describe(e: &Error) -> String {
     match e {
-        Error::Held { key, holder } => format!("{} is held{}", shown(key), held_by(holder)),
+        Error::Held { key, holder: Some(h) } if !h.is_empty() => {
+            format!("{} is held by {}", shown(key), shown(h))
+        }
+        Error::Held { key, .. } => format!("{} is held", shown(key)),
         Error::WaitTimeout { key, holder, waited } => {
             format!("timed out after {} waiting for {}{}", human(*waited), shown(key), held_by(holder))
         }
@@ -312,8 +318,10 @@ pub async fn acquire_waiting(
     let notices = (waits && !out.quiet).then(|| wait_notices(locker, key, out));
     let mut backoff = RETRY_FIRST;
     let mut down_since: Option<tokio::time::Instant> = None;
+    let mut said: Option<tokio::time::Instant> = None;
     let result = loop {
         let now = tokio::time::Instant::now();
+        let attempt_started = now;
         let opts = match deadline {
             Some(d) => opts.clone().wait(d.saturating_duration_since(now)),
             None => opts.clone().wait_forever(),
@@ -321,6 +329,11 @@ pub async fn acquire_waiting(
         match locker.acquire(key, &opts).await {
             Err(Error::Unavailable(cause)) => {
                 let now = tokio::time::Instant::now();
+                // An attempt that waited a long time before failing was connected: the backend
+                // was up, so a new outage (and a new retry budget) starts here.
+                if now - attempt_started > OUTAGE_RESET {
+                    (down_since, backoff) = (None, RETRY_FIRST);
+                }
                 let since = *down_since.get_or_insert(now);
                 let budget = policy.retry_unavailable.or(policy.wait);
                 let retry_until = budget.map(|b| since + b);
@@ -330,7 +343,11 @@ pub async fn acquire_waiting(
                 if !(waits && in_wait && in_budget) {
                     break Err(Error::Unavailable(cause));
                 }
-                out.say(format!("backend unavailable ({cause}); retrying in {}", human(backoff)));
+                // Once when the outage starts, then as often as the waiting line, not every retry.
+                if said.is_none_or(|t: tokio::time::Instant| t.elapsed() >= WAIT_NOTICE_EVERY) {
+                    out.say(format!("backend unavailable ({cause}); retrying in {}", human(backoff)));
+                    said = Some(tokio::time::Instant::now());
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(RETRY_MAX);
             }

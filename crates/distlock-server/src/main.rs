@@ -89,7 +89,7 @@ struct WaitArgs {
     nonblock: bool,
     /// Exit code when the lock is not acquired (default 75), so it cannot be mistaken for one of
     /// the command's own codes.
-    #[arg(short = 'E', long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=255))]
+    #[arg(short = 'E', long, value_name = "N", value_parser = clap::value_parser!(u8))]
     conflict_exit_code: Option<u8>,
     /// While waiting, how long to keep retrying a backend that is unavailable (a server restart,
     /// a short store outage), with capped back-off (default: as long as the wait).

@@ -53,7 +53,7 @@ pub enum Error {
         holder: Option<String>,
     },
     /// The lock stayed held by someone else for the whole wait.
-    #[error("timed out after {waited:?} waiting for lock {key:?}{}", holder_suffix(.holder))]
+    #[error("timed out after {:.1}s waiting for lock {key:?}{}", .waited.as_secs_f64(), holder_suffix(.holder))]
     WaitTimeout {
         /// The key asked for.
         key: String,
