@@ -3,7 +3,8 @@
 //! Errors are always `{"error":{"code":"...","message":"..."}}` (plus `"holder"` for
 //! `lock_held`) with a stable `code`: `invalid_request` (400), `unauthorized` (401),
 //! `not_found` (404), `payload_too_large` (413), `lock_held` / `lease_lost` (409),
-//! `limit_exceeded` (429), `backend_unavailable` (503), `internal` (500); for the operator
+//! `limit_exceeded` (429), `backend_unavailable` (503), `shutting_down` (503 with `Retry-After: 1`:
+//! a waiting acquire when the server shuts down; retryable), `internal` (500); for the operator
 //! routes also `admin_disabled` (403), `not_held` (404) and `not_supported` (501).
 
 use std::collections::HashSet;
@@ -94,7 +95,20 @@ impl ApiError {
     fn invalid(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
     }
+
+    /// The answer to a waiting acquire when the server shuts down: nothing was granted, and the
+    /// same call may be made again at once (on this server once restarted, or another).
+    fn shutting_down() -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            SHUTTING_DOWN,
+            "the lock server is shutting down (restarting?); nothing was granted: retry the acquire",
+        )
+    }
 }
+
+/// Error code of a waiting acquire answered because the server shuts down (503, `Retry-After: 1`).
+pub const SHUTTING_DOWN: &str = "shutting_down";
 
 #[derive(Serialize)]
 struct ErrorBody<'a> {
@@ -115,7 +129,11 @@ impl IntoResponse for ApiError {
         let body = ErrorBody {
             error: ErrorDetail { code: self.code, message: &self.message, holder: self.holder.as_deref() },
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if self.code == SHUTTING_DOWN {
+            response.headers_mut().insert(header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+        }
+        response
     }
 }
 
@@ -273,7 +291,26 @@ async fn do_acquire(
     let label = state.events.listening().then(|| holder.clone());
     let req =
         AcquireRequest { key: key.clone(), lease_id: LeaseId::generate(), holder, ttl, wait: Some(wait) };
-    let grant = match state.backend.acquire(req).await {
+    let acquire = state.backend.acquire(req);
+    let outcome = if wait.is_zero() {
+        acquire.await
+    } else {
+        // A long poll ends the moment the server starts shutting down (the acquire is dropped:
+        // the caller leaves the queue, and a grant that raced with it is taken back), instead of
+        // holding the caller for the whole grace period.
+        let mut stopping = state.stopping.clone();
+        let stopped = async move {
+            if stopping.wait_for(|s| *s).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            biased;
+            outcome = acquire => outcome,
+            () = stopped => return Err(ApiError::shutting_down()),
+        }
+    };
+    let grant = match outcome {
         Ok(g) => g,
         Err(e) => {
             if matches!(e, Error::WaitTimeout { .. }) {

@@ -38,6 +38,23 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
 }
 
+impl ServeConfig {
+    /// Refuses settings the server cannot serve: a `memory://` store lives inside one process, so
+    /// it would lock nothing that any other process could see or rely on after a restart.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if let Some(url) = &self.store {
+            let scheme = url.split_once("://").map_or("", |(s, _)| s);
+            anyhow::ensure!(
+                scheme != "memory",
+                "--store {url} is refused: a memory:// store lives inside one process and locks \
+                 nothing any other process can see (nor anything after a restart); leave --store \
+                 out for the durable embedded store, or give a redis://, redlock:// or etcd:// URL"
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Reads bearer tokens: one per line, blank lines and `#` comments ignored.
 pub fn read_tokens(path: &std::path::Path) -> anyhow::Result<HashSet<String>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -67,12 +84,17 @@ pub fn metrics_handle() -> anyhow::Result<PrometheusHandle> {
     Ok(HANDLE.get_or_init(|| handle).clone())
 }
 
-/// Opens the store, binds, and serves until `shutdown` completes; then lets in-flight requests
-/// finish for at most `shutdown_grace`.
+/// Checks the settings, binds the address (first, so that a busy port fails before the data
+/// directory is touched), opens the store, and serves until `shutdown` completes. Then waiting
+/// acquires are answered at once with 503 `shutting_down` (retryable), and other requests in
+/// flight may finish for at most `shutdown_grace`.
 pub async fn run(
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    config.check()?;
+    let listener =
+        TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let tokens = match &config.auth_token_file {
         Some(path) => Some(Arc::new(read_tokens(path)?)),
         None => None,
@@ -116,14 +138,15 @@ pub async fn run(
         events,
         stopping: stop_rx.clone(),
     };
-    let listener =
-        TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, store = backend.name(), auth = state.tokens.is_some(), "distlock server listening");
     let mut stop_rx = stop_rx;
     let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
         shutdown.await;
-        tracing::info!("shutting down: no new connections; finishing requests in flight");
+        tracing::info!(
+            "shutting down: no new connections; waiting acquires answered 503 shutting_down; \
+             finishing other requests in flight"
+        );
         let _ = stop_tx.send(true);
     });
     let grace = config.shutdown_grace;

@@ -902,6 +902,108 @@ async fn sigterm_is_graceful() {
     assert!(server.locker().await.status("k").await.unwrap().held);
 }
 
+/// On SIGTERM a waiting acquire is answered at once with a retryable 503 `shutting_down`
+/// (`Retry-After: 1`) — not held for the whole `--shutdown-grace` — and the library client reports
+/// it as `Unavailable`, saying that the server is restarting; the server then exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_answers_waiting_acquires_at_once() {
+    let mut server = Server::start(&["--shutdown-grace", "30s"]);
+    let locker = server.locker().await;
+    let opts = AcquireOptions::new().ttl(Duration::from_secs(600)).auto_renew(false).holder("holder");
+    std::mem::forget(locker.acquire("k", &opts).await.unwrap());
+    let url = server.url();
+    let raw = tokio::spawn(async move {
+        let r = http().post(format!("{url}/v1/locks/k/acquire")).body(r#"{"wait_ms":60000}"#).send().await;
+        let r = r.expect("an answer, not a dropped connection");
+        let retry_after = r.headers().get("retry-after").map(|v| v.to_str().unwrap_or("").to_owned());
+        (r.status().as_u16(), retry_after, r.json::<Value>().await.unwrap_or(Value::Null))
+    });
+    let waiter = server.locker().await;
+    let library = tokio::spawn(async move {
+        waiter.acquire("k", &AcquireOptions::new().wait(Duration::from_secs(60))).await
+    });
+    let start = Instant::now();
+    while locker.status("k").await.unwrap().waiters != 2 {
+        assert!(start.elapsed() < Duration::from_secs(10), "the two waiters did not queue");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let mut child = server.child.take().unwrap();
+    let stopped_at = Instant::now();
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let (status, retry_after, body) = tokio::time::timeout(Duration::from_secs(5), raw)
+        .await
+        .expect("the waiting acquire was held instead of answered at once")
+        .unwrap();
+    assert_eq!((status, code(&body), retry_after.as_deref()), (503, "shutting_down", Some("1")), "{body}");
+    let err = tokio::time::timeout(Duration::from_secs(5), library).await.expect("answered at once").unwrap();
+    match err {
+        Err(Error::Unavailable(m)) => assert!(m.contains("restarting"), "{m}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(stopped_at.elapsed() < Duration::from_secs(10), "did not stop well within the 30 s grace");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "{exit:?}");
+    assert!(stopped_at.elapsed() < Duration::from_secs(10));
+}
+
+/// A busy `--listen` port fails start-up before the data directory is touched: exit 1, and a data
+/// directory that did not exist still does not.
+#[tokio::test]
+async fn busy_port_fails_before_touching_the_data_dir() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("not-yet").join("data");
+    let output = Command::new(env!("CARGO_BIN_EXE_distlock"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&port.to_string()), "the message names the address: {stderr}");
+    assert!(!tmp.path().join("not-yet").exists(), "the data directory was created: {stderr}");
+}
+
+/// `--store memory://` is refused by the server itself (not only by the command line): it would
+/// lock nothing another process can see. Nothing is bound or created.
+#[tokio::test]
+async fn memory_store_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let config = distlock_server::serve::ServeConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.clone(),
+        store: Some("memory://".into()),
+        auth_token_file: None,
+        admin_token_file: None,
+        limits: distlock_server::store::Limits::default(),
+        compact_bytes: 1 << 20,
+        shutdown_grace: Duration::from_secs(1),
+    };
+    let run = distlock_server::serve::run(config, std::future::pending());
+    let err =
+        tokio::time::timeout(Duration::from_secs(10), run).await.expect("refused, not served").unwrap_err();
+    let message = format!("{err:#}");
+    assert!(message.contains("memory://") && message.contains("other process"), "{message}");
+    let output = Command::new(env!("CARGO_BIN_EXE_distlock"))
+        .args(["serve", "--store", "memory://", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("memory://"), "{stderr}");
+    assert!(!dir.exists(), "nothing was created");
+}
+
 /// With `--store redis://…` the server is a stateless front: two servers share one Redis.
 #[tokio::test]
 async fn servers_in_front_of_one_redis() {

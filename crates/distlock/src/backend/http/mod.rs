@@ -10,7 +10,9 @@
 //! polls. The server
 //! chooses the lease id. Status codes map to [`Error`] variants: 409 `lock_held` → `Held` /
 //! `WaitTimeout`, 409 `lease_lost` → `LeaseLost`, 400 → `InvalidInput`, 401 → `Unauthorized`,
-//! 429 → `LimitExceeded`, 503, other failures and no answer → `Unavailable`.
+//! 429 → `LimitExceeded`, 503 (`backend_unavailable`, or `shutting_down` for a waiting acquire when
+//! the server shuts down: retryable, nothing was granted), other failures and no answer →
+//! `Unavailable`.
 
 mod batch;
 mod client;
@@ -170,6 +172,10 @@ impl HttpBackend {
             "invalid_request" | "payload_too_large" => Error::InvalidInput(detail.message),
             "unauthorized" => Error::Unauthorized(detail.message),
             "limit_exceeded" => Error::LimitExceeded(detail.message),
+            "shutting_down" => self.client.unavailable(format_args!(
+                "the server is shutting down or restarting (nothing was granted; retry): {}",
+                detail.message
+            )),
             _ => self.client.unavailable(detail.message),
         }
     }
