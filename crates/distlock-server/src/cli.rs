@@ -107,6 +107,7 @@ pub fn describe(e: &Error) -> String {
         }
         Error::LeaseLost { key, reason } => format!("lost the lease on {}: {reason}", shown(key)),
         Error::InvalidInput(m) => format!("invalid input: {m}"),
+        Error::Unauthorized(m) if m.starts_with("forbidden") => m.clone(),
         Error::Unauthorized(m) => {
             format!("unauthorized: {m} (pass a token with --token-file PATH or the DISTLOCK_TOKEN variable)")
         }

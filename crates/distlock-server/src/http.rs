@@ -7,13 +7,12 @@
 //! a waiting acquire when the server shuts down; retryable), `internal` (500); for the operator
 //! routes also `admin_disabled` (403), `not_held` (404) and `not_supported` (501).
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -24,6 +23,7 @@ use distlock::{validate, AcquireRequest, Backend, Error, LeaseId, ListQuery, Loc
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::{Action, Auth, Caller, Forbidden, Lookup};
 use crate::events::{self, Kind, SharedEvents};
 use crate::store::EmbeddedStore;
 
@@ -38,10 +38,8 @@ pub struct AppState {
     pub backend: Arc<dyn Backend>,
     /// The embedded store, when that is the backend (for its metrics).
     pub embedded: Option<Arc<EmbeddedStore>>,
-    /// Accepted bearer tokens; `None` turns auth off.
-    pub tokens: Option<Arc<HashSet<String>>>,
-    /// Tokens that may force-release locks; `None` disables force-release.
-    pub admin_tokens: Option<Arc<HashSet<String>>>,
+    /// Bearer tokens and their scopes (auth is off when no token file was given).
+    pub auth: Arc<Auth>,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
     /// Live events for the web page.
@@ -65,10 +63,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/info", get(info))
         .route("/v1/events", get(events_stream))
         .route("/metrics", get(metrics_text))
+        .route("/v1/admin/locks/{key}/release", post(force_release))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .merge(api)
-        .route("/v1/admin/locks/{key}/release", post(force_release))
         .route("/", get(index))
         .route("/healthz", get(healthz))
         .route("/openapi.json", get(openapi))
@@ -134,6 +132,12 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
         }
         response
+    }
+}
+
+impl From<Forbidden> for ApiError {
+    fn from(f: Forbidden) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", f.message)
     }
 }
 
@@ -264,11 +268,13 @@ impl LeaseBody {
 
 async fn acquire(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     path: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<LeaseBody>, ApiError> {
     let started = tokio::time::Instant::now();
     let key = checked_key(path)?;
+    caller.check(Action::Lock, &key)?;
     let body: AcquireBody = parse_body(&body?)?;
     Ok(Json(do_acquire(&state, key, body, started).await?))
 }
@@ -326,11 +332,13 @@ async fn do_acquire(
 
 async fn renew(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     path: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<LeaseBody>, ApiError> {
     let started = tokio::time::Instant::now();
     let key = checked_key(path)?;
+    caller.check(Action::Lock, &key)?;
     let body: RenewBody = parse_required(&body?)?;
     Ok(Json(do_renew(&state, key, body, started).await?))
 }
@@ -361,10 +369,12 @@ pub struct Released {
 
 async fn release(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     path: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Released>, ApiError> {
     let key = checked_key(path)?;
+    caller.check(Action::Lock, &key)?;
     let body: ReleaseBody = parse_required(&body?)?;
     Ok(Json(do_release(&state, key, body).await?))
 }
@@ -451,11 +461,12 @@ fn batch_result<T: Serialize>(outcome: Result<T, ApiError>) -> BatchResult {
     BatchResult { status, body }
 }
 
-async fn run_op(state: &AppState, op: BatchOp, started: tokio::time::Instant) -> BatchResult {
+async fn run_op(state: &AppState, caller: &Caller, op: BatchOp, started: tokio::time::Instant) -> BatchResult {
     match op {
         BatchOp::Acquire { key, ttl_ms, wait_ms, holder } => batch_result(
             async {
                 validate::key(&key)?;
+                caller.check(Action::Lock, &key)?;
                 if wait_ms.unwrap_or(0) != 0 {
                     return Err(ApiError::invalid(
                         "an acquire in a batch cannot wait: use POST /v1/locks/{key}/acquire",
@@ -468,6 +479,7 @@ async fn run_op(state: &AppState, op: BatchOp, started: tokio::time::Instant) ->
         BatchOp::Renew { key, lease_id, ttl_ms } => batch_result(
             async {
                 validate::key(&key)?;
+                caller.check(Action::Lock, &key)?;
                 do_renew(state, key, RenewBody { lease_id, ttl_ms }, started).await
             }
             .await,
@@ -475,6 +487,7 @@ async fn run_op(state: &AppState, op: BatchOp, started: tokio::time::Instant) ->
         BatchOp::Release { key, lease_id } => batch_result(
             async {
                 validate::key(&key)?;
+                caller.check(Action::Lock, &key)?;
                 do_release(state, key, ReleaseBody { lease_id }).await
             }
             .await,
@@ -489,6 +502,7 @@ async fn run_op(state: &AppState, op: BatchOp, started: tokio::time::Instant) ->
 /// answer comes when all are done, in the order asked. A malformed batch changes nothing.
 async fn batch(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<BatchAnswer>, ApiError> {
     let started = tokio::time::Instant::now();
@@ -498,7 +512,7 @@ async fn batch(
     }
     metrics::counter!("distlock_batch_ops_total").increment(body.ops.len() as u64);
     let results =
-        futures_util::future::join_all(body.ops.into_iter().map(|op| run_op(&state, op, started))).await;
+        futures_util::future::join_all(body.ops.into_iter().map(|op| run_op(&state, &caller, op, started))).await;
     Ok(Json(BatchAnswer { results }))
 }
 
@@ -528,9 +542,11 @@ struct Waiters {
 /// `GET /v1/locks/{key}/waiters`: the queue of one lock (embedded store only).
 async fn waiters(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Waiters>, ApiError> {
     let key = checked_key(path)?;
+    caller.check(Action::Read, &key)?;
     let waiters = embedded(&state)?.waiting_on(&key);
     Ok(Json(Waiters { key, waiters }))
 }
@@ -546,20 +562,22 @@ struct ForceReleased {
 /// `POST /v1/admin/locks/{key}/release`: frees a lock whoever holds it; needs an admin token.
 async fn force_release(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<ForceReleased>, ApiError> {
-    let Some(admins) = &state.admin_tokens else {
+    if !state.auth.table().any_admin() {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "admin_disabled",
-            "force-release is off: start the server with --admin-token-file",
+            "force-release is off: give a token an admin: scope, or start the server with --admin-token-file",
         ));
-    };
-    if !bearer(&headers).is_some_and(|t| admins.contains(t)) {
-        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "an admin token is required"));
     }
     let key = checked_key(path)?;
+    if !caller.may(Action::Admin, &key) && bearer(&headers).is_none() {
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "an admin token is required"));
+    }
+    caller.check(Action::Admin, &key)?;
     let Some(lease) = embedded(&state)?.force_release(&key).await? else {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "not_held", format!("lock {key:?} is not held")));
     };
@@ -578,8 +596,8 @@ fn facts(state: &AppState) -> serde_json::Value {
         "leases": stats.map(|s| s.leases),
         "waiters": stats.map(|s| s.waiters),
         "grants_total": state.events.grants_total(),
-        "auth": state.tokens.is_some(),
-        "force_release": state.admin_tokens.is_some() && state.embedded.is_some(),
+        "auth": state.auth.table().required(),
+        "force_release": state.auth.table().any_admin() && state.embedded.is_some(),
     })
 }
 
@@ -591,6 +609,7 @@ async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
 /// `GET /v1/events`: server-sent events (see [`crate::events`]).
 async fn events_stream(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(16);
     let mut sub = state.events.subscribe();
@@ -617,6 +636,8 @@ async fn events_stream(
             ticks += 1;
             let mut batch = Vec::new();
             let dropped = events::drain(&mut sub, &mut batch, 5_000);
+            // Only events of keys this caller may read.
+            batch.retain(|e| caller.may(Action::Read, &e.key));
             if !batch.is_empty() || dropped > 0 {
                 let data = serde_json::json!({"events": batch, "dropped": dropped}).to_string();
                 if tx.send(SseEvent::default().event("events").data(data)).await.is_err() {
@@ -639,9 +660,11 @@ async fn events_stream(
 
 async fn status(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<LockInfo>, ApiError> {
     let key = checked_key(path)?;
+    caller.check(Action::Read, &key)?;
     Ok(Json(state.backend.status(&key).await?))
 }
 
@@ -664,6 +687,7 @@ struct ListParams {
 /// the cursor (the embedded store ranges over its ordered table from `after`).
 async fn list(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     query: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<LockPage>, ApiError> {
     let Query(q) = query.map_err(|r| ApiError::invalid(r.body_text()))?;
@@ -673,7 +697,44 @@ async fn list(
     }
     let query = ListQuery { prefix: q.prefix, after: q.after, limit: Some(limit) };
     query.validate()?;
-    Ok(Json(state.backend.list(&query).await?))
+    match caller.readable_prefixes() {
+        None => Ok(Json(state.backend.list(&query).await?)),
+        Some(readable) if readable.is_empty() => {
+            Err(Forbidden { message: "this token may not list locks (it has no read: or lock: scope)".into() }.into())
+        }
+        Some(readable) => Ok(Json(list_readable(&state, query, &readable).await?)),
+    }
+}
+
+/// A page of `query` holding only keys under one of `readable`: the query is narrowed to each
+/// readable prefix inside it, in key order, so the store never lists keys the caller may not see.
+async fn list_readable(state: &AppState, query: ListQuery, readable: &[&str]) -> Result<LockPage, ApiError> {
+    let limit = query.limit.unwrap_or(MAX_LIST_LIMIT);
+    // The prefixes to list: the query's own when a readable one covers it, else the readable ones
+    // inside it, without those inside another (their key ranges are then disjoint and ordered as
+    // the prefixes are).
+    let mut prefixes: Vec<&str> = if readable.iter().any(|r| query.prefix.starts_with(r)) {
+        vec![query.prefix.as_str()]
+    } else {
+        readable.iter().copied().filter(|r| r.starts_with(query.prefix.as_str())).collect()
+    };
+    prefixes.sort_unstable();
+    prefixes.dedup();
+    let all = prefixes.clone();
+    prefixes.retain(|p| !all.iter().any(|q| q != p && p.starts_with(q)));
+    let mut page = LockPage { locks: Vec::new(), next: None };
+    for (i, prefix) in prefixes.iter().enumerate() {
+        let left = limit - page.locks.len();
+        let sub = ListQuery { prefix: (*prefix).to_owned(), after: query.after.clone(), limit: Some(left) };
+        let got = state.backend.list(&sub).await?;
+        page.locks.extend(got.locks);
+        if page.locks.len() >= limit {
+            let more = got.next.is_some() || i + 1 < prefixes.len();
+            page.next = more.then(|| page.locks.last().map(|l| l.key.clone())).flatten();
+            break;
+        }
+    }
+    Ok(page)
 }
 
 async fn healthz(State(state): State<Arc<AppState>>) -> Response {
@@ -713,19 +774,21 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
-/// Bearer-token check for the API routes when tokens are configured.
-async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    if let Some(tokens) = &state.tokens {
-        if !bearer(req.headers()).is_some_and(|t| tokens.contains(t)) {
-            return ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "a valid bearer token is required",
-            )
-            .into_response();
+/// Authenticates the API routes: no or an unknown token is 401 (when a token file is in force);
+/// a known one becomes the request's [`Caller`], whose scopes each handler checks for its own
+/// operation and key.
+async fn auth(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+    match state.auth.table().lookup(bearer(req.headers())) {
+        Lookup::Caller(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        Lookup::Unknown => {
+            tracing::info!(route = %req.uri().path(), "refused: no token or an unknown one");
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required")
+                .into_response()
         }
     }
-    next.run(req).await
 }
 
 /// Records request latency by route (the route's pattern, as the router matched it). Method and

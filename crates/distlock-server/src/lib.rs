@@ -5,11 +5,13 @@
 //! - [`cli`]: the client subcommands, their output and exit codes; [`run`]: `distlock run`;
 //!   [`child`]: the command `run` starts and how all of it is stopped.
 //! - [`serve`]: settings and the run loop (listener, store, shutdown).
+//! - [`auth`]: bearer tokens and their scopes (operation and key prefix).
 //! - [`http`]: the JSON API (routes, errors, auth, metrics) and the web page.
 //! - [`events`]: the live event stream behind the web page.
 //! - [`store`]: the embedded store — the in-process lease table made durable by [`wal`].
 //! - [`wal`]: the write-ahead log with group commit, snapshots and crash recovery.
 
+pub mod auth;
 pub mod bench;
 pub mod child;
 pub mod cli;

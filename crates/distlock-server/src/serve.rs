@@ -1,6 +1,5 @@
 //! `distlock serve`: settings, start-up (recovery, auth tokens, metrics) and graceful shutdown.
 
-use std::collections::HashSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,6 +12,7 @@ use tokio::net::TcpListener;
 
 use distlock::TableEvent;
 
+use crate::auth::Auth;
 use crate::events::{Events, Kind};
 use crate::http::{router, AppState};
 use crate::store::{EmbeddedStore, Limits};
@@ -26,7 +26,8 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     /// `None` for the embedded store, or a backend URL (`redis://`, `redlock://`, `etcd://`) to front.
     pub store: Option<String>,
-    /// File of accepted bearer tokens, one per line.
+    /// File of accepted bearer tokens, one per line, each optionally followed by its scopes
+    /// (see [`crate::auth`]); re-read on SIGHUP.
     pub auth_token_file: Option<PathBuf>,
     /// File of admin tokens (force-release), one per line; `None` disables force-release.
     pub admin_token_file: Option<PathBuf>,
@@ -53,19 +54,6 @@ impl ServeConfig {
         }
         Ok(())
     }
-}
-
-/// Reads bearer tokens: one per line, blank lines and `#` comments ignored.
-pub fn read_tokens(path: &std::path::Path) -> anyhow::Result<HashSet<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let tokens: HashSet<String> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(str::to_owned)
-        .collect();
-    anyhow::ensure!(!tokens.is_empty(), "{} holds no tokens", path.display());
-    Ok(tokens)
 }
 
 /// The process-wide metrics recorder (installed once).
@@ -95,10 +83,7 @@ pub async fn run(
     config.check()?;
     let listener =
         TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
-    let tokens = match &config.auth_token_file {
-        Some(path) => Some(Arc::new(read_tokens(path)?)),
-        None => None,
-    };
+    let auth = Arc::new(Auth::open(config.auth_token_file.clone(), config.admin_token_file.clone())?);
     let (backend, embedded): (Arc<dyn distlock::Backend>, _) = match &config.store {
         None => {
             let dir = config.data_dir.clone();
@@ -114,10 +99,6 @@ pub async fn run(
             (distlock::backend::open(url).await.with_context(|| format!("opening store {url}"))?, None)
         }
     };
-    let admin_tokens = match &config.admin_token_file {
-        Some(path) => Some(Arc::new(read_tokens(path)?)),
-        None => None,
-    };
     let events = Arc::new(Events::default());
     if let Some(store) = &embedded {
         let events = events.clone();
@@ -129,17 +110,17 @@ pub async fn run(
         }));
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    auth.clone().reload_on_sighup();
     let state = AppState {
         backend: backend.clone(),
         embedded,
-        tokens,
-        admin_tokens,
+        auth: auth.clone(),
         metrics: metrics_handle()?,
         events,
         stopping: stop_rx.clone(),
     };
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, store = backend.name(), auth = state.tokens.is_some(), "distlock server listening");
+    tracing::info!(%addr, store = backend.name(), auth = state.auth.table().required(), "distlock server listening");
     let mut stop_rx = stop_rx;
     let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
         shutdown.await;

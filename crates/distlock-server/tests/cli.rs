@@ -666,11 +666,9 @@ async fn tokens_and_force_release() {
         assert!(start.elapsed() < Duration::from_secs(10));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(
-        code(&run(&b, &["--token-file", tf, "force-release", "k"])),
-        77,
-        "a user token is not an admin token"
-    );
+    let o = run(&b, &["--token-file", tf, "force-release", "k"]);
+    assert_eq!(code(&o), 77, "a user token is not an admin token: {}", stderr(&o));
+    assert!(stderr(&o).contains("forbidden: this token may not force-release"), "{}", stderr(&o));
     let o = distlock(&b, &["--json", "force-release", "k"])
         .env("DISTLOCK_TOKEN", "admin-token")
         .output()

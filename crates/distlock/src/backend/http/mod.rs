@@ -9,7 +9,7 @@
 //! poll, FIFO per key); a wait longer than the server's one-hour cap is split into several long
 //! polls. The server
 //! chooses the lease id. Status codes map to [`Error`] variants: 409 `lock_held` → `Held` /
-//! `WaitTimeout`, 409 `lease_lost` → `LeaseLost`, 400 → `InvalidInput`, 401 → `Unauthorized`,
+//! `WaitTimeout`, 409 `lease_lost` → `LeaseLost`, 400 → `InvalidInput`, 401 and 403 → `Unauthorized`,
 //! 429 → `LimitExceeded`, 503 (`backend_unavailable`, or `shutting_down` for a waiting acquire when
 //! the server shuts down: retryable, nothing was granted), other failures and no answer →
 //! `Unavailable`.
@@ -171,6 +171,8 @@ impl HttpBackend {
             "lease_lost" => Error::LeaseLost { key: key.to_owned(), reason: LossReason::NotOwner },
             "invalid_request" | "payload_too_large" => Error::InvalidInput(detail.message),
             "unauthorized" => Error::Unauthorized(detail.message),
+            // A known token without the scope for this key: the token, not the call, must change.
+            "forbidden" => Error::Unauthorized(format!("forbidden: {}", detail.message)),
             "limit_exceeded" => Error::LimitExceeded(detail.message),
             "shutting_down" => self.client.unavailable(format_args!(
                 "the server is shutting down or restarting (nothing was granted; retry): {}",
