@@ -69,6 +69,7 @@ pub fn router(state: AppState) -> Router {
         .merge(api)
         .route("/", get(index))
         .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
         .route("/openapi.json", get(openapi))
         .fallback(not_found)
         .layer(middleware::from_fn(observe))
@@ -737,8 +738,36 @@ async fn list_readable(state: &AppState, query: ListQuery, readable: &[&str]) ->
     Ok(page)
 }
 
+/// How long `/healthz` waits for the store.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+/// The key `/healthz` reads to see that the store answers (a read: nothing is written).
+const HEALTH_KEY: &str = "distlock/healthz";
+
+/// `GET /healthz`: ready, i.e. the store answers: the embedded log still accepts writes and a
+/// status read answers within [`HEALTH_TIMEOUT`] (Redis: a script round trip; etcd: a
+/// linearizable read, which needs a quorum). Else 503 with the reason.
 async fn healthz(State(state): State<Arc<AppState>>) -> Response {
-    (StatusCode::OK, Json(serde_json::json!({"status": "ok", "store": state.backend.name()}))).into_response()
+    let store = state.backend.name();
+    let check = async {
+        if let Some(why) = state.embedded.as_ref().and_then(|e| e.log_failure()) {
+            return Err(format!("the write-ahead log failed and accepts no writes until a restart: {why}"));
+        }
+        state.backend.status(HEALTH_KEY).await.map(drop).map_err(|e| e.to_string())
+    };
+    let failure = match tokio::time::timeout(HEALTH_TIMEOUT, check).await {
+        Ok(Ok(())) => {
+            return (StatusCode::OK, Json(serde_json::json!({"status": "ok", "store": store}))).into_response()
+        }
+        Ok(Err(e)) => e,
+        Err(_) => format!("the store did not answer within {} ms", HEALTH_TIMEOUT.as_millis()),
+    };
+    let body = serde_json::json!({"status": "unavailable", "store": store, "error": failure});
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+}
+
+/// `GET /livez`: the process serves HTTP (whatever the store does).
+async fn livez() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
 }
 
 async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {

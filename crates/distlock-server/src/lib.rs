@@ -7,6 +7,7 @@
 //! - [`serve`]: settings and the run loop (listener, store, shutdown).
 //! - [`auth`]: bearer tokens and their scopes (operation and key prefix).
 //! - [`http`]: the JSON API (routes, errors, auth, metrics) and the web page.
+//! - [`lazy`]: a `--store` opened on first use, so the server starts while its store is down.
 //! - [`events`]: the live event stream behind the web page.
 //! - [`store`]: the embedded store — the in-process lease table made durable by [`wal`].
 //! - [`wal`]: the write-ahead log with group commit, snapshots and crash recovery.
@@ -17,6 +18,7 @@ pub mod child;
 pub mod cli;
 pub mod events;
 pub mod http;
+pub mod lazy;
 pub mod run;
 pub mod serve;
 pub mod store;

@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use distlock::TableEvent;
 
 use crate::auth::Auth;
+use crate::lazy::LazyBackend;
 use crate::events::{Events, Kind};
 use crate::http::{router, AppState};
 use crate::store::{EmbeddedStore, Limits};
@@ -96,7 +97,9 @@ pub async fn run(
             (store.clone(), Some(store))
         }
         Some(url) => {
-            (distlock::backend::open(url).await.with_context(|| format!("opening store {url}"))?, None)
+            // Opened on first use: an unreachable store is reported by /healthz, not fatal.
+            let lazy = LazyBackend::open(url).await.with_context(|| format!("opening store {url}"))?;
+            (Arc::new(lazy), None)
         }
     };
     let events = Arc::new(Events::default());

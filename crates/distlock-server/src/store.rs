@@ -90,6 +90,12 @@ impl EmbeddedStore {
         Ok(EmbeddedStore { memory, wal, wal_stats, limits, waiting: AtomicU64::new(0), _dir_lock: dir_lock })
     }
 
+    /// Why the log stopped accepting writes, if it has: the store then grants nothing until the
+    /// server is restarted.
+    pub fn log_failure(&self) -> Option<&str> {
+        self.wal_stats.failed.get().map(String::as_str)
+    }
+
     /// Counts for metrics.
     pub fn stats(&self) -> StoreStats {
         let m = self.memory.stats();

@@ -396,6 +396,8 @@ pub struct WalStats {
     pub records: std::sync::atomic::AtomicU64,
     /// Snapshots taken.
     pub snapshots: std::sync::atomic::AtomicU64,
+    /// Why the log stopped accepting writes, once it has (it never starts again by itself).
+    pub failed: std::sync::OnceLock<String>,
 }
 
 impl Wal {
@@ -496,6 +498,7 @@ fn run_writer(mut writer: Writer, mut rx: mpsc::Receiver<Append>) {
             if failed.is_none() {
                 tracing::error!(error = %e, "write-ahead log failed; the store is now unavailable");
                 failed = Some(e.clone());
+                let _ = writer.stats.failed.set(e.clone());
             }
         }
         for a in batch.drain(..) {

@@ -18,6 +18,8 @@ pub struct Server {
     pub port: u16,
     pub dir: PathBuf,
     extra: Vec<String>,
+    /// Ready means serving (`/livez`), not store answering (`/healthz`).
+    live_only: bool,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -30,6 +32,7 @@ impl Server {
             port: 0,
             dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            live_only: false,
             _tmp: Some(tmp),
         };
         s.spawn();
@@ -81,14 +84,31 @@ impl Server {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Starts the server and waits only until it serves (`/livez`), not until its store answers.
+    pub fn start_live(extra: &[&str]) -> Server {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().join("data");
+        let mut s = Server {
+            child: None,
+            port: 0,
+            dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            live_only: true,
+            _tmp: Some(tmp),
+        };
+        s.spawn();
+        s
+    }
+
     pub fn wait_ready(&mut self) -> bool {
+        let path = if self.live_only { "/livez" } else { "/healthz" };
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(10) {
             if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
                 return false;
             }
             if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
-                let _ = s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n");
+                let _ = s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes());
                 let mut buf = String::new();
                 let _ = s.read_to_string(&mut buf);
                 if buf.starts_with("HTTP/1.0 200") || buf.starts_with("HTTP/1.1 200") {

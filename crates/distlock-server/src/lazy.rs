@@ -1,0 +1,137 @@
+//! A store opened on first use: `serve --store URL` starts even when the store is down.
+//!
+//! A server in front of Redis or etcd must come up while its store is away (after a power cut the
+//! store may start later), report not ready on `/healthz`, and serve as soon as the store answers.
+//! So the server holds this adapter: every call first makes sure the backend is open, trying again
+//! (at most once a second, so a flood of calls does not become a flood of connection attempts)
+//! and answering `Unavailable` meanwhile. Bad input in the URL is still refused at start.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use distlock::async_trait;
+use distlock::{AcquireRequest, Backend, Error, Grant, LeaseId, ListQuery, LockInfo, LockPage};
+use tokio::sync::{Mutex, OnceCell};
+use tokio::time::Instant;
+
+/// Fewest time between two attempts to open the store.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+
+/// A backend opened from `url` on first use (see the module doc).
+pub struct LazyBackend {
+    url: String,
+    name: &'static str,
+    opened: OnceCell<Arc<dyn Backend>>,
+    /// When the last attempt failed, and why.
+    last_failure: Mutex<Option<(Instant, String)>>,
+}
+
+impl LazyBackend {
+    /// Tries to open `url` once now. Invalid input fails; an unreachable store is logged and
+    /// retried on use.
+    pub async fn open(url: &str) -> distlock::Result<LazyBackend> {
+        let lazy = LazyBackend {
+            url: url.to_owned(),
+            name: scheme_name(url),
+            opened: OnceCell::new(),
+            last_failure: Mutex::new(None),
+        };
+        match lazy.backend().await {
+            Ok(_) => {}
+            Err(e @ Error::InvalidInput(_)) => return Err(e),
+            Err(e) => tracing::warn!(store = %redacted(url), error = %e, "the store does not answer yet; not ready until it does"),
+        }
+        Ok(lazy)
+    }
+
+    /// The open backend, opening it if no attempt failed within the last second.
+    async fn backend(&self) -> distlock::Result<&Arc<dyn Backend>> {
+        if let Some(b) = self.opened.get() {
+            return Ok(b);
+        }
+        let mut failure = self.last_failure.lock().await;
+        if let Some(b) = self.opened.get() {
+            return Ok(b);
+        }
+        if let Some((at, why)) = failure.as_ref() {
+            if at.elapsed() < RETRY_EVERY {
+                return Err(Error::Unavailable(why.clone()));
+            }
+        }
+        match distlock::backend::open(&self.url).await {
+            Ok(b) => {
+                *failure = None;
+                tracing::info!(store = %redacted(&self.url), "store opened");
+                Ok(self.opened.get_or_init(|| async { b }).await)
+            }
+            Err(e) => {
+                let why = match &e {
+                    Error::Unavailable(m) => m.clone(),
+                    other => other.to_string(),
+                };
+                *failure = Some((Instant::now(), why));
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The URL without credentials, for logs.
+fn redacted(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, _)), Some(at)) => format!("{scheme}://…@{}", &url[at + 1..]),
+        _ => url.to_owned(),
+    }
+}
+
+fn scheme_name(url: &str) -> &'static str {
+    match url.split_once("://").map_or("", |(s, _)| s) {
+        "redis" | "rediss" => "redis",
+        "redlock" | "redlocks" => "redlock",
+        "etcd" => "etcd",
+        "http" | "https" => "http",
+        _ => "store",
+    }
+}
+
+#[async_trait]
+impl Backend for LazyBackend {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    async fn acquire(&self, req: AcquireRequest) -> distlock::Result<Grant> {
+        self.backend().await?.acquire(req).await
+    }
+
+    async fn renew(&self, key: &str, lease_id: &LeaseId, ttl: Option<Duration>) -> distlock::Result<Grant> {
+        self.backend().await?.renew(key, lease_id, ttl).await
+    }
+
+    async fn release(&self, key: &str, lease_id: &LeaseId) -> distlock::Result<()> {
+        self.backend().await?.release(key, lease_id).await
+    }
+
+    async fn status(&self, key: &str) -> distlock::Result<LockInfo> {
+        self.backend().await?.status(key).await
+    }
+
+    async fn list(&self, query: &ListQuery) -> distlock::Result<LockPage> {
+        self.backend().await?.list(query).await
+    }
+
+    async fn force_release(&self, key: &str) -> distlock::Result<Option<LockInfo>> {
+        self.backend().await?.force_release(key).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_stay_out_of_logs() {
+        assert_eq!(redacted("redis://user:secret@10.0.0.5:6379"), "redis://…@10.0.0.5:6379");
+        assert_eq!(redacted("etcd://h1:2379,h2:2379"), "etcd://h1:2379,h2:2379");
+    }
+}
