@@ -40,6 +40,8 @@ pub const EXIT_CLOSED_PIPE: u8 = 141;
 
 /// How often a waiting command repeats its "waiting for KEY" line when stderr is not a terminal.
 const WAIT_NOTICE_EVERY: Duration = Duration::from_secs(30);
+/// How long a wait lasts before it is mentioned at all.
+const WAIT_NOTICE_AFTER: Duration = Duration::from_millis(250);
 /// First and longest pause between acquire attempts while the backend is unavailable.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -260,11 +262,14 @@ pub struct WaitPolicy {
     pub conflict_exit_code: u8,
 }
 
-/// Tells a waiting caller why it sits still: a spinner on a terminal, else a line on stderr when
-/// the wait starts and every [`WAIT_NOTICE_EVERY`] after (so cron logs show it too).
+/// Tells a waiting caller why it sits still: a spinner on a terminal, else a line on stderr once
+/// the wait has lasted [`WAIT_NOTICE_AFTER`] and every [`WAIT_NOTICE_EVERY`] after (so cron logs
+/// show it too).
 fn wait_notices(locker: &Locker, key: &str, out: &Output) -> tokio::task::JoinHandle<()> {
     let (locker, key, out) = (locker.clone(), key.to_owned(), *out);
     tokio::spawn(async move {
+        // Quiet when the lock comes at once: this task is aborted before it says anything.
+        tokio::time::sleep(WAIT_NOTICE_AFTER).await;
         let holder = locker.status(&key).await.ok().and_then(|s| s.holder);
         let by = holder.map(|h| format!(", held by {}", shown(&h))).unwrap_or_default();
         let what = format!("waiting for {}{by}", shown(&key));
