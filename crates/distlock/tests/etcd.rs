@@ -130,6 +130,127 @@ async fn expiry_and_wait_timeout() {
     assert_eq!(b.status("k").await.unwrap().waiters, 0);
 }
 
+/// A refused try-once acquire and a wait that timed out take their own key out of etcd before
+/// they return: a process that exits right after (here: its runtime dropped the moment the call
+/// returns, so nothing left in the background runs) leaves no orphan key behind to become "the
+/// holder" once the real holder releases (issue 19, defect 1).
+#[test]
+fn refusals_and_wait_timeouts_leave_no_key_behind() {
+    let cluster = EtcdCluster::start(1);
+    let main = tokio::runtime::Runtime::new().unwrap();
+    let holder = main.block_on(locker(&cluster));
+    let lease = main.block_on(holder.acquire("k", &AcquireOptions::new().holder("real"))).unwrap();
+    for attempt in 0..10 {
+        let process = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let wait = if attempt % 2 == 0 { Duration::ZERO } else { Duration::from_millis(300) };
+        let err = process.block_on(async {
+            let other = locker(&cluster).await;
+            other.acquire("k", &AcquireOptions::new().wait(wait).holder("refused")).await.unwrap_err()
+        });
+        drop(process);
+        assert!(matches!(err, Error::Held { .. } | Error::WaitTimeout { .. }), "{err:?}");
+        let st = main.block_on(holder.status("k")).unwrap();
+        assert_eq!(
+            (st.holder.as_deref(), st.waiters),
+            (Some("real"), 0),
+            "attempt {attempt} ({wait:?}) left its key"
+        );
+    }
+    main.block_on(lease.release()).unwrap();
+    let next = main.block_on(holder.acquire("k", &AcquireOptions::new().holder("next")));
+    assert!(next.is_ok(), "the lock is free at once after the release: {next:?}");
+}
+
+/// A cancelled wait stops keeping its etcd lease alive and removes its key: the queue is empty
+/// again at once. A waiter whose process dies (its runtime dropped mid-wait) leaves a key that
+/// lapses with its etcd lease.
+#[test]
+fn cancelled_or_dead_waiters_leave_no_key_behind() {
+    let cluster = EtcdCluster::start(1);
+    let main = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let holder = main.block_on(locker(&cluster));
+    let lease = main.block_on(holder.acquire("k", &AcquireOptions::new().holder("real"))).unwrap();
+    let until_waiters = |n: u64, within: Duration| {
+        let start = Instant::now();
+        while main.block_on(holder.status("k")).unwrap().waiters != n {
+            assert!(start.elapsed() < within, "still not {n} waiters after {within:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        start.elapsed()
+    };
+    let waiting = AcquireOptions::new().ttl(Duration::from_secs(2)).wait(Duration::from_secs(60));
+
+    let other = main.block_on(locker(&cluster));
+    let opts = waiting.clone();
+    let waiter = main.spawn(async move { other.acquire("k", &opts).await });
+    until_waiters(1, Duration::from_secs(10));
+    waiter.abort();
+    let gone = until_waiters(0, Duration::from_secs(1));
+    assert!(gone < Duration::from_secs(1), "a cancelled waiter's key stayed {gone:?}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(main.block_on(holder.status("k")).unwrap().waiters, 0, "nothing brought it back");
+
+    let process = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let other = main.block_on(locker(&cluster));
+    let opts = waiting.clone();
+    process.spawn(async move { other.acquire("k", &opts).await });
+    until_waiters(1, Duration::from_secs(10));
+    process.shutdown_background(); // the process dies: nothing of it runs any more
+    until_waiters(0, Duration::from_secs(6));
+
+    main.block_on(lease.release()).unwrap();
+    assert!(main.block_on(holder.acquire("k", &AcquireOptions::new())).is_ok(), "free at once");
+}
+
+/// A renew that races a release of the same lease answers `LeaseLost` (its etcd lease is gone),
+/// never `Unavailable` "lease not found" (issue 19, defect 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renew_racing_a_release_is_lease_lost() {
+    let cluster = EtcdCluster::start(1);
+    let (a, b) = (locker(&cluster).await, locker(&cluster).await);
+    let (mut renewed, mut lost) = (0, 0);
+    for i in 0..60u64 {
+        let req = AcquireRequest {
+            key: "race".into(),
+            lease_id: LeaseId::generate(),
+            holder: "racer".into(),
+            ttl: Duration::from_secs(10),
+            wait: Some(Duration::ZERO),
+        };
+        let grant = a.backend().acquire(req).await.unwrap();
+        let id = grant.lease_id;
+        let late = Duration::from_micros(i % 6 * 400);
+        let renew = async {
+            tokio::time::sleep(late).await;
+            b.renew_lease("race", &id, None).await
+        };
+        let (renew, release) = tokio::join!(renew, a.release_lease("race", &id));
+        release.unwrap();
+        match renew {
+            Ok(_) => renewed += 1,
+            Err(Error::LeaseLost { .. }) => lost += 1,
+            Err(e) => panic!("attempt {i}: a renew racing the release answered {e:?}"),
+        }
+    }
+    assert!(lost > 0, "the race was never lost ({renewed} renewed first): the test did not race");
+}
+
+/// An unreachable member is reported in one line naming its endpoint and the cause, not as a
+/// dump of gRPC status details and metadata (issue 17, item 8).
+#[tokio::test]
+async fn unavailable_names_the_endpoint_in_one_line() {
+    let mut cluster = EtcdCluster::start(1);
+    let port = cluster.client_ports()[0];
+    let l = locker(&cluster).await;
+    cluster.kill(0);
+    let err = l.acquire("k", &AcquireOptions::new()).await.unwrap_err();
+    let Error::Unavailable(message) = &err else { panic!("{err:?}") };
+    assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
+    for dump in ["\n", "MetadataMap", "details:", "metadata"] {
+        assert!(!message.contains(dump), "{dump:?} in {message}");
+    }
+}
+
 async fn leader(cluster: &EtcdCluster) -> usize {
     for (i, port) in cluster.client_ports().into_iter().enumerate() {
         let Ok(mut c) = etcd_client::Client::connect([format!("http://127.0.0.1:{port}")], None).await else {

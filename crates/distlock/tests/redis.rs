@@ -190,6 +190,8 @@ async fn redis_killed_fires_loss_signal_and_unavailable() {
     let err = locker.acquire("other", &AcquireOptions::new()).await.unwrap_err();
     assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
     assert!(start.elapsed() < Duration::from_secs(3), "took {:?}", start.elapsed());
+    let message = err.to_string();
+    assert!(message.contains(&format!("127.0.0.1:{}", server.port)) && !message.contains('\n'), "{message}");
     // After a restart the backend reconnects on its own.
     server.restart();
     let start = Instant::now();

@@ -95,6 +95,13 @@ async fn survives_one_master_down_not_two() {
     let start = Instant::now();
     let err = locker.acquire("k", &AcquireOptions::new()).await.unwrap_err();
     assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
+    // One line naming each failed master and its cause, without nested "backend unavailable".
+    let message = err.to_string();
+    for port in [cluster.masters[0].port, cluster.masters[1].port] {
+        assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
+    }
+    assert_eq!(message.matches("backend unavailable").count(), 1, "{message}");
+    assert!(!message.contains('\n'), "{message}");
     assert!(start.elapsed() < Duration::from_secs(3), "took {:?}", start.elapsed());
 
     // The first master comes back (empty); the one with the counter is still up, so tokens

@@ -4,19 +4,26 @@
 //! The algorithm of etcd's own `concurrency.Mutex`, as a thin adapter:
 //! - each acquire grants an etcd lease (TTL rounded up to whole seconds, and at least etcd's
 //!   minimum) and creates its own key `<prefix>/<encoded key>/<lease id>` bound to it, in a
-//!   transaction that only creates (create revision == 0) — never a blind put;
+//!   transaction that only creates (create revision == 0) — never a blind put; a try-once acquire
+//!   creates it only when no key at all exists under the lock's prefix, so a refusal leaves
+//!   nothing behind;
 //! - the owner is the key with the lowest create revision under the lock's prefix; a waiter
 //!   watches only the key just ahead of it (no thundering herd) and re-checks after every delete;
-//!   its etcd lease is kept alive while it waits, and a waiter that gives up deletes its key;
+//!   its etcd lease is kept alive while it waits; a wait that times out or fails revokes that
+//!   lease (deleting the key) before it returns, a cancelled one stops the keep-alive and removes
+//!   the key in the background, and a waiter whose process dies leaves a key that lapses with its
+//!   lease — no orphan key ever becomes "the holder";
 //! - the fencing token is the create revision of the holder's key (etcd's global revision, so it
 //!   strictly increases across all grants);
 //! - renew refreshes the etcd lease once (keep-alive); release deletes the holder's own key and
 //!   revokes its lease. The key name carries the secret lease id, so nobody else can address it.
 //!
 //! Keys are percent-encoded (`/` → `%2F`, `%` → `%25`) so one lock's prefix never contains
-//! another's. Every call is bounded by `timeout` (default 2 s) and fails with `Unavailable`.
+//! another's. Every call is bounded by `timeout` (default 2 s) and fails with `Unavailable`, whose
+//! message is one line naming the endpoint and the cause. A renew whose etcd lease is gone (a
+//! release or expiry raced it) is `LeaseLost`.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -34,6 +41,8 @@ use crate::types::{AcquireRequest, Grant, LeaseId, ListQuery, LockInfo, LockPage
 pub struct EtcdBackend {
     /// One client per endpoint; requests go to `current` and move on when it fails.
     clients: Vec<Client>,
+    /// The endpoint of each client, for messages.
+    endpoints: Vec<String>,
     current: std::sync::atomic::AtomicUsize,
     prefix: String,
     timeout: Duration,
@@ -66,17 +75,19 @@ macro_rules! call {
             let attempt_end = deadline.min(Instant::now() + $self.attempt_timeout);
             match tokio::time::timeout_at(attempt_end, $request).await {
                 Ok(Ok(v)) => break Ok(v),
-                Ok(Err(e)) if !is_transient(&e) => break Err(etcd_error(e)),
+                Ok(Err(e)) if !is_transient(&e) => break Err(etcd_error($self.endpoint(endpoint), e)),
                 outcome => {
                     // Transport failure or no answer from this member: try the next one.
                     $self.rotate(endpoint);
                     attempt += 1;
                     if attempt >= $self.attempts || Instant::now() >= deadline {
                         break Err(match outcome {
-                            Ok(Err(e)) => unavailable(e),
-                            _ => {
-                                Error::Unavailable(format!("etcd did not answer within {:?}", $self.timeout))
-                            }
+                            Ok(Err(e)) => unavailable($self.endpoint(endpoint), &e),
+                            _ => Error::Unavailable(format!(
+                                "etcd {}: no answer within {:?}",
+                                $self.endpoint(endpoint),
+                                $self.timeout
+                            )),
                         });
                     }
                 }
@@ -85,22 +96,51 @@ macro_rules! call {
     }};
 }
 
-/// Maps an etcd error: refused credentials are `Unauthorized`, everything else `Unavailable`.
-fn etcd_error(e: etcd_client::Error) -> Error {
+/// Maps an etcd error from `endpoint`: refused credentials are `Unauthorized`, everything else
+/// `Unavailable`.
+fn etcd_error(endpoint: &str, e: etcd_client::Error) -> Error {
     if let etcd_client::Error::GRpcStatus(s) = &e {
         // PermissionDenied, Unauthenticated; etcd also says "user name is empty" as InvalidArgument.
         if matches!(s.code() as i32, 7 | 16)
             || s.message().contains("user name")
             || s.message().contains("authentication")
         {
-            return Error::Unauthorized(format!("etcd: {}", s.message()));
+            return Error::Unauthorized(format!("etcd {endpoint}: {}", s.message()));
         }
     }
-    unavailable(e)
+    unavailable(endpoint, &e)
 }
 
-fn unavailable(e: impl std::fmt::Display) -> Error {
-    Error::Unavailable(format!("etcd: {e}"))
+/// `Unavailable`, in one line naming the endpoint and the cause.
+fn unavailable(endpoint: &str, e: &etcd_client::Error) -> Error {
+    Error::Unavailable(format!("etcd {endpoint}: {}", cause(e)))
+}
+
+/// What went wrong, in one line: a gRPC status as its message and code (not the dump of its
+/// details and metadata), a transport error as its innermost cause (e.g. "Connection refused").
+fn cause(e: &etcd_client::Error) -> String {
+    let text = match e {
+        etcd_client::Error::GRpcStatus(s) => format!("{} ({:?})", s.message(), s.code()),
+        etcd_client::Error::TransportError(t) => {
+            let mut root: &dyn std::error::Error = t;
+            while let Some(next) = root.source() {
+                root = next;
+            }
+            format!("transport error: {root}")
+        }
+        other => other.to_string(),
+    };
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// `true` when etcd says the lease does not exist (expired or revoked).
+fn lease_not_found(e: &etcd_client::Error) -> bool {
+    match e {
+        // etcd-client reports a keep-alive answered with TTL 0 this way.
+        etcd_client::Error::LeaseKeepAliveError(m) => m.contains("not found"),
+        etcd_client::Error::GRpcStatus(s) => s.code() as i32 == 5 || s.message().contains("lease not found"),
+        _ => false,
+    }
 }
 
 /// Percent-encodes `/` and `%` so lock prefixes never nest.
@@ -171,25 +211,31 @@ impl EtcdBackend {
             options = options.with_tls(tls);
         }
         let mut clients = Vec::with_capacity(endpoints.len());
+        let mut connected = Vec::with_capacity(endpoints.len());
         let mut errors = Vec::new();
         for endpoint in &endpoints {
             match tokio::time::timeout(timeout, Client::connect([endpoint.as_str()], Some(options.clone())))
                 .await
             {
-                Ok(Ok(c)) => clients.push(c),
-                Ok(Err(e)) => match etcd_error(e) {
+                Ok(Ok(c)) => {
+                    clients.push(c);
+                    connected.push(endpoint.clone());
+                }
+                Ok(Err(e)) => match etcd_error(endpoint, e) {
                     Error::Unauthorized(m) => return Err(Error::Unauthorized(m)),
-                    e => errors.push(format!("{endpoint}: {e}")),
+                    Error::Unavailable(m) => errors.push(m),
+                    e => errors.push(e.to_string()),
                 },
-                Err(_) => errors.push(format!("{endpoint}: no answer within {timeout:?}")),
+                Err(_) => errors.push(format!("etcd {endpoint}: no answer within {timeout:?}")),
             }
         }
         if clients.is_empty() {
-            return Err(Error::Unavailable(format!("etcd: no endpoint usable: {}", errors.join("; "))));
+            return Err(Error::Unavailable(format!("no etcd endpoint usable: {}", errors.join("; "))));
         }
         let n = clients.len();
         Ok(EtcdBackend {
             clients,
+            endpoints: connected,
             current: std::sync::atomic::AtomicUsize::new(0),
             prefix,
             timeout,
@@ -202,6 +248,11 @@ impl EtcdBackend {
     fn client(&self) -> (usize, Client) {
         let i = self.current.load(std::sync::atomic::Ordering::Relaxed) % self.clients.len();
         (i, self.clients[i].clone())
+    }
+
+    /// The endpoint of client `i`, for messages.
+    fn endpoint(&self, i: usize) -> &str {
+        self.endpoints.get(i).map_or("?", String::as_str)
     }
 
     /// Moves on from member `failed` (unless another request already did).
@@ -227,12 +278,15 @@ impl EtcdBackend {
         Ok(resp.kvs().first().cloned())
     }
 
-    /// Refreshes an etcd lease once; returns its TTL (0 when it no longer exists).
-    async fn keep_alive_once(clients: &[Client], first: usize, lease: i64, timeout: Duration) -> Result<i64> {
+    /// Refreshes an etcd lease once; returns its TTL (0 when it no longer exists: expired, or
+    /// revoked by a release that raced with this renewal).
+    async fn keep_alive_once(&self, first: usize, lease: i64) -> Result<i64> {
+        let (clients, timeout) = (&self.clients, self.timeout);
         let deadline = Instant::now() + timeout;
         let mut last = None;
         for attempt in 0..clients.len() * 2 {
-            let mut c = clients[(first + attempt) % clients.len()].clone();
+            let i = (first + attempt) % clients.len();
+            let mut c = clients[i].clone();
             let once = async {
                 let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
                 keeper.keep_alive().await?;
@@ -241,26 +295,50 @@ impl EtcdBackend {
             let attempt_end = deadline.min(Instant::now() + (timeout / 2).max(Duration::from_millis(300)));
             match tokio::time::timeout_at(attempt_end, once).await {
                 Ok(Ok(ttl)) => return Ok(ttl),
-                Ok(Err(e)) if is_transient(&e) => last = Some(e.to_string()),
-                Ok(Err(e)) => return Err(unavailable(e)),
+                Ok(Err(e)) if lease_not_found(&e) => return Ok(0),
+                Ok(Err(e)) if is_transient(&e) => last = Some(unavailable(self.endpoint(i), &e)),
+                Ok(Err(e)) => return Err(etcd_error(self.endpoint(i), e)),
                 Err(_) if Instant::now() >= deadline => break,
-                Err(_) => last = Some("no answer".into()),
+                Err(_) => {
+                    last =
+                        Some(Error::Unavailable(format!("etcd {}: keep-alive: no answer", self.endpoint(i))))
+                }
             }
         }
-        Err(Error::Unavailable(format!("etcd keep-alive: {}", last.unwrap_or_else(|| "timed out".into()))))
+        Err(last
+            .unwrap_or_else(|| Error::Unavailable(format!("etcd keep-alive: no answer within {timeout:?}"))))
     }
 
-    /// Deletes our key and revokes our lease, in the background (a waiter giving up).
+    /// Takes our key out of the queue before returning (a refusal, a wait that timed out or
+    /// failed): revoking its etcd lease deletes the key with it. Otherwise the key would stay
+    /// behind when the process exits right after, and become "the holder" once the keys ahead
+    /// of it go. If etcd cannot be reached, the clean-up goes on in the background; nothing keeps
+    /// the lease alive any more, so the key lapses with it in any case.
+    async fn remove(&self, my_key: &str, lease: i64) {
+        let revoked = match call!(self, |c| c.lease_revoke(lease)) {
+            Ok(_) => true,
+            // Gone already (expired): its key went with it.
+            Err(Error::Unavailable(m)) if m.contains("NotFound") || m.contains("lease not found") => true,
+            Err(_) => false,
+        };
+        if !revoked && call!(self, |c| c.delete(my_key, None)).is_err() {
+            self.abandon(my_key.to_owned(), lease);
+        }
+    }
+
+    /// Deletes our key and revokes our lease in the background, retrying for a while: when the
+    /// caller cannot wait (a cancelled acquire), or etcd could not be reached just now.
     fn abandon(&self, my_key: String, lease: i64) {
         let clients = self.clients.clone();
-        tokio::spawn(async move {
-            for attempt in 0..clients.len() * 2 {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
+        handle.spawn(async move {
+            for attempt in 0..clients.len() * 4 {
                 let mut c = clients[attempt % clients.len()].clone();
                 if c.delete(my_key.as_str(), None).await.is_ok() {
                     let _ = c.lease_revoke(lease).await;
                     return;
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(250)).await;
             }
         });
     }
@@ -322,12 +400,42 @@ impl EtcdBackend {
     }
 }
 
+/// Our queued key and its etcd lease, until the acquire returns a grant. Dropped while armed (the
+/// acquire was cancelled, or failed on its way) it removes the key in the background; the lease is
+/// no longer kept alive in any case, so the key also lapses with it if the process exits first.
+struct Pending<'a> {
+    backend: &'a EtcdBackend,
+    key: &'a str,
+    lease: i64,
+    armed: bool,
+}
+
+impl Pending<'_> {
+    /// Removes the key before returning (see [`EtcdBackend::remove`]).
+    async fn remove(mut self) {
+        self.armed = false;
+        self.backend.remove(self.key, self.lease).await;
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.backend.abandon(self.key.to_owned(), self.lease);
+        }
+    }
+}
+
 #[async_trait]
 impl Backend for EtcdBackend {
     fn name(&self) -> &'static str {
         "etcd"
     }
 
+    /// A try-once acquire creates its key only if no key exists under the lock's prefix (one
+    /// transaction), so a refusal leaves nothing behind. A waiting acquire queues its key, and a
+    /// wait that times out or fails removes it before returning; a cancelled one stops keeping its
+    /// lease alive and removes it in the background.
     async fn acquire(&self, req: AcquireRequest) -> Result<Grant> {
         let start = Instant::now();
         let pfx = self.lock_prefix(&req.key);
@@ -335,37 +443,48 @@ impl Backend for EtcdBackend {
         let ttl_secs = (req.ttl.as_millis().div_ceil(1000) as i64).max(1);
         let lease = call!(self, |c| c.lease_grant(ttl_secs, None))?;
         let (lease_id, ttl) = (lease.id(), Duration::from_secs(lease.ttl().max(1) as u64));
+        // From here until a grant, dropping this (a cancelled acquire, a `?`) removes our key.
+        let mut pending = Pending { backend: self, key: &my_key, lease: lease_id, armed: true };
+        let try_once = req.wait == Some(Duration::ZERO);
         let owner_opts =
             GetOptions::new().with_prefix().with_sort(SortTarget::Create, SortOrder::Ascend).with_limit(1);
-        let txn =
-            Txn::new().when([Compare::create_revision(my_key.as_str(), CompareOp::Equal, 0)]).and_then([
-                TxnOp::put(
-                    my_key.as_str(),
-                    req.holder.as_str(),
-                    Some(PutOptions::new().with_lease(lease_id)),
-                ),
-                TxnOp::get(pfx.as_str(), Some(owner_opts)),
-            ]);
-        let resp = match call!(self, |c| c.txn(txn.clone())) {
-            Ok(r) => r,
-            Err(e) => {
-                self.abandon(my_key, lease_id);
-                return Err(e);
-            }
+        let put =
+            TxnOp::put(my_key.as_str(), req.holder.as_str(), Some(PutOptions::new().with_lease(lease_id)));
+        let txn = if try_once {
+            // Create our key only when nobody holds or waits (no key under the prefix at all).
+            Txn::new()
+                .when([Compare::create_revision(pfx.as_str(), CompareOp::Equal, 0).with_prefix()])
+                .and_then([put])
+                .or_else([TxnOp::get(pfx.as_str(), Some(owner_opts.clone()))])
+        } else {
+            Txn::new()
+                .when([Compare::create_revision(my_key.as_str(), CompareOp::Equal, 0)])
+                .and_then([put, TxnOp::get(pfx.as_str(), Some(owner_opts))])
         };
-        let (my_rev, owner) = if resp.succeeded() {
-            let owner = resp.op_responses().into_iter().find_map(|r| match r {
+        let resp = call!(self, |c| c.txn(txn.clone()))?;
+        let first_kv = |resp: etcd_client::TxnResponse| {
+            resp.op_responses().into_iter().find_map(|r| match r {
                 TxnOpResponse::Get(g) => g.kvs().first().cloned(),
                 _ => None,
-            });
-            (resp.header().map_or(0, |h| h.revision()), owner)
-        } else {
-            // A retried transaction whose first attempt had created our key: read it back.
-            let mine = call!(self, |c| c.get(my_key.as_str(), None))?;
-            let Some(kv) = mine.kvs().first() else {
-                return Err(Error::Unavailable("etcd: our key vanished while acquiring".into()));
-            };
-            (kv.create_revision(), self.owner(&pfx).await?)
+            })
+        };
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let (my_rev, owner) = match (try_once, resp.succeeded()) {
+            (true, true) => (revision, None),
+            (true, false) => match first_kv(resp) {
+                // A retried transaction whose first attempt had created our key.
+                Some(kv) if kv.key() == my_key.as_bytes() => (kv.create_revision(), None),
+                owner => (0, owner),
+            },
+            (false, true) => (revision, first_kv(resp)),
+            (false, false) => {
+                // A retried transaction whose first attempt had created our key: read it back.
+                let mine = call!(self, |c| c.get(my_key.as_str(), None))?;
+                let Some(kv) = mine.kvs().first() else {
+                    return Err(Error::Unavailable("etcd: our key vanished while acquiring".into()));
+                };
+                (kv.create_revision(), self.owner(&pfx).await?)
+            }
         };
         let grant = |counted_from| Grant {
             lease_id: req.lease_id.clone(),
@@ -373,47 +492,49 @@ impl Backend for EtcdBackend {
             ttl,
             counted_from,
         };
-        if owner.as_ref().is_some_and(|o| o.create_revision() == my_rev) {
+        if my_rev > 0 && owner.as_ref().is_none_or(|o| o.create_revision() == my_rev) {
+            pending.armed = false;
             return Ok(grant(start));
         }
         let holder = owner.map(|o| text(o.value()));
-        if req.wait == Some(Duration::ZERO) {
-            self.abandon(my_key, lease_id);
+        if try_once {
+            // Nothing was created; the etcd lease goes at once rather than at its TTL.
+            pending.remove().await;
             return Err(Error::Held { key: req.key, holder });
         }
-        // Keep our lease alive while we wait; remember when the last refresh was sent.
-        let refreshed = Arc::new(Mutex::new(start));
-        let keeper = {
-            let (clients, refreshed, timeout) = (self.clients.clone(), refreshed.clone(), self.timeout);
-            let first = self.client().0;
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(ttl / 3).await;
-                    let sent = Instant::now();
-                    if matches!(EtcdBackend::keep_alive_once(&clients, first, lease_id, timeout).await, Ok(t) if t > 0)
-                    {
-                        if let Ok(mut r) = refreshed.lock() {
-                            *r = sent;
-                        }
+        // Keep our lease alive while we wait (in this future: a cancelled wait stops it too);
+        // remember when the last refresh was sent.
+        let refreshed = Mutex::new(start);
+        let first = self.client().0;
+        let keep_alive = async {
+            loop {
+                tokio::time::sleep(ttl / 3).await;
+                let sent = Instant::now();
+                if matches!(self.keep_alive_once(first, lease_id).await, Ok(t) if t > 0) {
+                    if let Ok(mut r) = refreshed.lock() {
+                        *r = sent;
                     }
                 }
-            })
+            }
         };
         let deadline = req.wait.and_then(|w| start.checked_add(w));
-        let outcome = self.wait_turn(&pfx, &my_key, my_rev, deadline).await;
-        keeper.abort();
+        let outcome = tokio::select! {
+            outcome = self.wait_turn(&pfx, &my_key, my_rev, deadline) => outcome,
+            never = keep_alive => never,
+        };
         match outcome {
             Ok(true) => {
+                pending.armed = false;
                 let counted_from = refreshed.lock().map(|r| *r).unwrap_or(start);
                 Ok(grant(counted_from))
             }
             Ok(false) => {
-                self.abandon(my_key, lease_id);
+                pending.remove().await;
                 let holder = self.owner(&pfx).await.ok().flatten().map(|o| text(o.value()));
                 Err(Error::WaitTimeout { key: req.key, holder, waited: start.elapsed() })
             }
             Err(e) => {
-                self.abandon(my_key, lease_id);
+                pending.remove().await;
                 Err(e)
             }
         }
@@ -426,7 +547,8 @@ impl Backend for EtcdBackend {
         let sent = Instant::now();
         let resp = call!(self, |c| c.get(my_key.as_str(), None))?;
         let Some(kv) = resp.kvs().first() else { return Err(Error::not_owner(key)) };
-        let ttl = Self::keep_alive_once(&self.clients, self.client().0, kv.lease(), self.timeout).await?;
+        // A lease revoked by a release racing this renewal is gone: the lease is lost.
+        let ttl = self.keep_alive_once(self.client().0, kv.lease()).await?;
         if ttl <= 0 {
             return Err(Error::not_owner(key));
         }

@@ -200,9 +200,11 @@ impl Store {
         let mut conn = self.conn.clone();
         match tokio::time::timeout(self.config.timeout, invocation.invoke_async(&mut conn)).await {
             Ok(result) => result.map_err(|e| unavailable(&self.config, e)),
-            Err(_) => {
-                Err(Error::Unavailable(format!("redis did not answer within {:?}", self.config.timeout)))
-            }
+            Err(_) => Err(Error::Unavailable(format!(
+                "redis {}: no answer within {:?}",
+                server_name(&self.config),
+                self.config.timeout
+            ))),
         }
     }
 
@@ -261,7 +263,9 @@ impl Store {
             let fut = scan.query_async::<(u64, Vec<String>)>(&mut conn);
             let (next, batch) = tokio::time::timeout(self.config.timeout, fut)
                 .await
-                .map_err(|_| Error::Unavailable("redis SCAN timed out".into()))?
+                .map_err(|_| {
+                    Error::Unavailable(format!("redis {}: SCAN timed out", server_name(&self.config)))
+                })?
                 .map_err(|e| unavailable(&self.config, e))?;
             keys.extend(batch.iter().filter_map(|k| self.key_of(k)).filter(|k| k.starts_with(prefix)));
             if next == 0 {
@@ -280,9 +284,17 @@ impl Store {
     }
 }
 
-fn unavailable(config: &RedisConfig, e: redis::RedisError) -> Error {
+/// The server's `host:port[/db]` for messages (never the credentials).
+fn server_name(config: &RedisConfig) -> &str {
     let url = config.url.split('@').next_back().unwrap_or_default();
-    Error::Unavailable(format!("redis {url}: {e}"))
+    let url = url.split('?').next().unwrap_or(url);
+    url.strip_prefix("redis://").or_else(|| url.strip_prefix("rediss://")).unwrap_or(url)
+}
+
+/// `Unavailable`, in one line naming the server and the cause.
+fn unavailable(config: &RedisConfig, e: redis::RedisError) -> Error {
+    let cause = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+    Error::Unavailable(format!("redis {}: {cause}", server_name(config)))
 }
 
 fn millis(d: Duration) -> u64 {

@@ -148,9 +148,16 @@ impl RedlockBackend {
         ttl.mul_f64(self.drift_factor) + Duration::from_millis(2)
     }
 
-    /// Too many masters failed for a majority to be possible.
+    /// Too many masters failed for a majority to be possible: one line naming each failed master
+    /// and its cause.
     fn no_majority(&self, errors: Vec<Error>) -> Error {
-        let detail: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        let detail: Vec<String> = errors
+            .iter()
+            .map(|e| match e {
+                Error::Unavailable(m) => m.clone(),
+                other => other.to_string(),
+            })
+            .collect();
         Error::Unavailable(format!(
             "redlock: {} of {} masters failed, a majority of {} is impossible: {}",
             errors.len(),
@@ -274,9 +281,7 @@ impl RedlockBackend {
         // No majority in time: undo everywhere, including masters whose answer was lost.
         self.release_everywhere(keys, &req.lease_id).await;
         if errors.len() > self.nodes.len() - self.quorum {
-            return Err(
-                self.no_majority(errors.into_iter().map(|e| Error::Unavailable(e.to_string())).collect())
-            );
+            return Err(self.no_majority(errors));
         }
         // A split vote is broken by a short random back-off; a held lock is waited out by its TTL.
         let retry_in = if granted.is_empty() {
@@ -384,7 +389,7 @@ impl Backend for RedlockBackend {
         if refused > self.nodes.len() - self.quorum {
             return Err(Error::not_owner(key));
         }
-        Err(self.no_majority(errors.into_iter().map(|e| Error::Unavailable(e.to_string())).collect()))
+        Err(self.no_majority(errors))
     }
 
     async fn release(&self, key: &str, lease_id: &LeaseId) -> Result<()> {
