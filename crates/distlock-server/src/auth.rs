@@ -186,7 +186,7 @@ impl TokenTable {
             let Some(path) = path else { continue };
             let text =
                 std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            let before = table.entries.len();
+            let mut read = 0;
             for (i, line) in text.lines().enumerate() {
                 let line = line.split_once('#').map_or(line, |(l, _)| l);
                 let mut fields = line.split_whitespace();
@@ -205,8 +205,9 @@ impl TokenTable {
                     ];
                 }
                 table.add(token, scopes, source);
+                read += 1;
             }
-            anyhow::ensure!(table.entries.len() > before, "{} holds no tokens", path.display());
+            anyhow::ensure!(read > 0, "{} holds no tokens", path.display());
         }
         Ok(table)
     }
@@ -372,6 +373,18 @@ mod tests {
         assert!(TokenTable::read(Some(&p), None).is_err());
         std::fs::write(&p, "t lock:a*b\n").unwrap();
         assert!(TokenTable::read(Some(&p), None).is_err());
+    }
+
+    #[test]
+    fn a_token_in_both_files_gets_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let (auth, admin) = (dir.path().join("tokens"), dir.path().join("admins"));
+        std::fs::write(&auth, "user\nboth\n").unwrap();
+        std::fs::write(&admin, "both\n").unwrap();
+        let t = TokenTable::read(Some(&auth), Some(&admin)).unwrap();
+        let both = caller(&t, "both");
+        assert!(both.may(Action::Lock, "k") && both.may(Action::Admin, "k"));
+        assert!(!caller(&t, "user").may(Action::Admin, "k"));
     }
 
     #[test]

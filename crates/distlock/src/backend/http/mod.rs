@@ -237,11 +237,11 @@ impl Backend for HttpBackend {
         if answer.status == 404 {
             return Ok(None);
         }
-        if answer.status == 403 {
-            // `admin_disabled`: the server was started without --admin-token-file.
-            let message = serde_json::from_slice::<ErrorBody>(&answer.body)
-                .map_or_else(|_| "force-release is off on this server".to_owned(), |b| b.error.message);
-            return Err(Error::Unauthorized(message));
+        if let Ok(ErrorBody { error }) = serde_json::from_slice::<ErrorBody>(&answer.body) {
+            if error.code == "admin_disabled" {
+                // No token of the server may force-release: an operator must give one that scope.
+                return Err(Error::Unauthorized(error.message));
+            }
         }
         let freed: Freed = self.read(key, answer)?;
         Ok(Some(LockInfo {
