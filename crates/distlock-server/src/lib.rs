@@ -6,6 +6,8 @@
 //!   [`child`]: the command `run` starts and how all of it is stopped.
 //! - [`serve`]: settings and the run loop (listener, store, shutdown).
 //! - [`auth`]: bearer tokens and their scopes (operation and key prefix).
+//! - [`listener`]: the accept loop (TLS from [`tls`], header and idle timeouts, connection cap,
+//!   the [`ratelimit`] in front of the API).
 //! - [`http`]: the JSON API (routes, errors, auth, metrics) and the web page.
 //! - [`lazy`]: a `--store` opened on first use, so the server starts while its store is down.
 //! - [`events`]: the live event stream behind the web page.
@@ -19,7 +21,10 @@ pub mod cli;
 pub mod events;
 pub mod http;
 pub mod lazy;
+pub mod listener;
+pub mod ratelimit;
 pub mod run;
 pub mod serve;
 pub mod store;
+pub mod tls;
 pub mod wal;

@@ -305,6 +305,31 @@ struct ServeArgs {
     /// How long requests in flight may run after SIGTERM/SIGINT, e.g. 5s.
     #[arg(long, env = "DISTLOCK_SHUTDOWN_GRACE", default_value = "5s", value_parser = duration)]
     shutdown_grace: Duration,
+    /// Serve HTTPS only, with this certificate chain (PEM, leaf first); re-read on SIGHUP.
+    #[arg(long, env = "DISTLOCK_TLS_CERT", value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM); re-read on SIGHUP.
+    #[arg(long, env = "DISTLOCK_TLS_KEY", value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS.
+    #[arg(long, env = "DISTLOCK_TLS_CLIENT_CA", value_name = "PEM", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Close a connection that has not sent a whole request's headers this long after it was
+    /// accepted or its request began (slow or stalled clients).
+    #[arg(long, env = "DISTLOCK_HEADER_TIMEOUT", default_value = "10s", value_parser = duration)]
+    header_timeout: Duration,
+    /// Close a kept-alive connection that sends no new request for this long (a request being
+    /// answered, such as a waiting acquire, is not idle).
+    #[arg(long, env = "DISTLOCK_IDLE_TIMEOUT", default_value = "60s", value_parser = duration)]
+    idle_timeout: Duration,
+    /// Most connections open at once; more are closed as soon as they are accepted.
+    #[arg(long, env = "DISTLOCK_MAX_CONNECTIONS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// Requests per second to /v1/* per token (per client IP without --auth-token-file), with
+    /// bursts of twice that, e.g. 100/s; more answer 429 with Retry-After. Default: no limit.
+    #[arg(long, env = "DISTLOCK_RATE_LIMIT", value_name = "N/s")]
+    rate_limit: Option<distlock_server::ratelimit::RateLimit>,
 }
 
 /// Lifts the soft limit on open files to the hard limit: a server with many long polls, or a
@@ -387,6 +412,7 @@ fn main() -> ExitCode {
 }
 
 fn serve_command(runtime: &tokio::runtime::Runtime, a: ServeArgs) -> ExitCode {
+    let config_has_tokens = a.auth_token_file.is_some();
     let config = ServeConfig {
         listen: a.listen,
         data_dir: a.data_dir,
@@ -396,6 +422,18 @@ fn serve_command(runtime: &tokio::runtime::Runtime, a: ServeArgs) -> ExitCode {
         limits: Limits { max_leases: a.max_leases, max_waiters: a.max_waiters },
         compact_bytes: a.compact_bytes,
         shutdown_grace: a.shutdown_grace,
+        net: distlock_server::listener::NetConfig {
+            tls: a.tls_cert.zip(a.tls_key).map(|(cert, key)| distlock_server::tls::TlsFiles {
+                cert,
+                key,
+                client_ca: a.tls_client_ca,
+            }),
+            header_timeout: a.header_timeout,
+            idle_timeout: a.idle_timeout,
+            max_connections: a.max_connections as usize,
+            rate_limit: a.rate_limit,
+            rate_limit_by_token: config_has_tokens,
+        },
     };
     match runtime.block_on(serve::run(config, serve::shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,

@@ -38,6 +38,8 @@ pub struct ServeConfig {
     pub compact_bytes: u64,
     /// How long in-flight requests (long polls) may run after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// TLS, connection timeouts, the connection cap and the rate limit.
+    pub net: crate::listener::NetConfig,
 }
 
 impl ServeConfig {
@@ -82,6 +84,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.check()?;
+    // TLS files are read first: a bad one stops the server before it binds or opens its store.
+    let tls = crate::listener::prepare(&config.net)?;
     let listener =
         TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let auth = Arc::new(Auth::open(config.auth_token_file.clone(), config.admin_token_file.clone())?);
@@ -125,7 +129,7 @@ pub async fn run(
     let addr = listener.local_addr()?;
     tracing::info!(%addr, store = backend.name(), auth = state.auth.table().required(), "distlock server listening");
     let mut stop_rx = stop_rx;
-    let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
+    let server = crate::listener::serve(listener, router(state), config.net.clone(), tls, async move {
         shutdown.await;
         tracing::info!(
             "shutting down: no new connections; waiting acquires answered 503 shutting_down; \

@@ -987,6 +987,7 @@ async fn memory_store_is_refused() {
         limits: distlock_server::store::Limits::default(),
         compact_bytes: 1 << 20,
         shutdown_grace: Duration::from_secs(1),
+        net: Default::default(),
     };
     let run = distlock_server::serve::run(config, std::future::pending());
     let err =

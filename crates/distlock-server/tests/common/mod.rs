@@ -107,6 +107,12 @@ impl Server {
             if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
                 return false;
             }
+            // A TLS server cannot be asked in plain HTTP: it is ready once it accepts (the
+            // server binds only after reading its certificate; the store opens just after).
+            let tls = self.extra.iter().any(|a| a == "--tls-cert");
+            if tls && TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return true;
+            }
             if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
                 let _ = s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes());
                 let mut buf = String::new();

@@ -25,9 +25,9 @@ pub use memory::{MemoryBackend, MemoryStats, Observer, SavedLease, TableEvent, W
 
 /// The URL schemes this build can open.
 pub const SCHEMES: &str = match (cfg!(feature = "http"), cfg!(feature = "redis"), cfg!(feature = "etcd")) {
-    (true, true, true) => "memory://, http://, redis://, redlock://, etcd://",
-    (true, true, false) => "memory://, http://, redis://, redlock://",
-    (true, false, _) => "memory://, http://",
+    (true, true, true) => "memory://, http://, https://, redis://, redlock://, etcd://",
+    (true, true, false) => "memory://, http://, https://, redis://, redlock://",
+    (true, false, _) => "memory://, http://, https://",
     (false, true, _) => "memory://, redis://, redlock://",
     (false, false, _) => "memory://",
 };
@@ -85,8 +85,9 @@ pub trait Backend: Send + Sync + 'static {
 /// Opens the backend a URL names.
 ///
 /// Supported: `memory://` (a fresh in-process table), `http://` (a `distlock serve` server, see
-/// [`http`]), `redis://` (one Redis; `rediss://` with TLS; see [`redis`]), `redlock://` (a
-/// majority of several masters; `redlocks://` with TLS; see [`redis::redlock`]), `etcd://`. Must be called inside a Tokio runtime.
+/// [`http`]; `https://` with TLS), `redis://` (one Redis; `rediss://` with TLS; see [`redis`]),
+/// `redlock://` (a majority of several masters; `redlocks://` with TLS; see [`redis::redlock`]),
+/// `etcd://`. Must be called inside a Tokio runtime.
 pub async fn open(url: &str) -> Result<Arc<dyn Backend>> {
     let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
     match scheme {
@@ -94,7 +95,7 @@ pub async fn open(url: &str) -> Result<Arc<dyn Backend>> {
         #[cfg(feature = "etcd")]
         "etcd" => Ok(Arc::new(etcd::EtcdBackend::open(url).await?)),
         #[cfg(feature = "http")]
-        "http" => Ok(Arc::new(http::HttpBackend::open(url)?)),
+        "http" | "https" => Ok(Arc::new(http::HttpBackend::open(url)?)),
         #[cfg(feature = "redis")]
         "redis" | "rediss" => Ok(Arc::new(redis::RedisBackend::open(redis::RedisConfig::parse(url)?).await?)),
         #[cfg(feature = "redis")]

@@ -1,6 +1,10 @@
 //! The `http://` backend: a client of the `distlock serve` lock server.
 //!
-//! URL: `http://host:port[?token=T&timeout=D&batch=on|off]`. The bearer token may also come from
+//! URL: `http://host:port[?token=T&timeout=D&batch=on|off]`, or `https://host:port` for a server
+//! started with `--tls-cert`, which also takes `ca=PATH` (PEM CA certificates to trust instead of
+//! the system's roots) and `cert=PATH&key=PATH` (a client certificate, for `--tls-client-ca`),
+//! the parameter names `rediss://` and `etcd://` use. A certificate the client does not trust
+//! gives `Unavailable` saying so. The bearer token may also come from
 //! the `DISTLOCK_TOKEN` environment variable. `timeout` (default 5 s) bounds every call; an acquire
 //! that waits gets its wait on top. With `batch=on` (the default), acquires that do not wait,
 //! renewals and releases made concurrently by many tasks share `POST /v1/batch` requests (see
@@ -16,6 +20,7 @@
 
 mod batch;
 mod client;
+mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -106,13 +111,17 @@ impl HttpBackend {
     /// assert!(distlock::backend::http::HttpBackend::open("http://[::1").is_err());
     /// // Behind a reverse proxy, under a path:
     /// assert!(distlock::backend::http::HttpBackend::open("http://proxy:80/locks/").is_ok());
+    /// // TLS parameters need https:// (and their files must be readable):
+    /// assert!(distlock::backend::http::HttpBackend::open("http://h:1?ca=/etc/ca.pem").is_err());
+    /// assert!(distlock::backend::http::HttpBackend::open("https://h:1?ca=/no/such/ca.pem").is_err());
     /// ```
     pub fn open(url: &str) -> Result<HttpBackend> {
         let (base, query) = url.split_once('?').unwrap_or((url, ""));
         let base = base.trim_end_matches('/').to_owned();
-        if base.len() <= "http://".len() {
+        if base.split_once("://").is_none_or(|(_, server)| server.is_empty()) {
             return Err(Error::InvalidInput(format!("{url:?} names no server")));
         }
+        let mut tls = tls::TlsParams::default();
         let mut token = std::env::var("DISTLOCK_TOKEN").ok().filter(|t| !t.is_empty());
         let mut timeout = Duration::from_secs(5);
         let mut batching = true;
@@ -121,6 +130,9 @@ impl HttpBackend {
                 Some(("token", t)) => token = Some(t.to_owned()),
                 Some(("batch", "on")) => batching = true,
                 Some(("batch", "off")) => batching = false,
+                Some(("ca", path)) => tls.ca = Some(path.to_owned()),
+                Some(("cert", path)) => tls.cert = Some(path.to_owned()),
+                Some(("key", path)) => tls.key = Some(path.to_owned()),
                 Some(("timeout", t)) => {
                     timeout = humantime::parse_duration(t).ok().filter(|d| !d.is_zero()).ok_or_else(|| {
                         Error::InvalidInput(format!("timeout={t:?} is not a duration like 5s or 500ms"))
@@ -129,7 +141,7 @@ impl HttpBackend {
                 _ => return Err(Error::InvalidInput(format!("unknown parameter {pair:?} in {url:?}"))),
             }
         }
-        let client = Arc::new(client::Client::new(&base, token.as_deref(), timeout)?);
+        let client = Arc::new(client::Client::new(&base, token.as_deref(), timeout, &tls)?);
         let batcher = batching.then(|| batch::Batcher::new(client.clone(), timeout));
         Ok(HttpBackend { client, timeout, batcher })
     }
