@@ -1,4 +1,4 @@
-//! The single-Redis backend: `redis://[user:password@]host:port[/db][?prefix=P&timeout=D]`,
+//! The single-Redis backend: `redis://[user:password@]host:port[/db][?prefix=P&timeout=D&queue_ttl=D&meta_ttl=D]`,
 //! or `rediss://…` for TLS (rustls): the system's root certificates, or `ca=PATH` (a PEM file),
 //! and `cert=PATH&key=PATH` for a client certificate when Redis asks for one.
 //!
@@ -40,6 +40,9 @@ pub struct RedisConfig {
     /// How long a waiter's place in the queue lasts unless refreshed: a waiter that crashed
     /// holds up the queue at most this long (`queue_ttl` parameter; default 6 s).
     pub queue_ttl: Duration,
+    /// How long a key's fencing counter and queue order stay after their last use (`meta_ttl`
+    /// parameter; default 7 days). Safe to expire: tokens never go below the server's clock.
+    pub meta_ttl: Duration,
 }
 
 /// PEM files for a `rediss://` connection.
@@ -91,6 +94,7 @@ impl RedisConfig {
             prefix: "distlock".to_owned(),
             timeout: Duration::from_secs(2),
             queue_ttl: Duration::from_secs(6),
+            meta_ttl: Duration::from_secs(7 * 24 * 3600),
             tls: TlsFiles::default(),
         };
         let mut passthrough = Vec::new();
@@ -105,6 +109,7 @@ impl RedisConfig {
                 "prefix" => config.prefix = value.to_owned(),
                 "timeout" => config.timeout = duration()?,
                 "queue_ttl" => config.queue_ttl = duration()?.max(Duration::from_millis(300)),
+                "meta_ttl" => config.meta_ttl = duration()?,
                 "ca" => config.tls.ca = Some(value.to_owned()),
                 "cert" => config.tls.cert = Some(value.to_owned()),
                 "key" => config.tls.key = Some(value.to_owned()),
@@ -385,7 +390,8 @@ impl Backend for RedisBackend {
                 .arg(millis(req.ttl))
                 .arg(&req.holder)
                 .arg(if waiting { "1" } else { "0" })
-                .arg(millis(self.store.config.queue_ttl));
+                .arg(millis(self.store.config.queue_ttl))
+                .arg(millis(self.store.config.meta_ttl));
             let (granted, n, holder): (i64, i64, String) = self.store.eval(inv).await?;
             if granted == 1 {
                 guard.armed = false;

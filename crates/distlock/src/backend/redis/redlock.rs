@@ -264,7 +264,8 @@ impl RedlockBackend {
                     .arg(req.lease_id.as_str())
                     .arg(token)
                     .arg(&req.holder)
-                    .arg(millis(req.ttl));
+                    .arg(millis(req.ttl))
+                    .arg(millis(n.store.config.meta_ttl));
                 n.store.eval::<i64>(inv).await
             }))
             .await;

@@ -8,7 +8,8 @@
 //!   was granted or last renewed with, so a renew that names none can keep it. A value written by
 //!   an older version, `"<lease id> <token> <holder>"`, is still read (as having no stored TTL,
 //!   unless its holder label starts with digits and a space), and the next renew rewrites it;
-//! - `meta`  hash `fence` (the fencing counter, never expires) and `seq` (queue arrival order);
+//! - `meta`  hash `fence` (the fencing counter: max(counter + 1, server clock in µs) per grant)
+//!   and `seq` (queue arrival order); expires `meta_ttl` after its last use;
 //! - `queue` sorted set of waiting lease ids by arrival `seq` (FIFO);
 //! - `alive` sorted set of waiting lease ids by the time (ms) their wait registration lapses,
 //!   so a waiter that crashed is dropped from the queue instead of blocking it.
@@ -60,15 +61,38 @@ local function wake_head(queue, alive, channel)
 end
 "#;
 
-/// KEYS: lock, meta, queue, alive. ARGV: lease id, ttl ms, holder, enqueue (0/1), wait ttl ms.
-/// Returns `{1, token, ''}` when granted, else `{0, pttl, holder}` (holder '' and pttl -2 when
-/// the lock is free but an earlier waiter is first in line). A caller that is told to wait is
-/// queued (once) and its registration refreshed.
+/// `next_token(meta)`: the next fencing token of a key, max(counter + 1, the server's clock in
+/// microseconds), stored back as the counter. The clock floor makes a fresh counter (Redis
+/// restarted empty, or the counter expired after `meta_ttl`) start above every token handed out
+/// before, as long as the Redis host's clock does not step back by more than the time since.
+/// Tokens are formatted as integers: Lua 5.1 prints numbers over 14 digits in exponent form.
+/// `clock_us()`: the server's clock in microseconds (below 2^53, exact in a Lua number).
+const NEXT_TOKEN: &str = r#"
+local function clock_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+local function next_token(meta)
+  local last = tonumber(redis.call('HGET', meta, 'fence') or '0')
+  local token = string.format('%.0f', math.max(last + 1, clock_us()))
+  redis.call('HSET', meta, 'fence', token)
+  return token
+end
+"#;
+
+/// KEYS: lock, meta, queue, alive. ARGV: lease id, ttl ms, holder, enqueue (0/1), wait ttl ms,
+/// meta ttl ms. Returns `{1, token, ''}` when granted, else `{0, pttl, holder}` (holder '' and
+/// pttl -2 when the lock is free but an earlier waiter is first in line). A caller that is told
+/// to wait is queued (once) and its registration refreshed. The meta hash (fencing counter,
+/// queue order) expires `meta ttl` after its last use, so locking ever new keys does not grow
+/// Redis without bound.
 const ACQUIRE: &str = r#"
 local function grant()
-  local token = redis.call('HINCRBY', KEYS[2], 'fence', 1)
+  local token = next_token(KEYS[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[6])
   redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. token .. ' ' .. ARGV[2] .. ' ' .. ARGV[3], 'PX', ARGV[2])
-  return {1, token, ''}
+  return {1, tonumber(token), ''}
 end
 if redis.call('EXISTS', KEYS[1], KEYS[3]) == 0 then
   return grant()
@@ -87,6 +111,7 @@ end
 if ARGV[4] == '1' then
   if not redis.call('ZSCORE', KEYS[3], ARGV[1]) then
     redis.call('ZADD', KEYS[3], redis.call('HINCRBY', KEYS[2], 'seq', 1), ARGV[1])
+    redis.call('PEXPIRE', KEYS[2], ARGV[6])
   end
   redis.call('ZADD', KEYS[4], now + tonumber(ARGV[5]), ARGV[1])
   redis.call('PEXPIRE', KEYS[3], 2 * tonumber(ARGV[5]))
@@ -151,18 +176,20 @@ return {1, holder, token, redis.call('PTTL', KEYS[1]), waiters}
 "#;
 
 /// Redlock, on one master. KEYS: lock, meta. ARGV: lease id, ttl ms, holder. Sets the lock if
-/// free (token 0 until fenced) and returns `{1, current fencing counter, ''}`, else
-/// `{0, pttl, holder}`.
+/// free (token 0 until fenced) and returns `{1, max(fencing counter, clock in µs), ''}`, else
+/// `{0, pttl, holder}`: the winner's token (the highest of a majority, plus one) is then above
+/// every token any master handed out, even one restarted empty.
 const REDLOCK_ACQUIRE: &str = r#"
 if redis.call('SET', KEYS[1], ARGV[1] .. ' 0 ' .. ARGV[2] .. ' ' .. ARGV[3], 'NX', 'PX', ARGV[2]) then
-  return {1, tonumber(redis.call('HGET', KEYS[2], 'fence') or '0'), ''}
+  return {1, math.max(tonumber(redis.call('HGET', KEYS[2], 'fence') or '0'), clock_us()), ''}
 end
 local _, _, holder = parse(redis.call('GET', KEYS[1]))
 return {0, redis.call('PTTL', KEYS[1]), holder or ''}
 "#;
 
-/// Redlock, on one master. KEYS: lock, meta. ARGV: lease id, token, holder, ttl ms. If the caller
-/// holds the lock here, raise the fencing counter to at least `token` and record it on the lock.
+/// Redlock, on one master. KEYS: lock, meta. ARGV: lease id, token, holder, ttl ms, meta ttl ms.
+/// If the caller holds the lock here, raise the fencing counter to at least `token` and record it
+/// on the lock; the counter expires `meta ttl` after its last use.
 const REDLOCK_FENCE: &str = r#"
 if not owned(KEYS[1], ARGV[1]) then
   return 0
@@ -170,6 +197,7 @@ end
 if tonumber(ARGV[2]) > tonumber(redis.call('HGET', KEYS[2], 'fence') or '0') then
   redis.call('HSET', KEYS[2], 'fence', ARGV[2])
 end
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
 redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. ARGV[4] .. ' ' .. ARGV[3], 'KEEPTTL')
 return 1
 "#;
@@ -199,7 +227,8 @@ pub struct Scripts {
 
 impl Scripts {
     pub fn new() -> Scripts {
-        let script = |body: &str| redis::Script::new(&format!("{PARSE_LOCK}{PURGE_DEAD_WAITERS}{body}"));
+        let script =
+            |body: &str| redis::Script::new(&format!("{PARSE_LOCK}{PURGE_DEAD_WAITERS}{NEXT_TOKEN}{body}"));
         Scripts {
             acquire: script(ACQUIRE),
             renew: script(RENEW),
