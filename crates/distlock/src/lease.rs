@@ -202,10 +202,13 @@ impl Lease {
         }
     }
 
-    /// Renews the lease now with its current TTL (automatic renewal does this on its own).
+    /// Renews the lease now for the TTL it was granted (or last renewed) with, as the store keeps
+    /// it; automatic renewal does this on its own.
     pub async fn renew(&self) -> Result<()> {
-        let ttl = self.ttl();
-        self.renew_with_ttl(ttl).await
+        if self.state() != LeaseState::Held {
+            return Err(self.shared.lost_error());
+        }
+        renew_once(&self.shared, None).await
     }
 
     /// Renews the lease now with a new TTL (validated like an acquire's).
@@ -214,7 +217,7 @@ impl Lease {
         if self.state() != LeaseState::Held {
             return Err(self.shared.lost_error());
         }
-        renew_once(&self.shared, ttl).await
+        renew_once(&self.shared, Some(ttl)).await
     }
 
     /// Releases the lease. Fails with [`Error::LeaseLost`] when the store no longer holds it.
@@ -283,12 +286,15 @@ impl LeaseWatch {
     }
 }
 
-/// One renewal request, bounded by the lease's alarm: succeeds, or marks the lease lost.
-async fn renew_once(shared: &Shared, ttl: Duration) -> Result<()> {
+/// One renewal request, bounded by the lease's alarm: succeeds, or marks the lease lost. `None`
+/// renews for the TTL the store holds for the lease (the one asked for at grant or last renewal),
+/// not the grant's TTL as the holder saw it, which a backend may have shortened (Redlock subtracts
+/// its drift allowance) and which would otherwise shrink with every automatic renewal.
+async fn renew_once(shared: &Shared, ttl: Option<Duration>) -> Result<()> {
     let alarm = shared.alarm(*shared.timing.borrow());
     let sent = Instant::now();
     let result = tokio::select! {
-        r = shared.backend.renew(&shared.key, &shared.lease_id, Some(ttl)) => r,
+        r = shared.backend.renew(&shared.key, &shared.lease_id, ttl) => r,
         _ = tokio::time::sleep_until(alarm) => {
             shared.mark_lost(LossReason::Expired);
             return Err(shared.lost_error());
@@ -341,7 +347,7 @@ async fn keep(shared: Arc<Shared>) {
             }
             _ = sleep_until_opt(renew_at) => {
                 let outcome = tokio::select! {
-                    r = renew_once(&shared, timing.ttl) => r,
+                    r = renew_once(&shared, None) => r,
                     _ = state_rx.changed() => return,
                 };
                 match outcome {

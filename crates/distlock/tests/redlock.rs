@@ -199,3 +199,18 @@ async fn bad_urls_are_invalid_input() {
         assert!(matches!(err, Error::InvalidInput(_)), "{url}: {err:?}");
     }
 }
+
+/// Automatic renewal keeps the TTL asked for: each Redlock grant subtracts its drift allowance,
+/// and renewing with the grant's TTL made the lease 1 % shorter at every renewal.
+#[tokio::test]
+async fn automatic_renewal_does_not_shrink_the_ttl() {
+    let cluster = Cluster::start(3);
+    let locker = cluster.locker().await;
+    let lease = locker.acquire("k", &AcquireOptions::new().ttl(Duration::from_millis(600))).await.unwrap();
+    let first = lease.ttl();
+    tokio::time::sleep(Duration::from_millis(2500)).await; // about a dozen renewals
+    assert!(lease.is_held());
+    assert_eq!(lease.ttl(), first, "renewed TTL after many renewals");
+    lease.renew().await.unwrap();
+    assert_eq!(lease.ttl(), first, "an explicit renew keeps it too");
+}
