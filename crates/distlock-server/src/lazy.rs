@@ -39,7 +39,9 @@ impl LazyBackend {
         match lazy.backend().await {
             Ok(_) => {}
             Err(e @ Error::InvalidInput(_)) => return Err(e),
-            Err(e) => tracing::warn!(store = %redacted(url), error = %e, "the store does not answer yet; not ready until it does"),
+            Err(e) => {
+                tracing::warn!(store = %redacted(url), error = %e, "the store does not answer yet; not ready until it does")
+            }
         }
         Ok(lazy)
     }
@@ -86,7 +88,7 @@ fn redacted(url: &str) -> String {
 
 fn scheme_name(url: &str) -> &'static str {
     match url.split_once("://").map_or("", |(s, _)| s) {
-        "redis" | "rediss" => "redis",
+        "redis" | "rediss" | "redis-sentinel" => "redis",
         "redlock" | "redlocks" => "redlock",
         "etcd" => "etcd",
         "http" | "https" => "http",

@@ -21,8 +21,9 @@ use distlock_server::store::Limits;
 #[derive(Parser)]
 #[command(version, about, long_about = None, after_help = EXIT_CODES)]
 struct Cli {
-    /// Where locks live: http://host:7878 (a distlock server), redis:// (rediss:// with TLS),
-    /// redlock://h1,h2,h3 (redlocks://), etcd://h1,h2,h3.
+    /// Where locks live: http://host:7878 (a distlock server; https:// with TLS), redis://
+    /// (rediss:// with TLS), redis-sentinel://s1,s2,s3/MASTER, redlock://h1,h2,h3 (redlocks://),
+    /// etcd://h1,h2,h3.
     #[arg(long, global = true, env = "DISTLOCK_BACKEND", default_value = "http://127.0.0.1:7878")]
     backend: String,
     /// File holding the bearer token for a server started with --auth-token-file (first line

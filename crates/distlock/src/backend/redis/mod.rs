@@ -11,6 +11,7 @@
 
 pub mod redlock;
 mod scripts;
+pub mod sentinel;
 mod wakeups;
 
 use std::sync::Arc;
@@ -140,9 +141,16 @@ pub struct RedisBackend {
 /// The connection, the scripts and the settings: everything needed to run a script.
 #[derive(Clone)]
 struct Store {
-    conn: ConnectionManager,
+    conn: Conn,
     scripts: Arc<Scripts>,
     config: RedisConfig,
+}
+
+/// Where calls go: one server, or whichever master the sentinels name.
+#[derive(Clone)]
+enum Conn {
+    Direct(ConnectionManager),
+    Sentinel(Arc<sentinel::Master>),
 }
 
 /// The Redis names of one lock; they share the hash tag `{key}`.
@@ -173,7 +181,23 @@ impl RedisBackend {
             .map_err(|e| unavailable(&config, e))?;
         Ok(RedisBackend {
             wakeups: Wakeups::new(client, config.timeout),
-            store: Store { conn, scripts: Arc::new(Scripts::new()), config },
+            store: Store { conn: Conn::Direct(conn), scripts: Arc::new(Scripts::new()), config },
+        })
+    }
+
+    /// Opens `redis-sentinel://…` (see [`sentinel`]): asks the sentinels for the master now, so
+    /// that unreachable sentinels show up as [`Error::Unavailable`] at once.
+    pub async fn open_sentinel(url: &str) -> Result<RedisBackend> {
+        let (sentinel_config, config) = sentinel::parse(url)?;
+        let master = Arc::new(sentinel::Master::new(sentinel_config, config.clone()));
+        let (_, address) = master.conn().await?;
+        // Wake-ups subscribe at the first master; a failed-over master that comes back as a
+        // replica still delivers them (PUBLISH is replicated), and waiters fall back to timers.
+        let client = redis::Client::open(master.url_for(&address))
+            .map_err(|e| Error::InvalidInput(format!("bad redis URL: {e}")))?;
+        Ok(RedisBackend {
+            wakeups: Wakeups::new(client, config.timeout),
+            store: Store { conn: Conn::Sentinel(master), scripts: Arc::new(Scripts::new()), config },
         })
     }
 
@@ -200,17 +224,67 @@ impl Store {
         }
     }
 
+    /// The connection calls go to now.
+    async fn connection(&self) -> Result<ConnectionManager> {
+        match &self.conn {
+            Conn::Direct(c) => Ok(c.clone()),
+            Conn::Sentinel(m) => m.conn().await.map(|(c, _)| c),
+        }
+    }
+
+    /// A call failed: behind Sentinel, ask which server is master before the next one.
+    fn failed(&self) {
+        if let Conn::Sentinel(m) = &self.conn {
+            m.suspect();
+        }
+    }
+
     /// Runs one script invocation under the call timeout.
     async fn eval<T: redis::FromRedisValue>(&self, invocation: redis::ScriptInvocation<'_>) -> Result<T> {
-        let mut conn = self.conn.clone();
-        match tokio::time::timeout(self.config.timeout, invocation.invoke_async(&mut conn)).await {
+        let mut conn = self.connection().await?;
+        let result = match tokio::time::timeout(self.config.timeout, invocation.invoke_async(&mut conn)).await
+        {
             Ok(result) => result.map_err(|e| unavailable(&self.config, e)),
             Err(_) => Err(Error::Unavailable(format!(
                 "redis {}: no answer within {:?}",
                 server_name(&self.config),
                 self.config.timeout
             ))),
+        };
+        if result.is_err() {
+            self.failed();
         }
+        result
+    }
+
+    /// Behind Sentinel with `min_replicas`: waits until that many replicas hold every write made
+    /// so far on the connection (the grant just made among them). `Ok` when not configured.
+    async fn wait_for_replicas(&self) -> Result<()> {
+        let Conn::Sentinel(m) = &self.conn else { return Ok(()) };
+        let (wanted, within) = (m.sentinel().min_replicas, m.sentinel().wait_timeout);
+        if wanted == 0 {
+            return Ok(());
+        }
+        let mut conn = self.connection().await?;
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(wanted).arg(millis(within));
+        let wait = cmd.query_async::<i64>(&mut conn);
+        let acked = match tokio::time::timeout(within + self.config.timeout, wait).await {
+            Ok(Ok(n)) => n.max(0) as u32,
+            Ok(Err(e)) => {
+                self.failed();
+                return Err(unavailable(&self.config, e));
+            }
+            Err(_) => 0,
+        };
+        if acked < wanted {
+            return Err(Error::Unavailable(format!(
+                "redis master of {:?}: {acked} of {wanted} replicas acknowledged the grant within {within:?}; \
+                 it was undone",
+                m.sentinel().master
+            )));
+        }
+        Ok(())
     }
 
     async fn dequeue(&self, keys: &LockKeys, lease_id: &LeaseId) -> Result<()> {
@@ -259,7 +333,7 @@ impl Store {
     /// The keys (as the user named them) of lock entries starting with `prefix`, sorted.
     async fn scan_keys(&self, prefix: &str) -> Result<Vec<String>> {
         let pattern = format!("{}:{{{}*}}:lock", glob_escape(&self.config.prefix), glob_escape(prefix));
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection().await?;
         let mut cursor = 0u64;
         let mut keys = Vec::new();
         loop {
@@ -395,6 +469,11 @@ impl Backend for RedisBackend {
             let (granted, n, holder): (i64, i64, String) = self.store.eval(inv).await?;
             if granted == 1 {
                 guard.armed = false;
+                if let Err(e) = self.store.wait_for_replicas().await {
+                    // A grant a failover could forget is no grant: take it back.
+                    let _ = self.store.release_keys(&keys, &req.lease_id).await;
+                    return Err(e);
+                }
                 return Ok(Grant {
                     lease_id: req.lease_id.clone(),
                     fencing_token: n as u64,

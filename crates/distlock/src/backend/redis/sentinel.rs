@@ -1,0 +1,201 @@
+//! Redis behind Sentinel: `redis-sentinel://[user:password@]s1:26379,s2:26379/MASTER[?…]`.
+//!
+//! The sentinels name the current master (`SENTINEL get-master-addr-by-name`); the backend talks
+//! to it like to a standalone Redis and asks again when a call fails (the master died, or was
+//! demoted and answers `READONLY`) and at most once a second otherwise, so it follows a failover
+//! within about a second of the sentinels' decision. Replication is asynchronous: a lock written to
+//! the master and not yet to a replica is forgotten by a failover. With `min_replicas=N`, every
+//! grant is followed by `WAIT N` on the same connection; a grant not acknowledged by N replicas
+//! within `wait_timeout` is undone and the caller gets `Unavailable`. Renewals are not waited for
+//! (a renewal lost in a failover leaves the lease with its previous deadline, which the holder's
+//! conservative deadline already assumes).
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::time::Instant;
+
+use super::RedisConfig;
+use crate::error::{Error, Result};
+
+/// How often the master's address is checked when nothing failed.
+const RECHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Settings of a Sentinel URL beyond those of a plain Redis one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentinelConfig {
+    /// `host:port` of every sentinel.
+    pub sentinels: Vec<String>,
+    /// The master's name in the sentinels' configuration.
+    pub master: String,
+    /// Replicas that must acknowledge each grant (`min_replicas`; default 0: no waiting).
+    pub min_replicas: u32,
+    /// How long a grant waits for them (`wait_timeout`; default 500 ms).
+    pub wait_timeout: Duration,
+}
+
+/// Splits a `redis-sentinel://` URL into the sentinel settings and a plain Redis config (its URL
+/// a placeholder until the master is known; `prefix`, `timeout`, `queue_ttl`, `meta_ttl` as for
+/// `redis://`, credentials used for the master).
+///
+/// ```
+/// use distlock::backend::redis::sentinel::parse;
+/// let (s, c) = parse("redis-sentinel://s1:26379,s2:26379/mymaster?min_replicas=1&prefix=p").unwrap();
+/// assert_eq!((s.sentinels.len(), s.master.as_str(), s.min_replicas), (2, "mymaster", 1));
+/// assert_eq!(c.prefix, "p");
+/// assert!(parse("redis-sentinel://s1:26379").is_err());
+/// ```
+pub fn parse(url: &str) -> Result<(SentinelConfig, RedisConfig)> {
+    let rest = url
+        .strip_prefix("redis-sentinel://")
+        .ok_or_else(|| Error::InvalidInput(format!("{url:?} is not a redis-sentinel:// URL")))?;
+    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (auth, rest) = match rest.rsplit_once('@') {
+        Some((auth, hosts)) => (format!("{auth}@"), hosts),
+        None => (String::new(), rest),
+    };
+    let (hosts, master) = rest.split_once('/').ok_or_else(|| {
+        Error::InvalidInput(format!("{url:?} names no master: redis-sentinel://HOST:PORT,…/MASTER_NAME"))
+    })?;
+    if master.is_empty() || master.contains('/') {
+        return Err(Error::InvalidInput(format!("{url:?}: the master name must follow the hosts, once")));
+    }
+    let sentinels: Vec<String> = hosts.split(',').filter(|h| !h.is_empty()).map(str::to_owned).collect();
+    if sentinels.is_empty() {
+        return Err(Error::InvalidInput(format!("{url:?} names no sentinel")));
+    }
+    let mut sentinel = SentinelConfig {
+        sentinels,
+        master: master.to_owned(),
+        min_replicas: 0,
+        wait_timeout: Duration::from_millis(500),
+    };
+    let mut passthrough = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("min_replicas", n)) => {
+                sentinel.min_replicas = n.parse().map_err(|_| {
+                    Error::InvalidInput(format!("min_replicas={n:?} is not a number of replicas"))
+                })?
+            }
+            Some(("wait_timeout", d)) => {
+                sentinel.wait_timeout =
+                    humantime::parse_duration(d).ok().filter(|d| !d.is_zero()).ok_or_else(|| {
+                        Error::InvalidInput(format!("wait_timeout={d:?} is not a duration like 500ms"))
+                    })?
+            }
+            _ => passthrough.push(pair),
+        }
+    }
+    let query = if passthrough.is_empty() { String::new() } else { format!("?{}", passthrough.join("&")) };
+    // The host is replaced by the master's address once the sentinels name it.
+    let config = RedisConfig::parse(&format!("redis://{auth}sentinel-master{query}"))?;
+    Ok((sentinel, config))
+}
+
+/// The master as the sentinels last named it, and the connection to it.
+pub(super) struct Master {
+    sentinel: SentinelConfig,
+    /// The plain config, its URL's host replaced for each master.
+    config: RedisConfig,
+    current: tokio::sync::Mutex<Option<Current>>,
+    /// Set when a call failed: ask the sentinels before the next one.
+    suspect: Mutex<bool>,
+}
+
+struct Current {
+    address: String,
+    conn: ConnectionManager,
+    checked: Instant,
+}
+
+impl Master {
+    pub(super) fn new(sentinel: SentinelConfig, config: RedisConfig) -> Master {
+        Master { sentinel, config, current: tokio::sync::Mutex::new(None), suspect: Mutex::new(false) }
+    }
+
+    pub(super) fn sentinel(&self) -> &SentinelConfig {
+        &self.sentinel
+    }
+
+    /// A call failed: the master may have changed.
+    pub(super) fn suspect(&self) {
+        if let Ok(mut s) = self.suspect.lock() {
+            *s = true;
+        }
+    }
+
+    /// The redis URL of the master at `address`, with the configured credentials and db.
+    pub(super) fn url_for(&self, address: &str) -> String {
+        self.config.url.replacen("sentinel-master", address, 1)
+    }
+
+    /// The connection to the current master, asking the sentinels first when a call failed or
+    /// the last answer is older than [`RECHECK_EVERY`].
+    pub(super) async fn conn(&self) -> Result<(ConnectionManager, String)> {
+        let mut current = self.current.lock().await;
+        let suspect = self.suspect.lock().map(|mut s| std::mem::take(&mut *s)).unwrap_or(true);
+        if let Some(c) = current.as_mut() {
+            if !suspect && c.checked.elapsed() < RECHECK_EVERY {
+                return Ok((c.conn.clone(), c.address.clone()));
+            }
+        }
+        let address = match self.ask_sentinels().await {
+            Ok(a) => a,
+            // The sentinels are away: keep using the last master rather than failing every call.
+            Err(e) => match current.as_ref() {
+                Some(c) => return Ok((c.conn.clone(), c.address.clone())),
+                None => return Err(e),
+            },
+        };
+        if let Some(c) = current.as_mut() {
+            if c.address == address {
+                c.checked = Instant::now();
+                return Ok((c.conn.clone(), address));
+            }
+            tracing::warn!(from = %c.address, to = %address, master = %self.sentinel.master, "redis master changed");
+        }
+        let client = redis::Client::open(self.url_for(&address))
+            .map_err(|e| Error::InvalidInput(format!("bad redis URL for master {address}: {e}")))?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.config.timeout))
+            .set_response_timeout(Some(self.config.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
+            .map_err(|e| Error::Unavailable(format!("redis master {address}: {e}")))?;
+        *current = Some(Current { address: address.clone(), conn: conn.clone(), checked: Instant::now() });
+        Ok((conn, address))
+    }
+
+    /// `host:port` of the master, from the first sentinel that names it.
+    async fn ask_sentinels(&self) -> Result<String> {
+        let mut failures = Vec::new();
+        for s in &self.sentinel.sentinels {
+            match tokio::time::timeout(self.config.timeout, self.ask(s)).await {
+                Ok(Ok(address)) => return Ok(address),
+                Ok(Err(e)) => failures.push(format!("{s}: {e}")),
+                Err(_) => failures.push(format!("{s}: no answer within {:?}", self.config.timeout)),
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "no sentinel names master {:?} ({})",
+            self.sentinel.master,
+            failures.join("; ")
+        )))
+    }
+
+    async fn ask(&self, sentinel: &str) -> std::result::Result<String, String> {
+        let client = redis::Client::open(format!("redis://{sentinel}")).map_err(|e| e.to_string())?;
+        let mut conn = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
+        let reply: Option<(String, String)> = redis::cmd("SENTINEL")
+            .arg("get-master-addr-by-name")
+            .arg(&self.sentinel.master)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (host, port) = reply.ok_or_else(|| "does not know this master".to_owned())?;
+        Ok(if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") })
+    }
+}

@@ -1,0 +1,180 @@
+//! Redis behind Sentinel: a master, a replica and three sentinels started here on loopback
+//! (`redis-server --sentinel`, the same binary). The backend finds the master, follows a forced
+//! failover while leases are held, and with `min_replicas` never acknowledges a grant that a
+//! failover could forget.
+#![cfg(feature = "redis")]
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use distlock::{AcquireOptions, Error, Locker};
+use support::{free_port, require_binary, wait_for_port};
+
+const MASTER: &str = "mymaster";
+
+struct Node {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One raw command (inline protocol) to 127.0.0.1:`port`; the raw reply.
+fn raw(port: u16, command: &str) -> String {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+    let _ = s.write_all(format!("{command}\r\n").as_bytes());
+    std::thread::sleep(Duration::from_millis(30));
+    let mut buf = vec![0u8; 1 << 16];
+    let n = s.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+fn until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < within, "{what} did not happen within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn spawn(args: &[String], conf: Option<&str>) -> Node {
+    let bin = require_binary("redis-server", "redis-server");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let mut cmd = Command::new(bin);
+    if let Some(conf) = conf {
+        let path = dir.path().join("sentinel.conf");
+        std::fs::write(&path, format!("port {port}\nbind 127.0.0.1\ndir {}\n{conf}", dir.path().display()))
+            .expect("write sentinel.conf");
+        cmd.arg(path).arg("--sentinel");
+    } else {
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        cmd.arg("--dir").arg(dir.path()).args(args);
+    }
+    let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn redis-server");
+    wait_for_port(port, Duration::from_secs(5), "redis-server");
+    Node { child, port, _dir: dir }
+}
+
+/// A master, one replica in sync with it, three sentinels that know both.
+struct Group {
+    master: Node,
+    replica: Node,
+    sentinels: Vec<Node>,
+}
+
+impl Group {
+    fn start() -> Group {
+        let master = spawn(&[], None);
+        let replica = spawn(&["--replicaof".into(), "127.0.0.1".into(), master.port.to_string()], None);
+        until("replication link up", Duration::from_secs(10), || {
+            raw(replica.port, "INFO replication").contains("master_link_status:up")
+        });
+        let conf = format!(
+            "sentinel monitor {MASTER} 127.0.0.1 {} 2\nsentinel down-after-milliseconds {MASTER} 1000\n\
+             sentinel failover-timeout {MASTER} 5000\n",
+            master.port
+        );
+        let sentinels: Vec<Node> = (0..3).map(|_| spawn(&[], Some(&conf))).collect();
+        let replica_port = replica.port.to_string();
+        until("sentinels know the replica", Duration::from_secs(20), || {
+            sentinels
+                .iter()
+                .all(|s| raw(s.port, &format!("SENTINEL replicas {MASTER}")).contains(&replica_port))
+        });
+        Group { master, replica, sentinels }
+    }
+
+    fn url(&self, params: &str) -> String {
+        let hosts: Vec<String> = self.sentinels.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect();
+        format!("redis-sentinel://{}/{MASTER}?timeout=1s&{params}", hosts.join(","))
+    }
+
+    fn master_port(&self) -> String {
+        raw(self.sentinels[0].port, &format!("SENTINEL get-master-addr-by-name {MASTER}"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_a_failover_without_losing_acknowledged_leases() {
+    let group = tokio::task::spawn_blocking(Group::start).await.unwrap();
+    let locker = Locker::open(&group.url("min_replicas=1")).await.expect("open through the sentinels");
+    let opts = AcquireOptions::new().ttl(Duration::from_secs(20)).holder("before-failover");
+    let mut leases = Vec::new();
+    for i in 0..5 {
+        leases.push(
+            locker.acquire(&format!("job/{i}"), &opts).await.expect("acquire, acknowledged by the replica"),
+        );
+    }
+    let highest = leases.iter().map(|l| l.fencing_token()).max().unwrap_or(0);
+    assert!(group.master_port().contains(&group.master.port.to_string()));
+
+    let reply = raw(group.sentinels[0].port, &format!("SENTINEL FAILOVER {MASTER}"));
+    assert!(reply.starts_with("+OK"), "SENTINEL FAILOVER: {reply}");
+    let replica_port = group.replica.port.to_string();
+    tokio::task::spawn_blocking({
+        let sentinel = group.sentinels[0].port;
+        move || {
+            until("the replica promoted", Duration::from_secs(20), || {
+                raw(sentinel, &format!("SENTINEL get-master-addr-by-name {MASTER}")).contains(&replica_port)
+                    && raw(replica_port.parse().unwrap_or(0), "ROLE").contains("master")
+            })
+        }
+    })
+    .await
+    .unwrap();
+
+    // Every lease acknowledged before the failover is still held, on the new master.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for lease in &leases {
+        loop {
+            match locker.status(lease.key()).await {
+                Ok(info) => {
+                    assert!(info.held, "{} lost in the failover", lease.key());
+                    assert_eq!(info.fencing_token, Some(lease.fencing_token()));
+                    break;
+                }
+                Err(e) => assert!(Instant::now() < deadline, "status after the failover: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    for lease in &leases {
+        lease.renew().await.expect("renewed on the new master");
+        assert!(lease.is_held());
+    }
+    assert!(matches!(locker.acquire("job/0", &AcquireOptions::new()).await, Err(Error::Held { .. })));
+    // Tokens keep rising on the new master. (min_replicas=1 now has no replica to wait for until
+    // the old master rejoins as one; ask for none here.)
+    let after = Locker::open(&group.url("min_replicas=0")).await.unwrap();
+    let fresh = after.acquire("job/new", &AcquireOptions::new()).await.expect("acquire on the new master");
+    assert!(fresh.fencing_token() > highest, "{} after {highest}", fresh.fencing_token());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_without_enough_replicas_is_undone() {
+    let group = tokio::task::spawn_blocking(Group::start).await.unwrap();
+    let locker = Locker::open(&group.url("min_replicas=2&wait_timeout=200ms")).await.unwrap();
+    match locker.acquire("k", &AcquireOptions::new()).await {
+        Err(Error::Unavailable(m)) => assert!(m.contains("1 of 2 replicas"), "{m}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    let plain = Locker::open(&group.url("")).await.unwrap();
+    assert!(!plain.status("k").await.unwrap().held, "the grant was taken back");
+    assert!(plain.acquire("k", &AcquireOptions::new()).await.is_ok());
+    assert!(matches!(
+        Locker::open(&format!("redis-sentinel://127.0.0.1:{}/{MASTER}?timeout=300ms", free_port())).await,
+        Err(Error::Unavailable(_))
+    ));
+}
