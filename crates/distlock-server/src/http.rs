@@ -462,7 +462,12 @@ fn batch_result<T: Serialize>(outcome: Result<T, ApiError>) -> BatchResult {
     BatchResult { status, body }
 }
 
-async fn run_op(state: &AppState, caller: &Caller, op: BatchOp, started: tokio::time::Instant) -> BatchResult {
+async fn run_op(
+    state: &AppState,
+    caller: &Caller,
+    op: BatchOp,
+    started: tokio::time::Instant,
+) -> BatchResult {
     match op {
         BatchOp::Acquire { key, ttl_ms, wait_ms, holder } => batch_result(
             async {
@@ -513,7 +518,8 @@ async fn batch(
     }
     metrics::counter!("distlock_batch_ops_total").increment(body.ops.len() as u64);
     let results =
-        futures_util::future::join_all(body.ops.into_iter().map(|op| run_op(&state, &caller, op, started))).await;
+        futures_util::future::join_all(body.ops.into_iter().map(|op| run_op(&state, &caller, op, started)))
+            .await;
     Ok(Json(BatchAnswer { results }))
 }
 
@@ -700,9 +706,10 @@ async fn list(
     query.validate()?;
     match caller.readable_prefixes() {
         None => Ok(Json(state.backend.list(&query).await?)),
-        Some(readable) if readable.is_empty() => {
-            Err(Forbidden { message: "this token may not list locks (it has no read: or lock: scope)".into() }.into())
+        Some(readable) if readable.is_empty() => Err(Forbidden {
+            message: "this token may not list locks (it has no read: or lock: scope)".into(),
         }
+        .into()),
         Some(readable) => Ok(Json(list_readable(&state, query, &readable).await?)),
     }
 }
@@ -756,7 +763,8 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
     };
     let failure = match tokio::time::timeout(HEALTH_TIMEOUT, check).await {
         Ok(Ok(())) => {
-            return (StatusCode::OK, Json(serde_json::json!({"status": "ok", "store": store}))).into_response()
+            return (StatusCode::OK, Json(serde_json::json!({"status": "ok", "store": store})))
+                .into_response()
         }
         Ok(Err(e)) => e,
         Err(_) => format!("the store did not answer within {} ms", HEALTH_TIMEOUT.as_millis()),

@@ -66,7 +66,8 @@ async fn a_store_down_at_start_is_not_fatal() {
     ));
     redis.restart();
     until_status(&format!("{base}/healthz"), 200, Duration::from_secs(10)).await;
-    let lease = locker.acquire("k", &distlock::AcquireOptions::new()).await.expect("served once the store is up");
+    let lease =
+        locker.acquire("k", &distlock::AcquireOptions::new()).await.expect("served once the store is up");
     lease.release().await.unwrap();
 }
 
