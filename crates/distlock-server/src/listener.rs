@@ -14,7 +14,9 @@
 //!   from accept until the handshake is done and the first request's headers are read);
 //! - **idle timeout**: from the end of a response until the first byte of the next request;
 //! - neither runs while a request is being answered, however long: a waiting long poll, an event
-//!   stream or a slow store are not idle.
+//!   stream or a slow store are not idle. A request's body, though, must arrive within the header
+//!   timeout of its headers (a trickled body fails the request with 400 and closes the
+//!   connection), so a slow body cannot hold a connection either.
 //!
 //! Above `--max-connections` open connections a new one is closed at once. Metrics:
 //! `distlock_connections_open` (gauge), `distlock_connections_refused_total`,
@@ -38,7 +40,7 @@ use hyper::server::conn::http1;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tower_service::Service;
@@ -74,6 +76,21 @@ impl Default for NetConfig {
             rate_limit_by_token: false,
         }
     }
+}
+
+/// Connections the kernel may hold completed but not yet accepted (it caps this at
+/// `net.core.somaxconn`). The standard library's 128 overflows when a few hundred clients connect
+/// at once, and each connection over it waits for a SYN retransmission (a second or more).
+const BACKLOG: u32 = 4096;
+
+/// Binds `addr` for [`serve`] with a listen backlog of [`BACKLOG`] (and `SO_REUSEADDR` on Unix,
+/// as `TcpListener::bind` sets it). Must be called inside a Tokio runtime.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 /// Reads the TLS files (when TLS is on) so that a bad file stops the server before it binds or
@@ -305,6 +322,46 @@ impl<B: Body + Unpin> Body for Tracked<B> {
     }
 }
 
+/// A request body that must arrive by a deadline (the header timeout after its headers). The
+/// timer is made only if the body is not all there at once, so most requests never make one.
+struct TimedBody {
+    body: Incoming,
+    deadline: Instant,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Body for TimedBody {
+    type Data = hyper::body::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let deadline = self.deadline;
+        let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                metrics::counter!("distlock_connections_closed_total", "reason" => Expired::Header.label())
+                    .increment(1);
+                Poll::Ready(Some(Err("the request body did not arrive within --header-timeout".into())))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// The socket, telling the connection's state when bytes arrive (below TLS, so handshake and
 /// record bytes count as a request starting).
 struct Watched<S> {
@@ -402,8 +459,10 @@ async fn http<I>(
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let requests = state.clone();
-    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let in_flight = requests.begin();
+        let deadline = Instant::now() + timeouts.header;
+        let mut req = req.map(|body| TimedBody { body, deadline, sleep: None });
         req.extensions_mut().insert(ConnectInfo(peer));
         let answer = router.clone().call(req);
         async move {

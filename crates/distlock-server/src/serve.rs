@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::net::TcpListener;
 
 use distlock::TableEvent;
 
@@ -87,7 +86,7 @@ pub async fn run(
     // TLS files are read first: a bad one stops the server before it binds or opens its store.
     let tls = crate::listener::prepare(&config.net)?;
     let listener =
-        TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+        crate::listener::bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
     let auth = Arc::new(Auth::open(config.auth_token_file.clone(), config.admin_token_file.clone())?);
     let (backend, embedded): (Arc<dyn distlock::Backend>, _) = match &config.store {
         None => {
