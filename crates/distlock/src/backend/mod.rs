@@ -25,10 +25,14 @@ pub use memory::{MemoryBackend, MemoryStats, Observer, SavedLease, TableEvent, W
 
 /// The URL schemes this build can open.
 pub const SCHEMES: &str = match (cfg!(feature = "http"), cfg!(feature = "redis"), cfg!(feature = "etcd")) {
-    (true, true, true) => "memory://, http://, https://, redis://, redis-sentinel://, redlock://, etcd://",
-    (true, true, false) => "memory://, http://, https://, redis://, redis-sentinel://, redlock://",
+    (true, true, true) => {
+        "memory://, http://, https://, redis://, redis-sentinel://, redis-cluster://, redlock://, etcd://"
+    }
+    (true, true, false) => {
+        "memory://, http://, https://, redis://, redis-sentinel://, redis-cluster://, redlock://"
+    }
     (true, false, _) => "memory://, http://, https://",
-    (false, true, _) => "memory://, redis://, redis-sentinel://, redlock://",
+    (false, true, _) => "memory://, redis://, redis-sentinel://, redis-cluster://, redlock://",
     (false, false, _) => "memory://",
 };
 
@@ -100,6 +104,8 @@ pub async fn open(url: &str) -> Result<Arc<dyn Backend>> {
         "redis" | "rediss" => Ok(Arc::new(redis::RedisBackend::open(redis::RedisConfig::parse(url)?).await?)),
         #[cfg(feature = "redis")]
         "redis-sentinel" => Ok(Arc::new(redis::RedisBackend::open_sentinel(url).await?)),
+        #[cfg(feature = "redis")]
+        "redis-cluster" | "rediss-cluster" => Ok(Arc::new(redis::RedisBackend::open_cluster(url).await?)),
         #[cfg(feature = "redis")]
         "redlock" | "redlocks" => Ok(Arc::new(
             redis::redlock::RedlockBackend::open(redis::redlock::RedlockConfig::parse(url)?).await?,

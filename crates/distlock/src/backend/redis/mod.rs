@@ -146,11 +146,47 @@ struct Store {
     config: RedisConfig,
 }
 
-/// Where calls go: one server, or whichever master the sentinels name.
+/// Where calls go: one server, whichever master the sentinels name, or a cluster (each call to
+/// the master of its key's slot, following MOVED/ASK).
 #[derive(Clone)]
 enum Conn {
     Direct(ConnectionManager),
     Sentinel(Arc<sentinel::Master>),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+/// A connection of either kind, for the calls that work the same on both.
+enum Live {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Live {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Live::Single(c) => c.req_packed_command(cmd),
+            Live::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Live::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Live::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Live::Single(c) => c.get_db(),
+            Live::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 /// The Redis names of one lock; they share the hash tag `{key}`.
@@ -182,6 +218,58 @@ impl RedisBackend {
         Ok(RedisBackend {
             wakeups: Wakeups::new(client, config.timeout),
             store: Store { conn: Conn::Direct(conn), scripts: Arc::new(Scripts::new()), config },
+        })
+    }
+
+    /// Opens `redis-cluster://[user:pass@]h1:p1,h2:p2,…[?…]` (`rediss-cluster://` with TLS and
+    /// `ca`/`cert`/`key`): every call goes to the master of its key's slot (all keys of one lock
+    /// share a hash tag, so each script touches one slot); MOVED and ASK are followed and the slot
+    /// map refreshed by the redis crate's cluster client. Wake-ups use classic pub/sub on one node:
+    /// `PUBLISH` reaches subscribers on every node of a cluster.
+    pub async fn open_cluster(url: &str) -> Result<RedisBackend> {
+        let (scheme, rest) =
+            match (url.strip_prefix("redis-cluster://"), url.strip_prefix("rediss-cluster://")) {
+                (Some(rest), _) => ("redis", rest),
+                (_, Some(rest)) => ("rediss", rest),
+                _ => return Err(Error::InvalidInput(format!("{url:?} is not a redis-cluster:// URL"))),
+            };
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (auth, hosts) = match rest.rsplit_once('@') {
+            Some((auth, hosts)) => (format!("{auth}@"), hosts),
+            None => (String::new(), rest),
+        };
+        let hosts: Vec<&str> = hosts.trim_end_matches('/').split(',').filter(|h| !h.is_empty()).collect();
+        let Some(first) = hosts.first() else {
+            return Err(Error::InvalidInput(format!("{url:?} names no cluster node")));
+        };
+        let query = if query.is_empty() { String::new() } else { format!("?{query}") };
+        // The parameters (prefix, timeout, TLS files…) read as for one node.
+        let config = RedisConfig::parse(&format!("{scheme}://{auth}{first}{query}"))?;
+        let node_urls: Vec<String> = hosts.iter().map(|h| format!("{scheme}://{auth}{h}")).collect();
+        let mut builder = redis::cluster::ClusterClientBuilder::new(node_urls.clone())
+            .connection_timeout(config.timeout)
+            .response_timeout(config.timeout)
+            .retries(2);
+        if config.tls.any() {
+            builder = builder.certs(config.tls.load()?);
+        }
+        let client =
+            builder.build().map_err(|e| Error::InvalidInput(format!("bad redis-cluster URL: {e}")))?;
+        let conn = tokio::time::timeout(config.timeout, client.get_async_connection())
+            .await
+            .map_err(|_| {
+                Error::Unavailable(format!("redis cluster {first}: no answer within {:?}", config.timeout))
+            })?
+            .map_err(|e| unavailable(&config, e))?;
+        let pubsub = if config.tls.any() {
+            redis::Client::build_with_tls(node_urls[0].as_str(), config.tls.load()?)
+        } else {
+            redis::Client::open(node_urls[0].as_str())
+        }
+        .map_err(|e| Error::InvalidInput(format!("bad redis URL: {e}")))?;
+        Ok(RedisBackend {
+            wakeups: Wakeups::new(pubsub, config.timeout),
+            store: Store { conn: Conn::Cluster(conn), scripts: Arc::new(Scripts::new()), config },
         })
     }
 
@@ -225,10 +313,11 @@ impl Store {
     }
 
     /// The connection calls go to now.
-    async fn connection(&self) -> Result<ConnectionManager> {
+    async fn connection(&self) -> Result<Live> {
         match &self.conn {
-            Conn::Direct(c) => Ok(c.clone()),
-            Conn::Sentinel(m) => m.conn().await.map(|(c, _)| c),
+            Conn::Direct(c) => Ok(Live::Single(c.clone())),
+            Conn::Sentinel(m) => m.conn().await.map(|(c, _)| Live::Single(c)),
+            Conn::Cluster(c) => Ok(Live::Cluster(c.clone())),
         }
     }
 
@@ -327,39 +416,97 @@ impl Store {
             expires_in: Some(Duration::from_millis(pttl.max(0) as u64)),
             waiters,
             held_for: None,
+            ttl: None,
         })
     }
 
     /// The keys (as the user named them) of lock entries starting with `prefix`, sorted.
     async fn scan_keys(&self, prefix: &str) -> Result<Vec<String>> {
         let pattern = format!("{}:{{{}*}}:lock", glob_escape(&self.config.prefix), glob_escape(prefix));
-        let mut conn = self.connection().await?;
-        let mut cursor = 0u64;
+        // A cluster keeps keys on several masters: scan each of them.
+        let nodes = match &self.conn {
+            Conn::Cluster(c) => self.cluster_primaries(c.clone()).await?.into_iter().map(Some).collect(),
+            _ => vec![None],
+        };
         let mut keys = Vec::new();
-        loop {
-            let scan =
-                redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(1000).to_owned();
-            let fut = scan.query_async::<(u64, Vec<String>)>(&mut conn);
-            let (next, batch) = tokio::time::timeout(self.config.timeout, fut)
-                .await
-                .map_err(|_| {
-                    Error::Unavailable(format!("redis {}: SCAN timed out", server_name(&self.config)))
-                })?
-                .map_err(|e| unavailable(&self.config, e))?;
-            keys.extend(batch.iter().filter_map(|k| self.key_of(k)).filter(|k| k.starts_with(prefix)));
-            if next == 0 {
-                break;
+        for node in nodes {
+            let mut conn = self.connection().await?;
+            let mut cursor = 0u64;
+            loop {
+                let scan = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .to_owned();
+                let (next, batch) =
+                    tokio::time::timeout(self.config.timeout, scan_on(&mut conn, scan, &node))
+                        .await
+                        .map_err(|_| {
+                            Error::Unavailable(format!("redis {}: SCAN timed out", server_name(&self.config)))
+                        })?
+                        .map_err(|e| unavailable(&self.config, e))?;
+                keys.extend(batch.iter().filter_map(|k| self.key_of(k)).filter(|k| k.starts_with(prefix)));
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
-            cursor = next;
         }
         keys.sort();
         keys.dedup();
         Ok(keys)
     }
 
+    /// `(host, port)` of every master of the cluster, from `CLUSTER SLOTS`.
+    async fn cluster_primaries(
+        &self,
+        mut conn: redis::cluster_async::ClusterConnection,
+    ) -> Result<Vec<(String, u16)>> {
+        // Each range: [start, end, [ip, port, id, …] of the master, replicas…].
+        let ask = redis::cmd("CLUSTER").arg("SLOTS").to_owned();
+        let slots: Vec<Vec<redis::Value>> =
+            tokio::time::timeout(self.config.timeout, ask.query_async(&mut conn))
+                .await
+                .map_err(|_| {
+                    Error::Unavailable(format!(
+                        "redis {}: CLUSTER SLOTS timed out",
+                        server_name(&self.config)
+                    ))
+                })?
+                .map_err(|e| unavailable(&self.config, e))?;
+        let master_of = |range: Vec<redis::Value>| -> Option<(String, u16)> {
+            let node: Vec<redis::Value> = redis::from_redis_value(range.into_iter().nth(2)?).ok()?;
+            let mut node = node.into_iter();
+            Some((redis::from_redis_value(node.next()?).ok()?, redis::from_redis_value(node.next()?).ok()?))
+        };
+        let mut masters: Vec<(String, u16)> = slots.into_iter().filter_map(master_of).collect();
+        masters.sort();
+        masters.dedup();
+        Ok(masters)
+    }
+
     fn key_of(&self, redis_key: &str) -> Option<String> {
         let inner = redis_key.strip_prefix(&self.config.prefix)?.strip_prefix(":{")?;
         Some(inner.strip_suffix("}:lock")?.to_owned())
+    }
+}
+
+/// One `SCAN` step on `node` (a cluster master by address), or on the single server.
+async fn scan_on(
+    conn: &mut Live,
+    scan: redis::Cmd,
+    node: &Option<(String, u16)>,
+) -> redis::RedisResult<(u64, Vec<String>)> {
+    use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+    match (conn, node) {
+        (Live::Cluster(c), Some((host, port))) => {
+            let route = SingleNodeRoutingInfo::ByAddress { host: host.clone(), port: *port };
+            let value = c.route_command(scan, RoutingInfo::SingleNode(route)).await?;
+            Ok(redis::from_redis_value(value)?)
+        }
+        (conn, _) => scan.query_async(conn).await,
     }
 }
 
