@@ -83,7 +83,7 @@ impl Default for NetConfig {
 /// at once, and each connection over it waits for a SYN retransmission (a second or more).
 const BACKLOG: u32 = 4096;
 
-/// Binds `addr` for [`serve`] with a listen backlog of [`BACKLOG`] (and `SO_REUSEADDR` on Unix,
+/// Binds `addr` for [`serve`] with a listen backlog of 4,096 (and `SO_REUSEADDR` on Unix,
 /// as `TcpListener::bind` sets it). Must be called inside a Tokio runtime.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
