@@ -88,7 +88,7 @@ fn redacted(url: &str) -> String {
 
 fn scheme_name(url: &str) -> &'static str {
     match url.split_once("://").map_or("", |(s, _)| s) {
-        "redis" | "rediss" | "redis-sentinel" => "redis",
+        "redis" | "rediss" | "redis-sentinel" | "redis-cluster" | "rediss-cluster" => "redis",
         "redlock" | "redlocks" => "redlock",
         "etcd" => "etcd",
         "http" | "https" => "http",

@@ -6,105 +6,11 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use distlock::{AcquireOptions, Error, Locker};
-use support::{free_port, require_binary, wait_for_port};
-
-const MASTER: &str = "mymaster";
-
-struct Node {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One raw command (inline protocol) to 127.0.0.1:`port`; the raw reply.
-fn raw(port: u16, command: &str) -> String {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok();
-    let _ = s.write_all(format!("{command}\r\n").as_bytes());
-    std::thread::sleep(Duration::from_millis(30));
-    let mut buf = vec![0u8; 1 << 16];
-    let n = s.read(&mut buf).unwrap_or(0);
-    String::from_utf8_lossy(&buf[..n]).into_owned()
-}
-
-fn until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < within, "{what} did not happen within {within:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn spawn(args: &[String], conf: Option<&str>) -> Node {
-    let bin = require_binary("redis-server", "redis-server");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let port = free_port();
-    let mut cmd = Command::new(bin);
-    if let Some(conf) = conf {
-        let path = dir.path().join("sentinel.conf");
-        std::fs::write(&path, format!("port {port}\nbind 127.0.0.1\ndir {}\n{conf}", dir.path().display()))
-            .expect("write sentinel.conf");
-        cmd.arg(path).arg("--sentinel");
-    } else {
-        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
-        cmd.arg("--dir").arg(dir.path()).args(args);
-    }
-    let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn redis-server");
-    wait_for_port(port, Duration::from_secs(5), "redis-server");
-    Node { child, port, _dir: dir }
-}
-
-/// A master, one replica in sync with it, three sentinels that know both.
-struct Group {
-    master: Node,
-    replica: Node,
-    sentinels: Vec<Node>,
-}
-
-impl Group {
-    fn start() -> Group {
-        let master = spawn(&[], None);
-        let replica = spawn(&["--replicaof".into(), "127.0.0.1".into(), master.port.to_string()], None);
-        until("replication link up", Duration::from_secs(10), || {
-            raw(replica.port, "INFO replication").contains("master_link_status:up")
-        });
-        let conf = format!(
-            "sentinel monitor {MASTER} 127.0.0.1 {} 2\nsentinel down-after-milliseconds {MASTER} 1000\n\
-             sentinel failover-timeout {MASTER} 5000\n",
-            master.port
-        );
-        let sentinels: Vec<Node> = (0..3).map(|_| spawn(&[], Some(&conf))).collect();
-        let replica_port = replica.port.to_string();
-        until("sentinels know the replica", Duration::from_secs(20), || {
-            sentinels
-                .iter()
-                .all(|s| raw(s.port, &format!("SENTINEL replicas {MASTER}")).contains(&replica_port))
-        });
-        Group { master, replica, sentinels }
-    }
-
-    fn url(&self, params: &str) -> String {
-        let hosts: Vec<String> = self.sentinels.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect();
-        format!("redis-sentinel://{}/{MASTER}?timeout=1s&{params}", hosts.join(","))
-    }
-
-    fn master_port(&self) -> String {
-        raw(self.sentinels[0].port, &format!("SENTINEL get-master-addr-by-name {MASTER}"))
-    }
-}
+use support::free_port;
+use support::topologies::{raw, until, Group, MASTER};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follows_a_failover_without_losing_acknowledged_leases() {

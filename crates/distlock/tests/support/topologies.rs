@@ -1,0 +1,208 @@
+//! Redis as teams run it, for tests: a master with a replica behind three sentinels, and a
+//! 3-master cluster, all on loopback (`redis-server`, `redis-server --sentinel`, `redis-cli
+//! --cluster create`), stopped on drop.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{free_port, require_binary, wait_for_port};
+
+pub const MASTER: &str = "mymaster";
+
+pub struct Node {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One raw command (inline protocol) to 127.0.0.1:`port`; the raw reply.
+pub fn raw(port: u16, command: &str) -> String {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+    let _ = s.write_all(format!("{command}\r\n").as_bytes());
+    std::thread::sleep(Duration::from_millis(30));
+    let mut buf = vec![0u8; 1 << 16];
+    let n = s.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+pub fn until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < within, "{what} did not happen within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn spawn(args: &[String], conf: Option<&str>) -> Node {
+    let bin = require_binary("redis-server", "redis-server");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let mut cmd = Command::new(bin);
+    if let Some(conf) = conf {
+        let path = dir.path().join("sentinel.conf");
+        std::fs::write(&path, format!("port {port}\nbind 127.0.0.1\ndir {}\n{conf}", dir.path().display()))
+            .expect("write sentinel.conf");
+        cmd.arg(path).arg("--sentinel");
+    } else {
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        cmd.arg("--dir").arg(dir.path()).args(args);
+    }
+    let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn redis-server");
+    wait_for_port(port, Duration::from_secs(5), "redis-server");
+    Node { child, port, _dir: dir }
+}
+
+/// A master, one replica in sync with it, three sentinels that know both.
+pub struct Group {
+    pub master: Node,
+    pub replica: Node,
+    pub sentinels: Vec<Node>,
+}
+
+impl Group {
+    pub fn start() -> Group {
+        let master = spawn(&[], None);
+        let replica = spawn(&["--replicaof".into(), "127.0.0.1".into(), master.port.to_string()], None);
+        until("replication link up", Duration::from_secs(10), || {
+            raw(replica.port, "INFO replication").contains("master_link_status:up")
+        });
+        let conf = format!(
+            "sentinel monitor {MASTER} 127.0.0.1 {} 2\nsentinel down-after-milliseconds {MASTER} 1000\n\
+             sentinel failover-timeout {MASTER} 5000\n",
+            master.port
+        );
+        let sentinels: Vec<Node> = (0..3).map(|_| spawn(&[], Some(&conf))).collect();
+        let replica_port = replica.port.to_string();
+        until("sentinels know the replica", Duration::from_secs(20), || {
+            sentinels
+                .iter()
+                .all(|s| raw(s.port, &format!("SENTINEL replicas {MASTER}")).contains(&replica_port))
+        });
+        Group { master, replica, sentinels }
+    }
+
+    pub fn url(&self, params: &str) -> String {
+        let hosts: Vec<String> = self.sentinels.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect();
+        format!("redis-sentinel://{}/{MASTER}?timeout=1s&{params}", hosts.join(","))
+    }
+
+    pub fn master_port(&self) -> String {
+        raw(self.sentinels[0].port, &format!("SENTINEL get-master-addr-by-name {MASTER}"))
+    }
+}
+
+/// The text of a bulk-string reply (`$n\r\ntext\r\n`).
+pub fn bulk(reply: &str) -> String {
+    reply.lines().nth(1).unwrap_or_default().trim().to_owned()
+}
+
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+}
+
+impl Cluster {
+    pub fn start() -> Cluster {
+        let server = require_binary("redis-server", "redis-server");
+        let cli = require_binary("redis-cli", "redis-tools");
+        let nodes: Vec<Node> = (0..3)
+            .map(|_| {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let port = free_port();
+                let child = Command::new(&server)
+                    .args([
+                        "--port",
+                        &port.to_string(),
+                        "--bind",
+                        "127.0.0.1",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                    ])
+                    .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+                    .arg("--cluster-config-file")
+                    .arg(dir.path().join("nodes.conf"))
+                    .arg("--dir")
+                    .arg(dir.path())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("spawn redis-server");
+                wait_for_port(port, Duration::from_secs(5), "redis-server");
+                Node { child, port, _dir: dir }
+            })
+            .collect();
+        let mut create = Command::new(cli);
+        create.args(["--cluster", "create"]);
+        for n in &nodes {
+            create.arg(format!("127.0.0.1:{}", n.port));
+        }
+        let out = create.args(["--cluster-replicas", "0", "--cluster-yes"]).output().expect("redis-cli");
+        assert!(out.status.success(), "cluster create: {}", String::from_utf8_lossy(&out.stdout));
+        let start = Instant::now();
+        while !nodes.iter().all(|n| raw(n.port, "CLUSTER INFO").contains("cluster_state:ok")) {
+            assert!(start.elapsed() < Duration::from_secs(20), "cluster did not become ok");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Cluster { nodes }
+    }
+
+    pub fn url(&self) -> String {
+        format!(
+            "redis-cluster://127.0.0.1:{},127.0.0.1:{}?timeout=2s",
+            self.nodes[0].port, self.nodes[1].port
+        )
+    }
+
+    /// The node (index) that serves `slot` now.
+    pub fn owner(&self, slot: u16) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| {
+                raw(n.port, "CLUSTER NODES").lines().any(|l| l.contains("myself") && serves(l, slot))
+            })
+            .expect("a node serves the slot")
+    }
+
+    /// Moves `slot` with its keys from node `from` to node `to` (as `redis-cli --cluster reshard`
+    /// does, step by step).
+    pub fn migrate(&self, slot: u16, from: usize, to: usize) {
+        let (src, dst) = (self.nodes[from].port, self.nodes[to].port);
+        let (src_id, dst_id) = (bulk(&raw(src, "CLUSTER MYID")), bulk(&raw(dst, "CLUSTER MYID")));
+        assert!(raw(dst, &format!("CLUSTER SETSLOT {slot} IMPORTING {src_id}")).starts_with("+OK"));
+        assert!(raw(src, &format!("CLUSTER SETSLOT {slot} MIGRATING {dst_id}")).starts_with("+OK"));
+        let keys: Vec<String> = raw(src, &format!("CLUSTER GETKEYSINSLOT {slot} 100"))
+            .lines()
+            .filter(|l| !l.starts_with('*') && !l.starts_with('$'))
+            .map(str::to_owned)
+            .collect();
+        if !keys.is_empty() {
+            let reply = raw(src, &format!("MIGRATE 127.0.0.1 {dst} \"\" 0 5000 KEYS {}", keys.join(" ")));
+            assert!(reply.starts_with("+OK"), "MIGRATE: {reply}");
+        }
+        for n in &self.nodes {
+            let reply = raw(n.port, &format!("CLUSTER SETSLOT {slot} NODE {dst_id}"));
+            assert!(reply.starts_with("+OK"), "SETSLOT NODE: {reply}");
+        }
+    }
+}
+
+/// Whether a `CLUSTER NODES` line lists `slot` among its ranges.
+pub fn serves(line: &str, slot: u16) -> bool {
+    line.split_whitespace().skip(8).any(|range| match range.split_once('-') {
+        Some((a, b)) => {
+            a.parse::<u16>().is_ok_and(|a| a <= slot) && b.parse::<u16>().is_ok_and(|b| slot <= b)
+        }
+        None => range.parse::<u16>() == Ok(slot),
+    })
+}
