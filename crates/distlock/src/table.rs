@@ -219,5 +219,6 @@ fn entry_info(key: &str, e: &Entry, now: Instant) -> LockInfo {
         expires_in: Some(e.expires_at.saturating_duration_since(now)),
         waiters: 0,
         held_for: Some(now.saturating_duration_since(e.granted_at)),
+        ttl: Some(e.ttl),
     }
 }

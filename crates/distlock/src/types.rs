@@ -178,6 +178,11 @@ pub struct LockInfo {
     /// embedded store and `memory://`; counted from the server's restart for restored leases).
     #[serde(default, with = "millis_opt", rename = "held_for_ms")]
     pub held_for: Option<Duration>,
+    /// The TTL the current lease was granted or last renewed with, where the store reports it
+    /// (the embedded store and `memory://`). With `expires_in` it tells when the lease was last
+    /// renewed: `ttl - expires_in` ago.
+    #[serde(default, with = "millis_opt", rename = "ttl_ms")]
+    pub ttl: Option<Duration>,
 }
 
 impl LockInfo {
@@ -191,6 +196,7 @@ impl LockInfo {
             expires_in: None,
             waiters,
             held_for: None,
+            ttl: None,
         }
     }
 }

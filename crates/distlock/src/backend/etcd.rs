@@ -591,6 +591,7 @@ impl Backend for EtcdBackend {
             expires_in: Some(Duration::from_secs(left.max(0) as u64)),
             waiters: resp.kvs().len() as u64 - 1,
             held_for: None,
+            ttl: None,
         })
     }
 

@@ -192,6 +192,19 @@ impl MemoryBackend {
         })
     }
 
+    /// Releases like [`MemoryBackend::release_now`] and returns the lease it freed (holder, fencing
+    /// token), read in the same critical section, for a server that reports who released what.
+    pub fn release_reporting(&self, key: &str, lease_id: &LeaseId) -> Result<SavedLease> {
+        let now = Instant::now();
+        self.shared.with_state(now, |s| {
+            let lease = s.table.live(key, now).filter(|e| e.lease_id == *lease_id).cloned();
+            s.table.release(key, lease_id, now)?;
+            s.hand_off(key, now);
+            // `release` succeeded, so the live entry was this lease's.
+            lease.map(|e| SavedLease::of(key, e)).ok_or_else(|| Error::not_owner(key))
+        })
+    }
+
     /// Frees `key` whoever holds it — an operator's override — and hands it to the next waiter.
     /// Returns the lease it removed (`None` when the key was not held). The token counter is not
     /// touched; the old holder's next renew or release gets [`Error::LeaseLost`].
