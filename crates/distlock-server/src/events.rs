@@ -5,13 +5,21 @@
 //! each a JSON array, so a browser keeps up with thousands of events a second; a `stats` message
 //! every second carries the server facts (store, uptime, leases, waiters, grants per second). A
 //! subscriber too slow to keep up loses the oldest events and is told how many (`dropped`).
+//!
+//! Every event is also kept in the [`History`] (whether anyone listens or not): a new subscriber
+//! first gets the last events, the timeline of the busiest and longest-held keys and the series
+//! (`history`), taken under the same lock that orders the live updates, so nothing is missed or
+//! sent twice between the two.
 
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 use tokio::sync::broadcast;
+
+use crate::history::{History, Note, Span};
 
 /// What happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -31,58 +39,151 @@ pub enum Kind {
     WaitTimeout,
     /// An operator freed the lock with the admin token.
     ForceRelease,
+    /// A waiting caller left the queue without the lock: it disconnected, or the server shut down.
+    WaitCancelled,
 }
 
 /// One event.
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {
+    /// Consecutive from 1 in this server's run: the cursor of `GET /v1/events?since=ID`.
+    pub id: u64,
     /// What happened.
     pub kind: Kind,
     /// The lock.
-    pub key: String,
-    /// The holder label, where known.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub holder: Option<String>,
+    #[serde(serialize_with = "text")]
+    pub key: Arc<str>,
+    /// The holder label (of the lease; of the caller for waits), where known.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "opt_text")]
+    pub holder: Option<Arc<str>>,
     /// The lease's fencing token, where known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fencing_token: Option<u64>,
     /// Wall-clock time, ms since the Unix epoch.
     pub at_ms: u64,
+    /// How long the lease was held, for its end (release, expiry, lost, force-release), when this
+    /// server saw the grant.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_ms: Option<u64>,
+    /// How long the caller waited in the queue: on a grant after waiting (a hand-off), and on
+    /// `wait_timeout` and `wait_cancelled`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waited_ms: Option<u64>,
 }
 
-/// The server's event fan-out and its counters.
+fn text<S: Serializer>(t: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(t)
+}
+
+fn opt_text<S: Serializer>(t: &Option<Arc<str>>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.serialize_str(t),
+        None => s.serialize_none(),
+    }
+}
+
+/// What one recorded event changed: the event and the timeline spans it opened or closed.
+#[derive(Debug)]
+pub struct Update {
+    /// The event.
+    pub event: Event,
+    /// Spans opened, closed or amended (a later version of a span has the same id).
+    pub spans: Vec<Span>,
+}
+
+/// The server's event fan-out, its history and its counters.
 pub struct Events {
-    tx: broadcast::Sender<Event>,
+    tx: broadcast::Sender<Arc<Update>>,
     started: Instant,
     grants: AtomicU64,
+    history: Mutex<History>,
+    /// Keys the lease fingerprints (the ids themselves are never kept).
+    hasher: RandomState,
 }
+
+/// Events kept by default (`--event-history`).
+pub const DEFAULT_EVENT_HISTORY: usize = 10_000;
 
 /// How many events a slow subscriber may fall behind before it loses the oldest.
 const BACKLOG: usize = 16_384;
 
 impl Default for Events {
     fn default() -> Self {
-        Events { tx: broadcast::channel(BACKLOG).0, started: Instant::now(), grants: AtomicU64::new(0) }
+        Events::new(DEFAULT_EVENT_HISTORY)
     }
 }
 
+/// Wall-clock time, ms since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 impl Events {
-    /// Records an event (cheap when nobody listens).
+    /// A fan-out that keeps the last `history` events (at least 1) and the timeline.
+    pub fn new(history: usize) -> Events {
+        Events {
+            tx: broadcast::channel(BACKLOG).0,
+            started: Instant::now(),
+            grants: AtomicU64::new(0),
+            history: Mutex::new(History::new(history)),
+            hasher: RandomState::new(),
+        }
+    }
+
+    /// Records an event.
     pub fn publish(&self, kind: Kind, key: &str, holder: Option<&str>, fencing_token: Option<u64>) {
+        self.record(kind, key, holder, fencing_token, 0);
+    }
+
+    /// Records an event of the lease `lease` (its id ties a release or a lost lease to its grant
+    /// on the timeline; only a keyed fingerprint of it is kept).
+    pub fn publish_lease(
+        &self,
+        kind: Kind,
+        key: &str,
+        holder: Option<&str>,
+        fencing_token: Option<u64>,
+        lease: &distlock::LeaseId,
+    ) {
+        let fingerprint = self.hasher.hash_one(lease.as_str()) | 1;
+        self.record(kind, key, holder, fencing_token, fingerprint);
+    }
+
+    fn record(&self, kind: Kind, key: &str, holder: Option<&str>, fencing_token: Option<u64>, lease: u64) {
         if kind == Kind::Grant {
             self.grants.fetch_add(1, Ordering::Relaxed);
         }
-        if !self.listening() {
-            return;
+        let note = Note { kind, key, holder, fencing_token, lease, at_ms: now_ms() };
+        let mut spans = Vec::new();
+        // Sent under the history's lock, so that a new subscriber's snapshot and its live updates
+        // neither overlap nor leave a gap.
+        let mut history = self.lock();
+        let event = history.record(note, &mut spans);
+        if self.listening() {
+            let _ = self.tx.send(Arc::new(Update { event, spans }));
         }
-        let at_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        let _ = self.tx.send(Event {
-            kind,
-            key: key.to_owned(),
-            holder: holder.filter(|h| !h.is_empty()).map(str::to_owned),
-            fencing_token,
-            at_ms,
-        });
+    }
+
+    fn lock(&self) -> MutexGuard<'_, History> {
+        // Every change to the history is a few collection operations; a panic in one leaves
+        // nothing that would make the rest wrong, so keep serving.
+        self.history.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Reads the history.
+    pub fn with_history<T>(&self, read: impl FnOnce(&History) -> T) -> T {
+        read(&self.lock())
+    }
+
+    /// A new subscription and what `first` takes from the history at the same moment: every
+    /// update after it, and none before, arrives on the receiver.
+    pub fn subscribe_with<T>(
+        &self,
+        first: impl FnOnce(&History) -> T,
+    ) -> (T, broadcast::Receiver<Arc<Update>>) {
+        let history = self.lock();
+        let rx = self.tx.subscribe();
+        (first(&history), rx)
     }
 
     /// Whether anyone subscribes now (callers skip building event data otherwise).
@@ -91,7 +192,7 @@ impl Events {
     }
 
     /// A new subscription.
-    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Update>> {
         self.tx.subscribe()
     }
 
@@ -107,7 +208,7 @@ impl Events {
 }
 
 /// Drains everything `rx` holds now (up to `max`) into `batch`; returns events lost to lag.
-pub fn drain(rx: &mut broadcast::Receiver<Event>, batch: &mut Vec<Event>, max: usize) -> u64 {
+pub fn drain(rx: &mut broadcast::Receiver<Arc<Update>>, batch: &mut Vec<Arc<Update>>, max: usize) -> u64 {
     let mut dropped = 0;
     while batch.len() < max {
         match rx.try_recv() {

@@ -25,6 +25,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::{Action, Auth, Caller, Forbidden, Lookup};
 use crate::events::{self, Kind, SharedEvents};
+use crate::history::Since;
+use crate::listing::{self, Sort};
 use crate::store::EmbeddedStore;
 
 /// Largest request body accepted.
@@ -59,6 +61,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/locks/{key}/renew", post(renew))
         .route("/v1/locks/{key}/release", post(release))
         .route("/v1/locks/{key}/waiters", get(waiters))
+        .route("/v1/locks/{key}/timeline", get(timeline))
         .route("/v1/batch", post(batch))
         .route("/v1/info", get(info))
         .route("/v1/events", get(events_stream))
@@ -294,8 +297,16 @@ async fn do_acquire(
     }
     let holder = body.holder.unwrap_or_default();
     validate::holder(&holder)?;
-    // The label is kept for the live events only when someone watches them (not on every acquire).
-    let label = state.events.listening().then(|| holder.clone());
+    // The label goes into the event history, kept whether anyone watches or not.
+    let label = Some(holder.clone());
+    // A waiting caller that leaves without an answer (it disconnected, or the server shut down)
+    // ends its wait on the timeline.
+    let mut left = (!wait.is_zero()).then(|| WaitGuard {
+        events: state.events.clone(),
+        key: key.clone(),
+        holder: holder.clone(),
+        armed: true,
+    });
     let req =
         AcquireRequest { key: key.clone(), lease_id: LeaseId::generate(), holder, ttl, wait: Some(wait) };
     let acquire = state.backend.acquire(req);
@@ -317,6 +328,9 @@ async fn do_acquire(
             () = stopped => return Err(ApiError::shutting_down()),
         }
     };
+    if let Some(guard) = left.as_mut() {
+        guard.armed = false;
+    }
     let grant = match outcome {
         Ok(g) => g,
         Err(e) => {
@@ -327,8 +341,31 @@ async fn do_acquire(
         }
     };
     metrics::counter!("distlock_grants_total").increment(1);
-    state.events.publish(Kind::Grant, &key, label.as_deref(), Some(grant.fencing_token));
+    state.events.publish_lease(
+        Kind::Grant,
+        &key,
+        label.as_deref(),
+        Some(grant.fencing_token),
+        &grant.lease_id,
+    );
     Ok(LeaseBody::new(key, &grant, started))
+}
+
+/// Publishes `wait_cancelled` when a waiting acquire is dropped before its store answered (the
+/// client disconnected) or is answered `shutting_down`.
+struct WaitGuard {
+    events: SharedEvents,
+    key: String,
+    holder: String,
+    armed: bool,
+}
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            self.events.publish(Kind::WaitCancelled, &self.key, Some(&self.holder), None);
+        }
+    }
 }
 
 async fn renew(
@@ -354,7 +391,8 @@ async fn do_renew(
     let lease_id = LeaseId::parse(&body.lease_id)?;
     // Absent (or null): the store keeps the lease's own TTL.
     let ttl = body.ttl_ms.map(|ms| checked_ttl(Some(ms))).transpose()?;
-    let grant = state.backend.renew(&key, &lease_id, ttl).await.inspect_err(|e| lost(state, &key, e))?;
+    let grant =
+        state.backend.renew(&key, &lease_id, ttl).await.inspect_err(|e| lost(state, &key, &lease_id, e))?;
     metrics::counter!("distlock_renewals_total").increment(1);
     Ok(LeaseBody::new(key, &grant, started))
 }
@@ -383,9 +421,16 @@ async fn release(
 /// A release of a checked key.
 async fn do_release(state: &AppState, key: String, body: ReleaseBody) -> Result<Released, ApiError> {
     let lease_id = LeaseId::parse(&body.lease_id)?;
-    state.backend.release(&key, &lease_id).await.inspect_err(|e| lost(state, &key, e))?;
+    // The embedded store tells whose lease it freed (for the event); for other stores the history
+    // knows it when this server saw the grant.
+    let freed = match &state.embedded {
+        Some(store) => store.release_reporting(&key, &lease_id).await.map(Some),
+        None => state.backend.release(&key, &lease_id).await.map(|()| None),
+    };
+    let freed = freed.inspect_err(|e| lost(state, &key, &lease_id, e))?;
     metrics::counter!("distlock_releases_total").increment(1);
-    state.events.publish(Kind::Release, &key, None, None);
+    let (holder, token) = freed.map_or((None, None), |l| (Some(l.holder), Some(l.fencing_token)));
+    state.events.publish_lease(Kind::Release, &key, holder.as_deref(), token, &lease_id);
     Ok(Released { key, released: true })
 }
 
@@ -524,9 +569,9 @@ async fn batch(
 }
 
 /// Publishes a `lost` event when a renew or release found its lease gone.
-fn lost(state: &AppState, key: &str, e: &Error) {
+fn lost(state: &AppState, key: &str, lease: &LeaseId, e: &Error) {
     if matches!(e, Error::LeaseLost { .. }) {
-        state.events.publish(Kind::Lost, key, None, None);
+        state.events.publish_lease(Kind::Lost, key, None, None, lease);
     }
 }
 
@@ -589,7 +634,13 @@ async fn force_release(
         return Err(ApiError::new(StatusCode::NOT_FOUND, "not_held", format!("lock {key:?} is not held")));
     };
     tracing::warn!(key = %key, holder = %lease.holder, token = lease.fencing_token, "lock force-released by an admin");
-    state.events.publish(Kind::ForceRelease, &key, Some(&lease.holder), Some(lease.fencing_token));
+    state.events.publish_lease(
+        Kind::ForceRelease,
+        &key,
+        Some(&lease.holder),
+        Some(lease.fencing_token),
+        &lease.lease_id,
+    );
     Ok(Json(ForceReleased { key, released: true, holder: lease.holder, fencing_token: lease.fencing_token }))
 }
 
@@ -613,15 +664,52 @@ async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     Json(facts(&state))
 }
 
-/// `GET /v1/events`: server-sent events (see [`crate::events`]).
+/// Query of `GET /v1/events`.
+#[derive(Deserialize)]
+struct EventsParams {
+    /// Answer one JSON page of the buffered events instead of a stream: those after this event
+    /// id, or at or after this UTC time (RFC 3339, e.g. `2026-12-02T10:41:00Z`).
+    since: Option<String>,
+    /// With `since`: at most this many events (1 ..= [`MAX_EVENTS_PAGE`]; default the maximum).
+    limit: Option<usize>,
+}
+
+/// Most events one `GET /v1/events?since=…` answers.
+pub const MAX_EVENTS_PAGE: usize = 10_000;
+
+/// One live `events` message of the stream.
+#[derive(Serialize)]
+struct LiveBatch<'a> {
+    events: Vec<&'a events::Event>,
+    spans: Vec<&'a crate::history::Span>,
+    dropped: u64,
+}
+
+/// `GET /v1/events`: server-sent events (see [`crate::events`]): first `history` (the buffered
+/// events, the timeline of the busiest and longest-held keys, the series), then live `events` and
+/// `stats`. With `since`, one JSON page of the buffered events instead (for scripts).
 async fn events_stream(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
-) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
+    query: Result<Query<EventsParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let q = match query {
+        Ok(Query(q)) => q,
+        Err(r) => return ApiError::invalid(r.body_text()).into_response(),
+    };
+    if let Some(since) = q.since {
+        return events_since(&state, &caller, &since, q.limit).map(Json).into_response();
+    }
     let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(16);
-    let mut sub = state.events.subscribe();
+    let reader = caller.clone();
+    let may_read = move |key: &str| reader.may(Action::Read, key);
+    let (history, mut sub) = state.events.subscribe_with(|h| h.snapshot(&may_read, events::now_ms()));
     let mut stopping = state.stopping.clone();
     tokio::spawn(async move {
+        let history = serde_json::to_string(&history).unwrap_or_else(|_| "{}".into());
+        if tx.send(SseEvent::default().event("history").data(history)).await.is_err() {
+            return;
+        }
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let (mut ticks, mut last_grants, mut last_at) = (0u64, state.events.grants_total(), Instant::now());
         let stats = |last_grants: u64, last_at: Instant| {
@@ -629,24 +717,40 @@ async fn events_stream(
             let grants = state.events.grants_total();
             f["grants_per_s"] =
                 serde_json::json!((grants - last_grants) as f64 / last_at.elapsed().as_secs_f64().max(1e-3));
+            let series = state.events.with_history(|h| h.series(events::now_ms()));
+            f["series"] = serde_json::to_value(series).unwrap_or_default();
             (f, grants)
         };
         let (f, _) = stats(last_grants, last_at);
         if tx.send(SseEvent::default().event("stats").data(f.to_string())).await.is_err() {
             return;
         }
+        let mut batch = Vec::new();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = stopping.wait_for(|s| *s) => break,
             }
             ticks += 1;
-            let mut batch = Vec::new();
+            batch.clear();
             let dropped = events::drain(&mut sub, &mut batch, 5_000);
-            // Only events of keys this caller may read.
-            batch.retain(|e| caller.may(Action::Read, &e.key));
-            if !batch.is_empty() || dropped > 0 {
-                let data = serde_json::json!({"events": batch, "dropped": dropped}).to_string();
+            // Only events of keys this caller may read; a span sent once per batch, as it is now.
+            let mut live = LiveBatch { events: Vec::new(), spans: Vec::new(), dropped };
+            let mut at = std::collections::HashMap::new();
+            for update in batch.iter().filter(|u| caller.may(Action::Read, &u.event.key)) {
+                live.events.push(&update.event);
+                for span in &update.spans {
+                    match at.get(&span.id) {
+                        Some(&i) => live.spans[i] = span,
+                        None => {
+                            at.insert(span.id, live.spans.len());
+                            live.spans.push(span);
+                        }
+                    }
+                }
+            }
+            if !live.events.is_empty() || dropped > 0 {
+                let data = serde_json::to_string(&live).unwrap_or_else(|_| "{}".into());
                 if tx.send(SseEvent::default().event("events").data(data)).await.is_err() {
                     break;
                 }
@@ -660,9 +764,73 @@ async fn events_stream(
             }
         }
     });
-    let stream =
-        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) });
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|e| (Ok::<_, std::convert::Infallible>(e), rx))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
+}
+
+/// `GET /v1/events?since=…`: the buffered events after an event id, or at or after a time.
+fn events_since(
+    state: &AppState,
+    caller: &Caller,
+    since: &str,
+    limit: Option<usize>,
+) -> Result<crate::history::EventPage, ApiError> {
+    let limit = limit.unwrap_or(MAX_EVENTS_PAGE);
+    if !(1..=MAX_EVENTS_PAGE).contains(&limit) {
+        return Err(ApiError::invalid(format!("limit must be from 1 to {MAX_EVENTS_PAGE}")));
+    }
+    let since = if !since.is_empty() && since.bytes().all(|b| b.is_ascii_digit()) {
+        Since::Id(since.parse().map_err(|_| ApiError::invalid("since: event id out of range"))?)
+    } else {
+        let at = humantime::parse_rfc3339_weak(since).map_err(|e| {
+            ApiError::invalid(format!(
+                "since must be an event id or a UTC time such as 2026-12-02T10:41:00Z ({e})"
+            ))
+        })?;
+        let ms = at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        Since::Time(ms)
+    };
+    let may_read = |key: &str| caller.may(Action::Read, key);
+    Ok(state.events.with_history(|h| h.events_since(since, limit, &may_read)))
+}
+
+/// Most spans one `GET /v1/locks/{key}/timeline` answers (the newest).
+pub const MAX_TIMELINE_SPANS: usize = 5_000;
+
+/// Query of `GET /v1/locks/{key}/timeline`.
+#[derive(Deserialize)]
+struct TimelineParams {
+    /// Only spans open now or ending at or after this time (ms since the Unix epoch).
+    from_ms: Option<u64>,
+}
+
+/// Answer of `GET /v1/locks/{key}/timeline`.
+#[derive(Serialize)]
+struct Timeline {
+    key: String,
+    spans: Vec<crate::history::Span>,
+    timeline_from_ms: u64,
+    now_ms: u64,
+}
+
+/// `GET /v1/locks/{key}/timeline`: the key's holdings, waits and marks this server kept (up to an
+/// hour, at most [`MAX_TIMELINE_SPANS`] of the newest), in start order.
+async fn timeline(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<TimelineParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Timeline>, ApiError> {
+    let key = checked_key(path)?;
+    caller.check(Action::Read, &key)?;
+    let Query(q) = query.map_err(|r| ApiError::invalid(r.body_text()))?;
+    let now_ms = events::now_ms();
+    let (spans, timeline_from_ms) = state.events.with_history(|h| {
+        (h.spans_of(&key, q.from_ms.unwrap_or(0), MAX_TIMELINE_SPANS), h.timeline_from(now_ms))
+    });
+    Ok(Json(Timeline { key, spans, timeline_from_ms, now_ms }))
 }
 
 async fn status(
@@ -688,6 +856,9 @@ struct ListParams {
     after: Option<String>,
     /// At most this many locks (1 ..= [`MAX_LIST_LIMIT`]; default the maximum).
     limit: Option<usize>,
+    /// `key` (default), `held_for` (longest held first) or `waiters` (most first); see
+    /// [`crate::listing`] for how it pages.
+    sort: Option<String>,
 }
 
 /// `GET /v1/locks`: one page of held locks, `{"locks":[…],"next":KEY|null}`. The store pages from
@@ -702,6 +873,10 @@ async fn list(
     if !(1..=MAX_LIST_LIMIT).contains(&limit) {
         return Err(ApiError::invalid(format!("limit must be from 1 to {MAX_LIST_LIMIT}")));
     }
+    let sort = Sort::parse(q.sort.as_deref().unwrap_or("key")).map_err(ApiError::invalid)?;
+    if sort != Sort::Key {
+        return Ok(Json(list_sorted(&state, &caller, q.prefix, q.after, limit, sort).await?));
+    }
     let query = ListQuery { prefix: q.prefix, after: q.after, limit: Some(limit) };
     query.validate()?;
     match caller.readable_prefixes() {
@@ -712,6 +887,34 @@ async fn list(
         .into()),
         Some(readable) => Ok(Json(list_readable(&state, query, &readable).await?)),
     }
+}
+
+/// A page of held locks in `sort` order (not by key): every matching lock the caller may read is
+/// walked, in chunks on the embedded store (see [`crate::listing`]).
+async fn list_sorted(
+    state: &AppState,
+    caller: &Caller,
+    prefix: String,
+    after: Option<String>,
+    limit: usize,
+    sort: Sort,
+) -> Result<LockPage, ApiError> {
+    ListQuery { prefix: prefix.clone(), after: None, limit: Some(limit) }.validate()?;
+    let after = after.filter(|a| !a.is_empty());
+    let cursor = after.map(|a| listing::Cursor::parse(sort, &a)).transpose().map_err(ApiError::invalid)?;
+    let prefixes = match caller.readable_prefixes() {
+        None => vec![prefix],
+        Some(readable) if readable.is_empty() => {
+            return Err(Forbidden {
+                message: "this token may not list locks (it has no read: or lock: scope)".into(),
+            }
+            .into())
+        }
+        Some(readable) => listing::narrow(&prefix, &readable),
+    };
+    // The embedded store's table lock is taken for one chunk at a time.
+    let chunk = state.embedded.is_some().then_some(4_096);
+    Ok(listing::sorted_page(state.backend.as_ref(), &prefixes, sort, cursor.as_ref(), limit, chunk).await?)
 }
 
 /// A page of `query` holding only keys under one of `readable`: the query is narrowed to each

@@ -10,7 +10,8 @@
 //!   the [`ratelimit`] in front of the API).
 //! - [`http`]: the JSON API (routes, errors, auth, metrics) and the web page.
 //! - [`lazy`]: a `--store` opened on first use, so the server starts while its store is down.
-//! - [`events`]: the live event stream behind the web page.
+//! - [`events`]: the live event stream behind the web page; [`history`]: the last events, the
+//!   timeline and the series it sends first; [`listing`]: `GET /v1/locks` sorted and paged.
 //! - [`store`]: the embedded store — the in-process lease table made durable by [`wal`].
 //! - [`wal`]: the write-ahead log with group commit, snapshots and crash recovery.
 
@@ -19,9 +20,11 @@ pub mod bench;
 pub mod child;
 pub mod cli;
 pub mod events;
+pub mod history;
 pub mod http;
 pub mod lazy;
 pub mod listener;
+pub mod listing;
 pub mod ratelimit;
 pub mod run;
 pub mod serve;

@@ -331,6 +331,11 @@ struct ServeArgs {
     /// bursts of twice that, e.g. 100/s; more answer 429 with Retry-After. Default: no limit.
     #[arg(long, env = "DISTLOCK_RATE_LIMIT", value_name = "N/s")]
     rate_limit: Option<distlock_server::ratelimit::RateLimit>,
+    /// Events kept in memory for the web page and `GET /v1/events?since=` (the timeline keeps its
+    /// own bounded spans for up to an hour besides), 1 to 1,000,000.
+    #[arg(long, env = "DISTLOCK_EVENT_HISTORY", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    event_history: u32,
 }
 
 /// Lifts the soft limit on open files to the hard limit: a server with many long polls, or a
@@ -435,6 +440,7 @@ fn serve_command(runtime: &tokio::runtime::Runtime, a: ServeArgs) -> ExitCode {
             rate_limit: a.rate_limit,
             rate_limit_by_token: config_has_tokens,
         },
+        event_history: a.event_history as usize,
     };
     match runtime.block_on(serve::run(config, serve::shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,

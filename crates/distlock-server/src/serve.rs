@@ -12,9 +12,9 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use distlock::TableEvent;
 
 use crate::auth::Auth;
-use crate::lazy::LazyBackend;
 use crate::events::{Events, Kind};
 use crate::http::{router, AppState};
+use crate::lazy::LazyBackend;
 use crate::store::{EmbeddedStore, Limits};
 
 /// Everything `distlock serve` can be told.
@@ -39,6 +39,8 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
     /// TLS, connection timeouts, the connection cap and the rate limit.
     pub net: crate::listener::NetConfig,
+    /// Events kept for late subscribers and `GET /v1/events?since=` (see [`crate::history`]).
+    pub event_history: usize,
 }
 
 impl ServeConfig {
@@ -105,13 +107,17 @@ pub async fn run(
             (Arc::new(lazy), None)
         }
     };
-    let events = Arc::new(Events::default());
+    let events = Arc::new(Events::new(config.event_history));
     if let Some(store) = &embedded {
         let events = events.clone();
         store.observe(Arc::new(move |event| match event {
-            TableEvent::Expired(lease) => {
-                events.publish(Kind::Expiry, &lease.key, Some(&lease.holder), Some(lease.fencing_token))
-            }
+            TableEvent::Expired(lease) => events.publish_lease(
+                Kind::Expiry,
+                &lease.key,
+                Some(&lease.holder),
+                Some(lease.fencing_token),
+                &lease.lease_id,
+            ),
             TableEvent::Queued { key, holder } => events.publish(Kind::Wait, key, Some(holder), None),
         }));
     }

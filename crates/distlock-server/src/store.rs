@@ -116,6 +116,14 @@ impl EmbeddedStore {
         Ok(Some(lease))
     }
 
+    /// Releases like [`Backend::release`] and returns the lease it freed (its holder and fencing
+    /// token, for the release event).
+    pub async fn release_reporting(&self, key: &str, lease_id: &LeaseId) -> distlock::Result<SavedLease> {
+        let lease = self.memory.release_reporting(key, lease_id)?;
+        self.log(Record::Release { key: key.to_owned(), lease_id: lease_id.clone() }).await?;
+        Ok(lease)
+    }
+
     /// The callers waiting for `key`, first in line first.
     pub fn waiting_on(&self, key: &str) -> Vec<WaiterInfo> {
         self.memory.waiting_on(key)

@@ -988,6 +988,7 @@ async fn memory_store_is_refused() {
         compact_bytes: 1 << 20,
         shutdown_grace: Duration::from_secs(1),
         net: Default::default(),
+        event_history: 100,
     };
     let run = distlock_server::serve::run(config, std::future::pending());
     let err =
