@@ -100,6 +100,12 @@ impl Caller {
         Caller { scopes: None, source: "no auth".into() }
     }
 
+    /// Whether no known token stands behind the call (auth is off and the token, if any, is
+    /// nobody's).
+    pub fn is_anonymous(&self) -> bool {
+        self.scopes.is_none()
+    }
+
     /// Whether the caller may do `action` on `key`. With auth off, every action but admin.
     pub fn may(&self, action: Action, key: &str) -> bool {
         match &self.scopes {

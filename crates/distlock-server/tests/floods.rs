@@ -204,7 +204,9 @@ async fn half_open_connections_and_an_acquire_flood_starve_neither_health_nor_re
         percentile(&after, 0.5)
     );
     assert_eq!(failed, 0, "{failed} /healthz probes got no 200");
-    assert!(p99 < Duration::from_millis(100), "/healthz p99 {p99:?} under the flood");
+    // 15-20 ms on a quiet machine (docs/RELIABILITY.md); the bound leaves room for a CI machine
+    // busy with the other tests, and still fails at once if the flood starved the listener.
+    assert!(p99 < Duration::from_millis(300), "/healthz p99 {p99:?} under the flood");
     assert!(cycles.load(Ordering::Relaxed) > 0, "the flood did nothing");
     assert!(after[0] >= Duration::from_millis(900), "a half-open socket closed before the header timeout");
     assert!(
