@@ -1,7 +1,12 @@
-//! The live web page in a real browser: headless Chromium driven through chromedriver (WebDriver),
-//! against a server with auth on and an admin token. Saves a screenshot to
-//! `target/web-page.png`. Needs Debian's `chromium` and `chromium-driver` (`./scripts/test.sh`
-//! installs them).
+//! The live web page in a real browser: headless Chromium driven through chromedriver (WebDriver).
+//! Against a server with auth on and an admin token: holders, waiters, events and force-release
+//! live, and the page under load. Then: the history a page gets on arrival (events before it
+//! opened) and the timeline's lanes and bars for a scripted acquire, wait, hand-off, expiry and
+//! force-release, before and while the page is open; sorting by held time with more than 1,000
+//! locks, paging, renewal health, the detail panel refreshing; the auth empty states (no token, a
+//! refused token, a token without read scope). Saves screenshots to `target/web-page.png`,
+//! `target/web-timeline.png` and `target/web-timeline-full.png`. Needs Debian's `chromium` and
+//! `chromium-driver` (`./scripts/test.sh` installs them).
 
 mod common;
 
@@ -83,17 +88,155 @@ where
     }
 }
 
-/// Text of the first element matching `css`, if any.
+/// Text of the first element matching `css`, if any (read in one script: the page redraws parts
+/// of itself several times a second, which would make a found element stale before it is read).
 async fn text(page: &Client, css: &str) -> Option<String> {
-    page.find(Locator::Css(css)).await.ok()?.text().await.ok()
+    let script = "const e = document.querySelector(arguments[0]); \
+                  return e ? (e.innerText === undefined ? e.textContent : e.innerText).trim() : null;";
+    page.execute(script, vec![serde_json::json!(css)]).await.ok()?.as_str().map(str::to_owned)
 }
 
 fn row(key: &str, cell: &str) -> String {
     format!("#locks tr[data-key=\"{key}\"] td.{cell}")
 }
 
+/// One browser at a time: the machine may have two cores, and each test starts a Chromium.
+static BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// An attribute of the first element matching `css`, if any (in one script, as [`text`]).
+async fn attr(page: &Client, css: &str, name: &str) -> Option<String> {
+    let script =
+        "const e = document.querySelector(arguments[0]); return e ? e.getAttribute(arguments[1]) : null;";
+    let value = page.execute(script, vec![serde_json::json!(css), serde_json::json!(name)]).await.ok()?;
+    value.as_str().map(str::to_owned)
+}
+
+/// How many elements match `css`.
+async fn count(page: &Client, css: &str) -> usize {
+    page.find_all(Locator::Css(css)).await.map_or(0, |v| v.len())
+}
+
+/// The HTTP API without the library (whose leases renew themselves: these must expire).
+struct Http {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Http {
+    fn new(server: &Server) -> Http {
+        Http { base: server.url(), http: reqwest::Client::new() }
+    }
+
+    async fn post(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let mut req = self.http.post(format!("{}{path}", self.base)).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().await.expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or_default())
+    }
+
+    async fn acquire(&self, key: &str, body: serde_json::Value) -> serde_json::Value {
+        let (status, lease) =
+            self.post(&format!("/v1/locks/{}/acquire", key.replace('/', "%2F")), None, body).await;
+        assert_eq!(status, 200, "acquire {key}: {lease}");
+        lease
+    }
+
+    async fn release(&self, key: &str, lease: &serde_json::Value) {
+        let body = serde_json::json!({"lease_id": lease["lease_id"]});
+        let (status, answer) =
+            self.post(&format!("/v1/locks/{}/release", key.replace('/', "%2F")), None, body).await;
+        assert_eq!(status, 200, "release {key}: {answer}");
+    }
+}
+
+/// Acquire (alice), a waiter (bob), the hand-off on release, bob's lease expiring, and carol's
+/// lock force-released, on `P/deploy` and `P/batch`. Returns the three fencing tokens.
+async fn scripted_sequence(api: &Http, prefix: &str) -> [u64; 3] {
+    let (deploy, batch) = (format!("{prefix}/deploy"), format!("{prefix}/batch"));
+    let alice = api.acquire(&deploy, serde_json::json!({"holder": "alice", "ttl_ms": 30_000})).await;
+    let waiter = {
+        let (api, deploy) = (Http { base: api.base.clone(), http: api.http.clone() }, deploy.clone());
+        tokio::spawn(async move {
+            api.acquire(&deploy, serde_json::json!({"holder": "bob", "ttl_ms": 1_200, "wait_ms": 10_000}))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    api.release(&deploy, &alice).await;
+    let bob = waiter.await.expect("waiter");
+    tokio::time::sleep(Duration::from_millis(1_700)).await; // bob does not renew: his lease expires
+    let carol = api.acquire(&batch, serde_json::json!({"holder": "carol", "ttl_ms": 30_000})).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (status, body) = api
+        .post(
+            &format!("/v1/admin/locks/{}/release", batch.replace('/', "%2F")),
+            Some(ADMIN),
+            serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "force-release: {body}");
+    let token = |v: &serde_json::Value| v["fencing_token"].as_u64().expect("token");
+    [token(&alice), token(&bob), token(&carol)]
+}
+
+/// Waits until the timeline shows the scripted sequence's lanes, bars and marks.
+async fn timeline_shows(page: &Client, prefix: &str, [alice, bob, carol]: [u64; 3]) {
+    let (deploy, batch) = (format!("{prefix}/deploy"), format!("{prefix}/batch"));
+    let wanted = [
+        format!("#timeline g.lane[data-key=\"{deploy}\"]"),
+        format!("#timeline g.lane[data-key=\"{batch}\"]"),
+        format!("rect.hold[data-key=\"{deploy}\"][data-holder=\"alice\"][data-token=\"{alice}\"][data-end=\"release\"]"),
+        format!("rect.wait[data-key=\"{deploy}\"][data-holder=\"bob\"][data-end=\"granted\"]"),
+        format!("rect.hold[data-key=\"{deploy}\"][data-holder=\"bob\"][data-token=\"{bob}\"][data-end=\"expiry\"]"),
+        format!("path.mark.expiry[data-key=\"{deploy}\"]"),
+        format!("rect.hold[data-key=\"{batch}\"][data-holder=\"carol\"][data-token=\"{carol}\"][data-end=\"force_release\"]"),
+        format!("path.mark.force_release[data-key=\"{batch}\"]"),
+    ];
+    for css in &wanted {
+        until(Duration::from_secs(3), css, || async { (count(page, css).await > 0).then_some(()) }).await;
+    }
+    // Exactly these bars on the two lanes: two holdings and a wait, one holding.
+    let on = |key: &str, what: &str| format!("#timeline g.lane[data-key=\"{key}\"] rect.{what}");
+    assert_eq!(count(page, &on(&deploy, "hold")).await, 2, "two holdings on {deploy}");
+    assert_eq!(count(page, &on(&deploy, "wait")).await, 1, "one wait on {deploy}");
+    assert_eq!(count(page, &on(&batch, "hold")).await, 1, "one holding on {batch}");
+    // Alice's bar ends where bob's begins (the hand-off), and bob's wait spans alice's holding.
+    // One script, so that the three come from the same drawing (it redraws as time passes).
+    let spans = page
+        .execute(
+            "return arguments[0].map((css) => { const r = document.querySelector(css); \
+             return [Number(r.getAttribute('x')), Number(r.getAttribute('x')) + Number(r.getAttribute('width'))]; });",
+            vec![serde_json::json!([
+                format!("rect.hold[data-key=\"{deploy}\"][data-holder=\"alice\"]"),
+                format!("rect.hold[data-key=\"{deploy}\"][data-holder=\"bob\"]"),
+                format!("rect.wait[data-key=\"{deploy}\"][data-holder=\"bob\"]"),
+            ])],
+        )
+        .await
+        .expect("bar geometry");
+    let at = |i: usize| -> (f64, f64) {
+        let v = &spans[i];
+        (v[0].as_f64().unwrap_or(f64::NAN), v[1].as_f64().unwrap_or(f64::NAN))
+    };
+    let (a, b, w) = (at(0), at(1), at(2));
+    assert!((a.1 - b.0).abs() < 2.0, "the hand-off: alice ends at {}, bob begins at {}", a.1, b.0);
+    assert!(
+        (w.1 - b.0).abs() < 2.0 && w.0 > a.0 && w.0 < a.1,
+        "bob waited during alice's holding: {w:?} {a:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_shows_holders_waiters_and_events_live() {
+    let _one = BROWSER.lock().await;
     let dir = tempfile::tempdir().expect("dir");
     let (tokens, admins) = (dir.path().join("tokens"), dir.path().join("admins"));
     std::fs::write(&tokens, format!("{TOKEN}\n")).expect("tokens");
@@ -306,4 +449,308 @@ async fn force_release_api_needs_the_admin_token() {
         code(post(server.url(), "%00", Some(ADMIN)).await.expect("send")).await,
         (400, "invalid_request".into())
     );
+}
+
+/// Events from before the page opened are listed on arrival, with 24-hour times; the timeline
+/// draws the scripted acquire, wait, hand-off, expiry and force-release with the right lanes and
+/// bars, from the history and then live; hovering a bar tells holder, token, held and waited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_on_arrival_and_the_timeline() {
+    let _one = BROWSER.lock().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let admins = dir.path().join("admins");
+    std::fs::write(&admins, format!("{ADMIN}\n")).expect("admins");
+    let server = Server::start(&["--admin-token-file", admins.to_str().expect("path")]);
+    let api = Http::new(&server);
+
+    // Before anyone watches.
+    let before = scripted_sequence(&api, "tl").await;
+    let driver = Driver::start();
+    let page = driver.browser().await;
+    page.goto(&server.url()).await.expect("open the page");
+
+    // The events that happened before the page opened are there at once.
+    let (_, took) = until(Duration::from_secs(3), "the events of before", || async {
+        let events = text(&page, "#events").await.unwrap_or_default();
+        ["grant", "wait", "release", "expiry", "force release"]
+            .iter()
+            .all(|k| events.contains(k))
+            .then_some(())
+    })
+    .await;
+    println!("history shown {took:?} after the page opened");
+    let events = text(&page, "#events").await.unwrap_or_default();
+    assert!(
+        events.contains("tl/deploy · alice · fencing token 1 · held"),
+        "a release names holder, token and time held:\n{events}"
+    );
+    assert!(
+        events.contains("tl/deploy · bob · fencing token 2 · waited"),
+        "the hand-off says how long bob waited:\n{events}"
+    );
+    let time = text(&page, "#events li span.muted").await.unwrap_or_default();
+    let clock = time.trim();
+    assert!(
+        clock.len() == 8
+            && clock.bytes().enumerate().all(|(i, b)| if i == 2 || i == 5 {
+                b == b':'
+            } else {
+                b.is_ascii_digit()
+            }),
+        "24-hour time with seconds, got {clock:?}"
+    );
+    let title = attr(&page, "#events li span.muted", "title").await.unwrap_or_default();
+    assert!(title.contains(" UTC") && title.contains('.'), "the absolute time in the tooltip: {title:?}");
+
+    // The timeline at 1 minute: the lanes, bars and marks of the sequence.
+    page.find(Locator::Css("#zoom button[data-zoom=\"60000\"]"))
+        .await
+        .expect("zoom")
+        .click()
+        .await
+        .expect("click");
+    timeline_shows(&page, "tl", before).await;
+
+    // Hover: holder, fencing token, how long held, how long the next one waited.
+    let tip = page
+        .execute(
+            "const r = document.querySelector('rect.hold[data-holder=\"bob\"]'); const b = r.getBoundingClientRect(); \
+             r.dispatchEvent(new MouseEvent('mousemove', {bubbles: true, clientX: b.x + b.width / 2, clientY: b.y + 5})); \
+             return document.getElementById('tip').textContent;",
+            vec![],
+        )
+        .await
+        .expect("hover");
+    let tip = tip.as_str().unwrap_or_default().to_owned();
+    assert!(tip.starts_with("bob · fencing token 2\nheld 1."), "{tip}");
+    assert!(tip.contains("waited ") && tip.contains("expired"), "{tip}");
+
+    // The same sequence while the page watches: drawn live.
+    let live = scripted_sequence(&api, "live").await;
+    timeline_shows(&page, "live", live).await;
+    // A holding in progress is an open bar that grows with time (the timeline scrolls).
+    let dave = api.acquire("live/deploy", serde_json::json!({"holder": "dave", "ttl_ms": 30_000})).await;
+    let open = "rect.hold[data-key=\"live/deploy\"][data-holder=\"dave\"][data-end=\"open\"]";
+    let width = |page: &Client| {
+        let page = page.clone();
+        async move {
+            let script = format!("const r = document.querySelector('{open}'); return r ? Number(r.getAttribute('width')) : null;");
+            page.execute(&script, vec![]).await.ok().and_then(|v| v.as_f64())
+        }
+    };
+    let (first, _) = until(Duration::from_secs(2), "dave's open bar", || width(&page)).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let later = width(&page).await.expect("still open");
+    assert!(later > first + 10.0, "the open bar grows as time passes: {first} then {later}");
+    api.release("live/deploy", &dave).await;
+    until(Duration::from_secs(2), "dave's released bar", || async {
+        attr(&page, "rect.hold[data-holder=\"dave\"]", "data-end").await.filter(|e| e == "release")
+    })
+    .await;
+
+    // The header charts: grants and hand-offs of the last minutes.
+    until(Duration::from_secs(3), "the grants chart", || async {
+        attr(&page, "#chart-grants", "data-total")
+            .await
+            .and_then(|t| t.parse::<u64>().ok())
+            .filter(|t| *t >= 7)
+    })
+    .await;
+    let cap = text(&page, "#wait-cap").await.unwrap_or_default();
+    assert!(cap.contains("p50") && cap.contains("p99"), "{cap}");
+
+    // Screenshots: the timeline alone, and the whole page.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let target = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("..");
+    let shot =
+        page.find(Locator::Id("tl-section")).await.expect("timeline").screenshot().await.expect("screenshot");
+    std::fs::write(target.join("web-timeline.png"), shot).expect("write");
+    let shot = page.screenshot().await.expect("screenshot");
+    std::fs::write(target.join("web-timeline-full.png"), shot).expect("write");
+    println!("screenshots: {}", target.join("web-timeline.png").display());
+    page.close().await.expect("close the browser");
+}
+
+/// More than 1,000 locks: the server sorts by held time before it pages, so the longest held are
+/// on the first page even though they are last by key; paging; keys keep their case; the TTL
+/// colour follows renewal; the detail panel refreshes; the fencing token is explained; the
+/// server version is shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sorted_by_held_time_with_more_than_1000_locks() {
+    let _one = BROWSER.lock().await;
+    let server = Server::start(&[]);
+    let api = Http::new(&server);
+    for i in 0..5 {
+        api.acquire(&format!("zz/old-{i}"), serde_json::json!({"ttl_ms": 600_000, "holder": "old"})).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for chunk in 0..3 {
+        let ops: Vec<serde_json::Value> = (0..400)
+            .map(|i| serde_json::json!({"op": "acquire", "key": format!("a/{:04}", chunk * 400 + i), "ttl_ms": 600_000}))
+            .collect();
+        let (status, _) = api.post("/v1/batch", None, serde_json::json!({ "ops": ops })).await;
+        assert_eq!(status, 200);
+    }
+    // A renewing holder (the library renews at a third of the TTL) and one that does not renew.
+    let locker = Locker::open(&server.url()).await.expect("locker");
+    let renewing = locker
+        .acquire("Deploy/Web", &AcquireOptions::new().ttl(Duration::from_millis(1_500)).holder("ci-7"))
+        .await
+        .expect("acquire");
+    api.acquire("manual", serde_json::json!({"ttl_ms": 4_000, "holder": "someone"})).await;
+
+    let driver = Driver::start();
+    let page = driver.browser().await;
+    page.goto(&server.url()).await.expect("open the page");
+    let (_, took) = until(Duration::from_secs(5), "the first page of locks", || async {
+        (count(&page, "#locks tbody tr").await == 1000).then_some(())
+    })
+    .await;
+    println!("1,000 rows of 1,207 locks drawn {took:?} after the page opened");
+    let first: Vec<String> = page
+        .execute(
+            "return [...document.querySelectorAll('#locks tbody tr')].slice(0, 5).map((tr) => tr.dataset.key);",
+            vec![],
+        )
+        .await
+        .expect("rows")
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default();
+    assert_eq!(first, ["zz/old-0", "zz/old-1", "zz/old-2", "zz/old-3", "zz/old-4"], "longest held first");
+    let shown = text(&page, "#count").await.unwrap_or_default();
+    assert!(shown.contains("1–1,000") && shown.contains("more"), "{shown}");
+    page.find(Locator::Id("next-page")).await.expect("next").click().await.expect("click");
+    until(Duration::from_secs(3), "the second page", || async {
+        (count(&page, "#locks tbody tr").await == 207).then_some(())
+    })
+    .await;
+    assert!(text(&page, "#count").await.unwrap_or_default().contains("1,001–1,207"));
+    let last_key = page
+        .execute(
+            "const r = document.querySelectorAll('#locks tbody tr'); return r[r.length - 1].dataset.key;",
+            vec![],
+        )
+        .await
+        .expect("last row");
+    assert_eq!(last_key.as_str(), Some("manual"), "the most recent grant is last");
+
+    // Renewal health: a renewing 1.5 s lease is green ("renewing"), not red; an unrenewed one warns.
+    until(Duration::from_secs(4), "the renewing lease in green", || async {
+        let class = attr(&page, &row("Deploy/Web", "ttl"), "class").await?;
+        let t = text(&page, &row("Deploy/Web", "ttl")).await?;
+        (class.contains("ok") && t.contains("renewing")).then_some(())
+    })
+    .await;
+    until(Duration::from_secs(5), "the unrenewed lease warned", || async {
+        let class = attr(&page, &row("manual", "ttl"), "class").await?;
+        let t = text(&page, &row("manual", "ttl")).await?;
+        ((class.contains("warn") || class.contains("bad")) && t.contains("not renewed for")).then_some(())
+    })
+    .await;
+
+    // The detail panel: the key as it is (no upper-casing), refreshed without a click.
+    page.find(Locator::Css("#locks tr[data-key=\"Deploy/Web\"]"))
+        .await
+        .expect("row")
+        .click()
+        .await
+        .expect("click");
+    until(Duration::from_secs(2), "the detail", || async {
+        text(&page, "#detail-facts .d-holder").await.filter(|h| h == "ci-7")
+    })
+    .await;
+    assert_eq!(text(&page, "#detail-key").await.as_deref(), Some("Deploy/Web"), "the key keeps its case");
+    let held = |page: &Client| {
+        let page = page.clone();
+        async move {
+            page.execute("return document.querySelector('#detail-facts .d-held').textContent;", vec![])
+                .await
+                .ok()
+        }
+    };
+    let h1 = held(&page).await;
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert_ne!(held(&page).await, h1, "the detail's held time moves");
+    let token_before = text(&page, "#detail-facts .d-token").await.unwrap_or_default();
+    renewing.release().await.expect("release");
+    let _ci8 = locker.acquire("Deploy/Web", &AcquireOptions::new().holder("ci-8")).await.expect("reacquire");
+    until(Duration::from_secs(3), "the detail refreshed with the new holder", || async {
+        let holder = text(&page, "#detail-facts .d-holder").await?;
+        let token = text(&page, "#detail-facts .d-token").await?;
+        (holder == "ci-8" && token != token_before).then_some(())
+    })
+    .await;
+    // The fencing token is named and explained apart from the API token; the server version shows.
+    let help = attr(&page, "#fencing-help", "title").await.unwrap_or_default();
+    assert!(help.starts_with("Fencing token:") && help.contains("Not the API token"), "{help}");
+    assert_eq!(text(&page, "#locks thead th:nth-child(3)").await.as_deref(), Some("fencing token"));
+    let version = text(&page, "#version").await.unwrap_or_default();
+    assert_eq!(version, format!("v{}", env!("CARGO_PKG_VERSION")));
+    page.close().await.expect("close the browser");
+}
+
+/// With auth on, the page says what it needs instead of "No locks held": a token at all, a token
+/// the server accepts, a token that may read locks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_empty_states() {
+    let _one = BROWSER.lock().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "reader read:*\nops-only admin:*\n").expect("tokens");
+    let server = Server::start(&["--auth-token-file", tokens.to_str().expect("path")]);
+    let plain = Http::new(&server);
+    let (status, _) = plain.post("/v1/locks/held/acquire", Some("reader"), serde_json::json!({})).await;
+    assert_eq!(status, 403, "a read-only token may not lock");
+
+    let driver = Driver::start();
+    let page = driver.browser().await;
+    page.goto(&server.url()).await.expect("open the page");
+    let empty = |want: &'static str| {
+        let page = page.clone();
+        async move {
+            until(Duration::from_secs(5), want, || async {
+                text(&page, "#empty").await.filter(|t| t.contains(want))
+            })
+            .await
+            .0
+        }
+    };
+    let said = empty("needs an API token").await;
+    assert!(!said.contains("No locks held"), "{said}");
+    assert!(page.find(Locator::Id("token-form")).await.expect("form").is_displayed().await.expect("shown"));
+    assert_eq!(text(&page, "#conn").await.as_deref(), Some("needs an API token"));
+    let tl = text(&page, "#timeline").await.unwrap_or_default();
+    assert!(tl.contains("needs an API token"), "the timeline says so too: {tl}");
+
+    let submit = |token: &'static str| {
+        let page = page.clone();
+        async move {
+            let field = page.find(Locator::Id("token")).await.expect("field");
+            field.clear().await.expect("clear");
+            field.send_keys(token).await.expect("type");
+            page.find(Locator::Css("#token-form button"))
+                .await
+                .expect("button")
+                .click()
+                .await
+                .expect("submit");
+        }
+    };
+    submit("wrong").await;
+    empty("refused (401 unauthorized)").await;
+    submit("ops-only").await;
+    let said = empty("may not list locks (403 forbidden").await;
+    assert!(said.contains("read: or lock: scope"), "{said}");
+    assert!(page.find(Locator::Id("token-form")).await.expect("form").is_displayed().await.expect("shown"));
+    submit("reader").await;
+    until(Duration::from_secs(5), "no locks, said plainly", || async {
+        text(&page, "#empty").await.filter(|t| t == "No locks held.")
+    })
+    .await;
+    until(Duration::from_secs(3), "a live connection", || async {
+        text(&page, "#conn").await.filter(|t| t == "live")
+    })
+    .await;
+    page.close().await.expect("close the browser");
 }
