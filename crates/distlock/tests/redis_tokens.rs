@@ -108,3 +108,36 @@ async fn memory_returns_to_baseline_after_meta_ttl() {
     }
     eprintln!("{KEYS} unique keys locked and released in {:?}; back to {baseline} keys", started.elapsed());
 }
+
+/// Waiters keep their order when the key's counter expires under a long hold: the arrival
+/// order comes from the queue itself, not from the expiring counter (before, a newcomer after
+/// the expiry got number 1 again and went ahead of waiters still in line).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_order_survives_the_counter_expiring() {
+    let redis = RedisServer::start();
+    let locker = Locker::open(&format!("{}?meta_ttl=300ms", redis.url())).await.unwrap();
+    let holder = locker.acquire("k", &AcquireOptions::new().ttl(Duration::from_secs(10))).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let waiter = |name: &'static str| {
+        let (locker, tx) = (locker.clone(), tx.clone());
+        tokio::spawn(async move {
+            let lease = locker.acquire("k", &AcquireOptions::new().wait(Duration::from_secs(20))).await.unwrap();
+            tx.send(name).unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            lease.release().await.unwrap();
+        })
+    };
+    let a = waiter("a");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let b = waiter("b");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(redis.raw("EXISTS distlock:{k}:meta").trim(), ":0", "the counter expired while they wait");
+    let c = waiter("c");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    holder.release().await.unwrap();
+    for t in [a, b, c] {
+        t.await.unwrap();
+    }
+    let order: Vec<&str> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+    assert_eq!(order, ["a", "b", "c"]);
+}

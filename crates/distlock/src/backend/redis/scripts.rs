@@ -8,9 +8,9 @@
 //!   was granted or last renewed with, so a renew that names none can keep it. A value written by
 //!   an older version, `"<lease id> <token> <holder>"`, is still read (as having no stored TTL,
 //!   unless its holder label starts with digits and a space), and the next renew rewrites it;
-//! - `meta`  hash `fence` (the fencing counter: max(counter + 1, server clock in µs) per grant)
-//!   and `seq` (queue arrival order); expires `meta_ttl` after its last use;
-//! - `queue` sorted set of waiting lease ids by arrival `seq` (FIFO);
+//! - `meta`  hash `fence` (the fencing counter: max(counter + 1, server clock in µs) per grant);
+//!   expires `meta_ttl` after its last use;
+//! - `queue` sorted set of waiting lease ids by arrival order (last score + 1: FIFO);
 //! - `alive` sorted set of waiting lease ids by the time (ms) their wait registration lapses,
 //!   so a waiter that crashed is dropped from the queue instead of blocking it.
 //!
@@ -84,9 +84,9 @@ end
 /// KEYS: lock, meta, queue, alive. ARGV: lease id, ttl ms, holder, enqueue (0/1), wait ttl ms,
 /// meta ttl ms. Returns `{1, token, ''}` when granted, else `{0, pttl, holder}` (holder '' and
 /// pttl -2 when the lock is free but an earlier waiter is first in line). A caller that is told
-/// to wait is queued (once) and its registration refreshed. The meta hash (fencing counter,
-/// queue order) expires `meta ttl` after its last use, so locking ever new keys does not grow
-/// Redis without bound.
+/// to wait is queued (once) and its registration refreshed. The meta hash (the fencing counter)
+/// expires `meta ttl` after its last grant, so locking ever new keys does not grow Redis without
+/// bound.
 const ACQUIRE: &str = r#"
 local function grant()
   local token = next_token(KEYS[2])
@@ -110,8 +110,10 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 if ARGV[4] == '1' then
   if not redis.call('ZSCORE', KEYS[3], ARGV[1]) then
-    redis.call('ZADD', KEYS[3], redis.call('HINCRBY', KEYS[2], 'seq', 1), ARGV[1])
-    redis.call('PEXPIRE', KEYS[2], ARGV[6])
+    -- Arrival order from the queue itself (last score + 1): nothing outside the queue can
+    -- expire under it and put a newcomer ahead of waiters that are still there.
+    local last = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')[2]
+    redis.call('ZADD', KEYS[3], (tonumber(last) or 0) + 1, ARGV[1])
   end
   redis.call('ZADD', KEYS[4], now + tonumber(ARGV[5]), ARGV[1])
   redis.call('PEXPIRE', KEYS[3], 2 * tonumber(ARGV[5]))
