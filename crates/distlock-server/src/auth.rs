@@ -14,7 +14,7 @@
 //! `lock:P` allows acquire, renew, release and status of keys starting with P; `read:P` status,
 //! list, waiters and events of keys under P; `admin:P` force-release under P. `P` is a literal
 //! prefix (a trailing `*` is the same as none; `*` alone is every key). Tokens of the separate
-//! admin file get `admin:*`. Deny by default: every operation is checked on its own key, batches
+//! admin file get `admin:*`, or the narrower `admin:P` scopes their line names. Deny by default: every operation is checked on its own key, batches
 //! op by op. Presented tokens are compared in constant time against every known one (SHA-256
 //! digests, so lengths do not leak either); logs name a token by its file and line, never its text.
 
@@ -153,6 +153,12 @@ fn verb(action: Action) -> &'static str {
     }
 }
 
+/// Where a `#` comment starts in a token-file line: at its start or after whitespace.
+fn comment_start(line: &str) -> Option<usize> {
+    let bytes = line.as_bytes();
+    (0..bytes.len()).find(|&i| bytes[i] == b'#' && (i == 0 || bytes[i - 1].is_ascii_whitespace()))
+}
+
 /// One known token: the digest of its text and its rights.
 #[derive(Debug)]
 struct Entry {
@@ -194,7 +200,9 @@ impl TokenTable {
                 std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             let mut read = 0;
             for (i, line) in text.lines().enumerate() {
-                let line = line.split_once('#').map_or(line, |(l, _)| l);
+                // `#` starts a comment at the start of a line or after whitespace; inside a token
+                // it is part of the token.
+                let line = comment_start(line).map_or(line, |i| &line[..i]);
                 let mut fields = line.split_whitespace();
                 let Some(token) = fields.next() else { continue };
                 let source = format!("{}:{}", path.display(), i + 1);
@@ -203,7 +211,14 @@ impl TokenTable {
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
                 if admin_file {
-                    scopes = vec![Scope { action: Action::Admin, prefix: String::new() }];
+                    // An admin-file line may narrow itself (`ops admin:deploy/`); others get
+                    // `admin:*`. Only admin scopes count there.
+                    if scopes.iter().any(|s| s.action != Action::Admin) {
+                        anyhow::bail!("{source}: the admin token file takes only admin: scopes");
+                    }
+                    if scopes.is_empty() {
+                        scopes = vec![Scope { action: Action::Admin, prefix: String::new() }];
+                    }
                 } else if scopes.is_empty() {
                     scopes = vec![
                         Scope { action: Action::Lock, prefix: String::new() },
@@ -287,9 +302,13 @@ impl Auth {
         Ok(Auth { table: RwLock::new(Arc::new(table)), files: (auth, admin) })
     }
 
-    /// The tokens in force.
+    /// The tokens in force. (A writer that panicked cannot leave the table half-written: it
+    /// only swaps an `Arc`; so a poisoned lock still holds a whole table, never "auth off".)
     pub fn table(&self) -> Arc<TokenTable> {
-        self.table.read().map(|t| t.clone()).unwrap_or_default()
+        match self.table.read() {
+            Ok(t) => t.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
 
     /// Re-reads the files; on an error the tokens in force stay and the error is returned.
@@ -379,6 +398,28 @@ mod tests {
         assert!(TokenTable::read(Some(&p), None).is_err());
         std::fs::write(&p, "t lock:a*b\n").unwrap();
         assert!(TokenTable::read(Some(&p), None).is_err());
+    }
+
+    #[test]
+    fn a_hash_inside_a_token_is_part_of_it() {
+        let t = table("Xy#9secret lock:a/  # comment\n#whole line\n");
+        assert!(matches!(t.lookup(Some("Xy")), Lookup::Unknown));
+        assert!(caller(&t, "Xy#9secret").may(Action::Lock, "a/1"));
+    }
+
+    #[test]
+    fn admin_file_lines_may_narrow_themselves() {
+        let dir = tempfile::tempdir().unwrap();
+        let (auth, admin) = (dir.path().join("tokens"), dir.path().join("admins"));
+        std::fs::write(&auth, "user\n").unwrap();
+        std::fs::write(&admin, "ops admin:deploy/\nroot\n").unwrap();
+        let t = TokenTable::read(Some(&auth), Some(&admin)).unwrap();
+        assert!(
+            caller(&t, "ops").may(Action::Admin, "deploy/x") && !caller(&t, "ops").may(Action::Admin, "db/x")
+        );
+        assert!(caller(&t, "root").may(Action::Admin, "db/x"));
+        std::fs::write(&admin, "ops lock:*\n").unwrap();
+        assert!(TokenTable::read(Some(&auth), Some(&admin)).is_err());
     }
 
     #[test]

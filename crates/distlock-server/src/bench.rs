@@ -484,7 +484,10 @@ const SPIN: Duration = Duration::from_micros(1_500);
 /// Returns `hold` after `from`, as close as the scheduler allows: sleeps the bulk, then yields in
 /// a loop until the moment (other tasks run meanwhile).
 async fn hold_for(from: Instant, hold: Duration) {
-    let until = from + hold;
+    let Some(until) = from.checked_add(hold) else {
+        // Longer than the clock can count: hold until the run is stopped.
+        return std::future::pending().await;
+    };
     if hold > SPIN {
         tokio::time::sleep_until((until - SPIN).into()).await;
     }
@@ -543,7 +546,8 @@ pub async fn command(
     use std::io::IsTerminal;
     if background > 0 {
         out.say(format!("holding {background} background leases first..."));
-        let ttl = (config.duration + Duration::from_secs(300)).min(Duration::from_secs(24 * 3600));
+        let ttl =
+            config.duration.saturating_add(Duration::from_secs(300)).min(Duration::from_secs(24 * 3600));
         let got = hold_background(locker.backend(), &config.key_prefix, background, ttl, 64).await;
         out.say(format!(
             "{got} background leases held (they expire after {})",

@@ -319,7 +319,8 @@ pub async fn acquire_waiting(
     out: &Output,
 ) -> distlock::Result<Lease> {
     let start = tokio::time::Instant::now();
-    let deadline = policy.wait.map(|w| start + w);
+    // A wait too long to add to the clock is a wait forever.
+    let deadline = policy.wait.and_then(|w| start.checked_add(w));
     let waits = policy.wait != Some(Duration::ZERO);
     let notices = (waits && !out.quiet).then(|| wait_notices(locker, key, out));
     let mut backoff = RETRY_FIRST;
@@ -342,7 +343,7 @@ pub async fn acquire_waiting(
                 }
                 let since = *down_since.get_or_insert(now);
                 let budget = policy.retry_unavailable.or(policy.wait);
-                let retry_until = budget.map(|b| since + b);
+                let retry_until = budget.and_then(|b| since.checked_add(b));
                 let next = now + backoff;
                 let in_wait = deadline.is_none_or(|d| next < d);
                 let in_budget = retry_until.is_none_or(|r| next < r);
@@ -414,7 +415,14 @@ pub async fn hold(locker: &Locker, key: &str, opts: AcquireOptions, policy: &Wai
         out.say("cannot install signal handlers");
         return EXIT_FAILURE;
     };
-    let lease = match acquire_waiting(locker, key, &opts, policy, out).await {
+    // A signal while waiting ends the wait (nothing is held yet, nothing to release).
+    let acquired = tokio::select! {
+        r = acquire_waiting(locker, key, &opts, policy, out) => r,
+        _ = sigint.recv() => return 128 + 2,
+        _ = sigterm.recv() => return 128 + 15,
+        _ = sighup.recv() => return 128 + 1,
+    };
+    let lease = match acquired {
         Ok(lease) => lease,
         Err(e) => return not_acquired(&e, policy, out),
     };

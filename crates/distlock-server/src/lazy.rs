@@ -51,7 +51,10 @@ impl LazyBackend {
         if let Some(b) = self.opened.get() {
             return Ok(b);
         }
-        let mut failure = self.last_failure.lock().await;
+        // One attempt at a time; calls meanwhile answer at once instead of queueing behind it.
+        let Ok(mut failure) = self.last_failure.try_lock() else {
+            return Err(Error::Unavailable(format!("opening the store {} …", redacted(&self.url))));
+        };
         if let Some(b) = self.opened.get() {
             return Ok(b);
         }
@@ -78,11 +81,14 @@ impl LazyBackend {
     }
 }
 
-/// The URL without credentials, for logs.
-fn redacted(url: &str) -> String {
-    match (url.split_once("://"), url.rfind('@')) {
-        (Some((scheme, _)), Some(at)) => format!("{scheme}://…@{}", &url[at + 1..]),
-        _ => url.to_owned(),
+/// The URL without credentials or parameters (a `password=` may be among them), for logs and
+/// error messages.
+pub fn redacted(url: &str) -> String {
+    let base = url.split('?').next().unwrap_or(url);
+    let query = if base.len() < url.len() { "?…" } else { "" };
+    match (base.split_once("://"), base.rfind('@')) {
+        (Some((scheme, _)), Some(at)) => format!("{scheme}://…@{}{query}", &base[at + 1..]),
+        _ => format!("{base}{query}"),
     }
 }
 
@@ -135,5 +141,6 @@ mod tests {
     fn credentials_stay_out_of_logs() {
         assert_eq!(redacted("redis://user:secret@10.0.0.5:6379"), "redis://…@10.0.0.5:6379");
         assert_eq!(redacted("etcd://h1:2379,h2:2379"), "etcd://h1:2379,h2:2379");
+        assert_eq!(redacted("redis://h:6379?password=secret&prefix=p"), "redis://h:6379?…");
     }
 }

@@ -127,9 +127,10 @@ enum Command {
         distlock run -w 10 -E 0 report -c 'make report > out'  # shell string; exit 0 if busy for 10 s\n  \
         distlock --backend redis://10.0.0.5:6379 run --ttl 10s job -- ./job\n\n\
         The command sees DISTLOCK_KEY, DISTLOCK_LEASE_ID, DISTLOCK_FENCING_TOKEN and DISTLOCK_TTL_MS. \
-        It runs in its own process group; SIGINT, SIGTERM and SIGHUP are passed on to every process it \
-        started. If the lock is lost while it runs, all of them get SIGTERM (SIGKILL after --kill-after) \
-        and distlock exits 76; if distlock itself is killed, the command gets SIGKILL. While waiting, \
+        Without a terminal it runs in its own process group; SIGINT, SIGTERM and SIGHUP are passed on \
+        to every process it started. If the lock is lost while it runs, all of them get SIGTERM \
+        (SIGKILL after --kill-after) and distlock exits 76; if distlock itself is killed, the \
+        command's first process gets SIGKILL. While waiting, \
         a line on stderr says who holds the lock (every 30 s). With --json, the last line on stdout is \
         {\"key\",\"outcome\":\"ok|not_acquired|lost|unavailable|error\",\"fencing_token\",\"waited_ms\",\
         \"held_ms\",\"exit_code\"}.")]
@@ -284,7 +285,8 @@ struct ServeArgs {
     /// Directory of the embedded store (created if missing).
     #[arg(long, env = "DISTLOCK_DATA_DIR", default_value = "./distlock-data")]
     data_dir: PathBuf,
-    /// Keep locks in this store instead of the embedded one: a redis://, redlock:// or etcd:// URL.
+    /// Keep locks in this store instead of the embedded one: a redis://, redis-sentinel://,
+    /// redis-cluster://, redlock:// or etcd:// URL.
     #[arg(long, env = "DISTLOCK_STORE")]
     store: Option<String>,
     /// File of bearer tokens, one per line; when given, every /v1 call and /metrics needs one.
@@ -412,7 +414,7 @@ fn main() -> ExitCode {
     };
     let code = match cli.command {
         Command::Serve(a) => return serve_command(&runtime, a),
-        command => runtime.block_on(client(cli.backend, command, out)),
+        command => runtime.block_on(client(cli.backend, command, out, cli.token_file.is_some())),
     };
     ExitCode::from(code)
 }
@@ -460,7 +462,7 @@ fn lock_opts(lock: LockArgs) -> AcquireOptions {
 }
 
 /// The client subcommands: open the backend, then one call (or `run`, `hold`, `bench`).
-async fn client(backend: String, command: Command, out: Output) -> u8 {
+async fn client(backend: String, command: Command, out: Output, token_from_file: bool) -> u8 {
     let bench = matches!(command, Command::Bench(_));
     let refused = refused_backend(&backend).filter(|_| !bench || !backend.starts_with("memory://"));
     if let Some(why) = refused {
@@ -482,7 +484,9 @@ async fn client(backend: String, command: Command, out: Output) -> u8 {
                 Some(s) => vec!["/bin/sh".to_owned(), "-c".to_owned(), s],
                 None => argv,
             };
-            let config = RunConfig { policy: wait.policy(None), kill_after, command };
+            // A token read from --token-file stays with distlock, not the command it runs.
+            let hide_token = token_from_file;
+            let config = RunConfig { policy: wait.policy(None), kill_after, command, hide_token };
             distlock_server::run::run(&locker, &key, lock_opts(lock), &config, &out).await
         }
         Command::Acquire { key, lock, wait } => {
@@ -527,6 +531,9 @@ fn bench_input_error(b: &BenchArgs) -> Option<distlock::Error> {
     }
     if let Some(s) = b.zipf.filter(|s| !(s.is_finite() && *s > 0.0)) {
         return invalid(format!("--zipf {s}: must be above 0"));
+    }
+    if b.hold >= b.duration {
+        return invalid(format!("--hold must be shorter than --duration ({})", cli::human(b.duration)));
     }
     if !(b.max_error_rate.is_finite() && (0.0..=100.0).contains(&b.max_error_rate)) {
         return invalid(format!("--max-error-rate {}: must be a percentage from 0 to 100", b.max_error_rate));

@@ -30,6 +30,9 @@ pub struct RunConfig {
     pub kill_after: Duration,
     /// The program and its arguments (`-c STRING` becomes `/bin/sh -c STRING`).
     pub command: Vec<String>,
+    /// Keep `DISTLOCK_TOKEN` out of the command's environment (distlock set it from
+    /// `--token-file`, so the command never had it).
+    pub hide_token: bool,
 }
 
 /// The one JSON line `run --json` prints when it ends.
@@ -114,11 +117,13 @@ pub async fn run(locker: &Locker, key: &str, opts: AcquireOptions, config: &RunC
         .env("DISTLOCK_FENCING_TOKEN", lease.fencing_token().to_string())
         .env("DISTLOCK_LEASE_ID", lease.lease_id().as_str())
         .env("DISTLOCK_TTL_MS", lease.ttl().as_millis().to_string());
-    child::configure(&mut cmd);
+    if config.hide_token {
+        cmd.env_remove("DISTLOCK_TOKEN");
+    }
+    let started_as = child::configure(&mut cmd);
     let mut process = match cmd.spawn() {
         Ok(p) => p,
         Err(e) => {
-            child::take_terminal_back();
             out.say(format!("cannot run {program}: {e}"));
             let _ = lease.release().await;
             let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
@@ -131,24 +136,28 @@ pub async fn run(locker: &Locker, key: &str, opts: AcquireOptions, config: &RunC
         let _ = lease.release().await;
         return 1;
     };
+    let group = child::group_of(started_as, pid);
     let forward = |sig: Signal| {
-        child::signal_all(pid, sig);
+        child::signal_all(group, sig);
     };
+    // Orphans re-parented to distlock are reaped as they exit, not only at the end.
+    let mut reap = tokio::time::interval(Duration::from_secs(1));
     let mut watch = lease.watch();
     let status = loop {
         tokio::select! {
             status = process.wait() => break status,
-            _ = sigint.recv() => forward(Signal::SIGINT),
+            // On a terminal, Ctrl-C already reached the whole foreground group.
+            _ = sigint.recv() => if !started_as.interactive { forward(Signal::SIGINT) },
+            _ = reap.tick() => child::reap_orphans(pid),
             _ = sigterm.recv() => forward(Signal::SIGTERM),
             _ = sighup.recv() => forward(Signal::SIGHUP),
             reason = watch.lost() => {
                 let reason = reason.unwrap_or(distlock::LossReason::NotOwner);
                 out.say(format!("lost the lock on {} while {program} was running ({reason}); stopping it", shown(key)));
-                if !child::stop_all(pid, pid, config.kill_after).await {
+                if !child::stop_all(group, pid, config.kill_after).await {
                     out.say(format!("{program} did not stop within {} of SIGTERM; killing it", crate::cli::human(config.kill_after)));
                 }
                 let _ = process.wait().await;
-                child::take_terminal_back();
                 let _ = lease.release().await;
                 let lost = Error::LeaseLost { key: key.to_owned(), reason };
                 report("lost", token, Some(held_since.elapsed()), EXIT_LOST, Some(&lost));
@@ -156,7 +165,6 @@ pub async fn run(locker: &Locker, key: &str, opts: AcquireOptions, config: &RunC
             }
         }
     };
-    child::take_terminal_back();
     child::reap_orphans(pid);
     let left = child::descendants(nix::unistd::getpid()).len();
     if left > 0 {

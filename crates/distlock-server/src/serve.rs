@@ -103,7 +103,9 @@ pub async fn run(
         }
         Some(url) => {
             // Opened on first use: an unreachable store is reported by /healthz, not fatal.
-            let lazy = LazyBackend::open(url).await.with_context(|| format!("opening store {url}"))?;
+            let lazy = LazyBackend::open(url)
+                .await
+                .with_context(|| format!("opening store {}", crate::lazy::redacted(url)))?;
             (Arc::new(lazy), None)
         }
     };

@@ -678,3 +678,32 @@ async fn tokens_and_force_release() {
     assert_eq!(r["released"].as_bool(), Some(true));
     assert_eq!(wait_exit(&mut child, Duration::from_secs(30)), 76, "the run that held it stopped");
 }
+
+/// Review findings: a token from --token-file stays out of the command's environment; `hold`
+/// ends on SIGTERM while still waiting; a wait too long for the clock is "forever", not a panic.
+#[tokio::test]
+async fn token_stays_home_hold_stops_while_waiting_and_huge_waits_do_not_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "user-token\n").unwrap();
+    let server = Server::start(&["--auth-token-file", tokens.to_str().unwrap()]);
+    let b = server.url();
+    let tf = tokens.to_str().unwrap();
+    let o = run(&b, &["--token-file", tf, "run", "k", "--", "sh", "-c", "echo \"[$DISTLOCK_TOKEN]\""]);
+    assert_eq!((code(&o), stdout(&o).trim()), (0, "[]"), "{}", stderr(&o));
+
+    let locker = Locker::open(&format!("{b}?token=user-token")).await.unwrap();
+    let _held = locker.acquire("busy", &AcquireOptions::new().ttl(Duration::from_secs(60))).await.unwrap();
+    let mut child = distlock(&b, &["--token-file", tf, "hold", "busy"]).stdout(Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(5)), 128 + 15, "ends while waiting");
+    let mut out = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert!(out.is_empty(), "never acquired, nothing printed: {out}");
+
+    let o = run(&b, &["--token-file", tf, "acquire", "-w", "100000000000y", "free-key"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = run(&b, &["--token-file", tf, "run", "--kill-after", "100000000000y", "other", "--", "true"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}
