@@ -73,9 +73,20 @@ async fn a_grant_without_enough_replicas_is_undone() {
     let group = tokio::task::spawn_blocking(Group::start).await.unwrap();
     let locker = Locker::open(&group.url("min_replicas=2&wait_timeout=200ms")).await.unwrap();
     match locker.acquire("k", &AcquireOptions::new()).await {
-        Err(Error::Unavailable(m)) => assert!(m.contains("1 of 2 replicas"), "{m}"),
+        Err(Error::Unavailable(m)) => assert!(m.contains("fewer replicas than min_replicas"), "{m}"),
         other => panic!("expected Unavailable, got {other:?}"),
     }
+    // While a grant waits for replicas, the backend's other calls are not held up behind WAIT.
+    let slow = Locker::open(&group.url("min_replicas=2&wait_timeout=2s")).await.unwrap();
+    let pending = tokio::spawn({
+        let slow = slow.clone();
+        async move { slow.acquire("w", &AcquireOptions::new()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let asked = Instant::now();
+    slow.status("other").await.expect("status while a grant waits");
+    assert!(asked.elapsed() < Duration::from_millis(1000), "status waited {:?}", asked.elapsed());
+    assert!(matches!(pending.await.unwrap(), Err(Error::Unavailable(_))));
     let plain = Locker::open(&group.url("")).await.unwrap();
     assert!(!plain.status("k").await.unwrap().held, "the grant was taken back");
     assert!(plain.acquire("k", &AcquireOptions::new()).await.is_ok());

@@ -346,34 +346,61 @@ impl Store {
         result
     }
 
-    /// Behind Sentinel with `min_replicas`: waits until that many replicas hold every write made
-    /// so far on the connection (the grant just made among them). `Ok` when not configured.
-    async fn wait_for_replicas(&self) -> Result<()> {
-        let Conn::Sentinel(m) = &self.conn else { return Ok(()) };
+    /// Runs the acquire script with `keys` and `args`. Behind Sentinel with `min_replicas`, the
+    /// script and `WAIT` go as one pipeline on the master's grant connection (so `WAIT` counts
+    /// exactly this write and blocks nothing else), and the answer says whether enough replicas
+    /// acknowledged; elsewhere the acknowledgement is not asked for (`true`).
+    async fn acquire_script(&self, keys: &LockKeys, args: &[String]) -> Result<((i64, i64, String), bool)> {
+        let replicas = match &self.conn {
+            Conn::Sentinel(m) if m.sentinel().min_replicas > 0 => Some(m),
+            _ => None,
+        };
+        let Some(m) = replicas else {
+            let mut inv = self.scripts.acquire.prepare_invoke();
+            inv.key(&keys.lock).key(&keys.meta).key(&keys.queue).key(&keys.alive);
+            for a in args {
+                inv.arg(a);
+            }
+            return Ok((self.eval(inv).await?, true));
+        };
         let (wanted, within) = (m.sentinel().min_replicas, m.sentinel().wait_timeout);
-        if wanted == 0 {
-            return Ok(());
+        let mut conn = m.grant_conn().await?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("EVALSHA")
+            .arg(self.scripts.acquire.get_hash())
+            .arg(4)
+            .arg(&keys.lock)
+            .arg(&keys.meta)
+            .arg(&keys.queue)
+            .arg(&keys.alive)
+            .arg(args)
+            .cmd("WAIT")
+            .arg(wanted)
+            .arg(millis(within));
+        let bound = within + self.config.timeout;
+        let mut result =
+            tokio::time::timeout(bound, pipe.query_async::<((i64, i64, String), i64)>(&mut conn)).await;
+        if matches!(&result, Ok(Err(e)) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
+        {
+            // First use on this master: load the script, then once more.
+            let load = self.scripts.acquire.prepare_invoke().load_async(&mut conn).await;
+            load.map_err(|e| unavailable(&self.config, e))?;
+            result = tokio::time::timeout(bound, pipe.query_async(&mut conn)).await;
         }
-        let mut conn = self.connection().await?;
-        let mut cmd = redis::cmd("WAIT");
-        cmd.arg(wanted).arg(millis(within));
-        let wait = cmd.query_async::<i64>(&mut conn);
-        let acked = match tokio::time::timeout(within + self.config.timeout, wait).await {
-            Ok(Ok(n)) => n.max(0) as u32,
+        match result {
+            Ok(Ok((answer, acked))) => Ok((answer, acked.max(0) as u32 >= wanted)),
             Ok(Err(e)) => {
                 self.failed();
-                return Err(unavailable(&self.config, e));
+                Err(unavailable(&self.config, e))
             }
-            Err(_) => 0,
-        };
-        if acked < wanted {
-            return Err(Error::Unavailable(format!(
-                "redis master of {:?}: {acked} of {wanted} replicas acknowledged the grant within {within:?}; \
-                 it was undone",
-                m.sentinel().master
-            )));
+            Err(_) => {
+                self.failed();
+                Err(Error::Unavailable(format!(
+                    "redis master of {:?}: no answer within {bound:?}",
+                    m.sentinel().master
+                )))
+            }
         }
-        Ok(())
     }
 
     async fn dequeue(&self, keys: &LockKeys, lease_id: &LeaseId) -> Result<()> {
@@ -602,25 +629,28 @@ impl Backend for RedisBackend {
                 registration = self.register(&keys, &req.lease_id).await;
             }
             let sent = Instant::now();
-            let mut inv = self.store.scripts.acquire.prepare_invoke();
-            inv.key(&keys.lock)
-                .key(&keys.meta)
-                .key(&keys.queue)
-                .key(&keys.alive)
-                .arg(req.lease_id.as_str())
-                .arg(millis(req.ttl))
-                .arg(&req.holder)
-                .arg(if waiting { "1" } else { "0" })
-                .arg(millis(self.store.config.queue_ttl))
-                .arg(millis(self.store.config.meta_ttl));
-            let (granted, n, holder): (i64, i64, String) = self.store.eval(inv).await?;
+            let args = [
+                req.lease_id.as_str().to_owned(),
+                millis(req.ttl).to_string(),
+                req.holder.clone(),
+                if waiting { "1" } else { "0" }.to_owned(),
+                millis(self.store.config.queue_ttl).to_string(),
+                millis(self.store.config.meta_ttl).to_string(),
+            ];
+            let ((granted, n, holder), acknowledged) = self.store.acquire_script(&keys, &args).await?;
             if granted == 1 {
-                guard.armed = false;
-                if let Err(e) = self.store.wait_for_replicas().await {
-                    // A grant a failover could forget is no grant: take it back.
-                    let _ = self.store.release_keys(&keys, &req.lease_id).await;
-                    return Err(e);
+                if !acknowledged {
+                    // A grant a failover could forget is no grant: take it back (the guard also
+                    // does, in the background, if this call is dropped meanwhile).
+                    self.store.release_keys(&keys, &req.lease_id).await?;
+                    guard.armed = false;
+                    return Err(Error::Unavailable(format!(
+                        "redis: fewer replicas than min_replicas acknowledged the grant of {:?} in time; \
+                         it was undone",
+                        req.key
+                    )));
                 }
+                guard.armed = false;
                 return Ok(Grant {
                     lease_id: req.lease_id.clone(),
                     fencing_token: n as u64,

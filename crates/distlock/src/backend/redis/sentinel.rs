@@ -107,6 +107,9 @@ pub(super) struct Master {
 struct Current {
     address: String,
     conn: ConnectionManager,
+    /// A second connection for grants that wait for replicas: `WAIT` blocks the connection it is
+    /// sent on, and must not hold up renewals and releases on the shared one.
+    grants: ConnectionManager,
     checked: Instant,
 }
 
@@ -129,6 +132,16 @@ impl Master {
     /// The redis URL of the master at `address`, with the configured credentials and db.
     pub(super) fn url_for(&self, address: &str) -> String {
         self.config.url.replacen("sentinel-master", address, 1)
+    }
+
+    /// The grant connection to the current master (see [`Current`]).
+    pub(super) async fn grant_conn(&self) -> Result<ConnectionManager> {
+        self.conn().await?;
+        let current = self.current.lock().await;
+        current
+            .as_ref()
+            .map(|c| c.grants.clone())
+            .ok_or_else(|| Error::Unavailable(format!("no master known for {:?}", self.sentinel.master)))
     }
 
     /// The connection to the current master, asking the sentinels first when a call failed or
@@ -163,9 +176,13 @@ impl Master {
             .set_response_timeout(Some(self.config.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
-            .map_err(|e| Error::Unavailable(format!("redis master {address}: {e}")))?;
-        *current = Some(Current { address: address.clone(), conn: conn.clone(), checked: Instant::now() });
+        let open = |client: redis::Client| {
+            ConnectionManager::new_lazy_with_config(client, manager_config.clone())
+                .map_err(|e| Error::Unavailable(format!("redis master {address}: {e}")))
+        };
+        let (conn, grants) = (open(client.clone())?, open(client)?);
+        *current =
+            Some(Current { address: address.clone(), conn: conn.clone(), grants, checked: Instant::now() });
         Ok((conn, address))
     }
 
