@@ -117,7 +117,7 @@ impl Cluster {
         let nodes: Vec<Node> = (0..3)
             .map(|_| {
                 let dir = tempfile::tempdir().expect("temp dir");
-                let port = free_port();
+                let port = cluster_port();
                 let child = Command::new(&server)
                     .args([
                         "--port",
@@ -193,6 +193,16 @@ impl Cluster {
         for n in &self.nodes {
             let reply = raw(n.port, &format!("CLUSTER SETSLOT {slot} NODE {dst_id}"));
             assert!(reply.starts_with("+OK"), "SETSLOT NODE: {reply}");
+        }
+    }
+}
+
+/// A free port for a cluster node: its bus port (port + 10000) must exist and be free too.
+pub fn cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port <= 55_535 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
         }
     }
 }
