@@ -24,6 +24,10 @@ const MEASURE: Duration = Duration::from_secs(3);
 const HOLDER_TTL: Duration = Duration::from_secs(2);
 
 /// Lifts the test process's soft limit on open files to the hard limit (thousands of sockets).
+/// The tests of this file run one at a time: the flood measures latency, and the others' servers
+/// on the same two cores would be part of what it measures.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn raise_open_file_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
@@ -78,6 +82,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_open_connections_and_an_acquire_flood_starve_neither_health_nor_renewals() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     raise_open_file_limit();
     let server = Server::start(&["--header-timeout", "1s"]);
     let port = server.port;
@@ -218,6 +223,7 @@ async fn half_open_connections_and_an_acquire_flood_starve_neither_health_nor_re
 
 #[tokio::test]
 async fn idle_and_stalled_connections_close_long_polls_do_not() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let server = Server::start(&["--header-timeout", "1s", "--idle-timeout", "2s"]);
     let port = server.port;
     let request = |path: &str, body: &str| {
@@ -288,6 +294,7 @@ async fn idle_and_stalled_connections_close_long_polls_do_not() {
 
 #[test]
 fn connections_over_the_cap_are_closed_at_once() {
+    let _serial = ONE_AT_A_TIME.blocking_lock();
     let server = Server::start(&["--max-connections", "20", "--header-timeout", "30s"]);
     let port = server.port;
     let mut held: Vec<TcpStream> =
@@ -316,6 +323,7 @@ fn connections_over_the_cap_are_closed_at_once() {
 
 #[tokio::test]
 async fn the_rate_limit_answers_429_with_retry_after() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let tokens = tempfile::NamedTempFile::new().expect("token file");
     std::fs::write(tokens.path(), "token-a\ntoken-b\n").expect("write tokens");
     let tokens_path = tokens.path().to_str().expect("utf-8").to_owned();
