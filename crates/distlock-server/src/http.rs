@@ -922,22 +922,12 @@ async fn list_sorted(
 /// readable prefix inside it, in key order, so the store never lists keys the caller may not see.
 async fn list_readable(state: &AppState, query: ListQuery, readable: &[&str]) -> Result<LockPage, ApiError> {
     let limit = query.limit.unwrap_or(MAX_LIST_LIMIT);
-    // The prefixes to list: the query's own when a readable one covers it, else the readable ones
-    // inside it, without those inside another (their key ranges are then disjoint and ordered as
-    // the prefixes are).
-    let mut prefixes: Vec<&str> = if readable.iter().any(|r| query.prefix.starts_with(r)) {
-        vec![query.prefix.as_str()]
-    } else {
-        readable.iter().copied().filter(|r| r.starts_with(query.prefix.as_str())).collect()
-    };
-    prefixes.sort_unstable();
-    prefixes.dedup();
-    let all = prefixes.clone();
-    prefixes.retain(|p| !all.iter().any(|q| q != p && p.starts_with(q)));
+    // Disjoint prefixes, whose key ranges are ordered as the prefixes are.
+    let prefixes = listing::narrow(&query.prefix, readable);
     let mut page = LockPage { locks: Vec::new(), next: None };
     for (i, prefix) in prefixes.iter().enumerate() {
         let left = limit - page.locks.len();
-        let sub = ListQuery { prefix: (*prefix).to_owned(), after: query.after.clone(), limit: Some(left) };
+        let sub = ListQuery { prefix: prefix.clone(), after: query.after.clone(), limit: Some(left) };
         let got = state.backend.list(&sub).await?;
         page.locks.extend(got.locks);
         if page.locks.len() >= limit {

@@ -694,7 +694,8 @@ async fn token_stays_home_hold_stops_while_waiting_and_huge_waits_do_not_panic()
 
     let locker = Locker::open(&format!("{b}?token=user-token")).await.unwrap();
     let _held = locker.acquire("busy", &AcquireOptions::new().ttl(Duration::from_secs(60))).await.unwrap();
-    let mut child = distlock(&b, &["--token-file", tf, "hold", "busy"]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut child =
+        distlock(&b, &["--token-file", tf, "hold", "busy"]).stdout(Stdio::piped()).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(500));
     assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
     assert_eq!(wait_exit(&mut child, Duration::from_secs(5)), 128 + 15, "ends while waiting");

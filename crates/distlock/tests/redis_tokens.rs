@@ -121,7 +121,8 @@ async fn queue_order_survives_the_counter_expiring() {
     let waiter = |name: &'static str| {
         let (locker, tx) = (locker.clone(), tx.clone());
         tokio::spawn(async move {
-            let lease = locker.acquire("k", &AcquireOptions::new().wait(Duration::from_secs(20))).await.unwrap();
+            let lease =
+                locker.acquire("k", &AcquireOptions::new().wait(Duration::from_secs(20))).await.unwrap();
             tx.send(name).unwrap();
             tokio::time::sleep(Duration::from_millis(50)).await;
             lease.release().await.unwrap();
