@@ -163,6 +163,15 @@ impl Master {
             },
         };
         if let Some(c) = current.as_mut() {
+            if c.address == address && !suspect {
+                c.checked = Instant::now();
+                return Ok((c.conn.clone(), address));
+            }
+        }
+        // A new address, or a call failed: make sure it is a master (a sentinel that has not yet
+        // seen a failover names the demoted one).
+        self.check_master(&address).await?;
+        if let Some(c) = current.as_mut() {
             if c.address == address {
                 c.checked = Instant::now();
                 return Ok((c.conn.clone(), address));
@@ -186,21 +195,52 @@ impl Master {
         Ok((conn, address))
     }
 
-    /// `host:port` of the master, from the first sentinel that names it.
+    /// `host:port` of the master: the first sentinel to answer (all are asked at once, so one
+    /// that hangs costs nothing while another answers).
     async fn ask_sentinels(&self) -> Result<String> {
-        let mut failures = Vec::new();
-        for s in &self.sentinel.sentinels {
-            match tokio::time::timeout(self.config.timeout, self.ask(s)).await {
-                Ok(Ok(address)) => return Ok(address),
-                Ok(Err(e)) => failures.push(format!("{s}: {e}")),
-                Err(_) => failures.push(format!("{s}: no answer within {:?}", self.config.timeout)),
+        let asks = self.sentinel.sentinels.iter().map(|s| {
+            Box::pin(async move {
+                match tokio::time::timeout(self.config.timeout, self.ask(s)).await {
+                    Ok(Ok(address)) => Ok(address),
+                    Ok(Err(e)) => Err(format!("{s}: {e}")),
+                    Err(_) => Err(format!("{s}: no answer within {:?}", self.config.timeout)),
+                }
+            })
+        });
+        let address = match futures_util::future::select_ok(asks).await {
+            Ok((address, _)) => address,
+            Err(last) => {
+                return Err(Error::Unavailable(format!(
+                    "no sentinel names master {:?} ({last})",
+                    self.sentinel.master
+                )))
             }
+        };
+        Ok(address)
+    }
+
+    /// `Ok` when `address` is a master now (`ROLE`).
+    async fn check_master(&self, address: &str) -> Result<()> {
+        let role = tokio::time::timeout(self.config.timeout, self.role(address)).await;
+        match role {
+            Ok(Ok(role)) if role == "master" => Ok(()),
+            Ok(Ok(role)) => Err(Error::Unavailable(format!(
+                "the sentinels name {address} as master of {:?}, but it is a {role} (failover under way?)",
+                self.sentinel.master
+            ))),
+            Ok(Err(e)) => Err(Error::Unavailable(format!("redis master {address}: {e}"))),
+            Err(_) => Err(Error::Unavailable(format!("redis master {address}: no answer to ROLE"))),
         }
-        Err(Error::Unavailable(format!(
-            "no sentinel names master {:?} ({})",
-            self.sentinel.master,
-            failures.join("; ")
-        )))
+    }
+
+    /// The first field of `ROLE` at `address`: `master`, `slave` or `sentinel`.
+    async fn role(&self, address: &str) -> std::result::Result<String, String> {
+        let client = redis::Client::open(self.url_for(address)).map_err(|e| e.to_string())?;
+        let mut conn = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
+        let reply: Vec<redis::Value> =
+            redis::cmd("ROLE").query_async(&mut conn).await.map_err(|e| e.to_string())?;
+        let first = reply.into_iter().next().ok_or_else(|| "empty ROLE reply".to_owned())?;
+        redis::from_redis_value(first).map_err(|e| e.to_string())
     }
 
     async fn ask(&self, sentinel: &str) -> std::result::Result<String, String> {
