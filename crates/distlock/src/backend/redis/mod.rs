@@ -208,12 +208,7 @@ impl RedisBackend {
             redis::Client::open(config.url.as_str())
         }
         .map_err(|e| Error::InvalidInput(format!("bad redis URL: {e}")))?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.timeout))
-            .set_response_timeout(Some(config.timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config(config.timeout))
             .map_err(|e| unavailable(&config, e))?;
         Ok(RedisBackend {
             wakeups: Wakeups::new(client, config.timeout),
@@ -233,11 +228,7 @@ impl RedisBackend {
                 (_, Some(rest)) => ("rediss", rest),
                 _ => return Err(Error::InvalidInput(format!("{url:?} is not a redis-cluster:// URL"))),
             };
-        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let (auth, hosts) = match rest.rsplit_once('@') {
-            Some((auth, hosts)) => (format!("{auth}@"), hosts),
-            None => (String::new(), rest),
-        };
+        let (auth, hosts, query) = split_url(rest);
         let hosts: Vec<&str> = hosts.trim_end_matches('/').split(',').filter(|h| !h.is_empty()).collect();
         let Some(first) = hosts.first() else {
             return Err(Error::InvalidInput(format!("{url:?} names no cluster node")));
@@ -548,6 +539,25 @@ fn server_name(config: &RedisConfig) -> &str {
 fn unavailable(config: &RedisConfig, e: redis::RedisError) -> Error {
     let cause = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
     Error::Unavailable(format!("redis {}: {cause}", server_name(config)))
+}
+
+/// The settings of every connection manager: bounded connects and answers, one quick retry.
+fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(500))
+}
+
+/// Splits what follows `scheme://` in a multi-host URL: `(credentials with their '@' or "",
+/// hosts and path, query without its '?')`.
+fn split_url(rest: &str) -> (String, &str, &str) {
+    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+    match rest.rsplit_once('@') {
+        Some((auth, hosts)) => (format!("{auth}@"), hosts, query),
+        None => (String::new(), rest, query),
+    }
 }
 
 fn millis(d: Duration) -> u64 {

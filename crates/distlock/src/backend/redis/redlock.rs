@@ -66,11 +66,7 @@ impl RedlockConfig {
             (_, Some(rest)) => ("rediss", rest),
             _ => return Err(Error::InvalidInput(format!("{url:?} is not a redlock:// URL"))),
         };
-        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let (auth, rest) = match rest.rsplit_once('@') {
-            Some((auth, hosts)) => (format!("{auth}@"), hosts),
-            None => (String::new(), rest),
-        };
+        let (auth, rest, query) = super::split_url(rest);
         let (hosts, db) = match rest.split_once('/') {
             Some((hosts, db)) => (hosts, format!("/{db}")),
             None => (rest, String::new()),

@@ -13,7 +13,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use tokio::time::Instant;
 
 use super::RedisConfig;
@@ -50,11 +50,7 @@ pub fn parse(url: &str) -> Result<(SentinelConfig, RedisConfig)> {
     let rest = url
         .strip_prefix("redis-sentinel://")
         .ok_or_else(|| Error::InvalidInput(format!("{url:?} is not a redis-sentinel:// URL")))?;
-    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
-    let (auth, rest) = match rest.rsplit_once('@') {
-        Some((auth, hosts)) => (format!("{auth}@"), hosts),
-        None => (String::new(), rest),
-    };
+    let (auth, rest, query) = super::split_url(rest);
     let (hosts, master) = rest.split_once('/').ok_or_else(|| {
         Error::InvalidInput(format!("{url:?} names no master: redis-sentinel://HOST:PORT,…/MASTER_NAME"))
     })?;
@@ -180,13 +176,8 @@ impl Master {
         }
         let client = redis::Client::open(self.url_for(&address))
             .map_err(|e| Error::InvalidInput(format!("bad redis URL for master {address}: {e}")))?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.config.timeout))
-            .set_response_timeout(Some(self.config.timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
         let open = |client: redis::Client| {
-            ConnectionManager::new_lazy_with_config(client, manager_config.clone())
+            ConnectionManager::new_lazy_with_config(client, super::manager_config(self.config.timeout))
                 .map_err(|e| Error::Unavailable(format!("redis master {address}: {e}")))
         };
         let (conn, grants) = (open(client.clone())?, open(client)?);
