@@ -85,6 +85,9 @@ pub struct Caller {
     scopes: Option<Vec<Scope>>,
     /// `file:line` of the token, for logs.
     pub source: String,
+    /// The digest of the token this caller presented (none when auth is off and it showed none
+    /// that is known), to look it up again after the files are re-read.
+    digest: Option<[u8; 32]>,
 }
 
 /// Why a call was refused.
@@ -97,7 +100,7 @@ pub struct Forbidden {
 impl Caller {
     /// The caller when auth is off.
     pub fn anyone() -> Caller {
-        Caller { scopes: None, source: "no auth".into() }
+        Caller { scopes: None, source: "no auth".into(), digest: None }
     }
 
     /// Whether no known token stands behind the call (auth is off and the token, if any, is
@@ -242,13 +245,22 @@ impl TokenTable {
             }
             return;
         }
-        self.entries.push(Entry { digest: d, caller: Caller { scopes: Some(scopes), source } });
+        self.entries.push(Entry { digest: d, caller: Caller { scopes: Some(scopes), source, digest: Some(d) } });
     }
 
     /// The caller a request's bearer token (if any) stands for.
     pub fn lookup(&self, bearer: Option<&str>) -> Lookup {
-        let found = bearer.and_then(|t| {
-            let d = digest(t);
+        self.lookup_digest(bearer.map(digest))
+    }
+
+    /// What `caller` may do under the tokens in force now: a long-lived request (an event stream)
+    /// asks again after the files were re-read, and ends when its token is gone.
+    pub fn recheck(&self, caller: &Caller) -> Lookup {
+        self.lookup_digest(caller.digest)
+    }
+
+    fn lookup_digest(&self, presented: Option<[u8; 32]>) -> Lookup {
+        let found = presented.and_then(|d| {
             // Compare with every entry, without stopping at a match.
             let mut found = None;
             for e in &self.entries {
@@ -267,7 +279,7 @@ impl TokenTable {
                     Scope { action: Action::Read, prefix: String::new() },
                 ];
                 scopes.extend(c.scopes.iter().flatten().cloned());
-                Lookup::Caller(Caller { scopes: Some(scopes), source: c.source.clone() })
+                Lookup::Caller(Caller { scopes: Some(scopes), source: c.source.clone(), digest: c.digest })
             }
             // Auth off: anyone may use the API.
             (None, false) => Lookup::Caller(Caller::anyone()),

@@ -691,7 +691,7 @@ struct LiveBatch<'a> {
 /// `stats`. With `since`, one JSON page of the buffered events instead (for scripts).
 async fn events_stream(
     State(state): State<Arc<AppState>>,
-    Extension(caller): Extension<Caller>,
+    Extension(mut caller): Extension<Caller>,
     query: Result<Query<EventsParams>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let q = match query {
@@ -757,6 +757,12 @@ async fn events_stream(
                 }
             }
             if ticks % 10 == 0 {
+                // Every second: the token files may have been re-read (SIGHUP) since the stream
+                // began; a revoked token's stream ends, a changed one's scopes apply from now.
+                match state.auth.table().recheck(&caller) {
+                    Lookup::Caller(now) => caller = now,
+                    Lookup::Unknown => break,
+                }
                 let (f, grants) = stats(last_grants, last_at);
                 (last_grants, last_at) = (grants, Instant::now());
                 if tx.send(SseEvent::default().event("stats").data(f.to_string())).await.is_err() {

@@ -234,6 +234,17 @@ async fn events_only_of_readable_keys_and_sighup_rereads_the_file() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(api.call(Some("legacy"), "GET", "/v1/info", None).await.0, 401, "removed token refused");
+    // The stream opened with a token that is gone now ends (it was allowed when it began).
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match events.chunk().await {
+                Ok(Some(_)) => continue,
+                _ => break,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the revoked token's event stream still runs");
     std::fs::write(&tokens, "broken write:x\n").unwrap();
     assert!(std::process::Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
     tokio::time::sleep(Duration::from_millis(300)).await;
