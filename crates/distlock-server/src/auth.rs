@@ -245,7 +245,8 @@ impl TokenTable {
             }
             return;
         }
-        self.entries.push(Entry { digest: d, caller: Caller { scopes: Some(scopes), source, digest: Some(d) } });
+        self.entries
+            .push(Entry { digest: d, caller: Caller { scopes: Some(scopes), source, digest: Some(d) } });
     }
 
     /// The caller a request's bearer token (if any) stands for.
