@@ -1,11 +1,26 @@
-//! etcd's own write speed, the raw figure beside the etcd rows of docs/BENCHMARKS.md: `tasks`
-//! concurrent loops of `put` on distinct keys (what etcd's `benchmark put` does), one JSON line.
+//! etcd's own figures, the reference rows beside the etcd rows of docs/BENCHMARKS.md, one JSON
+//! line per run:
 //!
-//! `cargo run --release -p distlock-server --example etcd_put -- http://127.0.0.1:2379 32 3s`
+//! - `put` (the default): `tasks` concurrent loops of `put` on distinct keys (what etcd's
+//!   `benchmark put` does): the raw write rate;
+//! - `lock`: etcd's own lock service (v3lock, the `Lock` / `Unlock` RPCs that `etcdctl lock` and
+//!   `concurrency.Mutex` stand for), through the etcd-client crate: each task grants one etcd
+//!   lease first (its session, 60 s, so no keep-alive is needed within a run) and then loops
+//!   `lock` + `unlock` on its own name;
+//! - `lock-contended`: the same with every task on one name; adds the handoff latency, from an
+//!   `unlock` being answered to the next holder's `lock` answer (as `distlock bench` counts it).
+//!
+//! `cargo run --release -p distlock-server --example etcd_put -- http://127.0.0.1:2379 32 3s [put|lock|lock-contended]`
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use distlock_server::bench::{histogram, quantile_ms};
+use hdrhistogram::Histogram;
+
+fn record(h: &mut Histogram<u64>, d: Duration) {
+    h.saturating_record(d.as_micros().max(1) as u64);
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -14,42 +29,103 @@ async fn main() -> anyhow::Result<()> {
     let tasks: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1);
     let duration =
         args.next().map(|s| humantime::parse_duration(&s)).transpose()?.unwrap_or(Duration::from_secs(3));
+    let mode = args.next().unwrap_or_else(|| "put".into());
+    anyhow::ensure!(
+        matches!(mode.as_str(), "put" | "lock" | "lock-contended"),
+        "mode must be put, lock or lock-contended, not {mode:?}"
+    );
     let client = etcd_client::Client::connect([endpoint.as_str()], None).await?;
+    // (granted, unlock answered) of every lock-contended cycle, for the handoff.
+    let grants: Arc<Mutex<Vec<(Instant, Instant)>>> = Arc::default();
     let start = Instant::now();
     let mut handles = Vec::new();
     for t in 0..tasks {
-        let mut kv = client.kv_client();
+        let mut c = client.clone();
+        let (mode, grants) = (mode.clone(), grants.clone());
         handles.push(tokio::spawn(async move {
-            let mut h = histogram();
+            let (mut first, mut second) = (histogram(), histogram());
             let mut errors = 0u64;
+            if mode == "put" {
+                while start.elapsed() < duration {
+                    let t0 = Instant::now();
+                    match c.put(format!("bench-put/{t}"), "x", None).await {
+                        Ok(_) => record(&mut first, t0.elapsed()),
+                        Err(_) => errors += 1,
+                    }
+                }
+                return (first, second, errors);
+            }
+            let Ok(session) = c.lease_grant(60, None).await else { return (first, second, 1) };
+            let name = if mode == "lock" { format!("bench-v3lock/{t}") } else { "bench-v3lock/one".into() };
+            let opts = etcd_client::LockOptions::new().with_lease(session.id());
             while start.elapsed() < duration {
                 let t0 = Instant::now();
-                match kv.put(format!("bench-put/{t}"), "x", None).await {
-                    Ok(_) => h.saturating_record(t0.elapsed().as_micros().max(1) as u64),
+                let key = match c.lock(name.as_str(), Some(opts.clone())).await {
+                    Ok(r) => r.key().to_vec(),
+                    Err(_) => {
+                        errors += 1;
+                        continue;
+                    }
+                };
+                let granted = Instant::now();
+                record(&mut first, granted - t0);
+                let t1 = Instant::now();
+                match c.unlock(key).await {
+                    Ok(_) => record(&mut second, t1.elapsed()),
                     Err(_) => errors += 1,
                 }
+                if mode == "lock-contended" {
+                    if let Ok(mut g) = grants.lock() {
+                        g.push((granted, Instant::now()));
+                    }
+                }
             }
-            (h, errors)
+            let _ = c.lease_revoke(session.id()).await;
+            (first, second, errors)
         }));
     }
-    let (mut all, mut errors) = (histogram(), 0);
+    let (mut first, mut second, mut errors) = (histogram(), histogram(), 0);
     for h in handles {
-        let (h, e) = h.await?;
-        all.add(&h)?;
+        let (a, b, e) = h.await?;
+        first.add(&a)?;
+        second.add(&b)?;
         errors += e;
     }
     let elapsed = start.elapsed().as_secs_f64();
-    println!(
-        "{}",
+    let mut handoff = histogram();
+    let mut grants = grants.lock().map(|mut g| std::mem::take(&mut *g)).unwrap_or_default();
+    grants.sort_by_key(|g| g.0);
+    for w in grants.windows(2) {
+        record(&mut handoff, w[1].0.saturating_duration_since(w[0].1));
+    }
+    let rate = first.len() as f64 / elapsed;
+    let json = if mode == "put" {
         serde_json::json!({
             "endpoint": endpoint,
+            "mode": mode,
             "concurrency": tasks,
             "duration_s": elapsed,
-            "puts_per_s": all.len() as f64 / elapsed,
-            "put_p50_ms": quantile_ms(&all, 0.5),
-            "put_p99_ms": quantile_ms(&all, 0.99),
+            "puts_per_s": rate,
+            "put_p50_ms": quantile_ms(&first, 0.5),
+            "put_p99_ms": quantile_ms(&first, 0.99),
             "errors": errors,
         })
-    );
+    } else {
+        serde_json::json!({
+            "endpoint": endpoint,
+            "mode": mode,
+            "concurrency": tasks,
+            "duration_s": elapsed,
+            "ops_per_s": rate,
+            "acquire_p50_ms": quantile_ms(&first, 0.5),
+            "acquire_p99_ms": quantile_ms(&first, 0.99),
+            "release_p50_ms": quantile_ms(&second, 0.5),
+            "release_p99_ms": quantile_ms(&second, 0.99),
+            "handoff_p50_ms": (mode == "lock-contended").then(|| quantile_ms(&handoff, 0.5)),
+            "handoff_p99_ms": (mode == "lock-contended").then(|| quantile_ms(&handoff, 0.99)),
+            "errors": errors,
+        })
+    };
+    println!("{json}");
     Ok(())
 }

@@ -45,7 +45,10 @@ pub mod validate;
 
 /// The attribute backends implement [`Backend`] with, re-exported so they need no extra dependency.
 pub use async_trait::async_trait;
-pub use backend::{Backend, MemoryBackend, MemoryStats, Observer, SavedLease, TableEvent, WaiterInfo};
+pub use backend::{
+    Backend, MemoryBackend, MemoryStats, Observer, Offers, SavedLease, StoreEvent, StoreEventKind,
+    StoreObserver, TableEvent, WaiterInfo,
+};
 pub use error::{Error, LossReason, Result};
 pub use lease::{Lease, LeaseState, LeaseWatch};
 pub use locker::{Fence, Locker};

@@ -424,3 +424,291 @@ async fn user_and_password() {
         Locker::open(&format!("{}?timeout=3s&user=root&password=nope", cluster.url())).await.map(drop);
     assert!(matches!(wrong, Err(Error::Unauthorized(_))), "{wrong:?}");
 }
+
+fn etcd_url(cluster: &EtcdCluster) -> String {
+    format!("{}?timeout=2s&prefix=dl-test", cluster.url())
+}
+
+/// A backend of its own (for its session's lease id) and a locker on it.
+async fn own_backend(cluster: &EtcdCluster) -> (Arc<distlock::backend::etcd::EtcdBackend>, Locker) {
+    let _ = locker(cluster).await; // etcd up and answering
+    let backend = Arc::new(distlock::backend::etcd::EtcdBackend::open(&etcd_url(cluster)).await.unwrap());
+    (backend.clone(), Locker::with_backend(backend))
+}
+
+async fn raw_client(cluster: &EtcdCluster) -> etcd_client::Client {
+    let port = cluster.client_ports()[0];
+    etcd_client::Client::connect([format!("http://127.0.0.1:{port}")], None).await.unwrap()
+}
+
+/// The one session lease of a backend that has one.
+fn session_of(backend: &distlock::backend::etcd::EtcdBackend) -> i64 {
+    let sessions = backend.session_leases();
+    assert_eq!(sessions.len(), 1, "one session: {sessions:?}");
+    sessions[0]
+}
+
+async fn wait_until<F: std::future::Future<Output = bool>>(
+    within: Duration,
+    what: &str,
+    mut check: impl FnMut() -> F,
+) {
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sessions (etcd's `concurrency.Session`): one etcd lease for every lock a backend holds with
+/// one TTL, however many it holds or grants; another TTL gets a session of its own; and a busy
+/// lock reuses its key names instead of creating a new one on every acquire (every name stays in
+/// etcd's key index until a compaction, and queue reads scan the names under the lock's prefix).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_session_lease_for_every_lock_of_a_ttl() {
+    let cluster = EtcdCluster::start(1);
+    let mut raw = raw_client(&cluster).await;
+    let (backend, l) = own_backend(&cluster).await;
+    let opts = AcquireOptions::new().ttl(Duration::from_secs(5));
+    let mut held = Vec::new();
+    for i in 0..20 {
+        held.push(l.acquire(&format!("many/{i}"), &opts).await.unwrap());
+    }
+    let session = session_of(&backend);
+    assert_eq!(raw.leases().await.unwrap().leases().len(), 1, "one etcd lease for 20 locks");
+    let ttl = raw.lease_time_to_live(session, None).await.unwrap().granted_ttl();
+    assert_eq!(ttl, 6, "a fifth over the locks' 5 s TTL, in whole seconds");
+    for lease in held {
+        lease.release().await.unwrap();
+    }
+    let mut names = std::collections::HashSet::new();
+    for _ in 0..100 {
+        let lease = l.acquire("busy", &opts).await.unwrap();
+        names.insert(lease.lease_id().as_str().split('.').next().unwrap_or_default().to_owned());
+        lease.release().await.unwrap();
+    }
+    assert_eq!(names.len(), 1, "100 cycles of one lock used one key name: {names:?}");
+    assert_eq!(backend.session_leases(), vec![session], "released locks leave the session");
+    assert!(raw.lease_time_to_live(session, None).await.unwrap().ttl() > 0, "the session lives on");
+    let other = l.acquire("ten", &AcquireOptions::new().ttl(Duration::from_secs(10))).await.unwrap();
+    assert_eq!(backend.session_leases().len(), 2, "another TTL, another session");
+    other.release().await.unwrap();
+}
+
+/// Each lock keeps its own TTL on a shared session: a grant nobody renews (no keeper at all)
+/// loses its key at its deadline — the backend deletes it, marking why — although the session's
+/// etcd lease lives on for a renewed lock beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unrenewed_lock_expires_while_its_session_lives() {
+    let cluster = EtcdCluster::start(1);
+    let mut raw = raw_client(&cluster).await;
+    let (backend, a) = own_backend(&cluster).await;
+    let b = locker(&cluster).await;
+    let ttl = Duration::from_secs(1);
+    let kept = a.acquire("kept", &AcquireOptions::new().ttl(ttl)).await.unwrap();
+    let req = AcquireRequest {
+        key: "stale".into(),
+        lease_id: LeaseId::generate(),
+        holder: "stale".into(),
+        ttl,
+        wait: Some(Duration::ZERO),
+    };
+    let stale = a.backend().acquire(req).await.unwrap();
+    let session = session_of(&backend);
+    let start = Instant::now();
+    let next = b.acquire("stale", &AcquireOptions::new().wait(Duration::from_secs(10))).await.unwrap();
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(3),
+        "freed after {waited:?}"
+    );
+    assert!(next.fencing_token() > stale.fencing_token);
+    assert!(kept.is_held() && b.status("kept").await.unwrap().held, "the renewed lock stays");
+    assert!(raw.lease_time_to_live(session, None).await.unwrap().ttl() > 0, "the session lives on");
+    let mark = raw.get("dl-test/!expired", None).await.unwrap();
+    let mark = mark.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
+    assert!(mark.is_some_and(|m| m.starts_with("dl-test/stale/")), "why the key went is marked");
+    kept.release().await.unwrap();
+}
+
+/// A session lease that ends (revoked here, as it would lapse) takes every lock on it: each lease
+/// learns it at its next renewal (`NotOwner`), the keys are free at once for others, and the
+/// backend starts a new session for its next locks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_session_loses_every_lock_on_it() {
+    let cluster = EtcdCluster::start(1);
+    let mut raw = raw_client(&cluster).await;
+    let (backend, a) = own_backend(&cluster).await;
+    let b = locker(&cluster).await;
+    let opts = AcquireOptions::new().ttl(Duration::from_secs(2));
+    let mut leases = Vec::new();
+    for i in 0..3 {
+        leases.push(a.acquire(&format!("s/{i}"), &opts).await.unwrap());
+    }
+    let session = session_of(&backend);
+    raw.lease_revoke(session).await.unwrap();
+    for i in 0..3 {
+        b.acquire(&format!("s/{i}"), &AcquireOptions::new())
+            .await
+            .expect("free at once")
+            .release()
+            .await
+            .unwrap();
+    }
+    for lease in &leases {
+        let reason = tokio::time::timeout(Duration::from_secs(3), lease.lost()).await.expect("loss noticed");
+        assert_eq!(reason, LossReason::NotOwner);
+    }
+    let again = a.acquire("s/0", &opts).await.unwrap();
+    let new_session = session_of(&backend);
+    assert_ne!(new_session, session, "a new session");
+    again.release().await.unwrap();
+}
+
+/// A lock renewed through another backend (another process, e.g. another lock server in front of
+/// the same cluster) moves to that backend's session keeping its create revision: when the first
+/// process dies (its session ends), the lock stays held with the same fencing token, the first
+/// backend's deadline for it does not delete it, and the second can release it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_renewed_elsewhere_moves_to_that_session() {
+    let cluster = EtcdCluster::start(1);
+    let mut raw = raw_client(&cluster).await;
+    let (backend_a, a) = own_backend(&cluster).await;
+    let (backend_b, b) = own_backend(&cluster).await;
+    let req = AcquireRequest {
+        key: "moving".into(),
+        lease_id: LeaseId::generate(),
+        holder: "mover".into(),
+        ttl: Duration::from_secs(2),
+        wait: Some(Duration::ZERO),
+    };
+    let grant = a.backend().acquire(req).await.unwrap();
+    let token = grant.fencing_token;
+    let renewed = b.renew_lease("moving", &grant.lease_id, None).await.unwrap();
+    assert_eq!(renewed.fencing_token, token);
+    let (session_a, session_b) = (session_of(&backend_a), session_of(&backend_b));
+    assert_ne!(session_a, session_b);
+    raw.lease_revoke(session_a).await.unwrap();
+    // Past A's own deadline for it (2 s), renewed through B meanwhile.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        b.renew_lease("moving", &grant.lease_id, None).await.expect("renewed through B");
+    }
+    let st = b.status("moving").await.unwrap();
+    assert_eq!((st.held, st.holder.as_deref(), st.fencing_token), (true, Some("mover"), Some(token)));
+    assert!(a.release_lease("moving", &LeaseId::generate()).await.unwrap_err().is_lease_lost());
+    b.release_lease("moving", &grant.lease_id).await.unwrap();
+    assert!(!b.status("moving").await.unwrap().held);
+    drop(a);
+}
+
+/// A stale lease id never acts on a later grant of the same key name: names are reused, the
+/// secret in the lease id is not.
+#[tokio::test]
+async fn a_released_lease_id_cannot_touch_the_next_grant() {
+    let cluster = EtcdCluster::start(1);
+    let l = locker(&cluster).await;
+    let first = l.acquire("reuse", &AcquireOptions::new()).await.unwrap();
+    let old = first.lease_id().clone();
+    first.release().await.unwrap();
+    let second = l.acquire("reuse", &AcquireOptions::new().holder("second")).await.unwrap();
+    assert_eq!(
+        old.as_str().split('.').next(),
+        second.lease_id().as_str().split('.').next(),
+        "the same key name"
+    );
+    assert!(l.renew_lease("reuse", &old, None).await.unwrap_err().is_lease_lost());
+    assert!(l.release_lease("reuse", &old).await.unwrap_err().is_lease_lost());
+    assert_eq!(l.status("reuse").await.unwrap().holder.as_deref(), Some("second"));
+    second.release().await.unwrap();
+}
+
+fn etcdctl_lock(cluster: &EtcdCluster, name: &str, script: &str) -> std::process::Child {
+    let etcdctl = support::require_binary("etcdctl", "etcd-client");
+    std::process::Command::new(etcdctl)
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &format!("http://127.0.0.1:{}", cluster.client_ports()[0])])
+        .args(["lock", "--ttl", "5", name, "--", "sh", "-c", script])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// A mixed fleet shares a lock: distlock's key `K` and `etcdctl lock <prefix>/K` (Go's
+/// `concurrency.Mutex`) exclude each other in both directions and wait in one FIFO queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_lock_and_distlock_share_one_lock() {
+    let cluster = EtcdCluster::start(1);
+    let l = locker(&cluster).await;
+    let dir = tempfile::tempdir().unwrap();
+    let marks = dir.path().join("marks");
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+
+    // etcdctl holds: distlock is refused, then waits and gets the lock only after etcdctl's
+    // command finished and it unlocked.
+    let script = format!("echo in >> {0}; sleep 1; echo out >> {0}", marks.display());
+    let mut child = etcdctl_lock(&cluster, "dl-test/shared", &script);
+    wait_until(Duration::from_secs(10), "etcdctl holds", || async { read(&marks).contains("in") }).await;
+    let err = l.acquire("shared", &AcquireOptions::new()).await.unwrap_err();
+    assert!(matches!(err, Error::Held { .. }), "{err:?}");
+    let lease = l.acquire("shared", &AcquireOptions::new().wait(Duration::from_secs(20))).await.unwrap();
+    assert_eq!(read(&marks), "in\nout\n", "granted only after etcdctl's critical section");
+    assert!(child.wait().unwrap().success());
+
+    // distlock holds: etcdctl waits (its command does not run), a distlock waiter queues behind
+    // it, and on release the queue is served in order: etcdctl first, then distlock.
+    let marks2 = dir.path().join("marks2");
+    let mut child =
+        etcdctl_lock(&cluster, "dl-test/shared", &format!("echo etcdctl >> {}", marks2.display()));
+    wait_until(Duration::from_secs(10), "etcdctl queued", || async {
+        l.status("shared").await.is_ok_and(|s| s.waiters == 1)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(read(&marks2), "", "etcdctl's command ran while distlock held the lock");
+    let waiter = {
+        let (l, marks2) = (l.clone(), marks2.clone());
+        tokio::spawn(async move {
+            let lease =
+                l.acquire("shared", &AcquireOptions::new().wait(Duration::from_secs(20))).await.unwrap();
+            let seen = std::fs::read_to_string(&marks2).unwrap_or_default();
+            lease.release().await.unwrap();
+            seen
+        })
+    };
+    wait_until(Duration::from_secs(10), "distlock queued behind etcdctl", || async {
+        l.status("shared").await.is_ok_and(|s| s.waiters == 2)
+    })
+    .await;
+    lease.release().await.unwrap();
+    assert_eq!(waiter.await.unwrap(), "etcdctl\n", "etcdctl, queued first, went first");
+    assert!(child.wait().unwrap().success());
+}
+
+/// A member killed while a call is in flight to it (its connection breaks: tonic's "transport
+/// error") is a reason to try the next member, not a failure: the release goes through another
+/// member at once, so the lock is not left held until its TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_killed_mid_call_is_retried_on_the_next() {
+    let mut cluster = EtcdCluster::start(3);
+    let l = locker(&cluster).await;
+    let signal = |pid: Option<u32>, sig: &str| {
+        let pid = pid.expect("running").to_string();
+        assert!(std::process::Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    };
+    for round in 0..3 {
+        let lease = l.acquire("k", &AcquireOptions::new()).await.unwrap();
+        // The member this client talks to now (it moves on from a failed one in order).
+        let victim = round % 3;
+        signal(cluster.pid(victim), "-STOP");
+        let release = tokio::spawn(async move { lease.release().await });
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        cluster.kill(victim); // the release is in flight to it
+        let released = release.await.unwrap();
+        assert!(released.is_ok(), "round {round}: {released:?}");
+        assert!(!l.status("k").await.unwrap().held);
+        cluster.restart(victim);
+        let _ = locker(&cluster).await;
+    }
+}

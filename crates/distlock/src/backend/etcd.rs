@@ -1,29 +1,53 @@
 //! The etcd backend: `etcd://host:2379[,host2:2379,...][?prefix=P&timeout=D&user=U&password=W]`,
 //! with TLS when `ca=PATH` (PEM) is given, and a client certificate with `cert=PATH&key=PATH`.
 //!
-//! The algorithm of etcd's own `concurrency.Mutex`, as a thin adapter:
-//! - each acquire grants an etcd lease (TTL rounded up to whole seconds, and at least etcd's
-//!   minimum) and creates its own key `<prefix>/<encoded key>/<lease id>` bound to it, in a
-//!   transaction that only creates (create revision == 0) — never a blind put; a try-once acquire
-//!   creates it only when no key at all exists under the lock's prefix, so a refusal leaves
-//!   nothing behind;
-//! - the owner is the key with the lowest create revision under the lock's prefix; a waiter
-//!   watches only the key just ahead of it (no thundering herd) and re-checks after every delete;
-//!   its etcd lease is kept alive while it waits; a wait that times out or fails revokes that
-//!   lease (deleting the key) before it returns, a cancelled one stops the keep-alive and removes
-//!   the key in the background, and a waiter whose process dies leaves a key that lapses with its
-//!   lease — no orphan key ever becomes "the holder";
+//! The algorithm of etcd's own `concurrency.Mutex`, with its sessions:
+//! - **sessions**: one etcd lease per backend (per [`crate::Locker`]) and TTL class, granted on
+//!   first use and kept alive by one background task for every lock bound to it (every TTL/16
+//!   of the session), as etcd's `concurrency.Session` does. A lock of TTL `L` lives in the session
+//!   whose etcd lease has TTL `S` = ⌈1.2 L⌉ s (at least etcd's minimum): the spare fifth covers the
+//!   time since the session's last keep-alive, so every grant and renewal can count its full `L`
+//!   from the moment the call began without a keep-alive of its own. A session nobody has used
+//!   for `max(S, 10 s)` is revoked; one whose lease etcd no longer knows is replaced.
+//! - **acquire** is one create-only transaction (create revision == 0; never a blind put) of the
+//!   caller's own key `<prefix>/<encoded key>/<lease id>` bound to the session's lease, which also
+//!   reads the owner (lowest create revision) under the lock's prefix; a try-once acquire creates
+//!   its key only when no key at all exists under the prefix, so a refusal leaves nothing behind.
+//!   **release** is one delete of that key; the session lease stays for the other locks.
+//! - a waiter watches only the key just ahead of it (no thundering herd): it sets the watch up
+//!   from the current revision, then checks that key is still there (so etcd never has to replay
+//!   history to it, which its watch machinery does only every 100 ms), and looks again after every
+//!   delete. A wait that times out or fails deletes its key before it returns; a cancelled one
+//!   deletes it in the background; a waiter whose process dies leaves a key that lapses with the
+//!   session lease — no orphan key ever becomes "the holder".
+//! - **each lock keeps its own TTL**: the backend keeps the deadline of every lock granted or
+//!   renewed through it and deletes the key when the deadline passes unrenewed (a transaction that
+//!   also checks the key still has its create revision and session), so a holder that stops
+//!   renewing frees the lock after its TTL even while the session lives on. If the process dies,
+//!   the session lease lapses and etcd deletes every key bound to it.
+//! - **renew** reads the key (gone: [`Error::LeaseLost`]) and moves the lock's deadline; the
+//!   session is refreshed only when its last keep-alive is older than the spare fifth allows. A
+//!   key bound to another lease (a lock granted through another process, e.g. another lock server
+//!   in front of the same cluster, or through a session of another TTL) is moved to this backend's
+//!   session in one transaction that keeps its create revision, so its fencing token and its place
+//!   in the queue stay.
 //! - the fencing token is the create revision of the holder's key (etcd's global revision, so it
-//!   strictly increases across all grants);
-//! - renew refreshes the etcd lease once (keep-alive); release deletes the holder's own key and
-//!   revokes its lease. The key name carries the secret lease id, so nobody else can address it.
+//!   strictly increases across all grants).
 //!
-//! Keys are percent-encoded (`/` → `%2F`, `%` → `%25`) so one lock's prefix never contains
-//! another's. Every call is bounded by `timeout` (default 2 s) and fails with `Unavailable`, whose
-//! message is one line naming the endpoint and the cause. A renew whose etcd lease is gone (a
-//! release or expiry raced it) is `LeaseLost`.
+//! Interoperability: a lock `K` here and `etcdctl lock <prefix>/K` (or Go's `concurrency.Mutex` on
+//! `<prefix>/K`) share one queue — they create their keys under the same prefix and the owner is
+//! the lowest create revision for all of them — so a mixed fleet of Go and Rust services can share
+//! a lock. Keys are percent-encoded (`/` → `%2F`, `%` → `%25`) so one lock's prefix never
+//! contains another's. `<prefix>/!expired` and `<prefix>/!forced` are written (bound to the lease
+//! of the key they name) when a lock's deadline passes or an operator frees it, so that watchers
+//! can tell why a key went; do not use the bare prefix itself as an `etcdctl lock` name.
+//!
+//! Every call is bounded by `timeout` (default 2 s) and fails with `Unavailable`, whose message is
+//! one line naming the endpoint and the cause.
 
-use std::sync::Mutex;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -31,34 +55,299 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, SortOrder,
     SortTarget, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Offers, StoreEvent, StoreEventKind, StoreObserver, WaiterInfo};
 use crate::error::{Error, Result};
 use crate::types::{AcquireRequest, Grant, LeaseId, ListQuery, LockInfo, LockPage};
 
-/// A client of one etcd cluster.
+/// A client of one etcd cluster. Dropping it revokes its sessions (in the background).
 pub struct EtcdBackend {
+    inner: Arc<Inner>,
+}
+
+/// What the backend's tasks share.
+struct Inner {
     /// One client per endpoint; requests go to `current` and move on when it fails.
     clients: Vec<Client>,
     /// The endpoint of each client, for messages.
     endpoints: Vec<String>,
-    current: std::sync::atomic::AtomicUsize,
+    current: AtomicUsize,
     prefix: String,
     timeout: Duration,
     /// How long one attempt on one member may take before the next member is tried.
     attempt_timeout: Duration,
     /// Attempts per request (two rounds over the endpoints).
     attempts: usize,
+    /// The session of each etcd lease TTL (seconds asked for, and seconds granted).
+    sessions: Mutex<HashMap<i64, Arc<Session>>>,
+    /// One lease grant at a time, so that concurrent first acquires share one session.
+    granting: tokio::sync::Mutex<()>,
+    /// The locks granted or renewed through this backend, with their deadlines.
+    held: Mutex<HeldTable>,
+    /// Wakes the expiry task when an earlier deadline appears or the backend goes.
+    expiry_wake: Arc<Notify>,
+    expiry_task: Mutex<Option<JoinHandle<()>>>,
+    /// Our own waiting keys and since when they wait (for `waiters`).
+    waiting_since: Mutex<HashMap<String, Instant>>,
+    /// The watch behind [`Backend::observe`], once started: its mirror of every queue, the keys
+    /// this backend released since the watch last saw them go, and its task.
+    mirror: Mutex<Mirror>,
+    observing: AtomicBool,
+    released: Mutex<HashSet<String>>,
+    watch_task: Mutex<Option<JoinHandle<()>>>,
+    /// Ourselves, for the tasks we spawn (they must not keep the backend alive).
+    me: Weak<Inner>,
 }
+
+/// Locks a std mutex; a panic elsewhere while it was held does not make the data unusable here.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One etcd lease that many keys are bound to (etcd's `concurrency.Session`).
+struct Session {
+    id: i64,
+    /// The etcd lease's TTL, as granted.
+    ttl: Duration,
+    /// When the last keep-alive that etcd answered with the lease alive was sent (first: the
+    /// grant): the lease lives at least until `fresh + ttl` unless revoked.
+    fresh: Mutex<Instant>,
+    /// etcd answered that the lease no longer exists: every key bound to it is gone.
+    lost: AtomicBool,
+    /// Keys bound to it that this backend looks after (held locks and waiters).
+    users: AtomicUsize,
+    /// Since when `users` is zero.
+    idle_since: Mutex<Instant>,
+    /// One keep-alive at a time; callers that queue behind one share its answer.
+    refreshing: tokio::sync::Mutex<()>,
+    /// The key names of this session in use (see [`Slot`]).
+    slots: Mutex<Slots>,
+}
+
+/// Which key-name slots of a session are free. A key is named `<lock prefix><session>_<slot>`,
+/// the smallest free slot, so a busy lock reuses a handful of names as etcd's own `Mutex` reuses
+/// `<prefix>/<session>`: every name ever created stays in etcd's key index until a compaction,
+/// and each queue read scans the names under the lock's prefix, so fresh names on every acquire
+/// would make every acquire slower than the last.
+#[derive(Default)]
+struct Slots {
+    next: u32,
+    free: BTreeSet<u32>,
+}
+
+/// A key name taken from a session's slots. Given back only once its key is known to be gone
+/// ([`Slot::free`]); otherwise it is simply never reused (a name that might still exist in etcd
+/// must not be created again).
+struct Slot {
+    session: Arc<Session>,
+    n: u32,
+}
+
+impl Slot {
+    fn take(session: &Arc<Session>) -> Slot {
+        let mut slots = lock(&session.slots);
+        let n = match slots.free.pop_first() {
+            Some(n) => n,
+            None => {
+                slots.next += 1;
+                slots.next - 1
+            }
+        };
+        Slot { session: session.clone(), n }
+    }
+
+    /// The key's name under the lock's prefix.
+    fn name(&self) -> String {
+        format!("{:x}_{}", self.session.id, self.n)
+    }
+
+    /// Its key is gone: the name may be used again.
+    fn free(self) {
+        lock(&self.session.slots).free.insert(self.n);
+    }
+}
+
+impl Session {
+    fn fresh(&self) -> Instant {
+        *lock(&self.fresh)
+    }
+
+    fn lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
+
+    /// The time a lock of TTL `ttl` may count from `at`: true unless the session's last
+    /// keep-alive is too old for its spare time to cover `ttl` from `at`.
+    fn covers(&self, ttl: Duration, at: Instant) -> bool {
+        self.fresh() + self.ttl.saturating_sub(ttl) >= at
+    }
+}
+
+/// One key bound to a session, for as long as this backend looks after it.
+struct SessionUse(Arc<Session>);
+
+impl SessionUse {
+    fn new(session: &Arc<Session>) -> SessionUse {
+        session.users.fetch_add(1, Ordering::AcqRel);
+        SessionUse(session.clone())
+    }
+}
+
+impl Drop for SessionUse {
+    fn drop(&mut self) {
+        if self.0.users.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *lock(&self.0.idle_since) = Instant::now();
+        }
+    }
+}
+
+/// A lock granted or renewed through this backend.
+struct HeldLock {
+    /// Its fencing token (the key's create revision).
+    token: i64,
+    /// The secret part of its lease id (see [`LeaseName`]).
+    secret: String,
+    /// The TTL asked for.
+    ttl: Duration,
+    deadline: Instant,
+    /// The session its key is bound to.
+    session: SessionUse,
+    /// The name its key occupies, when it is one of this backend's.
+    slot: Option<Slot>,
+    /// The exact value of a key whose creation could not be confirmed (the answer to its
+    /// transaction was lost): deleted at the deadline if it exists, by value rather than by
+    /// create revision (then unknown, `token` 0).
+    unsure: Option<String>,
+}
+
+impl HeldLock {
+    /// Its key is gone: give its name back.
+    fn gone(self) {
+        if let Some(slot) = self.slot {
+            slot.free();
+        }
+    }
+}
+
+/// The held locks by etcd key, and their deadlines in order.
+#[derive(Default)]
+struct HeldTable {
+    locks: HashMap<String, HeldLock>,
+    deadlines: BTreeSet<(Instant, String)>,
+}
+
+impl HeldTable {
+    /// Records (or replaces) a lock; `true` when its deadline is now the earliest.
+    fn insert(&mut self, key: String, held: HeldLock) -> bool {
+        if let Some(old) = self.locks.remove(&key) {
+            self.deadlines.remove(&(old.deadline, key.clone()));
+        }
+        let earliest = self.deadlines.first().is_none_or(|(d, _)| held.deadline < *d);
+        self.deadlines.insert((held.deadline, key.clone()));
+        self.locks.insert(key, held);
+        earliest
+    }
+
+    fn remove(&mut self, key: &str) -> Option<HeldLock> {
+        let held = self.locks.remove(key)?;
+        self.deadlines.remove(&(held.deadline, key.to_owned()));
+        Some(held)
+    }
+
+    /// Takes out the locks whose deadline has passed.
+    fn pop_due(&mut self, now: Instant) -> Vec<(String, HeldLock)> {
+        let mut due = Vec::new();
+        while let Some((deadline, _)) = self.deadlines.first() {
+            if *deadline > now {
+                break;
+            }
+            let Some((_, key)) = self.deadlines.pop_first() else { break };
+            if let Some(held) = self.locks.remove(&key) {
+                due.push((key, held));
+            }
+        }
+        due
+    }
+}
+
+/// The etcd lease TTL (whole seconds) of the session for locks of TTL `ttl`: a fifth more, so the
+/// session's spare time (at least a sixth of its TTL) covers the keep-alive interval (TTL/16)
+/// with room for a late or failed keep-alive.
+fn session_secs(ttl: Duration) -> i64 {
+    (ttl.as_millis().saturating_mul(6).div_ceil(5).div_ceil(1000) as i64).max(1)
+}
+
+/// The lock TTL a session of `secs` seconds is for (the inverse of [`session_secs`], rounded down).
+fn lock_ttl_of_session(secs: i64) -> Duration {
+    Duration::from_millis((secs.max(1) as u64) * 1000 * 5 / 6)
+}
+
+/// A lease id of this backend: `<session>_<slot>.<secret>`, the name of its key under the lock's
+/// prefix and the secret its value carries, which proves the caller is the one the key was granted
+/// to (names are reused, so a name alone proves nothing). A lease id without a `.` is the
+/// key-per-lease form of earlier versions: the key's name itself, with no secret stored.
+struct LeaseName<'a> {
+    name: &'a str,
+    secret: Option<&'a str>,
+}
+
+impl LeaseName<'_> {
+    fn of(id: &LeaseId) -> Option<LeaseName<'_>> {
+        let (name, secret) = match id.as_str().split_once('.') {
+            Some((name, secret)) => (name, Some(secret)),
+            None => (id.as_str(), None),
+        };
+        (!name.is_empty() && !name.contains('/')).then_some(LeaseName { name, secret })
+    }
+
+    /// Whether a lock this backend looks after belongs to this lease id.
+    fn owns_held(&self, held: &HeldLock) -> bool {
+        self.secret.unwrap_or_default() == held.secret
+    }
+
+    /// Whether a key's value belongs to this lease id.
+    fn owns(&self, value: &[u8]) -> bool {
+        self.secret.is_none_or(|secret| secret_of(value) == Some(secret))
+    }
+}
+
+/// The value of our keys: the holder label, a newline (labels have no control characters), and
+/// the lease's secret. Keys of `etcdctl lock` and Go's `Mutex` have an empty value.
+fn our_value(holder: &str, secret: &str) -> String {
+    format!("{holder}\n{secret}")
+}
+
+/// The holder label in a key's value (the whole value when it is not ours).
+fn holder_of(value: &[u8]) -> String {
+    let v = text(value);
+    match v.rsplit_once('\n') {
+        Some((holder, _)) => holder.to_owned(),
+        None => v,
+    }
+}
+
+fn secret_of(value: &[u8]) -> Option<&str> {
+    std::str::from_utf8(value).ok()?.rsplit_once('\n').map(|(_, secret)| secret)
+}
+
+/// Where watchers learn why a key went: written in the transaction that deletes it.
+const EXPIRED_MARK: &str = "!expired";
+const FORCED_MARK: &str = "!forced";
 
 /// Errors worth another attempt: the request did not reach a live member (another endpoint of the
 /// balanced channel may answer).
 fn is_transient(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::TransportError(_) => true,
-        // Cancelled, DeadlineExceeded, Unavailable.
-        etcd_client::Error::GRpcStatus(s) => matches!(s.code() as i32, 1 | 4 | 14),
+        // Cancelled, DeadlineExceeded, Unavailable; and a connection that broke under the call
+        // (a member killed), which tonic reports as Unknown "transport error".
+        etcd_client::Error::GRpcStatus(s) => {
+            matches!(s.code() as i32, 1 | 4 | 14)
+                || (s.code() as i32 == 2 && s.message().contains("transport error"))
+        }
         _ => false,
     }
 }
@@ -233,20 +522,43 @@ impl EtcdBackend {
             return Err(Error::Unavailable(format!("no etcd endpoint usable: {}", errors.join("; "))));
         }
         let n = clients.len();
-        Ok(EtcdBackend {
+        let inner = Arc::new_cyclic(|me| Inner {
             clients,
             endpoints: connected,
-            current: std::sync::atomic::AtomicUsize::new(0),
+            current: AtomicUsize::new(0),
             prefix,
             timeout,
             attempt_timeout: (timeout / n as u32).max(Duration::from_millis(300)),
             attempts: 2 * n,
-        })
+            sessions: Mutex::new(HashMap::new()),
+            granting: tokio::sync::Mutex::new(()),
+            held: Mutex::new(HeldTable::default()),
+            expiry_wake: Arc::new(Notify::new()),
+            expiry_task: Mutex::new(None),
+            waiting_since: Mutex::new(HashMap::new()),
+            mirror: Mutex::new(Mirror::default()),
+            observing: AtomicBool::new(false),
+            released: Mutex::new(HashSet::new()),
+            watch_task: Mutex::new(None),
+            me: me.clone(),
+        });
+        Ok(EtcdBackend { inner })
     }
 
+    /// The etcd lease ids of this backend's live sessions (for tests and diagnostics).
+    pub fn session_leases(&self) -> Vec<i64> {
+        let sessions = lock(&self.inner.sessions);
+        let mut ids: Vec<i64> = sessions.values().filter(|s| !s.lost()).map(|s| s.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+}
+
+impl Inner {
     /// The member requests go to now, and its index.
     fn client(&self) -> (usize, Client) {
-        let i = self.current.load(std::sync::atomic::Ordering::Relaxed) % self.clients.len();
+        let i = self.current.load(Ordering::Relaxed) % self.clients.len();
         (i, self.clients[i].clone())
     }
 
@@ -258,16 +570,15 @@ impl EtcdBackend {
     /// Moves on from member `failed` (unless another request already did).
     fn rotate(&self, failed: usize) {
         let next = (failed + 1) % self.clients.len();
-        let _ = self.current.compare_exchange(
-            failed,
-            next,
-            std::sync::atomic::Ordering::Relaxed,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        let _ = self.current.compare_exchange(failed, next, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     fn lock_prefix(&self, key: &str) -> String {
         format!("{}/{}/", self.prefix, encode(key))
+    }
+
+    fn mark_key(&self, mark: &str) -> String {
+        format!("{}/{mark}", self.prefix)
     }
 
     /// The owner (lowest create revision) under a lock prefix.
@@ -279,7 +590,7 @@ impl EtcdBackend {
     }
 
     /// Refreshes an etcd lease once; returns its TTL (0 when it no longer exists: expired, or
-    /// revoked by a release that raced with this renewal).
+    /// revoked).
     async fn keep_alive_once(&self, first: usize, lease: i64) -> Result<i64> {
         let (clients, timeout) = (&self.clients, self.timeout);
         let deadline = Instant::now() + timeout;
@@ -309,33 +620,197 @@ impl EtcdBackend {
             .unwrap_or_else(|| Error::Unavailable(format!("etcd keep-alive: no answer within {timeout:?}"))))
     }
 
-    /// Takes our key out of the queue before returning (a refusal, a wait that timed out or
-    /// failed): revoking its etcd lease deletes the key with it. Otherwise the key would stay
-    /// behind when the process exits right after, and become "the holder" once the keys ahead
-    /// of it go. If etcd cannot be reached, the clean-up goes on in the background; nothing keeps
-    /// the lease alive any more, so the key lapses with it in any case.
-    async fn remove(&self, my_key: &str, lease: i64) {
-        let revoked = match call!(self, |c| c.lease_revoke(lease)) {
-            Ok(_) => true,
-            // Gone already (expired): its key went with it.
-            Err(Error::Unavailable(m)) if m.contains("NotFound") || m.contains("lease not found") => true,
-            Err(_) => false,
-        };
-        if !revoked && call!(self, |c| c.delete(my_key, None)).is_err() {
-            self.abandon(my_key.to_owned(), lease);
+    /// Makes sure a keep-alive of `session` was sent at or after `after` and answered: returns
+    /// when the last one was sent, or `None` when etcd says the lease is gone (with every key
+    /// bound to it). Callers that queue behind a keep-alive in flight share its answer.
+    async fn refresh(&self, session: &Session, after: Instant) -> Result<Option<Instant>> {
+        let _one = session.refreshing.lock().await;
+        if session.lost() {
+            return Ok(None);
+        }
+        let fresh = session.fresh();
+        if fresh >= after {
+            return Ok(Some(fresh));
+        }
+        let sent = Instant::now();
+        match self.keep_alive_once(self.client().0, session.id).await? {
+            ttl if ttl > 0 => {
+                let mut f = lock(&session.fresh);
+                *f = (*f).max(sent);
+                Ok(Some(*f))
+            }
+            _ => {
+                session.lost.store(true, Ordering::Release);
+                self.forget_session(session);
+                Ok(None)
+            }
         }
     }
 
-    /// Deletes our key and revokes our lease in the background, retrying for a while: when the
-    /// caller cannot wait (a cancelled acquire), or etcd could not be reached just now.
-    fn abandon(&self, my_key: String, lease: i64) {
+    /// A use of the live session for etcd lease TTL `secs`, granting one if there is none.
+    async fn session(&self, secs: i64) -> Result<SessionUse> {
+        if let Some(u) = self.existing_session(secs) {
+            return Ok(u);
+        }
+        let _one = self.granting.lock().await;
+        if let Some(u) = self.existing_session(secs) {
+            return Ok(u);
+        }
+        let sent = Instant::now();
+        let granted = call!(self, |c| c.lease_grant(secs, None))?;
+        let granted_secs = granted.ttl().max(1);
+        let session = Arc::new(Session {
+            id: granted.id(),
+            ttl: Duration::from_secs(granted_secs as u64),
+            fresh: Mutex::new(sent),
+            lost: AtomicBool::new(false),
+            users: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+            refreshing: tokio::sync::Mutex::new(()),
+            slots: Mutex::new(Slots::default()),
+        });
+        let used = SessionUse::new(&session);
+        {
+            let mut sessions = lock(&self.sessions);
+            sessions.insert(secs, session.clone());
+            // etcd may grant more than asked (its minimum TTL): locks asking for that get it too.
+            if granted_secs != secs && sessions.get(&granted_secs).is_none_or(|s| s.lost()) {
+                sessions.insert(granted_secs, session.clone());
+            }
+        }
+        tokio::spawn(keep_session(self.me.clone(), session));
+        Ok(used)
+    }
+
+    fn existing_session(&self, secs: i64) -> Option<SessionUse> {
+        let sessions = lock(&self.sessions);
+        // Counted as used under the map's lock, so the keeper cannot retire it in between.
+        sessions.get(&secs).filter(|s| !s.lost()).map(SessionUse::new)
+    }
+
+    /// Takes a session out of use (lost, or lapsed while etcd could not be reached).
+    fn forget_session(&self, session: &Session) {
+        lock(&self.sessions).retain(|_, s| !std::ptr::eq(Arc::as_ptr(s), session));
+    }
+
+    /// Takes an idle session out of the map if nobody uses it (checked under the map's lock);
+    /// `true` when it was retired and may be revoked.
+    fn retire_if_idle(&self, session: &Session) -> bool {
+        let mut sessions = lock(&self.sessions);
+        if session.users.load(Ordering::Acquire) > 0 {
+            return false;
+        }
+        sessions.retain(|_, s| !std::ptr::eq(Arc::as_ptr(s), session));
+        true
+    }
+
+    /// Records a lock granted or renewed through this backend until `deadline`.
+    fn hold(&self, key: String, held: HeldLock) {
+        let earliest = lock(&self.held).insert(key, held);
+        {
+            let mut task = lock(&self.expiry_task);
+            if task.as_ref().is_none_or(JoinHandle::is_finished) {
+                *task = Some(tokio::spawn(expire_locks(self.me.clone(), self.expiry_wake.clone())));
+            }
+        }
+        if earliest {
+            self.expiry_wake.notify_one();
+        }
+    }
+
+    fn unhold(&self, key: &str) -> Option<HeldLock> {
+        lock(&self.held).remove(key)
+    }
+
+    /// Stops looking after the lock `lease` names; `gone`: its key is known to be deleted, so its
+    /// name may be reused.
+    fn forget(&self, key: &str, lease: &LeaseName<'_>, gone: bool) {
+        let mut held = lock(&self.held);
+        if held.locks.get(key).is_some_and(|h| lease.owns_held(h)) {
+            if let Some(h) = held.remove(key) {
+                drop(held);
+                if gone {
+                    h.gone();
+                }
+            }
+        }
+    }
+
+    /// Deletes the key of a lock whose deadline passed unrenewed — only if it is still the same
+    /// key bound to the same session — and marks why, for watchers. `false` when etcd could not be
+    /// reached (try again later).
+    async fn expire(&self, key: &str, held: HeldLock) -> Option<HeldLock> {
+        let lease = held.session.0.id;
+        let same = match &held.unsure {
+            Some(value) => Compare::value(key, CompareOp::Equal, value.as_str()),
+            None => Compare::create_revision(key, CompareOp::Equal, held.token),
+        };
+        let txn = Txn::new().when([same, Compare::lease(key, CompareOp::Equal, lease)]).and_then([
+            TxnOp::delete(key, None),
+            TxnOp::put(self.mark_key(EXPIRED_MARK), key, Some(PutOptions::new().with_lease(lease))),
+        ]);
+        match call!(self, |c| c.txn(txn.clone())) {
+            Ok(resp) if resp.succeeded() => {
+                tracing::info!(key = %decode_lock(&self.prefix, key), "lock expired: its deadline passed unrenewed");
+                if held.unsure.is_none() {
+                    held.gone();
+                }
+                None
+            }
+            // Gone already, or bound to another lease now (renewed through another process): not
+            // ours to delete, and its name not ours to reuse.
+            Ok(_) => None,
+            // The session lease is gone, and the key with it.
+            Err(e) if lease_gone(&e) => {
+                held.gone();
+                None
+            }
+            Err(Error::Unavailable(_)) => Some(held),
+            Err(_) => None,
+        }
+    }
+
+    /// Looks after a key whose creating transaction may have been applied although its answer
+    /// was lost: unless the process dies first (then it lapses with the session), it is deleted
+    /// once any request still in flight has surely been applied or dropped. Its name is never
+    /// reused.
+    fn unsure(&self, key: String, value: String, used: SessionUse, slot: Slot) {
+        let deadline = Instant::now() + self.timeout.max(Duration::from_secs(5));
+        let held = HeldLock {
+            token: 0,
+            secret: String::new(),
+            ttl: Duration::ZERO,
+            deadline,
+            session: used,
+            slot: None,
+            unsure: Some(value),
+        };
+        drop(slot);
+        self.hold(key, held);
+    }
+
+    /// Takes our key out of the queue before returning (a wait that timed out or failed). If
+    /// etcd cannot be reached, the clean-up goes on in the background; the key lapses with the
+    /// session lease if the process dies first.
+    async fn remove(&self, my_key: &str, slot: Slot) {
+        lock(&self.waiting_since).remove(my_key);
+        match call!(self, |c| c.delete(my_key, None)) {
+            Ok(_) => slot.free(),
+            Err(_) => self.abandon(my_key.to_owned(), slot),
+        }
+    }
+
+    /// Deletes our key in the background, retrying for a while: when the caller cannot wait (a
+    /// cancelled acquire), or etcd could not be reached just now.
+    fn abandon(&self, my_key: String, slot: Slot) {
+        lock(&self.waiting_since).remove(&my_key);
         let clients = self.clients.clone();
         let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
         handle.spawn(async move {
             for attempt in 0..clients.len() * 4 {
                 let mut c = clients[attempt % clients.len()].clone();
                 if c.delete(my_key.as_str(), None).await.is_ok() {
-                    let _ = c.lease_revoke(lease).await;
+                    slot.free();
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
@@ -344,7 +819,8 @@ impl EtcdBackend {
     }
 
     /// Waits until our key is the owner, watching only the key just ahead of it each time. A
-    /// broken watch (a member died) is set up again on another endpoint.
+    /// broken watch (a member died) is set up again on another endpoint. `Ok(false)` at the
+    /// deadline.
     async fn wait_turn(
         &self,
         pfx: &str,
@@ -352,28 +828,56 @@ impl EtcdBackend {
         my_rev: i64,
         deadline: Option<Instant>,
     ) -> Result<bool> {
+        let ahead_opts = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Descend)
+            .with_max_create_revision(my_rev - 1)
+            .with_limit(1);
+        // One read: the key just ahead of ours, and whether ours is still there.
+        let look = Txn::new().and_then([
+            TxnOp::get(pfx, Some(ahead_opts)),
+            TxnOp::get(my_key, Some(GetOptions::new().with_count_only())),
+        ]);
+        let until = |d: Option<Instant>| async move {
+            match d {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
         loop {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(false);
             }
-            let opts = GetOptions::new()
-                .with_prefix()
-                .with_sort(SortTarget::Create, SortOrder::Descend)
-                .with_max_create_revision(my_rev - 1)
-                .with_limit(1);
-            let resp = call!(self, |c| c.get(pfx, Some(opts.clone())))?;
-            let Some(ahead) = resp.kvs().first().cloned() else {
-                // Nobody ahead: ours, if our key still exists (our lease may have expired).
-                let mine = call!(self, |c| c.get(my_key, None))?;
-                return if mine.kvs().is_empty() {
-                    Err(Error::Unavailable("etcd: our wait key vanished (its lease expired)".into()))
-                } else {
-                    Ok(true)
-                };
+            let resp = call!(self, |c| c.txn(look.clone()))?;
+            let mut gets = resp.op_responses().into_iter().filter_map(|r| match r {
+                TxnOpResponse::Get(g) => Some(g),
+                _ => None,
+            });
+            let ahead = gets.next().and_then(|g| g.kvs().first().cloned());
+            if gets.next().is_none_or(|g| g.count() == 0) {
+                return Err(Error::Unavailable(
+                    "etcd: our place in the queue vanished (the session's etcd lease ended)".into(),
+                ));
+            }
+            let Some(ahead) = ahead else { return Ok(true) };
+            // Watch the key ahead from the current revision on; once etcd confirms the watch,
+            // check that key is still the one we saw: a delete before the watch existed shows
+            // there, one after it comes as an event.
+            let mut stream = call!(self, |c| c.watch(ahead.key(), None))?;
+            let created = tokio::select! {
+                m = stream.message() => matches!(m, Ok(Some(ref m)) if m.created() && !m.canceled()),
+                () = until(deadline) => return Ok(false),
             };
-            let from = resp.header().map_or(0, |h| h.revision()) + 1;
-            let watch_opts = WatchOptions::new().with_start_revision(from);
-            let mut stream = call!(self, |c| c.watch(ahead.key(), Some(watch_opts.clone())))?;
+            if !created {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                    () = until(deadline) => return Ok(false),
+                }
+            }
+            let still = call!(self, |c| c.get(ahead.key(), None))?;
+            if still.kvs().first().is_none_or(|kv| kv.create_revision() != ahead.create_revision()) {
+                continue;
+            }
             let deleted = async {
                 while let Ok(Some(msg)) = stream.message().await {
                     if msg.events().iter().any(|e| e.event_type() == EventType::Delete) {
@@ -385,46 +889,507 @@ impl EtcdBackend {
                 }
                 false
             };
-            let deleted = match deadline {
-                Some(d) => match tokio::time::timeout_at(d, deleted).await {
-                    Ok(deleted) => deleted,
-                    Err(_) => return Ok(false),
-                },
-                None => deleted.await,
+            let deleted = tokio::select! {
+                deleted = deleted => deleted,
+                () = until(deadline) => return Ok(false),
             };
             if !deleted {
                 // The watch broke: look again after a short pause (bounded by the deadline).
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    () = until(deadline) => return Ok(false),
+                }
+            }
+        }
+    }
+
+    /// A grant to `my_key` (create revision `token`), recorded with its deadline. `counted_from`
+    /// is when the call began (the session's spare time covers the TTL from then; see `covers`).
+    fn granted(
+        &self,
+        my_key: String,
+        token: i64,
+        req: &AcquireRequest,
+        secret: &str,
+        (used, slot): (SessionUse, Slot),
+        counted_from: Instant,
+    ) -> Grant {
+        let deadline = Instant::now() + req.ttl;
+        let lease_id =
+            LeaseId::parse(&format!("{}.{secret}", slot.name())).unwrap_or_else(|_| req.lease_id.clone());
+        let secret = secret.to_owned();
+        let held =
+            HeldLock { token, secret, ttl: req.ttl, deadline, session: used, slot: Some(slot), unsure: None };
+        self.hold(my_key, held);
+        Grant { lease_id, fencing_token: token as u64, ttl: req.ttl, counted_from }
+    }
+
+    /// A session for locks of TTL `ttl` whose spare time covers `ttl` from `at` (refreshed if
+    /// needed; a lost one replaced once).
+    async fn covering_session(&self, ttl: Duration, at: Instant) -> Result<SessionUse> {
+        for _ in 0..2 {
+            let used = self.session(session_secs(ttl)).await?;
+            if used.0.covers(ttl, at) || self.refresh(&used.0, at).await?.is_some() {
+                return Ok(used);
+            }
+        }
+        Err(Error::Unavailable("etcd: the session's lease ended twice in a row".into()))
+    }
+}
+
+/// Keeps one session's etcd lease alive every TTL/16 while the backend lives; retires (revokes)
+/// it after it went unused for `max(TTL, 10 s)`; gives up on it when etcd says it is gone or it
+/// lapsed while etcd could not be reached.
+async fn keep_session(inner: Weak<Inner>, session: Arc<Session>) {
+    let every = (session.ttl / 16).max(Duration::from_millis(50));
+    let idle_limit = session.ttl.max(Duration::from_secs(10));
+    loop {
+        let due = session.fresh() + every;
+        tokio::time::sleep_until(due).await;
+        let Some(inner) = inner.upgrade() else { return };
+        if session.lost() {
+            inner.forget_session(&session);
+            return;
+        }
+        let idle =
+            session.users.load(Ordering::Acquire) == 0 && lock(&session.idle_since).elapsed() >= idle_limit;
+        if idle && inner.retire_if_idle(&session) {
+            let id = session.id;
+            let _ = call!(inner, |c| c.lease_revoke(id));
+            return;
+        }
+        match inner.refresh(&session, due).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                tracing::warn!(
+                    lease = session.id,
+                    "etcd session lease ended: the locks bound to it are lost"
+                );
+                return;
+            }
+            Err(e) => {
+                if session.fresh() + session.ttl < Instant::now() {
+                    // It lapsed while etcd could not be reached: start a new one for new locks;
+                    // renewals move any keys that survived (a new leader extends leases).
+                    tracing::warn!(lease = session.id, error = %e, "etcd session lease lapsed unrefreshed");
+                    inner.forget_session(&session);
+                    return;
+                }
+                drop(inner);
+                tokio::time::sleep((every / 4).max(Duration::from_millis(50))).await;
             }
         }
     }
 }
 
-/// Our queued key and its etcd lease, until the acquire returns a grant. Dropped while armed (the
-/// acquire was cancelled, or failed on its way) it removes the key in the background; the lease is
-/// no longer kept alive in any case, so the key also lapses with it if the process exits first.
-struct Pending<'a> {
-    backend: &'a EtcdBackend,
-    key: &'a str,
+/// Deletes the keys of locks whose deadline passed unrenewed (see [`Inner::expire`]).
+async fn expire_locks(inner: Weak<Inner>, wake: Arc<Notify>) {
+    loop {
+        let next = {
+            let Some(inner) = inner.upgrade() else { return };
+            let due = lock(&inner.held).pop_due(Instant::now());
+            for (key, held) in due {
+                if let Some(held) = inner.expire(&key, held).await {
+                    // etcd unreachable: try again in a second (the key also lapses with the
+                    // session if nobody keeps it alive).
+                    let retry = HeldLock { deadline: Instant::now() + Duration::from_secs(1), ..held };
+                    lock(&inner.held).insert(key, retry);
+                }
+            }
+            let next = lock(&inner.held).deadlines.first().map(|(d, _)| *d);
+            next
+        };
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(at) => {}
+                    () = wake.notified() => {}
+                }
+            }
+            None => wake.notified().await,
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.expiry_wake.notify_one();
+        if let Some(task) = lock(&self.watch_task).take() {
+            task.abort();
+        }
+        // Revoke the sessions: keys still bound to them go at once rather than at their TTL.
+        let ids: Vec<i64> = lock(&self.sessions).values().map(|s| s.id).collect();
+        let (Some(client), Ok(handle)) =
+            (self.clients.first().cloned(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        if ids.is_empty() {
+            return;
+        }
+        handle.spawn(async move {
+            let mut c = client;
+            let mut ids = ids;
+            ids.sort_unstable();
+            ids.dedup();
+            for id in ids {
+                let _ = tokio::time::timeout(Duration::from_secs(2), c.lease_revoke(id)).await;
+            }
+        });
+    }
+}
+
+/// What the watch behind [`Backend::observe`] knows of every queue under the prefix.
+#[derive(Default)]
+struct Mirror {
+    /// Lock prefix (`<prefix>/<encoded key>/`) → create revision → key.
+    queues: HashMap<String, BTreeMap<i64, Queued>>,
+    /// etcd key → (lock prefix, create revision).
+    keys: HashMap<String, (String, i64)>,
+    /// How many keys each etcd lease carries.
+    per_lease: HashMap<i64, usize>,
+}
+
+/// One key of a queue, as the watch saw it.
+#[derive(Clone)]
+struct Queued {
+    key: String,
+    holder: String,
     lease: i64,
-    armed: bool,
+    /// When this process first saw it (for the waiters' `waiting`).
+    seen: Instant,
+}
+
+impl Mirror {
+    fn head(&self, pfx: &str) -> Option<Head> {
+        self.queues.get(pfx).and_then(|q| q.first_key_value()).map(|(rev, k)| (*rev, k.clone()))
+    }
+
+    fn insert(&mut self, pfx: String, rev: i64, mut queued: Queued) {
+        if let Some((old_pfx, old_rev)) = self.keys.insert(queued.key.clone(), (pfx.clone(), rev)) {
+            // A key put again (moved to another lease): replace its entry, keep when it was seen.
+            if let Some(old) = self.queues.get_mut(&old_pfx).and_then(|q| q.remove(&old_rev)) {
+                queued.seen = old.seen;
+                self.drop_lease(old.lease);
+            }
+        }
+        *self.per_lease.entry(queued.lease).or_insert(0) += 1;
+        self.queues.entry(pfx).or_default().insert(rev, queued);
+    }
+
+    fn remove(&mut self, key: &str) -> Option<Queued> {
+        let (pfx, rev) = self.keys.remove(key)?;
+        let queue = self.queues.get_mut(&pfx)?;
+        let queued = queue.remove(&rev)?;
+        if queue.is_empty() {
+            self.queues.remove(&pfx);
+        }
+        self.drop_lease(queued.lease);
+        Some(queued)
+    }
+
+    fn lease_of(&self, key: &str) -> Option<i64> {
+        let (pfx, rev) = self.keys.get(key)?;
+        self.queues.get(pfx)?.get(rev).map(|q| q.lease)
+    }
+
+    fn drop_lease(&mut self, lease: i64) {
+        if let Some(n) = self.per_lease.get_mut(&lease) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_lease.remove(&lease);
+            }
+        }
+    }
+}
+
+/// The head of a queue: its create revision and key.
+type Head = (i64, Queued);
+
+/// Why a holder's key went, as the watch tells.
+#[derive(Clone, Copy)]
+enum Went {
+    Released,
+    Expired,
+    Forced,
+    /// Not known from the events alone: a release if its etcd lease still exists.
+    AskLease(i64),
+}
+
+/// What one revision meant, in order.
+enum Seen {
+    Event(StoreEvent),
+    /// A holder's key went.
+    Gone {
+        key: String,
+        holder: String,
+        fencing_token: u64,
+        went: Went,
+        local: bool,
+    },
+}
+
+impl Inner {
+    /// The lock prefix and the lock key of an etcd key under our prefix (`None` for the marks).
+    fn parse_key(&self, etcd_key: &str) -> Option<(String, String)> {
+        let rest = etcd_key.strip_prefix(&self.prefix)?.strip_prefix('/')?;
+        let (lock, _) = rest.rsplit_once('/')?;
+        Some((format!("{}/{lock}/", self.prefix), decode(lock)))
+    }
+
+    /// Loads every queue under the prefix into the mirror; returns the revision it reflects.
+    async fn load_mirror(&self) -> Result<i64> {
+        let pfx = format!("{}/", self.prefix);
+        let resp = call!(self, |c| c.get(pfx.as_str(), Some(GetOptions::new().with_prefix())))?;
+        let now = Instant::now();
+        let mut mirror = Mirror::default();
+        for kv in resp.kvs() {
+            let key = text(kv.key());
+            if let Some((lock_pfx, _)) = self.parse_key(&key) {
+                let queued = Queued { key, holder: holder_of(kv.value()), lease: kv.lease(), seen: now };
+                mirror.insert(lock_pfx, kv.create_revision(), queued);
+            }
+        }
+        *lock(&self.mirror) = mirror;
+        Ok(resp.header().map_or(0, |h| h.revision()))
+    }
+
+    /// Applies the events of one revision to the mirror and tells what they mean: a holder's key
+    /// gone (released; expired, by a deadline's mark or with its etcd lease; forced), the next
+    /// holder granted, callers queued.
+    fn apply_revision(&self, events: &[etcd_client::Event]) -> Vec<Seen> {
+        let (mut expired, mut forced) = (HashSet::new(), HashSet::new());
+        for e in events.iter().filter(|e| e.event_type() == EventType::Put) {
+            let Some(kv) = e.kv() else { continue };
+            let key = text(kv.key());
+            if key == self.mark_key(EXPIRED_MARK) {
+                expired.insert(text(kv.value()));
+            } else if key == self.mark_key(FORCED_MARK) {
+                forced.insert(text(kv.value()));
+            }
+        }
+        let now = Instant::now();
+        let ours: HashSet<i64> = lock(&self.sessions).values().map(|s| s.id).collect();
+        let mut mirror = lock(&self.mirror);
+        let mut released = lock(&self.released);
+        // The head of every queue this revision touches, before it.
+        let mut before: Vec<(String, String, Option<Head>)> = Vec::new();
+        let mut deleted: HashSet<String> = HashSet::new();
+        let mut own_releases: HashSet<String> = HashSet::new();
+        let mut deleted_per_lease: HashMap<i64, usize> = HashMap::new();
+        let mut lease_keys_before: HashMap<i64, usize> = HashMap::new();
+        // (lock prefix, create revision, holder, lease) of the keys this revision created.
+        let mut created: Vec<(String, i64, String, i64)> = Vec::new();
+        for e in events {
+            let Some(kv) = e.kv() else { continue };
+            let key = text(kv.key());
+            let Some((pfx, lock_key)) = self.parse_key(&key) else { continue };
+            if !before.iter().any(|(p, _, _)| *p == pfx) {
+                let head = mirror.head(&pfx);
+                before.push((pfx.clone(), lock_key, head));
+            }
+            match e.event_type() {
+                EventType::Put => {
+                    let holder = holder_of(kv.value());
+                    if kv.version() == 1 {
+                        created.push((pfx.clone(), kv.create_revision(), holder.clone(), kv.lease()));
+                    }
+                    let queued = Queued { key, holder, lease: kv.lease(), seen: now };
+                    mirror.insert(pfx, kv.create_revision(), queued);
+                }
+                EventType::Delete => {
+                    if released.remove(&key) {
+                        // Released, or force-released, through this backend.
+                        own_releases.insert(key.clone());
+                    }
+                    let Some(lease) = mirror.lease_of(&key) else { continue };
+                    let count = mirror.per_lease.get(&lease).copied().unwrap_or(0);
+                    lease_keys_before.entry(lease).or_insert(count);
+                    if mirror.remove(&key).is_some() {
+                        *deleted_per_lease.entry(lease).or_insert(0) += 1;
+                        deleted.insert(key);
+                    }
+                }
+            }
+        }
+        let mut seen = Vec::new();
+        for (pfx, lock_key, old) in before {
+            let new = mirror.head(&pfx);
+            let old_rev = old.as_ref().map(|(rev, _)| *rev);
+            if let Some((rev, old)) = old.filter(|(_, q)| deleted.contains(&q.key)) {
+                let local = own_releases.contains(&old.key);
+                let went = if forced.contains(&old.key) {
+                    Went::Forced
+                } else if expired.contains(&old.key) {
+                    Went::Expired
+                } else if local || old.lease == 0 {
+                    Went::Released
+                } else if deleted_per_lease.get(&old.lease).copied().unwrap_or(0) >= 2 {
+                    // Several keys of one lease in one revision: the lease ended.
+                    Went::Expired
+                } else if lease_keys_before.get(&old.lease).copied().unwrap_or(0) > 1 {
+                    // Its lease still carries other keys: it did not end.
+                    Went::Released
+                } else {
+                    Went::AskLease(old.lease)
+                };
+                let (key, holder, fencing_token) = (lock_key.clone(), old.holder, rev as u64);
+                seen.push(Seen::Gone { key, holder, fencing_token, went, local });
+            }
+            let new_rev = new.as_ref().map(|(rev, _)| *rev);
+            if let Some((rev, head)) = new.filter(|(rev, _)| Some(*rev) != old_rev) {
+                seen.push(Seen::Event(StoreEvent {
+                    kind: StoreEventKind::Granted,
+                    key: lock_key.clone(),
+                    holder: head.holder,
+                    fencing_token: Some(rev as u64),
+                    local: ours.contains(&head.lease),
+                }));
+            }
+            for (_, _, holder, lease) in created.iter().filter(|c| c.0 == pfx && Some(c.1) != new_rev) {
+                seen.push(Seen::Event(StoreEvent {
+                    kind: StoreEventKind::Queued,
+                    key: lock_key.clone(),
+                    holder: holder.clone(),
+                    fencing_token: None,
+                    local: ours.contains(lease),
+                }));
+            }
+        }
+        seen
+    }
+
+    /// Reports what one revision meant, asking etcd (once per lease) about the holders' keys
+    /// whose going the events alone do not explain.
+    async fn report(&self, seen: Vec<Seen>, observer: &StoreObserver) {
+        let mut alive: HashMap<i64, bool> = HashMap::new();
+        for s in &seen {
+            if let Seen::Gone { went: Went::AskLease(lease), .. } = s {
+                if !alive.contains_key(lease) {
+                    let lease = *lease;
+                    let ttl = call!(self, |c| c.lease_time_to_live(lease, None)).map_or(-1, |t| t.ttl());
+                    alive.insert(lease, ttl > 0);
+                }
+            }
+        }
+        for s in seen {
+            let event = match s {
+                Seen::Event(e) => e,
+                Seen::Gone { key, holder, fencing_token, went, local } => {
+                    let kind = match went {
+                        Went::Forced => StoreEventKind::ForceReleased,
+                        Went::Released => StoreEventKind::Released,
+                        Went::AskLease(lease) if alive.get(&lease).copied().unwrap_or(false) => {
+                            StoreEventKind::Released
+                        }
+                        Went::Expired | Went::AskLease(_) => StoreEventKind::Expired,
+                    };
+                    StoreEvent { kind, key, holder, fencing_token: Some(fencing_token), local }
+                }
+            };
+            observer(event);
+        }
+    }
+
+    /// How long the caller queued under `etcd_key` has waited, as far as this process knows.
+    fn waiting(&self, etcd_key: &str, now: Instant) -> Duration {
+        let since = lock(&self.waiting_since).get(etcd_key).copied().or_else(|| {
+            let mirror = lock(&self.mirror);
+            let (pfx, rev) = mirror.keys.get(etcd_key)?;
+            mirror.queues.get(pfx)?.get(rev).map(|q| q.seen)
+        });
+        since.map_or(Duration::ZERO, |s| now.saturating_duration_since(s))
+    }
+}
+
+/// The watch behind [`Backend::observe`]: loads every queue under the prefix, then follows one
+/// watch from the next revision, reporting each revision's meaning; after a broken watch (a
+/// member died, a compaction overtook it) it loads again.
+async fn watch_store(inner: Weak<Inner>, observer: StoreObserver) {
+    loop {
+        let Some(me) = inner.upgrade() else { return };
+        let pfx = format!("{}/", me.prefix);
+        let stream = match me.load_mirror().await {
+            Ok(rev) => {
+                let opts = WatchOptions::new().with_prefix().with_start_revision(rev + 1);
+                call!(me, |c| c.watch(pfx.as_str(), Some(opts.clone()))).ok()
+            }
+            Err(_) => None,
+        };
+        drop(me);
+        if let Some(mut stream) = stream {
+            while let Ok(Some(msg)) = stream.message().await {
+                if msg.canceled() {
+                    break;
+                }
+                let Some(me) = inner.upgrade() else { return };
+                let events = msg.events();
+                let mut start = 0;
+                while start < events.len() {
+                    let rev = events[start].kv().map_or(0, |kv| kv.mod_revision());
+                    let end = events[start..]
+                        .iter()
+                        .position(|e| e.kv().map_or(0, |kv| kv.mod_revision()) != rev)
+                        .map_or(events.len(), |n| start + n);
+                    let seen = me.apply_revision(&events[start..end]);
+                    me.report(seen, &observer).await;
+                    start = end;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Our queued key, until the acquire returns a grant. Dropped while armed (the acquire was
+/// cancelled, or failed on its way) it deletes the key in the background; the key also lapses
+/// with the session lease if the process exits first.
+struct Pending<'a> {
+    inner: &'a Inner,
+    key: &'a str,
+    /// The key's name, `None` once it was given back.
+    slot: Option<Slot>,
 }
 
 impl Pending<'_> {
-    /// Removes the key before returning (see [`EtcdBackend::remove`]).
+    /// Deletes the key before returning (see [`Inner::remove`]).
     async fn remove(mut self) {
-        self.armed = false;
-        self.backend.remove(self.key, self.lease).await;
+        if let Some(slot) = self.slot.take() {
+            self.inner.remove(self.key, slot).await;
+        }
+    }
+
+    /// The key is ours now: its name goes with the grant.
+    fn disarm(mut self) -> Option<Slot> {
+        self.slot.take()
     }
 }
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        if self.armed {
-            self.backend.abandon(self.key.to_owned(), self.lease);
+        if let Some(slot) = self.slot.take() {
+            self.inner.abandon(self.key.to_owned(), slot);
         }
     }
 }
+
+/// `true` when etcd refused a write because the lease it names no longer exists.
+fn lease_gone(e: &Error) -> bool {
+    matches!(e, Error::Unavailable(m) if m.contains("lease not found"))
+}
+
+/// The lock key of an etcd key `<prefix>/<encoded key>/<id>`, for messages.
+fn decode_lock(prefix: &str, etcd_key: &str) -> String {
+    etcd_key
+        .strip_prefix(prefix)
+        .and_then(|k| k.strip_prefix('/'))
+        .and_then(|k| k.rsplit_once('/'))
+        .map_or_else(|| etcd_key.to_owned(), |(lock, _)| decode(lock))
+}
+
+/// The longest secret kept from a caller's lease id, so that `<name>.<secret>` stays within
+/// [`crate::types::MAX_LEASE_ID_BYTES`].
+const MAX_SECRET: usize = 96;
 
 #[async_trait]
 impl Backend for EtcdBackend {
@@ -432,36 +1397,70 @@ impl Backend for EtcdBackend {
         "etcd"
     }
 
-    /// A try-once acquire creates its key only if no key exists under the lock's prefix (one
-    /// transaction), so a refusal leaves nothing behind. A waiting acquire queues its key, and a
-    /// wait that times out or fails removes it before returning; a cancelled one stops keeping its
-    /// lease alive and removes it in the background.
+    /// One transaction creates our key bound to the session's lease (a try-once acquire only
+    /// when no key exists under the lock's prefix, so a refusal leaves nothing behind). A waiting
+    /// acquire queues its key, and a wait that times out or fails deletes it before returning; a
+    /// cancelled one deletes it in the background. The grant's lease id is `<name>.<secret>`
+    /// (see [`LeaseName`]), the secret being the caller's lease id.
     async fn acquire(&self, req: AcquireRequest) -> Result<Grant> {
+        let inner = &*self.inner;
         let start = Instant::now();
-        let pfx = self.lock_prefix(&req.key);
-        let my_key = format!("{pfx}{}", req.lease_id.as_str());
-        let ttl_secs = (req.ttl.as_millis().div_ceil(1000) as i64).max(1);
-        let lease = call!(self, |c| c.lease_grant(ttl_secs, None))?;
-        let (lease_id, ttl) = (lease.id(), Duration::from_secs(lease.ttl().max(1) as u64));
-        // From here until a grant, dropping this (a cancelled acquire, a `?`) removes our key.
-        let mut pending = Pending { backend: self, key: &my_key, lease: lease_id, armed: true };
+        let pfx = inner.lock_prefix(&req.key);
+        let secret = &req.lease_id.as_str()[..req.lease_id.as_str().len().min(MAX_SECRET)];
+        let value = our_value(&req.holder, secret);
         let try_once = req.wait == Some(Duration::ZERO);
         let owner_opts =
             GetOptions::new().with_prefix().with_sort(SortTarget::Create, SortOrder::Ascend).with_limit(1);
-        let put =
-            TxnOp::put(my_key.as_str(), req.holder.as_str(), Some(PutOptions::new().with_lease(lease_id)));
-        let txn = if try_once {
-            // Create our key only when nobody holds or waits (no key under the prefix at all).
-            Txn::new()
-                .when([Compare::create_revision(pfx.as_str(), CompareOp::Equal, 0).with_prefix()])
-                .and_then([put])
-                .or_else([TxnOp::get(pfx.as_str(), Some(owner_opts.clone()))])
-        } else {
-            Txn::new()
-                .when([Compare::create_revision(my_key.as_str(), CompareOp::Equal, 0)])
-                .and_then([put, TxnOp::get(pfx.as_str(), Some(owner_opts))])
+        let mut attempt = 0;
+        let (used, slot, my_key, resp) = loop {
+            attempt += 1;
+            let used = inner.covering_session(req.ttl, start).await?;
+            let slot = Slot::take(&used.0);
+            let my_key = format!("{pfx}{}", slot.name());
+            let put =
+                TxnOp::put(my_key.as_str(), value.as_str(), Some(PutOptions::new().with_lease(used.0.id)));
+            let txn = if try_once {
+                // Create our key only when nobody holds or waits (no key under the prefix at all).
+                Txn::new()
+                    .when([Compare::create_revision(pfx.as_str(), CompareOp::Equal, 0).with_prefix()])
+                    .and_then([put])
+                    .or_else([TxnOp::get(pfx.as_str(), Some(owner_opts.clone()))])
+            } else {
+                Txn::new()
+                    .when([Compare::create_revision(my_key.as_str(), CompareOp::Equal, 0)])
+                    .and_then([put, TxnOp::get(pfx.as_str(), Some(owner_opts.clone()))])
+                    .or_else([TxnOp::get(my_key.as_str(), None)])
+            };
+            match call!(inner, |c| c.txn(txn.clone())) {
+                Ok(resp) if !try_once && !resp.succeeded() => {
+                    // The name exists: ours from an attempt the call retried, or (never expected)
+                    // someone else's; then another name.
+                    let mine = resp.op_responses().into_iter().find_map(|r| match r {
+                        TxnOpResponse::Get(g) => g.kvs().first().cloned(),
+                        _ => None,
+                    });
+                    if mine.is_some_and(|kv| secret_of(kv.value()) == Some(secret)) {
+                        break (used, slot, my_key, resp);
+                    }
+                    if attempt >= 3 {
+                        return Err(Error::Unavailable(format!("etcd: key {my_key} exists unexpectedly")));
+                    }
+                }
+                Ok(resp) => break (used, slot, my_key, resp),
+                Err(e) if attempt < 2 && lease_gone(&e) => {
+                    // The session's lease ended under us (etcd lost it, or it lapsed): a new one.
+                    used.0.lost.store(true, Ordering::Release);
+                    inner.forget_session(&used.0);
+                }
+                Err(e @ Error::Unavailable(_)) => {
+                    // The transaction may have been applied with its answer lost: look after the
+                    // key as if granted, so that it is deleted soon if it exists.
+                    inner.unsure(my_key, value, used, slot);
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            }
         };
-        let resp = call!(self, |c| c.txn(txn.clone()))?;
         let first_kv = |resp: etcd_client::TxnResponse| {
             resp.op_responses().into_iter().find_map(|r| match r {
                 TxnOpResponse::Get(g) => g.kvs().first().cloned(),
@@ -469,68 +1468,61 @@ impl Backend for EtcdBackend {
             })
         };
         let revision = resp.header().map_or(0, |h| h.revision());
-        let (my_rev, owner) = match (try_once, resp.succeeded()) {
-            (true, true) => (revision, None),
+        // Our key's create revision (0: not created), the owner when known, and whether the
+        // call was retried after its first attempt had created our key (owner unknown then).
+        let (my_rev, owner, retried) = match (try_once, resp.succeeded()) {
+            (true, true) => (revision, None, false),
             (true, false) => match first_kv(resp) {
-                // A retried transaction whose first attempt had created our key.
-                Some(kv) if kv.key() == my_key.as_bytes() => (kv.create_revision(), None),
-                owner => (0, owner),
-            },
-            (false, true) => (revision, first_kv(resp)),
-            (false, false) => {
-                // A retried transaction whose first attempt had created our key: read it back.
-                let mine = call!(self, |c| c.get(my_key.as_str(), None))?;
-                let Some(kv) = mine.kvs().first() else {
-                    return Err(Error::Unavailable("etcd: our key vanished while acquiring".into()));
-                };
-                (kv.create_revision(), self.owner(&pfx).await?)
-            }
-        };
-        let grant = |counted_from| Grant {
-            lease_id: req.lease_id.clone(),
-            fencing_token: my_rev as u64,
-            ttl,
-            counted_from,
-        };
-        if my_rev > 0 && owner.as_ref().is_none_or(|o| o.create_revision() == my_rev) {
-            pending.armed = false;
-            return Ok(grant(start));
-        }
-        let holder = owner.map(|o| text(o.value()));
-        if try_once {
-            // Nothing was created; the etcd lease goes at once rather than at its TTL.
-            pending.remove().await;
-            return Err(Error::Held { key: req.key, holder });
-        }
-        // Keep our lease alive while we wait (in this future: a cancelled wait stops it too);
-        // remember when the last refresh was sent.
-        let refreshed = Mutex::new(start);
-        let first = self.client().0;
-        let keep_alive = async {
-            loop {
-                tokio::time::sleep(ttl / 3).await;
-                let sent = Instant::now();
-                if matches!(self.keep_alive_once(first, lease_id).await, Ok(t) if t > 0) {
-                    if let Ok(mut r) = refreshed.lock() {
-                        *r = sent;
-                    }
+                Some(kv) if kv.key() == my_key.as_bytes() && secret_of(kv.value()) == Some(secret) => {
+                    (kv.create_revision(), None, false)
                 }
+                owner => (0, owner, false),
+            },
+            (false, true) => (revision, first_kv(resp), false),
+            (false, false) => (first_kv(resp).map_or(0, |kv| kv.create_revision()), None, true),
+        };
+        if my_rev == 0 {
+            let holder = owner.map(|o| holder_of(o.value()));
+            if try_once {
+                // Nothing was created: the name is free again.
+                slot.free();
+                return Err(Error::Held { key: req.key, holder });
             }
-        };
+            return Err(Error::Unavailable("etcd: our key vanished while acquiring".into()));
+        }
+        // Our key exists. From here until a grant, dropping this (a cancelled acquire, a failure)
+        // deletes it.
+        let pending = Pending { inner, key: &my_key, slot: Some(slot) };
+        let owner = if retried { inner.owner(&pfx).await? } else { owner };
+        if owner.as_ref().is_none_or(|o| o.create_revision() == my_rev) {
+            let Some(slot) = pending.disarm() else {
+                return Err(Error::Unavailable("etcd: our key's name was given back".into()));
+            };
+            return Ok(inner.granted(my_key.clone(), my_rev, &req, secret, (used, slot), start));
+        }
+        lock(&inner.waiting_since).insert(my_key.clone(), start);
         let deadline = req.wait.and_then(|w| start.checked_add(w));
-        let outcome = tokio::select! {
-            outcome = self.wait_turn(&pfx, &my_key, my_rev, deadline) => outcome,
-            never = keep_alive => never,
-        };
-        match outcome {
+        match inner.wait_turn(&pfx, &my_key, my_rev, deadline).await {
             Ok(true) => {
-                pending.armed = false;
-                let counted_from = refreshed.lock().map(|r| *r).unwrap_or(start);
-                Ok(grant(counted_from))
+                // Our key has been bound to the session all along: count from now, once the
+                // session's spare time covers the TTL from now.
+                let now = Instant::now();
+                let covered = used.0.covers(req.ttl, now) || inner.refresh(&used.0, now).await?.is_some();
+                if !covered {
+                    pending.remove().await;
+                    return Err(Error::Unavailable(
+                        "etcd: the session's lease ended while waiting (our place went with it)".into(),
+                    ));
+                }
+                lock(&inner.waiting_since).remove(&my_key);
+                let Some(slot) = pending.disarm() else {
+                    return Err(Error::Unavailable("etcd: our key's name was given back".into()));
+                };
+                Ok(inner.granted(my_key.clone(), my_rev, &req, secret, (used, slot), now))
             }
             Ok(false) => {
                 pending.remove().await;
-                let holder = self.owner(&pfx).await.ok().flatten().map(|o| text(o.value()));
+                let holder = inner.owner(&pfx).await.ok().flatten().map(|o| holder_of(o.value()));
                 Err(Error::WaitTimeout { key: req.key, holder, waited: start.elapsed() })
             }
             Err(e) => {
@@ -540,58 +1532,224 @@ impl Backend for EtcdBackend {
         }
     }
 
-    /// One keep-alive of the holder's etcd lease: its TTL was fixed when it was granted, so `ttl`
-    /// is not used (the returned grant carries the etcd lease's own TTL).
-    async fn renew(&self, key: &str, lease_id: &LeaseId, _ttl: Option<Duration>) -> Result<Grant> {
-        let my_key = format!("{}{}", self.lock_prefix(key), lease_id.as_str());
+    /// Reads the key (gone, or not this lease's: `LeaseLost`), moves it to this backend's
+    /// session for `ttl` if it is bound to another lease (one transaction keeping its create
+    /// revision), refreshes the session only if its spare time does not cover `ttl` from now, and
+    /// moves the lock's deadline. Without `ttl`, the TTL the lock was granted or last renewed with
+    /// through this backend (or, for a lock granted elsewhere, the one its etcd lease is for).
+    async fn renew(&self, key: &str, lease_id: &LeaseId, ttl: Option<Duration>) -> Result<Grant> {
+        let inner = &*self.inner;
+        let Some(lease) = LeaseName::of(lease_id) else { return Err(Error::not_owner(key)) };
+        let my_key = format!("{}{}", inner.lock_prefix(key), lease.name);
         let sent = Instant::now();
-        let resp = call!(self, |c| c.get(my_key.as_str(), None))?;
-        let Some(kv) = resp.kvs().first() else { return Err(Error::not_owner(key)) };
-        // A lease revoked by a release racing this renewal is gone: the lease is lost.
-        let ttl = self.keep_alive_once(self.client().0, kv.lease()).await?;
-        if ttl <= 0 {
+        let resp = call!(inner, |c| c.get(my_key.as_str(), None))?;
+        let Some(kv) = resp.kvs().first().cloned().filter(|kv| lease.owns(kv.value())) else {
+            inner.forget(&my_key, &lease, resp.kvs().is_empty());
             return Err(Error::not_owner(key));
+        };
+        let known = lock(&inner.held).locks.get(&my_key).filter(|h| lease.owns_held(h)).map(|h| h.ttl);
+        let ttl = match ttl.or(known) {
+            Some(ttl) => ttl,
+            None => {
+                let bound = kv.lease();
+                let granted = call!(inner, |c| c.lease_time_to_live(bound, None))?.granted_ttl();
+                if granted <= 0 {
+                    return Err(Error::not_owner(key));
+                }
+                lock_ttl_of_session(granted)
+            }
+        };
+        let used = inner.covering_session(ttl, sent).await?;
+        if kv.lease() != used.0.id {
+            // Bound to another lease: move it to ours, keeping its create revision (its fencing
+            // token and its place in the queue) and its value.
+            let txn = Txn::new()
+                .when([Compare::create_revision(my_key.as_str(), CompareOp::Equal, kv.create_revision())])
+                .and_then([TxnOp::put(
+                    my_key.as_str(),
+                    "",
+                    Some(PutOptions::new().with_lease(used.0.id).with_ignore_value()),
+                )]);
+            let moved = call!(inner, |c| c.txn(txn.clone()))?;
+            if !moved.succeeded() {
+                inner.forget(&my_key, &lease, false);
+                return Err(Error::not_owner(key));
+            }
         }
-        Ok(Grant {
-            lease_id: lease_id.clone(),
-            fencing_token: kv.create_revision() as u64,
-            ttl: Duration::from_secs(ttl as u64),
-            counted_from: sent,
-        })
+        let deadline = Instant::now() + ttl;
+        let token = kv.create_revision();
+        // The name stays with the lock if it is one of ours.
+        let slot = inner.unhold(&my_key).and_then(|h| h.slot);
+        let secret = lease.secret.unwrap_or_default().to_owned();
+        inner.hold(my_key, HeldLock { token, secret, ttl, deadline, session: used, slot, unsure: None });
+        Ok(Grant { lease_id: lease_id.clone(), fencing_token: token as u64, ttl, counted_from: sent })
     }
 
+    /// Deletes exactly our key (compare create revision); the session lease stays. One round
+    /// trip for a lock granted or renewed through this backend; one more (a read, to check the
+    /// secret) for a lock granted elsewhere.
     async fn release(&self, key: &str, lease_id: &LeaseId) -> Result<()> {
-        let my_key = format!("{}{}", self.lock_prefix(key), lease_id.as_str());
-        let resp = call!(self, |c| c.get(my_key.as_str(), None))?;
-        let Some(kv) = resp.kvs().first().cloned() else { return Err(Error::not_owner(key)) };
-        // Delete exactly the key we read (not a later one of the same name), then drop the lease.
+        let inner = &*self.inner;
+        let Some(lease) = LeaseName::of(lease_id) else { return Err(Error::not_owner(key)) };
+        let my_key = format!("{}{}", inner.lock_prefix(key), lease.name);
+        let token = lock(&inner.held).locks.get(&my_key).filter(|h| lease.owns_held(h)).map(|h| h.token);
+        let token = match token {
+            Some(token) => token,
+            None => {
+                let resp = call!(inner, |c| c.get(my_key.as_str(), None))?;
+                match resp.kvs().first() {
+                    Some(kv) if lease.owns(kv.value()) => kv.create_revision(),
+                    _ => return Err(Error::not_owner(key)),
+                }
+            }
+        };
         let txn = Txn::new()
-            .when([Compare::create_revision(my_key.as_str(), CompareOp::Equal, kv.create_revision())])
+            .when([Compare::create_revision(my_key.as_str(), CompareOp::Equal, token)])
             .and_then([TxnOp::delete(my_key.as_str(), None)]);
-        let done = call!(self, |c| c.txn(txn.clone()))?;
-        let _ = call!(self, |c| c.lease_revoke(kv.lease()));
-        if done.succeeded() {
+        // Noted before the delete, so that the watch (when one runs) tells it from an ended
+        // lease without asking etcd, even if its event arrives before this call's answer.
+        let observing = inner.observing.load(Ordering::Relaxed);
+        if observing {
+            lock(&inner.released).insert(my_key.clone());
+        }
+        let tries = std::cell::Cell::new(0);
+        let done = call!(inner, |c| {
+            tries.set(tries.get() + 1);
+            c.txn(txn.clone())
+        })
+        .inspect_err(|_| {
+            if observing {
+                lock(&inner.released).remove(&my_key);
+            }
+        })?;
+        // Deleted now, or gone before (its create revision was ours, and names of ours are not
+        // reused while we hold them): either way the name is free.
+        inner.forget(&my_key, &lease, true);
+        if observing && !done.succeeded() {
+            lock(&inner.released).remove(&my_key);
+        }
+        // A retried call whose first attempt reached etcd (its answer lost with a dying member)
+        // finds the key gone: that was this release.
+        if done.succeeded() || tries.get() > 1 {
             Ok(())
         } else {
             Err(Error::not_owner(key))
         }
     }
 
-    async fn status(&self, key: &str) -> Result<LockInfo> {
-        let pfx = self.lock_prefix(key);
+    fn offers(&self) -> Offers {
+        Offers { waiters: true, force_release: true, events: true }
+    }
+
+    /// The keys under the lock's prefix after the first, in create-revision order: every waiter,
+    /// ours and those of other processes, `etcdctl lock` and Go's `Mutex` included (their label is
+    /// empty). How long each has waited is known for this process's own waiters and, while
+    /// [`Backend::observe`] runs, for every key since the watch first saw it; zero otherwise.
+    async fn waiters(&self, key: &str) -> Result<Vec<WaiterInfo>> {
+        let inner = &*self.inner;
+        let pfx = inner.lock_prefix(key);
         let opts = GetOptions::new().with_prefix().with_sort(SortTarget::Create, SortOrder::Ascend);
-        let resp = call!(self, |c| c.get(pfx.as_str(), Some(opts.clone())))?;
+        let resp = call!(inner, |c| c.get(pfx.as_str(), Some(opts.clone())))?;
+        let now = Instant::now();
+        Ok(resp
+            .kvs()
+            .iter()
+            .skip(1)
+            .map(|kv| WaiterInfo {
+                holder: holder_of(kv.value()),
+                waiting: inner.waiting(&text(kv.key()), now),
+            })
+            .collect())
+    }
+
+    /// Deletes the holder's key (the lowest create revision under the lock's prefix), whoever's
+    /// it is — this library's, `etcdctl lock`'s, a Go `Mutex`'s — in one transaction that checks
+    /// it is still that key and marks why it went. The next waiter is granted at once; the holder
+    /// learns it at its next renewal (a Go `Mutex` does not check: fencing tokens protect the
+    /// resource from it).
+    async fn force_release(&self, key: &str) -> Result<Option<LockInfo>> {
+        let inner = &*self.inner;
+        let pfx = inner.lock_prefix(key);
+        for _ in 0..5 {
+            let Some(owner) = inner.owner(&pfx).await? else { return Ok(None) };
+            let owner_key = text(owner.key());
+            let mark = match owner.lease() {
+                0 => PutOptions::new(),
+                lease => PutOptions::new().with_lease(lease),
+            };
+            let txn = Txn::new()
+                .when([Compare::create_revision(owner.key(), CompareOp::Equal, owner.create_revision())])
+                .and_then([
+                    TxnOp::delete(owner.key(), None),
+                    TxnOp::put(inner.mark_key(FORCED_MARK), owner_key.as_str(), Some(mark)),
+                ]);
+            let observing = inner.observing.load(Ordering::Relaxed);
+            if observing {
+                // The watch reports it as this backend's own (see `release`).
+                lock(&inner.released).insert(owner_key.clone());
+            }
+            let outcome = call!(inner, |c| c.txn(txn.clone()));
+            if observing && !outcome.as_ref().is_ok_and(|done| done.succeeded()) {
+                lock(&inner.released).remove(&owner_key);
+            }
+            match outcome {
+                Ok(done) if done.succeeded() => {
+                    tracing::warn!(key, holder = %holder_of(owner.value()), token = owner.create_revision(), "etcd lock force-released");
+                    return Ok(Some(LockInfo {
+                        holder: Some(holder_of(owner.value())),
+                        fencing_token: Some(owner.create_revision() as u64),
+                        ..LockInfo::free(key, 0)
+                    }));
+                }
+                // The holder changed meanwhile, or its lease ended (its key with it): look again.
+                Ok(_) => {}
+                Err(e) if lease_gone(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Unavailable(format!("etcd: the holder of {key:?} kept changing; force-release not done")))
+    }
+
+    /// Starts the watch that reports every grant, release, expiry, queueing and force-release of
+    /// every client of the cluster under this backend's prefix (see [`StoreEvent`]).
+    fn observe(&self, observer: StoreObserver) -> bool {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else { return false };
+        let inner = &self.inner;
+        let mut task = lock(&inner.watch_task);
+        if task.is_some() {
+            return true;
+        }
+        inner.observing.store(true, Ordering::Relaxed);
+        *task = Some(handle.spawn(watch_store(inner.me.clone(), observer)));
+        true
+    }
+
+    async fn status(&self, key: &str) -> Result<LockInfo> {
+        let inner = &*self.inner;
+        let pfx = inner.lock_prefix(key);
+        let opts = GetOptions::new().with_prefix().with_sort(SortTarget::Create, SortOrder::Ascend);
+        let resp = call!(inner, |c| c.get(pfx.as_str(), Some(opts.clone())))?;
         let Some(owner) = resp.kvs().first() else { return Ok(LockInfo::free(key, 0)) };
-        let left = call!(self, |c| c.lease_time_to_live(owner.lease(), None)).map(|t| t.ttl()).unwrap_or(0);
+        let own = lock(&inner.held).locks.get(&text(owner.key())).map(|h| (h.deadline, h.ttl));
+        let expires_in = match own {
+            // Granted or renewed through this backend: its own deadline.
+            Some((d, _)) => d.saturating_duration_since(Instant::now()),
+            // Otherwise the time left on the etcd lease it is bound to.
+            None => {
+                let lease = owner.lease();
+                let left = call!(inner, |c| c.lease_time_to_live(lease, None)).map(|t| t.ttl()).unwrap_or(0);
+                Duration::from_secs(left.max(0) as u64)
+            }
+        };
         Ok(LockInfo {
             key: key.to_owned(),
             held: true,
-            holder: Some(text(owner.value())),
+            holder: Some(holder_of(owner.value())),
             fencing_token: Some(owner.create_revision() as u64),
-            expires_in: Some(Duration::from_secs(left.max(0) as u64)),
+            expires_in: Some(expires_in),
             waiters: resp.kvs().len() as u64 - 1,
             held_for: None,
-            ttl: None,
+            ttl: own.map(|(_, ttl)| ttl),
         })
     }
 
@@ -599,16 +1757,17 @@ impl Backend for EtcdBackend {
     /// keep byte order, so the cursor is applied after decoding), then the status of the locks
     /// after the cursor, in order, only until the page is full.
     async fn list(&self, query: &ListQuery) -> Result<LockPage> {
-        let search = format!("{}/{}", self.prefix, encode(&query.prefix));
+        let inner = &*self.inner;
+        let search = format!("{}/{}", inner.prefix, encode(&query.prefix));
         let resp =
-            call!(self, |c| c.get(search.as_str(), Some(GetOptions::new().with_prefix().with_keys_only())))?;
+            call!(inner, |c| c.get(search.as_str(), Some(GetOptions::new().with_prefix().with_keys_only())))?;
         let mut keys: Vec<String> = resp
             .kvs()
             .iter()
             .filter_map(|kv| {
                 let k = text(kv.key());
-                let inner = k.strip_prefix(&format!("{}/", self.prefix))?.to_owned();
-                let (lock, _) = inner.rsplit_once('/')?;
+                let rest = k.strip_prefix(&format!("{}/", inner.prefix))?.to_owned();
+                let (lock, _) = rest.rsplit_once('/')?;
                 Some(decode(lock))
             })
             .collect();

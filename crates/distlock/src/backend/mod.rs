@@ -75,14 +75,92 @@ pub trait Backend: Send + Sync + 'static {
     /// lease that was freed (its holder and fencing token), or `None` when the key was free. The
     /// holder's next renew or release gets [`Error::LeaseLost`].
     ///
-    /// Only the lock server offers it (to admin tokens); other backends answer
-    /// [`Error::InvalidInput`].
+    /// Offered where [`Backend::offers`] says so: the lock server (to admin tokens) and etcd;
+    /// other backends answer [`Error::InvalidInput`].
     async fn force_release(&self, key: &str) -> Result<Option<LockInfo>> {
         let _ = key;
         Err(Error::InvalidInput(format!(
             "force-release is an operation of the lock server (http://), not of the {} backend",
             self.name()
         )))
+    }
+
+    /// The operations beyond the required ones that this backend offers.
+    fn offers(&self) -> Offers {
+        Offers::default()
+    }
+
+    /// The callers waiting for `key`, first in line first (holder labels, and how long each has
+    /// waited where the backend knows). Offered where [`Offers::waiters`] says so; other
+    /// backends answer [`Error::InvalidInput`].
+    async fn waiters(&self, key: &str) -> Result<Vec<WaiterInfo>> {
+        let _ = key;
+        Err(Error::InvalidInput(format!("the {} backend cannot list the waiters of a lock", self.name())))
+    }
+
+    /// Starts calling `observer` with what happens in the store, made by every client of the
+    /// store and not only through this backend (see [`StoreEvent`]). Returns `false` (and never
+    /// calls it) where [`Offers::events`] is `false`. Call it once.
+    fn observe(&self, observer: StoreObserver) -> bool {
+        let _ = observer;
+        false
+    }
+}
+
+/// The operations a backend offers beyond the required ones (see [`Backend::offers`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Offers {
+    /// [`Backend::waiters`]: the queue of a lock, in order.
+    pub waiters: bool,
+    /// [`Backend::force_release`]: free a lock whoever holds it.
+    pub force_release: bool,
+    /// [`Backend::observe`]: grants, releases, expiries, queueing and force-releases made by
+    /// every client of the store.
+    pub events: bool,
+}
+
+/// What happened to a lock, in a [`StoreEvent`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreEventKind {
+    /// A lease was granted (to the head of the queue, or to a caller that found the lock free).
+    Granted,
+    /// Its holder released a lease.
+    Released,
+    /// A lease ended without a release: its TTL passed unrenewed, or the process holding it
+    /// died or lost the store (its etcd lease ended).
+    Expired,
+    /// A caller joined the queue of a held lock (`fencing_token` is `None`).
+    Queued,
+    /// An operator freed the lock (force-release).
+    ForceReleased,
+}
+
+/// What [`Backend::observe`] reports: something that happened to a lock in the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreEvent {
+    /// What happened.
+    pub kind: StoreEventKind,
+    /// The lock.
+    pub key: String,
+    /// The label of the lease's holder (of the waiter, for [`StoreEventKind::Queued`]); empty
+    /// for clients that set none (`etcdctl lock`).
+    pub holder: String,
+    /// The fencing token of the lease it is about (`None` for a waiter).
+    pub fencing_token: Option<u64>,
+    /// Made through this backend (a call to it that has been or will be answered), rather than
+    /// by another client of the store: a server that reports its own calls skips these.
+    pub local: bool,
+}
+
+/// Called with every [`StoreEvent`] (from the backend's watch task: keep it short).
+pub type StoreObserver = Arc<dyn Fn(StoreEvent) + Send + Sync>;
+
+/// What a backend opened from `url` offers (see [`Backend::offers`]), known before it is opened.
+pub fn offers_of(url: &str) -> Offers {
+    match url.split_once("://").map_or("", |(s, _)| s) {
+        "etcd" => Offers { waiters: true, force_release: true, events: true },
+        _ => Offers::default(),
     }
 }
 
