@@ -575,14 +575,16 @@ fn lost(state: &AppState, key: &str, lease: &LeaseId, e: &Error) {
     }
 }
 
-fn embedded(state: &AppState) -> Result<&Arc<EmbeddedStore>, ApiError> {
-    state.embedded.as_ref().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "not_supported",
-            format!("the {} store does not support this; the embedded store does", state.backend.name()),
-        )
-    })
+/// `501 not_supported` unless the store offers the operation (`offered`).
+fn offered(state: &AppState, offered: bool) -> Result<(), ApiError> {
+    if offered {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        "not_supported",
+        format!("the {} store does not support this; the embedded store and etcd do", state.backend.name()),
+    ))
 }
 
 #[derive(Serialize)]
@@ -591,7 +593,7 @@ struct Waiters {
     waiters: Vec<distlock::WaiterInfo>,
 }
 
-/// `GET /v1/locks/{key}/waiters`: the queue of one lock (embedded store only).
+/// `GET /v1/locks/{key}/waiters`: the queue of one lock (the embedded store and etcd).
 async fn waiters(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
@@ -599,7 +601,13 @@ async fn waiters(
 ) -> Result<Json<Waiters>, ApiError> {
     let key = checked_key(path)?;
     caller.check(Action::Read, &key)?;
-    let waiters = embedded(&state)?.waiting_on(&key);
+    let waiters = match &state.embedded {
+        Some(store) => store.waiting_on(&key),
+        None => {
+            offered(&state, state.backend.offers().waiters)?;
+            state.backend.waiters(&key).await?
+        }
+    };
     Ok(Json(Waiters { key, waiters }))
 }
 
@@ -631,18 +639,24 @@ async fn force_release(
         return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "an admin token is required"));
     }
     caller.check(Action::Admin, &key)?;
-    let Some(lease) = embedded(&state)?.force_release(&key).await? else {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_held", format!("lock {key:?} is not held")));
+    let not_held = || ApiError::new(StatusCode::NOT_FOUND, "not_held", format!("lock {key:?} is not held"));
+    let (holder, fencing_token) = match &state.embedded {
+        Some(store) => {
+            let lease = store.force_release(&key).await?.ok_or_else(not_held)?;
+            let (holder, token) = (lease.holder, lease.fencing_token);
+            state.events.publish_lease(Kind::ForceRelease, &key, Some(&holder), Some(token), &lease.lease_id);
+            (holder, token)
+        }
+        None => {
+            offered(&state, state.backend.offers().force_release)?;
+            let freed = state.backend.force_release(&key).await?.ok_or_else(not_held)?;
+            let (holder, token) = (freed.holder.unwrap_or_default(), freed.fencing_token.unwrap_or(0));
+            state.events.publish(Kind::ForceRelease, &key, Some(&holder), Some(token));
+            (holder, token)
+        }
     };
-    tracing::warn!(key = %key, holder = %lease.holder, token = lease.fencing_token, "lock force-released by an admin");
-    state.events.publish_lease(
-        Kind::ForceRelease,
-        &key,
-        Some(&lease.holder),
-        Some(lease.fencing_token),
-        &lease.lease_id,
-    );
-    Ok(Json(ForceReleased { key, released: true, holder: lease.holder, fencing_token: lease.fencing_token }))
+    tracing::warn!(key = %key, holder = %holder, token = fencing_token, "lock force-released by an admin");
+    Ok(Json(ForceReleased { key, released: true, holder, fencing_token }))
 }
 
 /// Server facts for the web page and scripts.
@@ -656,7 +670,8 @@ fn facts(state: &AppState) -> serde_json::Value {
         "waiters": stats.map(|s| s.waiters),
         "grants_total": state.events.grants_total(),
         "auth": state.auth.table().required(),
-        "force_release": state.auth.table().any_admin() && state.embedded.is_some(),
+        "force_release": state.auth.table().any_admin()
+            && (state.embedded.is_some() || state.backend.offers().force_release),
     })
 }
 

@@ -10,7 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use distlock::async_trait;
-use distlock::{AcquireRequest, Backend, Error, Grant, LeaseId, ListQuery, LockInfo, LockPage};
+use distlock::{
+    AcquireRequest, Backend, Error, Grant, LeaseId, ListQuery, LockInfo, LockPage, Offers, StoreObserver,
+    WaiterInfo,
+};
 use tokio::sync::{Mutex, OnceCell};
 use tokio::time::Instant;
 
@@ -24,6 +27,8 @@ pub struct LazyBackend {
     opened: OnceCell<Arc<dyn Backend>>,
     /// When the last attempt failed, and why.
     last_failure: Mutex<Option<(Instant, String)>>,
+    /// The observer to hand the store once it opens ([`Backend::observe`]).
+    observer: std::sync::Mutex<Option<StoreObserver>>,
 }
 
 impl LazyBackend {
@@ -35,6 +40,7 @@ impl LazyBackend {
             name: scheme_name(url),
             opened: OnceCell::new(),
             last_failure: Mutex::new(None),
+            observer: std::sync::Mutex::new(None),
         };
         match lazy.backend().await {
             Ok(_) => {}
@@ -67,6 +73,9 @@ impl LazyBackend {
             Ok(b) => {
                 *failure = None;
                 tracing::info!(store = %redacted(&self.url), "store opened");
+                if let Some(observer) = self.observer.lock().ok().and_then(|mut o| o.take()) {
+                    b.observe(observer);
+                }
                 Ok(self.opened.get_or_init(|| async { b }).await)
             }
             Err(e) => {
@@ -130,6 +139,32 @@ impl Backend for LazyBackend {
 
     async fn force_release(&self, key: &str) -> distlock::Result<Option<LockInfo>> {
         self.backend().await?.force_release(key).await
+    }
+
+    /// What the store offers; known from its URL until it opens.
+    fn offers(&self) -> Offers {
+        self.opened.get().map_or_else(|| distlock::backend::offers_of(&self.url), |b| b.offers())
+    }
+
+    async fn waiters(&self, key: &str) -> distlock::Result<Vec<WaiterInfo>> {
+        self.backend().await?.waiters(key).await
+    }
+
+    /// Handed to the store now if it is open, else when it opens.
+    fn observe(&self, observer: StoreObserver) -> bool {
+        if !self.offers().events {
+            return false;
+        }
+        if let Ok(mut slot) = self.observer.lock() {
+            *slot = Some(observer);
+        }
+        // Opened meanwhile (or before): hand it over now; whoever takes it hands it over.
+        if let Some(b) = self.opened.get() {
+            if let Some(observer) = self.observer.lock().ok().and_then(|mut o| o.take()) {
+                return b.observe(observer);
+            }
+        }
+        true
     }
 }
 

@@ -122,6 +122,23 @@ pub async fn run(
             ),
             TableEvent::Queued { key, holder } => events.publish(Kind::Wait, key, Some(holder), None),
         }));
+    } else {
+        // A store that watches itself (etcd) reports what every client of it does: every server
+        // in front of it shows every expiry and queued caller, and the grants and releases made
+        // through the others (its own handlers publish their own, with the lease).
+        let events = events.clone();
+        backend.observe(Arc::new(move |e: distlock::StoreEvent| {
+            use distlock::StoreEventKind as S;
+            let kind = match (e.kind, e.local) {
+                (S::Expired, _) => Kind::Expiry,
+                (S::Queued, _) => Kind::Wait,
+                (S::Granted, false) => Kind::Grant,
+                (S::Released, false) => Kind::Release,
+                (S::ForceReleased, false) => Kind::ForceRelease,
+                _ => return,
+            };
+            events.publish(kind, &e.key, Some(&e.holder), e.fencing_token);
+        }));
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     auth.clone().reload_on_sighup();

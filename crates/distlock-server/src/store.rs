@@ -232,4 +232,22 @@ impl Backend for EmbeddedStore {
     async fn list(&self, query: &ListQuery) -> distlock::Result<LockPage> {
         self.memory.list(query).await
     }
+
+    fn offers(&self) -> distlock::Offers {
+        distlock::Offers { waiters: true, force_release: true, events: false }
+    }
+
+    async fn waiters(&self, key: &str) -> distlock::Result<Vec<WaiterInfo>> {
+        Ok(self.waiting_on(key))
+    }
+
+    /// As [`EmbeddedStore::force_release`], answering the holder and token it freed.
+    async fn force_release(&self, key: &str) -> distlock::Result<Option<LockInfo>> {
+        let freed = EmbeddedStore::force_release(self, key).await?;
+        Ok(freed.map(|lease| LockInfo {
+            holder: Some(lease.holder),
+            fencing_token: Some(lease.fencing_token),
+            ..LockInfo::free(key, 0)
+        }))
+    }
 }
