@@ -10,6 +10,7 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -31,10 +32,13 @@ impl Driver {
         let bin = support::require_binary("chromedriver", "chromium-driver");
         support::require_binary("chromium", "chromium");
         let port = support::free_port();
+        // Its own process group, which the browser it starts joins: dropping the driver ends
+        // them all, even when a test fails before it closes the browser.
         let child = Command::new(bin)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .spawn()
             .expect("start chromedriver");
         support::wait_for_port(port, Duration::from_secs(20), "chromedriver");
@@ -66,6 +70,10 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        if let Ok(pgid) = i32::try_from(self.child.id()) {
+            let _ =
+                nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), nix::sys::signal::Signal::SIGKILL);
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -597,7 +605,7 @@ async fn sorted_by_held_time_with_more_than_1000_locks() {
         .acquire("Deploy/Web", &AcquireOptions::new().ttl(Duration::from_millis(1_500)).holder("ci-7"))
         .await
         .expect("acquire");
-    api.acquire("manual", serde_json::json!({"ttl_ms": 4_000, "holder": "someone"})).await;
+    api.acquire("manual", serde_json::json!({"ttl_ms": 12_000, "holder": "someone"})).await;
 
     let driver = Driver::start();
     let page = driver.browser().await;
@@ -642,7 +650,7 @@ async fn sorted_by_held_time_with_more_than_1000_locks() {
         (class.contains("ok") && t.contains("renewing")).then_some(())
     })
     .await;
-    until(Duration::from_secs(5), "the unrenewed lease warned", || async {
+    until(Duration::from_secs(10), "the unrenewed lease warned", || async {
         let class = attr(&page, &row("manual", "ttl"), "class").await?;
         let t = text(&page, &row("manual", "ttl")).await?;
         ((class.contains("warn") || class.contains("bad")) && t.contains("not renewed for")).then_some(())
@@ -752,5 +760,153 @@ async fn auth_empty_states() {
         text(&page, "#conn").await.filter(|t| t == "live")
     })
     .await;
+    page.close().await.expect("close the browser");
+}
+
+/// Not a check: draws the picture in docs/SERVER.md. A 50-second scenario (a hand-off chain on
+/// `deploy/web`, an expiry, a force-release, workers taking turns, a long holding), then the
+/// header and the timeline at 1 minute. Run it with
+/// `cargo test -p distlock-server --test web -- --ignored docs_screenshot`; it writes
+/// `target/docs-timeline.png` (copy it to `docs/web-timeline.png`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn docs_screenshot() {
+    let _one = BROWSER.lock().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let admins = dir.path().join("admins");
+    std::fs::write(&admins, format!("{ADMIN}\n")).expect("admins");
+    let server = Server::start(&["--admin-token-file", admins.to_str().expect("path")]);
+    let base = server.url();
+    let at = |s: f64| tokio::time::sleep(Duration::from_secs_f64(s));
+    let http = || Http { base: base.clone(), http: reqwest::Client::new() };
+    let take = |key: &'static str, holder: &'static str, ttl_ms: u64, wait_ms: u64| {
+        let api = http();
+        async move {
+            api.acquire(key, serde_json::json!({"holder": holder, "ttl_ms": ttl_ms, "wait_ms": wait_ms}))
+                .await
+        }
+    };
+    let mut tasks = Vec::new();
+    // deploy/web: ci-7 holds, ci-8 and ci-9 queue; each hands off to the next.
+    tasks.push(tokio::spawn({
+        let api = http();
+        let (t7, t8, t9) = (
+            take("deploy/web", "ci-7", 60_000, 0),
+            take("deploy/web", "ci-8", 60_000, 60_000),
+            take("deploy/web", "ci-9", 60_000, 60_000),
+        );
+        async move {
+            let l7 = t7.await;
+            at(5.0).await;
+            let w8 = tokio::spawn(t8);
+            at(7.0).await;
+            let w9 = tokio::spawn(t9);
+            at(8.0).await;
+            api.release("deploy/web", &l7).await;
+            let l8 = w8.await.expect("ci-8");
+            at(12.0).await;
+            api.release("deploy/web", &l8).await;
+            let _l9 = w9.await.expect("ci-9");
+        }
+    }));
+    // nightly-backup: held, then force-released, then taken again.
+    tasks.push(tokio::spawn({
+        let api = http();
+        let (a, b) = (
+            take("nightly-backup", "cron@db-1", 120_000, 0),
+            take("nightly-backup", "cron@db-2", 120_000, 0),
+        );
+        async move {
+            at(2.0).await;
+            a.await;
+            at(28.0).await;
+            let (s, _) =
+                api.post("/v1/admin/locks/nightly-backup/release", Some(ADMIN), serde_json::json!({})).await;
+            assert_eq!(s, 200);
+            at(3.0).await;
+            b.await;
+        }
+    }));
+    // db/migrate: a migrator that stops renewing (expiry), then another that finishes.
+    tasks.push(tokio::spawn({
+        let api = http();
+        let (a, b) =
+            (take("db/migrate", "migrator-1", 8_000, 0), take("db/migrate", "migrator-2", 30_000, 0));
+        async move {
+            at(4.0).await;
+            a.await;
+            at(11.0).await;
+            let l = b.await;
+            at(10.0).await;
+            api.release("db/migrate", &l).await;
+        }
+    }));
+    // payments/batch: three workers taking turns.
+    for (i, worker) in ["worker-1", "worker-2", "worker-3"].into_iter().enumerate() {
+        tasks.push(tokio::spawn({
+            let api = http();
+            async move {
+                at(i as f64 * 0.7).await;
+                for round in 0..4u64 {
+                    let lease = api
+                        .acquire(
+                            "payments/batch",
+                            serde_json::json!({"holder": worker, "ttl_ms": 30_000, "wait_ms": 60_000}),
+                        )
+                        .await;
+                    at(1.5 + ((round + i as u64) % 3) as f64).await;
+                    api.release("payments/batch", &lease).await;
+                    at(0.5).await;
+                }
+            }
+        }));
+    }
+    tasks.push(tokio::spawn({
+        let t = take("reports/daily", "report-gen", 120_000, 0);
+        async move {
+            at(9.0).await;
+            t.await;
+        }
+    }));
+    let driver = Driver::start();
+    let page = driver.browser().await;
+    page.set_window_size(1200, 900).await.expect("window");
+    page.goto(&server.url()).await.expect("open the page");
+    for t in tasks {
+        t.await.expect("scenario");
+    }
+    at(4.0).await;
+    page.find(Locator::Css("#zoom button[data-zoom=\"60000\"]"))
+        .await
+        .expect("zoom")
+        .click()
+        .await
+        .expect("click");
+    // The workers' lock is no longer held: select it from its lane for the hold-time chart.
+    page.execute(
+        "document.querySelector('#timeline text.lane-label[data-key=\"payments/batch\"]').dispatchEvent(new MouseEvent('click', {bubbles: true}));",
+        vec![],
+    )
+    .await
+    .expect("select");
+    at(1.5).await;
+    page.execute("document.querySelector('main').style.display = 'none'; window.scrollTo(0, 0);", vec![])
+        .await
+        .expect("hide");
+    let height = page
+        .execute(
+            "return Math.ceil(document.getElementById('tl-section').getBoundingClientRect().bottom) + 8;",
+            vec![],
+        )
+        .await
+        .expect("height")
+        .as_u64()
+        .unwrap_or(400);
+    page.set_window_size(1200, height as u32 + 140).await.expect("window");
+    at(0.5).await;
+    let shot = page.screenshot().await.expect("screenshot");
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("../docs-timeline.png");
+    std::fs::write(&path, shot).expect("write");
+    println!("{}", path.display());
     page.close().await.expect("close the browser");
 }
