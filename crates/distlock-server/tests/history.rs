@@ -416,3 +416,29 @@ fn event_history_is_bounded() {
         assert_eq!(out.status.code(), Some(64), "--event-history {bad} must be refused (usage)");
     }
 }
+
+/// The OpenAPI document describes what this file tests.
+#[tokio::test]
+async fn openapi_describes_history_sort_and_timeline() {
+    let server = Server::start(&[]);
+    let spec = Api::new(&server, None).get("/openapi.json").await;
+    let params = |path: &str| -> Vec<String> {
+        spec["paths"][path]["get"]["parameters"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|p| p["name"].as_str().map(str::to_owned)).collect())
+            .unwrap_or_default()
+    };
+    assert!(params("/v1/locks").contains(&"sort".to_owned()));
+    assert_eq!(
+        spec["paths"]["/v1/locks"]["get"]["parameters"][3]["schema"]["enum"],
+        json!(["key", "held_for", "waiters"])
+    );
+    assert_eq!(params("/v1/events"), ["since", "limit"]);
+    assert_eq!(params("/v1/locks/{key}/timeline"), ["key", "from_ms"]);
+    for schema in ["Event", "Span", "EventPage", "Timeline"] {
+        assert!(spec["components"]["schemas"][schema].is_object(), "{schema}");
+    }
+    assert!(spec["components"]["schemas"]["LockInfo"]["properties"]["ttl_ms"].is_object());
+    let kinds = &spec["components"]["schemas"]["Event"]["properties"]["kind"]["enum"];
+    assert!(kinds.as_array().is_some_and(|k| k.contains(&json!("wait_cancelled"))));
+}
