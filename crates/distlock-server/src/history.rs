@@ -314,7 +314,8 @@ pub struct Snapshot {
 pub struct EventPage {
     /// Events after the cursor that the caller may read, oldest first.
     pub events: Vec<Event>,
-    /// Pass as `since` to continue: the id of the last event returned, else the cursor given.
+    /// Pass as `since` to continue: the id of the last event returned, else the newest buffered
+    /// (0 when none).
     pub next: u64,
     /// Whether more events follow (ask again with `since=next`).
     pub more: bool,
@@ -672,6 +673,9 @@ impl History {
     pub fn events_since(&self, since: Since, limit: usize, may_read: &dyn Fn(&str) -> bool) -> EventPage {
         let oldest_id = self.events.front().map_or(0, |e| e.id);
         let (start, missed) = match since {
+            // A cursor past the newest id comes from an earlier run of the server (ids start again
+            // at 1 after a restart): everything buffered is new to the caller, and some was missed.
+            Since::Id(id) if id >= self.next_event => (0, true),
             Since::Id(id) => {
                 // Ids are consecutive: the first event after `id` is at this offset.
                 let offset = id.saturating_add(1).saturating_sub(oldest_id.max(1));
@@ -695,14 +699,8 @@ impl History {
             }
             events.push(e.clone());
         }
-        let next = match (events.last(), since) {
-            (Some(e), _) => e.id,
-            // Nothing readable after the cursor: continue from the newest event.
-            (None, _) => self.events.back().map_or(0, |e| e.id).max(match since {
-                Since::Id(id) => id,
-                Since::Time(_) => 0,
-            }),
-        };
+        // Nothing readable after the cursor: continue from the newest event.
+        let next = events.last().or(self.events.back()).map_or(0, |e| e.id);
         EventPage { events, next, more, missed, oldest_id, event_history: self.capacity }
     }
 
@@ -828,7 +826,10 @@ mod tests {
         assert_eq!(page.events.iter().map(|e| e.id).collect::<Vec<_>>(), vec![21, 22, 23]);
         assert!(page.more && !page.missed);
         let page = h.events_since(Since::Id(25), 3, &all);
-        assert!(page.events.is_empty() && !page.more && page.next == 25);
+        assert!(page.events.is_empty() && !page.more && !page.missed && page.next == 25);
+        // A cursor from before a restart (past the newest id): all that is buffered, and missed.
+        let page = h.events_since(Since::Id(900), 100, &all);
+        assert_eq!((page.events.len(), page.missed, page.next), (10, true, 25));
         let page = h.events_since(Since::Time(1_020), 100, &all);
         assert_eq!(page.events.first().map(|e| e.id), Some(21));
         let only_a = |k: &str| k.starts_with("a/");
