@@ -49,6 +49,9 @@ pub const SPAN_BYTES: usize = std::mem::size_of::<Span>();
 pub const HISTORY_KEYS: usize = 20;
 /// Most spans of one key sent at once (the newest).
 pub const SPANS_PER_KEY: usize = 1_000;
+/// Most events a new subscriber gets at once (the newest; all of them at the default
+/// `--event-history`); older ones are there for `GET /v1/events?since=…`.
+pub const HISTORY_EVENTS: usize = 10_000;
 
 /// What happened, as the server saw it: the input of [`History::record`].
 #[derive(Debug, Clone, Copy)]
@@ -292,7 +295,7 @@ pub struct History {
 /// Everything a new subscriber gets first.
 #[derive(Debug, Serialize)]
 pub struct Snapshot {
-    /// The buffered events it may read, oldest first.
+    /// The newest [`HISTORY_EVENTS`] buffered events it may read, oldest first.
     pub events: Vec<Event>,
     /// Open and closed spans of the busiest and longest-held keys it may read.
     pub spans: Vec<Span>,
@@ -597,7 +600,9 @@ impl History {
 
     /// What a new subscriber that may read the keys `may_read` allows gets first.
     pub fn snapshot(&self, may_read: &dyn Fn(&str) -> bool, now_ms: u64) -> Snapshot {
-        let events: Vec<Event> = self.events.iter().filter(|e| may_read(&e.key)).cloned().collect();
+        let mut events: Vec<Event> =
+            self.events.iter().rev().filter(|e| may_read(&e.key)).take(HISTORY_EVENTS).cloned().collect();
+        events.reverse();
         let window = now_ms.saturating_sub(TIMELINE_WINDOW_MS);
         // The longest-held keys now, and the busiest of the window.
         let mut longest: Vec<&Span> = self.open_holds.values().filter(|s| may_read(&s.key)).collect();
