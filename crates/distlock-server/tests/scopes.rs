@@ -236,12 +236,7 @@ async fn events_only_of_readable_keys_and_sighup_rereads_the_file() {
     assert_eq!(api.call(Some("legacy"), "GET", "/v1/info", None).await.0, 401, "removed token refused");
     // The stream opened with a token that is gone now ends (it was allowed when it began).
     let ended = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match events.chunk().await {
-                Ok(Some(_)) => continue,
-                _ => break,
-            }
-        }
+        while let Ok(Some(_)) = events.chunk().await {}
     })
     .await;
     assert!(ended.is_ok(), "the revoked token's event stream still runs");
