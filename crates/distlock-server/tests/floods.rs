@@ -209,9 +209,12 @@ async fn half_open_connections_and_an_acquire_flood_starve_neither_health_nor_re
         percentile(&after, 0.5)
     );
     assert_eq!(failed, 0, "{failed} /healthz probes got no 200");
-    // 15-20 ms on a quiet machine (docs/RELIABILITY.md); the bound leaves room for a CI machine
-    // busy with the other tests, and still fails at once if the flood starved the listener.
-    assert!(p99 < Duration::from_millis(300), "/healthz p99 {p99:?} under the flood");
+    // p99 15-20 ms on a quiet machine (docs/RELIABILITY.md). On this 2-core VM a build running
+    // beside the test pushed single probes to 600 ms (with ~30 probes p99 is the maximum), so the
+    // test bounds the median tightly and the tail loosely: a starved listener (no header timer)
+    // fails both at once, as every probe then waits for a socket.
+    assert!(p50 < Duration::from_millis(100), "/healthz p50 {p50:?} under the flood");
+    assert!(p99 < Duration::from_secs(2), "/healthz p99 {p99:?} under the flood");
     assert!(cycles.load(Ordering::Relaxed) > 0, "the flood did nothing");
     assert!(after[0] >= Duration::from_millis(900), "a half-open socket closed before the header timeout");
     assert!(
