@@ -176,3 +176,35 @@ async fn every_server_sees_every_event_over_etcd() {
     let (s, body) = call(&two, false, "/v1/locks/q", None, "").await;
     assert_eq!((s, &body["held"]), (200, &Value::Bool(false)), "{body}");
 }
+
+/// A client that names both servers (`http://a,b`: calls go to the first while it answers) goes on
+/// through the second when the first is killed with `kill -9`: the lease granted through the first
+/// renews through the second (same token: it is the store's lease, and the store is shared), is
+/// never reported lost, and is released there; the next grant gets a higher token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_two_servers_goes_on_through_the_other() {
+    let etcd = EtcdCluster::start(1);
+    let dir = tempfile::tempdir().expect("dir");
+    let mut one = front(&etcd, &dir);
+    let two = front(&etcd, &dir);
+    let url = format!("http://127.0.0.1:{},127.0.0.1:{}?timeout=1s", one.port, two.port);
+    let locker = Locker::open(&url).await.expect("a URL naming both servers");
+    let ttl = Duration::from_secs(2);
+    let lease = locker.acquire("k", &AcquireOptions::new().holder("both").ttl(ttl)).await.expect("acquire");
+    one.kill9();
+    // Three TTLs: without renewals through the second server the lease would be lost.
+    tokio::select! {
+        reason = lease.lost() => panic!("the lease was lost after its server died: {reason:?}"),
+        _ = tokio::time::sleep(ttl * 3) => {}
+    }
+    let (s, body) = call(&two, false, "/v1/locks/k", None, "").await;
+    assert_eq!(
+        (s, &body["holder"], &body["fencing_token"]),
+        (200, &"both".into(), &lease.fencing_token().into())
+    );
+    let token = lease.fencing_token();
+    lease.release().await.expect("released through the second server");
+    let next = locker.acquire("k", &AcquireOptions::new().ttl(ttl)).await.expect("acquire again");
+    assert!(next.fencing_token() > token);
+    next.release().await.expect("release");
+}

@@ -1,5 +1,6 @@
-//! The HTTP/1.1 client of the `http://` backend: keep-alive connections to one lock server on
-//! hyper's connection API, pooled by hand.
+//! The HTTP/1.1 client of the `http://` backend: keep-alive connections to a lock server on
+//! hyper's connection API, pooled by hand, and failover between several servers in front of one
+//! shared store (`http://a:7878,b:7878`).
 //!
 //! Why not `reqwest`: per request it parses URLs, checks proxies, looks up a keyed pool and wraps
 //! the call in layers a lock client never uses. Measured on one machine with 64 tasks each doing
@@ -8,7 +9,15 @@
 //! two share the cores. What is left is what a request needs: one connection per request in
 //! flight, reused while the server keeps it open; a `Host`, a bearer token and a JSON body.
 //! `https://` runs the same over rustls (see `tls.rs`).
+//!
+//! Several servers: calls go to one of them (the first named, to begin with) until it cannot be
+//! reached or gives no answer; then calls go to the next. A request that never reached a server
+//! (connection refused, connect timed out) is sent to the next one at once, within the call's
+//! time; one that was sent is never sent again (it may have been acted on: a grant whose answer
+//! was lost), the caller gets `Unavailable` and its next call goes to the next server. Lease ids
+//! are the store's, so a lease granted through one server renews and releases through another.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -38,8 +47,17 @@ pub(super) struct Answer {
     pub body: Bytes,
 }
 
-/// Connections to one server (`http://host:port[/prefix]` or `https://…`).
+/// Connections to the lock servers named in one URL, all fronts of one store.
 pub(super) struct Client {
+    servers: Vec<Endpoint>,
+    /// Index of the server calls go to first; moves on when that one fails.
+    current: AtomicUsize,
+    /// The servers as the user wrote them, for messages about answers.
+    base: String,
+}
+
+/// Connections to one server (`http://host:port[/prefix]` or `https://…`).
+struct Endpoint {
     /// `host:port`, dialled as written (a name is resolved on each new connection).
     dial: String,
     host: HeaderValue,
@@ -55,15 +73,88 @@ pub(super) struct Client {
     idle: Mutex<Vec<(SendRequest<Full<Bytes>>, Instant)>>,
 }
 
+/// Why an exchange with one server failed.
+enum Failure {
+    /// The request never reached the server: another may take it.
+    Unsent(Error),
+    /// It may have been acted on: not to be sent again.
+    Sent(Error),
+}
+
 impl Client {
-    /// Reads `http://host[:port][/prefix]` or `https://…` (no query: the caller has taken it
-    /// off and passes the TLS parameters, which only `https://` takes).
+    /// Reads `http://host[:port][/prefix]` or `https://…`, or several servers in front of one
+    /// store as `http://host1:port1,host2:port2[/prefix]` (no query: the caller has taken it off
+    /// and passes the TLS parameters, which only `https://` takes).
     pub(super) fn new(
         base: &str,
         token: Option<&str>,
         connect_timeout: Duration,
         tls_params: &TlsParams,
     ) -> Result<Client> {
+        let bad = || Error::InvalidInput(format!("{base:?} is not a server URL like http://host:7878"));
+        let (scheme, rest) = base.split_once("://").ok_or_else(bad)?;
+        let (hosts, path) = rest.find('/').map_or((rest, ""), |i| rest.split_at(i));
+        let authorization = token
+            .map(|t| {
+                HeaderValue::from_str(&format!("Bearer {t}"))
+                    .map_err(|_| Error::InvalidInput("the token has characters a header cannot carry".into()))
+            })
+            .transpose()?;
+        let servers = hosts
+            .split(',')
+            .map(|host| {
+                let one = format!("{scheme}://{host}{path}");
+                Endpoint::new(&one, authorization.clone(), connect_timeout, tls_params)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Client { servers, current: AtomicUsize::new(0), base: base.to_owned() })
+    }
+
+    /// The error for servers that gave no usable answer.
+    pub(super) fn unavailable(&self, why: impl std::fmt::Display) -> Error {
+        Error::Unavailable(format!("lock server {}: {why}", self.base))
+    }
+
+    /// Sends one request (`path` below the prefix, e.g. `/v1/locks/k/acquire`) and reads the
+    /// whole answer, all within `timeout`. A JSON `body` makes it a POST, none a GET. Starts at
+    /// the current server; a request none of them took gets the last server's error.
+    pub(super) async fn call(&self, path: &str, body: Option<Vec<u8>>, timeout: Duration) -> Result<Answer> {
+        let body = body.map(Bytes::from);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let first = self.current.load(Ordering::Relaxed);
+        let mut unsent = None;
+        for i in (0..self.servers.len()).map(|k| (first + k) % self.servers.len()) {
+            let server = &self.servers[i];
+            let failure = match tokio::time::timeout_at(deadline, server.exchange(path, body.clone())).await {
+                Ok(Ok(answer)) => return Ok(answer),
+                Ok(Err(failure)) => failure,
+                Err(_) => Failure::Sent(server.unavailable("timed out")),
+            };
+            self.failed_over(i);
+            match failure {
+                Failure::Unsent(e) => unsent = Some(e),
+                Failure::Sent(e) => return Err(e),
+            }
+        }
+        Err(unsent.unwrap_or_else(|| self.unavailable("no server")))
+    }
+
+    /// Server `i` failed: later calls start at the next one, unless another call has moved on
+    /// already (two calls failing at once must not skip a good server).
+    fn failed_over(&self, i: usize) {
+        let next = (i + 1) % self.servers.len();
+        let _ = self.current.compare_exchange(i, next, Ordering::Relaxed, Ordering::Relaxed);
+    }
+}
+
+impl Endpoint {
+    /// Reads one server's `http://host[:port][/prefix]` or `https://…`.
+    fn new(
+        base: &str,
+        authorization: Option<HeaderValue>,
+        connect_timeout: Duration,
+        tls_params: &TlsParams,
+    ) -> Result<Endpoint> {
         let bad = || Error::InvalidInput(format!("{base:?} is not a server URL like http://host:7878"));
         let uri: Uri = base.parse().map_err(|_| bad())?;
         let https = match uri.scheme_str() {
@@ -102,13 +193,7 @@ impl Client {
         };
         let dial = format!("{}:{port}", authority.host());
         let host = HeaderValue::from_str(authority.as_str()).map_err(|_| bad())?;
-        let authorization = token
-            .map(|t| {
-                HeaderValue::from_str(&format!("Bearer {t}"))
-                    .map_err(|_| Error::InvalidInput("the token has characters a header cannot carry".into()))
-            })
-            .transpose()?;
-        Ok(Client {
+        Ok(Endpoint {
             dial,
             host,
             prefix: uri.path().trim_end_matches('/').to_owned(),
@@ -121,7 +206,7 @@ impl Client {
     }
 
     /// The error for a server that gave no usable answer.
-    pub(super) fn unavailable(&self, why: impl std::fmt::Display) -> Error {
+    fn unavailable(&self, why: impl std::fmt::Display) -> Error {
         Error::Unavailable(format!("lock server {}: {why}", self.base))
     }
 
@@ -139,16 +224,7 @@ impl Client {
         }
     }
 
-    /// Sends one request (`path` below the prefix, e.g. `/v1/locks/k/acquire`) and reads the
-    /// whole answer, all within `timeout`. A JSON `body` makes it a POST, none a GET.
-    pub(super) async fn call(&self, path: &str, body: Option<Vec<u8>>, timeout: Duration) -> Result<Answer> {
-        match tokio::time::timeout(timeout, self.exchange(path, body)).await {
-            Ok(answer) => answer,
-            Err(_) => Err(self.unavailable("timed out")),
-        }
-    }
-
-    fn request(&self, path: &str, body: Option<Vec<u8>>) -> Result<Request<Full<Bytes>>> {
+    fn request(&self, path: &str, body: Option<Bytes>) -> Result<Request<Full<Bytes>>> {
         let mut builder = Request::builder()
             .uri(format!("{}{path}", self.prefix))
             .header(HOST, self.host.clone())
@@ -161,27 +237,29 @@ impl Client {
             None => builder.method(Method::GET),
         };
         builder
-            .body(Full::new(body.map(Bytes::from).unwrap_or_default()))
+            .body(Full::new(body.unwrap_or_default()))
             .map_err(|e| Error::InvalidInput(format!("request to {}: {e}", self.base)))
     }
 
-    async fn exchange(&self, path: &str, body: Option<Vec<u8>>) -> Result<Answer> {
-        let mut request = self.request(path, body)?;
+    /// One request and its answer on this server; says whether a failed request was sent.
+    async fn exchange(&self, path: &str, body: Option<Bytes>) -> std::result::Result<Answer, Failure> {
+        let mut request = self.request(path, body).map_err(Failure::Unsent)?;
         loop {
             let (mut sender, pooled) = match self.checkout() {
                 Some(sender) => (sender, true),
-                None => (self.connect().await?, false),
+                None => (self.connect().await.map_err(Failure::Unsent)?, false),
             };
             if let Err(e) = sender.ready().await {
                 if pooled {
                     continue;
                 }
-                return Err(self.failed(&e));
+                return Err(Failure::Unsent(self.failed(&e)));
             }
             match sender.try_send_request(request).await {
                 Ok(response) => {
                     let status = response.status().as_u16();
-                    let body = response.into_body().collect().await.map_err(|e| self.failed(&e))?;
+                    let body =
+                        response.into_body().collect().await.map_err(|e| Failure::Sent(self.failed(&e)))?;
                     self.checkin(sender);
                     return Ok(Answer { status, body: body.to_bytes() });
                 }
@@ -189,7 +267,8 @@ impl Client {
                 // it goes out again on another one. Once sent, it is never sent twice.
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if pooled => request = unsent,
-                    _ => return Err(self.failed(&e.into_error())),
+                    Some(_) => return Err(Failure::Unsent(self.failed(&e.into_error()))),
+                    None => return Err(Failure::Sent(self.failed(&e.into_error()))),
                 },
             }
         }
@@ -265,18 +344,23 @@ impl Client {
 mod tests {
     use super::*;
 
+    /// The one server of a URL naming one.
+    fn one(url: &str, token: Option<&str>) -> Endpoint {
+        let mut c = Client::new(url, token, Duration::from_secs(1), &TlsParams::default()).unwrap();
+        assert_eq!(c.servers.len(), 1, "{url}");
+        c.servers.remove(0)
+    }
+
     #[test]
     fn reads_server_urls() {
-        let c = Client::new("http://127.0.0.1:7878", None, Duration::from_secs(1), &TlsParams::default())
-            .unwrap();
+        let c = one("http://127.0.0.1:7878", None);
         assert_eq!((c.dial.as_str(), c.prefix.as_str()), ("127.0.0.1:7878", ""));
-        let c = Client::new("http://proxy/locks", Some("t"), Duration::from_secs(1), &TlsParams::default())
-            .unwrap();
+        let c = one("http://proxy/locks", Some("t"));
         assert_eq!((c.dial.as_str(), c.prefix.as_str()), ("proxy:80", "/locks"));
         assert_eq!(c.authorization.as_ref().map(|h| h.to_str().unwrap()), Some("Bearer t"));
-        let c = Client::new("http://[::1]:9", None, Duration::from_secs(1), &TlsParams::default()).unwrap();
+        let c = one("http://[::1]:9", None);
         assert_eq!(c.dial, "[::1]:9");
-        let c = Client::new("https://h", None, Duration::from_secs(1), &TlsParams::default()).unwrap();
+        let c = one("https://h", None);
         assert_eq!(c.dial, "h:443");
         assert!(c.tls.is_some());
         let ca = TlsParams { ca: Some("/ca.pem".into()), ..TlsParams::default() };
@@ -284,7 +368,17 @@ mod tests {
             Client::new("http://h:1", None, Duration::from_secs(1), &ca),
             Err(Error::InvalidInput(m)) if m.contains("https://")
         ));
-        for bad in ["http://[::1", "ftp://h", "http://", "https://", "http://u:p@h:1", "http://h:x"] {
+        for bad in [
+            "http://[::1",
+            "ftp://h",
+            "http://",
+            "https://",
+            "http://u:p@h:1",
+            "http://h:x",
+            "http://a:1,,b:2",
+            "http://a:1,b:x",
+            "http://a:1,",
+        ] {
             assert!(
                 matches!(
                     Client::new(bad, None, Duration::from_secs(1), &TlsParams::default()),
@@ -296,5 +390,63 @@ mod tests {
         assert!(
             Client::new("http://h:1", Some("a\nb"), Duration::from_secs(1), &TlsParams::default()).is_err()
         );
+    }
+
+    /// Several servers share the scheme, the path prefix and the token; each keeps its own host.
+    #[test]
+    fn reads_several_servers() {
+        let c = Client::new(
+            "http://a:1,[::1]:2,c/locks",
+            Some("t"),
+            Duration::from_secs(1),
+            &TlsParams::default(),
+        )
+        .unwrap();
+        let dials: Vec<(&str, &str, &str)> = c
+            .servers
+            .iter()
+            .map(|s| (s.dial.as_str(), s.prefix.as_str(), s.host.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            dials,
+            [("a:1", "/locks", "a:1"), ("[::1]:2", "/locks", "[::1]:2"), ("c:80", "/locks", "c")]
+        );
+        assert!(c.servers.iter().all(|s| s.authorization.is_some()));
+    }
+
+    /// A server that refuses connections is passed over within the call, and later calls start
+    /// at the one that answered.
+    #[tokio::test]
+    async fn fails_over_to_a_server_that_answers() {
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead_port = dead.local_addr().unwrap().port();
+        drop(dead);
+        let live = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let live_port = live.local_addr().unwrap().port();
+        // Answers every request on a connection with 200 and an empty JSON object.
+        std::thread::spawn(move || {
+            for mut sock in live.incoming().map_while(std::result::Result::ok) {
+                std::thread::spawn(move || {
+                    use std::io::{Read, Write};
+                    let mut buf = [0u8; 4096];
+                    while sock.read(&mut buf).is_ok_and(|n| n > 0) {
+                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+                        if sock.write_all(reply).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let url = format!("http://127.0.0.1:{dead_port},127.0.0.1:{live_port}");
+        let c = Client::new(&url, None, Duration::from_secs(1), &TlsParams::default()).unwrap();
+        let answer =
+            c.call("/v1/info", None, Duration::from_secs(2)).await.expect("the second server answers");
+        assert_eq!(answer.status, 200);
+        assert_eq!(c.current.load(Ordering::Relaxed), 1, "later calls start at the live server");
+        c.call("/v1/info", None, Duration::from_secs(2)).await.expect("again");
+        let alone = format!("http://127.0.0.1:{dead_port}");
+        let c = Client::new(&alone, None, Duration::from_secs(1), &TlsParams::default()).unwrap();
+        assert!(matches!(c.call("/v1/info", None, Duration::from_secs(2)).await, Err(Error::Unavailable(_))));
     }
 }

@@ -17,6 +17,14 @@
 //! 429 → `LimitExceeded`, 503 (`backend_unavailable`, or `shutting_down` for a waiting acquire when
 //! the server shuts down: retryable, nothing was granted), other failures and no answer →
 //! `Unavailable`.
+//!
+//! Several servers in front of one shared store (`serve --store etcd://…` or `redis://…`):
+//! `http://a:7878,b:7878[/prefix][?…]`. Calls go to the first named until it cannot be reached or
+//! does not answer, then to the next (see `client.rs`): a request that never reached a server goes
+//! to the next at once; one that was sent and got no answer is not sent again (the caller gets
+//! `Unavailable`, a lease's keeper retries its renewal on the next server). Lease ids belong to
+//! the store, so a lease renews and releases through any of them. Not for servers with their own
+//! embedded stores: those are separate lock services.
 
 mod batch;
 mod client;
