@@ -692,7 +692,12 @@ async fn etcdctl_lock_and_distlock_share_one_lock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_killed_mid_call_is_retried_on_the_next() {
     let mut cluster = EtcdCluster::start(3);
-    let l = locker(&cluster).await;
+    // A 6 s call timeout (2 s per member tried): with 2 s, a release that met the stopped member
+    // and then a cluster still electing (the member restarted last round) failed on a loaded
+    // machine. The point here is that the next member is tried, not how fast.
+    let url = format!("{}?timeout=6s&prefix=dl-test", cluster.url());
+    let _ = locker(&cluster).await;
+    let l = Locker::open(&url).await.unwrap();
     let signal = |pid: Option<u32>, sig: &str| {
         let pid = pid.expect("running").to_string();
         assert!(std::process::Command::new("kill").args([sig, &pid]).status().unwrap().success());
@@ -710,5 +715,54 @@ async fn a_member_killed_mid_call_is_retried_on_the_next() {
         assert!(!l.status("k").await.unwrap().held);
         cluster.restart(victim);
         let _ = locker(&cluster).await;
+    }
+}
+
+/// Try-once acquires and releases that many tasks make at once share etcd transactions
+/// (coalesced, each acquire a nested transaction of its own): still at most one holder per key —
+/// two acquires of one lock never share a transaction, where both would find the lock free — and
+/// tokens rise per key. 32 tasks over 4 keys, each holder checking nobody else is inside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalesced_try_once_acquires_exclude() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let cluster = EtcdCluster::start(1);
+    let l = locker(&cluster).await;
+    let inside: Arc<Vec<AtomicBool>> = Arc::new((0..4).map(|_| AtomicBool::new(false)).collect());
+    let tokens: Arc<Mutex<Vec<Vec<u64>>>> = Arc::new(Mutex::new(vec![Vec::new(); 4]));
+    let (granted, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut tasks = Vec::new();
+    for t in 0..32usize {
+        let (l, inside, tokens, granted, refused) =
+            (l.clone(), inside.clone(), tokens.clone(), granted.clone(), refused.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = t;
+            while Instant::now() < until {
+                i += 1;
+                let k = i % 4;
+                match l.acquire(&format!("co/{k}"), &AcquireOptions::new()).await {
+                    Ok(lease) => {
+                        assert!(!inside[k].swap(true, Ordering::SeqCst), "two holders of co/{k}");
+                        tokens.lock().unwrap()[k].push(lease.fencing_token());
+                        tokio::task::yield_now().await;
+                        inside[k].store(false, Ordering::SeqCst);
+                        lease.release().await.unwrap();
+                        granted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(Error::Held { .. }) => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => panic!("{e:?}"),
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (granted, refused) = (granted.load(Ordering::Relaxed), refused.load(Ordering::Relaxed));
+    assert!(granted > 100 && refused > 100, "contention happened: {granted} granted, {refused} refused");
+    for (k, tokens) in tokens.lock().unwrap().iter().enumerate() {
+        assert!(tokens.windows(2).all(|w| w[0] < w[1]), "tokens of co/{k} rose in grant order");
     }
 }
