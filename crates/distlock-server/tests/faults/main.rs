@@ -42,6 +42,9 @@ enum Nemesis {
     Partition,
     /// SIGSTOP the store (the etcd leader) for 2.5 TTLs.
     PauseStore,
+    /// `kill -9` the lock server the current holder talks to (of several in front of one store),
+    /// and start it again a TTL later: its clients go on through another.
+    KillServer,
 }
 
 impl Nemesis {
@@ -51,6 +54,7 @@ impl Nemesis {
             Nemesis::KillStore => "kill -9 + restart store",
             Nemesis::Partition => "partition holder from store",
             Nemesis::PauseStore => "pause store (SIGSTOP > TTL)",
+            Nemesis::KillServer => "kill -9 + restart the holder's server",
         }
     }
 }
@@ -90,6 +94,10 @@ fn cases() -> Vec<Case> {
     v.push(Case { kind: Kind::Redlock(5), nemesis: KillStore, promised: false });
     for n in all {
         v.push(Case { kind: Kind::Etcd(3), nemesis: n, promised: true });
+    }
+    // Stateless servers in front of etcd: losing one, or the etcd leader, loses no lock.
+    for n in [KillServer, KillStore] {
+        v.push(Case { kind: Kind::ServersOverEtcd(3), nemesis: n, promised: true });
     }
     v
 }
@@ -195,7 +203,7 @@ async fn run_case(case: &Case, s: &Settings, rng: &mut rand::rngs::StdRng) -> Ro
     let key = "faults/the-lock";
     let mut clients: Vec<Child> = (0..s.clients)
         .map(|c| {
-            let url = store.url(&proxies[c as usize].iter().map(|p| p.port).collect::<Vec<_>>());
+            let url = store.url(c, &proxies[c as usize].iter().map(|p| p.port).collect::<Vec<_>>());
             spawn_client(
                 c,
                 &ClientSpec { url, key, ttl, dir: dir.path(), fence: &fence.addr, until, seed: s.seed },
@@ -245,8 +253,16 @@ async fn run_case(case: &Case, s: &Settings, rng: &mut rand::rngs::StdRng) -> Ro
             Nemesis::KillStore => {
                 let i = store.leader().await;
                 store.kill(i);
-                tokio::time::sleep(if matches!(case.kind, Kind::Etcd(_)) { ttl } else { ttl / 3 }).await;
+                tokio::time::sleep(if case.kind.is_etcd() { ttl } else { ttl / 3 }).await;
                 tokio::task::block_in_place(|| store.restart(i));
+            }
+            Nemesis::KillServer => {
+                // The server the holder's connections went to last.
+                let used = proxies[holder].iter().map(|p| p.last_used());
+                let i = used.enumerate().max_by_key(|&(_, t)| t).map_or(0, |(i, _)| i);
+                store.kill_server(i);
+                tokio::time::sleep(ttl).await;
+                tokio::task::block_in_place(|| store.restart_server(i));
             }
         }
         heal = Some(now_ns());

@@ -4,6 +4,7 @@
 //! forwards nothing (a half-open network: requests vanish). Healing from `Drop` or `Blackhole`
 //! (back to `Pass`) closes the connections that were held, so clients reconnect.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -17,11 +18,13 @@ pub enum Mode {
     Blackhole,
 }
 
-/// Copies one direction, late by the current delay, until either side closes.
+/// Copies one direction, late by the current delay, until either side closes; notes when it
+/// last forwarded something in `used`.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mode: watch::Receiver<Mode>,
+    used: Arc<AtomicI64>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 16 * 1024];
@@ -40,6 +43,7 @@ async fn pump(
         if to.write_all(&buf[..n]).await.is_err() {
             return;
         }
+        used.store(crate::history::now_ns(), Ordering::Relaxed);
     }
 }
 
@@ -50,6 +54,9 @@ fn forwarding(mode: Mode) -> bool {
 pub struct Proxy {
     pub port: u16,
     mode: Arc<watch::Sender<Mode>>,
+    /// When it last forwarded bytes ([`crate::history::now_ns`]; 0: never): of a client's
+    /// proxies to several servers, the one it talks to now is the latest.
+    used: Arc<AtomicI64>,
 }
 
 impl Proxy {
@@ -59,9 +66,12 @@ impl Proxy {
         let port = listener.local_addr().expect("addr").port();
         let mode = Arc::new(watch::Sender::new(Mode::Pass));
         let modes = mode.clone();
+        let used = Arc::new(AtomicI64::new(0));
+        let noted = used.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let mut rx = modes.subscribe();
+                let used = noted.clone();
                 tokio::spawn(async move {
                     let _ = client.set_nodelay(true);
                     let mode = *rx.borrow_and_update();
@@ -81,8 +91,12 @@ impl Proxy {
                     let (up, down) = (rx.clone(), rx.clone());
                     // Pinned here so that the sockets outlive the select: a blackholed
                     // connection stays open, silent, until healed.
-                    let pumps =
-                        async { tokio::join!(pump(client_r, server_w, up), pump(server_r, client_w, down)) };
+                    let pumps = async {
+                        tokio::join!(
+                            pump(client_r, server_w, up, used.clone()),
+                            pump(server_r, client_w, down, used)
+                        )
+                    };
                     tokio::pin!(pumps);
                     tokio::select! {
                         _ = &mut pumps => {}
@@ -99,7 +113,12 @@ impl Proxy {
                 });
             }
         });
-        Proxy { port, mode }
+        Proxy { port, mode, used }
+    }
+
+    /// When this proxy last forwarded bytes.
+    pub fn last_used(&self) -> i64 {
+        self.used.load(Ordering::Relaxed)
     }
 
     pub fn set(&self, mode: Mode) {
