@@ -106,3 +106,66 @@ async fn a_held_lock_survives_its_slot_moving() {
     let again = locker.acquire("moving", &AcquireOptions::new()).await.unwrap();
     assert!(again.fencing_token() > token, "the counter moved with the slot");
 }
+
+/// Wake-ups are not pinned to the first node: with the node they subscribed at gone, a waiter of
+/// a key on a live master is still woken by the release (the subscription moves to the next
+/// node), not by its fallback timer. `queue_ttl=30s` puts that timer 10 s out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wakeups_move_on_when_their_node_is_gone() {
+    let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+    for n in &cluster.nodes {
+        // The two live masters keep serving their slots while the third is down.
+        assert!(raw(n.port, "CONFIG SET cluster-require-full-coverage no").starts_with("+OK"));
+    }
+    let locker = Locker::open(&format!("{}&queue_ttl=30s", cluster.url())).await.expect("open");
+    // A waiter first, so that the pub/sub connection exists (at the first node of the URL).
+    let warm = locker.acquire("warm", &AcquireOptions::new()).await.unwrap();
+    let warm_waiter = tokio::spawn({
+        let locker = locker.clone();
+        async move { locker.acquire("warm", &AcquireOptions::new().wait(Duration::from_secs(20))).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    warm.release().await.unwrap();
+    warm_waiter.await.unwrap().unwrap().release().await.unwrap();
+
+    let key = (0..100)
+        .map(|i| format!("job/{i}"))
+        .find(|k| {
+            let slot: u16 = raw(cluster.nodes[1].port, &format!("CLUSTER KEYSLOT distlock:{{{k}}}:lock"))
+                .trim()
+                .trim_start_matches(':')
+                .parse()
+                .unwrap();
+            cluster.owner(slot) != 0
+        })
+        .expect("a key on another master");
+    let _ = raw(cluster.nodes[0].port, "SHUTDOWN NOSAVE");
+
+    let opts = AcquireOptions::new().ttl(Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let holder = loop {
+        match locker.acquire(&key, &opts).await {
+            Ok(l) => break l,
+            Err(e) => assert!(Instant::now() < deadline, "acquire with a master down: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let waiter = tokio::spawn({
+        let (locker, key) = (locker.clone(), key.clone());
+        async move { locker.acquire(&key, &AcquireOptions::new().wait(Duration::from_secs(30))).await }
+    });
+    while locker.status(&key).await.map_or(0, |s| s.waiters) == 0 {
+        assert!(Instant::now() < deadline, "the waiter never queued");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Past the first (failing) registration: the waiter sleeps on whatever it got.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let released = Instant::now();
+    holder.release().await.unwrap();
+    waiter.await.unwrap().expect("the waiter gets the lock");
+    assert!(
+        released.elapsed() < Duration::from_secs(5),
+        "woken by the release, not the 10 s fallback timer ({:?})",
+        released.elapsed()
+    );
+}

@@ -95,3 +95,52 @@ async fn a_grant_without_enough_replicas_is_undone() {
         Err(Error::Unavailable(_))
     ));
 }
+
+/// Wake-ups follow the master: after the master is gone and the sentinels promoted the replica,
+/// a waiter is woken by the release through the new master, not by its fallback timer.
+/// `queue_ttl=30s` puts that timer 10 s out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wakeups_follow_the_master_after_it_is_gone() {
+    let group = tokio::task::spawn_blocking(Group::start).await.unwrap();
+    let locker = Locker::open(&group.url("min_replicas=0&queue_ttl=30s")).await.expect("open");
+    let _ = raw(group.master.port, "SHUTDOWN NOSAVE");
+    let replica_port = group.replica.port.to_string();
+    tokio::task::spawn_blocking({
+        let sentinel = group.sentinels[0].port;
+        move || {
+            until("the replica promoted", Duration::from_secs(30), || {
+                raw(sentinel, &format!("SENTINEL get-master-addr-by-name {MASTER}")).contains(&replica_port)
+                    && raw(replica_port.parse().unwrap_or(0), "ROLE").contains("master")
+            })
+        }
+    })
+    .await
+    .unwrap();
+
+    let opts = AcquireOptions::new().ttl(Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let holder = loop {
+        match locker.acquire("job", &opts).await {
+            Ok(l) => break l,
+            Err(e) => assert!(Instant::now() < deadline, "acquire after the failover: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let waiter = tokio::spawn({
+        let locker = locker.clone();
+        async move { locker.acquire("job", &AcquireOptions::new().wait(Duration::from_secs(30))).await }
+    });
+    while locker.status("job").await.map_or(0, |s| s.waiters) == 0 {
+        assert!(Instant::now() < deadline, "the waiter never queued");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let released = Instant::now();
+    holder.release().await.unwrap();
+    waiter.await.unwrap().expect("the waiter gets the lock");
+    assert!(
+        released.elapsed() < Duration::from_secs(5),
+        "woken by the release, not the 10 s fallback timer ({:?})",
+        released.elapsed()
+    );
+}

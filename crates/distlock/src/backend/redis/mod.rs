@@ -22,7 +22,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::time::Instant;
 
 use self::scripts::Scripts;
-use self::wakeups::{Registration, Wakeups};
+use self::wakeups::{Registration, Source, Wakeups};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::types::{AcquireRequest, Grant, LeaseId, ListQuery, LockInfo, LockPage};
@@ -211,7 +211,7 @@ impl RedisBackend {
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config(config.timeout))
             .map_err(|e| unavailable(&config, e))?;
         Ok(RedisBackend {
-            wakeups: Wakeups::new(client, config.timeout),
+            wakeups: Wakeups::new(Source::Nodes(vec![client]), config.timeout),
             store: Store { conn: Conn::Direct(conn), scripts: Arc::new(Scripts::new()), config },
         })
     }
@@ -219,8 +219,8 @@ impl RedisBackend {
     /// Opens `redis-cluster://[user:pass@]h1:p1,h2:p2,…[?…]` (`rediss-cluster://` with TLS and
     /// `ca`/`cert`/`key`): every call goes to the master of its key's slot (all keys of one lock
     /// share a hash tag, so each script touches one slot); MOVED and ASK are followed and the slot
-    /// map refreshed by the redis crate's cluster client. Wake-ups use classic pub/sub on one node:
-    /// `PUBLISH` reaches subscribers on every node of a cluster.
+    /// map refreshed by the redis crate's cluster client. Wake-ups use classic pub/sub on any one node
+    /// (`PUBLISH` reaches subscribers on every node of a cluster), the next when it is gone.
     pub async fn open_cluster(url: &str) -> Result<RedisBackend> {
         let (scheme, rest) =
             match (url.strip_prefix("redis-cluster://"), url.strip_prefix("rediss-cluster://")) {
@@ -252,14 +252,19 @@ impl RedisBackend {
                 Error::Unavailable(format!("redis cluster {first}: no answer within {:?}", config.timeout))
             })?
             .map_err(|e| unavailable(&config, e))?;
-        let pubsub = if config.tls.any() {
-            redis::Client::build_with_tls(node_urls[0].as_str(), config.tls.load()?)
-        } else {
-            redis::Client::open(node_urls[0].as_str())
-        }
-        .map_err(|e| Error::InvalidInput(format!("bad redis URL: {e}")))?;
+        let nodes = node_urls
+            .iter()
+            .map(|url| {
+                if config.tls.any() {
+                    redis::Client::build_with_tls(url.as_str(), config.tls.load()?)
+                } else {
+                    redis::Client::open(url.as_str())
+                }
+                .map_err(|e| Error::InvalidInput(format!("bad redis URL: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(RedisBackend {
-            wakeups: Wakeups::new(pubsub, config.timeout),
+            wakeups: Wakeups::new(Source::Nodes(nodes), config.timeout),
             store: Store { conn: Conn::Cluster(conn), scripts: Arc::new(Scripts::new()), config },
         })
     }
@@ -269,13 +274,9 @@ impl RedisBackend {
     pub async fn open_sentinel(url: &str) -> Result<RedisBackend> {
         let (sentinel_config, config) = sentinel::parse(url)?;
         let master = Arc::new(sentinel::Master::new(sentinel_config, config.clone()));
-        let (_, address) = master.conn().await?;
-        // Wake-ups subscribe at the first master; a failed-over master that comes back as a
-        // replica still delivers them (PUBLISH is replicated), and waiters fall back to timers.
-        let client = redis::Client::open(master.url_for(&address))
-            .map_err(|e| Error::InvalidInput(format!("bad redis URL: {e}")))?;
+        master.conn().await?;
         Ok(RedisBackend {
-            wakeups: Wakeups::new(client, config.timeout),
+            wakeups: Wakeups::new(Source::Sentinel(master.clone()), config.timeout),
             store: Store { conn: Conn::Sentinel(master), scripts: Arc::new(Scripts::new()), config },
         })
     }

@@ -6,8 +6,15 @@
 //! between cannot be missed. If the pub/sub connection drops, every waiter is woken to re-check
 //! and re-register; waiters also keep a fallback timer, so a lost message delays but never
 //! strands them.
+//!
+//! Where the connection goes ([`Source`]): the one server; any node of a cluster (a `PUBLISH`
+//! reaches subscribers on every node), the next one when the last one is gone; behind Sentinel,
+//! the master the sentinels name now (a `PUBLISH` is replicated, so the subscription keeps
+//! working on a master demoted to a replica, and moves when that node is gone). Pinned to the
+//! first node, a dead node left every hand-off to the waiters' fallback timers.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -21,8 +28,19 @@ pub const BROADCAST: &str = "*";
 /// Registered waiters: channel -> lease id -> its wake-up.
 type Subscribers = HashMap<String, HashMap<String, Arc<Notify>>>;
 
+/// Where the pub/sub connection goes.
+pub enum Source {
+    /// Any of these servers (one for `redis://`, every given node of a cluster): the one that
+    /// answered last, else the next in turn.
+    Nodes(Vec<redis::Client>),
+    /// The master the sentinels name now.
+    Sentinel(Arc<super::sentinel::Master>),
+}
+
 pub struct Wakeups {
-    client: redis::Client,
+    source: Source,
+    /// The node of [`Source::Nodes`] to try first.
+    next: AtomicUsize,
     connect_timeout: Duration,
     subs: Mutex<Subscribers>,
     /// The subscribe side of the connection; also orders SUBSCRIBE / UNSUBSCRIBE calls.
@@ -38,9 +56,10 @@ pub struct Registration {
 }
 
 impl Wakeups {
-    pub fn new(client: redis::Client, connect_timeout: Duration) -> Arc<Wakeups> {
+    pub fn new(source: Source, connect_timeout: Duration) -> Arc<Wakeups> {
         Arc::new(Wakeups {
-            client,
+            source,
+            next: AtomicUsize::new(0),
             connect_timeout,
             subs: Mutex::new(HashMap::new()),
             sink: tokio::sync::Mutex::new(None),
@@ -70,10 +89,7 @@ impl Wakeups {
     ) -> redis::RedisResult<Registration> {
         let mut sink = self.sink.lock().await;
         if sink.is_none() {
-            let pubsub =
-                tokio::time::timeout(self.connect_timeout, self.client.get_async_pubsub()).await.map_err(
-                    |_| redis::RedisError::from((redis::ErrorKind::Io, "pub/sub connect timed out")),
-                )??;
+            let pubsub = self.connect().await?;
             let (new_sink, stream) = pubsub.split();
             tokio::spawn(deliver(Arc::downgrade(self), stream));
             *sink = Some(new_sink);
@@ -99,8 +115,45 @@ impl Wakeups {
         Ok(registration)
     }
 
-    /// The connection ended: forget it and wake everyone so they re-register.
+    /// A pub/sub connection where [`Source`] says.
+    async fn connect(&self) -> redis::RedisResult<redis::aio::PubSub> {
+        let attempt = |client: redis::Client| async move {
+            tokio::time::timeout(self.connect_timeout, client.get_async_pubsub())
+                .await
+                .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "pub/sub connect timed out")))?
+        };
+        match &self.source {
+            Source::Nodes(clients) => {
+                let first = self.next.load(Ordering::Relaxed);
+                let mut last = redis::RedisError::from((redis::ErrorKind::Io, "no node to subscribe at"));
+                for i in 0..clients.len() {
+                    let at = (first + i) % clients.len();
+                    match attempt(clients[at].clone()).await {
+                        Ok(pubsub) => {
+                            self.next.store(at, Ordering::Relaxed);
+                            return Ok(pubsub);
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                Err(last)
+            }
+            Source::Sentinel(master) => {
+                let (_, address) = master.conn().await.map_err(|e| {
+                    redis::RedisError::from((redis::ErrorKind::Io, "no master", e.to_string()))
+                })?;
+                attempt(redis::Client::open(master.url_for(&address))?).await
+            }
+        }
+    }
+
+    /// The connection ended: forget it and wake everyone so they re-register (on a cluster,
+    /// starting with the next node: this one may be gone).
     async fn disconnected(&self) {
+        if let Source::Nodes(clients) = &self.source {
+            let at = self.next.load(Ordering::Relaxed);
+            self.next.store((at + 1) % clients.len().max(1), Ordering::Relaxed);
+        }
         *self.sink.lock().await = None;
         let subs = std::mem::take(&mut *self.subs());
         for n in subs.values().flat_map(|m| m.values()) {
