@@ -141,31 +141,5 @@ async fn wakeups_move_on_when_their_node_is_gone() {
         .expect("a key on another master");
     let _ = raw(cluster.nodes[0].port, "SHUTDOWN NOSAVE");
 
-    let opts = AcquireOptions::new().ttl(Duration::from_secs(30));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let holder = loop {
-        match locker.acquire(&key, &opts).await {
-            Ok(l) => break l,
-            Err(e) => assert!(Instant::now() < deadline, "acquire with a master down: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    let waiter = tokio::spawn({
-        let (locker, key) = (locker.clone(), key.clone());
-        async move { locker.acquire(&key, &AcquireOptions::new().wait(Duration::from_secs(30))).await }
-    });
-    while locker.status(&key).await.map_or(0, |s| s.waiters) == 0 {
-        assert!(Instant::now() < deadline, "the waiter never queued");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // Past the first (failing) registration: the waiter sleeps on whatever it got.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let released = Instant::now();
-    holder.release().await.unwrap();
-    waiter.await.unwrap().expect("the waiter gets the lock");
-    assert!(
-        released.elapsed() < Duration::from_secs(5),
-        "woken by the release, not the 10 s fallback timer ({:?})",
-        released.elapsed()
-    );
+    support::release_wakes_its_waiter(&locker, &key).await;
 }

@@ -117,30 +117,5 @@ async fn wakeups_follow_the_master_after_it_is_gone() {
     .await
     .unwrap();
 
-    let opts = AcquireOptions::new().ttl(Duration::from_secs(30));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let holder = loop {
-        match locker.acquire("job", &opts).await {
-            Ok(l) => break l,
-            Err(e) => assert!(Instant::now() < deadline, "acquire after the failover: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    let waiter = tokio::spawn({
-        let locker = locker.clone();
-        async move { locker.acquire("job", &AcquireOptions::new().wait(Duration::from_secs(30))).await }
-    });
-    while locker.status("job").await.map_or(0, |s| s.waiters) == 0 {
-        assert!(Instant::now() < deadline, "the waiter never queued");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let released = Instant::now();
-    holder.release().await.unwrap();
-    waiter.await.unwrap().expect("the waiter gets the lock");
-    assert!(
-        released.elapsed() < Duration::from_secs(5),
-        "woken by the release, not the 10 s fallback timer ({:?})",
-        released.elapsed()
-    );
+    support::release_wakes_its_waiter(&locker, "job").await;
 }

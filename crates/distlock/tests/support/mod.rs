@@ -26,6 +26,40 @@ pub fn require_binary(name: &str, package: &str) -> PathBuf {
         })
 }
 
+/// After a store fault: takes `key` (retrying while the store recovers, up to 20 s) with a 30 s
+/// TTL, queues a waiter behind it, releases, and asserts the waiter was woken by the release —
+/// within 5 s, where a backend opened with `queue_ttl=30s` would fall back to a timer after 10 s.
+pub async fn release_wakes_its_waiter(locker: &distlock::Locker, key: &str) {
+    use distlock::AcquireOptions;
+    let opts = AcquireOptions::new().ttl(Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let holder = loop {
+        match locker.acquire(key, &opts).await {
+            Ok(l) => break l,
+            Err(e) => assert!(Instant::now() < deadline, "acquire after the fault: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let waiter = tokio::spawn({
+        let (locker, key) = (locker.clone(), key.to_owned());
+        async move { locker.acquire(&key, &AcquireOptions::new().wait(Duration::from_secs(30))).await }
+    });
+    while locker.status(key).await.map_or(0, |s| s.waiters) == 0 {
+        assert!(Instant::now() < deadline, "the waiter never queued");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Past the waiter's first registration: it sleeps on whatever that got it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let released = Instant::now();
+    holder.release().await.unwrap();
+    waiter.await.unwrap().expect("the waiter gets the lock");
+    assert!(
+        released.elapsed() < Duration::from_secs(5),
+        "woken by the release, not the 10 s fallback timer ({:?})",
+        released.elapsed()
+    );
+}
+
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind a free port")
