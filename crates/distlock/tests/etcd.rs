@@ -24,6 +24,16 @@ async fn locker(cluster: &EtcdCluster) -> Locker {
     }
 }
 
+// Every behaviour a backend promises (crates/distlock-testkit), against a member of its own.
+// A renew keeps the TTL class its session was granted in.
+distlock_testkit::contract_tests!(
+    distlock_testkit::Caps { ttl_follows_renewals: false, ..Default::default() },
+    async {
+        let cluster = EtcdCluster::start(1);
+        (locker(&cluster).await, cluster)
+    }
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_exclusion_16_tasks_500_grants() {
     let cluster = EtcdCluster::start(1);
@@ -58,22 +68,6 @@ async fn ownership_status_and_tokens() {
     lease.release().await.unwrap();
     let next = b.acquire("a/b", &AcquireOptions::new()).await.unwrap();
     assert!(next.fencing_token() > t1 && next.fencing_token() > other.fencing_token());
-}
-
-/// A renew without a TTL keeps the etcd lease's own TTL (fixed when it was granted).
-#[tokio::test]
-async fn renew_without_ttl_keeps_the_lease_ttl() {
-    let cluster = EtcdCluster::start(1);
-    support::renew_without_ttl_keeps_the_lease_ttl(&locker(&cluster).await, "keep", Duration::ZERO, false)
-        .await;
-}
-
-/// Listing pages through held locks from a cursor: 25 locks 10 at a time are pages of 10, 10, 5
-/// (percent-encoded names in etcd, byte order of the keys in the pages).
-#[tokio::test]
-async fn list_pages_follow_the_cursor() {
-    let cluster = EtcdCluster::start(1);
-    support::pages_of_ten(&locker(&cluster).await, "pages/").await;
 }
 
 /// Waiters are served in arrival order, each watching only the key ahead of it.

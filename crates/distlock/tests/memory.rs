@@ -17,6 +17,11 @@ use tokio::time::Instant;
 
 mod support;
 
+// Every behaviour a backend promises (crates/distlock-testkit), in real time.
+distlock_testkit::contract_tests!(distlock_testkit::Caps::default(), async {
+    (Locker::open("memory://").await.expect("memory://"), ())
+});
+
 fn memory() -> Locker {
     Locker::with_backend(Arc::new(MemoryBackend::new().expect("inside a runtime")))
 }
@@ -34,47 +39,6 @@ async fn until_waiters(locker: &Locker, key: &str, n: u64) {
         tokio::task::yield_now().await;
     }
     panic!("{key} never had {n} waiters");
-}
-
-/// 16 tasks take one key 1,000 times in all; a counter read-modify-written inside the lock with a
-/// yield in between never loses an update, and tokens rise in the order of the critical sections.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mutual_exclusion_16_tasks() {
-    support::hammer(&[memory()], "counter", 16, 1000).await;
-}
-
-#[tokio::test(start_paused = true)]
-async fn try_once_reports_holder() {
-    let locker = memory();
-    let _lease = locker.acquire("k", &AcquireOptions::new().holder("host-1/pid-42")).await.unwrap();
-    let err = locker.acquire("k", &AcquireOptions::new()).await.unwrap_err();
-    assert_eq!(err, Error::Held { key: "k".into(), holder: Some("host-1/pid-42".into()) });
-    assert_eq!(err.code(), "lock_held");
-}
-
-/// Waiters are served in arrival order, each woken by the previous holder's release.
-#[tokio::test(start_paused = true)]
-async fn waiters_are_served_fifo() {
-    let locker = memory();
-    let first = locker.acquire("q", &AcquireOptions::new()).await.unwrap();
-    let order = Arc::new(Mutex::new(Vec::new()));
-    let mut tasks = Vec::new();
-    for i in 0..10u64 {
-        let (l2, order) = (locker.clone(), order.clone());
-        tasks.push(tokio::spawn(async move {
-            let lease = l2.acquire("q", &AcquireOptions::new().wait_forever()).await.unwrap();
-            order.lock().unwrap().push((i, lease.fencing_token()));
-            lease.release().await.unwrap();
-        }));
-        until_waiters(&locker, "q", i + 1).await;
-    }
-    first.release().await.unwrap();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let order = order.lock().unwrap();
-    assert_eq!(order.iter().map(|(i, _)| *i).collect::<Vec<_>>(), (0..10).collect::<Vec<_>>());
-    assert_eq!(order.iter().map(|(_, t)| *t).collect::<Vec<_>>(), (2..12).collect::<Vec<_>>());
 }
 
 /// A release wakes the waiter at once: no timer is involved (paused time does not move).
@@ -116,74 +80,6 @@ async fn expiry_wakes_waiter() {
     let lease = locker.acquire("k", &AcquireOptions::new().wait(secs(60))).await.unwrap();
     assert_eq!(Instant::now() - start, secs(3));
     assert_eq!(lease.fencing_token(), 2);
-}
-
-#[tokio::test(start_paused = true)]
-async fn wait_times_out_and_leaves_no_waiter() {
-    let locker = memory();
-    let _held = locker.acquire("k", &AcquireOptions::new().holder("owner")).await.unwrap();
-    let start = Instant::now();
-    let err = locker.acquire("k", &AcquireOptions::new().wait(Duration::from_millis(250))).await.unwrap_err();
-    assert_eq!(Instant::now() - start, Duration::from_millis(250));
-    match err {
-        Error::WaitTimeout { key, holder, waited } => {
-            assert_eq!(key, "k");
-            assert_eq!(holder.as_deref(), Some("owner"));
-            assert_eq!(waited, Duration::from_millis(250));
-        }
-        other => panic!("expected WaitTimeout, got {other:?}"),
-    }
-    assert_eq!(locker.status("k").await.unwrap().waiters, 0);
-}
-
-/// A waiting acquire that is cancelled does not leave the key held by a ghost when it is released.
-#[tokio::test(start_paused = true)]
-async fn cancelled_waiter_does_not_keep_the_lock() {
-    let locker = memory();
-    let holder = locker.acquire("k", &AcquireOptions::new()).await.unwrap();
-    let l2 = locker.clone();
-    let waiter = tokio::spawn(async move { l2.acquire("k", &AcquireOptions::new().wait_forever()).await });
-    until_waiters(&locker, "k", 1).await;
-    waiter.abort();
-    assert!(waiter.await.unwrap_err().is_cancelled());
-    holder.release().await.unwrap();
-    let status = locker.status("k").await.unwrap();
-    assert!(!status.held, "{status:?}");
-    locker.acquire("k", &AcquireOptions::new()).await.unwrap();
-}
-
-/// Only the owner's lease id renews or releases; a wrong or stale id is refused and the
-/// current holder is untouched.
-#[tokio::test(start_paused = true)]
-async fn ownership_is_enforced() {
-    let locker = memory();
-    let opts = AcquireOptions::new().ttl(secs(1)).auto_renew(false);
-    let old = locker.acquire("k", &opts).await.unwrap();
-    let old_id = old.lease_id().clone();
-    std::mem::forget(old); // a holder that vanished without releasing
-    tokio::time::sleep(secs(2)).await;
-    let current = locker.acquire("k", &AcquireOptions::new()).await.unwrap();
-
-    let stranger = LeaseId::generate();
-    for id in [&old_id, &stranger] {
-        let err = locker.renew_lease("k", id, Some(secs(10))).await.unwrap_err();
-        assert_eq!(err, Error::LeaseLost { key: "k".into(), reason: LossReason::NotOwner });
-        let err = locker.release_lease("k", id).await.unwrap_err();
-        assert!(err.is_lease_lost());
-    }
-    let status = locker.status("k").await.unwrap();
-    assert!(status.held);
-    assert_eq!(status.fencing_token, Some(current.fencing_token()));
-    // Releasing twice: the second time the lease is no longer there.
-    let id = current.lease_id().clone();
-    current.release().await.unwrap();
-    assert!(locker.release_lease("k", &id).await.unwrap_err().is_lease_lost());
-}
-
-/// A renew without a TTL keeps the lease's own: the one granted, then the last one renewed with.
-#[tokio::test(start_paused = true)]
-async fn renew_without_ttl_keeps_the_lease_ttl() {
-    support::renew_without_ttl_keeps_the_lease_ttl(&memory(), "keep", Duration::ZERO, true).await;
 }
 
 /// Automatic renewal keeps the lock well past five TTLs; nobody else can take it meanwhile.
@@ -353,12 +249,6 @@ async fn status_and_list() {
     let free = locker.status("nobody").await.unwrap();
     assert_eq!(free, LockInfo::free("nobody", 0));
     assert_eq!(locker.list("").await.unwrap().len(), 3);
-}
-
-/// Listing pages through held locks from a cursor: 25 locks 10 at a time are pages of 10, 10, 5.
-#[tokio::test(start_paused = true)]
-async fn list_pages_follow_the_cursor() {
-    support::pages_of_ten(&memory(), "pages/").await;
 }
 
 #[tokio::test]

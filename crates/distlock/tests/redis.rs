@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use distlock::{AcquireOptions, AcquireRequest, Error, LeaseId, Locker, LossReason};
@@ -17,16 +16,14 @@ async fn locker(server: &RedisServer) -> Locker {
     Locker::open(&format!("{}?prefix=dl-test&timeout=1s", server.url())).await.expect("open redis backend")
 }
 
+// Every behaviour a backend promises (crates/distlock-testkit), against its own redis-server.
+distlock_testkit::contract_tests!(distlock_testkit::Caps::default(), async {
+    let server = RedisServer::start();
+    (locker(&server).await, server)
+});
+
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
-}
-
-async fn until_waiters(locker: &Locker, key: &str, n: u64) {
-    let start = Instant::now();
-    while locker.status(key).await.unwrap().waiters != n {
-        assert!(start.elapsed() < Duration::from_secs(10), "{key} never had {n} waiters");
-        tokio::time::sleep(ms(5)).await;
-    }
 }
 
 /// 16 tasks over two "processes" take one key 1,000 times; the counter never loses an update and
@@ -61,16 +58,6 @@ async fn held_reports_holder_and_ownership_is_enforced() {
     b.release_lease("k", lease.lease_id()).await.unwrap();
     assert!(!b.status("k").await.unwrap().held);
     assert!(lease.release().await.unwrap_err().is_lease_lost(), "released twice");
-}
-
-/// A holder that crashed (no renewal, no release) is expired by Redis, and the waiter gets in at
-/// that moment through its PTTL fallback timer.
-/// A renew without a TTL keeps the lease's own (stored in the lock's value), not the 30 s default.
-#[tokio::test]
-async fn renew_without_ttl_keeps_the_lease_ttl() {
-    let server = RedisServer::start();
-    support::renew_without_ttl_keeps_the_lease_ttl(&locker(&server).await, "keep", Duration::ZERO, true)
-        .await;
 }
 
 /// A lock value written before the TTL was stored in it (`"<id> <token> <holder>"`) still works:
@@ -114,49 +101,6 @@ async fn expiry_lets_the_next_waiter_in() {
     assert!(waited >= ms(550) && waited < ms(2000), "got the lock after {waited:?}");
     assert!(lease.fencing_token() > grant.fencing_token);
     assert!(locker.release_lease("k", &crashed).await.unwrap_err().is_lease_lost());
-}
-
-/// Waiters from two processes are served in arrival order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn waiters_are_served_fifo() {
-    let server = RedisServer::start();
-    let lockers = [locker(&server).await, locker(&server).await];
-    let first = lockers[0].acquire("q", &AcquireOptions::new()).await.unwrap();
-    let order = Arc::new(Mutex::new(Vec::new()));
-    let mut tasks = Vec::new();
-    for i in 0..8u64 {
-        let (l, order) = (lockers[(i % 2) as usize].clone(), order.clone());
-        tasks.push(tokio::spawn(async move {
-            let lease = l.acquire("q", &AcquireOptions::new().wait(Duration::from_secs(30))).await.unwrap();
-            order.lock().unwrap().push(i);
-            tokio::time::sleep(ms(5)).await;
-            lease.release().await.unwrap();
-        }));
-        until_waiters(&lockers[0], "q", i + 1).await;
-    }
-    let start = Instant::now();
-    first.release().await.unwrap();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    assert_eq!(*order.lock().unwrap(), (0..8).collect::<Vec<_>>());
-    // Woken by each release, not by timers (the fallback here would be the 30 s lease TTL).
-    assert!(start.elapsed() < Duration::from_secs(2), "handoffs took {:?}", start.elapsed());
-}
-
-#[tokio::test]
-async fn wait_timeout_leaves_the_queue() {
-    let server = RedisServer::start();
-    let (a, b) = (locker(&server).await, locker(&server).await);
-    let _held = a.acquire("k", &AcquireOptions::new().holder("owner")).await.unwrap();
-    let start = Instant::now();
-    let err = b.acquire("k", &AcquireOptions::new().wait(ms(300))).await.unwrap_err();
-    assert!(start.elapsed() >= ms(300));
-    assert!(
-        matches!(&err, Error::WaitTimeout { holder: Some(h), .. } if h == "owner"),
-        "expected WaitTimeout by owner, got {err:?}"
-    );
-    assert_eq!(a.status("k").await.unwrap().waiters, 0);
 }
 
 /// Automatic renewal keeps a short lease alive far past five TTLs.
@@ -219,21 +163,6 @@ async fn unreachable_redis_is_unavailable_not_a_hang() {
         assert!(matches!(result, Err(Error::Unavailable(_))), "{result:?}");
     }
     assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
-}
-
-/// A cancelled waiter leaves the queue, so the next holder is not held up by it.
-#[tokio::test]
-async fn cancelled_waiter_leaves_the_queue() {
-    let server = RedisServer::start();
-    let (a, b) = (locker(&server).await, locker(&server).await);
-    let held = a.acquire("k", &AcquireOptions::new()).await.unwrap();
-    let waiter = tokio::spawn(async move { b.acquire("k", &AcquireOptions::new().wait_forever()).await });
-    until_waiters(&a, "k", 1).await;
-    waiter.abort();
-    let _ = waiter.await;
-    until_waiters(&a, "k", 0).await;
-    held.release().await.unwrap();
-    a.acquire("k", &AcquireOptions::new()).await.expect("free right away");
 }
 
 /// Every key the backend writes starts with the prefix and carries the lock's hash tag; the

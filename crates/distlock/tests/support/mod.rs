@@ -5,6 +5,13 @@
 
 pub mod topologies;
 
+/// The shared checks live in the contract suite's crate; these names stay for the tests that
+/// call them directly (not every test binary does).
+#[allow(unused_imports)]
+pub use distlock_testkit::contract::{
+    hammer, pages_of_ten, renew_keeps_ttl as renew_without_ttl_keeps_the_lease_ttl,
+};
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -184,150 +191,6 @@ fn ping(port: u16) -> bool {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-/// Mutual-exclusion check shared by every backend's tests: `tasks` tasks (spread over `lockers`,
-/// which stand for separate processes) take `key` `grants` times in all. Inside the lock each
-/// reads a shared counter, yields, and writes it back plus one: a lost update means two holders
-/// overlapped. Returns the fencing tokens in the order of the critical sections.
-pub async fn hammer(lockers: &[distlock::Locker], key: &str, tasks: usize, grants: usize) -> Vec<u64> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::{Arc, Mutex};
-
-    let counter = Arc::new(AtomicU64::new(0));
-    let tokens = Arc::new(Mutex::new(Vec::with_capacity(grants)));
-    let mut handles = Vec::new();
-    for t in 0..tasks {
-        let (locker, counter, tokens) = (lockers[t % lockers.len()].clone(), counter.clone(), tokens.clone());
-        let key = key.to_owned();
-        handles.push(tokio::spawn(async move {
-            let opts =
-                distlock::AcquireOptions::new().wait(Duration::from_secs(120)).holder(format!("task-{t}"));
-            for _ in 0..(grants / tasks + usize::from(t < grants % tasks)) {
-                let lease = locker.acquire(&key, &opts).await.expect("acquire");
-                let seen = counter.load(Ordering::SeqCst);
-                tokio::task::yield_now().await;
-                counter.store(seen + 1, Ordering::SeqCst);
-                tokens.lock().expect("tokens").push(lease.fencing_token());
-                lease.release().await.expect("release");
-            }
-        }));
-    }
-    for h in handles {
-        h.await.expect("task");
-    }
-    assert_eq!(counter.load(Ordering::SeqCst), grants as u64, "an update was lost: two holders overlapped");
-    let tokens = std::mem::take(&mut *tokens.lock().expect("tokens"));
-    assert_eq!(tokens.len(), grants);
-    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "fencing tokens must rise with each grant");
-    tokens
-}
-
-/// A renew without a TTL keeps the lease's own TTL, on any backend: acquired for 10 minutes and
-/// renewed with `None`, the grant and the store's status both still say about 10 minutes (not the
-/// 30 s default). Where the backend can change a lease's TTL (`ttl_follows_renewals`), a renew for
-/// one minute makes that the TTL a later renew without one keeps. `slack` is what the backend
-/// takes off the TTL it reports (Redlock's drift allowance).
-pub async fn renew_without_ttl_keeps_the_lease_ttl(
-    locker: &distlock::Locker,
-    key: &str,
-    slack: Duration,
-    ttl_follows_renewals: bool,
-) {
-    let about = |got: Duration, want: Duration| got <= want && got + slack + Duration::from_secs(2) >= want;
-    let ten = Duration::from_secs(600);
-    let opts = distlock::AcquireOptions::new().ttl(ten).auto_renew(false);
-    let lease = locker.acquire(key, &opts).await.expect("acquire");
-    let grant = locker.renew_lease(key, lease.lease_id(), None).await.expect("renew without a TTL");
-    assert!(about(grant.ttl, ten), "renewed for {:?}, not the lease's own 10 minutes", grant.ttl);
-    assert_eq!(grant.fencing_token, lease.fencing_token());
-    let left = locker.status(key).await.expect("status").expires_in.expect("held");
-    assert!(about(left, ten), "the store gives the lease {left:?}, not 10 minutes");
-    if ttl_follows_renewals {
-        let minute = Duration::from_secs(60);
-        locker.renew_lease(key, lease.lease_id(), Some(minute)).await.expect("renew for a minute");
-        let grant = locker.renew_lease(key, lease.lease_id(), None).await.expect("renew without a TTL");
-        assert!(about(grant.ttl, minute), "renewed for {:?}, not the last TTL renewed with", grant.ttl);
-        let left = locker.status(key).await.expect("status").expires_in.expect("held");
-        assert!(about(left, minute), "the store gives the lease {left:?}, not 1 minute");
-    }
-    let stranger = distlock::LeaseId::generate();
-    let err = locker.renew_lease(key, &stranger, None).await.expect_err("a stranger cannot renew");
-    assert!(err.is_lease_lost(), "{err:?}");
-    lease.release().await.expect("release");
-}
-
-/// Pages through 25 held locks under `prefix` (which must end in `/`) 10 at a time: pages of 10,
-/// 10 and 5, each `next` the page's last key and `None` after the last; keys in byte order; keys
-/// just outside the prefix never shown; a page that ends exactly at the last lock has no `next`;
-/// a released lock drops out; [`distlock::Locker::list`] follows the pages; bad queries are
-/// `InvalidInput`. Releases everything at the end.
-pub async fn pages_of_ten(locker: &distlock::Locker, prefix: &str) {
-    use distlock::{AcquireOptions, Error, ListQuery};
-    assert!(prefix.ends_with('/'));
-    let opts = AcquireOptions::new().ttl(Duration::from_secs(60));
-    let key = |i: usize| format!("{prefix}{i:02}");
-    let mut leases = Vec::new();
-    for i in (0..25).rev() {
-        leases.push(locker.acquire(&key(i), &opts).await.expect("acquire"));
-    }
-    // Neighbours on either side of the prefix's range ('0' sorts right after '/').
-    let (before, after) =
-        (prefix.trim_end_matches('/').to_owned(), format!("{}0", prefix.trim_end_matches('/')));
-    for k in [&before, &after] {
-        leases.push(locker.acquire(k, &opts).await.expect("acquire a neighbour"));
-    }
-
-    let mut query = ListQuery::prefix(prefix).limit(10);
-    let (mut sizes, mut keys) = (Vec::new(), Vec::new());
-    loop {
-        let page = locker.list_page(&query).await.expect("list a page");
-        sizes.push(page.locks.len());
-        let page_keys: Vec<String> = page.locks.iter().map(|l| l.key.clone()).collect();
-        assert!(page.locks.iter().all(|l| l.held && l.fencing_token.is_some()));
-        if let Some(next) = &page.next {
-            assert_eq!(Some(next), page_keys.last(), "next is the last key returned");
-        }
-        keys.extend(page_keys);
-        match page.next {
-            Some(next) => query = query.after(next),
-            None => break,
-        }
-        assert!(sizes.len() < 5, "paging does not end: {sizes:?}");
-    }
-    assert_eq!(sizes, [10, 10, 5], "pages of 10, 10 and 5");
-    assert_eq!(keys, (0..25).map(key).collect::<Vec<_>>(), "every key once, in byte order");
-
-    let last_five = locker.list_page(&ListQuery::prefix(prefix).after(key(19)).limit(5)).await.expect("page");
-    assert_eq!((last_five.locks.len(), last_five.next), (5, None), "nothing follows the last lock");
-    let first =
-        locker.list_page(&ListQuery::prefix(prefix).after(before.clone()).limit(3)).await.expect("page");
-    assert_eq!(first.next, Some(key(2)), "a cursor before the prefix starts at its first key");
-    let past = locker.list_page(&ListQuery::prefix(prefix).after(after.clone())).await.expect("page");
-    assert_eq!((past.locks.len(), past.next), (0, None), "a cursor past the prefix finds nothing");
-    let all = locker.list_page(&ListQuery::prefix(prefix)).await.expect("page");
-    assert_eq!((all.locks.len(), all.next), (25, None), "no limit: everything in one page");
-
-    let released = leases.remove(24 - 5); // key 05
-    assert_eq!(released.key(), key(5));
-    released.release().await.expect("release");
-    let listed: Vec<String> = locker.list(prefix).await.expect("list").into_iter().map(|l| l.key).collect();
-    assert_eq!(listed, (0..25).filter(|&i| i != 5).map(key).collect::<Vec<_>>());
-    let page = locker.list_page(&ListQuery::prefix(prefix).after(key(3)).limit(2)).await.expect("page");
-    assert_eq!(page.locks.iter().map(|l| l.key.clone()).collect::<Vec<_>>(), [key(4), key(6)]);
-
-    for bad in [
-        ListQuery::prefix(prefix).limit(0),
-        ListQuery::prefix(prefix).after("a\0b"),
-        ListQuery::prefix(prefix).after("k".repeat(1025)),
-        ListQuery::prefix("p\0"),
-    ] {
-        let err = locker.list_page(&bad).await.expect_err("a bad query");
-        assert!(matches!(err, Error::InvalidInput(_)), "{bad:?}: {err:?}");
-    }
-    for lease in leases {
-        lease.release().await.expect("release");
     }
 }
 

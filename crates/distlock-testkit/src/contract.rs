@@ -1,0 +1,368 @@
+//! The behaviours every backend promises, each an async function over a [`Locker`] (see the
+//! crate's [`contract_tests!`](crate::contract_tests) macro, which runs them all), and the
+//! building blocks other tests share (the mutual-exclusion hammer, the renew and paging checks).
+//!
+//! Real time, with bounds far from the figures they guard (a wake-up "by the release" must come
+//! in under 5 s where the timer it must not be is 10 s or more away), so that two loaded cores
+//! do not make them flaky; speed is measured in benchmarks, not here.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use distlock::{AcquireOptions, Error, LeaseId, Locker};
+
+/// What a backend does not promise, so the suite checks the weaker promise instead.
+#[derive(Debug, Clone)]
+pub struct Caps {
+    /// Waiters are served first come, first served (Redlock's race instead: no queue spans
+    /// independent masters).
+    pub fifo: bool,
+    /// What the backend takes off the TTL it reports (Redlock's drift allowance).
+    pub renew_slack: Duration,
+    /// A renew can change a lease's TTL for later renewals without one (etcd's sessions keep
+    /// the TTL class they were granted in).
+    pub ttl_follows_renewals: bool,
+}
+
+impl Default for Caps {
+    fn default() -> Self {
+        Caps { fifo: true, renew_slack: Duration::ZERO, ttl_follows_renewals: true }
+    }
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+
+/// Waits (up to 20 s) until the store counts `n` waiters on `key`.
+pub async fn until_waiters(locker: &Locker, key: &str, n: u64) {
+    let deadline = Instant::now() + 20 * SECOND;
+    loop {
+        let now = locker.status(key).await.map(|s| s.waiters).unwrap_or(u64::MAX);
+        if now == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{key}: {now} waiters, expected {n}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Eight tasks never hold one key together, and tokens rise grant by grant.
+pub async fn mutual_exclusion_and_rising_tokens(locker: &Locker, _caps: &Caps) {
+    hammer(std::slice::from_ref(locker), "contract/mutex", 8, 200).await;
+}
+
+/// A try-once acquire of a held key is `Held`, naming the holder; nothing is queued.
+pub async fn try_once_names_the_holder(locker: &Locker, _caps: &Caps) {
+    let _held =
+        locker.acquire("contract/held", &AcquireOptions::new().holder("host-1/pid-42")).await.unwrap();
+    let err = locker.acquire("contract/held", &AcquireOptions::new()).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Held { key, holder } if key == "contract/held" && holder.as_deref() == Some("host-1/pid-42")),
+        "{err:?}"
+    );
+    assert_eq!(err.code(), "lock_held");
+    assert_eq!(locker.status("contract/held").await.unwrap().waiters, 0, "a refusal queues nothing");
+}
+
+/// Waiters are granted in the order they queued, each with a higher token; where the backend
+/// does not queue (`!caps.fifo`), every waiter is still granted exactly once.
+pub async fn waiters_are_served_in_order(locker: &Locker, caps: &Caps) {
+    let key = "contract/fifo";
+    let first = locker.acquire(key, &AcquireOptions::new()).await.unwrap();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..5u64 {
+        let (locker2, order) = (locker.clone(), order.clone());
+        tasks.push(tokio::spawn(async move {
+            let lease = locker2.acquire(key, &AcquireOptions::new().wait(60 * SECOND)).await.unwrap();
+            order.lock().unwrap().push((i, lease.fencing_token()));
+            lease.release().await.unwrap();
+        }));
+        if caps.fifo {
+            until_waiters(locker, key, i + 1).await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    first.release().await.unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let order = order.lock().unwrap();
+    let tokens: Vec<u64> = order.iter().map(|(_, t)| *t).collect();
+    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "tokens rise in grant order: {tokens:?}");
+    let mut served: Vec<u64> = order.iter().map(|(i, _)| *i).collect();
+    if caps.fifo {
+        assert_eq!(served, (0..5).collect::<Vec<_>>(), "served in arrival order");
+    } else {
+        served.sort_unstable();
+        assert_eq!(served, (0..5).collect::<Vec<_>>(), "every waiter served once");
+    }
+}
+
+/// A release wakes the waiter itself: granted in well under the holder's 30 s TTL (and under the
+/// 10 s fallback a backend's timers could hide behind).
+pub async fn release_wakes_the_waiter(locker: &Locker, _caps: &Caps) {
+    let key = "contract/release";
+    let holder = locker.acquire(key, &AcquireOptions::new().ttl(30 * SECOND)).await.unwrap();
+    let waiter = tokio::spawn({
+        let locker = locker.clone();
+        async move { locker.acquire(key, &AcquireOptions::new().wait(60 * SECOND)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let token = holder.fencing_token();
+    let released = Instant::now();
+    holder.release().await.unwrap();
+    let next = waiter.await.unwrap().expect("the waiter gets the lock");
+    assert!(released.elapsed() < 5 * SECOND, "woken by the release ({:?})", released.elapsed());
+    assert!(next.fencing_token() > token);
+}
+
+/// A holder that stops renewing (a crashed process) loses the key at its TTL, and the waiter is
+/// granted then, with a higher token — not before the TTL, and not long after.
+pub async fn expiry_wakes_the_waiter(locker: &Locker, _caps: &Caps) {
+    let key = "contract/expiry";
+    let ttl = 2 * SECOND;
+    let crashed = locker.acquire(key, &AcquireOptions::new().ttl(ttl).auto_renew(false)).await.unwrap();
+    let (token, start) = (crashed.fencing_token(), Instant::now());
+    std::mem::forget(crashed); // no release, no renewal: as if the process died
+    let next = locker.acquire(key, &AcquireOptions::new().wait(60 * SECOND)).await.unwrap();
+    let waited = start.elapsed();
+    assert!(waited >= ttl - Duration::from_millis(100), "granted {waited:?} into a {ttl:?} lease");
+    assert!(waited < ttl + 10 * SECOND, "granted {waited:?} after a {ttl:?} lease expired");
+    assert!(next.fencing_token() > token);
+}
+
+/// A wait that times out is `WaitTimeout` (naming the holder) and leaves no place in the queue:
+/// the next release is not held up by it.
+pub async fn a_timed_out_waiter_leaves_the_queue(locker: &Locker, _caps: &Caps) {
+    let key = "contract/timeout";
+    let held = locker.acquire(key, &AcquireOptions::new().holder("owner")).await.unwrap();
+    let wait = Duration::from_millis(300);
+    let start = Instant::now();
+    let err = locker.acquire(key, &AcquireOptions::new().wait(wait)).await.unwrap_err();
+    assert!(start.elapsed() >= wait, "gave up after {:?}", start.elapsed());
+    match err {
+        Error::WaitTimeout { key: k, holder, .. } => {
+            assert_eq!(k, key);
+            assert_eq!(holder.as_deref(), Some("owner"));
+        }
+        other => panic!("expected WaitTimeout, got {other:?}"),
+    }
+    until_waiters(locker, key, 0).await;
+    held.release().await.unwrap();
+    locker.acquire(key, &AcquireOptions::new()).await.expect("free for a try-once acquire at once");
+}
+
+/// A waiting acquire that is cancelled leaves the queue: after the holder releases, the key is
+/// free (no ghost holds it) and a try-once acquire gets it.
+pub async fn a_cancelled_waiter_leaves_the_queue(locker: &Locker, caps: &Caps) {
+    let key = "contract/cancel";
+    let holder = locker.acquire(key, &AcquireOptions::new()).await.unwrap();
+    let waiter = tokio::spawn({
+        let locker = locker.clone();
+        async move { locker.acquire(key, &AcquireOptions::new().wait(60 * SECOND)).await }
+    });
+    if caps.fifo {
+        until_waiters(locker, key, 1).await;
+    } else {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    waiter.abort();
+    assert!(waiter.await.unwrap_err().is_cancelled());
+    until_waiters(locker, key, 0).await;
+    holder.release().await.unwrap();
+    let status = locker.status(key).await.unwrap();
+    assert!(!status.held, "a cancelled waiter holds the key: {status:?}");
+    locker.acquire(key, &AcquireOptions::new()).await.expect("free");
+}
+
+/// Only the owner's lease id renews or releases; a stale or unknown id is `LeaseLost` and the
+/// current holder is untouched; a second release of one lease is `LeaseLost`.
+pub async fn only_the_owner_renews_or_releases(locker: &Locker, _caps: &Caps) {
+    let key = "contract/owner";
+    let old = locker.acquire(key, &AcquireOptions::new()).await.unwrap();
+    let old_id = old.lease_id().clone();
+    old.release().await.unwrap();
+    let current = locker.acquire(key, &AcquireOptions::new()).await.unwrap();
+    for id in [&old_id, &LeaseId::generate()] {
+        let err = locker.renew_lease(key, id, Some(10 * SECOND)).await.unwrap_err();
+        assert!(err.is_lease_lost(), "renew by a stranger: {err:?}");
+        let err = locker.release_lease(key, id).await.unwrap_err();
+        assert!(err.is_lease_lost(), "release by a stranger: {err:?}");
+    }
+    let status = locker.status(key).await.unwrap();
+    assert!(status.held);
+    assert_eq!(status.fencing_token, Some(current.fencing_token()));
+    let id = current.lease_id().clone();
+    current.release().await.unwrap();
+    assert!(locker.release_lease(key, &id).await.unwrap_err().is_lease_lost());
+}
+
+/// See [`renew_keeps_ttl`].
+pub async fn renew_without_ttl_keeps_the_lease_ttl(locker: &Locker, caps: &Caps) {
+    renew_keeps_ttl(locker, "contract/keep", caps.renew_slack, caps.ttl_follows_renewals).await;
+}
+
+/// Status names the holder, token, TTL left and waiters; a free key is free; list by prefix
+/// shows exactly the held keys under it.
+pub async fn status_and_list(locker: &Locker, _caps: &Caps) {
+    let opts = AcquireOptions::new().holder("me").ttl(30 * SECOND);
+    let a = locker.acquire("contract-list/a", &opts).await.unwrap();
+    let _b = locker.acquire("contract-list/b", &opts).await.unwrap();
+    let _c = locker.acquire("contract-other", &opts).await.unwrap();
+    let info = locker.status("contract-list/a").await.unwrap();
+    assert!(info.held);
+    assert_eq!(info.holder.as_deref(), Some("me"));
+    assert_eq!(info.fencing_token, Some(a.fencing_token()));
+    let left = info.expires_in.expect("a held key has a TTL left");
+    assert!(left <= 30 * SECOND && left > 20 * SECOND, "{left:?} left of 30 s");
+    let free = locker.status("contract-nobody").await.unwrap();
+    assert!(!free.held && free.holder.is_none() && free.waiters == 0, "{free:?}");
+    let keys: Vec<String> = locker.list("contract-list/").await.unwrap().into_iter().map(|i| i.key).collect();
+    assert_eq!(keys, ["contract-list/a", "contract-list/b"]);
+    a.release().await.unwrap();
+    let keys: Vec<String> = locker.list("contract-list/").await.unwrap().into_iter().map(|i| i.key).collect();
+    assert_eq!(keys, ["contract-list/b"], "a released key drops out");
+}
+
+/// See [`pages_of_ten`].
+pub async fn list_pages_follow_the_cursor(locker: &Locker, _caps: &Caps) {
+    pages_of_ten(locker, "contract-pages/").await;
+}
+
+/// Mutual-exclusion check shared by every backend's tests: `tasks` tasks (spread over `lockers`,
+/// which stand for separate processes) take `key` `grants` times in all. Inside the lock each
+/// reads a shared counter, yields, and writes it back plus one: a lost update means two holders
+/// overlapped. Returns the fencing tokens in the order of the critical sections.
+pub async fn hammer(lockers: &[Locker], key: &str, tasks: usize, grants: usize) -> Vec<u64> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let counter = Arc::new(AtomicU64::new(0));
+    let tokens = Arc::new(Mutex::new(Vec::with_capacity(grants)));
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let (locker, counter, tokens) = (lockers[t % lockers.len()].clone(), counter.clone(), tokens.clone());
+        let key = key.to_owned();
+        handles.push(tokio::spawn(async move {
+            let opts = AcquireOptions::new().wait(Duration::from_secs(120)).holder(format!("task-{t}"));
+            for _ in 0..(grants / tasks + usize::from(t < grants % tasks)) {
+                let lease = locker.acquire(&key, &opts).await.expect("acquire");
+                let seen = counter.load(Ordering::SeqCst);
+                tokio::task::yield_now().await;
+                counter.store(seen + 1, Ordering::SeqCst);
+                tokens.lock().expect("tokens").push(lease.fencing_token());
+                lease.release().await.expect("release");
+            }
+        }));
+    }
+    for h in handles {
+        h.await.expect("task");
+    }
+    assert_eq!(counter.load(Ordering::SeqCst), grants as u64, "an update was lost: two holders overlapped");
+    let tokens = std::mem::take(&mut *tokens.lock().expect("tokens"));
+    assert_eq!(tokens.len(), grants);
+    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "fencing tokens must rise with each grant");
+    tokens
+}
+
+/// A renew without a TTL keeps the lease's own TTL, on any backend: acquired for 10 minutes and
+/// renewed with `None`, the grant and the store's status both still say about 10 minutes (not the
+/// 30 s default). Where the backend can change a lease's TTL (`ttl_follows_renewals`), a renew for
+/// one minute makes that the TTL a later renew without one keeps. `slack` is what the backend
+/// takes off the TTL it reports (Redlock's drift allowance).
+pub async fn renew_keeps_ttl(locker: &Locker, key: &str, slack: Duration, ttl_follows_renewals: bool) {
+    let about = |got: Duration, want: Duration| got <= want && got + slack + Duration::from_secs(2) >= want;
+    let ten = Duration::from_secs(600);
+    let opts = AcquireOptions::new().ttl(ten).auto_renew(false);
+    let lease = locker.acquire(key, &opts).await.expect("acquire");
+    let grant = locker.renew_lease(key, lease.lease_id(), None).await.expect("renew without a TTL");
+    assert!(about(grant.ttl, ten), "renewed for {:?}, not the lease's own 10 minutes", grant.ttl);
+    assert_eq!(grant.fencing_token, lease.fencing_token());
+    let left = locker.status(key).await.expect("status").expires_in.expect("held");
+    assert!(about(left, ten), "the store gives the lease {left:?}, not 10 minutes");
+    if ttl_follows_renewals {
+        let minute = Duration::from_secs(60);
+        locker.renew_lease(key, lease.lease_id(), Some(minute)).await.expect("renew for a minute");
+        let grant = locker.renew_lease(key, lease.lease_id(), None).await.expect("renew without a TTL");
+        assert!(about(grant.ttl, minute), "renewed for {:?}, not the last TTL renewed with", grant.ttl);
+        let left = locker.status(key).await.expect("status").expires_in.expect("held");
+        assert!(about(left, minute), "the store gives the lease {left:?}, not 1 minute");
+    }
+    let stranger = LeaseId::generate();
+    let err = locker.renew_lease(key, &stranger, None).await.expect_err("a stranger cannot renew");
+    assert!(err.is_lease_lost(), "{err:?}");
+    lease.release().await.expect("release");
+}
+
+/// Pages through 25 held locks under `prefix` (which must end in `/`) 10 at a time: pages of 10,
+/// 10 and 5, each `next` the page's last key and `None` after the last; keys in byte order; keys
+/// just outside the prefix never shown; a page that ends exactly at the last lock has no `next`;
+/// a released lock drops out; [`Locker::list`] follows the pages; bad queries are
+/// `InvalidInput`. Releases everything at the end.
+pub async fn pages_of_ten(locker: &Locker, prefix: &str) {
+    use distlock::ListQuery;
+    assert!(prefix.ends_with('/'));
+    let opts = AcquireOptions::new().ttl(Duration::from_secs(60));
+    let key = |i: usize| format!("{prefix}{i:02}");
+    let mut leases = Vec::new();
+    for i in (0..25).rev() {
+        leases.push(locker.acquire(&key(i), &opts).await.expect("acquire"));
+    }
+    // Neighbours on either side of the prefix's range ('0' sorts right after '/').
+    let (before, after) =
+        (prefix.trim_end_matches('/').to_owned(), format!("{}0", prefix.trim_end_matches('/')));
+    for k in [&before, &after] {
+        leases.push(locker.acquire(k, &opts).await.expect("acquire a neighbour"));
+    }
+
+    let mut query = ListQuery::prefix(prefix).limit(10);
+    let (mut sizes, mut keys) = (Vec::new(), Vec::new());
+    loop {
+        let page = locker.list_page(&query).await.expect("list a page");
+        sizes.push(page.locks.len());
+        let page_keys: Vec<String> = page.locks.iter().map(|l| l.key.clone()).collect();
+        assert!(page.locks.iter().all(|l| l.held && l.fencing_token.is_some()));
+        if let Some(next) = &page.next {
+            assert_eq!(Some(next), page_keys.last(), "next is the last key returned");
+        }
+        keys.extend(page_keys);
+        match page.next {
+            Some(next) => query = query.after(next),
+            None => break,
+        }
+        assert!(sizes.len() < 5, "paging does not end: {sizes:?}");
+    }
+    assert_eq!(sizes, [10, 10, 5], "pages of 10, 10 and 5");
+    assert_eq!(keys, (0..25).map(key).collect::<Vec<_>>(), "every key once, in byte order");
+
+    let last_five = locker.list_page(&ListQuery::prefix(prefix).after(key(19)).limit(5)).await.expect("page");
+    assert_eq!((last_five.locks.len(), last_five.next), (5, None), "nothing follows the last lock");
+    let first =
+        locker.list_page(&ListQuery::prefix(prefix).after(before.clone()).limit(3)).await.expect("page");
+    assert_eq!(first.next, Some(key(2)), "a cursor before the prefix starts at its first key");
+    let past = locker.list_page(&ListQuery::prefix(prefix).after(after.clone())).await.expect("page");
+    assert_eq!((past.locks.len(), past.next), (0, None), "a cursor past the prefix finds nothing");
+    let all = locker.list_page(&ListQuery::prefix(prefix)).await.expect("page");
+    assert_eq!((all.locks.len(), all.next), (25, None), "no limit: everything in one page");
+
+    let released = leases.remove(24 - 5); // key 05
+    assert_eq!(released.key(), key(5));
+    released.release().await.expect("release");
+    let listed: Vec<String> = locker.list(prefix).await.expect("list").into_iter().map(|l| l.key).collect();
+    assert_eq!(listed, (0..25).filter(|&i| i != 5).map(key).collect::<Vec<_>>());
+    let page = locker.list_page(&ListQuery::prefix(prefix).after(key(3)).limit(2)).await.expect("page");
+    assert_eq!(page.locks.iter().map(|l| l.key.clone()).collect::<Vec<_>>(), [key(4), key(6)]);
+
+    for bad in [
+        ListQuery::prefix(prefix).limit(0),
+        ListQuery::prefix(prefix).after("a\0b"),
+        ListQuery::prefix(prefix).after("k".repeat(1025)),
+        ListQuery::prefix("p\0"),
+    ] {
+        let err = locker.list_page(&bad).await.expect_err("a bad query");
+        assert!(matches!(err, Error::InvalidInput(_)), "{bad:?}: {err:?}");
+    }
+    for lease in leases {
+        lease.release().await.expect("release");
+    }
+}
