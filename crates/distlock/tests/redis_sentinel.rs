@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use distlock::{AcquireOptions, Error, Locker};
 use support::free_port;
-use support::topologies::{raw, until, Group, MASTER};
+use support::topologies::{online_replica, raw, until, Group, MASTER};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follows_a_failover_without_losing_acknowledged_leases() {
@@ -56,6 +56,14 @@ async fn follows_a_failover_without_losing_acknowledged_leases() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    // With min_replicas=1 a renewal counts once a replica holds it: the new master has one when
+    // the sentinels have turned the old master into its replica (well within the 20 s TTL).
+    let (old, new) = (group.master.port, group.replica.port);
+    tokio::task::spawn_blocking(move || {
+        until("the old master follows the new one", Duration::from_secs(30), || online_replica(new, old))
+    })
+    .await
+    .unwrap();
     for lease in &leases {
         lease.renew().await.expect("renewed on the new master");
         assert!(lease.is_held());
@@ -118,4 +126,35 @@ async fn wakeups_follow_the_master_after_it_is_gone() {
     .unwrap();
 
     support::release_wakes_its_waiter(&locker, "job").await;
+}
+
+/// With `min_replicas`, a renewal counts only once enough replicas hold it. A renewal the master
+/// applied but no replica has is forgotten by a failover: the promoted replica expires the lock
+/// at the earlier deadline while the holder counts on the later one (the fault suite saw a
+/// lease disowned 561 ms before its holder's deadline after `SENTINEL FAILOVER`). Here the
+/// replica is stopped (SIGSTOP): the renewal answers `Unavailable` and the holder keeps its
+/// earlier deadline; once the replica is back, a renewal counts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_without_enough_replicas_does_not_count() {
+    let group = tokio::task::spawn_blocking(Group::start).await.unwrap();
+    let locker = Locker::open(&group.url("min_replicas=1&wait_timeout=300ms")).await.unwrap();
+    let opts = AcquireOptions::new().ttl(Duration::from_secs(20)).auto_renew(false);
+    let lease = locker.acquire("renewed", &opts).await.expect("acquire, acknowledged by the replica");
+    let before = lease.safe_until();
+    let replica = group.replica.pid().expect("replica running").to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill").args([sig, &replica]).status().is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {replica}");
+    };
+    signal("-STOP");
+    let renewed = lease.renew().await;
+    signal("-CONT");
+    match renewed {
+        Err(Error::Unavailable(m)) => assert!(m.contains("renewal"), "{m}"),
+        other => panic!("a renewal no replica acknowledged must not count: {other:?}"),
+    }
+    assert_eq!(lease.safe_until(), before, "the holder keeps its earlier deadline");
+    assert!(lease.is_held());
+    lease.renew().await.expect("acknowledged once the replica is back");
+    assert!(lease.safe_until() > before);
 }

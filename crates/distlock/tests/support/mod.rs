@@ -81,6 +81,14 @@ pub fn wait_for_port(port: u16, within: Duration, what: &str) {
     }
 }
 
+/// `kill -9` of a child process, if it runs, and waits for it (no zombie is left).
+pub fn kill9(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
 /// A `redis-server` with no persistence, on its own port and temp dir.
 pub struct RedisServer {
     child: Option<Child>,
@@ -148,10 +156,7 @@ impl RedisServer {
 
     /// `kill -9` the server.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill9(&mut self.child);
     }
 
     /// Starts it again on the same port (empty: no persistence).

@@ -1,26 +1,66 @@
 //! Redis as teams run it, for tests: a master with a replica behind three sentinels, and a
 //! 3-master cluster, all on loopback (`redis-server`, `redis-server --sentinel`, `redis-cli
-//! --cluster create`), stopped on drop.
+//! --cluster create`), stopped on drop. Any node can be killed with `kill -9` and started again
+//! in place (empty: no persistence), as the fault suite does.
 
+use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{free_port, require_binary, wait_for_port};
+use super::{free_port, kill9, require_binary, wait_for_port};
 
 pub const MASTER: &str = "mymaster";
 
 pub struct Node {
-    child: Child,
+    child: Option<Child>,
     pub port: u16,
+    /// The command line that started it, to start it again in place.
+    argv: Vec<OsString>,
     _dir: tempfile::TempDir,
+}
+
+impl Node {
+    /// Runs `argv` (the server listening on `port`) and waits until it accepts connections.
+    fn launch(argv: Vec<OsString>, port: u16, dir: tempfile::TempDir) -> Node {
+        let mut node = Node { child: None, port, argv, _dir: dir };
+        node.spawn();
+        node
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(&self.argv[0])
+            .args(&self.argv[1..])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        wait_for_port(self.port, Duration::from_secs(5), "redis-server");
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        kill9(&mut self.child);
+    }
+
+    /// Starts it again on its port and directory: empty (no persistence), with its own
+    /// configuration (a sentinel's as it rewrote it, a cluster node's `nodes.conf`).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
 }
 
 impl Drop for Node {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -47,19 +87,28 @@ pub fn spawn(args: &[String], conf: Option<&str>) -> Node {
     let bin = require_binary("redis-server", "redis-server");
     let dir = tempfile::tempdir().expect("temp dir");
     let port = free_port();
-    let mut cmd = Command::new(bin);
+    let mut argv: Vec<OsString> = vec![bin.into()];
     if let Some(conf) = conf {
         let path = dir.path().join("sentinel.conf");
         std::fs::write(&path, format!("port {port}\nbind 127.0.0.1\ndir {}\n{conf}", dir.path().display()))
             .expect("write sentinel.conf");
-        cmd.arg(path).arg("--sentinel");
+        argv.extend([path.into(), "--sentinel".into()]);
     } else {
-        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
-        cmd.arg("--dir").arg(dir.path()).args(args);
+        argv.extend(server_args(port, dir.path()));
+        argv.extend(args.iter().map(OsString::from));
     }
-    let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn redis-server");
-    wait_for_port(port, Duration::from_secs(5), "redis-server");
-    Node { child, port, _dir: dir }
+    Node::launch(argv, port, dir)
+}
+
+/// A `redis-server` on 127.0.0.1:`port` with no persistence, in `dir`.
+fn server_args(port: u16, dir: &std::path::Path) -> Vec<OsString> {
+    let mut argv: Vec<OsString> = ["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""]
+        .into_iter()
+        .chain(["--appendonly", "no"])
+        .map(OsString::from)
+        .collect();
+    argv.extend(["--dir".into(), dir.into()]);
+    argv
 }
 
 /// A master, one replica in sync with it, three sentinels that know both.
@@ -101,45 +150,54 @@ impl Group {
     }
 }
 
+/// Whether the master on `master` streams to the replica on `replica` (and so counts it for
+/// `WAIT`): the master's view, which lags the replica's `master_link_status:up` by up to a
+/// second after a sync (the master waits for the replica's first acknowledgement).
+pub fn online_replica(master: u16, replica: u16) -> bool {
+    raw(master, "INFO replication").contains(&format!("port={replica},state=online"))
+}
+
 /// The text of a bulk-string reply (`$n\r\ntext\r\n`).
 pub fn bulk(reply: &str) -> String {
     reply.lines().nth(1).unwrap_or_default().trim().to_owned()
 }
 
 pub struct Cluster {
+    /// The masters first (`redis-cli --cluster create` makes the first three masters), then
+    /// their replicas.
     pub nodes: Vec<Node>,
 }
 
 impl Cluster {
+    /// Three masters, no replicas.
     pub fn start() -> Cluster {
+        Cluster::start_with_replicas(0)
+    }
+
+    /// Three masters with `replicas` replicas each: a master that fails is replaced by one.
+    pub fn start_with_replicas(replicas: usize) -> Cluster {
         let server = require_binary("redis-server", "redis-server");
         let cli = require_binary("redis-cli", "redis-tools");
-        let nodes: Vec<Node> = (0..3)
+        let nodes: Vec<Node> = (0..3 * (1 + replicas))
             .map(|_| {
                 let dir = tempfile::tempdir().expect("temp dir");
                 let port = cluster_port();
-                let child = Command::new(&server)
-                    .args([
-                        "--port",
-                        &port.to_string(),
-                        "--bind",
-                        "127.0.0.1",
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                    ])
-                    .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
-                    .arg("--cluster-config-file")
-                    .arg(dir.path().join("nodes.conf"))
-                    .arg("--dir")
-                    .arg(dir.path())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("spawn redis-server");
-                wait_for_port(port, Duration::from_secs(5), "redis-server");
-                Node { child, port, _dir: dir }
+                let mut argv: Vec<OsString> = vec![server.clone().into()];
+                argv.extend(server_args(port, dir.path()));
+                // A replica's full sync starts at once (the default waits 5 s for more replicas
+                // to share it): a restarted master is a replica again seconds sooner.
+                for a in [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--repl-diskless-sync-delay",
+                    "0",
+                ] {
+                    argv.push(a.into());
+                }
+                argv.extend(["--cluster-config-file".into(), dir.path().join("nodes.conf").into()]);
+                Node::launch(argv, port, dir)
             })
             .collect();
         let mut create = Command::new(cli);
@@ -147,13 +205,20 @@ impl Cluster {
         for n in &nodes {
             create.arg(format!("127.0.0.1:{}", n.port));
         }
-        let out = create.args(["--cluster-replicas", "0", "--cluster-yes"]).output().expect("redis-cli");
+        let out = create
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .expect("redis-cli");
         assert!(out.status.success(), "cluster create: {}", String::from_utf8_lossy(&out.stdout));
         let start = Instant::now();
         while !nodes.iter().all(|n| raw(n.port, "CLUSTER INFO").contains("cluster_state:ok")) {
             assert!(start.elapsed() < Duration::from_secs(20), "cluster did not become ok");
             std::thread::sleep(Duration::from_millis(100));
         }
+        // A replica that never finished its first sync does not stand for election.
+        until("the replicas in sync", Duration::from_secs(20), || {
+            nodes[3..].iter().all(|r| nodes[..3].iter().any(|m| online_replica(m.port, r.port)))
+        });
         Cluster { nodes }
     }
 

@@ -338,18 +338,32 @@ impl Store {
         result
     }
 
-    /// Runs the acquire script with `keys` and `args`. Behind Sentinel with `min_replicas`, the
-    /// script and `WAIT` go as one pipeline on the master's grant connection (so `WAIT` counts
-    /// exactly this write and blocks nothing else), and the answer says whether enough replicas
-    /// acknowledged; elsewhere the acknowledgement is not asked for (`true`).
+    /// Runs the acquire script with `keys` and `args`; the answer and whether enough replicas
+    /// acknowledged it (see [`Self::replicated`]).
     async fn acquire_script(&self, keys: &LockKeys, args: &[String]) -> Result<((i64, i64, String), bool)> {
+        let keys = [&keys.lock, &keys.meta, &keys.queue, &keys.alive];
+        self.replicated(&self.scripts.acquire, &keys, args).await
+    }
+
+    /// Runs `script` with `keys` and `args`. Behind Sentinel with `min_replicas`, the script and
+    /// `WAIT` go as one pipeline on the master's grant connection (so `WAIT` counts this write,
+    /// and blocks none of the calls on the shared connection), and the answer says whether
+    /// enough replicas acknowledged; elsewhere the acknowledgement is not asked for (`true`).
+    async fn replicated<T: redis::FromRedisValue>(
+        &self,
+        script: &redis::Script,
+        keys: &[&String],
+        args: &[String],
+    ) -> Result<(T, bool)> {
         let replicas = match &self.conn {
             Conn::Sentinel(m) if m.sentinel().min_replicas > 0 => Some(m),
             _ => None,
         };
         let Some(m) = replicas else {
-            let mut inv = self.scripts.acquire.prepare_invoke();
-            inv.key(&keys.lock).key(&keys.meta).key(&keys.queue).key(&keys.alive);
+            let mut inv = script.prepare_invoke();
+            for k in keys {
+                inv.key(*k);
+            }
             for a in args {
                 inv.arg(a);
             }
@@ -358,24 +372,14 @@ impl Store {
         let (wanted, within) = (m.sentinel().min_replicas, m.sentinel().wait_timeout);
         let mut conn = m.grant_conn().await?;
         let mut pipe = redis::pipe();
-        pipe.cmd("EVALSHA")
-            .arg(self.scripts.acquire.get_hash())
-            .arg(4)
-            .arg(&keys.lock)
-            .arg(&keys.meta)
-            .arg(&keys.queue)
-            .arg(&keys.alive)
-            .arg(args)
-            .cmd("WAIT")
-            .arg(wanted)
-            .arg(millis(within));
+        pipe.cmd("EVALSHA").arg(script.get_hash()).arg(keys.len()).arg(keys).arg(args);
+        pipe.cmd("WAIT").arg(wanted).arg(millis(within));
         let bound = within + self.config.timeout;
-        let mut result =
-            tokio::time::timeout(bound, pipe.query_async::<((i64, i64, String), i64)>(&mut conn)).await;
+        let mut result = tokio::time::timeout(bound, pipe.query_async::<(T, i64)>(&mut conn)).await;
         if matches!(&result, Ok(Err(e)) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
         {
             // First use on this master: load the script, then once more.
-            let load = self.scripts.acquire.prepare_invoke().load_async(&mut conn).await;
+            let load = script.prepare_invoke().load_async(&mut conn).await;
             load.map_err(|e| unavailable(&self.config, e))?;
             result = tokio::time::timeout(bound, pipe.query_async(&mut conn)).await;
         }
@@ -403,13 +407,27 @@ impl Store {
 
     /// Runs the renew script: `(token, ttl ms applied)`, token 0 when `lease_id` does not hold the
     /// lock. `ttl` `None` keeps the TTL stored with the lease.
+    ///
+    /// Behind Sentinel with `min_replicas`, a renewal counts only once that many replicas hold
+    /// it: one the master applied but no replica has would be forgotten by a failover, and the
+    /// promoted replica would then free the lock at the earlier deadline while the holder counts
+    /// on the later one. Not acknowledged in time: `Unavailable` (the holder keeps its deadline
+    /// and its keeper tries again; the longer expiry left on the master only delays others).
     async fn renew(&self, keys: &LockKeys, lease_id: &LeaseId, ttl: Option<Duration>) -> Result<(u64, u64)> {
-        let mut inv = self.scripts.renew.prepare_invoke();
-        inv.key(&keys.lock)
-            .arg(lease_id.as_str())
-            .arg(ttl.map(|t| millis(t).to_string()).unwrap_or_default())
-            .arg(millis(crate::options::DEFAULT_TTL));
-        let (token, ttl_ms): (i64, i64) = self.eval(inv).await?;
+        let args = [
+            lease_id.as_str().to_owned(),
+            ttl.map(|t| millis(t).to_string()).unwrap_or_default(),
+            millis(crate::options::DEFAULT_TTL).to_string(),
+        ];
+        let ((token, ttl_ms), acked): ((i64, i64), bool) =
+            self.replicated(&self.scripts.renew, &[&keys.lock], &args).await?;
+        if token > 0 && !acked {
+            return Err(Error::Unavailable(format!(
+                "redis: fewer replicas than min_replicas acknowledged the renewal of {:?} in time; \
+                 it does not count",
+                keys.lock
+            )));
+        }
         Ok((token.max(0) as u64, ttl_ms.max(0) as u64))
     }
 

@@ -6,9 +6,11 @@
 //! within about a second of the sentinels' decision. Replication is asynchronous: a lock written to
 //! the master and not yet to a replica is forgotten by a failover. With `min_replicas=N`, every
 //! grant is followed by `WAIT N` on the same connection; a grant not acknowledged by N replicas
-//! within `wait_timeout` is undone and the caller gets `Unavailable`. Renewals are not waited for
-//! (a renewal lost in a failover leaves the lease with its previous deadline, which the holder's
-//! conservative deadline already assumes).
+//! within `wait_timeout` is undone and the caller gets `Unavailable`. Renewals wait the same way
+//! and count only when acknowledged: a renewal the promoted replica never got would leave the
+//! store's deadline earlier than the holder's. So while fewer than N replicas follow the master
+//! (after a failover, until the old master rejoins as a replica), holders cannot renew and lose
+//! their leases at their deadlines rather than risk an overlap.
 
 use std::sync::Mutex;
 use std::time::Duration;
