@@ -225,6 +225,114 @@ pub async fn status_and_list(locker: &Locker, _caps: &Caps) {
     assert_eq!(keys, ["contract-list/b"], "a released key drops out");
 }
 
+/// 8 clients over 3 keys for 2 s, with no fault: try-once and waiting acquires, renewals,
+/// releases and status reads at random (seeded per client); every key's history must be
+/// linearizable against the fenced-lock model of [`crate::linearizable`].
+pub async fn histories_are_linearizable(locker: &Locker, _caps: &Caps) {
+    use crate::linearizable::{check, AcquireOutcome, Event, Op, Outcome};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    const KEYS: usize = 3;
+    let base = Instant::now();
+    let now = move || base.elapsed().as_nanos() as u64;
+    let ttl = 30 * SECOND;
+    let ttl_ns = ttl.as_nanos() as u64;
+    let leases = Arc::new(AtomicU32::new(0));
+    let history: Arc<Mutex<Vec<(usize, Event)>>> = Arc::default();
+    let until = base + 2 * SECOND;
+    let tasks: Vec<_> = (0..8u32)
+        .map(|client| {
+            let (locker, leases, history) = (locker.clone(), leases.clone(), history.clone());
+            tokio::spawn(async move {
+                let mut seed = u64::from(client).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                let mut roll = move |n: u64| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed % n
+                };
+                let mut held: Vec<Option<(distlock::Lease, u32)>> = (0..KEYS).map(|_| None).collect();
+                let record = |k: usize, call: u64, answer: u64, op: Op| {
+                    history.lock().unwrap().push((k, Event { client, call, answer, op }));
+                };
+                while Instant::now() < until {
+                    let k = roll(KEYS as u64) as usize;
+                    let key = format!("contract-lin/{k}");
+                    let call = now();
+                    match (held[k].take(), roll(4)) {
+                        (Some((lease, idx)), 0 | 1) => {
+                            let outcome = match lease.release().await {
+                                Ok(()) => Outcome::Ok,
+                                Err(e) if e.is_lease_lost() => Outcome::LeaseLost,
+                                Err(_) => Outcome::Unknown,
+                            };
+                            let answer = if outcome == Outcome::Unknown { u64::MAX } else { now() };
+                            record(k, call, answer, Op::Release { lease: idx, outcome });
+                        }
+                        (Some((lease, idx)), 2) => {
+                            let outcome = match locker.renew_lease(&key, lease.lease_id(), Some(ttl)).await {
+                                Ok(_) => Outcome::Ok,
+                                Err(e) if e.is_lease_lost() => Outcome::LeaseLost,
+                                Err(_) => Outcome::Unknown,
+                            };
+                            let answer = if outcome == Outcome::Unknown { u64::MAX } else { now() };
+                            record(k, call, answer, Op::Renew { lease: idx, ttl: ttl_ns, outcome });
+                            held[k] = Some((lease, idx));
+                        }
+                        (mine, _) if mine.is_some() || roll(3) == 0 => {
+                            let seen = locker.status(&key).await.expect("status").fencing_token;
+                            record(k, call, now(), Op::Status(seen));
+                            held[k] = mine;
+                        }
+                        (_, choice) => {
+                            let wait = if choice < 2 { Duration::ZERO } else { Duration::from_millis(50) };
+                            let opts = AcquireOptions::new().ttl(ttl).wait(wait).auto_renew(false);
+                            let outcome = match locker.acquire(&key, &opts).await {
+                                Ok(lease) => {
+                                    let idx = leases.fetch_add(1, Ordering::Relaxed);
+                                    let token = lease.fencing_token();
+                                    held[k] = Some((lease, idx));
+                                    AcquireOutcome::Granted { lease: idx, token, ttl: ttl_ns }
+                                }
+                                Err(Error::Held { .. }) => AcquireOutcome::Held,
+                                Err(Error::WaitTimeout { .. }) => AcquireOutcome::TimedOut,
+                                Err(_) => AcquireOutcome::Unknown { ttl: ttl_ns },
+                            };
+                            let answer = if matches!(outcome, AcquireOutcome::Unknown { .. }) {
+                                u64::MAX
+                            } else {
+                                now()
+                            };
+                            record(k, call, answer, Op::Acquire(outcome));
+                        }
+                    }
+                }
+                for (k, slot) in held.into_iter().enumerate() {
+                    if let Some((lease, idx)) = slot {
+                        let call = now();
+                        lease.release().await.expect("release at the end");
+                        record(k, call, now(), Op::Release { lease: idx, outcome: Outcome::Ok });
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let history = std::mem::take(&mut *history.lock().unwrap());
+    for k in 0..KEYS {
+        let events: Vec<Event> =
+            history.iter().filter(|(key, _)| *key == k).map(|(_, e)| e.clone()).collect();
+        let grants =
+            events.iter().filter(|e| matches!(e.op, Op::Acquire(AcquireOutcome::Granted { .. }))).count();
+        assert!(grants >= 3, "key {k}: only {grants} grants in 2 s: the workload did not exercise the lock");
+        if let Err(v) = check(&events) {
+            panic!("key {k} ({} operations): {v}", events.len());
+        }
+    }
+}
+
 /// See [`pages_of_ten`].
 pub async fn list_pages_follow_the_cursor(locker: &Locker, _caps: &Caps) {
     pages_of_ten(locker, "contract-pages/").await;

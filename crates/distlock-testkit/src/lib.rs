@@ -3,7 +3,9 @@
 //! Every behaviour a backend promises through [`distlock::Locker`] — mutual exclusion with rising
 //! fencing tokens, FIFO waiting, wake-up on release and on expiry, a timed-out or cancelled waiter
 //! leaving the queue, ownership, status and listing, paging — is written once in [`contract`], and
-//! each backend's test file runs all of it with one line:
+//! each backend's test file runs all of it with one line. [`linearizable`] checks histories of
+//! concurrent clients against a model of a fenced lock; the contract runs it on every backend.
+//!
 //!
 //! ```ignore
 //! distlock_testkit::contract_tests!(Caps::default(), async { (Locker::open("memory://").await.unwrap(), ()) });
@@ -13,6 +15,7 @@
 //! server process, say). Adding a backend then costs one adapter file and one line of tests.
 
 pub mod contract;
+pub mod linearizable;
 
 pub use contract::Caps;
 
@@ -48,6 +51,7 @@ macro_rules! contract_tests {
             case!(renew_without_ttl_keeps_the_lease_ttl);
             case!(status_and_list);
             case!(list_pages_follow_the_cursor);
+            case!(histories_are_linearizable);
         }
     };
 }

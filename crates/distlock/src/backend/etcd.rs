@@ -1040,7 +1040,11 @@ impl Inner {
         let inner = self;
         lock(&inner.waiting_since).insert(my_key.to_owned(), start);
         let deadline = req.wait.and_then(|w| start.checked_add(w));
-        match inner.wait_turn(pfx, my_key, my_rev, deadline).await {
+        let turn = match inner.wait_turn(pfx, my_key, my_rev, deadline).await {
+            Ok(false) => inner.give_up_unless_first(pfx, my_key, my_rev).await,
+            other => other,
+        };
+        match turn {
             Ok(true) => {
                 // Our key has been bound to the session all along: count from now, once the
                 // session's spare time covers the TTL from now.
@@ -1059,7 +1063,11 @@ impl Inner {
                 Ok(inner.granted(my_key.to_owned(), my_rev, req, secret, (used, slot), now))
             }
             Ok(false) => {
-                pending.remove().await;
+                // Deleted by `give_up_unless_first`: the name is free again.
+                lock(&inner.waiting_since).remove(my_key);
+                if let Some(slot) = pending.disarm() {
+                    slot.free();
+                }
                 let holder = inner.owner(pfx).await.ok().flatten().map(|o| holder_of(o.value()));
                 Err(Error::WaitTimeout { key: req.key.clone(), holder, waited: start.elapsed() })
             }
@@ -1068,6 +1076,18 @@ impl Inner {
                 Err(e)
             }
         }
+    }
+
+    /// At the end of a wait: in one transaction, keeps our key if it is first in the queue by
+    /// now (`Ok(true)`: the lock is ours, granted when the key ahead went) or deletes it
+    /// (`Ok(false)`). A plain delete would drop a key that owned the lock unseen: for a moment a
+    /// holder nobody knows of refuses try-once acquires (etcd's `Mutex` does that on a cancelled
+    /// wait; the linearizability check of the contract suite caught it here).
+    async fn give_up_unless_first(&self, pfx: &str, my_key: &str, my_rev: i64) -> Result<bool> {
+        // Every key of the queue created at our revision or later: none is ahead of ours.
+        let first = Compare::create_revision(pfx, CompareOp::Greater, my_rev - 1).with_prefix();
+        let txn = Txn::new().when([first]).or_else([TxnOp::delete(my_key, None)]);
+        Ok(call_kv!(self, |c| c.txn(txn.clone()))?.succeeded())
     }
 
     /// A session for locks of TTL `ttl` whose spare time covers `ttl` from `at` (refreshed if
