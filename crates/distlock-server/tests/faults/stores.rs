@@ -8,6 +8,7 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use crate::common::support::topologies::{online_replica, raw, until, Cluster, Group, MASTER};
 use crate::common::support::{EtcdCluster, RedisServer};
 use crate::common::Server;
 
@@ -20,6 +21,11 @@ pub enum Kind {
     Redis,
     /// Redlock over this many independent Redis masters (no persistence).
     Redlock(usize),
+    /// A master and a replica behind three sentinels (no persistence); clients ask the sentinels
+    /// and wait for one replica to acknowledge each grant (`min_replicas=1`).
+    Sentinel,
+    /// Redis Cluster: three masters with a replica each (no persistence).
+    Cluster,
     /// An etcd cluster of this many members.
     Etcd(usize),
     /// Two `distlock serve --store etcd://…` in front of an etcd cluster of this many members;
@@ -35,6 +41,8 @@ impl Kind {
             Kind::Server => "server (embedded)".into(),
             Kind::Redis => "redis".into(),
             Kind::Redlock(n) => format!("redlock ({n} masters)"),
+            Kind::Sentinel => "redis-sentinel (master + replica, min_replicas=1)".into(),
+            Kind::Cluster => "redis-cluster (3 masters + 3 replicas)".into(),
             Kind::Etcd(n) => format!("etcd ({n} members)"),
             Kind::ServersOverEtcd(n) => format!("2 servers over etcd ({n} members)"),
             Kind::Broken => "self-test: a lock per client (memory://)".into(),
@@ -49,6 +57,19 @@ impl Kind {
         }
     }
 
+    /// How long the store may take after a fault to be whole again, beyond the fault itself:
+    /// Sentinel turns a demoted or restarted master into a replica only after it has seen it
+    /// report itself master for 8 s (it asks each server every 10 s), and the full resync waits
+    /// 5 s for company (measured: 16–19 s from the fault to a replica in sync); a Cluster
+    /// promotes a replica after the node timeout (2 s) and an election.
+    pub fn settle(self) -> Duration {
+        match self {
+            Kind::Sentinel => Duration::from_secs(35),
+            Kind::Cluster => Duration::from_secs(6),
+            _ => Duration::ZERO,
+        }
+    }
+
     /// Whether the store is an etcd cluster (with or without servers in front).
     pub fn is_etcd(self) -> bool {
         matches!(self, Kind::Etcd(_) | Kind::ServersOverEtcd(_))
@@ -60,6 +81,8 @@ pub enum Store {
     Server(Server),
     Redis(RedisServer),
     Redlock(Vec<RedisServer>),
+    Sentinel(Group),
+    Cluster(Cluster),
     Etcd(EtcdCluster),
     /// The servers in front of the cluster (declared first: they stop before it).
     ServersOverEtcd(Vec<Server>, EtcdCluster),
@@ -78,6 +101,8 @@ impl Store {
             Kind::Server => Store::Server(Server::start(&[])),
             Kind::Redis => Store::Redis(RedisServer::start()),
             Kind::Redlock(n) => Store::Redlock((0..n).map(|_| RedisServer::start()).collect()),
+            Kind::Sentinel => Store::Sentinel(Group::start()),
+            Kind::Cluster => Store::Cluster(Cluster::start_with_replicas(1)),
             Kind::Etcd(n) => Store::Etcd(EtcdCluster::start(n)),
             Kind::ServersOverEtcd(n) => {
                 let etcd = EtcdCluster::start(n);
@@ -95,6 +120,10 @@ impl Store {
             Store::Server(s) => vec![s.port],
             Store::Redis(r) => vec![r.port],
             Store::Redlock(m) => m.iter().map(|r| r.port).collect(),
+            // Clients reach the sentinels through their proxies, the master they name directly.
+            Store::Sentinel(g) => g.sentinels.iter().map(|s| s.port).collect(),
+            // The nodes clients start from; they then follow the cluster's slot map directly.
+            Store::Cluster(c) => c.nodes.iter().map(|n| n.port).collect(),
             Store::Etcd(e) => e.client_ports(),
             Store::ServersOverEtcd(servers, _) => servers.iter().map(|s| s.port).collect(),
             Store::Broken => Vec::new(),
@@ -115,6 +144,8 @@ impl Store {
             Store::Server(_) => format!("http://{hosts}?timeout=500ms"),
             Store::Redis(_) => format!("redis://{hosts}?timeout=500ms"),
             Store::Redlock(_) => format!("redlock://{hosts}?timeout=300ms"),
+            Store::Sentinel(_) => format!("redis-sentinel://{hosts}/{MASTER}?timeout=500ms&min_replicas=1"),
+            Store::Cluster(_) => format!("redis-cluster://{hosts}?timeout=500ms"),
             Store::Etcd(_) => format!("etcd://{hosts}?timeout=1s"),
             Store::ServersOverEtcd(..) => format!("http://{hosts}?timeout=1s"),
             Store::Broken => "memory://".into(),
@@ -129,8 +160,15 @@ impl Store {
         }
     }
 
-    /// Index of the etcd leader (0 for other stores: the server, the Redis, the first master).
-    pub async fn leader(&self) -> usize {
+    /// Index of the etcd leader, of the Sentinel group's master (0: the one started as master,
+    /// 1: the replica), of the Cluster node that is master of `key`'s slot; 0 for other stores
+    /// (the server, the Redis, the first Redlock master).
+    pub async fn leader(&self, key: &str) -> usize {
+        match self {
+            Store::Sentinel(g) => return tokio::task::block_in_place(|| sentinel_master(g)),
+            Store::Cluster(c) => return tokio::task::block_in_place(|| c.owner(slot_of(c, key))),
+            _ => {}
+        }
         let Some(e) = self.etcd() else { return 0 };
         for (i, port) in e.client_ports().into_iter().enumerate() {
             let Ok(mut c) = etcd_client::Client::connect([format!("http://127.0.0.1:{port}")], None).await
@@ -152,18 +190,49 @@ impl Store {
             Store::Server(s) => s.kill9(),
             Store::Redis(r) => r.kill(),
             Store::Redlock(m) => m[i].kill(),
+            Store::Sentinel(g) => [&mut g.master, &mut g.replica][i].kill(),
+            Store::Cluster(c) => c.nodes[i].kill(),
             Store::Etcd(e) | Store::ServersOverEtcd(_, e) => e.kill(i),
             Store::Broken => {}
         }
     }
 
     /// Starts member `i` again in place: the server recovers its log, a Redis comes back empty,
-    /// an etcd member rejoins with its data.
+    /// an etcd member rejoins with its data. A killed Sentinel or Cluster master comes back
+    /// (empty) only once another has taken its place, as an operator's restart policy would
+    /// have it, and rejoins as a replica; this returns once it is one, in sync.
     pub fn restart(&mut self, i: usize) {
         match self {
             Store::Server(s) => s.restart_in_place(),
             Store::Redis(r) => r.restart(),
             Store::Redlock(m) => m[i].restart(),
+            Store::Sentinel(g) => {
+                until("the sentinels promote the replica", Duration::from_secs(60), || {
+                    sentinel_master(g) != i
+                });
+                [&mut g.master, &mut g.replica][i].restart();
+                synced_replica(g, i);
+            }
+            Store::Cluster(c) => {
+                let port = c.nodes[i].port;
+                until("a replica takes over the dead master's slots", Duration::from_secs(60), || {
+                    let mut alive = c.nodes.iter().filter(|n| n.port != port).map(|n| n.port);
+                    let seen = alive.next().map(|p| raw(p, "CLUSTER NODES")).unwrap_or_default();
+                    // `<id> <ip:port@bus> <flags> <master> <ping> <pong> <epoch> <link> <slots…>`
+                    let dead = seen.lines().find(|l| l.contains(&format!(":{port}@"))).unwrap_or_default();
+                    dead.contains("fail")
+                        && !dead.contains("fail?")
+                        && dead.split_whitespace().count() <= 8
+                        && c.nodes
+                            .iter()
+                            .filter(|n| n.port != port)
+                            .all(|n| raw(n.port, "CLUSTER INFO").contains("cluster_state:ok"))
+                });
+                c.nodes[i].restart();
+                until("the old master rejoins as a replica", Duration::from_secs(60), || {
+                    c.nodes.iter().any(|n| online_replica(n.port, port))
+                });
+            }
             Store::Etcd(e) | Store::ServersOverEtcd(_, e) => e.restart(i),
             Store::Broken => {}
         }
@@ -175,6 +244,8 @@ impl Store {
             Store::Server(s) => s.pid(),
             Store::Redis(r) => r.pid(),
             Store::Redlock(m) => m[i].pid(),
+            Store::Sentinel(g) => [&g.master, &g.replica][i].pid(),
+            Store::Cluster(c) => c.nodes[i].pid(),
             Store::Etcd(e) | Store::ServersOverEtcd(_, e) => e.pid(i),
             Store::Broken => None,
         };
@@ -194,6 +265,57 @@ impl Store {
             servers[i].restart_in_place();
         }
     }
+
+    /// A failover the operator asks for (`SENTINEL FAILOVER`): the master is demoted, the
+    /// replica promoted; returns once the old master is a replica of the new one, in sync.
+    pub fn failover(&mut self) {
+        if let Store::Sentinel(g) = self {
+            let old = sentinel_master(g);
+            // A failover Sentinel gives up on (its replica did not answer in time) is asked for
+            // again once Sentinel takes requests again (`-INPROG` meanwhile).
+            let mut asked = None::<std::time::Instant>;
+            until("the sentinels promote the replica", Duration::from_secs(60), || {
+                if asked.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                    let reply = raw(g.sentinels[0].port, &format!("SENTINEL FAILOVER {MASTER}"));
+                    asked = reply.starts_with("+OK").then(std::time::Instant::now).or(asked);
+                }
+                sentinel_master(g) != old
+            });
+            synced_replica(g, old);
+        }
+    }
+}
+
+/// Which of the group's two servers the sentinels name as master (0: the one started as master).
+fn sentinel_master(g: &Group) -> usize {
+    // `*2 $9 127.0.0.1 $5 <port>`, one per line.
+    let reply = raw(g.sentinels[0].port, &format!("SENTINEL get-master-addr-by-name {MASTER}"));
+    usize::from(reply.lines().nth(4).map(str::trim) == Some(g.replica.port.to_string().as_str()))
+}
+
+/// Waits until server `i` of the group is a replica the other (the master) streams to.
+fn synced_replica(g: &Group, i: usize) {
+    let ports = [g.master.port, g.replica.port];
+    until("the old master rejoins as a replica", Duration::from_secs(60), || {
+        online_replica(ports[1 - i], ports[i])
+    });
+    // And the sentinels see it as a healthy replica, so that the next failover has one to promote.
+    let field = |reply: &str, name: &str| {
+        let lines: Vec<&str> = reply.lines().collect();
+        lines.iter().position(|l| *l == name).and_then(|p| lines.get(p + 2)).map(|v| v.to_string())
+    };
+    until("the sentinels see the new replica", Duration::from_secs(60), || {
+        let reply = raw(g.sentinels[0].port, &format!("SENTINEL replicas {MASTER}"));
+        field(&reply, "port") == Some(ports[i].to_string())
+            && field(&reply, "flags").as_deref() == Some("slave")
+            && field(&reply, "master-link-status").as_deref() == Some("ok")
+    });
+}
+
+/// The hash slot of the lock keys of `key` (`distlock:{key}:…`).
+fn slot_of(c: &Cluster, key: &str) -> u16 {
+    let reply = raw(c.nodes[0].port, &format!("CLUSTER KEYSLOT distlock:{{{key}}}:lock"));
+    reply.trim().trim_start_matches(':').parse().expect("CLUSTER KEYSLOT")
 }
 
 /// SIGSTOP / SIGCONT of a client process.
