@@ -4,7 +4,8 @@
 //! - [`bench`](mod@bench): load generation for benchmarks.
 //! - [`cli`]: the client subcommands, their output and exit codes; [`run`]: `distlock run`;
 //!   [`child`]: the command `run` starts and how all of it is stopped.
-//! - [`serve`]: settings and the run loop (listener, store, shutdown).
+//! - [`serve`]: settings and the entry points: [`serve::serve`] on a listener the caller bound,
+//!   [`serve::run`] on an address; both stop gracefully when the caller's shutdown future ends.
 //! - [`auth`]: bearer tokens and their scopes (operation and key prefix).
 //! - [`listener`]: the accept loop (TLS from [`tls`], header and idle timeouts, connection cap,
 //!   the [`ratelimit`] in front of the API).

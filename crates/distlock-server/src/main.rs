@@ -14,7 +14,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use distlock::{AcquireOptions, ListQuery, Locker};
 use distlock_server::cli::{self, Output, WaitPolicy, EXIT_HELD, EXIT_USAGE};
 use distlock_server::run::RunConfig;
-use distlock_server::serve::{self, ServeConfig};
+use distlock_server::serve::{self, ServerConfig};
 use distlock_server::store::Limits;
 
 /// Distributed locks: a lock server, and a client for every distlock backend.
@@ -421,8 +421,7 @@ fn main() -> ExitCode {
 
 fn serve_command(runtime: &tokio::runtime::Runtime, a: ServeArgs) -> ExitCode {
     let config_has_tokens = a.auth_token_file.is_some();
-    let config = ServeConfig {
-        listen: a.listen,
+    let config = ServerConfig {
         data_dir: a.data_dir,
         store: a.store,
         auth_token_file: a.auth_token_file,
@@ -444,7 +443,7 @@ fn serve_command(runtime: &tokio::runtime::Runtime, a: ServeArgs) -> ExitCode {
         },
         event_history: a.event_history as usize,
     };
-    match runtime.block_on(serve::run(config, serve::shutdown_signal())) {
+    match runtime.block_on(serve::run(a.listen, config, serve::shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             use std::io::Write;

@@ -1,4 +1,7 @@
-//! `distlock serve`: settings, start-up (recovery, auth tokens, metrics) and graceful shutdown.
+//! The embeddable server: its settings, start-up (recovery, auth tokens, metrics) and graceful
+//! shutdown. [`serve`] takes a listener the caller bound and a shutdown future, so a program (or a
+//! test, on `127.0.0.1:0`) can run a lock server inside itself; [`run`] binds the address first,
+//! as `distlock serve` does.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -17,11 +20,9 @@ use crate::http::{router, AppState};
 use crate::lazy::LazyBackend;
 use crate::store::{EmbeddedStore, Limits};
 
-/// Everything `distlock serve` can be told.
+/// Everything the server can be told, except where it listens (see [`serve`] and [`run`]).
 #[derive(Debug, Clone)]
-pub struct ServeConfig {
-    /// Address to listen on.
-    pub listen: SocketAddr,
+pub struct ServerConfig {
     /// Directory of the embedded store.
     pub data_dir: PathBuf,
     /// `None` for the embedded store, or a backend URL (`redis://`, `redlock://`, `etcd://`) to front.
@@ -43,7 +44,22 @@ pub struct ServeConfig {
     pub event_history: usize,
 }
 
-impl ServeConfig {
+impl ServerConfig {
+    /// The defaults of `distlock serve`, with the embedded store in `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> ServerConfig {
+        ServerConfig {
+            data_dir: data_dir.into(),
+            store: None,
+            auth_token_file: None,
+            admin_token_file: None,
+            limits: Limits::default(),
+            compact_bytes: 64 * 1024 * 1024,
+            shutdown_grace: Duration::from_secs(5),
+            net: crate::listener::NetConfig::default(),
+            event_history: 10_000,
+        }
+    }
+
     /// Refuses settings the server cannot serve: a `memory://` store lives inside one process, so
     /// it would lock nothing that any other process could see or rely on after a restart.
     pub fn check(&self) -> anyhow::Result<()> {
@@ -76,19 +92,43 @@ pub fn metrics_handle() -> anyhow::Result<PrometheusHandle> {
     Ok(HANDLE.get_or_init(|| handle).clone())
 }
 
-/// Checks the settings, binds the address (first, so that a busy port fails before the data
-/// directory is touched), opens the store, and serves until `shutdown` completes. Then waiting
-/// acquires are answered at once with 503 `shutting_down` (retryable), and other requests in
-/// flight may finish for at most `shutdown_grace`.
+/// Checks the settings, binds `listen` (first, so that a busy port fails before the data
+/// directory is touched) and serves as [`serve`] does: what `distlock serve` runs.
 pub async fn run(
-    config: ServeConfig,
+    listen: SocketAddr,
+    config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.check()?;
     // TLS files are read first: a bad one stops the server before it binds or opens its store.
     let tls = crate::listener::prepare(&config.net)?;
-    let listener =
-        crate::listener::bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
+    let listener = crate::listener::bind(listen).with_context(|| format!("binding {listen}"))?;
+    serve_prepared(listener, config, tls, shutdown).await
+}
+
+/// Serves on `listener` (bound by the caller, e.g. to `127.0.0.1:0`) until `shutdown` completes:
+/// checks the settings, reads the TLS files, opens the store, then answers. After `shutdown`,
+/// waiting acquires are answered at once with 503 `shutting_down` (retryable), and other
+/// requests in flight may finish for at most `shutdown_grace`. Token files (and TLS files) are
+/// re-read on SIGHUP. Metrics go to the process-wide recorder ([`metrics_handle`]), so servers
+/// in one process share them.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.check()?;
+    let tls = crate::listener::prepare(&config.net)?;
+    serve_prepared(listener, config, tls, shutdown).await
+}
+
+/// [`serve`] once the settings are checked and the TLS files read.
+async fn serve_prepared(
+    listener: tokio::net::TcpListener,
+    config: ServerConfig,
+    tls: Option<Arc<crate::tls::Tls>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let auth = Arc::new(Auth::open(config.auth_token_file.clone(), config.admin_token_file.clone())?);
     let (backend, embedded): (Arc<dyn distlock::Backend>, _) = match &config.store {
         None => {

@@ -708,3 +708,16 @@ async fn token_stays_home_hold_stops_while_waiting_and_huge_waits_do_not_panic()
     let o = run(&b, &["--token-file", tf, "run", "--kill-after", "100000000000y", "other", "--", "true"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
 }
+
+/// `--event-history` must be 1 to 1,000,000.
+#[test]
+fn event_history_is_bounded() {
+    for bad in ["0", "1000001", "many"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_distlock"))
+            .args(["serve", "--event-history", bad, "--listen", "127.0.0.1:0"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(64), "--event-history {bad} must be refused (usage)");
+    }
+}

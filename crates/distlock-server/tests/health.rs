@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{support, Server};
+use common::{support, InProcess};
 use serde_json::Value;
 
 async fn get(url: &str) -> (u16, Value, Duration) {
@@ -32,7 +32,7 @@ async fn until_status(url: &str, want: u16, within: Duration) -> Value {
 #[tokio::test]
 async fn healthz_follows_the_store() {
     let mut redis = support::RedisServer::start();
-    let server = Server::start(&["--store", &redis.url()]);
+    let server = InProcess::with(|c| c.store = Some(redis.url()));
     let base = server.url();
     let (s, body, _) = get(&format!("{base}/healthz")).await;
     assert_eq!((s, body["status"].as_str(), body["store"].as_str()), (200, Some("ok"), Some("redis")));
@@ -55,7 +55,7 @@ async fn a_store_down_at_start_is_not_fatal() {
     let mut redis = support::RedisServer::start();
     redis.kill();
     // Before the fix the server exited at start when its store did not answer.
-    let server = Server::start_live(&["--store", &redis.url()]);
+    let server = InProcess::with_live(|c| c.store = Some(redis.url()));
     let base = server.url();
     let (s, body, _) = get(&format!("{base}/healthz")).await;
     assert_eq!((s, body["status"].as_str()), (503, Some("unavailable")), "{body}");
@@ -76,7 +76,7 @@ async fn embedded_store_is_ready_and_livez_needs_no_token() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, "t\n").unwrap();
-    let server = Server::start(&["--auth-token-file", tokens.to_str().unwrap()]);
+    let server = InProcess::with(|c| c.auth_token_file = Some(tokens.clone()));
     let (s, body, _) = get(&format!("{}/healthz", server.url())).await;
     assert_eq!((s, body["store"].as_str()), (200, Some("embedded")));
     assert_eq!(get(&format!("{}/livez", server.url())).await.0, 200);

@@ -1,4 +1,4 @@
-//! The server's memory of what happened, over HTTP against the real binary: the history a new
+//! The server's memory of what happened, over HTTP against a server in the test process: the history a new
 //! `GET /v1/events` subscriber gets first (bounded by `--event-history`), `GET /v1/events?since=…`
 //! for scripts, a key's timeline (`GET /v1/locks/{key}/timeline`), release events that name the
 //! holder and token, and `GET /v1/locks?sort=held_for|waiters|key` with paging, scopes included.
@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::Server;
+use common::InProcess;
 use serde_json::{json, Value};
 
 struct Api {
@@ -17,7 +17,7 @@ struct Api {
 }
 
 impl Api {
-    fn new(server: &Server, token: Option<&'static str>) -> Api {
+    fn new(server: &InProcess, token: Option<&'static str>) -> Api {
         Api { base: server.url(), http: reqwest::Client::new(), token }
     }
 
@@ -113,8 +113,10 @@ async fn a_new_subscriber_gets_the_history_first() {
     let dir = tempfile::tempdir().expect("dir");
     let admins = dir.path().join("admins");
     std::fs::write(&admins, "ops-admin\n").expect("admins");
-    let server =
-        Server::start(&["--event-history", "40", "--admin-token-file", admins.to_str().expect("path")]);
+    let server = InProcess::with(|c| {
+        c.event_history = 40;
+        c.admin_token_file = Some(admins.clone());
+    });
     let api = Api::new(&server, None);
 
     // Acquire, a waiter, the hand-off on release, an expiry, a force-release.
@@ -225,8 +227,10 @@ async fn events_since_for_scripts() {
     let dir = tempfile::tempdir().expect("dir");
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, "all\nnarrow read:deploy/\nlocker lock:deploy/\n").expect("tokens");
-    let server =
-        Server::start(&["--event-history", "20", "--auth-token-file", tokens.to_str().expect("path")]);
+    let server = InProcess::with(|c| {
+        c.event_history = 20;
+        c.auth_token_file = Some(tokens.clone());
+    });
     let api = Api::new(&server, Some("all"));
     let before = humantime::format_rfc3339_millis(std::time::SystemTime::now() - Duration::from_secs(1));
     for key in ["deploy/web", "db/main", "deploy/api"] {
@@ -286,7 +290,7 @@ async fn lists_sorted_and_paged_on_the_server() {
     let dir = tempfile::tempdir().expect("dir");
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, "all\nzz read:zz/\nnoread admin:*\n").expect("tokens");
-    let server = Server::start(&["--auth-token-file", tokens.to_str().expect("path")]);
+    let server = InProcess::with(|c| c.auth_token_file = Some(tokens.clone()));
     let api = Api::new(&server, Some("all"));
     // The oldest locks sort last by key.
     for i in 0..5 {
@@ -404,23 +408,10 @@ fn urlenc(text: &str) -> String {
         .collect()
 }
 
-/// `--event-history` must be 1 to 1,000,000.
-#[test]
-fn event_history_is_bounded() {
-    for bad in ["0", "1000001", "many"] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_distlock"))
-            .args(["serve", "--event-history", bad, "--listen", "127.0.0.1:0"])
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("run");
-        assert_eq!(out.status.code(), Some(64), "--event-history {bad} must be refused (usage)");
-    }
-}
-
 /// The OpenAPI document describes what this file tests.
 #[tokio::test]
 async fn openapi_describes_history_sort_and_timeline() {
-    let server = Server::start(&[]);
+    let server = InProcess::start();
     let spec = Api::new(&server, None).get("/openapi.json").await;
     let params = |path: &str| -> Vec<String> {
         spec["paths"][path]["get"]["parameters"]

@@ -6,10 +6,10 @@ mod common;
 use std::time::Duration;
 
 use common::support::topologies::{Cluster, Group};
-use common::Server;
+use common::InProcess;
 use distlock::{AcquireOptions, Error};
 
-async fn exercise(server: &Server) {
+async fn exercise(server: &InProcess) {
     let locker = server.locker().await;
     let lease = locker.acquire("deploy/web", &AcquireOptions::new().holder("ci")).await.expect("acquire");
     assert!(matches!(locker.acquire("deploy/web", &AcquireOptions::new()).await, Err(Error::Held { .. })));
@@ -29,13 +29,13 @@ async fn exercise(server: &Server) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_over_sentinel() {
     let group = tokio::task::spawn_blocking(Group::start).await.unwrap();
-    let server = Server::start(&["--store", &group.url("min_replicas=1")]);
+    let server = InProcess::with(|c| c.store = Some(group.url("min_replicas=1")));
     exercise(&server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_over_a_cluster() {
     let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
-    let server = Server::start(&["--store", &cluster.url()]);
+    let server = InProcess::with(|c| c.store = Some(cluster.url()));
     exercise(&server).await;
 }

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::Server;
+use common::InProcess;
 use serde_json::{json, Value};
 
 const TOKENS: &str = "\
@@ -71,7 +71,7 @@ async fn every_route_every_scope_inside_and_outside() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, TOKENS).unwrap();
-    let server = Server::start(&["--auth-token-file", tokens.to_str().unwrap()]);
+    let server = InProcess::with(|c| c.auth_token_file = Some(tokens.clone()));
     let api = Api { base: server.url(), http: reqwest::Client::new() };
 
     // The legacy token holds both keys; everyone else tries to touch them.
@@ -203,7 +203,7 @@ async fn events_only_of_readable_keys_and_sighup_rereads_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, TOKENS).unwrap();
-    let server = Server::start(&["--auth-token-file", tokens.to_str().unwrap()]);
+    let server = InProcess::with(|c| c.auth_token_file = Some(tokens.clone()));
     let api = Api { base: server.url(), http: reqwest::Client::new() };
     let mut events =
         api.http.get(format!("{}/v1/events", server.url())).bearer_auth("narrow").send().await.unwrap();
@@ -226,7 +226,8 @@ async fn events_only_of_readable_keys_and_sighup_rereads_the_file() {
     // A new token works after SIGHUP; a removed one stops working; a broken file keeps the old.
     assert_eq!(api.call(Some("fresh"), "GET", "/v1/info", None).await.0, 401);
     std::fs::write(&tokens, "fresh read:*\n").unwrap();
-    let pid = server.pid().unwrap().to_string();
+    // The server runs inside this process: the signal goes to it.
+    let pid = std::process::id().to_string();
     assert!(std::process::Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while api.call(Some("fresh"), "GET", "/v1/info", None).await.0 != 200 {

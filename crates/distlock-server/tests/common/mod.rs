@@ -1,9 +1,14 @@
-//! Shared test harness: the `distlock serve` binary as a process on a free loopback port.
+//! Shared test harness: the server inside the test process ([`InProcess`]), or the
+//! `distlock serve` binary as a process on a free loopback port ([`Server`]).
 
 #![allow(dead_code)]
 
 #[path = "../../../distlock/tests/support/mod.rs"]
 pub mod support;
+
+mod in_process;
+#[allow(unused_imports)]
+pub use in_process::InProcess;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
