@@ -9,7 +9,8 @@
 //! - [`auth`]: bearer tokens and their scopes (operation and key prefix).
 //! - [`listener`]: the accept loop (TLS from [`tls`], header and idle timeouts, connection cap,
 //!   the [`ratelimit`] in front of the API).
-//! - [`http`]: the JSON API (routes, errors, auth, metrics) and the web page.
+//! - [`http`]: the JSON API and the web page: the lock routes, batch, the operator routes, the
+//!   live events, metrics and health, and the one error shape (a file each).
 //! - [`lazy`]: a `--store` opened on first use, so the server starts while its store is down.
 //! - [`events`]: the live event stream behind the web page; [`history`]: the last events, the
 //!   timeline and the series it sends first; [`listing`]: `GET /v1/locks` sorted and paged.

@@ -1,0 +1,158 @@
+//! `POST /v1/batch`: many acquires (without waiting), renewals and releases in one request, so
+//! that their log writes share one group commit. Each operation runs exactly as its single route
+//! (in [`super::routes`]) would, and answers what that route would have answered.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Extension, State};
+use axum::routing::post;
+use axum::Json;
+use axum::Router;
+use distlock::validate;
+use serde::{Deserialize, Serialize};
+
+use super::errors::{parse_required, ApiError, ErrorBody, ErrorDetail};
+use super::routes::{do_acquire, do_release, do_renew, AcquireBody, ReleaseBody, RenewBody};
+use super::AppState;
+use crate::auth::{Action, Caller};
+
+/// Most operations one batch may carry.
+pub const MAX_BATCH_OPS: usize = 1000;
+
+/// One operation of `POST /v1/batch`: the body of the single route plus `op` and `key`.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum BatchOp {
+    /// As `POST /v1/locks/{key}/acquire`, without waiting (`wait_ms` must be 0 or absent).
+    Acquire {
+        /// The key (not percent-encoded).
+        key: String,
+        /// Lease TTL in ms.
+        ttl_ms: Option<u64>,
+        /// Must be 0 or absent: a batch never waits.
+        wait_ms: Option<u64>,
+        /// Holder label.
+        holder: Option<String>,
+    },
+    /// As `POST /v1/locks/{key}/renew`.
+    Renew {
+        /// The key.
+        key: String,
+        /// The lease to renew.
+        lease_id: String,
+        /// New TTL in ms; absent or `null`: the lease's own TTL.
+        ttl_ms: Option<u64>,
+    },
+    /// As `POST /v1/locks/{key}/release`.
+    Release {
+        /// The key.
+        key: String,
+        /// The lease to release.
+        lease_id: String,
+    },
+}
+
+/// Body of `POST /v1/batch`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchBody {
+    /// The operations, at most [`MAX_BATCH_OPS`]; they run concurrently, in no set order.
+    pub ops: Vec<BatchOp>,
+}
+
+/// What one operation of a batch answered: the status and body its single route would have.
+#[derive(Debug, Serialize)]
+pub struct BatchResult {
+    /// HTTP status the single route would have answered.
+    pub status: u16,
+    /// The body it would have answered (a lease, a release, or `{"error":{...}}`), as it would
+    /// have been written.
+    pub body: Box<serde_json::value::RawValue>,
+}
+
+#[derive(Serialize)]
+struct BatchAnswer {
+    results: Vec<BatchResult>,
+}
+
+fn batch_result<T: Serialize>(outcome: Result<T, ApiError>) -> BatchResult {
+    let (status, body) = match outcome {
+        Ok(body) => (200, serde_json::value::to_raw_value(&body)),
+        Err(e) => {
+            metrics::counter!("distlock_errors_total", "code" => e.code).increment(1);
+            let detail = ErrorDetail { code: e.code, message: &e.message, holder: e.holder.as_deref() };
+            (e.status.as_u16(), serde_json::value::to_raw_value(&ErrorBody { error: detail }))
+        }
+    };
+    // Serializing these plain structs cannot fail; `null` stands in if it ever did.
+    let body = body.unwrap_or_else(|_| serde_json::value::RawValue::NULL.to_owned());
+    BatchResult { status, body }
+}
+
+async fn run_op(
+    state: &AppState,
+    caller: &Caller,
+    op: BatchOp,
+    started: tokio::time::Instant,
+) -> BatchResult {
+    match op {
+        BatchOp::Acquire { key, ttl_ms, wait_ms, holder } => batch_result(
+            async {
+                validate::key(&key)?;
+                caller.check(Action::Lock, &key)?;
+                if wait_ms.unwrap_or(0) != 0 {
+                    return Err(ApiError::invalid(
+                        "an acquire in a batch cannot wait: use POST /v1/locks/{key}/acquire",
+                    ));
+                }
+                do_acquire(state, key, AcquireBody { ttl_ms, wait_ms: None, holder }, started).await
+            }
+            .await,
+        ),
+        BatchOp::Renew { key, lease_id, ttl_ms } => batch_result(
+            async {
+                validate::key(&key)?;
+                caller.check(Action::Lock, &key)?;
+                do_renew(state, key, RenewBody { lease_id, ttl_ms }, started).await
+            }
+            .await,
+        ),
+        BatchOp::Release { key, lease_id } => batch_result(
+            async {
+                validate::key(&key)?;
+                caller.check(Action::Lock, &key)?;
+                do_release(state, key, ReleaseBody { lease_id }).await
+            }
+            .await,
+        ),
+    }
+}
+
+/// `POST /v1/batch`: several acquires (without waiting), renewals and releases in one request.
+///
+/// Each operation is checked and run on its own, exactly as its single route would run it (a bad
+/// one fails alone); they run concurrently, so their log writes share one group commit, and the
+/// answer comes when all are done, in the order asked. A malformed batch changes nothing.
+async fn batch(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<BatchAnswer>, ApiError> {
+    let started = tokio::time::Instant::now();
+    let body: BatchBody = parse_required(&body?)?;
+    if body.ops.len() > MAX_BATCH_OPS {
+        return Err(ApiError::invalid(format!("a batch carries at most {MAX_BATCH_OPS} operations")));
+    }
+    metrics::counter!("distlock_batch_ops_total").increment(body.ops.len() as u64);
+    let results =
+        futures_util::future::join_all(body.ops.into_iter().map(|op| run_op(&state, &caller, op, started)))
+            .await;
+    Ok(Json(BatchAnswer { results }))
+}
+
+/// The batch route.
+pub(super) fn api() -> Router<Arc<AppState>> {
+    Router::new().route("/v1/batch", post(batch))
+}

@@ -1,0 +1,110 @@
+//! The HTTP JSON API (axum): the router, its layers and the bearer-token check in front of the
+//! API routes. Each kind of route has its own file: [`routes`] the lock operations,
+//! [`batch`](mod@batch) `POST /v1/batch`, [`admin`] the operator routes, [`live`] the web page's
+//! data (events, timeline, facts), [`metrics`] `/metrics` and the health probes; [`errors`] is the
+//! one error shape they all answer. Token scopes themselves are in [`crate::auth`].
+
+mod admin;
+pub mod batch;
+pub mod errors;
+mod live;
+mod metrics;
+pub mod routes;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use distlock::Backend;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::auth::{Auth, Lookup};
+use crate::events::SharedEvents;
+use crate::store::EmbeddedStore;
+
+pub use batch::{BatchBody, BatchOp, BatchResult, MAX_BATCH_OPS};
+pub use errors::{ApiError, SHUTTING_DOWN};
+pub use live::{MAX_EVENTS_PAGE, MAX_TIMELINE_SPANS};
+pub use routes::{AcquireBody, LeaseBody, ReleaseBody, Released, RenewBody, MAX_LIST_LIMIT, MAX_WAIT};
+
+use errors::not_found;
+use metrics::observe;
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// What every handler shares.
+pub struct AppState {
+    /// The store locks live in.
+    pub backend: Arc<dyn Backend>,
+    /// The embedded store, when that is the backend (for its metrics).
+    pub embedded: Option<Arc<EmbeddedStore>>,
+    /// Bearer tokens and their scopes (auth is off when no token file was given).
+    pub auth: Arc<Auth>,
+    /// Renders `/metrics`.
+    pub metrics: PrometheusHandle,
+    /// Live events for the web page.
+    pub events: SharedEvents,
+    /// Turns `true` when the server shuts down (ends event streams).
+    pub stopping: tokio::sync::watch::Receiver<bool>,
+}
+
+/// The router with every route and layer.
+pub fn router(state: AppState) -> Router {
+    // One shared state: every request clones an `Arc`, not the fields.
+    let state = Arc::new(state);
+    let api = Router::new()
+        .merge(routes::api())
+        .merge(batch::api())
+        .merge(admin::api())
+        .merge(live::api())
+        .merge(metrics::api())
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .merge(api)
+        .merge(metrics::probes())
+        .route("/", get(index))
+        .route("/openapi.json", get(openapi))
+        .fallback(not_found)
+        .layer(middleware::from_fn(observe))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// The bearer token of a request, if any.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// Authenticates the API routes: no or an unknown token is 401 (when a token file is in force);
+/// a known one becomes the request's [`Caller`], whose scopes each handler checks for its own
+/// operation and key.
+async fn auth(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+    match state.auth.table().lookup(bearer(req.headers())) {
+        Lookup::Caller(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        Lookup::Unknown => {
+            tracing::info!(route = %req.uri().path(), "refused: no token or an unknown one");
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required")
+                .into_response()
+        }
+    }
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], include_str!("../openapi.json")).into_response()
+}
+
+async fn index() -> Html<&'static str> {
+    Html(include_str!("../index.html"))
+}
