@@ -15,7 +15,8 @@
 //! - [`events`]: the live event stream behind the web page; [`history`]: the last events, the
 //!   timeline and the series it sends first; [`listing`]: `GET /v1/locks` sorted and paged.
 //! - [`store`]: the embedded store — the in-process lease table made durable by [`wal`].
-//! - [`wal`]: the write-ahead log with group commit, snapshots and crash recovery.
+//! - [`wal`]: the write-ahead log: its frames and files, crash recovery, and the writer (group
+//!   commit, preallocated segments, snapshots).
 
 pub mod auth;
 pub mod bench;

@@ -1,0 +1,93 @@
+//! The write-ahead log of the embedded store: what must survive `kill -9`.
+//!
+//! Files in the data directory:
+//! - `wal-<n>.log`: segments of framed records, appended in order;
+//! - `snapshot-<n>.bin`: the live leases and the token counter when segment `n` was started;
+//!   replay starts from the newest valid snapshot and applies segments `n` and later.
+//!
+//! The log is three parts: [`frames`] (how a record sits in a file, and which files there are),
+//! [`recovery`] (rebuilding the state at start-up, cutting a torn tail, refusing damage) and
+//! [`writer`] (one thread that appends with group commit, rolls segments and takes snapshots).
+//! This file holds what they share: the records and the errors.
+
+mod frames;
+mod recovery;
+mod writer;
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use distlock::{LeaseId, SavedLease};
+use serde::{Deserialize, Serialize};
+
+pub use recovery::{lock_dir, recover, DirLock, Recovered};
+pub use writer::{SnapshotSource, Wal, WalStats, MAX_SEGMENT_BYTES};
+
+/// One logged change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Record {
+    /// A lease was granted.
+    Acquire(SavedLease),
+    /// A lease's TTL changed.
+    Renew {
+        /// The key.
+        key: String,
+        /// The lease.
+        lease_id: LeaseId,
+        /// The new TTL in ms.
+        ttl_ms: u64,
+    },
+    /// A lease was released.
+    Release {
+        /// The key.
+        key: String,
+        /// The lease.
+        lease_id: LeaseId,
+    },
+}
+
+/// What the log failed with.
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    /// Reading or writing the data directory failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// A file is damaged somewhere other than a torn tail.
+    #[error("{path} is corrupt at byte {offset}: {reason}; refusing to start (move the data directory aside to start empty)")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Where.
+        offset: u64,
+        /// What was wrong.
+        reason: String,
+    },
+    /// Another process has the data directory open.
+    #[error("{0} is in use by another distlock server (it holds the lock on {0}/LOCK); two servers on one data directory would each grant the same locks")]
+    InUse(PathBuf),
+    /// A previous write failed; the log accepts nothing more.
+    #[error("the write-ahead log failed earlier and is closed: {0}")]
+    Closed(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> WalError + '_ {
+    move |source| WalError::Io { path: path.to_owned(), source }
+}
+
+/// A record of a fresh lease, for the tests of the log's parts.
+#[cfg(test)]
+fn test_lease(key: &str, token: u64) -> Record {
+    Record::Acquire(SavedLease {
+        key: key.into(),
+        lease_id: LeaseId::generate(),
+        holder: String::new(),
+        ttl_ms: 60_000,
+        fencing_token: token,
+    })
+}

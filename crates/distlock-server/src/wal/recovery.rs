@@ -1,0 +1,211 @@
+//! Start-up: the data directory's lock (one server per directory) and rebuilding the state from
+//! the newest snapshot and the segments after it. A torn or corrupt frame at the end of the last
+//! segment written (a crash mid-write) is cut off with a warning; anything else that does not
+//! check out refuses to start, rather than guess.
+//!
+//! Replay is order-independent where appends may race: an acquire record replaces the key's
+//! lease only if its fencing token is higher, and a release or renewal applies only to the lease
+//! it names.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use distlock::SavedLease;
+
+use super::frames::{numbered, read_frames, Frames, Snapshot};
+use super::{io_err, Record, WalError};
+
+/// The state rebuilt from disk.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    /// The highest fencing token ever logged.
+    pub last_token: u64,
+    /// Leases held at the crash (or shutdown), by key.
+    pub leases: BTreeMap<String, SavedLease>,
+}
+
+impl Recovered {
+    /// Applies one record (see the module docs for why this is order-tolerant).
+    pub fn apply(&mut self, record: Record) {
+        match record {
+            Record::Acquire(lease) => {
+                self.last_token = self.last_token.max(lease.fencing_token);
+                let newer =
+                    self.leases.get(&lease.key).is_none_or(|cur| cur.fencing_token < lease.fencing_token);
+                if newer {
+                    self.leases.insert(lease.key.clone(), lease);
+                }
+            }
+            Record::Renew { key, lease_id, ttl_ms } => {
+                if let Some(cur) = self.leases.get_mut(&key).filter(|c| c.lease_id == lease_id) {
+                    cur.ttl_ms = ttl_ms;
+                }
+            }
+            Record::Release { key, lease_id } => {
+                if self.leases.get(&key).is_some_and(|c| c.lease_id == lease_id) {
+                    self.leases.remove(&key);
+                }
+            }
+        }
+    }
+}
+
+/// Takes the data directory for this process: an exclusive `flock` on `dir/LOCK`, held as long
+/// as the returned guard lives (the kernel drops it when the process dies, even by `kill -9`).
+pub fn lock_dir(dir: &Path) -> Result<DirLock, WalError> {
+    use nix::fcntl::{Flock, FlockArg};
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let path = dir.join("LOCK");
+    let file =
+        OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(DirLock { _lock: lock }),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(WalError::InUse(dir.to_owned())),
+        Err((_, e)) => Err(WalError::Io { path, source: io::Error::from(e) }),
+    }
+}
+
+/// Holds the data directory's lock; see [`lock_dir`].
+#[derive(Debug)]
+pub struct DirLock {
+    _lock: nix::fcntl::Flock<File>,
+}
+
+/// Rebuilds the state from `dir` (created if missing). Returns it with the number the next
+/// segment should have and the bytes of log replayed.
+pub fn recover(dir: &Path) -> Result<(Recovered, u64, u64), WalError> {
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let mut state = Recovered::default();
+    let mut from = 0;
+    // The newest snapshot wins; it is written to a temp file and renamed, so it is whole or absent.
+    if let Some((n, path)) = numbered(dir, "snapshot-", ".bin")?.pop() {
+        let frames = read_frames(&path)?;
+        let payload = match (frames.payloads.as_slice(), frames.torn) {
+            ([one], false) => one,
+            _ => {
+                return Err(WalError::Corrupt {
+                    path,
+                    offset: 0,
+                    reason: "snapshot is not one whole frame".into(),
+                })
+            }
+        };
+        let snap: Snapshot = serde_json::from_slice(payload).map_err(|e| WalError::Corrupt {
+            path: path.clone(),
+            offset: 8,
+            reason: format!("snapshot does not parse: {e}"),
+        })?;
+        state.last_token = snap.last_token;
+        state.leases = snap.leases.into_iter().map(|l| (l.key.clone(), l)).collect();
+        from = n;
+    }
+    let segments: Vec<(u64, PathBuf)> =
+        numbered(dir, "wal-", ".log")?.into_iter().filter(|(n, _)| *n >= from).collect();
+    let last = segments.last().map(|(n, _)| *n);
+    let read: Vec<Frames> = segments.iter().map(|(_, path)| read_frames(path)).collect::<Result<_, _>>()?;
+    // The segment written last is the last one with frames; after it come at most preallocated,
+    // never-written ones. Only it can end in a torn frame.
+    let written_last = read.iter().rposition(|f| !f.payloads.is_empty() || f.torn);
+    let mut replayed = 0u64;
+    for (i, ((_, path), frames)) in segments.iter().zip(&read).enumerate() {
+        replayed += frames.payloads.iter().map(|p| p.len() as u64 + 8).sum::<u64>();
+        for (j, payload) in frames.payloads.iter().enumerate() {
+            let record: Record = serde_json::from_slice(payload).map_err(|e| WalError::Corrupt {
+                path: path.clone(),
+                offset: j as u64,
+                reason: format!("record {j} does not parse: {e}"),
+            })?;
+            state.apply(record);
+        }
+        if frames.torn && Some(i) != written_last {
+            return Err(WalError::Corrupt {
+                path: path.clone(),
+                offset: frames.end,
+                reason: "damaged frame in a segment that is not the last".into(),
+            });
+        }
+        if frames.torn {
+            tracing::warn!(file = %path.display(), offset = frames.end, "cutting a torn tail off the write-ahead log");
+        }
+        if frames.end < frames.len {
+            // The torn frame, or preallocated space that is no longer needed: this process
+            // writes to a new segment.
+            let f = OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
+            f.set_len(frames.end).and_then(|()| f.sync_all()).map_err(io_err(path))?;
+        }
+    }
+    let next = last.map_or(from, |n| n + 1).max(from);
+    Ok((state, next, replayed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::frames::{frame, segment_path};
+    use super::super::test_lease;
+    use super::*;
+
+    fn framed(records: &[Record]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for r in records {
+            frame(&serde_json::to_vec(r).unwrap(), &mut out);
+        }
+        out
+    }
+
+    fn with_zeros(mut bytes: Vec<u8>, zeros: usize) -> Vec<u8> {
+        bytes.resize(bytes.len() + zeros, 0);
+        bytes
+    }
+
+    #[test]
+    fn preallocated_zeros_end_a_segment_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = framed(&[test_lease("a", 1), test_lease("b", 2)]);
+        let records = data.len() as u64;
+        fs::write(segment_path(dir.path(), 0), with_zeros(data, 4096)).unwrap();
+        fs::write(segment_path(dir.path(), 1), with_zeros(framed(&[test_lease("c", 3)]), 100)).unwrap();
+        fs::write(segment_path(dir.path(), 2), vec![0; 4096]).unwrap();
+        let (state, next, _) = recover(dir.path()).unwrap();
+        assert_eq!((state.leases.len(), state.last_token, next), (3, 3, 3));
+        // The unused space was given back.
+        assert_eq!(fs::metadata(segment_path(dir.path(), 0)).unwrap().len(), records);
+        assert_eq!(fs::metadata(segment_path(dir.path(), 2)).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn a_torn_frame_in_preallocated_space_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut data = framed(&[test_lease("a", 1)]);
+        let good = data.len() as u64;
+        let torn = framed(&[test_lease("b", 2)]);
+        data.extend_from_slice(&torn[..torn.len() / 2]);
+        fs::write(segment_path(dir.path(), 0), with_zeros(data, 4096)).unwrap();
+        // The segment preallocated after it, never written.
+        fs::write(segment_path(dir.path(), 1), vec![0; 4096]).unwrap();
+        let (state, next, _) = recover(dir.path()).unwrap();
+        assert_eq!((state.leases.len(), state.last_token, next), (1, 1, 2));
+        assert_eq!(fs::metadata(segment_path(dir.path(), 0)).unwrap().len(), good);
+    }
+
+    #[test]
+    fn damage_before_more_records_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut data = framed(&[test_lease("a", 1), test_lease("b", 2)]);
+        data[10] ^= 0x55;
+        fs::write(segment_path(dir.path(), 0), with_zeros(data, 4096)).unwrap();
+        assert!(matches!(recover(dir.path()), Err(WalError::Corrupt { .. })));
+        // A torn frame is only possible in the segment written last.
+        let dir = tempfile::tempdir().unwrap();
+        let torn = framed(&[test_lease("a", 1)]);
+        fs::write(segment_path(dir.path(), 0), with_zeros(torn[..torn.len() - 3].to_vec(), 64)).unwrap();
+        fs::write(segment_path(dir.path(), 1), framed(&[test_lease("b", 2)])).unwrap();
+        assert!(matches!(recover(dir.path()), Err(WalError::Corrupt { .. })));
+        // A zero header with records after it (a frame never written) is damage too.
+        let dir = tempfile::tempdir().unwrap();
+        let data = [vec![0; 16], framed(&[test_lease("a", 1)])].concat();
+        fs::write(segment_path(dir.path(), 0), data).unwrap();
+        assert!(matches!(recover(dir.path()), Err(WalError::Corrupt { .. })));
+    }
+}

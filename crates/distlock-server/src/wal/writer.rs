@@ -1,0 +1,356 @@
+//! Appending: one writer thread takes everything queued, writes it, and makes it durable with one
+//! `fdatasync` for the whole batch (group commit); each caller is answered only after that.
+//!
+//! Segments are preallocated: each is created full of zeros (and synced) by a helper thread
+//! before the writer needs it, and records overwrite the zeros in place. An `fdatasync` then has
+//! only the records' own blocks to flush, not also the file's new size (one device write instead
+//! of two, and on a journaling file system no journal commit; docs/BENCHMARKS.md has the
+//! measurement). Zeros after the last frame are unused space, never damage. When `compact_bytes`
+//! have been logged, a new segment starts with a snapshot (written by its own thread), and older
+//! files are removed once the snapshot is durable.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use distlock::SavedLease;
+use tokio::sync::{mpsc, oneshot};
+
+use super::frames::{frame, numbered, segment_path, snapshot_path, sync_dir, Snapshot};
+use super::{io_err, Record, WalError};
+
+/// Largest segment: a segment ends when it is this full (or `compact_bytes`, if smaller), and the
+/// next, preallocated meanwhile, takes over.
+pub const MAX_SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Creates segment `n` full of zeros, `size` bytes long, and makes it and its directory entry
+/// durable, so that writing records into it never changes its size.
+fn preallocate(dir: &Path, n: u64, size: u64) -> Result<File, WalError> {
+    use std::os::unix::fs::FileExt;
+    let path = segment_path(dir, n);
+    // `create_new`: a segment number is never used twice (recovery numbers past every file).
+    let file =
+        OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(io_err(&path))?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < size {
+        let chunk = (size - at).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..chunk], at).map_err(io_err(&path))?;
+        at += chunk as u64;
+    }
+    file.sync_all().map_err(io_err(&path))?;
+    sync_dir(dir)?;
+    Ok(file)
+}
+
+/// The next segment, being preallocated by its own thread.
+type Preparing = std::thread::JoinHandle<Result<File, WalError>>;
+
+fn prepare(dir: &Path, n: u64, size: u64) -> Result<Preparing, WalError> {
+    let dir = dir.to_owned();
+    std::thread::Builder::new()
+        .name("distlock-prealloc".into())
+        .spawn(move || preallocate(&dir, n, size))
+        .map_err(|e| WalError::Closed(format!("cannot start the segment preallocation thread: {e}")))
+}
+
+/// Writes a snapshot for segment `n` and removes everything older.
+fn write_snapshot(dir: &Path, n: u64, last_token: u64, leases: Vec<SavedLease>) -> Result<(), WalError> {
+    let payload = serde_json::to_vec(&Snapshot { last_token, leases })
+        .map_err(|e| WalError::Closed(format!("snapshot does not serialize: {e}")))?;
+    let mut buf = Vec::with_capacity(payload.len() + 8);
+    frame(&payload, &mut buf);
+    let tmp = dir.join("snapshot.tmp");
+    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+    f.write_all(&buf).and_then(|()| f.sync_all()).map_err(io_err(&tmp))?;
+    let path = snapshot_path(dir, n);
+    fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    sync_dir(dir)?;
+    for (m, old) in numbered(dir, "snapshot-", ".bin")?.into_iter().chain(numbered(dir, "wal-", ".log")?) {
+        if m < n {
+            fs::remove_file(&old).map_err(io_err(&old))?;
+        }
+    }
+    Ok(())
+}
+
+/// Supplies the live state for a snapshot (the store's table).
+pub type SnapshotSource = Arc<dyn Fn() -> (u64, Vec<SavedLease>) + Send + Sync>;
+
+struct Append {
+    record: Record,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// Handle to the writer thread. Dropping it lets the writer finish what is queued and waits
+/// for it (and for a snapshot in progress), so the files are quiet once it is gone.
+pub struct Wal {
+    tx: Option<mpsc::Sender<Append>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Counters of the writer, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct WalStats {
+    /// fdatasync calls made.
+    pub syncs: std::sync::atomic::AtomicU64,
+    /// Records written.
+    pub records: std::sync::atomic::AtomicU64,
+    /// Snapshots taken.
+    pub snapshots: std::sync::atomic::AtomicU64,
+    /// Why the log stopped accepting writes, once it has (it never starts again by itself).
+    pub failed: std::sync::OnceLock<String>,
+}
+
+impl Wal {
+    /// Starts a fresh segment `next` and spawns the writer. With `snapshot`, a snapshot of
+    /// `source` is written for the new segment first and older files are removed; the store asks
+    /// for it when the log it just replayed had grown past `compact_bytes`, so start-up cost
+    /// follows live leases, not history. A new segment (with a snapshot) is also started whenever
+    /// the current one passes `compact_bytes`.
+    pub fn open(
+        dir: &Path,
+        next: u64,
+        source: SnapshotSource,
+        compact_bytes: u64,
+        snapshot: bool,
+    ) -> Result<(Wal, Arc<WalStats>), WalError> {
+        if snapshot {
+            let (last_token, leases) = source();
+            write_snapshot(dir, next, last_token, leases)?;
+        }
+        let segment_bytes = compact_bytes.clamp(1, MAX_SEGMENT_BYTES);
+        let file = preallocate(dir, next, segment_bytes)?;
+        let (tx, rx) = mpsc::channel(65_536);
+        let stats = Arc::new(WalStats::default());
+        let writer = Writer {
+            dir: dir.to_owned(),
+            segment: next,
+            file,
+            written: 0,
+            segment_bytes,
+            since_snapshot: 0,
+            preparing: Some(prepare(dir, next + 1, segment_bytes)?),
+            source,
+            compact_bytes,
+            stats: stats.clone(),
+            snapshotting: None,
+        };
+        let thread = std::thread::Builder::new()
+            .name("distlock-wal".into())
+            .spawn(move || run_writer(writer, rx))
+            .map_err(|e| WalError::Closed(format!("cannot start the log writer thread: {e}")))?;
+        Ok((Wal { tx: Some(tx), thread: Some(thread) }, stats))
+    }
+
+    /// Appends `record` and returns once it is on disk.
+    pub async fn append(&self, record: Record) -> Result<(), WalError> {
+        let (done, rx) = oneshot::channel();
+        let tx = self.tx.as_ref().ok_or_else(|| WalError::Closed("writer stopped".into()))?;
+        tx.send(Append { record, done }).await.map_err(|_| WalError::Closed("writer stopped".into()))?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(WalError::Closed(e)),
+            Err(_) => Err(WalError::Closed("writer stopped".into())),
+        }
+    }
+}
+
+struct Writer {
+    dir: PathBuf,
+    segment: u64,
+    file: File,
+    /// Bytes of records in the current segment (where the next batch goes).
+    written: u64,
+    /// Preallocated size of a segment.
+    segment_bytes: u64,
+    /// Bytes of records logged since the last snapshot was started.
+    since_snapshot: u64,
+    /// The segment after this one, being preallocated.
+    preparing: Option<Preparing>,
+    source: SnapshotSource,
+    compact_bytes: u64,
+    stats: Arc<WalStats>,
+    /// The snapshot being written in the background, if any.
+    snapshotting: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The writer thread: takes every append queued, writes and syncs them as one batch, then
+/// answers each. After a failure it answers every later append with the error. A dedicated
+/// thread (not a task plus a blocking-pool hand-off per batch) keeps one thread switch per batch.
+fn run_writer(mut writer: Writer, mut rx: mpsc::Receiver<Append>) {
+    let mut failed: Option<String> = None;
+    let mut batch = Vec::new();
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < 4096 {
+            match rx.try_recv() {
+                Ok(a) => batch.push(a),
+                Err(_) => break,
+            }
+        }
+        let result = match &failed {
+            Some(e) => Err(e.clone()),
+            None => {
+                let records: Vec<&Record> = batch.iter().map(|a| &a.record).collect();
+                writer.write(&records).map_err(|e| e.to_string())
+            }
+        };
+        if let Err(e) = &result {
+            if failed.is_none() {
+                tracing::error!(error = %e, "write-ahead log failed; the store is now unavailable");
+                failed = Some(e.clone());
+                let _ = writer.stats.failed.set(e.clone());
+            }
+        }
+        for a in batch.drain(..) {
+            let _ = a.done.send(result.clone());
+        }
+    }
+    if let Some(snapshot) = writer.snapshotting.take() {
+        let _ = snapshot.join();
+    }
+    if let Some(preparing) = writer.preparing.take() {
+        let _ = preparing.join();
+    }
+}
+
+impl Writer {
+    /// Writes and syncs one batch, into the current segment's preallocated space when it fits
+    /// (a segment with records in it that this batch would overflow hands over to the next one
+    /// first); then starts a snapshot when `compact_bytes` have been logged since the last.
+    fn write(&mut self, records: &[&Record]) -> Result<(), WalError> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = Vec::with_capacity(records.len() * 160);
+        for r in records {
+            let payload = serde_json::to_vec(r)
+                .map_err(|e| WalError::Closed(format!("record does not serialize: {e}")))?;
+            frame(&payload, &mut buf);
+        }
+        if self.written > 0 && self.written + buf.len() as u64 > self.segment_bytes {
+            self.next_segment()?;
+        }
+        let path = segment_path(&self.dir, self.segment);
+        // A batch larger than a whole segment grows the file past its preallocated size: correct,
+        // only that sync is slower.
+        self.file
+            .write_all_at(&buf, self.written)
+            .and_then(|()| self.file.sync_data())
+            .map_err(io_err(&path))?;
+        self.written += buf.len() as u64;
+        self.since_snapshot += buf.len() as u64;
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stats.syncs.fetch_add(1, Relaxed);
+        self.stats.records.fetch_add(records.len() as u64, Relaxed);
+        if self.since_snapshot >= self.compact_bytes {
+            self.next_segment()?;
+            self.snapshot()?;
+        }
+        Ok(())
+    }
+
+    /// Moves to the next segment, preallocated by now (if it is not, this waits for it: the log
+    /// is then writing faster than the disk can prepare space, and waiting is the back-pressure),
+    /// and starts preallocating the one after.
+    fn next_segment(&mut self) -> Result<(), WalError> {
+        let next = self.segment + 1;
+        let prepared = match self.preparing.take() {
+            Some(thread) => thread
+                .join()
+                .map_err(|_| WalError::Closed("the segment preallocation thread panicked".into()))?,
+            None => preallocate(&self.dir, next, self.segment_bytes),
+        };
+        self.file = prepared?;
+        self.segment = next;
+        self.written = 0;
+        self.preparing = Some(prepare(&self.dir, next + 1, self.segment_bytes)?);
+        Ok(())
+    }
+
+    /// Starts a snapshot for the current segment, which has just begun: every change whose
+    /// record went to an older segment was applied to the table before it was logged, so the
+    /// snapshot contains it. The snapshot is written by its own thread, so appends to the new
+    /// segment go on meanwhile; until it is on disk the older snapshot and segments stay, and
+    /// recovery replays from those (older files are removed only once the new snapshot is
+    /// durable).
+    fn snapshot(&mut self) -> Result<(), WalError> {
+        // One snapshot at a time (the previous one is normally long done).
+        if let Some(previous) = self.snapshotting.take() {
+            let _ = previous.join();
+        }
+        self.since_snapshot = 0;
+        let next = self.segment;
+        let (last_token, leases) = (self.source)();
+        let (dir, stats) = (self.dir.clone(), self.stats.clone());
+        let thread = std::thread::Builder::new().name("distlock-snapshot".into()).spawn(move || {
+            match write_snapshot(&dir, next, last_token, leases) {
+                Ok(()) => {
+                    stats.snapshots.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "snapshot failed; the older snapshot and log segments are kept, and the next roll tries again"
+                ),
+            }
+        });
+        self.snapshotting =
+            Some(thread.map_err(|e| WalError::Closed(format!("cannot start a snapshot thread: {e}")))?);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{recover, test_lease, Recovered};
+    use super::*;
+
+    #[test]
+    fn segments_roll_into_preallocated_files_and_replay_in_order() {
+        use std::sync::Mutex;
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        // The table the log makes durable: changed first, then logged, as the store does.
+        let table = Arc::new(Mutex::new(Recovered::default()));
+        let mut next = 0;
+        for round in 0..2u64 {
+            let t = table.clone();
+            let source: SnapshotSource = Arc::new(move || {
+                let t = t.lock().unwrap();
+                (t.last_token, t.leases.values().cloned().collect())
+            });
+            // 1 KiB segments: 60 records of ~150 bytes fill several, with snapshots between.
+            let (wal, stats) = Wal::open(dir.path(), next, source, 1 << 10, false).unwrap();
+            runtime.block_on(async {
+                for i in 0..60 {
+                    let token = round * 60 + i + 1;
+                    let record = if i % 3 == 2 {
+                        let t = table.lock().unwrap();
+                        let (key, l) = t.leases.iter().next().unwrap();
+                        Record::Release { key: key.clone(), lease_id: l.lease_id.clone() }
+                    } else {
+                        test_lease(&format!("k{token}"), token)
+                    };
+                    table.lock().unwrap().apply(record.clone());
+                    wal.append(record).await.unwrap();
+                }
+            });
+            drop(wal);
+            assert!(stats.snapshots.load(std::sync::atomic::Ordering::Relaxed) > 0);
+            let (state, n, _) = recover(dir.path()).unwrap();
+            assert!(n > next + 4, "several segments were used ({next} -> {n})");
+            assert_eq!(state, *table.lock().unwrap());
+            next = n;
+        }
+        assert_eq!(table.lock().unwrap().leases.len(), 40, "40 acquires and 20 releases a round");
+    }
+}
