@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -76,10 +76,13 @@ impl ServerConfig {
     }
 }
 
-/// The process-wide metrics recorder (installed once).
+/// The process-wide metrics recorder, installed by the first server of the process. Servers
+/// starting at once (several in one process) wait for that one install rather than race it: a
+/// second install would fail.
 pub fn metrics_handle() -> anyhow::Result<PrometheusHandle> {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    if let Some(h) = HANDLE.get() {
+    static HANDLE: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
+    let mut installed = HANDLE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(h) = installed.as_ref() {
         return Ok(h.clone());
     }
     let buckets =
@@ -89,7 +92,7 @@ pub fn metrics_handle() -> anyhow::Result<PrometheusHandle> {
         .context("metric buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
-    Ok(HANDLE.get_or_init(|| handle).clone())
+    Ok(installed.insert(handle).clone())
 }
 
 /// Checks the settings, binds `listen` (first, so that a busy port fails before the data
