@@ -1,9 +1,9 @@
-//! The distlock lock server (`distlock serve`) and the pieces it is made of.
+//! The distlock lock server as a library: a program (the `distlock` command's `serve`, or a
+//! test) hands [`serve::serve`] a listener and a shutdown future and gets the whole server —
+//! HTTP API, web page, durable embedded store or a fronted Redis/etcd, auth, TLS, limits.
+//! Argument parsing, `distlock run`, the client subcommands and `bench` are in `distlock-cli`.
 //!
 //! # Layout
-//! - [`bench`](mod@bench): load generation for benchmarks.
-//! - [`cli`]: the client subcommands, their output and exit codes; [`run`]: `distlock run`;
-//!   [`child`]: the command `run` starts and how all of it is stopped.
 //! - [`serve`]: settings and the entry points: [`serve::serve`] on a listener the caller bound,
 //!   [`serve::run`] on an address; both stop gracefully when the caller's shutdown future ends.
 //! - [`auth`]: bearer tokens and their scopes (operation and key prefix).
@@ -19,9 +19,6 @@
 //!   commit, preallocated segments, snapshots).
 
 pub mod auth;
-pub mod bench;
-pub mod child;
-pub mod cli;
 pub mod events;
 pub mod history;
 pub mod http;
@@ -29,7 +26,6 @@ pub mod lazy;
 pub mod listener;
 pub mod listing;
 pub mod ratelimit;
-pub mod run;
 pub mod serve;
 pub mod store;
 pub mod tls;

@@ -4,7 +4,7 @@
 //! seed); by hand with longer runs:
 //!
 //! ```text
-//! cargo test --release -p distlock-server --test faults -- --duration 10m [--only etcd] [--seed 7]
+//! cargo test --release -p distlock-cli --test faults -- --duration 10m [--only etcd] [--seed 7]
 //! ```
 //!
 //! Prints a table (also written to `target/faults-report.md`) and fails when a case whose backend

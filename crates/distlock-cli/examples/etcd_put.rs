@@ -10,12 +10,12 @@
 //! - `lock-contended`: the same with every task on one name; adds the handoff latency, from an
 //!   `unlock` being answered to the next holder's `lock` answer (as `distlock bench` counts it).
 //!
-//! `cargo run --release -p distlock-server --example etcd_put -- http://127.0.0.1:2379 32 3s [put|lock|lock-contended]`
+//! `cargo run --release -p distlock-cli --example etcd_put -- http://127.0.0.1:2379 32 3s [put|lock|lock-contended]`
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use distlock_server::bench::{histogram, quantile_ms};
+use distlock_cli::bench::{histogram, quantile_ms};
 use hdrhistogram::Histogram;
 
 fn record(h: &mut Histogram<u64>, d: Duration) {

@@ -1,6 +1,6 @@
 //! Speed of every networked backend on this machine, with the raw Redis figure beside it.
 //!
-//! `cargo bench -p distlock-server --bench backends` starts its own servers on loopback — the
+//! `cargo bench -p distlock-cli --bench backends` starts its own servers on loopback — the
 //! `distlock serve` binary (embedded store, in a temp dir), a `redis-server` for `redis://`,
 //! three for `redlock://`, and one `etcd` member for `etcd://` — and prints Markdown tables for
 //! docs/BENCHMARKS.md. `BENCH_SECS` (default 5) is the time per row; `BENCH_LEASES` (default 1,000,000) the size of the
@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use distlock::{Backend, Locker};
-use distlock_server::bench::{self, quantile_ms, BenchConfig, Progress, Workload};
+use distlock_cli::bench::{self, quantile_ms, BenchConfig, Progress, Workload};
 use distlock_server::store::{EmbeddedStore, Limits};
 
 fn ms(d: Duration) -> String {

@@ -375,13 +375,13 @@ async fn the_page_shows_holders_waiters_and_events_live() {
     let load = {
         let locker = locker.clone();
         tokio::spawn(async move {
-            let config = distlock_server::bench::BenchConfig {
+            let config = distlock_cli::bench::BenchConfig {
                 concurrency: 32,
                 duration: Duration::from_secs(3),
                 key_prefix: "load/".into(),
                 ..Default::default()
             };
-            distlock_server::bench::run(std::slice::from_ref(&locker), &config, Default::default()).await
+            distlock_cli::bench::run(std::slice::from_ref(&locker), &config, Default::default()).await
         })
     };
     let stall = page
@@ -766,7 +766,7 @@ async fn auth_empty_states() {
 /// Not a check: draws the picture in docs/SERVER.md. A 50-second scenario (a hand-off chain on
 /// `deploy/web`, an expiry, a force-release, workers taking turns, a long holding), then the
 /// header and the timeline at 1 minute. Run it with
-/// `cargo test -p distlock-server --test web -- --ignored docs_screenshot`; it writes
+/// `cargo test -p distlock-cli --test web -- --ignored docs_screenshot`; it writes
 /// `target/docs-timeline.png` (copy it to `docs/web-timeline.png`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]

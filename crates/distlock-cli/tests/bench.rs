@@ -13,7 +13,7 @@ use common::Server;
 use distlock::{
     async_trait, AcquireRequest, Backend, Grant, LeaseId, ListQuery, LockInfo, LockPage, Locker, Result,
 };
-use distlock_server::bench::{self, BenchConfig, Progress, Workload};
+use distlock_cli::bench::{self, BenchConfig, Progress, Workload};
 
 /// A "lock" that grants everyone at once and always hands out token 7: what the checks exist for.
 struct Broken;
