@@ -1,4 +1,4 @@
-//! The `distlock` command, apart from its argument parsing (`main.rs`): what each subcommand does
+//! The `distlock` command, apart from its argument parsing (`args.rs`, `main.rs`): what each subcommand does
 //! and prints. The lock server itself is the `distlock-server` crate; `distlock serve` only
 //! parses its flags and calls [`distlock_server::serve::run`].
 //!

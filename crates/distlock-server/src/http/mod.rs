@@ -1,15 +1,15 @@
 //! The HTTP JSON API (axum): the router, its layers and the bearer-token check in front of the
-//! API routes. Each kind of route has its own file: [`routes`] the lock operations,
-//! [`batch`](mod@batch) `POST /v1/batch`, [`admin`] the operator routes, [`live`] the web page's
-//! data (events, timeline, facts), [`metrics`] `/metrics` and the health probes; [`errors`] is the
-//! one error shape they all answer. Token scopes themselves are in [`crate::auth`].
+//! API routes. Each kind of route has its own file: `routes.rs` the lock operations, `batch.rs`
+//! `POST /v1/batch`, `admin.rs` the operator routes, `live.rs` the web page's data (events,
+//! timeline, facts), `metrics.rs` `/metrics` and the health probes; `errors.rs` is the one error
+//! shape they all answer. Token scopes themselves are in [`crate::auth`].
 
 mod admin;
-pub mod batch;
-pub mod errors;
+mod batch;
+mod errors;
 mod live;
 mod metrics;
-pub mod routes;
+mod routes;
 
 use std::sync::Arc;
 

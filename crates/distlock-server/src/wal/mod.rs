@@ -5,9 +5,9 @@
 //! - `snapshot-<n>.bin`: the live leases and the token counter when segment `n` was started;
 //!   replay starts from the newest valid snapshot and applies segments `n` and later.
 //!
-//! The log is three parts: [`frames`] (how a record sits in a file, and which files there are),
-//! [`recovery`] (rebuilding the state at start-up, cutting a torn tail, refusing damage) and
-//! [`writer`] (one thread that appends with group commit, rolls segments and takes snapshots).
+//! The log is three parts: `frames.rs` (how a record sits in a file, and which files there are),
+//! `recovery.rs` (rebuilding the state at start-up, cutting a torn tail, refusing damage) and
+//! `writer.rs` (one thread that appends with group commit, rolls segments and takes snapshots).
 //! This file holds what they share: the records and the errors.
 
 mod frames;
