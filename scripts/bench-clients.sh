@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-8}
 DURATION=${DURATION:-6s}
-cargo build --release -q -p distlock-server --bin distlock
+cargo build --release -q -p distlock-cli --bin distlock
 BIN=target/release/distlock
 for tool in redis-server python3; do
   command -v $tool >/dev/null || { echo "missing $tool: apt-get install redis-server python3" >&2; exit 1; }

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5s}
-cargo build --release -q -p distlock-server --bin distlock
+cargo build --release -q -p distlock-cli --bin distlock
 BIN=target/release/distlock
 for tool in redis-server redis-cli redis-benchmark python3; do
   command -v $tool >/dev/null || { echo "missing $tool: apt-get install redis-server redis-tools python3" >&2; exit 1; }

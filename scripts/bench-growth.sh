@@ -13,7 +13,7 @@ RUNS=${RUNS:-3}
 DURATION=${DURATION:-3s}
 SIZES=${SIZES:-"1000 100000 1000000"}
 WAITERS=${WAITERS:-"1 100 10000"}
-cargo build --release -q -p distlock-server --bin distlock
+cargo build --release -q -p distlock-cli --bin distlock
 BIN=target/release/distlock
 source scripts/ports.sh
 rss_mib() { awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }

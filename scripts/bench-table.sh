@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
 DURATION=${DURATION:-3s}
-cargo build --release -q -p distlock-server --bin distlock --example etcd_put
+cargo build --release -q -p distlock-cli --bin distlock --example etcd_put
 BIN=target/release/distlock
 ETCD_PUT=target/release/examples/etcd_put
 for tool in redis-server redis-benchmark etcd python3; do

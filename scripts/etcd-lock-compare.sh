@@ -26,7 +26,7 @@ ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-3s}
 BIN=${DISTLOCK_BIN:-target/release/distlock}
 ETCD_PUT=target/release/examples/etcd_put
-[[ -x $BIN && -x $ETCD_PUT ]] || cargo build --release -q -p distlock-server --bin distlock --example etcd_put
+[[ -x $BIN && -x $ETCD_PUT ]] || cargo build --release -q -p distlock-cli --bin distlock --example etcd_put
 source scripts/ports.sh
 port=$(free_port) peer=$(free_port)
 dir=$(mktemp -d)
