@@ -102,8 +102,25 @@ fn main() -> ExitCode {
 }
 
 fn serve_command(runtime: &tokio::runtime::Runtime, a: ServeArgs) -> ExitCode {
+    let listen = a.listen;
+    let config = server_config(a);
+    match runtime.block_on(serve::run(listen, config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "distlock: the server cannot start or stopped with an error: {e:#}"
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The server's settings from `serve`'s flags.
+fn server_config(a: ServeArgs) -> ServerConfig {
     let config_has_tokens = a.auth_token_file.is_some();
-    let config = ServerConfig {
+    ServerConfig {
         data_dir: a.data_dir,
         store: a.store,
         auth_token_file: a.auth_token_file,
@@ -124,17 +141,6 @@ fn serve_command(runtime: &tokio::runtime::Runtime, a: ServeArgs) -> ExitCode {
             rate_limit_by_token: config_has_tokens,
         },
         event_history: a.event_history as usize,
-    };
-    match runtime.block_on(serve::run(a.listen, config, shutdown_signal())) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            use std::io::Write;
-            let _ = writeln!(
-                std::io::stderr(),
-                "distlock: the server cannot start or stopped with an error: {e:#}"
-            );
-            ExitCode::FAILURE
-        }
     }
 }
 
@@ -241,4 +247,21 @@ fn bench_input_error(b: &BenchArgs) -> Option<distlock::Error> {
         return invalid(format!("--max-error-rate {}: must be a percentage from 0 to 100", b.max_error_rate));
     }
     AcquireOptions::new().ttl(b.ttl).validate().err()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `distlock serve` without flags and `ServerConfig::new` (what a program embedding the
+    /// server starts from) are the same server: the defaults are written twice and must agree.
+    #[test]
+    fn serve_flag_defaults_are_the_library_defaults() {
+        let Command::Serve(a) = Cli::try_parse_from(["distlock", "serve"]).expect("parses").command else {
+            panic!("not serve");
+        };
+        assert_eq!(a.listen.to_string(), "127.0.0.1:7878");
+        let (flags, library) = (server_config(a), ServerConfig::new("./distlock-data"));
+        assert_eq!(format!("{flags:?}"), format!("{library:?}"));
+    }
 }
