@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use distlock::async_trait;
+use distlock::engine::WaiterInfo;
 use distlock::{
     AcquireRequest, Backend, Error, Grant, LeaseId, ListQuery, LockInfo, LockPage, Offers, StoreObserver,
-    WaiterInfo,
 };
 use tokio::sync::{Mutex, OnceCell};
 use tokio::time::Instant;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use distlock::TableEvent;
+use distlock::engine::TableEvent;
 
 use crate::auth::Auth;
 use crate::events::{Events, Kind};

@@ -13,10 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use distlock::async_trait;
-use distlock::{
-    AcquireRequest, Backend, Error, Grant, LeaseId, ListQuery, LockInfo, LockPage, MemoryBackend, Observer,
-    SavedLease, WaiterInfo,
-};
+use distlock::engine::{Engine, Observer, SavedLease, WaiterInfo};
+use distlock::{AcquireRequest, Backend, Error, Grant, LeaseId, ListQuery, LockInfo, LockPage};
 
 use crate::wal::{self, Record, Wal, WalError, WalStats};
 
@@ -37,7 +35,7 @@ impl Default for Limits {
 
 /// The durable store behind `distlock serve`. See the module docs.
 pub struct EmbeddedStore {
-    memory: Arc<MemoryBackend>,
+    memory: Arc<Engine>,
     wal: Wal,
     wal_stats: Arc<WalStats>,
     limits: Limits,
@@ -70,7 +68,7 @@ impl EmbeddedStore {
         let replayed = started.elapsed();
         let restored = recovered.leases.len();
         let last_token = recovered.last_token;
-        let memory = MemoryBackend::restore(last_token, recovered.leases.into_values().collect())
+        let memory = Engine::restore(last_token, recovered.leases.into_values().collect())
             .map_err(|e| WalError::Closed(e.to_string()))?;
         let memory = Arc::new(memory);
         let loaded = started.elapsed();
@@ -151,7 +149,7 @@ impl Drop for Waiting<'_> {
 /// A grant applied to the table but not yet on disk: if the request is dropped (client gone)
 /// or logging fails, the grant is taken back instead of holding the key until its TTL.
 struct Unlogged<'a> {
-    memory: &'a MemoryBackend,
+    memory: &'a Engine,
     key: &'a str,
     lease_id: &'a LeaseId,
     armed: bool,
@@ -160,7 +158,7 @@ struct Unlogged<'a> {
 impl Drop for Unlogged<'_> {
     fn drop(&mut self) {
         if self.armed {
-            let _ = self.memory.release_now(self.key, self.lease_id);
+            let _ = self.memory.release(self.key, self.lease_id);
         }
     }
 }
@@ -220,17 +218,17 @@ impl Backend for EmbeddedStore {
     }
 
     async fn release(&self, key: &str, lease_id: &LeaseId) -> distlock::Result<()> {
-        self.memory.release_now(key, lease_id)?;
+        self.memory.release(key, lease_id)?;
         self.log(Record::Release { key: key.to_owned(), lease_id: lease_id.clone() }).await
     }
 
     async fn status(&self, key: &str) -> distlock::Result<LockInfo> {
-        self.memory.status(key).await
+        Ok(self.memory.status(key))
     }
 
-    /// Ranges over the ordered table from the cursor (see [`MemoryBackend`]'s `list`).
+    /// Ranges over the ordered table from the cursor (see [`Engine::list`]).
     async fn list(&self, query: &ListQuery) -> distlock::Result<LockPage> {
-        self.memory.list(query).await
+        Ok(self.memory.list(query))
     }
 
     fn offers(&self) -> distlock::Offers {

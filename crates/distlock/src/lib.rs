@@ -23,7 +23,8 @@
 //! - [`locker`]: [`Locker`], opened from a URL; turns grants into leases.
 //! - [`lease`]: [`Lease`], renewal, the loss signal, release on drop — written once for all stores.
 //! - [`backend`]: the [`Backend`] trait every store implements, and the backends.
-//! - [`table`]: the pure lease table the in-process backend (and the lock server) build on.
+//! - [`engine`]: the lease engine (table, FIFO queues, expiry, snapshot and restore) that
+//!   `memory://` and the lock server's embedded store are built on.
 //! - [`options`], [`types`], [`validate`], [`error`]: plain data, input checks, the error enum.
 //!
 //! # Guarantees
@@ -35,20 +36,17 @@
 //! A process paused past its deadline can still act late: pass the fencing token to the resource.
 
 pub mod backend;
+pub mod engine;
 pub mod error;
 pub mod lease;
 pub mod locker;
 pub mod options;
-pub mod table;
 pub mod types;
 pub mod validate;
 
 /// The attribute backends implement [`Backend`] with, re-exported so they need no extra dependency.
 pub use async_trait::async_trait;
-pub use backend::{
-    Backend, MemoryBackend, MemoryStats, Observer, Offers, SavedLease, StoreEvent, StoreEventKind,
-    StoreObserver, TableEvent, WaiterInfo,
-};
+pub use backend::{Backend, MemoryBackend, Offers, StoreEvent, StoreEventKind, StoreObserver};
 pub use error::{Error, LossReason, Result};
 pub use lease::{Lease, LeaseState, LeaseWatch};
 pub use locker::{Fence, Locker};

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use distlock::table::LeaseTable;
+use distlock::engine::LeaseTable;
 use distlock::{Error, LeaseId};
 use proptest::prelude::*;
 use tokio::time::Instant;

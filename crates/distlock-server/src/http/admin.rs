@@ -32,7 +32,7 @@ fn offered(state: &AppState, offered: bool) -> Result<(), ApiError> {
 #[derive(Serialize)]
 struct Waiters {
     key: String,
-    waiters: Vec<distlock::WaiterInfo>,
+    waiters: Vec<distlock::engine::WaiterInfo>,
 }
 
 /// `GET /v1/locks/{key}/waiters`: the queue of one lock (the embedded store and etcd).

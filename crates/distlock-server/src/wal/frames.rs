@@ -7,7 +7,7 @@ use std::fs::{self, File};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use distlock::SavedLease;
+use distlock::engine::SavedLease;
 use serde::{Deserialize, Serialize};
 
 use super::{io_err, WalError};

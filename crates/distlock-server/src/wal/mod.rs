@@ -17,7 +17,8 @@ mod writer;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use distlock::{LeaseId, SavedLease};
+use distlock::engine::SavedLease;
+use distlock::LeaseId;
 use serde::{Deserialize, Serialize};
 
 pub use recovery::{lock_dir, recover, DirLock, Recovered};

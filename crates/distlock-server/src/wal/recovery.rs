@@ -12,7 +12,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 
-use distlock::SavedLease;
+use distlock::engine::SavedLease;
 
 use super::frames::{numbered, read_frames, Frames, Snapshot};
 use super::{io_err, Record, WalError};

@@ -14,7 +14,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use distlock::SavedLease;
+use distlock::engine::SavedLease;
 use tokio::sync::{mpsc, oneshot};
 
 use super::frames::{frame, numbered, segment_path, snapshot_path, sync_dir, Snapshot};

@@ -59,7 +59,8 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::backend::{Backend, Offers, StoreEvent, StoreEventKind, StoreObserver, WaiterInfo};
+use crate::backend::{Backend, Offers, StoreEvent, StoreEventKind, StoreObserver};
+use crate::engine::WaiterInfo;
 use crate::error::{Error, Result};
 use crate::types::{AcquireRequest, Grant, LeaseId, ListQuery, LockInfo, LockPage};
 

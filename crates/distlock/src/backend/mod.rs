@@ -18,10 +18,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use crate::engine::WaiterInfo;
 use crate::error::{Error, Result};
 use crate::types::{AcquireRequest, Grant, LeaseId, ListQuery, LockInfo, LockPage};
 
-pub use memory::{MemoryBackend, MemoryStats, Observer, SavedLease, TableEvent, WaiterInfo};
+pub use memory::MemoryBackend;
 
 /// The URL schemes this build can open.
 pub const SCHEMES: &str = match (cfg!(feature = "http"), cfg!(feature = "redis"), cfg!(feature = "etcd")) {

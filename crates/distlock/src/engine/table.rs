@@ -1,8 +1,9 @@
 //! The lease table: which keys are held, by which lease, until when. Pure and synchronous.
 //!
-//! Time is passed in by the caller, so the same table serves the in-process backend, the lock
-//! server's embedded store, and a property test that drives time by hand. Expiry is kept in an
-//! ordered set of `(deadline, key)`, so purging costs only the leases that expire, not all leases.
+//! Time is passed in by the caller, so the same table serves the lease engine (and through it the
+//! in-process backend and the lock server's embedded store) and a property test that drives time
+//! by hand. Expiry is kept in an ordered set of `(deadline, key)`, so purging costs only the
+//! leases that expire, not all leases.
 //!
 //! Fencing tokens come from one counter for the whole table: every grant takes the next value.
 //! Tokens therefore strictly increase per key (and across keys), survive a key being released and

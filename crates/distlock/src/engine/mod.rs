@@ -1,0 +1,204 @@
+//! The lease engine: leases kept in this process, which `memory://` and the lock server's
+//! embedded store are built on — the [`LeaseTable`], FIFO wait queues with hand-off, one expiry
+//! task, snapshot and restore for a durable store, and an observer of what callers cannot see.
+//!
+//! Like mini-redis's `db.rs`: the critical section is a `std::sync::Mutex` that is never held
+//! across an `.await`; one background task sleeps until the earliest deadline and is poked only
+//! when a new deadline comes before it. A release or an expiry hands the key directly to the first
+//! live waiter inside the critical section, so a newcomer can never jump the queue and no waiter
+//! ever polls.
+//!
+//! # Files
+//! - [`table`]: the pure lease table (time passed in).
+//! - `state.rs`: the table, the queues and the counters behind one mutex; what is due expires on
+//!   every access.
+//! - `queue.rs`: the waiters of a key, first come first served, and the hand-off to the first.
+//! - `expiry.rs`: the one expiry task.
+//! - `acquire.rs`: the acquire that waits (a grant that races a cancellation is given back).
+//! - `saved.rs`: [`SavedLease`], snapshot and restore, for a store that persists the table.
+//! - `observer.rs`: [`TableEvent`] and [`Observer`].
+
+mod acquire;
+mod expiry;
+mod observer;
+mod queue;
+mod saved;
+mod state;
+pub mod table;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::types::{Grant, LeaseId, ListQuery, LockInfo, LockPage};
+
+pub use observer::{Observer, TableEvent};
+pub use queue::WaiterInfo;
+pub use saved::SavedLease;
+pub use table::LeaseTable;
+
+use state::{Shared, State};
+
+/// Leases kept in this process: grants, FIFO waiting, expiry. Cheap to share behind an `Arc`;
+/// see the module docs. [`crate::MemoryBackend`] offers it as a [`crate::Backend`].
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use std::time::Duration;
+/// use distlock::engine::Engine;
+/// use distlock::{AcquireRequest, LeaseId};
+///
+/// let engine = Engine::new().unwrap();
+/// let id = LeaseId::generate();
+/// let req = AcquireRequest {
+///     key: "job".into(),
+///     lease_id: id.clone(),
+///     holder: "me".into(),
+///     ttl: Duration::from_secs(30),
+///     wait: Some(Duration::ZERO),
+/// };
+/// assert_eq!(engine.acquire(req).await.unwrap().fencing_token, 1);
+/// assert_eq!(engine.status("job").holder.as_deref(), Some("me"));
+/// engine.release("job", &id).unwrap();
+/// # }
+/// ```
+pub struct Engine {
+    shared: Arc<Shared>,
+}
+
+/// Counts for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Entries in the table (live, or expired and about to be purged).
+    pub leases: u64,
+    /// Waiters queued on all keys (including ones that gave up and are not yet swept).
+    pub waiters: u64,
+    /// Leases expired by their TTL since start.
+    pub expired_total: u64,
+    /// The highest fencing token issued.
+    pub last_token: u64,
+}
+
+impl Engine {
+    /// A new, empty table with its expiry task. Fails outside a Tokio runtime.
+    pub fn new() -> Result<Engine> {
+        let handle = tokio::runtime::Handle::try_current().map_err(|_| {
+            Error::InvalidInput("the memory backend must be created inside a Tokio runtime".into())
+        })?;
+        let shared = Arc::new(Shared {
+            state: std::sync::Mutex::new(State::default()),
+            expiry_changed: Notify::new(),
+        });
+        handle.spawn(expiry::expire_leases(shared.clone()));
+        Ok(Engine { shared })
+    }
+
+    /// Extends the live lease `lease_id` on `key` to `ttl` from now; with `None`, by the TTL of
+    /// its last grant or renewal. Same rules as [`crate::Backend::renew`].
+    pub fn renew(&self, key: &str, lease_id: &LeaseId, ttl: Option<Duration>) -> Result<Grant> {
+        let now = Instant::now();
+        self.shared.with_state(now, |s| s.table.renew(key, lease_id, ttl, now))
+    }
+
+    /// Renews like [`Engine::renew`] and also returns the TTL the lease had before, so a durable
+    /// store can log only renewals that change it.
+    pub fn renew_reporting(
+        &self,
+        key: &str,
+        lease_id: &LeaseId,
+        ttl: Option<Duration>,
+    ) -> Result<(Grant, Duration)> {
+        let now = Instant::now();
+        self.shared.with_state(now, |s| {
+            let before = s.table.live(key, now).filter(|e| e.lease_id == *lease_id).map(|e| e.ttl);
+            let grant = s.table.renew(key, lease_id, ttl, now)?;
+            let before = before.unwrap_or(grant.ttl);
+            Ok((grant, before))
+        })
+    }
+
+    /// Frees `key` if `lease_id` is its live lease and hands it to the next waiter, at once
+    /// (callable from drop guards). Same rules as [`crate::Backend::release`].
+    pub fn release(&self, key: &str, lease_id: &LeaseId) -> Result<()> {
+        let now = Instant::now();
+        self.shared.with_state(now, |s| {
+            s.table.release(key, lease_id, now)?;
+            s.hand_off(key, now);
+            Ok(())
+        })
+    }
+
+    /// Releases like [`Engine::release`] and returns the lease it freed (holder, fencing token),
+    /// read in the same critical section, for a server that reports who released what.
+    pub fn release_reporting(&self, key: &str, lease_id: &LeaseId) -> Result<SavedLease> {
+        let now = Instant::now();
+        self.shared.with_state(now, |s| {
+            let lease = s.table.live(key, now).filter(|e| e.lease_id == *lease_id).cloned();
+            s.table.release(key, lease_id, now)?;
+            s.hand_off(key, now);
+            // `release` succeeded, so the live entry was this lease's.
+            lease.map(|e| SavedLease::of(key, e)).ok_or_else(|| Error::not_owner(key))
+        })
+    }
+
+    /// Frees `key` whoever holds it — an operator's override — and hands it to the next waiter.
+    /// Returns the lease it removed (`None` when the key was not held). The token counter is not
+    /// touched; the old holder's next renew or release gets [`Error::LeaseLost`].
+    pub fn force_release(&self, key: &str) -> Option<SavedLease> {
+        let now = Instant::now();
+        self.shared.with_state(now, |s| {
+            let e = s.table.force_release(key, now)?;
+            s.hand_off(key, now);
+            Some(SavedLease::of(key, e))
+        })
+    }
+
+    /// The state of `key`, with the number of callers waiting for it.
+    pub fn status(&self, key: &str) -> LockInfo {
+        let now = Instant::now();
+        self.shared.with_state(now, |s| LockInfo { waiters: s.waiters(key), ..s.table.info(key, now) })
+    }
+
+    /// One page of held locks (see [`crate::Backend::list`]). Ranges over the ordered table from
+    /// the cursor: a page costs what it returns.
+    pub fn list(&self, query: &ListQuery) -> LockPage {
+        let now = Instant::now();
+        self.shared.with_state(now, |s| {
+            query
+                .page(s.table.list(query, now).map(|info| LockInfo { waiters: s.waiters(&info.key), ..info }))
+        })
+    }
+
+    /// Calls `observer` with every [`TableEvent`] from now on (one observer; a second call
+    /// replaces the first).
+    pub fn observe(&self, observer: Observer) {
+        self.shared.lock().observer = Some(observer);
+    }
+
+    /// Entries in the table (cheap; for limits).
+    pub fn lease_count(&self) -> u64 {
+        self.shared.lock().table.len() as u64
+    }
+
+    /// Counts for metrics.
+    pub fn stats(&self) -> EngineStats {
+        let now = Instant::now();
+        self.shared.with_state(now, |s| EngineStats {
+            leases: s.table.len() as u64,
+            waiters: s.queues.values().map(|q| q.len() as u64).sum(),
+            expired_total: s.expired_total,
+            last_token: s.table.last_token(),
+        })
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shared.lock().shutdown = true;
+        self.shared.expiry_changed.notify_one();
+    }
+}
