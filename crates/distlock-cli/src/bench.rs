@@ -518,7 +518,7 @@ pub async fn hold_background(
                     lease_id: LeaseId::generate(),
                     holder: "bench/background".into(),
                     ttl,
-                    wait: Some(Duration::ZERO),
+                    wait: distlock::Wait::TryOnce,
                 };
                 if backend.acquire(req).await.is_ok() {
                     granted.fetch_add(1, Ordering::Relaxed);

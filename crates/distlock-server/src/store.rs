@@ -176,7 +176,7 @@ impl Backend for EmbeddedStore {
                 self.limits.max_leases
             )));
         }
-        let _waiting = if req.wait != Some(Duration::ZERO) {
+        let _waiting = if req.wait.waits() {
             if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.limits.max_waiters {
                 self.waiting.fetch_sub(1, Ordering::Relaxed);
                 return Err(Error::LimitExceeded(format!(

@@ -51,4 +51,4 @@ pub use error::{Error, LossReason, Result};
 pub use lease::{Lease, LeaseState, LeaseWatch};
 pub use locker::{Fence, Locker};
 pub use options::AcquireOptions;
-pub use types::{AcquireRequest, Grant, LeaseId, ListQuery, LockInfo, LockPage};
+pub use types::{AcquireRequest, Grant, LeaseId, ListQuery, LockInfo, LockPage, Wait};

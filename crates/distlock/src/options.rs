@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::types::Wait;
 use crate::validate;
 
 /// The TTL used when none is given.
@@ -21,14 +22,15 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
 ///     .holder("deployer@host-1")
 ///     .namespace("deploys");
 /// assert_eq!(opts.full_key("web").unwrap(), "deploys:web");
+/// assert_eq!(opts.wait, distlock::Wait::For(Duration::from_secs(60)));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcquireOptions {
     /// Time to live of the lease, from 100 ms to 24 h. Default 30 s.
     pub ttl: Duration,
-    /// How long to wait while someone else holds the key: `Some(ZERO)` (the default) tries once,
-    /// `None` waits forever. Waiting is FIFO and woken by the release or expiry itself.
-    pub wait: Option<Duration>,
+    /// How long to wait while someone else holds the key. Default [`Wait::TryOnce`]. Waiting is
+    /// FIFO and woken by the release or expiry itself.
+    pub wait: Wait,
     /// Free text shown in status, e.g. host and pid. Default `pid-<pid>`.
     pub holder: String,
     /// Prefix that separates uses of one store ("deploys", "billing"): the stored key is
@@ -47,7 +49,7 @@ impl Default for AcquireOptions {
     fn default() -> Self {
         AcquireOptions {
             ttl: DEFAULT_TTL,
-            wait: Some(Duration::ZERO),
+            wait: Wait::TryOnce,
             holder: format!("pid-{}", std::process::id()),
             namespace: None,
             auto_renew: true,
@@ -69,15 +71,15 @@ impl AcquireOptions {
         self
     }
 
-    /// Waits up to `wait` for the key.
-    pub fn wait(mut self, wait: Duration) -> Self {
-        self.wait = Some(wait);
+    /// Waits up to `wait` for the key: a [`Duration`] (zero tries once) or a [`Wait`].
+    pub fn wait(mut self, wait: impl Into<Wait>) -> Self {
+        self.wait = wait.into();
         self
     }
 
     /// Waits for the key as long as it takes.
     pub fn wait_forever(mut self) -> Self {
-        self.wait = None;
+        self.wait = Wait::Forever;
         self
     }
 

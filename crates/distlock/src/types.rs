@@ -1,4 +1,5 @@
-//! Plain data exchanged between the lease logic and the backends: lease ids, grants, lock status.
+//! Plain data exchanged between the lease logic and the backends: lease ids, how long to wait,
+//! grants, lock status.
 
 use std::fmt;
 use std::time::Duration;
@@ -139,8 +140,72 @@ pub struct AcquireRequest {
     pub holder: String,
     /// The lease's time to live.
     pub ttl: Duration,
-    /// How long to wait while another holds the key: `Some(ZERO)` tries once, `None` waits forever.
-    pub wait: Option<Duration>,
+    /// How long to wait while another holds the key.
+    pub wait: Wait,
+}
+
+/// How long an acquire waits while another holds the key.
+///
+/// ```
+/// use std::time::Duration;
+/// use distlock::Wait;
+///
+/// assert_eq!(Wait::from(Duration::ZERO), Wait::TryOnce);
+/// assert_eq!(Wait::from(Duration::from_secs(5)), Wait::For(Duration::from_secs(5)));
+/// assert!(!Wait::For(Duration::ZERO).waits());
+/// assert!(Wait::Forever.waits());
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Wait {
+    /// Try once: a held key answers [`Error::Held`] at once, and the call never joins the queue.
+    #[default]
+    TryOnce,
+    /// Wait in line up to this long, then answer [`Error::WaitTimeout`]. `For(ZERO)` tries once.
+    For(Duration),
+    /// Wait in line as long as it takes.
+    Forever,
+}
+
+impl Wait {
+    /// Whether the call joins the queue of a held key: `false` for [`Wait::TryOnce`] and a zero
+    /// [`Wait::For`].
+    pub fn waits(self) -> bool {
+        match self {
+            Wait::TryOnce => false,
+            Wait::For(d) => !d.is_zero(),
+            Wait::Forever => true,
+        }
+    }
+
+    /// When a wait that starts at `start` ends: `start` itself for a call that does not wait,
+    /// `None` for [`Wait::Forever`] (and for a wait too long for the clock to represent).
+    pub fn deadline(self, start: Instant) -> Option<Instant> {
+        match self {
+            Wait::TryOnce => Some(start),
+            Wait::For(d) => start.checked_add(d),
+            Wait::Forever => None,
+        }
+    }
+
+    /// The longest the call waits: `Some(ZERO)` when it does not, `None` when it waits forever.
+    pub fn limit(self) -> Option<Duration> {
+        match self {
+            Wait::TryOnce => Some(Duration::ZERO),
+            Wait::For(d) => Some(d),
+            Wait::Forever => None,
+        }
+    }
+}
+
+impl From<Duration> for Wait {
+    /// Waits up to `d`; zero tries once.
+    fn from(d: Duration) -> Wait {
+        if d.is_zero() {
+            Wait::TryOnce
+        } else {
+            Wait::For(d)
+        }
+    }
 }
 
 /// A lease granted (or renewed) by a backend.

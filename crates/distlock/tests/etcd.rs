@@ -111,7 +111,7 @@ async fn expiry_and_wait_timeout() {
             lease_id: LeaseId::generate(),
             holder: "crashed".into(),
             ttl: Duration::from_secs(2),
-            wait: Some(Duration::ZERO),
+            wait: distlock::Wait::TryOnce,
         })
         .await
         .unwrap();
@@ -209,7 +209,7 @@ async fn renew_racing_a_release_is_lease_lost() {
             lease_id: LeaseId::generate(),
             holder: "racer".into(),
             ttl: Duration::from_secs(10),
-            wait: Some(Duration::ZERO),
+            wait: distlock::Wait::TryOnce,
         };
         let grant = a.backend().acquire(req).await.unwrap();
         let id = grant.lease_id;
@@ -505,7 +505,7 @@ async fn an_unrenewed_lock_expires_while_its_session_lives() {
         lease_id: LeaseId::generate(),
         holder: "stale".into(),
         ttl,
-        wait: Some(Duration::ZERO),
+        wait: distlock::Wait::TryOnce,
     };
     let stale = a.backend().acquire(req).await.unwrap();
     let session = session_of(&backend);
@@ -574,7 +574,7 @@ async fn a_lock_renewed_elsewhere_moves_to_that_session() {
         lease_id: LeaseId::generate(),
         holder: "mover".into(),
         ttl: Duration::from_secs(2),
-        wait: Some(Duration::ZERO),
+        wait: distlock::Wait::TryOnce,
     };
     let grant = a.backend().acquire(req).await.unwrap();
     let token = grant.fencing_token;

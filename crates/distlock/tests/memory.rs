@@ -73,7 +73,7 @@ async fn expiry_wakes_waiter() {
             lease_id: LeaseId::generate(),
             holder: "crashed".into(),
             ttl: secs(3),
-            wait: Some(Duration::ZERO),
+            wait: distlock::Wait::TryOnce,
         })
         .await
         .unwrap();
@@ -288,7 +288,7 @@ async fn hundred_thousand_leases() {
                 lease_id: LeaseId::generate(),
                 holder: "bulk".into(),
                 ttl: secs(10),
-                wait: Some(Duration::ZERO),
+                wait: distlock::Wait::TryOnce,
             })
             .await
             .unwrap();

@@ -92,7 +92,7 @@ async fn expiry_lets_the_next_waiter_in() {
             lease_id: crashed.clone(),
             holder: "crashed".into(),
             ttl: ms(600),
-            wait: Some(Duration::ZERO),
+            wait: distlock::Wait::TryOnce,
         })
         .await
         .unwrap();

@@ -120,7 +120,7 @@ pub(super) async fn do_acquire(
         armed: true,
     });
     let req =
-        AcquireRequest { key: key.clone(), lease_id: LeaseId::generate(), holder, ttl, wait: Some(wait) };
+        AcquireRequest { key: key.clone(), lease_id: LeaseId::generate(), holder, ttl, wait: wait.into() };
     let acquire = state.backend.acquire(req);
     let outcome = if wait.is_zero() {
         acquire.await

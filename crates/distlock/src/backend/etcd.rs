@@ -1040,7 +1040,7 @@ impl Inner {
         let Waiting { pfx, my_key, my_rev, secret, start } = w;
         let inner = self;
         lock(&inner.waiting_since).insert(my_key.to_owned(), start);
-        let deadline = req.wait.and_then(|w| start.checked_add(w));
+        let deadline = req.wait.deadline(start);
         let turn = match inner.wait_turn(pfx, my_key, my_rev, deadline).await {
             Ok(false) => inner.give_up_unless_first(pfx, my_key, my_rev).await,
             other => other,
@@ -1909,7 +1909,7 @@ impl Backend for EtcdBackend {
         let pfx = inner.lock_prefix(&req.key);
         let secret = &req.lease_id.as_str()[..req.lease_id.as_str().len().min(MAX_SECRET)];
         let value = our_value(&req.holder, secret);
-        let try_once = req.wait == Some(Duration::ZERO);
+        let try_once = !req.wait.waits();
         let owner_opts =
             GetOptions::new().with_prefix().with_sort(SortTarget::Create, SortOrder::Ascend).with_limit(1);
         let mut attempt = 0;

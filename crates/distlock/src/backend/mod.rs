@@ -12,6 +12,8 @@ pub mod http;
 pub mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(any(feature = "redis", feature = "http"))]
+mod waiting;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,8 +54,9 @@ pub trait Backend: Send + Sync + 'static {
     /// A short name for messages and metrics, e.g. `"memory"`.
     fn name(&self) -> &'static str;
 
-    /// Grants `req.key` to `req.lease_id`, waiting up to `req.wait` while it is held.
-    /// Returns [`Error::Held`] when `req.wait` is zero and [`Error::WaitTimeout`] after a wait.
+    /// Grants `req.key` to `req.lease_id`, waiting as `req.wait` says while it is held.
+    /// Returns [`Error::Held`] when the call does not wait ([`crate::Wait::waits`]) and
+    /// [`Error::WaitTimeout`] after a wait.
     async fn acquire(&self, req: AcquireRequest) -> Result<Grant>;
 
     /// Extends the live lease `lease_id` on `key` to `ttl` from now; with `None`, to the TTL the

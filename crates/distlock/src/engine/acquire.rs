@@ -4,7 +4,6 @@
 //! once instead of holding the key for nobody until its TTL runs out.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -60,7 +59,7 @@ impl Engine {
         let queued = self.shared.with_state(started, |s| {
             match s.table.try_acquire(&req.key, &req.lease_id, &req.holder, req.ttl, started) {
                 Ok(grant) => Ok(Attempt::Granted(grant)),
-                Err(held) if req.wait == Some(Duration::ZERO) => Err(held),
+                Err(held) if !req.wait.waits() => Err(held),
                 Err(_) => {
                     let waiter = Waiter {
                         lease_id: req.lease_id.clone(),
@@ -79,7 +78,7 @@ impl Engine {
         }
 
         let mut pending = PendingGrant { rx, shared: self.shared.clone(), key: req.key.clone() };
-        let outcome = match req.wait {
+        let outcome = match req.wait.limit() {
             Some(wait) => tokio::time::timeout(wait, &mut pending.rx).await.ok(),
             None => Some((&mut pending.rx).await),
         };

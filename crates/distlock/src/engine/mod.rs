@@ -50,7 +50,7 @@ use state::{Shared, State};
 /// # async fn main() {
 /// use std::time::Duration;
 /// use distlock::engine::Engine;
-/// use distlock::{AcquireRequest, LeaseId};
+/// use distlock::{AcquireRequest, LeaseId, Wait};
 ///
 /// let engine = Engine::new().unwrap();
 /// let id = LeaseId::generate();
@@ -59,7 +59,7 @@ use state::{Shared, State};
 ///     lease_id: id.clone(),
 ///     holder: "me".into(),
 ///     ttl: Duration::from_secs(30),
-///     wait: Some(Duration::ZERO),
+///     wait: Wait::TryOnce,
 /// };
 /// assert_eq!(engine.acquire(req).await.unwrap().fencing_token, 1);
 /// assert_eq!(engine.status("job").holder.as_deref(), Some("me"));

@@ -37,6 +37,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use crate::backend::waiting::{Refused, Waiting};
 use crate::backend::Backend;
 use crate::error::{Error, LossReason, Result};
 use crate::types::{AcquireRequest, Grant, LeaseId, ListQuery, LockInfo, LockPage};
@@ -173,21 +174,19 @@ impl HttpBackend {
         self.client.call(path, body, timeout).await
     }
 
-    /// Turns a non-2xx answer into the matching error.
-    fn error(&self, key: &str, answer: &client::Answer, waited: Option<Duration>) -> Error {
-        self.error_of(key, answer.status, &answer.body, waited)
+    /// Turns a non-2xx answer into the matching error (`lock_held` is [`Error::Held`]; the wait
+    /// loop of `acquire` turns it into [`Error::WaitTimeout`] after a wait).
+    fn error(&self, key: &str, answer: &client::Answer) -> Error {
+        self.error_of(key, answer.status, &answer.body)
     }
 
     /// The error for a non-2xx status and its body (`{"error":{...}}`).
-    fn error_of(&self, key: &str, status: u16, body: &[u8], waited: Option<Duration>) -> Error {
+    fn error_of(&self, key: &str, status: u16, body: &[u8]) -> Error {
         let detail = serde_json::from_slice::<ErrorBody>(body).map(|b| b.error).unwrap_or_else(|_| {
             ErrorDetail { code: String::new(), message: format!("HTTP {status}"), holder: None }
         });
         match detail.code.as_str() {
-            "lock_held" => match waited {
-                Some(waited) => Error::WaitTimeout { key: key.to_owned(), holder: detail.holder, waited },
-                None => Error::Held { key: key.to_owned(), holder: detail.holder },
-            },
+            "lock_held" => Error::Held { key: key.to_owned(), holder: detail.holder },
             "lease_lost" => Error::LeaseLost { key: key.to_owned(), reason: LossReason::NotOwner },
             "invalid_request" | "payload_too_large" => Error::InvalidInput(detail.message),
             "unauthorized" => Error::Unauthorized(detail.message),
@@ -212,7 +211,7 @@ impl HttpBackend {
         let op = serde_json::to_vec(&op).map_err(|e| Error::InvalidInput(format!("request: {e}")))?;
         let (status, body) = batcher.call(op).await?;
         if !(200..300).contains(&status) {
-            return Err(self.error_of(key, status, body.get().as_bytes(), None));
+            return Err(self.error_of(key, status, body.get().as_bytes()));
         }
         serde_json::from_str(body.get())
             .map_err(|e| self.client.unavailable(format_args!("unreadable answer: {e}")))
@@ -233,7 +232,7 @@ impl HttpBackend {
     /// The body of a 2xx answer, or the error its status maps to.
     fn read<T: for<'de> Deserialize<'de>>(&self, key: &str, answer: client::Answer) -> Result<T> {
         if !(200..300).contains(&answer.status) {
-            return Err(self.error(key, &answer, None));
+            return Err(self.error(key, &answer));
         }
         serde_json::from_slice(&answer.body)
             .map_err(|e| self.client.unavailable(format_args!("unreadable answer: {e}")))
@@ -272,8 +271,8 @@ impl Backend for HttpBackend {
     }
 
     async fn acquire(&self, req: AcquireRequest) -> Result<Grant> {
-        let _alone = match (&self.batcher, req.wait) {
-            (Some(batcher), Some(Duration::ZERO)) => match batcher.alone() {
+        let _alone = match &self.batcher {
+            Some(batcher) if !req.wait.waits() => match batcher.alone() {
                 Some(alone) => Some(alone),
                 None => {
                     let ttl_ms = req.ttl.as_millis() as u64;
@@ -284,13 +283,10 @@ impl Backend for HttpBackend {
             },
             _ => None,
         };
-        let start = Instant::now();
-        let deadline = req.wait.and_then(|w| start.checked_add(w));
+        let turns = Waiting::start(req.wait);
         loop {
-            let poll = match deadline {
-                Some(d) => d.saturating_duration_since(Instant::now()).min(MAX_POLL),
-                None => MAX_POLL,
-            };
+            // The server waits (long-polls) for us, up to MAX_POLL per request.
+            let poll = turns.left(MAX_POLL);
             let body = serde_json::json!({
                 "ttl_ms": req.ttl.as_millis() as u64,
                 "wait_ms": poll.as_millis() as u64,
@@ -302,11 +298,14 @@ impl Backend for HttpBackend {
             if (200..300).contains(&answer.status) {
                 return Self::grant(self.read(&req.key, answer)?, sent);
             }
-            let waited = (req.wait != Some(Duration::ZERO)).then(|| start.elapsed());
-            let err = self.error(&req.key, &answer, waited);
-            let more_to_wait = deadline.is_none_or(|d| Instant::now() < d);
-            if !(matches!(err, Error::WaitTimeout { .. }) && more_to_wait) {
-                return Err(err);
+            match self.error(&req.key, &answer) {
+                // The key is held: try again while the wait lasts (no pause: the server waited).
+                Error::Held { holder, .. } => {
+                    turns
+                        .next_turn(&req.key, Refused { holder, retry_in: Duration::ZERO, wake: None })
+                        .await?;
+                }
+                err => return Err(err),
             }
         }
     }

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 
 use self::scripts::Scripts;
 use self::wakeups::{Registration, Source, Wakeups};
+use crate::backend::waiting::{Refused, Waiting};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::types::{AcquireRequest, Grant, LeaseId, ListQuery, LockInfo, LockPage};
@@ -646,9 +647,8 @@ impl Backend for RedisBackend {
 
     async fn acquire(&self, req: AcquireRequest) -> Result<Grant> {
         let keys = self.store.keys(&req.key);
-        let start = Instant::now();
-        let deadline = req.wait.and_then(|w| start.checked_add(w));
-        let waiting = req.wait != Some(Duration::ZERO);
+        let turns = Waiting::start(req.wait);
+        let waiting = turns.waits();
         let store = &self.store;
         let mut guard = WaitGuard { store, keys: &keys, lease_id: &req.lease_id, armed: true };
         let mut registration: Option<Registration> = None;
@@ -688,30 +688,18 @@ impl Backend for RedisBackend {
                 });
             }
             let holder = (!holder.is_empty()).then_some(holder);
-            if !waiting {
-                // A definite "held": a try-once acquire never joins the queue.
-                guard.armed = false;
-                return Err(Error::Held { key: req.key, holder });
-            }
-            let now = Instant::now();
-            if deadline.is_some_and(|d| now >= d) {
-                guard.armed = false;
-                let _ = self.store.dequeue(&keys, &req.lease_id).await;
-                return Err(Error::WaitTimeout { key: req.key, holder, waited: now - start });
-            }
             // Expiry publishes nothing: wake when the lock's TTL runs out, and in any case in time
             // to refresh our place in the queue.
             let refresh = self.store.config.queue_ttl / 3;
-            let fallback = if n > 0 { Duration::from_millis(n as u64 + 1).min(refresh) } else { refresh };
-            let wake_at = deadline.map_or(now + fallback, |d| d.min(now + fallback));
-            match &registration {
-                Some(r) => {
-                    tokio::select! {
-                        _ = r.notify.notified() => {}
-                        _ = tokio::time::sleep_until(wake_at) => {}
-                    }
+            let retry_in = if n > 0 { Duration::from_millis(n as u64 + 1).min(refresh) } else { refresh };
+            let wake = registration.as_ref().map(|r| &*r.notify);
+            if let Err(e) = turns.next_turn(&req.key, Refused { holder, retry_in, wake }).await {
+                // A definite "held" (a try-once acquire never joins the queue) or a timeout.
+                guard.armed = false;
+                if matches!(e, Error::WaitTimeout { .. }) {
+                    let _ = self.store.dequeue(&keys, &req.lease_id).await;
                 }
-                None => tokio::time::sleep_until(wake_at).await,
+                return Err(e);
             }
         }
     }

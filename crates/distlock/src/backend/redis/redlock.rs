@@ -34,6 +34,7 @@ use tokio::time::Instant;
 
 use super::wakeups::{Registration, Wakeups};
 use super::{millis, LockKeys, RedisBackend, RedisConfig, Store};
+use crate::backend::waiting::{Refused, Waiting};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::types::{AcquireRequest, Grant, LeaseId, ListQuery, LockInfo, LockPage};
@@ -315,9 +316,8 @@ impl Backend for RedlockBackend {
 
     async fn acquire(&self, req: AcquireRequest) -> Result<Grant> {
         let keys = self.keys(&req.key);
-        let start = Instant::now();
-        let deadline = req.wait.and_then(|w| start.checked_add(w));
-        let waiting = req.wait != Some(Duration::ZERO);
+        let turns = Waiting::start(req.wait);
+        let waiting = turns.waits();
         let notify = Arc::new(Notify::new());
         let mut registrations: Vec<Registration> = Vec::new();
         loop {
@@ -333,18 +333,7 @@ impl Backend for RedlockBackend {
                 Round::Granted(grant) => return Ok(grant),
                 Round::Refused { holder, retry_in } => (holder, retry_in),
             };
-            if !waiting {
-                return Err(Error::Held { key: req.key, holder });
-            }
-            let now = Instant::now();
-            if deadline.is_some_and(|d| now >= d) {
-                return Err(Error::WaitTimeout { key: req.key, holder, waited: now - start });
-            }
-            let wake_at = deadline.map_or(now + retry_in, |d| d.min(now + retry_in));
-            tokio::select! {
-                _ = notify.notified() => {}
-                _ = tokio::time::sleep_until(wake_at) => {}
-            }
+            turns.next_turn(&req.key, Refused { holder, retry_in, wake: Some(&notify) }).await?;
         }
     }
 
