@@ -59,6 +59,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::backend::params::Params;
 use crate::backend::{Backend, Offers, StoreEvent, StoreEventKind, StoreObserver};
 use crate::engine::WaiterInfo;
 use crate::error::{Error, Result};
@@ -475,27 +476,12 @@ impl EtcdBackend {
         let rest = url
             .strip_prefix("etcd://")
             .ok_or_else(|| Error::InvalidInput(format!("{url:?} is not etcd://")))?;
-        let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let (mut prefix, mut timeout, mut user, mut password) =
-            ("distlock".to_owned(), Duration::from_secs(2), None, None);
-        let (mut ca, mut cert, mut key): (Option<String>, Option<String>, Option<String>) =
-            (None, None, None);
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            match pair.split_once('=') {
-                Some(("prefix", v)) if !v.is_empty() => prefix = v.to_owned(),
-                Some(("timeout", v)) => {
-                    timeout = humantime::parse_duration(v).ok().filter(|d| !d.is_zero()).ok_or_else(|| {
-                        Error::InvalidInput(format!("timeout={v:?} is not a duration like 2s"))
-                    })?
-                }
-                Some(("user", v)) => user = Some(v.to_owned()),
-                Some(("password", v)) => password = Some(v.to_owned()),
-                Some(("ca", v)) => ca = Some(v.to_owned()),
-                Some(("cert", v)) => cert = Some(v.to_owned()),
-                Some(("key", v)) => key = Some(v.to_owned()),
-                _ => return Err(Error::InvalidInput(format!("unknown parameter {pair:?} in {url:?}"))),
-            }
-        }
+        let (hosts, params) =
+            Params::split(rest, &["prefix", "timeout", "user", "password", "ca", "cert", "key"])?;
+        let prefix = params.string("prefix").unwrap_or_else(|| "distlock".to_owned());
+        let timeout = params.duration("timeout")?.unwrap_or(Duration::from_secs(2));
+        let (user, password) = (params.string("user"), params.string("password"));
+        let (ca, cert, key) = (params.string("ca"), params.string("cert"), params.string("key"));
         let scheme = if ca.is_some() { "https" } else { "http" };
         let endpoints: Vec<String> =
             hosts.trim_end_matches('/').split(',').map(|h| format!("{scheme}://{h}")).collect();

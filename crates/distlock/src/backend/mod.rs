@@ -10,6 +10,7 @@ pub mod etcd;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod memory;
+mod params;
 #[cfg(feature = "redis")]
 pub mod redis;
 #[cfg(any(feature = "redis", feature = "http"))]
@@ -174,10 +175,18 @@ pub fn offers_of(url: &str) -> Offers {
 /// [`http`]; `https://` with TLS), `redis://` (one Redis; `rediss://` with TLS; see [`redis`]),
 /// `redlock://` (a majority of several masters; `redlocks://` with TLS; see [`redis::redlock`]),
 /// `etcd://`. Must be called inside a Tokio runtime.
+///
+/// URL parameters (`?name=value&…`) follow one rule on every backend: a name the backend does
+/// not know, a name without a value, and a name given twice are each refused with
+/// [`Error::InvalidInput`] naming the parameter (`memory://` takes none).
 pub async fn open(url: &str) -> Result<Arc<dyn Backend>> {
     let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
     match scheme {
-        "memory" => Ok(Arc::new(MemoryBackend::new()?)),
+        "memory" => {
+            // memory:// takes no parameters; the one rule refuses any.
+            params::Params::split(url, &[])?;
+            Ok(Arc::new(MemoryBackend::new()?))
+        }
         #[cfg(feature = "etcd")]
         "etcd" => Ok(Arc::new(etcd::EtcdBackend::open(url).await?)),
         #[cfg(feature = "http")]

@@ -37,6 +37,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use crate::backend::params::Params;
 use crate::backend::waiting::{Refused, Waiting};
 use crate::backend::Backend;
 use crate::error::{Error, LossReason, Result};
@@ -125,31 +126,24 @@ impl HttpBackend {
     /// assert!(distlock::backend::http::HttpBackend::open("https://h:1?ca=/no/such/ca.pem").is_err());
     /// ```
     pub fn open(url: &str) -> Result<HttpBackend> {
-        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        let (base, params) = Params::split(url, &["token", "batch", "ca", "cert", "key", "timeout"])?;
         let base = base.trim_end_matches('/').to_owned();
         if base.split_once("://").is_none_or(|(_, server)| server.is_empty()) {
             return Err(Error::InvalidInput(format!("{url:?} names no server")));
         }
-        let mut tls = tls::TlsParams::default();
-        let mut token = std::env::var("DISTLOCK_TOKEN").ok().filter(|t| !t.is_empty());
-        let mut timeout = Duration::from_secs(5);
-        let mut batching = true;
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            match pair.split_once('=') {
-                Some(("token", t)) => token = Some(t.to_owned()),
-                Some(("batch", "on")) => batching = true,
-                Some(("batch", "off")) => batching = false,
-                Some(("ca", path)) => tls.ca = Some(path.to_owned()),
-                Some(("cert", path)) => tls.cert = Some(path.to_owned()),
-                Some(("key", path)) => tls.key = Some(path.to_owned()),
-                Some(("timeout", t)) => {
-                    timeout = humantime::parse_duration(t).ok().filter(|d| !d.is_zero()).ok_or_else(|| {
-                        Error::InvalidInput(format!("timeout={t:?} is not a duration like 5s or 500ms"))
-                    })?
-                }
-                _ => return Err(Error::InvalidInput(format!("unknown parameter {pair:?} in {url:?}"))),
-            }
-        }
+        let tls = tls::TlsParams {
+            ca: params.string("ca"),
+            cert: params.string("cert"),
+            key: params.string("key"),
+        };
+        let token =
+            params.string("token").or_else(|| std::env::var("DISTLOCK_TOKEN").ok().filter(|t| !t.is_empty()));
+        let timeout = params.duration("timeout")?.unwrap_or(Duration::from_secs(5));
+        let batching = match params.get("batch") {
+            None | Some("on") => true,
+            Some("off") => false,
+            Some(other) => return Err(Error::InvalidInput(format!("batch={other:?} must be on or off"))),
+        };
         let client = Arc::new(client::Client::new(&base, token.as_deref(), timeout, &tls)?);
         let batcher = batching.then(|| batch::Batcher::new(client.clone(), timeout));
         Ok(HttpBackend { client, timeout, batcher })

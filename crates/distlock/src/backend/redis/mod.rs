@@ -23,6 +23,7 @@ use tokio::time::Instant;
 
 use self::scripts::Scripts;
 use self::wakeups::{Registration, Source, Wakeups};
+use crate::backend::params::Params;
 use crate::backend::waiting::{Refused, Waiting};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -31,7 +32,7 @@ use crate::types::{AcquireRequest, Grant, LeaseId, ListQuery, LockInfo, LockPage
 /// Settings of a Redis backend, parsed from its URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisConfig {
-    /// The URL handed to the redis crate (our own query parameters removed).
+    /// The URL handed to the redis crate (of the parameters, only `protocol` stays).
     pub url: String,
     /// Prefix of every key the backend writes (`prefix` parameter; default `distlock`).
     pub prefix: String,
@@ -79,8 +80,14 @@ impl TlsFiles {
     }
 }
 
+/// The parameters of a `redis://` URL (also read by `redis-cluster://`, `redis-sentinel://` and
+/// `redlock://`): ours, and `protocol` (`resp2` or `resp3`), which the redis crate reads.
+pub(crate) const PARAMS: &[&str] =
+    &["prefix", "timeout", "queue_ttl", "meta_ttl", "ca", "cert", "key", "protocol"];
+
 impl RedisConfig {
-    /// Parses a `redis://` or `rediss://` URL with the optional parameters above.
+    /// Parses a `redis://` or `rediss://` URL with the optional parameters above (see
+    /// [`crate::backend`] for the rule on unknown, empty and repeated parameters).
     ///
     /// ```
     /// use distlock::backend::redis::RedisConfig;
@@ -90,37 +97,27 @@ impl RedisConfig {
     /// assert_eq!(c.timeout, std::time::Duration::from_millis(500));
     /// ```
     pub fn parse(url: &str) -> Result<RedisConfig> {
-        let (base, query) = url.split_once('?').unwrap_or((url, ""));
-        let mut config = RedisConfig {
-            url: base.to_owned(),
-            prefix: "distlock".to_owned(),
-            timeout: Duration::from_secs(2),
-            queue_ttl: Duration::from_secs(6),
-            meta_ttl: Duration::from_secs(7 * 24 * 3600),
-            tls: TlsFiles::default(),
+        let (base, params) = Params::split(url, PARAMS)?;
+        RedisConfig::with_params(base, &params)
+    }
+
+    /// The config of the server at `base` (a `redis://` or `rediss://` URL without its query),
+    /// with the parameters of [`PARAMS`] read from `params`.
+    pub(crate) fn with_params(base: &str, params: &Params<'_>) -> Result<RedisConfig> {
+        let url = match params.get("protocol") {
+            Some(protocol) => format!("{base}?protocol={protocol}"),
+            None => base.to_owned(),
         };
-        let mut passthrough = Vec::new();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let duration = || {
-                humantime::parse_duration(value).ok().filter(|d| !d.is_zero()).ok_or_else(|| {
-                    Error::InvalidInput(format!("{name}={value:?} is not a duration like 2s or 500ms"))
-                })
-            };
-            match name {
-                "prefix" => config.prefix = value.to_owned(),
-                "timeout" => config.timeout = duration()?,
-                "queue_ttl" => config.queue_ttl = duration()?.max(Duration::from_millis(300)),
-                "meta_ttl" => config.meta_ttl = duration()?,
-                "ca" => config.tls.ca = Some(value.to_owned()),
-                "cert" => config.tls.cert = Some(value.to_owned()),
-                "key" => config.tls.key = Some(value.to_owned()),
-                _ => passthrough.push(pair),
-            }
-        }
-        if !passthrough.is_empty() {
-            config.url = format!("{base}?{}", passthrough.join("&"));
-        }
+        let config = RedisConfig {
+            url,
+            prefix: params.string("prefix").unwrap_or_else(|| "distlock".to_owned()),
+            timeout: params.duration("timeout")?.unwrap_or(Duration::from_secs(2)),
+            queue_ttl: params
+                .duration("queue_ttl")?
+                .map_or(Duration::from_secs(6), |d| d.max(Duration::from_millis(300))),
+            meta_ttl: params.duration("meta_ttl")?.unwrap_or(Duration::from_secs(7 * 24 * 3600)),
+            tls: TlsFiles { ca: params.string("ca"), cert: params.string("cert"), key: params.string("key") },
+        };
         if config.tls.any() && !base.starts_with("rediss://") {
             return Err(Error::InvalidInput("ca=, cert= and key= need a rediss:// URL".into()));
         }

@@ -34,6 +34,7 @@ use tokio::time::Instant;
 
 use super::wakeups::{Registration, Wakeups};
 use super::{millis, LockKeys, RedisBackend, RedisConfig, Store};
+use crate::backend::params::Params;
 use crate::backend::waiting::{Refused, Waiting};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -72,28 +73,17 @@ impl RedlockConfig {
             Some((hosts, db)) => (hosts, format!("/{db}")),
             None => (rest, String::new()),
         };
-        let mut drift_factor = 0.01;
-        let mut passthrough = Vec::new();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            match pair.split_once('=') {
-                Some(("drift", v)) => {
-                    drift_factor =
-                        v.parse::<f64>().ok().filter(|f| (0.0..0.5).contains(f)).ok_or_else(|| {
-                            Error::InvalidInput(format!("drift={v:?} must be a number from 0 to 0.5"))
-                        })?;
-                }
-                _ => passthrough.push(pair),
-            }
-        }
-        let query =
-            if passthrough.is_empty() { String::new() } else { format!("?{}", passthrough.join("&")) };
+        let params = Params::parse(query, &[super::PARAMS, &["drift"]].concat())?;
+        let drift_factor = params
+            .value::<f64>("drift", "a number from 0 to 0.5", |f| (0.0..0.5).contains(f))?
+            .unwrap_or(0.01);
         let nodes = hosts
             .split(',')
             .map(|host| {
                 if host.is_empty() {
                     return Err(Error::InvalidInput(format!("empty host in {url:?}")));
                 }
-                RedisConfig::parse(&format!("{scheme}://{auth}{host}{db}{query}"))
+                RedisConfig::with_params(&format!("{scheme}://{auth}{host}{db}"), &params)
             })
             .collect::<Result<Vec<_>>>()?;
         if nodes.len() < 3 {

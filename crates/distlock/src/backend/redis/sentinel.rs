@@ -19,6 +19,7 @@ use redis::aio::ConnectionManager;
 use tokio::time::Instant;
 
 use super::RedisConfig;
+use crate::backend::params::Params;
 use crate::error::{Error, Result};
 
 /// How often the master's address is checked when nothing failed.
@@ -63,32 +64,15 @@ pub fn parse(url: &str) -> Result<(SentinelConfig, RedisConfig)> {
     if sentinels.is_empty() {
         return Err(Error::InvalidInput(format!("{url:?} names no sentinel")));
     }
-    let mut sentinel = SentinelConfig {
+    let params = Params::parse(query, &[super::PARAMS, &["min_replicas", "wait_timeout"]].concat())?;
+    let sentinel = SentinelConfig {
         sentinels,
         master: master.to_owned(),
-        min_replicas: 0,
-        wait_timeout: Duration::from_millis(500),
+        min_replicas: params.value("min_replicas", "a number of replicas", |_| true)?.unwrap_or(0),
+        wait_timeout: params.duration("wait_timeout")?.unwrap_or(Duration::from_millis(500)),
     };
-    let mut passthrough = Vec::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        match pair.split_once('=') {
-            Some(("min_replicas", n)) => {
-                sentinel.min_replicas = n.parse().map_err(|_| {
-                    Error::InvalidInput(format!("min_replicas={n:?} is not a number of replicas"))
-                })?
-            }
-            Some(("wait_timeout", d)) => {
-                sentinel.wait_timeout =
-                    humantime::parse_duration(d).ok().filter(|d| !d.is_zero()).ok_or_else(|| {
-                        Error::InvalidInput(format!("wait_timeout={d:?} is not a duration like 500ms"))
-                    })?
-            }
-            _ => passthrough.push(pair),
-        }
-    }
-    let query = if passthrough.is_empty() { String::new() } else { format!("?{}", passthrough.join("&")) };
     // The host is replaced by the master's address once the sentinels name it.
-    let config = RedisConfig::parse(&format!("redis://{auth}sentinel-master{query}"))?;
+    let config = RedisConfig::with_params(&format!("redis://{auth}sentinel-master"), &params)?;
     Ok((sentinel, config))
 }
 
