@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::time::Instant;
 
-use self::scripts::Scripts;
+use self::scripts::{LeaseCall, LeaseScript, ScriptCall, Scripts};
 use self::wakeups::{Registration, Source, Wakeups};
 use crate::backend::params::Params;
 use crate::backend::waiting::{Refused, Waiting};
@@ -336,41 +336,23 @@ impl Store {
         result
     }
 
-    /// Runs the acquire script with `keys` and `args`; the answer and whether enough replicas
-    /// acknowledged it (see [`Self::replicated`]).
-    async fn acquire_script(&self, keys: &LockKeys, args: &[String]) -> Result<((i64, i64, String), bool)> {
-        let keys = [&keys.lock, &keys.meta, &keys.queue, &keys.alive];
-        self.replicated(&self.scripts.acquire, &keys, args).await
-    }
-
-    /// Runs `script` with `keys` and `args`. Behind Sentinel with `min_replicas`, the script and
-    /// `WAIT` go as one pipeline on the master's grant connection (so `WAIT` counts this write,
-    /// and blocks none of the calls on the shared connection), and the answer says whether
-    /// enough replicas acknowledged; elsewhere the acknowledgement is not asked for (`true`).
-    async fn replicated<T: redis::FromRedisValue>(
-        &self,
-        script: &redis::Script,
-        keys: &[&String],
-        args: &[String],
-    ) -> Result<(T, bool)> {
+    /// Runs `call`. Behind Sentinel with `min_replicas`, the script and `WAIT` go as one
+    /// pipeline on the master's grant connection (so `WAIT` counts this write, and blocks none of
+    /// the calls on the shared connection), and the answer says whether enough replicas
+    /// acknowledged; elsewhere the acknowledgement is not asked for (`true`).
+    async fn replicated<T: redis::FromRedisValue>(&self, call: &impl ScriptCall) -> Result<(T, bool)> {
         let replicas = match &self.conn {
             Conn::Sentinel(m) if m.sentinel().min_replicas > 0 => Some(m),
             _ => None,
         };
         let Some(m) = replicas else {
-            let mut inv = script.prepare_invoke();
-            for k in keys {
-                inv.key(*k);
-            }
-            for a in args {
-                inv.arg(a);
-            }
-            return Ok((self.eval(inv).await?, true));
+            return Ok((self.eval(call.invocation(&self.scripts)).await?, true));
         };
+        let (script, keys) = (call.script(&self.scripts), call.keys());
         let (wanted, within) = (m.sentinel().min_replicas, m.sentinel().wait_timeout);
         let mut conn = m.grant_conn().await?;
         let mut pipe = redis::pipe();
-        pipe.cmd("EVALSHA").arg(script.get_hash()).arg(keys.len()).arg(keys).arg(args);
+        pipe.cmd("EVALSHA").arg(script.get_hash()).arg(keys.len()).arg(keys).arg(call.args());
         pipe.cmd("WAIT").arg(wanted).arg(millis(within));
         let bound = within + self.config.timeout;
         let mut result = tokio::time::timeout(bound, pipe.query_async::<(T, i64)>(&mut conn)).await;
@@ -398,9 +380,8 @@ impl Store {
     }
 
     async fn dequeue(&self, keys: &LockKeys, lease_id: &LeaseId) -> Result<()> {
-        let mut inv = self.scripts.dequeue.prepare_invoke();
-        inv.key(&keys.lock).key(&keys.queue).key(&keys.alive).arg(lease_id.as_str()).arg(&keys.channel);
-        self.eval::<i64>(inv).await.map(drop)
+        let call = LeaseCall { script: LeaseScript::Dequeue, keys, lease_id: lease_id.as_str() };
+        self.eval::<i64>(call.invocation(&self.scripts)).await.map(drop)
     }
 
     /// Runs the renew script: `(token, ttl ms applied)`, token 0 when `lease_id` does not hold the
@@ -412,13 +393,13 @@ impl Store {
     /// on the later one. Not acknowledged in time: `Unavailable` (the holder keeps its deadline
     /// and its keeper tries again; the longer expiry left on the master only delays others).
     async fn renew(&self, keys: &LockKeys, lease_id: &LeaseId, ttl: Option<Duration>) -> Result<(u64, u64)> {
-        let args = [
-            lease_id.as_str().to_owned(),
-            ttl.map(|t| millis(t).to_string()).unwrap_or_default(),
-            millis(crate::options::DEFAULT_TTL).to_string(),
-        ];
-        let ((token, ttl_ms), acked): ((i64, i64), bool) =
-            self.replicated(&self.scripts.renew, &[&keys.lock], &args).await?;
+        let call = scripts::Renew {
+            lock: &keys.lock,
+            lease_id: lease_id.as_str(),
+            ttl,
+            fallback_ttl: crate::options::DEFAULT_TTL,
+        };
+        let ((token, ttl_ms), acked): ((i64, i64), bool) = self.replicated(&call).await?;
         if token > 0 && !acked {
             return Err(Error::Unavailable(format!(
                 "redis: fewer replicas than min_replicas acknowledged the renewal of {:?} in time; \
@@ -430,16 +411,15 @@ impl Store {
     }
 
     async fn release_keys(&self, keys: &LockKeys, lease_id: &LeaseId) -> Result<bool> {
-        let mut inv = self.scripts.release.prepare_invoke();
-        inv.key(&keys.lock).key(&keys.queue).key(&keys.alive).arg(lease_id.as_str()).arg(&keys.channel);
-        Ok(self.eval::<i64>(inv).await? == 1)
+        let call = LeaseCall { script: LeaseScript::Release, keys, lease_id: lease_id.as_str() };
+        Ok(self.eval::<i64>(call.invocation(&self.scripts)).await? == 1)
     }
 
     pub(crate) async fn status(&self, key: &str) -> Result<LockInfo> {
         let keys = self.keys(key);
-        let mut inv = self.scripts.status.prepare_invoke();
-        inv.key(&keys.lock).key(&keys.queue).key(&keys.alive);
-        let (held, holder, token, pttl, waiters): (i64, String, u64, i64, u64) = self.eval(inv).await?;
+        let call = scripts::Status { keys: &keys };
+        let (held, holder, token, pttl, waiters): (i64, String, u64, i64, u64) =
+            self.eval(call.invocation(&self.scripts)).await?;
         if held == 0 {
             return Ok(LockInfo::free(key, waiters));
         }
@@ -655,15 +635,17 @@ impl Backend for RedisBackend {
                 registration = self.register(&keys, &req.lease_id).await;
             }
             let sent = Instant::now();
-            let args = [
-                req.lease_id.as_str().to_owned(),
-                millis(req.ttl).to_string(),
-                req.holder.clone(),
-                if waiting { "1" } else { "0" }.to_owned(),
-                millis(self.store.config.queue_ttl).to_string(),
-                millis(self.store.config.meta_ttl).to_string(),
-            ];
-            let ((granted, n, holder), acknowledged) = self.store.acquire_script(&keys, &args).await?;
+            let call = scripts::Acquire {
+                keys: &keys,
+                lease_id: req.lease_id.as_str(),
+                ttl: req.ttl,
+                holder: &req.holder,
+                enqueue: waiting,
+                queue_ttl: self.store.config.queue_ttl,
+                meta_ttl: self.store.config.meta_ttl,
+            };
+            let ((granted, n, holder), acknowledged): ((i64, i64, String), bool) =
+                self.store.replicated(&call).await?;
             if granted == 1 {
                 if !acknowledged {
                     // A grant a failover could forget is no grant: take it back (the guard also

@@ -32,8 +32,9 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::scripts::{RedlockAcquire, RedlockFence, RedlockRelease, ScriptCall};
 use super::wakeups::{Registration, Wakeups};
-use super::{millis, LockKeys, RedisBackend, RedisConfig, Store};
+use super::{LockKeys, RedisBackend, RedisConfig, Store};
 use crate::backend::params::Params;
 use crate::backend::waiting::{Refused, Waiting};
 use crate::backend::Backend;
@@ -164,9 +165,8 @@ impl RedlockBackend {
             .map(|n| {
                 let (store, keys, lease_id) = (n.store.clone(), keys.clone(), lease_id.clone());
                 tokio::spawn(async move {
-                    let mut inv = store.scripts.redlock_release.prepare_invoke();
-                    inv.key(&keys.lock).arg(lease_id.as_str()).arg(&keys.channel);
-                    store.eval::<i64>(inv).await.map(|r| r == 1)
+                    let call = RedlockRelease { keys: &keys, lease_id: lease_id.as_str() };
+                    store.eval::<i64>(call.invocation(&store.scripts)).await.map(|r| r == 1)
                 })
             })
             .collect();
@@ -205,13 +205,13 @@ impl RedlockBackend {
             .iter()
             .enumerate()
             .map(|(i, n)| async move {
-                let mut inv = n.store.scripts.redlock_acquire.prepare_invoke();
-                inv.key(&keys.lock)
-                    .key(&keys.meta)
-                    .arg(req.lease_id.as_str())
-                    .arg(millis(req.ttl))
-                    .arg(&req.holder);
-                (i, n.store.eval::<(i64, i64, String)>(inv).await)
+                let call = RedlockAcquire {
+                    keys,
+                    lease_id: req.lease_id.as_str(),
+                    ttl: req.ttl,
+                    holder: &req.holder,
+                };
+                (i, n.store.eval::<(i64, i64, String)>(call.invocation(&n.store.scripts)).await)
             })
             .collect();
         let (mut granted, mut errors, mut holders) = (Vec::new(), Vec::new(), Vec::new());
@@ -245,15 +245,15 @@ impl RedlockBackend {
             let token = max_counter + 1;
             let fenced = join_all(granted.iter().map(|&i| async move {
                 let n = &self.nodes[i];
-                let mut inv = n.store.scripts.redlock_fence.prepare_invoke();
-                inv.key(&keys.lock)
-                    .key(&keys.meta)
-                    .arg(req.lease_id.as_str())
-                    .arg(token)
-                    .arg(&req.holder)
-                    .arg(millis(req.ttl))
-                    .arg(millis(n.store.config.meta_ttl));
-                n.store.eval::<i64>(inv).await
+                let call = RedlockFence {
+                    keys,
+                    lease_id: req.lease_id.as_str(),
+                    token,
+                    holder: &req.holder,
+                    ttl: req.ttl,
+                    meta_ttl: n.store.config.meta_ttl,
+                };
+                n.store.eval::<i64>(call.invocation(&n.store.scripts)).await
             }))
             .await;
             let fenced = fenced.into_iter().filter(|r| matches!(r, Ok(1))).count();

@@ -14,9 +14,43 @@
 //! - `alive` sorted set of waiting lease ids by the time (ms) their wait registration lapses,
 //!   so a waiter that crashed is dropped from the queue instead of blocking it.
 //!
+//! Each script is called through a struct next to it whose fields name its KEYS and ARGV (e.g.
+//! [`Acquire`]), so a call site cannot pass them in the wrong order.
+//!
 //! No script changes a lock whose lease id is not the caller's. The common cases (acquire a free
 //! key nobody waits for, release with nobody waiting, renew) take three Redis calls or fewer; the
 //! queue is only touched when someone waits.
+
+use std::time::Duration;
+
+use redis::ScriptInvocation;
+
+use super::{millis, LockKeys};
+
+/// A call of one script: which script, and its KEYS and ARGV in the order its Lua reads them.
+/// Each script has a struct of its own below, next to its Lua, whose fields name them.
+pub trait ScriptCall {
+    /// The script called.
+    fn script<'s>(&self, scripts: &'s Scripts) -> &'s redis::Script;
+
+    /// KEYS, in the script's order.
+    fn keys(&self) -> Vec<&str>;
+
+    /// ARGV, in the script's order.
+    fn args(&self) -> Vec<String>;
+
+    /// The invocation: the script with its KEYS and ARGV.
+    fn invocation<'s>(&self, scripts: &'s Scripts) -> ScriptInvocation<'s> {
+        let mut inv = self.script(scripts).prepare_invoke();
+        for key in self.keys() {
+            inv.key(key);
+        }
+        for arg in self.args() {
+            inv.arg(arg);
+        }
+        inv
+    }
+}
 
 /// Splits a lock value (`parse`: id, token, holder, stored TTL in ms or nil) and checks ownership
 /// (`owned`). Shared by every script.
@@ -123,6 +157,45 @@ local _, _, holder = parse(redis.call('GET', KEYS[1]))
 return {0, redis.call('PTTL', KEYS[1]), holder or ''}
 "#;
 
+/// A call of [`ACQUIRE`], its KEYS and ARGV by name.
+pub struct Acquire<'a> {
+    /// KEYS: lock, meta, queue, alive.
+    pub keys: &'a LockKeys,
+    /// ARGV[1]: the caller's lease id.
+    pub lease_id: &'a str,
+    /// ARGV[2]: the TTL of a grant.
+    pub ttl: Duration,
+    /// ARGV[3]: the holder label.
+    pub holder: &'a str,
+    /// ARGV[4]: queue the caller when it is refused.
+    pub enqueue: bool,
+    /// ARGV[5]: how long the caller's place in the queue lasts unless refreshed.
+    pub queue_ttl: Duration,
+    /// ARGV[6]: how long the fencing counter lasts after its last grant.
+    pub meta_ttl: Duration,
+}
+
+impl ScriptCall for Acquire<'_> {
+    fn script<'s>(&self, scripts: &'s Scripts) -> &'s redis::Script {
+        &scripts.acquire
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec![&self.keys.lock, &self.keys.meta, &self.keys.queue, &self.keys.alive]
+    }
+
+    fn args(&self) -> Vec<String> {
+        vec![
+            self.lease_id.to_owned(),
+            millis(self.ttl).to_string(),
+            self.holder.to_owned(),
+            if self.enqueue { "1" } else { "0" }.to_owned(),
+            millis(self.queue_ttl).to_string(),
+            millis(self.meta_ttl).to_string(),
+        ]
+    }
+}
+
 /// KEYS: lock. ARGV: lease id, ttl ms (`''`: the TTL stored with the lease), the TTL in ms for a
 /// value that stores none (written by an older version). Returns `{token, ttl ms applied}`, or
 /// `{0, 0}` when not the owner. The value is rewritten only when the TTL changes.
@@ -142,6 +215,33 @@ end
 return {token, ttl}
 "#;
 
+/// A call of [`RENEW`], its KEYS and ARGV by name.
+pub struct Renew<'a> {
+    /// KEYS[1]: the lock.
+    pub lock: &'a str,
+    /// ARGV[1]: the caller's lease id.
+    pub lease_id: &'a str,
+    /// ARGV[2]: the new TTL; `None` keeps the one stored with the lease.
+    pub ttl: Option<Duration>,
+    /// ARGV[3]: the TTL for a value that stores none (written by an older version).
+    pub fallback_ttl: Duration,
+}
+
+impl ScriptCall for Renew<'_> {
+    fn script<'s>(&self, scripts: &'s Scripts) -> &'s redis::Script {
+        &scripts.renew
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec![self.lock]
+    }
+
+    fn args(&self) -> Vec<String> {
+        let ttl = self.ttl.map(|t| millis(t).to_string()).unwrap_or_default();
+        vec![self.lease_id.to_owned(), ttl, millis(self.fallback_ttl).to_string()]
+    }
+}
+
 /// KEYS: lock, queue, alive. ARGV: lease id, wake channel. Deletes the lock if it is the
 /// caller's and wakes the first live waiter (the message is its lease id). Returns 1 or 0.
 const RELEASE: &str = r#"
@@ -154,6 +254,42 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
 end
 return 1
 "#;
+
+/// [`RELEASE`] or [`DEQUEUE`]: the two take the same KEYS and ARGV.
+#[derive(Clone, Copy)]
+pub enum LeaseScript {
+    /// [`RELEASE`]: delete the lock if it is the caller's, and wake the next waiter.
+    Release,
+    /// [`DEQUEUE`]: leave the queue, and wake the next waiter if the lock is free.
+    Dequeue,
+}
+
+/// A call of [`RELEASE`] or [`DEQUEUE`], its KEYS and ARGV by name.
+pub struct LeaseCall<'a> {
+    /// Which of the two.
+    pub script: LeaseScript,
+    /// KEYS: lock, queue, alive; ARGV[2]: the wake channel.
+    pub keys: &'a LockKeys,
+    /// ARGV[1]: the caller's lease id.
+    pub lease_id: &'a str,
+}
+
+impl ScriptCall for LeaseCall<'_> {
+    fn script<'s>(&self, scripts: &'s Scripts) -> &'s redis::Script {
+        match self.script {
+            LeaseScript::Release => &scripts.release,
+            LeaseScript::Dequeue => &scripts.dequeue,
+        }
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec![&self.keys.lock, &self.keys.queue, &self.keys.alive]
+    }
+
+    fn args(&self) -> Vec<String> {
+        vec![self.lease_id.to_owned(), self.keys.channel.clone()]
+    }
+}
 
 /// KEYS: lock, queue, alive. ARGV: lease id, wake channel. A waiter gives up: leave the queue,
 /// and if the lock is free, wake whoever is now first.
@@ -177,6 +313,26 @@ end
 return {1, holder, token, redis.call('PTTL', KEYS[1]), waiters}
 "#;
 
+/// A call of [`STATUS`], its KEYS by name.
+pub struct Status<'a> {
+    /// KEYS: lock, queue, alive.
+    pub keys: &'a LockKeys,
+}
+
+impl ScriptCall for Status<'_> {
+    fn script<'s>(&self, scripts: &'s Scripts) -> &'s redis::Script {
+        &scripts.status
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec![&self.keys.lock, &self.keys.queue, &self.keys.alive]
+    }
+
+    fn args(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
 /// Redlock, on one master. KEYS: lock, meta. ARGV: lease id, ttl ms, holder. Sets the lock if
 /// free (token 0 until fenced) and returns `{1, max(fencing counter, clock in µs), ''}`, else
 /// `{0, pttl, holder}`: the winner's token (the highest of a majority, plus one) is then above
@@ -188,6 +344,32 @@ end
 local _, _, holder = parse(redis.call('GET', KEYS[1]))
 return {0, redis.call('PTTL', KEYS[1]), holder or ''}
 "#;
+
+/// A call of [`REDLOCK_ACQUIRE`], its KEYS and ARGV by name.
+pub struct RedlockAcquire<'a> {
+    /// KEYS: lock, meta.
+    pub keys: &'a LockKeys,
+    /// ARGV[1]: the caller's lease id.
+    pub lease_id: &'a str,
+    /// ARGV[2]: the TTL of a grant.
+    pub ttl: Duration,
+    /// ARGV[3]: the holder label.
+    pub holder: &'a str,
+}
+
+impl ScriptCall for RedlockAcquire<'_> {
+    fn script<'s>(&self, scripts: &'s Scripts) -> &'s redis::Script {
+        &scripts.redlock_acquire
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec![&self.keys.lock, &self.keys.meta]
+    }
+
+    fn args(&self) -> Vec<String> {
+        vec![self.lease_id.to_owned(), millis(self.ttl).to_string(), self.holder.to_owned()]
+    }
+}
 
 /// Redlock, on one master. KEYS: lock, meta. ARGV: lease id, token, holder, ttl ms, meta ttl ms.
 /// If the caller holds the lock here, raise the fencing counter to at least `token` and record it
@@ -204,6 +386,42 @@ redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. ARGV[4] .. ' ' ..
 return 1
 "#;
 
+/// A call of [`REDLOCK_FENCE`], its KEYS and ARGV by name.
+pub struct RedlockFence<'a> {
+    /// KEYS: lock, meta.
+    pub keys: &'a LockKeys,
+    /// ARGV[1]: the caller's lease id.
+    pub lease_id: &'a str,
+    /// ARGV[2]: the fencing token of the grant.
+    pub token: u64,
+    /// ARGV[3]: the holder label.
+    pub holder: &'a str,
+    /// ARGV[4]: the TTL of the grant.
+    pub ttl: Duration,
+    /// ARGV[5]: how long the fencing counter lasts after its last use.
+    pub meta_ttl: Duration,
+}
+
+impl ScriptCall for RedlockFence<'_> {
+    fn script<'s>(&self, scripts: &'s Scripts) -> &'s redis::Script {
+        &scripts.redlock_fence
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec![&self.keys.lock, &self.keys.meta]
+    }
+
+    fn args(&self) -> Vec<String> {
+        vec![
+            self.lease_id.to_owned(),
+            self.token.to_string(),
+            self.holder.to_owned(),
+            millis(self.ttl).to_string(),
+            millis(self.meta_ttl).to_string(),
+        ]
+    }
+}
+
 /// Redlock, on one master. KEYS: lock. ARGV: lease id, wake channel. Compare-and-delete, then
 /// wake every waiter of the lock (Redlock waiting is not FIFO).
 const REDLOCK_RELEASE: &str = r#"
@@ -215,7 +433,29 @@ redis.call('PUBLISH', ARGV[2], '*')
 return 1
 "#;
 
-/// The compiled scripts, built once per backend.
+/// A call of [`REDLOCK_RELEASE`], its KEYS and ARGV by name.
+pub struct RedlockRelease<'a> {
+    /// KEYS[1]: the lock; ARGV[2]: the wake channel.
+    pub keys: &'a LockKeys,
+    /// ARGV[1]: the caller's lease id.
+    pub lease_id: &'a str,
+}
+
+impl ScriptCall for RedlockRelease<'_> {
+    fn script<'s>(&self, scripts: &'s Scripts) -> &'s redis::Script {
+        &scripts.redlock_release
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec![&self.keys.lock]
+    }
+
+    fn args(&self) -> Vec<String> {
+        vec![self.lease_id.to_owned(), self.keys.channel.clone()]
+    }
+}
+
+/// The compiled scripts, built once per backend. Call them through the structs above.
 pub struct Scripts {
     pub acquire: redis::Script,
     pub renew: redis::Script,
@@ -241,5 +481,36 @@ impl Scripts {
             redlock_fence: script(REDLOCK_FENCE),
             redlock_release: script(REDLOCK_RELEASE),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The typed call puts each named field where the Lua reads it.
+    #[test]
+    fn acquire_passes_keys_and_argv_in_the_scripts_order() {
+        let keys = LockKeys {
+            lock: "p:{k}:lock".into(),
+            meta: "p:{k}:meta".into(),
+            queue: "p:{k}:queue".into(),
+            alive: "p:{k}:alive".into(),
+            channel: "p:{k}:wake".into(),
+        };
+        let call = Acquire {
+            keys: &keys,
+            lease_id: "id",
+            ttl: Duration::from_secs(30),
+            holder: "h 1",
+            enqueue: true,
+            queue_ttl: Duration::from_secs(6),
+            meta_ttl: Duration::from_secs(60),
+        };
+        assert_eq!(call.keys(), ["p:{k}:lock", "p:{k}:meta", "p:{k}:queue", "p:{k}:alive"]);
+        assert_eq!(call.args(), ["id", "30000", "h 1", "1", "6000", "60000"]);
+        let release = LeaseCall { script: LeaseScript::Release, keys: &keys, lease_id: "id" };
+        assert_eq!(release.keys(), ["p:{k}:lock", "p:{k}:queue", "p:{k}:alive"]);
+        assert_eq!(release.args(), ["id", "p:{k}:wake"]);
     }
 }
