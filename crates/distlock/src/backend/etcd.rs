@@ -1358,8 +1358,8 @@ enum Reply {
     Delete { deleted: bool, retried: bool },
 }
 
-/// Calls out at once before others wait to go together: measured with 32 tasks (1, 2, 4 and 8
-/// tried; 4 was fastest, and every choice beat etcd's own lock service).
+/// Calls out at once before others wait to go together: the fastest of the counts tried (see
+/// docs/BENCHMARKS.md, "etcd beside etcd's own lock service").
 const MAX_OUT: usize = 4;
 
 /// Operations waiting for the next coalesced transaction, and how many calls are out.

@@ -151,10 +151,10 @@ impl Batcher {
 
 /// Forms batches from the queue and sends them one at a time; ends when every sender is gone.
 ///
-/// One batch in flight, not several: measured with 64 tasks, one gave the best throughput and
-/// by far the best tail (p99 1.4 ms against 4–7 ms with two to eight), because the next batch
-/// then forms while the server's log write for this one is on its way to disk, which is the
-/// server's own group-commit rhythm.
+/// One batch in flight, not several: one gave the best throughput and by far the best tail of
+/// the counts measured (docs/BENCHMARKS.md), because the next batch then forms while the
+/// server's log write for this one is on its way to disk, which is the server's own group-commit
+/// rhythm.
 async fn dispatch(
     mut rx: mpsc::UnboundedReceiver<Pending>,
     client: Arc<Client>,

@@ -3,10 +3,9 @@
 //! shared store (`http://a:7878,b:7878`).
 //!
 //! Why not `reqwest`: per request it parses URLs, checks proxies, looks up a keyed pool and wraps
-//! the call in layers a lock client never uses. Measured on one machine with 64 tasks each doing
-//! acquire + release on its own connection (2026-11-24): `reqwest` 63 µs of client CPU per cycle,
-//! this client 30 µs, and the server then served 19,000 cycles/s instead of 13,900 because the
-//! two share the cores. What is left is what a request needs: one connection per request in
+//! the call in layers a lock client never uses; it cost about twice this client's CPU per call,
+//! which on a machine shared with the server is the server's throughput (the measurements are in
+//! docs/BENCHMARKS.md). What is left is what a request needs: one connection per request in
 //! flight, reused while the server keeps it open; a `Host`, a bearer token and a JSON body.
 //! `https://` runs the same over rustls (see `tls.rs`).
 //!
