@@ -280,8 +280,12 @@ pub async fn histories_are_linearizable(locker: &Locker, _caps: &Caps) {
                             held[k] = Some((lease, idx));
                         }
                         (mine, _) if mine.is_some() || roll(3) == 0 => {
-                            let seen = locker.status(&key).await.expect("status").fencing_token;
-                            record(k, call, now(), Op::Status(seen));
+                            let info = locker.status(&key).await.expect("status");
+                            let op = match (info.held, info.fencing_token) {
+                                (true, None) => Op::StatusTaken,
+                                (_, token) => Op::Status(token),
+                            };
+                            record(k, call, now(), op);
                             held[k] = mine;
                         }
                         (_, choice) => {

@@ -45,6 +45,9 @@ pub enum Op {
     },
     /// A status read: the holder's fencing token, or `None` for a free lock.
     Status(Option<u64>),
+    /// A status read that found the lock taken with no token yet (Redis: being handed to the
+    /// first waiter, whose grant is under way).
+    StatusTaken,
 }
 
 /// The answer to an acquire.
@@ -219,6 +222,11 @@ impl State {
                     _ => {}
                 }
             }
+            Op::StatusTaken => {
+                if self.holder.is_some() {
+                    out.push(self);
+                }
+            }
             Op::Status(seen) => match (seen, self.holder) {
                 (None, None) => out.push(self),
                 (Some(token), Some((l, t, _))) if t == *token || (l == GHOST && *token > self.last_token) => {
@@ -363,6 +371,27 @@ mod tests {
             ev(2, 60, 70, Op::Status(Some(1))),
         ];
         check(&h).unwrap_err();
+    }
+
+    #[test]
+    fn a_lock_in_hand_off_reads_taken_until_the_waiter_answers() {
+        // The waiter called long before; its grant can take effect right after the release, so
+        // "taken" and a refusal in between are explained.
+        let h = [
+            ev(0, 0, 10, granted(0, 1)),
+            ev(1, 5, 100, granted(1, 2)),
+            ev(0, 20, 30, release(0, Outcome::Ok)),
+            ev(2, 40, 50, Op::StatusTaken),
+            ev(2, 60, 70, Op::Acquire(AcquireOutcome::Held)),
+        ];
+        check(&h).unwrap();
+        // Taken while nobody holds or waits is not.
+        let free = [
+            ev(0, 0, 10, granted(0, 1)),
+            ev(0, 20, 30, release(0, Outcome::Ok)),
+            ev(2, 40, 50, Op::StatusTaken),
+        ];
+        check(&free).unwrap_err();
     }
 
     #[test]

@@ -228,7 +228,9 @@ pub struct Grant {
 pub struct LockInfo {
     /// The full key.
     pub key: String,
-    /// Whether a live lease holds the key.
+    /// Whether the key is taken: a live lease holds it, or (Redis) it is being handed to the
+    /// first waiter, whose lease does not exist yet (then `holder` and `fencing_token` are
+    /// `None`).
     pub held: bool,
     /// The holder's label, when held.
     pub holder: Option<String>,

@@ -266,3 +266,21 @@ async fn tls_with_a_ca_and_a_client_certificate() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// While the lock is being handed to the first waiter (free, with a live waiter first in line,
+/// before that waiter has run its acquire), status and a try-once acquire must agree: the key is
+/// taken. Status said "free" while the acquire was refused — the contract suite's
+/// linearizability check caught it under load. The waiter is planted here directly in Redis, so
+/// the moment lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_try_once_agree_during_a_hand_off() {
+    let server = RedisServer::start();
+    let locker = locker(&server).await;
+    server.raw("ZADD dl-test:{k}:queue 1 planted-waiter");
+    server.raw("ZADD dl-test:{k}:alive 99999999999999 planted-waiter");
+    let err = locker.acquire("k", &AcquireOptions::new()).await.unwrap_err();
+    assert!(matches!(err, Error::Held { .. }), "a try-once acquire does not jump the queue: {err:?}");
+    let info = locker.status("k").await.unwrap();
+    assert!(info.held, "status must not say free while acquires are refused: {info:?}");
+    assert_eq!((info.holder, info.fencing_token, info.waiters), (None, None, 1));
+}

@@ -420,8 +420,20 @@ impl Store {
         let call = scripts::Status { keys: &keys };
         let (held, holder, token, pttl, waiters): (i64, String, u64, i64, u64) =
             self.eval(call.invocation(&self.scripts)).await?;
-        if held == 0 {
-            return Ok(LockInfo::free(key, waiters));
+        match held {
+            0 => return Ok(LockInfo::free(key, waiters)),
+            // Being handed to the first waiter: taken (a try-once acquire is refused), though its
+            // lease and token do not exist yet.
+            2 => {
+                return Ok(LockInfo {
+                    held: true,
+                    holder: None,
+                    fencing_token: None,
+                    expires_in: None,
+                    ..LockInfo::free(key, waiters)
+                })
+            }
+            _ => {}
         }
         Ok(LockInfo {
             key: key.to_owned(),

@@ -302,12 +302,17 @@ end
 return 1
 "#;
 
-/// KEYS: lock, queue, alive. Returns `{held 0/1, holder, token, pttl, live waiters}`.
+/// KEYS: lock, queue, alive. Returns `{held, holder, token, pttl, live waiters}`: held 1 with a
+/// holder, 0 when free, 2 when no lease holds it but a live waiter is first in line (the key is
+/// that waiter's until it runs its acquire: a try-once acquire is refused meanwhile).
 const STATUS: &str = r#"
 local now = purge(KEYS[2], KEYS[3])
 local waiters = redis.call('ZCOUNT', KEYS[3], now + 1, '+inf')
 local id, token, holder = parse(redis.call('GET', KEYS[1]))
 if not id then
+  if waiters > 0 then
+    return {2, '', 0, -2, waiters}
+  end
   return {0, '', 0, -2, waiters}
 end
 return {1, holder, token, redis.call('PTTL', KEYS[1]), waiters}
