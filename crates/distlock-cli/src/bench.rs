@@ -164,7 +164,7 @@ pub struct Report {
     /// From a release being acknowledged to the next holder's grant on the same key (µs):
     /// contended runs only.
     pub handoff: Histogram<u64>,
-    /// Failed calls by error code (`lock_held`, `wait_timeout`, `backend_unavailable`, ...).
+    /// Failed calls by error code (`lock_held`, `backend_unavailable`, ...: [`distlock::ErrorCode`]).
     pub errors: BTreeMap<String, u64>,
     /// Grants that began while another holder of the same key was still inside (must be 0).
     pub overlaps: u64,
@@ -432,7 +432,7 @@ async fn one_task(
         overlaps: 0,
     };
     let fail = |result: &mut TaskResult, e: distlock::Error| {
-        *result.errors.entry(e.code().to_owned()).or_insert(0) += 1;
+        *result.errors.entry(e.code().as_str().to_owned()).or_insert(0) += 1;
         progress.errors.fetch_add(1, Ordering::Relaxed);
     };
     while start.elapsed() < config.duration {

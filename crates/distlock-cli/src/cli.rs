@@ -18,20 +18,17 @@
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
-use distlock::{AcquireOptions, Error, Lease, LeaseId, ListQuery, LockInfo, Locker};
+use distlock::wire::{ErrorBody, ErrorDetail};
+use distlock::{AcquireOptions, Error, ErrorCode, Lease, LeaseId, ListQuery, LockInfo, Locker};
 use serde::Serialize;
 use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
 
 /// Exit code: held by another / not acquired in time (the default of `--conflict-exit-code`).
-pub const EXIT_HELD: u8 = 75;
+pub const EXIT_HELD: u8 = ErrorCode::LockHeld.exit_code();
 /// Exit code: the lease is lost, or the lease id does not hold the key.
-pub const EXIT_LOST: u8 = 76;
-/// Exit code: backend unavailable.
-pub const EXIT_UNAVAILABLE: u8 = 69;
+pub const EXIT_LOST: u8 = ErrorCode::LeaseLost.exit_code();
 /// Exit code: bad input or usage.
-pub const EXIT_USAGE: u8 = 64;
-/// Exit code: unauthorized.
-pub const EXIT_NOPERM: u8 = 77;
+pub const EXIT_USAGE: u8 = ErrorCode::InvalidRequest.exit_code();
 /// Exit code: any other failure.
 pub const EXIT_FAILURE: u8 = 1;
 /// Exit code when stdout was closed before a lease could be handed over (as a shell reports a
@@ -49,16 +46,9 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// sooner), so the outage it ended is a new one.
 const OUTAGE_RESET: Duration = Duration::from_secs(30);
 
-/// The exit code for an error.
+/// The exit code for an error: its code's, from the one table ([`ErrorCode::exit_code`]).
 pub fn exit_code(e: &Error) -> u8 {
-    match e {
-        Error::Held { .. } | Error::WaitTimeout { .. } | Error::LimitExceeded(_) => EXIT_HELD,
-        Error::LeaseLost { .. } => EXIT_LOST,
-        Error::Unavailable(_) => EXIT_UNAVAILABLE,
-        Error::InvalidInput(_) => EXIT_USAGE,
-        Error::Unauthorized(_) => EXIT_NOPERM,
-        _ => EXIT_FAILURE,
-    }
+    e.code().exit_code()
 }
 
 /// A duration for people: `850ms`, `1.2s`, `42s`, `4m59s`, `2h5m`, `3d4h`.
@@ -163,35 +153,21 @@ impl Output {
     /// Like [`Output::fail`] with a message and exit code of the caller's choosing.
     pub fn fail_as(&self, e: &Error, message: &str, code: u8) -> u8 {
         if self.json {
-            let _ = self.json_line(&ErrorBody::of(e, message));
+            let _ = self.json_line(&error_body(e, message));
         }
         self.say(message);
         code
     }
 }
 
-/// The error body of the HTTP API, for `--json`.
-#[derive(Serialize)]
-pub struct ErrorBody<'a> {
-    error: ErrorDetail<'a>,
-}
-
-#[derive(Serialize)]
-struct ErrorDetail<'a> {
-    code: &'a str,
-    message: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    holder: Option<&'a str>,
-}
-
-impl<'a> ErrorBody<'a> {
-    /// The body for `e`, with `message` as its text.
-    pub fn of(e: &'a Error, message: &'a str) -> ErrorBody<'a> {
-        let holder = match e {
-            Error::Held { holder, .. } | Error::WaitTimeout { holder, .. } => holder.as_deref(),
-            _ => None,
-        };
-        ErrorBody { error: ErrorDetail { code: e.code(), message, holder } }
+/// The error body of the HTTP API for `e`, with `message` as its text (for `--json`).
+pub fn error_body(e: &Error, message: &str) -> ErrorBody {
+    let holder = match e {
+        Error::Held { holder, .. } | Error::WaitTimeout { holder, .. } => holder.clone(),
+        _ => None,
+    };
+    ErrorBody {
+        error: ErrorDetail { code: e.code().as_str().to_owned(), message: message.to_owned(), holder },
     }
 }
 

@@ -19,7 +19,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::Instant;
 
 use crate::child;
-use crate::cli::{acquire_waiting, describe, not_acquired, shown, ErrorBody, Output, WaitPolicy, EXIT_LOST};
+use distlock::wire::ErrorBody;
+
+use crate::cli::{acquire_waiting, describe, error_body, not_acquired, shown, Output, WaitPolicy, EXIT_LOST};
 
 /// What `run` is asked to do.
 #[derive(Debug, Clone)]
@@ -47,7 +49,7 @@ struct RunReport<'a> {
     held_ms: Option<u64>,
     exit_code: u8,
     #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<ErrorBody<'a>>,
+    error: Option<ErrorBody>,
 }
 
 /// Runs the command under the lock on `key`; returns the exit code for distlock.
@@ -73,7 +75,7 @@ pub async fn run(locker: &Locker, key: &str, opts: AcquireOptions, config: &RunC
             waited_ms: 0,
             held_ms: held.map(|h| h.as_millis() as u64),
             exit_code: code,
-            error: error.zip(message.as_deref()).map(|(e, m)| ErrorBody::of(e, m)),
+            error: error.zip(message.as_deref()).map(|(e, m)| error_body(e, m)),
         };
         let waited = held.map_or(started.elapsed(), |h| started.elapsed().saturating_sub(h));
         let _ = out.json_line(&RunReport { waited_ms: waited.as_millis() as u64, ..r });

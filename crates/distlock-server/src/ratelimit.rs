@@ -15,10 +15,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::{Json, Router};
+use axum::Router;
+use distlock::ErrorCode;
+
+use crate::http::ApiError;
 
 /// Buckets kept before full ones (callers quiet long enough to be back at the burst) are swept.
 const SWEEP_AT: usize = 10_000;
@@ -138,14 +141,12 @@ async fn limit(State(limiter): State<Arc<Limiter>>, req: Request, next: Next) ->
         Ok(()) => next.run(req).await,
         Err(wait) => {
             metrics::counter!("distlock_rate_limited_total").increment(1);
-            metrics::counter!("distlock_errors_total", "code" => "limit_exceeded").increment(1);
             let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
             let message = format!(
                 "rate limit of {}/s (burst {}) exceeded; retry after {secs} s",
                 limiter.rate, limiter.burst
             );
-            let body = serde_json::json!({"error": {"code": "limit_exceeded", "message": message}});
-            let mut response = (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
+            let mut response = ApiError::new(ErrorCode::LimitExceeded, message).into_response();
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
             response
         }

@@ -59,7 +59,7 @@ pub async fn try_once_names_the_holder(locker: &Locker, _caps: &Caps) {
         matches!(&err, Error::Held { key, holder } if key == "contract/held" && holder.as_deref() == Some("host-1/pid-42")),
         "{err:?}"
     );
-    assert_eq!(err.code(), "lock_held");
+    assert_eq!(err.code(), distlock::ErrorCode::LockHeld);
     assert_eq!(locker.status("contract/held").await.unwrap().waiters, 0, "a refusal queues nothing");
 }
 

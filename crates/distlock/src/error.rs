@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+pub use crate::error_code::{ErrorCode, UnknownCode};
+
 /// Why a lease stopped protecting its holder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -94,15 +96,15 @@ fn holder_suffix(holder: &Option<String>) -> String {
 }
 
 impl Error {
-    /// A stable, machine-readable code for this error, as used by the HTTP API and `--json`.
-    pub fn code(&self) -> &'static str {
+    /// The stable code of this error, as the HTTP API and `--json` write it (see [`ErrorCode`]).
+    pub fn code(&self) -> ErrorCode {
         match self {
-            Error::Held { .. } | Error::WaitTimeout { .. } => "lock_held",
-            Error::LeaseLost { .. } => "lease_lost",
-            Error::InvalidInput(_) => "invalid_request",
-            Error::Unauthorized(_) => "unauthorized",
-            Error::LimitExceeded(_) => "limit_exceeded",
-            Error::Unavailable(_) => "backend_unavailable",
+            Error::Held { .. } | Error::WaitTimeout { .. } => ErrorCode::LockHeld,
+            Error::LeaseLost { .. } => ErrorCode::LeaseLost,
+            Error::InvalidInput(_) => ErrorCode::InvalidRequest,
+            Error::Unauthorized(_) => ErrorCode::Unauthorized,
+            Error::LimitExceeded(_) => ErrorCode::LimitExceeded,
+            Error::Unavailable(_) => ErrorCode::BackendUnavailable,
         }
     }
 

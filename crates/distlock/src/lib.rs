@@ -25,7 +25,9 @@
 //! - [`backend`]: the [`Backend`] trait every store implements, and the backends.
 //! - [`engine`]: the lease engine (table, FIFO queues, expiry, snapshot and restore) that
 //!   `memory://` and the lock server's embedded store are built on.
-//! - [`options`], [`types`], [`validate`], [`error`]: plain data, input checks, the error enum.
+//! - [`options`], [`types`], [`validate`], [`error`]: plain data, input checks, the error enum
+//!   and [`ErrorCode`], the one table of error codes (HTTP status, CLI exit code).
+//! - [`wire`]: the lock server's HTTP bodies, shared by the server and the `http://` client.
 //!
 //! # Guarantees
 //! While the store is healthy, no key is ever granted to two live leases, and fencing tokens of
@@ -38,16 +40,18 @@
 pub mod backend;
 pub mod engine;
 pub mod error;
+mod error_code;
 pub mod lease;
 pub mod locker;
 pub mod options;
 pub mod types;
 pub mod validate;
+pub mod wire;
 
 /// The attribute backends implement [`Backend`] with, re-exported so they need no extra dependency.
 pub use async_trait::async_trait;
 pub use backend::{Backend, MemoryBackend, Offers, StoreEvent, StoreEventKind, StoreObserver};
-pub use error::{Error, LossReason, Result};
+pub use error::{Error, ErrorCode, LossReason, Result};
 pub use lease::{Lease, LeaseState, LeaseWatch};
 pub use locker::{Fence, Locker};
 pub use options::AcquireOptions;

@@ -81,7 +81,7 @@ pub async fn main() {
         let lease = match locker.acquire(&key, &opts).await {
             Ok(l) => l,
             Err(e) => {
-                rec.record(&Event::Fail { c, t_req, t: now_ns(), code: e.code().to_owned() });
+                rec.record(&Event::Fail { c, t_req, t: now_ns(), code: e.code().as_str().to_owned() });
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }
@@ -139,7 +139,7 @@ pub async fn main() {
             c,
             token,
             t: now_ns(),
-            code: released.err().map(|e| e.code().to_owned()),
+            code: released.err().map(|e| e.code().as_str().to_owned()),
         });
     }
 }

@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Extension, Path, State};
-use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::Json;
 use axum::Router;
-use serde::Serialize;
+use distlock::wire::{ForceReleased, Waiters};
+use distlock::ErrorCode;
 
 use super::errors::{checked_key, ApiError};
 use super::AppState;
@@ -23,16 +23,9 @@ fn offered(state: &AppState, offered: bool) -> Result<(), ApiError> {
         return Ok(());
     }
     Err(ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "not_supported",
+        ErrorCode::NotSupported,
         format!("the {} store does not support this; the embedded store and etcd do", state.backend.name()),
     ))
-}
-
-#[derive(Serialize)]
-struct Waiters {
-    key: String,
-    waiters: Vec<distlock::engine::WaiterInfo>,
 }
 
 /// `GET /v1/locks/{key}/waiters`: the queue of one lock (the embedded store and etcd).
@@ -53,14 +46,6 @@ async fn waiters(
     Ok(Json(Waiters { key, waiters }))
 }
 
-#[derive(Serialize)]
-struct ForceReleased {
-    key: String,
-    released: bool,
-    holder: String,
-    fencing_token: u64,
-}
-
 /// `POST /v1/admin/locks/{key}/release`: frees a lock whoever holds it; needs an admin token.
 async fn force_release(
     State(state): State<Arc<AppState>>,
@@ -69,8 +54,7 @@ async fn force_release(
 ) -> Result<Json<ForceReleased>, ApiError> {
     if !state.auth.table().any_admin() {
         return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "admin_disabled",
+            ErrorCode::AdminDisabled,
             "force-release is off: give a token an admin: scope, or start the server with --admin-token-file",
         ));
     }
@@ -78,10 +62,10 @@ async fn force_release(
     // No token, or one nobody knows (auth off lets such calls through to here): 401, as with auth
     // on; a known token without the scope: 403.
     if caller.is_anonymous() {
-        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "an admin token is required"));
+        return Err(ApiError::new(ErrorCode::Unauthorized, "an admin token is required"));
     }
     caller.check(Action::Admin, &key)?;
-    let not_held = || ApiError::new(StatusCode::NOT_FOUND, "not_held", format!("lock {key:?} is not held"));
+    let not_held = || ApiError::new(ErrorCode::NotHeld, format!("lock {key:?} is not held"));
     let (holder, fencing_token) = match &state.embedded {
         Some(store) => {
             let lease = store.force_release(&key).await?.ok_or_else(not_held)?;

@@ -11,80 +11,21 @@ use axum::routing::post;
 use axum::Json;
 use axum::Router;
 use distlock::validate;
-use serde::{Deserialize, Serialize};
+use distlock::wire::{AcquireBody, BatchAnswer, BatchBody, BatchOp, BatchResult, ReleaseBody, RenewBody};
+use serde::Serialize;
 
-use super::errors::{parse_required, ApiError, ErrorBody, ErrorDetail};
-use super::routes::{do_acquire, do_release, do_renew, AcquireBody, ReleaseBody, RenewBody};
+use super::errors::{parse_required, ApiError};
+use super::routes::{do_acquire, do_release, do_renew};
 use super::AppState;
 use crate::auth::{Action, Caller};
 
 /// Most operations one batch may carry.
 pub const MAX_BATCH_OPS: usize = 1000;
 
-/// One operation of `POST /v1/batch`: the body of the single route plus `op` and `key`.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
-pub enum BatchOp {
-    /// As `POST /v1/locks/{key}/acquire`, without waiting (`wait_ms` must be 0 or absent).
-    Acquire {
-        /// The key (not percent-encoded).
-        key: String,
-        /// Lease TTL in ms.
-        ttl_ms: Option<u64>,
-        /// Must be 0 or absent: a batch never waits.
-        wait_ms: Option<u64>,
-        /// Holder label.
-        holder: Option<String>,
-    },
-    /// As `POST /v1/locks/{key}/renew`.
-    Renew {
-        /// The key.
-        key: String,
-        /// The lease to renew.
-        lease_id: String,
-        /// New TTL in ms; absent or `null`: the lease's own TTL.
-        ttl_ms: Option<u64>,
-    },
-    /// As `POST /v1/locks/{key}/release`.
-    Release {
-        /// The key.
-        key: String,
-        /// The lease to release.
-        lease_id: String,
-    },
-}
-
-/// Body of `POST /v1/batch`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BatchBody {
-    /// The operations, at most [`MAX_BATCH_OPS`]; they run concurrently, in no set order.
-    pub ops: Vec<BatchOp>,
-}
-
-/// What one operation of a batch answered: the status and body its single route would have.
-#[derive(Debug, Serialize)]
-pub struct BatchResult {
-    /// HTTP status the single route would have answered.
-    pub status: u16,
-    /// The body it would have answered (a lease, a release, or `{"error":{...}}`), as it would
-    /// have been written.
-    pub body: Box<serde_json::value::RawValue>,
-}
-
-#[derive(Serialize)]
-struct BatchAnswer {
-    results: Vec<BatchResult>,
-}
-
 fn batch_result<T: Serialize>(outcome: Result<T, ApiError>) -> BatchResult {
     let (status, body) = match outcome {
         Ok(body) => (200, serde_json::value::to_raw_value(&body)),
-        Err(e) => {
-            metrics::counter!("distlock_errors_total", "code" => e.code).increment(1);
-            let detail = ErrorDetail { code: e.code, message: &e.message, holder: e.holder.as_deref() };
-            (e.status.as_u16(), serde_json::value::to_raw_value(&ErrorBody { error: detail }))
-        }
+        Err(e) => (e.status().as_u16(), serde_json::value::to_raw_value(&e.into_body())),
     };
     // Serializing these plain structs cannot fail; `null` stands in if it ever did.
     let body = body.unwrap_or_else(|_| serde_json::value::RawValue::NULL.to_owned());

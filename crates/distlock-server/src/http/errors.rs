@@ -1,12 +1,9 @@
 //! The one error shape of the API and the request checks that produce it.
 //!
-//! Errors are always `{"error":{"code":"...","message":"..."}}` (plus `"holder"` for
-//! `lock_held`) with a stable `code`: `invalid_request` (400), `unauthorized` (401),
-//! `not_found` (404), `payload_too_large` (413), `lock_held` / `lease_lost` (409),
-//! `limit_exceeded` (429), `backend_unavailable` (503), `shutting_down` (503 with `Retry-After: 1`:
-//! a waiting acquire when the server shuts down; retryable), `internal` (500); for the operator
-//! routes also `admin_disabled` (403), `not_held` (404) and `not_supported` (501). Every variant
-//! of [`distlock::Error`] maps to one code here, so the client can map it back.
+//! Errors are always [`distlock::wire::ErrorBody`], `{"error":{"code":"...","message":"..."}}`
+//! (plus `"holder"` for `lock_held`), with a code of [`distlock::ErrorCode`], the one table that
+//! also gives its HTTP status (`shutting_down` adds `Retry-After: 1`). Every variant of
+//! [`distlock::Error`] names its code ([`distlock::Error::code`]), so the client maps it back.
 
 use std::time::Duration;
 
@@ -15,65 +12,65 @@ use axum::extract::Path;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use distlock::{validate, Error};
-use serde::{Deserialize, Serialize};
+use distlock::wire::{ErrorBody, ErrorDetail};
+use distlock::{validate, Error, ErrorCode};
+use serde::Deserialize;
 
 use super::MAX_BODY_BYTES;
 use crate::auth::Forbidden;
 
-/// An error answer.
+/// An error answer: a code of [`ErrorCode`] (which gives the status) and a message.
 #[derive(Debug)]
 pub struct ApiError {
-    pub(super) status: StatusCode,
-    pub(super) code: &'static str,
+    pub(super) code: ErrorCode,
     pub(super) message: String,
     pub(super) holder: Option<String>,
 }
 
 impl ApiError {
-    pub(super) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into(), holder: None }
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError { code, message: message.into(), holder: None }
     }
 
     pub(super) fn invalid(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+        ApiError::new(ErrorCode::InvalidRequest, message)
     }
 
     /// The answer to a waiting acquire when the server shuts down: nothing was granted, and the
     /// same call may be made again at once (on this server once restarted, or another).
     pub(super) fn shutting_down() -> ApiError {
         ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            SHUTTING_DOWN,
+            ErrorCode::ShuttingDown,
             "the lock server is shutting down (restarting?); nothing was granted: retry the acquire",
         )
+    }
+
+    /// The HTTP status of this answer.
+    pub(super) fn status(&self) -> StatusCode {
+        StatusCode::from_u16(self.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    }
+
+    /// The body of this answer, counted in `distlock_errors_total`.
+    pub(super) fn into_body(self) -> ErrorBody {
+        metrics::counter!("distlock_errors_total", "code" => self.code.as_str()).increment(1);
+        ErrorBody {
+            error: ErrorDetail {
+                code: self.code.as_str().to_owned(),
+                message: self.message,
+                holder: self.holder,
+            },
+        }
     }
 }
 
 /// Error code of a waiting acquire answered because the server shuts down (503, `Retry-After: 1`).
-pub const SHUTTING_DOWN: &str = "shutting_down";
-
-#[derive(Serialize)]
-pub(super) struct ErrorBody<'a> {
-    pub(super) error: ErrorDetail<'a>,
-}
-
-#[derive(Serialize)]
-pub(super) struct ErrorDetail<'a> {
-    pub(super) code: &'a str,
-    pub(super) message: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(super) holder: Option<&'a str>,
-}
+pub const SHUTTING_DOWN: &str = ErrorCode::ShuttingDown.as_str();
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        metrics::counter!("distlock_errors_total", "code" => self.code).increment(1);
-        let body = ErrorBody {
-            error: ErrorDetail { code: self.code, message: &self.message, holder: self.holder.as_deref() },
-        };
-        let mut response = (self.status, Json(body)).into_response();
-        if self.code == SHUTTING_DOWN {
+        let (status, code) = (self.status(), self.code);
+        let mut response = (status, Json(self.into_body())).into_response();
+        if code == ErrorCode::ShuttingDown {
             response.headers_mut().insert(header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
         }
         response
@@ -82,28 +79,19 @@ impl IntoResponse for ApiError {
 
 impl From<Forbidden> for ApiError {
     fn from(f: Forbidden) -> ApiError {
-        ApiError::new(StatusCode::FORBIDDEN, "forbidden", f.message)
+        ApiError::new(ErrorCode::Forbidden, f.message)
     }
 }
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> ApiError {
+        let code = e.code();
         let message = e.to_string();
-        match e {
-            Error::Held { holder, .. } | Error::WaitTimeout { holder, .. } => {
-                ApiError { holder, ..ApiError::new(StatusCode::CONFLICT, "lock_held", message) }
-            }
-            Error::LeaseLost { .. } => ApiError::new(StatusCode::CONFLICT, "lease_lost", message),
-            Error::InvalidInput(_) => ApiError::invalid(message),
-            Error::Unauthorized(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message),
-            Error::LimitExceeded(_) => {
-                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "limit_exceeded", message)
-            }
-            Error::Unavailable(_) => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "backend_unavailable", message)
-            }
-            _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message),
-        }
+        let holder = match e {
+            Error::Held { holder, .. } | Error::WaitTimeout { holder, .. } => holder,
+            _ => None,
+        };
+        ApiError { holder, ..ApiError::new(code, message) }
     }
 }
 
@@ -116,11 +104,7 @@ impl From<PathRejection> for ApiError {
 impl From<BytesRejection> for ApiError {
     fn from(r: BytesRejection) -> ApiError {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("request body over {MAX_BODY_BYTES} bytes"),
-            )
+            ApiError::new(ErrorCode::PayloadTooLarge, format!("request body over {MAX_BODY_BYTES} bytes"))
         } else {
             ApiError::invalid(format!("unreadable body: {}", r.body_text()))
         }
@@ -153,5 +137,5 @@ pub(super) fn checked_ttl(ttl_ms: Option<u64>) -> Result<Duration, ApiError> {
 }
 
 pub(super) async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route; see /openapi.json")
+    ApiError::new(ErrorCode::NotFound, "no such route; see /openapi.json")
 }

@@ -14,7 +14,7 @@ mod routes;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -26,10 +26,10 @@ use crate::auth::{Auth, Lookup};
 use crate::events::SharedEvents;
 use crate::store::EmbeddedStore;
 
-pub use batch::{BatchBody, BatchOp, BatchResult, MAX_BATCH_OPS};
+pub use batch::MAX_BATCH_OPS;
 pub use errors::{ApiError, SHUTTING_DOWN};
 pub use live::{MAX_EVENTS_PAGE, MAX_TIMELINE_SPANS};
-pub use routes::{AcquireBody, LeaseBody, ReleaseBody, Released, RenewBody, MAX_LIST_LIMIT, MAX_WAIT};
+pub use routes::{MAX_LIST_LIMIT, MAX_WAIT};
 
 use errors::not_found;
 use metrics::observe;
@@ -95,7 +95,7 @@ async fn auth(State(state): State<Arc<AppState>>, mut req: Request, next: Next) 
         }
         Lookup::Unknown => {
             tracing::info!(route = %req.uri().path(), "refused: no token or an unknown one");
-            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required")
+            ApiError::new(distlock::ErrorCode::Unauthorized, "a valid bearer token is required")
                 .into_response()
         }
     }

@@ -10,8 +10,9 @@ use axum::extract::{Extension, Path, Query, State};
 use axum::routing::{get, post};
 use axum::Json;
 use axum::Router;
+use distlock::wire::{AcquireBody, LeaseBody, ReleaseBody, Released, RenewBody};
 use distlock::{validate, AcquireRequest, Error, LeaseId, ListQuery, LockInfo, LockPage};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::sync::Arc;
 
 use super::errors::{checked_key, checked_ttl, parse_body, parse_required, ApiError};
@@ -23,62 +24,14 @@ use crate::listing::{self, Sort};
 /// Longest server-side wait one acquire may ask for.
 pub const MAX_WAIT: Duration = Duration::from_secs(3600);
 
-/// Body of `POST /v1/locks/{key}/acquire`; every field optional.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AcquireBody {
-    /// Lease TTL in ms (100 ..= 86,400,000; default 30,000).
-    pub ttl_ms: Option<u64>,
-    /// How long the server may wait for the key, in ms (default 0: try once; at most 3,600,000).
-    pub wait_ms: Option<u64>,
-    /// Holder label shown in status.
-    pub holder: Option<String>,
-}
-
-/// Body of `POST /v1/locks/{key}/renew`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RenewBody {
-    /// The lease to renew.
-    pub lease_id: String,
-    /// New TTL in ms (100 ..= 86,400,000); absent or `null`: the TTL the lease was granted or
-    /// last renewed with.
-    pub ttl_ms: Option<u64>,
-}
-
-/// Body of `POST /v1/locks/{key}/release`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ReleaseBody {
-    /// The lease to release.
-    pub lease_id: String,
-}
-
-/// A granted or renewed lease.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct LeaseBody {
-    /// The key.
-    pub key: String,
-    /// The lease's secret.
-    pub lease_id: String,
-    /// The grant's fencing token.
-    pub fencing_token: u64,
-    /// The TTL applied, in ms.
-    pub ttl_ms: u64,
-    /// How long after receiving the request the server granted or renewed it, in ms (for the
-    /// client's conservative deadline).
-    pub waited_ms: u64,
-}
-
-impl LeaseBody {
-    fn new(key: String, grant: &distlock::Grant, received: tokio::time::Instant) -> LeaseBody {
-        LeaseBody {
-            key,
-            lease_id: grant.lease_id.to_string(),
-            fencing_token: grant.fencing_token,
-            ttl_ms: grant.ttl.as_millis() as u64,
-            waited_ms: grant.counted_from.saturating_duration_since(received).as_millis() as u64,
-        }
+/// The answer for a granted or renewed lease; `received` is when the request came in.
+fn lease_body(key: String, grant: &distlock::Grant, received: tokio::time::Instant) -> LeaseBody {
+    LeaseBody {
+        key,
+        lease_id: grant.lease_id.to_string(),
+        fencing_token: grant.fencing_token,
+        ttl_ms: grant.ttl.as_millis() as u64,
+        waited_ms: grant.counted_from.saturating_duration_since(received).as_millis() as u64,
     }
 }
 
@@ -160,7 +113,7 @@ pub(super) async fn do_acquire(
         Some(grant.fencing_token),
         &grant.lease_id,
     );
-    Ok(LeaseBody::new(key, &grant, started))
+    Ok(lease_body(key, &grant, started))
 }
 
 /// Publishes `wait_cancelled` when a waiting acquire is dropped before its store answered (the
@@ -206,16 +159,7 @@ pub(super) async fn do_renew(
     let grant =
         state.backend.renew(&key, &lease_id, ttl).await.inspect_err(|e| lost(state, &key, &lease_id, e))?;
     metrics::counter!("distlock_renewals_total").increment(1);
-    Ok(LeaseBody::new(key, &grant, started))
-}
-
-/// Answer of a release.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Released {
-    /// The key.
-    pub key: String,
-    /// Always `true` (a release that did not happen is an error).
-    pub released: bool,
+    Ok(lease_body(key, &grant, started))
 }
 
 async fn release(

@@ -19,12 +19,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot, Semaphore, SemaphorePermit};
 
 use super::client::Client;
 use crate::error::{Error, Result};
+use crate::wire::{BatchAnswer, BatchResult};
 
 /// Most operations sent in one batch.
 const MAX_OPS: usize = 256;
@@ -75,17 +75,6 @@ impl Drop for Busy<'_> {
 pub(super) struct Alone<'a> {
     _busy: Busy<'a>,
     _wire: SemaphorePermit<'a>,
-}
-
-#[derive(Deserialize)]
-struct Answer {
-    results: Vec<OpResult>,
-}
-
-#[derive(Deserialize)]
-struct OpResult {
-    status: u16,
-    body: Box<RawValue>,
 }
 
 impl Batcher {
@@ -200,6 +189,7 @@ async fn dispatch(
 /// Sends one batch and hands every operation its answer.
 async fn send(client: &Client, timeout: Duration, batch: Vec<Pending>, bytes: usize) {
     let mut body = Vec::with_capacity(bytes + 16);
+    // A `wire::BatchBody`, written from the operations each caller serialized already.
     body.extend_from_slice(b"{\"ops\":[");
     for (i, p) in batch.iter().enumerate() {
         if i > 0 {
@@ -242,7 +232,7 @@ async fn post(
     timeout: Duration,
     body: Vec<u8>,
     n: usize,
-) -> std::result::Result<Vec<OpResult>, Failure> {
+) -> std::result::Result<Vec<BatchResult>, Failure> {
     let answer = client.call("/v1/batch", Some(body), timeout).await.map_err(Failure::Transport)?;
     if !(200..300).contains(&answer.status) {
         // Not JSON (a proxy's page, say): `null`, and the error maps by status alone.
@@ -250,7 +240,7 @@ async fn post(
         return Err(Failure::Whole(answer.status, body));
     }
     let unavailable = |why: String| Failure::Transport(client.unavailable(why));
-    let answer: Answer = serde_json::from_slice(&answer.body)
+    let answer: BatchAnswer = serde_json::from_slice(&answer.body)
         .map_err(|e| unavailable(format!("unreadable batch answer: {e}")))?;
     if answer.results.len() != n {
         return Err(unavailable(format!(

@@ -12,11 +12,12 @@
 //! `batch=off` sends one request per call. Waiting is done by the server (a long
 //! poll, FIFO per key); a wait longer than the server's one-hour cap is split into several long
 //! polls. The server
-//! chooses the lease id. Status codes map to [`Error`] variants: 409 `lock_held` → `Held` /
-//! `WaitTimeout`, 409 `lease_lost` → `LeaseLost`, 400 → `InvalidInput`, 401 and 403 → `Unauthorized`,
-//! 429 → `LimitExceeded`, 503 (`backend_unavailable`, or `shutting_down` for a waiting acquire when
-//! the server shuts down: retryable, nothing was granted), other failures and no answer →
-//! `Unavailable`.
+//! chooses the lease id. The bodies are [`crate::wire`]'s; an error's code maps to an [`Error`]
+//! by [`ErrorCode::to_error`]: `lock_held` → `Held` / `WaitTimeout`, `lease_lost` → `LeaseLost`,
+//! `invalid_request` → `InvalidInput`, `unauthorized`, `forbidden` and `admin_disabled` →
+//! `Unauthorized`, `limit_exceeded` → `LimitExceeded`, the rest (`backend_unavailable`,
+//! `shutting_down` for a waiting acquire when the server shuts down: retryable, nothing was
+//! granted), unknown codes and no answer → `Unavailable`.
 //!
 //! Several servers in front of one shared store (`serve --store etcd://…` or `redis://…`):
 //! `http://a:7878,b:7878[/prefix][?…]`. Calls go to the first named until it cannot be reached or
@@ -40,8 +41,11 @@ use tokio::time::Instant;
 use crate::backend::params::Params;
 use crate::backend::waiting::{Refused, Waiting};
 use crate::backend::Backend;
-use crate::error::{Error, LossReason, Result};
+use crate::error::{Error, ErrorCode, Result};
 use crate::types::{AcquireRequest, Grant, LeaseId, ListQuery, LockInfo, LockPage};
+use crate::wire::{
+    AcquireBody, BatchOp, ErrorBody, ErrorDetail, ForceReleased, LeaseBody, ReleaseBody, Released, RenewBody,
+};
 
 /// Longest wait one long poll asks for (the server's cap).
 const MAX_POLL: Duration = Duration::from_secs(3600);
@@ -52,49 +56,6 @@ pub struct HttpBackend {
     timeout: Duration,
     /// Coalesces concurrent calls; `None` with `batch=off`.
     batcher: Option<batch::Batcher>,
-}
-
-/// One operation of a batch, as the server reads it.
-#[derive(Serialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-enum BatchOp<'a> {
-    Acquire {
-        key: &'a str,
-        ttl_ms: u64,
-        holder: &'a str,
-    },
-    Renew {
-        key: &'a str,
-        lease_id: &'a str,
-        /// Absent: the server keeps the lease's own TTL.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        ttl_ms: Option<u64>,
-    },
-    Release {
-        key: &'a str,
-        lease_id: &'a str,
-    },
-}
-
-#[derive(Deserialize)]
-struct LeaseBody {
-    lease_id: String,
-    fencing_token: u64,
-    ttl_ms: u64,
-    #[serde(default)]
-    waited_ms: u64,
-}
-
-#[derive(Deserialize)]
-struct ErrorBody {
-    error: ErrorDetail,
-}
-
-#[derive(Deserialize)]
-struct ErrorDetail {
-    code: String,
-    message: String,
-    holder: Option<String>,
 }
 
 /// Percent-encodes a key as one path segment.
@@ -158,11 +119,11 @@ impl HttpBackend {
     async fn send(
         &self,
         path: &str,
-        body: Option<serde_json::Value>,
+        body: Option<&impl Serialize>,
         timeout: Duration,
     ) -> Result<client::Answer> {
         let body = body
-            .map(|b| serde_json::to_vec(&b))
+            .map(serde_json::to_vec)
             .transpose()
             .map_err(|e| Error::InvalidInput(format!("request: {e}")))?;
         self.client.call(path, body, timeout).await
@@ -174,24 +135,16 @@ impl HttpBackend {
         self.error_of(key, answer.status, &answer.body)
     }
 
-    /// The error for a non-2xx status and its body (`{"error":{...}}`).
+    /// The error for a non-2xx status and its body (`{"error":{...}}`), by [`ErrorCode`]; a
+    /// code this version does not know, or no error body, is the server failing.
     fn error_of(&self, key: &str, status: u16, body: &[u8]) -> Error {
         let detail = serde_json::from_slice::<ErrorBody>(body).map(|b| b.error).unwrap_or_else(|_| {
             ErrorDetail { code: String::new(), message: format!("HTTP {status}"), holder: None }
         });
-        match detail.code.as_str() {
-            "lock_held" => Error::Held { key: key.to_owned(), holder: detail.holder },
-            "lease_lost" => Error::LeaseLost { key: key.to_owned(), reason: LossReason::NotOwner },
-            "invalid_request" | "payload_too_large" => Error::InvalidInput(detail.message),
-            "unauthorized" => Error::Unauthorized(detail.message),
-            // A known token without the scope for this key: the token, not the call, must change.
-            "forbidden" => Error::Unauthorized(format!("forbidden: {}", detail.message)),
-            "limit_exceeded" => Error::LimitExceeded(detail.message),
-            "shutting_down" => self.client.unavailable(format_args!(
-                "the server is shutting down or restarting (nothing was granted; retry): {}",
-                detail.message
-            )),
-            _ => self.client.unavailable(detail.message),
+        let code = detail.code.parse().unwrap_or(ErrorCode::Internal);
+        match code.to_error(key, detail.message, detail.holder) {
+            Error::Unavailable(why) => self.client.unavailable(why),
+            e => e,
         }
     }
 
@@ -200,7 +153,7 @@ impl HttpBackend {
         &self,
         batcher: &batch::Batcher,
         key: &str,
-        op: BatchOp<'_>,
+        op: BatchOp,
     ) -> Result<T> {
         let op = serde_json::to_vec(&op).map_err(|e| Error::InvalidInput(format!("request: {e}")))?;
         let (status, body) = batcher.call(op).await?;
@@ -240,23 +193,12 @@ impl Backend for HttpBackend {
     }
 
     async fn force_release(&self, key: &str) -> Result<Option<LockInfo>> {
-        #[derive(Deserialize)]
-        struct Freed {
-            holder: String,
-            fencing_token: u64,
-        }
         let path = format!("/v1/admin/locks/{}/release", encode_segment(key));
-        let answer = self.send(&path, Some(serde_json::json!({})), self.timeout).await?;
-        if answer.status == 404 {
+        let answer = self.send(&path, Some(&serde_json::json!({})), self.timeout).await?;
+        if answer.status == ErrorCode::NotHeld.http_status() {
             return Ok(None);
         }
-        if let Ok(ErrorBody { error }) = serde_json::from_slice::<ErrorBody>(&answer.body) {
-            if error.code == "admin_disabled" {
-                // No token of the server may force-release: an operator must give one that scope.
-                return Err(Error::Unauthorized(error.message));
-            }
-        }
-        let freed: Freed = self.read(key, answer)?;
+        let freed: ForceReleased = self.read(key, answer)?;
         Ok(Some(LockInfo {
             holder: Some(freed.holder),
             fencing_token: Some(freed.fencing_token),
@@ -269,8 +211,12 @@ impl Backend for HttpBackend {
             Some(batcher) if !req.wait.waits() => match batcher.alone() {
                 Some(alone) => Some(alone),
                 None => {
-                    let ttl_ms = req.ttl.as_millis() as u64;
-                    let op = BatchOp::Acquire { key: &req.key, ttl_ms, holder: &req.holder };
+                    let op = BatchOp::Acquire {
+                        key: req.key.clone(),
+                        ttl_ms: Some(req.ttl.as_millis() as u64),
+                        wait_ms: None,
+                        holder: Some(req.holder.clone()),
+                    };
                     let sent = Instant::now();
                     return Self::grant(self.batched(batcher, &req.key, op).await?, sent);
                 }
@@ -281,14 +227,14 @@ impl Backend for HttpBackend {
         loop {
             // The server waits (long-polls) for us, up to MAX_POLL per request.
             let poll = turns.left(MAX_POLL);
-            let body = serde_json::json!({
-                "ttl_ms": req.ttl.as_millis() as u64,
-                "wait_ms": poll.as_millis() as u64,
-                "holder": req.holder,
-            });
+            let body = AcquireBody {
+                ttl_ms: Some(req.ttl.as_millis() as u64),
+                wait_ms: Some(poll.as_millis() as u64),
+                holder: Some(req.holder.clone()),
+            };
             let sent = Instant::now();
             let answer =
-                self.send(&Self::path(&req.key, "/acquire"), Some(body), poll + self.timeout).await?;
+                self.send(&Self::path(&req.key, "/acquire"), Some(&body), poll + self.timeout).await?;
             if (200..300).contains(&answer.status) {
                 return Self::grant(self.read(&req.key, answer)?, sent);
             }
@@ -308,33 +254,30 @@ impl Backend for HttpBackend {
         let ttl_ms = ttl.map(|t| t.as_millis() as u64);
         let alone = self.batcher.as_ref().map(|b| (b, b.alone()));
         if let Some((batcher, None)) = alone {
-            let op = BatchOp::Renew { key, lease_id: lease_id.as_str(), ttl_ms };
+            let op = BatchOp::Renew { key: key.to_owned(), lease_id: lease_id.to_string(), ttl_ms };
             let sent = Instant::now();
             return Self::grant(self.batched(batcher, key, op).await?, sent);
         }
         // Without `ttl_ms` the server renews for the lease's own TTL.
-        let body = match ttl_ms {
-            Some(ttl_ms) => serde_json::json!({"lease_id": lease_id.as_str(), "ttl_ms": ttl_ms}),
-            None => serde_json::json!({"lease_id": lease_id.as_str()}),
-        };
+        let body = RenewBody { lease_id: lease_id.to_string(), ttl_ms };
         let sent = Instant::now();
-        let answer = self.send(&Self::path(key, "/renew"), Some(body), self.timeout).await?;
+        let answer = self.send(&Self::path(key, "/renew"), Some(&body), self.timeout).await?;
         Self::grant(self.read(key, answer)?, sent)
     }
 
     async fn release(&self, key: &str, lease_id: &LeaseId) -> Result<()> {
         let alone = self.batcher.as_ref().map(|b| (b, b.alone()));
         if let Some((batcher, None)) = alone {
-            let op = BatchOp::Release { key, lease_id: lease_id.as_str() };
-            return self.batched::<serde::de::IgnoredAny>(batcher, key, op).await.map(drop);
+            let op = BatchOp::Release { key: key.to_owned(), lease_id: lease_id.to_string() };
+            return self.batched::<Released>(batcher, key, op).await.map(drop);
         }
-        let body = serde_json::json!({"lease_id": lease_id.as_str()});
-        let answer = self.send(&Self::path(key, "/release"), Some(body), self.timeout).await?;
-        self.read::<serde::de::IgnoredAny>(key, answer).map(drop)
+        let body = ReleaseBody { lease_id: lease_id.to_string() };
+        let answer = self.send(&Self::path(key, "/release"), Some(&body), self.timeout).await?;
+        self.read::<Released>(key, answer).map(drop)
     }
 
     async fn status(&self, key: &str) -> Result<LockInfo> {
-        let answer = self.send(&Self::path(key, ""), None, self.timeout).await?;
+        let answer = self.send(&Self::path(key, ""), None::<&()>, self.timeout).await?;
         self.read(key, answer)
     }
 
@@ -348,7 +291,7 @@ impl Backend for HttpBackend {
         if let Some(limit) = query.limit {
             path.push_str(&format!("&limit={limit}"));
         }
-        let answer = self.send(&path, None, self.timeout).await?;
+        let answer = self.send(&path, None::<&()>, self.timeout).await?;
         self.read::<LockPage>(&query.prefix, answer)
     }
 }

@@ -1,0 +1,274 @@
+//! The bodies of the lock server's HTTP API, written once: the server (`distlock-server`) reads
+//! the requests and writes the answers with these types, and the `http://` client writes the
+//! requests and reads the answers with the same ones, so a renamed field is a compile error on
+//! both sides. docs/SERVER.md shows each shape; `openapi.json` describes them, and a test of the
+//! server crate compares its schemas with these types.
+//!
+//! Serde types only: the checks (TTL bounds, key rules) belong to the server's routes and
+//! [`crate::validate`]. An optional field that is `None` is left out when written, so the JSON
+//! is what docs/SERVER.md shows. Error codes are [`crate::ErrorCode`].
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+pub use crate::engine::WaiterInfo;
+pub use crate::types::{LockInfo, LockPage};
+
+/// Body of `POST /v1/locks/{key}/acquire`; every field optional (an empty body is all defaults).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcquireBody {
+    /// Lease TTL in ms (100 ..= 86,400,000; default 30,000).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+    /// How long the server may wait for the key, in ms (default 0: try once; at most 3,600,000).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wait_ms: Option<u64>,
+    /// Holder label shown in status.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
+}
+
+/// Body of `POST /v1/locks/{key}/renew`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewBody {
+    /// The lease to renew.
+    pub lease_id: String,
+    /// New TTL in ms (100 ..= 86,400,000); absent: the TTL the lease was granted or last renewed
+    /// with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+}
+
+/// Body of `POST /v1/locks/{key}/release`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseBody {
+    /// The lease to release.
+    pub lease_id: String,
+}
+
+/// Answer of an acquire or a renew: a granted or renewed lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseBody {
+    /// The key.
+    pub key: String,
+    /// The lease's secret.
+    pub lease_id: String,
+    /// The grant's fencing token.
+    pub fencing_token: u64,
+    /// The TTL applied, in ms.
+    pub ttl_ms: u64,
+    /// How long after receiving the request the server granted or renewed it, in ms (for the
+    /// client's conservative deadline; 0 when absent).
+    #[serde(default)]
+    pub waited_ms: u64,
+}
+
+/// Answer of a release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Released {
+    /// The key.
+    pub key: String,
+    /// Always `true` (a release that did not happen is an error).
+    pub released: bool,
+}
+
+/// Answer of `POST /v1/admin/locks/{key}/release`: whose lease was freed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForceReleased {
+    /// The key.
+    pub key: String,
+    /// Always `true` (a lock nobody held is `404 not_held`).
+    pub released: bool,
+    /// The holder label of the freed lease.
+    pub holder: String,
+    /// The fencing token of the freed lease.
+    pub fencing_token: u64,
+}
+
+/// Answer of `GET /v1/locks/{key}/waiters`: the queue, first in line first (written by the
+/// server; the client does not read it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Waiters {
+    /// The key.
+    pub key: String,
+    /// Who waits, first in line first.
+    pub waiters: Vec<WaiterInfo>,
+}
+
+/// One operation of `POST /v1/batch`: the body of its single route plus `op` and `key`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum BatchOp {
+    /// As `POST /v1/locks/{key}/acquire`, without waiting (`wait_ms` must be 0 or absent).
+    Acquire {
+        /// The key (not percent-encoded).
+        key: String,
+        /// Lease TTL in ms.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ttl_ms: Option<u64>,
+        /// Must be 0 or absent: a batch never waits.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        wait_ms: Option<u64>,
+        /// Holder label.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        holder: Option<String>,
+    },
+    /// As `POST /v1/locks/{key}/renew`.
+    Renew {
+        /// The key.
+        key: String,
+        /// The lease to renew.
+        lease_id: String,
+        /// New TTL in ms; absent: the lease's own TTL.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ttl_ms: Option<u64>,
+    },
+    /// As `POST /v1/locks/{key}/release`.
+    Release {
+        /// The key.
+        key: String,
+        /// The lease to release.
+        lease_id: String,
+    },
+}
+
+/// Body of `POST /v1/batch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchBody {
+    /// The operations; they run concurrently, in no set order.
+    pub ops: Vec<BatchOp>,
+}
+
+/// Answer of `POST /v1/batch`: one result per operation, in the order asked.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BatchAnswer {
+    /// The results, in the order of the operations.
+    pub results: Vec<BatchResult>,
+}
+
+/// What one operation of a batch answered: the status and body its single route would have.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BatchResult {
+    /// HTTP status the single route would have answered.
+    pub status: u16,
+    /// The body it would have answered (a [`LeaseBody`], a [`Released`] or an [`ErrorBody`]),
+    /// as it was written.
+    pub body: Box<RawValue>,
+}
+
+/// Every error answer: `{"error":{"code","message","holder"?}}` (also the CLI's `--json` errors).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: ErrorDetail,
+}
+
+/// The inside of an [`ErrorBody`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// The stable code ([`crate::ErrorCode::as_str`]); a string, so that a client reads a code
+    /// a newer server added (and treats it as the server failing).
+    pub code: String,
+    /// A message for people.
+    pub message: String,
+    /// For `lock_held`: the current holder's label, where known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each body against the JSON docs/SERVER.md (and README.md's curl tour) shows.
+    use super::*;
+
+    fn written<T: Serialize>(body: &T) -> String {
+        serde_json::to_string(body).unwrap()
+    }
+
+    /// Writes `body`, checks the JSON, and reads it back to the same value.
+    fn exact<T: Serialize + for<'de> Deserialize<'de> + PartialEq + std::fmt::Debug>(body: T, json: &str) {
+        assert_eq!(written(&body), json);
+        assert_eq!(serde_json::from_str::<T>(json).unwrap(), body);
+    }
+
+    #[test]
+    fn acquire_renew_release_bodies() {
+        let acquire =
+            AcquireBody { ttl_ms: Some(30_000), wait_ms: Some(0), holder: Some("host-1/pid-42".into()) };
+        exact(acquire, r#"{"ttl_ms":30000,"wait_ms":0,"holder":"host-1/pid-42"}"#);
+        exact(AcquireBody::default(), "{}");
+        exact(RenewBody { lease_id: "9f1c".into(), ttl_ms: None }, r#"{"lease_id":"9f1c"}"#);
+        exact(
+            RenewBody { lease_id: "9f1c".into(), ttl_ms: Some(5000) },
+            r#"{"lease_id":"9f1c","ttl_ms":5000}"#,
+        );
+        exact(ReleaseBody { lease_id: "9f1c".into() }, r#"{"lease_id":"9f1c"}"#);
+        assert!(serde_json::from_str::<AcquireBody>(r#"{"ttl":1}"#).is_err(), "unknown fields are refused");
+    }
+
+    #[test]
+    fn lease_and_release_answers() {
+        let lease = LeaseBody {
+            key: "deploy/web".into(),
+            lease_id: "9f1c".into(),
+            fencing_token: 4,
+            ttl_ms: 30_000,
+            waited_ms: 0,
+        };
+        exact(
+            lease.clone(),
+            r#"{"key":"deploy/web","lease_id":"9f1c","fencing_token":4,"ttl_ms":30000,"waited_ms":0}"#,
+        );
+        let without_waited = r#"{"key":"deploy/web","lease_id":"9f1c","fencing_token":4,"ttl_ms":30000}"#;
+        assert_eq!(serde_json::from_str::<LeaseBody>(without_waited).unwrap(), lease);
+        exact(
+            Released { key: "deploy/web".into(), released: true },
+            r#"{"key":"deploy/web","released":true}"#,
+        );
+        let forced =
+            ForceReleased { key: "k".into(), released: true, holder: "ci-7".into(), fencing_token: 3 };
+        exact(forced, r#"{"key":"k","released":true,"holder":"ci-7","fencing_token":3}"#);
+    }
+
+    #[test]
+    fn error_body() {
+        let held = ErrorBody {
+            error: ErrorDetail {
+                code: crate::ErrorCode::LockHeld.as_str().into(),
+                message: "lock \"deploy/web\" is held by \"ci-7\"".into(),
+                holder: Some("ci-7".into()),
+            },
+        };
+        exact(
+            held,
+            r#"{"error":{"code":"lock_held","message":"lock \"deploy/web\" is held by \"ci-7\"","holder":"ci-7"}}"#,
+        );
+        let lost = ErrorBody {
+            error: ErrorDetail { code: "lease_lost".into(), message: "gone".into(), holder: None },
+        };
+        exact(lost, r#"{"error":{"code":"lease_lost","message":"gone"}}"#);
+    }
+
+    #[test]
+    fn batch_bodies() {
+        let ops = BatchBody {
+            ops: vec![
+                BatchOp::Acquire { key: "a".into(), ttl_ms: Some(30_000), wait_ms: None, holder: None },
+                BatchOp::Renew { key: "c".into(), lease_id: "9f1c".into(), ttl_ms: None },
+                BatchOp::Release { key: "b".into(), lease_id: "9f1c".into() },
+            ],
+        };
+        exact(
+            ops,
+            r#"{"ops":[{"op":"acquire","key":"a","ttl_ms":30000},{"op":"renew","key":"c","lease_id":"9f1c"},{"op":"release","key":"b","lease_id":"9f1c"}]}"#,
+        );
+        let json = r#"{"results":[{"status":200,"body":{"key":"b","released":true}},{"status":409,"body":{"error":{"code":"lease_lost","message":"gone"}}}]}"#;
+        let answer: BatchAnswer = serde_json::from_str(json).unwrap();
+        assert_eq!(answer.results[1].status, 409);
+        assert_eq!(written(&answer), json);
+    }
+}
