@@ -10,6 +10,8 @@ mod errors;
 mod live;
 mod metrics;
 mod routes;
+#[cfg(test)]
+mod spec_check;
 
 use std::sync::Arc;
 
@@ -101,8 +103,12 @@ async fn auth(State(state): State<Arc<AppState>>, mut req: Request, next: Next) 
     }
 }
 
+/// The OpenAPI document served at `/openapi.json` (its schemas are checked against
+/// [`distlock::wire`] and [`distlock::ErrorCode`] by the tests in `spec_check.rs`).
+const OPENAPI: &str = include_str!("../openapi.json");
+
 async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], include_str!("../openapi.json")).into_response()
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
 async fn index() -> Html<&'static str> {

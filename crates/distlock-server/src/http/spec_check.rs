@@ -1,0 +1,116 @@
+//! The served OpenAPI document (`openapi.json`) against the types the server and the client
+//! really use ([`distlock::wire`], [`distlock::ErrorCode`]): every error code is in the spec's
+//! code enum, and every wire body has exactly the properties of its schema. The spec is written
+//! by hand, so a renamed field or a new code fails here until the spec says the same.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use distlock::wire::{
+    AcquireBody, BatchAnswer, BatchBody, BatchOp, BatchResult, ErrorBody, ErrorDetail, ForceReleased,
+    LeaseBody, LockInfo, LockPage, ReleaseBody, Released, RenewBody, WaiterInfo, Waiters,
+};
+use distlock::ErrorCode;
+use serde::Serialize;
+use serde_json::Value;
+
+fn spec() -> Value {
+    serde_json::from_str(super::OPENAPI).expect("openapi.json is JSON")
+}
+
+/// The schema `name` of `components.schemas`.
+fn schema<'a>(spec: &'a Value, name: &str) -> &'a Value {
+    spec.pointer(&format!("/components/schemas/{name}")).unwrap_or_else(|| panic!("no schema {name}"))
+}
+
+/// The property names of a schema: its own and those of the schemas it is made of
+/// (`$ref`, `oneOf`, `anyOf`, `allOf`).
+fn properties(spec: &Value, schema: &Value) -> BTreeSet<String> {
+    if let Some(name) = schema.get("$ref").and_then(Value::as_str) {
+        return properties(spec, self::schema(spec, name.trim_start_matches("#/components/schemas/")));
+    }
+    let mut names: BTreeSet<String> = schema
+        .get("properties")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .map(|(k, _)| k.clone())
+        .collect();
+    for part in ["oneOf", "anyOf", "allOf"] {
+        for sub in schema.get(part).and_then(Value::as_array).into_iter().flatten() {
+            names.extend(properties(spec, sub));
+        }
+    }
+    names
+}
+
+/// The field names `samples` are written with (every optional field set in at least one).
+fn fields<T: Serialize>(samples: &[T]) -> BTreeSet<String> {
+    samples
+        .iter()
+        .flat_map(|s| match serde_json::to_value(s).unwrap() {
+            Value::Object(map) => map.into_iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            other => panic!("not an object: {other}"),
+        })
+        .collect()
+}
+
+fn same<T: Serialize>(spec: &Value, schema_name: &str, samples: &[T]) {
+    assert_eq!(
+        fields(samples),
+        properties(spec, schema(spec, schema_name)),
+        "{} against the schema {schema_name}",
+        std::any::type_name::<T>()
+    );
+}
+
+#[test]
+fn every_error_code_is_in_the_spec() {
+    let spec = spec();
+    let codes = spec
+        .pointer("/components/schemas/Error/properties/error/properties/code/enum")
+        .and_then(Value::as_array)
+        .expect("the Error schema's code enum");
+    let in_spec: BTreeSet<&str> = codes.iter().filter_map(Value::as_str).collect();
+    let in_code: BTreeSet<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+    assert_eq!(in_spec, in_code);
+}
+
+#[test]
+fn every_wire_body_has_the_properties_of_its_schema() {
+    let spec = spec();
+    let lease_id = || "9f1c".to_owned();
+    same(
+        &spec,
+        "AcquireRequest",
+        &[AcquireBody { ttl_ms: Some(1), wait_ms: Some(0), holder: Some("h".into()) }],
+    );
+    same(&spec, "RenewRequest", &[RenewBody { lease_id: lease_id(), ttl_ms: Some(1) }]);
+    same(&spec, "ReleaseRequest", &[ReleaseBody { lease_id: lease_id() }]);
+    let lease =
+        LeaseBody { key: "k".into(), lease_id: lease_id(), fencing_token: 1, ttl_ms: 1, waited_ms: 0 };
+    same(&spec, "Lease", &[lease]);
+    same(&spec, "Released", &[Released { key: "k".into(), released: true }]);
+    let forced = ForceReleased { key: "k".into(), released: true, holder: "h".into(), fencing_token: 1 };
+    same(&spec, "ForceReleased", &[forced]);
+    let info =
+        LockInfo { held_for: Some(Duration::ZERO), ttl: Some(Duration::ZERO), ..LockInfo::free("k", 0) };
+    same(&spec, "LockInfo", &[info]);
+    same(&spec, "LockList", &[LockPage::default()]);
+    let waiter = WaiterInfo { holder: "h".into(), waiting: Duration::ZERO };
+    same(&spec, "Waiter", std::slice::from_ref(&waiter));
+    same(&spec, "WaiterList", &[Waiters { key: "k".into(), waiters: vec![waiter] }]);
+    let detail = ErrorDetail { code: "lock_held".into(), message: "m".into(), holder: Some("h".into()) };
+    same(&spec, "Error", &[ErrorBody { error: detail.clone() }]);
+    assert_eq!(fields(&[detail]), properties(&spec, &schema(&spec, "Error")["properties"]["error"]));
+    let ops = [
+        BatchOp::Acquire { key: "k".into(), ttl_ms: Some(1), wait_ms: Some(0), holder: Some("h".into()) },
+        BatchOp::Renew { key: "k".into(), lease_id: lease_id(), ttl_ms: Some(1) },
+        BatchOp::Release { key: "k".into(), lease_id: lease_id() },
+    ];
+    same(&spec, "BatchOp", &ops);
+    same(&spec, "BatchRequest", &[BatchBody { ops: Vec::new() }]);
+    let result = || BatchResult { status: 200, body: serde_json::value::to_raw_value(&()).unwrap() };
+    same(&spec, "BatchResult", &[result()]);
+    same(&spec, "BatchResults", &[BatchAnswer { results: vec![result()] }]);
+}
