@@ -98,6 +98,27 @@ pub struct Waiters {
     pub waiters: Vec<WaiterInfo>,
 }
 
+/// Answer of `GET /v1/info`: facts about the server, for the web page and scripts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Info {
+    /// The store's backend name (`embedded`, `redis`, `etcd`, ...).
+    pub store: String,
+    /// The server's version.
+    pub version: String,
+    /// Seconds since the server started.
+    pub uptime_s: u64,
+    /// Leases in the embedded store's table; `null` for other stores.
+    pub leases: Option<u64>,
+    /// Waiters queued in the embedded store; `null` for other stores.
+    pub waiters: Option<u64>,
+    /// Grants this server made since it started.
+    pub grants_total: u64,
+    /// Whether a bearer token is required.
+    pub auth: bool,
+    /// Whether force-release is possible (an admin token exists and the store offers it).
+    pub force_release: bool,
+}
+
 /// One operation of `POST /v1/batch`: the body of its single route plus `op` and `key`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]

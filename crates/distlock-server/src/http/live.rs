@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Json;
 use axum::Router;
+use distlock::wire::Info;
 use serde::{Deserialize, Serialize};
 
 use super::errors::{checked_key, ApiError};
@@ -22,23 +23,23 @@ use crate::events;
 use crate::history::Since;
 
 /// Server facts for the web page and scripts.
-fn facts(state: &AppState) -> serde_json::Value {
+fn facts(state: &AppState) -> Info {
     let stats = state.embedded.as_ref().map(|s| s.stats());
-    serde_json::json!({
-        "store": state.backend.name(),
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_s": state.events.uptime().as_secs(),
-        "leases": stats.map(|s| s.leases),
-        "waiters": stats.map(|s| s.waiters),
-        "grants_total": state.events.grants_total(),
-        "auth": state.auth.table().required(),
-        "force_release": state.auth.table().any_admin()
+    Info {
+        store: state.backend.name().to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        uptime_s: state.events.uptime().as_secs(),
+        leases: stats.map(|s| s.leases),
+        waiters: stats.map(|s| s.waiters),
+        grants_total: state.events.grants_total(),
+        auth: state.auth.table().required(),
+        force_release: state.auth.table().any_admin()
             && (state.embedded.is_some() || state.backend.offers().force_release),
-    })
+    }
 }
 
 /// `GET /v1/info`.
-async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+async fn info(State(state): State<Arc<AppState>>) -> Json<Info> {
     Json(facts(&state))
 }
 
@@ -91,7 +92,7 @@ async fn events_stream(
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let (mut ticks, mut last_grants, mut last_at) = (0u64, state.events.grants_total(), Instant::now());
         let stats = |last_grants: u64, last_at: Instant| {
-            let mut f = facts(&state);
+            let mut f = serde_json::to_value(facts(&state)).unwrap_or_default();
             let grants = state.events.grants_total();
             f["grants_per_s"] =
                 serde_json::json!((grants - last_grants) as f64 / last_at.elapsed().as_secs_f64().max(1e-3));

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use distlock::wire::{
-    AcquireBody, BatchAnswer, BatchBody, BatchOp, BatchResult, ErrorBody, ErrorDetail, ForceReleased,
+    AcquireBody, BatchAnswer, BatchBody, BatchOp, BatchResult, ErrorBody, ErrorDetail, ForceReleased, Info,
     LeaseBody, LockInfo, LockPage, ReleaseBody, Released, RenewBody, WaiterInfo, Waiters,
 };
 use distlock::ErrorCode;
@@ -93,6 +93,17 @@ fn every_wire_body_has_the_properties_of_its_schema() {
     same(&spec, "Released", &[Released { key: "k".into(), released: true }]);
     let forced = ForceReleased { key: "k".into(), released: true, holder: "h".into(), fencing_token: 1 };
     same(&spec, "ForceReleased", &[forced]);
+    let info = Info {
+        store: "embedded".into(),
+        version: "0".into(),
+        uptime_s: 0,
+        leases: None,
+        waiters: None,
+        grants_total: 0,
+        auth: false,
+        force_release: false,
+    };
+    same(&spec, "Info", &[info]);
     let info =
         LockInfo { held_for: Some(Duration::ZERO), ttl: Some(Duration::ZERO), ..LockInfo::free("k", 0) };
     same(&spec, "LockInfo", &[info]);
