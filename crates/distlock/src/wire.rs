@@ -119,6 +119,20 @@ pub struct Info {
     pub force_release: bool,
 }
 
+/// Answer of `GET /healthz` (`{"status":"ok","store"}`, or `"unavailable"` with `error`) and of
+/// `GET /livez` (`{"status":"ok"}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// `ok` or `unavailable`.
+    pub status: String,
+    /// The store's backend name (`/healthz` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+    /// Why the store is not ready (`/healthz` when `unavailable`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// One operation of `POST /v1/batch`: the body of its single route plus `op` and `key`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]

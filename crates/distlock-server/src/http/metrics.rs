@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Json;
 use axum::Router;
+use distlock::wire::Health;
 
 use super::AppState;
 
@@ -34,19 +35,19 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
     };
     let failure = match tokio::time::timeout(HEALTH_TIMEOUT, check).await {
         Ok(Ok(())) => {
-            return (StatusCode::OK, Json(serde_json::json!({"status": "ok", "store": store})))
-                .into_response()
+            let ok = Health { status: "ok".into(), store: Some(store.into()), error: None };
+            return (StatusCode::OK, Json(ok)).into_response();
         }
         Ok(Err(e)) => e,
         Err(_) => format!("the store did not answer within {} ms", HEALTH_TIMEOUT.as_millis()),
     };
-    let body = serde_json::json!({"status": "unavailable", "store": store, "error": failure});
+    let body = Health { status: "unavailable".into(), store: Some(store.into()), error: Some(failure) };
     (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
 }
 
 /// `GET /livez`: the process serves HTTP (whatever the store does).
-async fn livez() -> Json<serde_json::Value> {
-    Json(serde_json::json!({"status": "ok"}))
+async fn livez() -> Json<Health> {
+    Json(Health { status: "ok".into(), store: None, error: None })
 }
 
 async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {

@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use distlock::wire::{
-    AcquireBody, BatchAnswer, BatchBody, BatchOp, BatchResult, ErrorBody, ErrorDetail, ForceReleased, Info,
-    LeaseBody, LockInfo, LockPage, ReleaseBody, Released, RenewBody, WaiterInfo, Waiters,
+    AcquireBody, BatchAnswer, BatchBody, BatchOp, BatchResult, ErrorBody, ErrorDetail, ForceReleased, Health,
+    Info, LeaseBody, LockInfo, LockPage, ReleaseBody, Released, RenewBody, WaiterInfo, Waiters,
 };
 use distlock::ErrorCode;
 use serde::Serialize;
@@ -104,6 +104,20 @@ fn every_wire_body_has_the_properties_of_its_schema() {
         force_release: false,
     };
     same(&spec, "Info", &[info]);
+    let health = |status: &str, store: Option<&str>, error: Option<&str>| Health {
+        status: status.into(),
+        store: store.map(Into::into),
+        error: error.map(Into::into),
+    };
+    let answer = |path: &str, status: &str| {
+        properties(
+            &spec,
+            &spec["paths"][path]["get"]["responses"][status]["content"]["application/json"]["schema"],
+        )
+    };
+    assert_eq!(fields(&[health("ok", Some("embedded"), None)]), answer("/healthz", "200"));
+    assert_eq!(fields(&[health("unavailable", Some("redis"), Some("down"))]), answer("/healthz", "503"));
+    assert_eq!(fields(&[health("ok", None, None)]), answer("/livez", "200"));
     let info =
         LockInfo { held_for: Some(Duration::ZERO), ttl: Some(Duration::ZERO), ..LockInfo::free("k", 0) };
     same(&spec, "LockInfo", &[info]);
