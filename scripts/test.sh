@@ -50,3 +50,6 @@ echo "==> cargo test"
 cargo test --workspace --all-targets
 echo "==> doc tests"
 cargo test --workspace --doc
+echo "==> OpenAPI fuzzer (schemathesis) against a real server"
+cargo build --workspace --bin distlock --quiet
+./scripts/fuzz-api.sh target/debug/distlock

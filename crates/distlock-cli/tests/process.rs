@@ -53,7 +53,7 @@ async fn lone_calls_use_the_single_routes() {
 async fn big_batches_stay_under_the_body_limit() {
     let server = Server::start(&[]);
     let locker = server.locker().await;
-    let holder = "h".repeat(distlock::validate::MAX_HOLDER_BYTES);
+    let holder = "h".repeat(distlock::validate::MAX_HOLDER_CHARS);
     let tasks: Vec<_> = (0..300)
         .map(|i| {
             let (locker, holder) = (locker.clone(), holder.clone());

@@ -76,9 +76,6 @@ pub struct Cursor {
     key: String,
 }
 
-/// Longest cursor accepted: a key (1024 bytes) and its sort value.
-const MAX_CURSOR_BYTES: usize = 1024 + 64;
-
 impl Cursor {
     /// Parses a `next` of a page sorted by `sort` (`held_for:TOKEN:KEY` or `waiters:N:KEY`).
     pub fn parse(sort: Sort, text: &str) -> Result<Cursor, String> {
@@ -89,7 +86,7 @@ impl Cursor {
                 sort.name()
             )
         };
-        if text.len() > MAX_CURSOR_BYTES || text.contains('\0') {
+        if text.chars().count() > distlock::types::MAX_AFTER_CHARS || text.contains('\0') {
             return Err(refuse());
         }
         let mut parts = text.splitn(3, ':');

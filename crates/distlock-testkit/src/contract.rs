@@ -468,7 +468,7 @@ pub async fn pages_of_ten(locker: &Locker, prefix: &str) {
     for bad in [
         ListQuery::prefix(prefix).limit(0),
         ListQuery::prefix(prefix).after("a\0b"),
-        ListQuery::prefix(prefix).after("k".repeat(1025)),
+        ListQuery::prefix(prefix).after("k".repeat(distlock::types::MAX_AFTER_CHARS + 1)),
         ListQuery::prefix("p\0"),
     ] {
         let err = locker.list_page(&bad).await.expect_err("a bad query");

@@ -268,6 +268,12 @@ impl LockInfo {
     }
 }
 
+/// The longest `prefix` of a [`ListQuery`], in characters: a key's length.
+pub const MAX_PREFIX_CHARS: usize = crate::validate::MAX_KEY_CHARS;
+/// The longest `after` of a [`ListQuery`], in characters: a key, or a sorted listing's cursor
+/// (its sort, value and key).
+pub const MAX_AFTER_CHARS: usize = crate::validate::MAX_KEY_CHARS + 64;
+
 /// Which held locks a listing returns: those whose key starts with `prefix` and sorts strictly
 /// after `after` (byte order), at most `limit` of them, in key order. Pass a page's
 /// [`LockPage::next`] as the next query's `after` to continue.
@@ -278,11 +284,11 @@ impl LockInfo {
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ListQuery {
-    /// Only keys starting with this (empty: every key). At most 1024 bytes, no NUL.
+    /// Only keys starting with this (empty: every key). At most 1024 characters, no NUL.
     #[serde(default)]
     pub prefix: String,
     /// Only keys sorting strictly after this one (a cursor: the previous page's `next`). At most
-    /// 1024 bytes, no NUL; `None` (or empty) starts from the first key.
+    /// [`MAX_AFTER_CHARS`] characters, no NUL; `None` (or empty) starts from the first key.
     #[serde(default)]
     pub after: Option<String>,
     /// At most this many locks (at least 1). `None`: as many as the backend returns in one page —
@@ -309,13 +315,17 @@ impl ListQuery {
         self
     }
 
-    /// Checks the bounds: `prefix` and `after` at most 1024 bytes without NUL, `limit` at least 1.
+    /// Checks the bounds: `prefix` at most [`MAX_PREFIX_CHARS`] and `after` at most [`MAX_AFTER_CHARS`] characters, without NUL, `limit` at least 1.
     pub fn validate(&self) -> Result<()> {
-        for (name, text) in [("prefix", Some(&self.prefix)), ("after", self.after.as_ref())] {
+        let bounds = [
+            ("prefix", Some(&self.prefix), MAX_PREFIX_CHARS),
+            ("after", self.after.as_ref(), MAX_AFTER_CHARS),
+        ];
+        for (name, text, most) in bounds {
             if let Some(text) = text {
-                if text.contains('\0') || text.len() > crate::validate::MAX_KEY_BYTES {
+                if text.contains('\0') || text.chars().count() > most {
                     return Err(Error::InvalidInput(format!(
-                        "{name} must be at most 1024 bytes without NUL"
+                        "{name} must be at most {most} characters without NUL"
                     )));
                 }
             }

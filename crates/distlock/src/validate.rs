@@ -1,23 +1,26 @@
 //! Checks of everything a caller hands in, done once at the boundary so backends can trust it.
 //!
 //! The bounds are part of the API and documented here:
-//! - a key is 1 to [`MAX_KEY_BYTES`] bytes of UTF-8 and contains no NUL character
-//!   (namespace prefix included);
+//! - a key is 1 to [`MAX_KEY_CHARS`] characters (Unicode scalar values, so at most 4 KiB of
+//!   UTF-8) and contains no NUL character (namespace prefix included);
 //! - a TTL is from [`MIN_TTL`] (100 ms) to [`MAX_TTL`] (24 h);
-//! - a holder label is at most [`MAX_HOLDER_BYTES`] bytes with no control characters.
+//! - a holder label is at most [`MAX_HOLDER_CHARS`] characters with no control characters.
+//!
+//! Lengths count characters, as JSON Schema's `maxLength` does, so the published OpenAPI
+//! document states the exact bounds (a byte bound cannot be written there).
 
 use std::time::Duration;
 
 use crate::error::{Error, Result};
 
-/// The longest key, in bytes, including the namespace prefix.
-pub const MAX_KEY_BYTES: usize = 1024;
+/// The longest key, in characters, including the namespace prefix.
+pub const MAX_KEY_CHARS: usize = 1024;
 /// The shortest TTL a lease may have.
 pub const MIN_TTL: Duration = Duration::from_millis(100);
 /// The longest TTL a lease may have.
 pub const MAX_TTL: Duration = Duration::from_secs(24 * 60 * 60);
-/// The longest holder label, in bytes.
-pub const MAX_HOLDER_BYTES: usize = 256;
+/// The longest holder label, in characters.
+pub const MAX_HOLDER_CHARS: usize = 256;
 
 /// Checks a full key (namespace included).
 ///
@@ -30,8 +33,9 @@ pub fn key(key: &str) -> Result<()> {
     if key.is_empty() {
         return Err(Error::InvalidInput("key must not be empty".into()));
     }
-    if key.len() > MAX_KEY_BYTES {
-        return Err(Error::InvalidInput(format!("key is {} bytes; the limit is {MAX_KEY_BYTES}", key.len())));
+    let chars = key.chars().count();
+    if chars > MAX_KEY_CHARS {
+        return Err(Error::InvalidInput(format!("key is {chars} characters; the limit is {MAX_KEY_CHARS}")));
     }
     if key.contains('\0') {
         return Err(Error::InvalidInput("key must not contain NUL".into()));
@@ -57,10 +61,10 @@ pub fn ttl(ttl: Duration) -> Result<()> {
 
 /// Checks a holder label.
 pub fn holder(holder: &str) -> Result<()> {
-    if holder.len() > MAX_HOLDER_BYTES {
+    let chars = holder.chars().count();
+    if chars > MAX_HOLDER_CHARS {
         return Err(Error::InvalidInput(format!(
-            "holder label is {} bytes; the limit is {MAX_HOLDER_BYTES}",
-            holder.len()
+            "holder label is {chars} characters; the limit is {MAX_HOLDER_CHARS}"
         )));
     }
     if holder.chars().any(char::is_control) {

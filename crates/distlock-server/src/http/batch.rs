@@ -11,8 +11,8 @@ use axum::routing::post;
 use axum::Json;
 use axum::Router;
 use distlock::validate;
-use distlock::wire::{AcquireBody, BatchAnswer, BatchBody, BatchOp, BatchResult, ReleaseBody, RenewBody};
-use serde::Serialize;
+use distlock::wire::{AcquireBody, BatchAnswer, BatchOp, BatchResult, ReleaseBody, RenewBody};
+use serde::{Deserialize, Serialize};
 
 use super::errors::{parse_required, ApiError};
 use super::routes::{do_acquire, do_release, do_renew};
@@ -21,6 +21,15 @@ use crate::auth::{Action, Caller};
 
 /// Most operations one batch may carry.
 pub const MAX_BATCH_OPS: usize = 1000;
+
+/// How the server reads a batch ([`distlock::wire::BatchBody`] as received): an object whose
+/// `ops` is an array of objects, each read as a [`BatchOp`] on its own, so that a malformed one
+/// (unknown op or field, wrong type) fails in its own result and the others still run.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReceivedBatch {
+    ops: Vec<serde_json::Map<String, serde_json::Value>>,
+}
 
 fn batch_result<T: Serialize>(outcome: Result<T, ApiError>) -> BatchResult {
     let (status, body) = match outcome {
@@ -82,14 +91,21 @@ async fn batch(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<BatchAnswer>, ApiError> {
     let started = tokio::time::Instant::now();
-    let body: BatchBody = parse_required(&body?)?;
+    let body: ReceivedBatch = parse_required(&body?)?;
     if body.ops.len() > MAX_BATCH_OPS {
         return Err(ApiError::invalid(format!("a batch carries at most {MAX_BATCH_OPS} operations")));
     }
     metrics::counter!("distlock_batch_ops_total").increment(body.ops.len() as u64);
-    let results =
-        futures_util::future::join_all(body.ops.into_iter().map(|op| run_op(&state, &caller, op, started)))
-            .await;
+    let results = futures_util::future::join_all(body.ops.into_iter().map(|op| {
+        let (state, caller) = (&state, &caller);
+        async move {
+            match serde_json::from_value::<BatchOp>(serde_json::Value::Object(op)) {
+                Ok(op) => run_op(state, caller, op, started).await,
+                Err(e) => batch_result::<()>(Err(ApiError::invalid(format!("bad operation: {e}")))),
+            }
+        }
+    }))
+    .await;
     Ok(Json(BatchAnswer { results }))
 }
 

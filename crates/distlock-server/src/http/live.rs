@@ -76,7 +76,13 @@ async fn events_stream(
         Ok(Query(q)) => q,
         Err(r) => return ApiError::invalid(r.body_text()).into_response(),
     };
-    if let Some(since) = q.since {
+    // The limit is checked with or without `since` (without, it has no use, but a bad one is
+    // still a bad request).
+    if q.limit.is_some_and(|n| !(1..=MAX_EVENTS_PAGE).contains(&n)) {
+        return ApiError::invalid(format!("limit must be from 1 to {MAX_EVENTS_PAGE}")).into_response();
+    }
+    // An empty `since` is no `since`, as an empty `after` is no cursor.
+    if let Some(since) = q.since.filter(|s| !s.is_empty()) {
         return events_since(&state, &caller, &since, q.limit).map(Json).into_response();
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(16);
