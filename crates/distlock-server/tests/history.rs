@@ -422,7 +422,7 @@ async fn openapi_describes_history_sort_and_timeline() {
     assert!(params("/v1/locks").contains(&"sort".to_owned()));
     assert_eq!(
         spec["paths"]["/v1/locks"]["get"]["parameters"][3]["schema"]["enum"],
-        json!(["key", "held_for", "waiters"])
+        json!(["key", "held_for", "waiters", ""])
     );
     assert_eq!(params("/v1/events"), ["since", "limit"]);
     assert_eq!(params("/v1/locks/{key}/timeline"), ["key", "from_ms"]);
