@@ -242,6 +242,7 @@ pub async fn histories_are_linearizable(locker: &Locker, caps: &Caps) {
     let ttl = 30 * SECOND;
     let ttl_ns = ttl.as_nanos() as u64;
     let leases = Arc::new(AtomicU32::new(0));
+    let exact_refusals = caps.exact_refusals;
     let history: Arc<Mutex<Vec<(usize, Event)>>> = Arc::default();
     let until = base + 2 * SECOND;
     let tasks: Vec<_> = (0..8u32)
@@ -302,7 +303,7 @@ pub async fn histories_are_linearizable(locker: &Locker, caps: &Caps) {
                                     held[k] = Some((lease, idx));
                                     AcquireOutcome::Granted { lease: idx, token, ttl: ttl_ns }
                                 }
-                                Err(Error::Held { .. }) if caps.exact_refusals => AcquireOutcome::Held,
+                                Err(Error::Held { .. }) if exact_refusals => AcquireOutcome::Held,
                                 // Only "not granted": the checker lets it happen at any time.
                                 Err(Error::Held { .. }) => AcquireOutcome::TimedOut,
                                 Err(Error::WaitTimeout { .. }) => AcquireOutcome::TimedOut,
