@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use distlock::Wait;
 use distlock_cli::cli::{WaitPolicy, EXIT_HELD};
 
 /// Distributed locks: a lock server, and a client for every distlock backend.
@@ -91,9 +92,13 @@ pub struct WaitArgs {
 }
 
 impl WaitArgs {
-    /// The policy, with `default` as the wait when none is given (`None`: forever).
-    pub fn policy(&self, default: Option<Duration>) -> WaitPolicy {
-        let wait = if self.nonblock { Some(Duration::ZERO) } else { self.wait.or(default) };
+    /// The policy, with `default` as the wait when none is given.
+    pub fn policy(&self, default: Wait) -> WaitPolicy {
+        let wait = match (self.nonblock, self.wait) {
+            (true, _) => Wait::TryOnce,
+            (false, Some(w)) => Wait::For(w),
+            (false, None) => default,
+        };
         WaitPolicy {
             wait,
             retry_unavailable: self.retry_unavailable,

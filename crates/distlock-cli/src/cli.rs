@@ -19,7 +19,7 @@ use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use distlock::wire::{ErrorBody, ErrorDetail};
-use distlock::{AcquireOptions, Error, ErrorCode, Lease, LeaseId, ListQuery, LockInfo, Locker};
+use distlock::{AcquireOptions, Error, ErrorCode, Lease, LeaseId, ListQuery, LockInfo, Locker, Wait};
 use serde::Serialize;
 use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
 
@@ -230,8 +230,8 @@ pub fn print_lease(out: &Output, lease: &Lease) -> Result<(), Closed> {
 /// How long an acquire waits, and how it treats an unavailable backend meanwhile.
 #[derive(Debug, Clone, Copy)]
 pub struct WaitPolicy {
-    /// How long to wait for the lock (`None`: as long as it takes; zero: try once).
-    pub wait: Option<Duration>,
+    /// How long to wait for the lock.
+    pub wait: Wait,
     /// How long to keep retrying while the backend is unavailable (`None`: as long as the wait).
     pub retry_unavailable: Option<Duration>,
     /// Exit code for "not acquired".
@@ -296,8 +296,8 @@ pub async fn acquire_waiting(
 ) -> distlock::Result<Lease> {
     let start = tokio::time::Instant::now();
     // A wait too long to add to the clock is a wait forever.
-    let deadline = policy.wait.and_then(|w| start.checked_add(w));
-    let waits = policy.wait != Some(Duration::ZERO);
+    let deadline = policy.wait.deadline(start);
+    let waits = policy.wait.waits();
     let notices = (waits && !out.quiet).then(|| wait_notices(locker, key, out));
     let mut backoff = RETRY_FIRST;
     let mut down_since: Option<tokio::time::Instant> = None;
@@ -318,7 +318,7 @@ pub async fn acquire_waiting(
                     (down_since, backoff) = (None, RETRY_FIRST);
                 }
                 let since = *down_since.get_or_insert(now);
-                let budget = policy.retry_unavailable.or(policy.wait);
+                let budget = policy.retry_unavailable.or(policy.wait.limit());
                 let retry_until = budget.and_then(|b| since.checked_add(b));
                 let next = now + backoff;
                 let in_wait = deadline.is_none_or(|d| next < d);

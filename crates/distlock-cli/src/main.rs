@@ -5,12 +5,11 @@
 mod args;
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::Parser;
 
 use args::{BenchArgs, Cli, ClientCommand, Command, LockArgs, ServeArgs};
-use distlock::{AcquireOptions, ListQuery, Locker};
+use distlock::{AcquireOptions, ListQuery, Locker, Wait};
 use distlock_cli::cli::{self, Output, EXIT_USAGE};
 use distlock_cli::run::RunConfig;
 use distlock_server::serve::{self, ServerConfig};
@@ -194,14 +193,14 @@ async fn client(backend: String, command: ClientCommand, out: Output, token_from
             };
             // A token read from --token-file stays with distlock, not the command it runs.
             let hide_token = token_from_file;
-            let config = RunConfig { policy: wait.policy(None), kill_after, command, hide_token };
+            let config = RunConfig { policy: wait.policy(Wait::Forever), kill_after, command, hide_token };
             distlock_cli::run::run(&locker, &key, lock_opts(lock), &config, &out).await
         }
         ClientCommand::Acquire { key, lock, wait } => {
-            cli::acquire(&locker, &key, lock_opts(lock), &wait.policy(Some(Duration::ZERO)), &out).await
+            cli::acquire(&locker, &key, lock_opts(lock), &wait.policy(Wait::TryOnce), &out).await
         }
         ClientCommand::Hold { key, lock, wait } => {
-            cli::hold(&locker, &key, lock_opts(lock), &wait.policy(None), &out).await
+            cli::hold(&locker, &key, lock_opts(lock), &wait.policy(Wait::Forever), &out).await
         }
         ClientCommand::Renew { key, lease, ttl } => cli::renew(&locker, &key, &lease, ttl, &out).await,
         ClientCommand::Release { key, lease } => cli::release(&locker, &key, &lease, &out).await,
