@@ -16,69 +16,51 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use distlock::wire;
 use serde::{Serialize, Serializer};
 use tokio::sync::broadcast;
 
 use crate::history::{History, Note, Span};
 
-/// What happened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Kind {
-    /// A lease was granted.
-    Grant,
-    /// A holder released its lease.
-    Release,
-    /// A lease ran out its TTL.
-    Expiry,
-    /// A renew or release came too late: the lease was gone.
-    Lost,
-    /// A caller joined the queue of a held lock.
-    Wait,
-    /// A waiting acquire gave up.
-    WaitTimeout,
-    /// An operator freed the lock with the admin token.
-    ForceRelease,
-    /// A waiting caller left the queue without the lock: it disconnected, or the server shut down.
-    WaitCancelled,
-}
+pub use distlock::wire::EventKind;
 
-/// One event.
-#[derive(Debug, Clone, Serialize)]
+/// One event, as the server keeps it (its strings shared with the history's other events);
+/// written as a [`distlock::wire::Event`].
+#[derive(Debug, Clone)]
 pub struct Event {
     /// Consecutive from 1 in this server's run: the cursor of `GET /v1/events?since=ID`.
     pub id: u64,
     /// What happened.
-    pub kind: Kind,
+    pub kind: EventKind,
     /// The lock.
-    #[serde(serialize_with = "text")]
     pub key: Arc<str>,
     /// The holder label (of the lease; of the caller for waits), where known.
-    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "opt_text")]
     pub holder: Option<Arc<str>>,
     /// The lease's fencing token, where known.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub fencing_token: Option<u64>,
     /// Wall-clock time, ms since the Unix epoch.
     pub at_ms: u64,
     /// How long the lease was held, for its end (release, expiry, lost, force-release), when this
     /// server saw the grant.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub held_ms: Option<u64>,
     /// How long the caller waited in the queue: on a grant after waiting (a hand-off), and on
     /// `wait_timeout` and `wait_cancelled`.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub waited_ms: Option<u64>,
 }
 
-fn text<S: Serializer>(t: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(t)
-}
-
-fn opt_text<S: Serializer>(t: &Option<Arc<str>>, s: S) -> Result<S::Ok, S::Error> {
-    match t {
-        Some(t) => s.serialize_str(t),
-        None => s.serialize_none(),
+impl Serialize for Event {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        wire::Event {
+            id: self.id,
+            kind: self.kind,
+            key: &*self.key,
+            holder: self.holder.as_deref(),
+            fencing_token: self.fencing_token,
+            at_ms: self.at_ms,
+            held_ms: self.held_ms,
+            waited_ms: self.waited_ms,
+        }
+        .serialize(s)
     }
 }
 
@@ -131,7 +113,7 @@ impl Events {
     }
 
     /// Records an event.
-    pub fn publish(&self, kind: Kind, key: &str, holder: Option<&str>, fencing_token: Option<u64>) {
+    pub fn publish(&self, kind: EventKind, key: &str, holder: Option<&str>, fencing_token: Option<u64>) {
         self.record(kind, key, holder, fencing_token, 0);
     }
 
@@ -139,7 +121,7 @@ impl Events {
     /// on the timeline; only a keyed fingerprint of it is kept).
     pub fn publish_lease(
         &self,
-        kind: Kind,
+        kind: EventKind,
         key: &str,
         holder: Option<&str>,
         fencing_token: Option<u64>,
@@ -149,8 +131,15 @@ impl Events {
         self.record(kind, key, holder, fencing_token, fingerprint);
     }
 
-    fn record(&self, kind: Kind, key: &str, holder: Option<&str>, fencing_token: Option<u64>, lease: u64) {
-        if kind == Kind::Grant {
+    fn record(
+        &self,
+        kind: EventKind,
+        key: &str,
+        holder: Option<&str>,
+        fencing_token: Option<u64>,
+        lease: u64,
+    ) {
+        if kind == EventKind::Grant {
             self.grants.fetch_add(1, Ordering::Relaxed);
         }
         let note = Note { kind, key, holder, fencing_token, lease, at_ms: now_ms() };

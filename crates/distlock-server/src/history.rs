@@ -20,10 +20,10 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
-use serde::ser::SerializeMap;
+use distlock::wire;
 use serde::{Serialize, Serializer};
 
-use crate::events::{Event, Kind};
+use crate::events::{Event, EventKind};
 
 /// How long closed spans are kept (the page's widest zoom).
 pub const TIMELINE_KEEP_MS: u64 = 60 * 60 * 1000;
@@ -57,7 +57,7 @@ pub const HISTORY_EVENTS: usize = 10_000;
 #[derive(Debug, Clone, Copy)]
 pub struct Note<'a> {
     /// What happened.
-    pub kind: Kind,
+    pub kind: EventKind,
     /// The lock.
     pub key: &'a str,
     /// The holder label (of the lease, or of the waiting caller), where known.
@@ -71,63 +71,16 @@ pub struct Note<'a> {
     pub at_ms: u64,
 }
 
-/// A holding, a wait, or a lone mark on the timeline.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SpanKind {
-    /// A lease held the key.
-    Hold,
-    /// A caller waited in the key's queue.
-    Wait,
-    /// An end (expiry, lost lease, release, force-release) of a holding this server did not see
-    /// begin, e.g. one restored from disk.
-    Mark,
-}
+pub use distlock::wire::{SpanEnd, SpanKind};
 
-/// How a span ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum End {
-    /// The holder released it.
-    Release,
-    /// It ran out its TTL.
-    Expiry,
-    /// Its holder found it gone (a renew or release came too late).
-    Lost,
-    /// An operator freed it.
-    ForceRelease,
-    /// Another lease was granted the key before this server saw the end (behind Redis or etcd:
-    /// an expiry, or a release through another server).
-    Unseen,
-    /// The waiter got the lock.
-    Granted,
-    /// The waiter gave up when its wait ran out.
-    Timeout,
-    /// The waiter disconnected, or the server shut down, while it waited.
-    Cancelled,
-}
-
-impl End {
-    fn name(self) -> &'static str {
-        match self {
-            End::Release => "release",
-            End::Expiry => "expiry",
-            End::Lost => "lost",
-            End::ForceRelease => "force_release",
-            End::Unseen => "unseen",
-            End::Granted => "granted",
-            End::Timeout => "timeout",
-            End::Cancelled => "cancelled",
-        }
-    }
-
-    /// The end an event of `kind` puts to a holding.
-    fn of_hold(kind: Kind) -> Option<End> {
-        match kind {
-            Kind::Release => Some(End::Release),
-            Kind::Expiry => Some(End::Expiry),
-            Kind::Lost => Some(End::Lost),
-            Kind::ForceRelease => Some(End::ForceRelease),
-            _ => None,
-        }
+/// The end an event of `kind` puts to a holding.
+fn end_of_hold(kind: EventKind) -> Option<SpanEnd> {
+    match kind {
+        EventKind::Release => Some(SpanEnd::Release),
+        EventKind::Expiry => Some(SpanEnd::Expiry),
+        EventKind::Lost => Some(SpanEnd::Lost),
+        EventKind::ForceRelease => Some(SpanEnd::ForceRelease),
+        _ => None,
     }
 }
 
@@ -156,7 +109,7 @@ pub struct Span {
     /// Holding, wait or mark.
     pub kind: SpanKind,
     /// How it ended, once it has.
-    pub end: Option<End>,
+    pub end: Option<SpanEnd>,
 }
 
 impl Span {
@@ -172,28 +125,18 @@ impl Span {
 
 impl Serialize for Span {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(None)?;
-        m.serialize_entry("id", &self.id)?;
-        m.serialize_entry("key", &*self.key)?;
-        let kind = match self.kind {
-            SpanKind::Hold => "hold",
-            SpanKind::Wait => "wait",
-            SpanKind::Mark => "mark",
-        };
-        m.serialize_entry("kind", kind)?;
-        if let Some(h) = &self.holder {
-            m.serialize_entry("holder", &**h)?;
+        wire::Span {
+            id: self.id,
+            key: &*self.key,
+            kind: self.kind,
+            holder: self.holder.as_deref(),
+            fencing_token: (self.fencing_token != 0).then_some(self.fencing_token),
+            start_ms: self.start_ms,
+            end_ms: (self.end_ms != 0).then_some(self.end_ms),
+            end: self.end,
+            waited_ms: self.waited_ms(),
         }
-        if self.fencing_token != 0 {
-            m.serialize_entry("fencing_token", &self.fencing_token)?;
-        }
-        m.serialize_entry("start_ms", &self.start_ms)?;
-        m.serialize_entry("end_ms", &(self.end_ms != 0).then_some(self.end_ms))?;
-        m.serialize_entry("end", &self.end.map(End::name))?;
-        if let Some(w) = self.waited_ms() {
-            m.serialize_entry("waited_ms", &w)?;
-        }
-        m.end()
+        .serialize(s)
     }
 }
 
@@ -279,7 +222,7 @@ pub struct History {
     open_holds: HashMap<Arc<str>, Span>,
     open_waits: HashMap<Arc<str>, VecDeque<Span>>,
     open_wait_count: usize,
-    /// Holdings just closed as [`End::Unseen`] by the next grant: their real end (a release or
+    /// Holdings just closed as [`SpanEnd::Unseen`] by the next grant: their real end (a release or
     /// force-release answered after the hand-off it caused) may still arrive.
     unseen: HashMap<Arc<str>, (u64, u64)>,
     long: VecDeque<Span>,
@@ -313,22 +256,7 @@ pub struct Snapshot {
 }
 
 /// A page of `GET /v1/events?since=…`.
-#[derive(Debug, Serialize)]
-pub struct EventPage {
-    /// Events after the cursor that the caller may read, oldest first.
-    pub events: Vec<Event>,
-    /// Pass as `since` to continue: the id of the last event returned, else the newest buffered
-    /// (0 when none).
-    pub next: u64,
-    /// Whether more events follow (ask again with `since=next`).
-    pub more: bool,
-    /// Whether events after the cursor were already dropped from the buffer.
-    pub missed: bool,
-    /// Id of the oldest event still buffered (0 when none).
-    pub oldest_id: u64,
-    /// Events kept at most (`--event-history`).
-    pub event_history: usize,
-}
+pub type EventPage = wire::EventPage<Event>;
 
 /// Where `GET /v1/events?since=…` starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -376,21 +304,21 @@ impl History {
         let mut token = note.fencing_token.filter(|t| *t != 0);
         let (mut held_ms, mut waited_ms) = (None, None);
         match note.kind {
-            Kind::Grant => {
+            EventKind::Grant => {
                 if let Some(old) = self.open_holds.remove(&key) {
                     // The grant came before the end of the previous holding reached us.
                     self.unseen.insert(key.clone(), (old.id, old.lease));
                     if self.unseen.len() > 4096 {
                         self.unseen.clear();
                     }
-                    self.close(old, End::Unseen, t, changed);
+                    self.close(old, SpanEnd::Unseen, t, changed);
                 }
                 let mut waited = u32::MAX;
                 if let Some(wait) = self.take_wait(&key, holder.as_deref()) {
                     let w = t.saturating_sub(wait.start_ms);
                     waited = u32::try_from(w).unwrap_or(u32::MAX - 1);
                     waited_ms = Some(w);
-                    self.close(wait, End::Granted, t, changed);
+                    self.close(wait, SpanEnd::Granted, t, changed);
                 }
                 self.count_grant(t, waited_ms);
                 let span = Span {
@@ -412,8 +340,8 @@ impl History {
                     self.untracked += 1;
                 }
             }
-            Kind::Release | Kind::Expiry | Kind::Lost | Kind::ForceRelease => {
-                let end = End::of_hold(note.kind).unwrap_or(End::Release);
+            EventKind::Release | EventKind::Expiry | EventKind::Lost | EventKind::ForceRelease => {
+                let end = end_of_hold(note.kind).unwrap_or(SpanEnd::Release);
                 let matches = |s: &Span| note.lease == 0 || s.lease == 0 || s.lease == note.lease;
                 if let Some(open) = self.open_holds.get(&key).filter(|s| matches(s)) {
                     let open = open.clone();
@@ -427,7 +355,7 @@ impl History {
                     token = token.or((span.fencing_token != 0).then_some(span.fencing_token));
                     held_ms = Some(span.len_ms());
                     changed.push(span);
-                } else if end != End::Release || holder.is_some() {
+                } else if end != SpanEnd::Release || holder.is_some() {
                     // The end of a holding that began before this server saw it (restored from
                     // disk, or granted before the open holdings were full).
                     let mark = Span {
@@ -446,7 +374,7 @@ impl History {
                     self.keep(mark);
                 }
             }
-            Kind::Wait => {
+            EventKind::Wait => {
                 if self.open_wait_count < MAX_OPEN_SPANS {
                     let span = Span {
                         id: self.span_id(),
@@ -467,10 +395,14 @@ impl History {
                     self.untracked += 1;
                 }
             }
-            Kind::WaitTimeout | Kind::WaitCancelled => {
+            EventKind::WaitTimeout | EventKind::WaitCancelled => {
                 if let Some(wait) = self.take_wait(&key, holder.as_deref()) {
                     waited_ms = Some(t.saturating_sub(wait.start_ms));
-                    let end = if note.kind == Kind::WaitTimeout { End::Timeout } else { End::Cancelled };
+                    let end = if note.kind == EventKind::WaitTimeout {
+                        SpanEnd::Timeout
+                    } else {
+                        SpanEnd::Cancelled
+                    };
                     self.close(wait, end, t, changed);
                 }
             }
@@ -514,15 +446,15 @@ impl History {
     }
 
     /// Ends `span` at `t` and keeps it.
-    fn close(&mut self, mut span: Span, end: End, t: u64, changed: &mut Vec<Span>) {
+    fn close(&mut self, mut span: Span, end: SpanEnd, t: u64, changed: &mut Vec<Span>) {
         span.end_ms = t.max(span.start_ms);
         span.end = Some(end);
         changed.push(span.clone());
         self.keep(span);
     }
 
-    /// Gives a holding closed as [`End::Unseen`] its real end, if it is the lease `lease`.
-    fn amend_unseen(&mut self, key: &Arc<str>, lease: u64, end: End) -> Option<Span> {
+    /// Gives a holding closed as [`SpanEnd::Unseen`] its real end, if it is the lease `lease`.
+    fn amend_unseen(&mut self, key: &Arc<str>, lease: u64, end: SpanEnd) -> Option<Span> {
         let (id, fp) = *self.unseen.get(key)?;
         if lease != 0 && fp != 0 && lease != fp {
             return None;
@@ -736,7 +668,7 @@ mod tests {
     use super::*;
 
     fn note<'a>(
-        kind: Kind,
+        kind: EventKind,
         key: &'a str,
         holder: Option<&'a str>,
         token: Option<u64>,
@@ -755,14 +687,14 @@ mod tests {
         let mut h = History::new(100);
         let mut changed = Vec::new();
         let t0 = 1_000_000;
-        h.record(note(Kind::Grant, "k", Some("a"), Some(1), 11, t0), &mut changed);
-        h.record(note(Kind::Wait, "k", Some("b"), None, 0, t0 + 100), &mut changed);
+        h.record(note(EventKind::Grant, "k", Some("a"), Some(1), 11, t0), &mut changed);
+        h.record(note(EventKind::Wait, "k", Some("b"), None, 0, t0 + 100), &mut changed);
         // The waiter's grant reaches the history before the release that caused it.
-        let g = h.record(note(Kind::Grant, "k", Some("b"), Some(2), 22, t0 + 2_000), &mut changed);
+        let g = h.record(note(EventKind::Grant, "k", Some("b"), Some(2), 22, t0 + 2_000), &mut changed);
         assert_eq!(g.waited_ms, Some(1_900));
-        let r = h.record(note(Kind::Release, "k", None, None, 11, t0 + 2_001), &mut changed);
+        let r = h.record(note(EventKind::Release, "k", None, None, 11, t0 + 2_001), &mut changed);
         assert_eq!((r.holder.as_deref(), r.fencing_token, r.held_ms), (Some("a"), Some(1), Some(2_000)));
-        h.record(note(Kind::Expiry, "k", Some("b"), Some(2), 22, t0 + 5_000), &mut changed);
+        h.record(note(EventKind::Expiry, "k", Some("b"), Some(2), 22, t0 + 5_000), &mut changed);
         let spans = all_spans(&h, "k");
         let summary: Vec<_> = spans
             .iter()
@@ -780,9 +712,9 @@ mod tests {
         assert_eq!(
             summary,
             vec![
-                (SpanKind::Hold, Some("a".into()), 1, 0, 2_000, Some(End::Release)),
-                (SpanKind::Wait, Some("b".into()), 0, 100, 2_000, Some(End::Granted)),
-                (SpanKind::Hold, Some("b".into()), 2, 2_000, 5_000, Some(End::Expiry)),
+                (SpanKind::Hold, Some("a".into()), 1, 0, 2_000, Some(SpanEnd::Release)),
+                (SpanKind::Wait, Some("b".into()), 0, 100, 2_000, Some(SpanEnd::Granted)),
+                (SpanKind::Hold, Some("b".into()), 2, 2_000, 5_000, Some(SpanEnd::Expiry)),
             ]
         );
         assert_eq!(h.series(t0 + 5_000).handoffs.iter().sum::<u32>(), 1);
@@ -792,27 +724,27 @@ mod tests {
     fn ends_without_a_seen_grant_are_marks_and_waits_end_by_holder() {
         let mut h = History::new(100);
         let mut c = Vec::new();
-        h.record(note(Kind::ForceRelease, "k", Some("x"), Some(9), 5, 10), &mut c);
-        h.record(note(Kind::Wait, "k", Some("p"), None, 0, 20), &mut c);
-        h.record(note(Kind::Wait, "k", Some("q"), None, 0, 30), &mut c);
-        let e = h.record(note(Kind::WaitTimeout, "k", Some("q"), None, 0, 90), &mut c);
+        h.record(note(EventKind::ForceRelease, "k", Some("x"), Some(9), 5, 10), &mut c);
+        h.record(note(EventKind::Wait, "k", Some("p"), None, 0, 20), &mut c);
+        h.record(note(EventKind::Wait, "k", Some("q"), None, 0, 30), &mut c);
+        let e = h.record(note(EventKind::WaitTimeout, "k", Some("q"), None, 0, 90), &mut c);
         assert_eq!(e.waited_ms, Some(60));
         let spans = all_spans(&h, "k");
         assert_eq!(spans[0].kind, SpanKind::Mark);
-        assert_eq!(spans[0].end, Some(End::ForceRelease));
+        assert_eq!(spans[0].end, Some(SpanEnd::ForceRelease));
         assert_eq!((spans[1].holder.as_deref(), spans[1].end), (Some("p"), None));
-        assert_eq!((spans[2].holder.as_deref(), spans[2].end), (Some("q"), Some(End::Timeout)));
+        assert_eq!((spans[2].holder.as_deref(), spans[2].end), (Some("q"), Some(SpanEnd::Timeout)));
     }
 
     #[test]
     fn a_lost_lease_of_another_holder_does_not_end_the_current_holding() {
         let mut h = History::new(100);
         let mut c = Vec::new();
-        h.record(note(Kind::Grant, "k", Some("b"), Some(2), 22, 100), &mut c);
-        h.record(note(Kind::Lost, "k", None, None, 11, 200), &mut c);
+        h.record(note(EventKind::Grant, "k", Some("b"), Some(2), 22, 100), &mut c);
+        h.record(note(EventKind::Lost, "k", None, None, 11, 200), &mut c);
         let spans = all_spans(&h, "k");
         assert_eq!(spans.iter().filter(|s| s.kind == SpanKind::Hold && s.end.is_none()).count(), 1);
-        assert!(spans.iter().any(|s| s.kind == SpanKind::Mark && s.end == Some(End::Lost)));
+        assert!(spans.iter().any(|s| s.kind == SpanKind::Mark && s.end == Some(SpanEnd::Lost)));
     }
 
     #[test]
@@ -821,7 +753,7 @@ mod tests {
         let mut c = Vec::new();
         for i in 0..25u64 {
             let key = if i % 2 == 0 { "a/x" } else { "b/y" };
-            h.record(note(Kind::Wait, key, Some("w"), None, 0, 1_000 + i), &mut c);
+            h.record(note(EventKind::Wait, key, Some("w"), None, 0, 1_000 + i), &mut c);
         }
         let all = |_: &str| true;
         let page = h.events_since(Since::Id(0), 100, &all);
@@ -847,13 +779,13 @@ mod tests {
         let mut h = History::new(1_000);
         let mut c = Vec::new();
         let t0 = 10_000_000;
-        h.record(note(Kind::Grant, "deploy/web", Some("ci"), Some(1), 1, t0), &mut c);
-        h.record(note(Kind::Release, "deploy/web", None, None, 1, t0 + 60_000), &mut c);
+        h.record(note(EventKind::Grant, "deploy/web", Some("ci"), Some(1), 1, t0), &mut c);
+        h.record(note(EventKind::Release, "deploy/web", None, None, 1, t0 + 60_000), &mut c);
         for i in 0..(MAX_CLOSED_SPANS as u64 + 5_000) {
             let key = format!("load/{}", i % 64);
             let t = t0 + 60_000 + i / 10;
-            h.record(note(Kind::Grant, &key, Some("bench"), Some(i + 2), i + 2, t), &mut c);
-            h.record(note(Kind::Release, &key, None, None, i + 2, t), &mut c);
+            h.record(note(EventKind::Grant, &key, Some("bench"), Some(i + 2), i + 2, t), &mut c);
+            h.record(note(EventKind::Release, &key, None, None, i + 2, t), &mut c);
             c.clear();
         }
         let (open, closed, _) = h.span_counts();
@@ -870,13 +802,13 @@ mod tests {
     fn the_snapshot_sends_the_longest_held_and_busiest_keys() {
         let mut h = History::new(100);
         let mut c = Vec::new();
-        h.record(note(Kind::Grant, "old", Some("o"), Some(1), 1, 1_000), &mut c);
+        h.record(note(EventKind::Grant, "old", Some("o"), Some(1), 1, 1_000), &mut c);
         for i in 0..50u64 {
             let key = format!("k{i}");
             for j in 0..(i % 5 + 1) {
                 let t = 2_000 + i * 100 + j * 10;
-                h.record(note(Kind::Grant, &key, None, Some(100 + i * 10 + j), 7, t), &mut c);
-                h.record(note(Kind::Release, &key, None, None, 7, t + 5), &mut c);
+                h.record(note(EventKind::Grant, &key, None, Some(100 + i * 10 + j), 7, t), &mut c);
+                h.record(note(EventKind::Release, &key, None, None, 7, t + 5), &mut c);
             }
         }
         let snap = h.snapshot(&|_| true, 10_000);

@@ -15,7 +15,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use distlock::engine::TableEvent;
 
 use crate::auth::Auth;
-use crate::events::{Events, Kind};
+use crate::events::{EventKind, Events};
 use crate::http::{router, AppState};
 use crate::lazy::LazyBackend;
 use crate::store::{EmbeddedStore, Limits};
@@ -157,13 +157,13 @@ async fn serve_prepared(
         let events = events.clone();
         store.observe(Arc::new(move |event| match event {
             TableEvent::Expired(lease) => events.publish_lease(
-                Kind::Expiry,
+                EventKind::Expiry,
                 &lease.key,
                 Some(&lease.holder),
                 Some(lease.fencing_token),
                 &lease.lease_id,
             ),
-            TableEvent::Queued { key, holder } => events.publish(Kind::Wait, key, Some(holder), None),
+            TableEvent::Queued { key, holder } => events.publish(EventKind::Wait, key, Some(holder), None),
         }));
     } else {
         // A store that watches itself (etcd) reports what every client of it does: every server
@@ -173,11 +173,11 @@ async fn serve_prepared(
         backend.observe(Arc::new(move |e: distlock::StoreEvent| {
             use distlock::StoreEventKind as S;
             let kind = match (e.kind, e.local) {
-                (S::Expired, _) => Kind::Expiry,
-                (S::Queued, _) => Kind::Wait,
-                (S::Granted, false) => Kind::Grant,
-                (S::Released, false) => Kind::Release,
-                (S::ForceReleased, false) => Kind::ForceRelease,
+                (S::Expired, _) => EventKind::Expiry,
+                (S::Queued, _) => EventKind::Wait,
+                (S::Granted, false) => EventKind::Grant,
+                (S::Released, false) => EventKind::Release,
+                (S::ForceReleased, false) => EventKind::ForceRelease,
                 _ => return,
             };
             events.publish(kind, &e.key, Some(&e.holder), e.fencing_token);

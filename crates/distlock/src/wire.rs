@@ -170,12 +170,13 @@ pub enum BatchOp {
     },
 }
 
-/// Body of `POST /v1/batch`.
+/// Body of `POST /v1/batch`. `Op` is a [`BatchOp`], or one already written as JSON (the
+/// client's batcher: each caller serializes its own operation, the dispatcher only frames them).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BatchBody {
+pub struct BatchBody<Op = BatchOp> {
     /// The operations; they run concurrently, in no set order.
-    pub ops: Vec<BatchOp>,
+    pub ops: Vec<Op>,
 }
 
 /// Answer of `POST /v1/batch`: one result per operation, in the order asked.
@@ -213,6 +214,151 @@ pub struct ErrorDetail {
     /// For `lock_held`: the current holder's label, where known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub holder: Option<String>,
+}
+
+/// What happened, in an [`Event`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A lease was granted.
+    Grant,
+    /// A holder released its lease.
+    Release,
+    /// A lease ran out its TTL.
+    Expiry,
+    /// A renew or release came too late: the lease was gone.
+    Lost,
+    /// A caller joined the queue of a held lock.
+    Wait,
+    /// A waiting acquire gave up.
+    WaitTimeout,
+    /// An operator freed the lock with the admin token.
+    ForceRelease,
+    /// A waiting caller left the queue without the lock: it disconnected, or the server shut down.
+    WaitCancelled,
+}
+
+/// One event of the server's live stream (`GET /v1/events`) and of its pages
+/// (`GET /v1/events?since=…`). `Text` is how the server holds its strings (borrowed when it
+/// writes them); a reader gets `String`s.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event<Text = String> {
+    /// Consecutive from 1 in the server's run: the cursor of `GET /v1/events?since=ID`.
+    pub id: u64,
+    /// What happened.
+    pub kind: EventKind,
+    /// The lock.
+    pub key: Text,
+    /// The holder label (of the lease; of the caller for waits), where known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<Text>,
+    /// The lease's fencing token, where known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fencing_token: Option<u64>,
+    /// Server wall-clock time, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// How long the lease was held, on the end of a holding (release, expiry, lost,
+    /// force-release), when the server saw the grant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_ms: Option<u64>,
+    /// How long the caller waited in the queue: on a grant after waiting (a hand-off), and on
+    /// `wait_timeout` and `wait_cancelled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waited_ms: Option<u64>,
+}
+
+/// A page of `GET /v1/events?since=…`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventPage<E = Event> {
+    /// Events after the cursor that the caller may read, oldest first.
+    pub events: Vec<E>,
+    /// Pass as `since` to continue: the id of the last event returned, else the newest buffered
+    /// (0 when none).
+    pub next: u64,
+    /// Whether more events follow (ask again with `since=next`).
+    pub more: bool,
+    /// Whether events after the cursor were already dropped from the buffer.
+    pub missed: bool,
+    /// Id of the oldest event still buffered (0 when none).
+    pub oldest_id: u64,
+    /// Events the server keeps at most (`--event-history`).
+    pub event_history: usize,
+}
+
+/// A bar (or mark) on a key's timeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpanKind {
+    /// A lease held the key.
+    Hold,
+    /// A caller waited in the key's queue.
+    Wait,
+    /// An end (expiry, lost lease, release, force-release) of a holding the server did not see
+    /// begin, e.g. one restored from disk.
+    Mark,
+}
+
+/// How a [`Span`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpanEnd {
+    /// The holder released it.
+    Release,
+    /// It ran out its TTL.
+    Expiry,
+    /// Its holder found it gone (a renew or release came too late).
+    Lost,
+    /// An operator freed it.
+    ForceRelease,
+    /// Another lease was granted the key before the server saw the end (behind Redis or etcd:
+    /// an expiry, or a release through another server).
+    Unseen,
+    /// The waiter got the lock.
+    Granted,
+    /// The waiter gave up when its wait ran out.
+    Timeout,
+    /// The waiter disconnected, or the server shut down, while it waited.
+    Cancelled,
+}
+
+/// One span of a key's timeline: a holding, a wait, or a lone mark.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Span<Text = String> {
+    /// Unique within the server's run; a later version of a span (it ended, or how it ended
+    /// became known) carries the same id.
+    pub id: u64,
+    /// The lock.
+    pub key: Text,
+    /// Holding, wait or mark.
+    pub kind: SpanKind,
+    /// The holder label (of the lease or the waiter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<Text>,
+    /// The fencing token of a holding, where known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fencing_token: Option<u64>,
+    /// When it began, ms since the Unix epoch.
+    pub start_ms: u64,
+    /// When it ended; `null` while open.
+    pub end_ms: Option<u64>,
+    /// How it ended, once it has.
+    pub end: Option<SpanEnd>,
+    /// On a holding: how long its holder waited in the queue for it, when it queued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waited_ms: Option<u64>,
+}
+
+/// Answer of `GET /v1/locks/{key}/timeline`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timeline<S = Span> {
+    /// The key.
+    pub key: String,
+    /// Its holdings, waits and marks the server kept, in start order.
+    pub spans: Vec<S>,
+    /// The timeline is complete from here on (ms since the Unix epoch).
+    pub timeline_from_ms: u64,
+    /// Server time of the answer.
+    pub now_ms: u64,
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use distlock::ErrorCode;
 use super::errors::{checked_key, ApiError};
 use super::AppState;
 use crate::auth::{Action, Caller};
-use crate::events::Kind;
+use crate::events::EventKind;
 
 /// `501 not_supported` unless the store offers the operation (`offered`).
 fn offered(state: &AppState, offered: bool) -> Result<(), ApiError> {
@@ -70,14 +70,20 @@ async fn force_release(
         Some(store) => {
             let lease = store.force_release(&key).await?.ok_or_else(not_held)?;
             let (holder, token) = (lease.holder, lease.fencing_token);
-            state.events.publish_lease(Kind::ForceRelease, &key, Some(&holder), Some(token), &lease.lease_id);
+            state.events.publish_lease(
+                EventKind::ForceRelease,
+                &key,
+                Some(&holder),
+                Some(token),
+                &lease.lease_id,
+            );
             (holder, token)
         }
         None => {
             offered(&state, state.backend.offers().force_release)?;
             let freed = state.backend.force_release(&key).await?.ok_or_else(not_held)?;
             let (holder, token) = (freed.holder.unwrap_or_default(), freed.fencing_token.unwrap_or(0));
-            state.events.publish(Kind::ForceRelease, &key, Some(&holder), Some(token));
+            state.events.publish(EventKind::ForceRelease, &key, Some(&holder), Some(token));
             (holder, token)
         }
     };

@@ -198,13 +198,7 @@ struct TimelineParams {
 }
 
 /// Answer of `GET /v1/locks/{key}/timeline`.
-#[derive(Serialize)]
-struct Timeline {
-    key: String,
-    spans: Vec<crate::history::Span>,
-    timeline_from_ms: u64,
-    now_ms: u64,
-}
+type Timeline = distlock::wire::Timeline<crate::history::Span>;
 
 /// `GET /v1/locks/{key}/timeline`: the key's holdings, waits and marks this server kept (up to an
 /// hour, at most [`MAX_TIMELINE_SPANS`] of the newest), in start order.

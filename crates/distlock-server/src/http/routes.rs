@@ -18,7 +18,7 @@ use std::sync::Arc;
 use super::errors::{checked_key, checked_ttl, parse_body, parse_required, ApiError};
 use super::AppState;
 use crate::auth::{Action, Caller, Forbidden};
-use crate::events::{Kind, SharedEvents};
+use crate::events::{EventKind, SharedEvents};
 use crate::listing::{self, Sort};
 
 /// Longest server-side wait one acquire may ask for.
@@ -100,14 +100,14 @@ pub(super) async fn do_acquire(
         Ok(g) => g,
         Err(e) => {
             if matches!(e, Error::WaitTimeout { .. }) {
-                state.events.publish(Kind::WaitTimeout, &key, label.as_deref(), None);
+                state.events.publish(EventKind::WaitTimeout, &key, label.as_deref(), None);
             }
             return Err(e.into());
         }
     };
     metrics::counter!("distlock_grants_total").increment(1);
     state.events.publish_lease(
-        Kind::Grant,
+        EventKind::Grant,
         &key,
         label.as_deref(),
         Some(grant.fencing_token),
@@ -128,7 +128,7 @@ struct WaitGuard {
 impl Drop for WaitGuard {
     fn drop(&mut self) {
         if self.armed {
-            self.events.publish(Kind::WaitCancelled, &self.key, Some(&self.holder), None);
+            self.events.publish(EventKind::WaitCancelled, &self.key, Some(&self.holder), None);
         }
     }
 }
@@ -190,14 +190,14 @@ pub(super) async fn do_release(
     let freed = freed.inspect_err(|e| lost(state, &key, &lease_id, e))?;
     metrics::counter!("distlock_releases_total").increment(1);
     let (holder, token) = freed.map_or((None, None), |l| (Some(l.holder), Some(l.fencing_token)));
-    state.events.publish_lease(Kind::Release, &key, holder.as_deref(), token, &lease_id);
+    state.events.publish_lease(EventKind::Release, &key, holder.as_deref(), token, &lease_id);
     Ok(Released { key, released: true })
 }
 
 /// Publishes a `lost` event when a renew or release found its lease gone.
 fn lost(state: &AppState, key: &str, lease: &LeaseId, e: &Error) {
     if matches!(e, Error::LeaseLost { .. }) {
-        state.events.publish_lease(Kind::Lost, key, None, None, lease);
+        state.events.publish_lease(EventKind::Lost, key, None, None, lease);
     }
 }
 

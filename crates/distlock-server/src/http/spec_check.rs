@@ -7,8 +7,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use distlock::wire::{
-    AcquireBody, BatchAnswer, BatchBody, BatchOp, BatchResult, ErrorBody, ErrorDetail, ForceReleased, Health,
-    Info, LeaseBody, LockInfo, LockPage, ReleaseBody, Released, RenewBody, WaiterInfo, Waiters,
+    AcquireBody, BatchAnswer, BatchBody, BatchOp, BatchResult, ErrorBody, ErrorDetail, Event, EventKind,
+    EventPage, ForceReleased, Health, Info, LeaseBody, LockInfo, LockPage, ReleaseBody, Released, RenewBody,
+    Span, SpanEnd, SpanKind, Timeline, WaiterInfo, Waiters,
 };
 use distlock::ErrorCode;
 use serde::Serialize;
@@ -140,8 +141,91 @@ fn every_wire_body_has_the_properties_of_its_schema() {
         .flat_map(|name| properties(&spec, schema(&spec, name)))
         .collect();
     assert_eq!(fields(&ops), shapes, "distlock::wire::BatchOp against BatchAcquire/Renew/Release");
-    same(&spec, "BatchRequest", &[BatchBody { ops: Vec::new() }]);
+    same(&spec, "BatchRequest", &[BatchBody::<BatchOp> { ops: Vec::new() }]);
     let result = || BatchResult { status: 200, body: serde_json::value::to_raw_value(&()).unwrap() };
     same(&spec, "BatchResult", &[result()]);
     same(&spec, "BatchResults", &[BatchAnswer { results: vec![result()] }]);
+}
+
+/// The web page's data: the events of the live stream and of `GET /v1/events?since=`, and a
+/// key's timeline, with every optional field set. Each enum's names are the schema's enum.
+#[test]
+fn the_web_pages_data_has_the_properties_of_its_schemas() {
+    let spec = spec();
+    let event = Event {
+        id: 1,
+        kind: EventKind::Grant,
+        key: "k".to_string(),
+        holder: Some("h".into()),
+        fencing_token: Some(1),
+        at_ms: 1,
+        held_ms: Some(1),
+        waited_ms: Some(1),
+    };
+    same(&spec, "Event", std::slice::from_ref(&event));
+    let page = EventPage {
+        events: vec![event],
+        next: 1,
+        more: false,
+        missed: false,
+        oldest_id: 1,
+        event_history: 1,
+    };
+    same(&spec, "EventPage", &[page]);
+    let span = Span {
+        id: 1,
+        key: "k".to_string(),
+        kind: SpanKind::Hold,
+        holder: Some("h".into()),
+        fencing_token: Some(1),
+        start_ms: 1,
+        end_ms: Some(2),
+        end: Some(SpanEnd::Release),
+        waited_ms: Some(1),
+    };
+    same(&spec, "Span", std::slice::from_ref(&span));
+    same(
+        &spec,
+        "Timeline",
+        &[Timeline { key: "k".into(), spans: vec![span], timeline_from_ms: 0, now_ms: 1 }],
+    );
+
+    let names =
+        |v: Vec<Value>| v.iter().filter_map(|v| v.as_str().map(String::from)).collect::<BTreeSet<_>>();
+    let spec_enum = |pointer: &str| {
+        names(
+            spec.pointer(pointer)
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_else(|| panic!("no enum {pointer}")),
+        )
+    };
+    let ours = |values: Vec<Value>| names(values);
+    use EventKind as K;
+    let kinds = [
+        K::Grant,
+        K::Release,
+        K::Expiry,
+        K::Lost,
+        K::Wait,
+        K::WaitTimeout,
+        K::ForceRelease,
+        K::WaitCancelled,
+    ];
+    assert_eq!(
+        ours(kinds.iter().map(|k| serde_json::to_value(k).unwrap()).collect()),
+        spec_enum("/components/schemas/Event/properties/kind/enum")
+    );
+    let spans = [SpanKind::Hold, SpanKind::Wait, SpanKind::Mark];
+    assert_eq!(
+        ours(spans.iter().map(|k| serde_json::to_value(k).unwrap()).collect()),
+        spec_enum("/components/schemas/Span/properties/kind/enum")
+    );
+    use SpanEnd as E;
+    let ends =
+        [E::Release, E::Expiry, E::Lost, E::ForceRelease, E::Unseen, E::Granted, E::Timeout, E::Cancelled];
+    assert_eq!(
+        ours(ends.iter().map(|k| serde_json::to_value(k).unwrap()).collect()),
+        spec_enum("/components/schemas/Span/properties/end/enum")
+    );
 }

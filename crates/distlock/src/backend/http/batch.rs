@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore, SemaphorePermit};
 
 use super::client::Client;
 use crate::error::{Error, Result};
-use crate::wire::{BatchAnswer, BatchResult};
+use crate::wire::{BatchAnswer, BatchBody, BatchResult};
 
 /// Most operations sent in one batch.
 const MAX_OPS: usize = 256;
@@ -35,8 +35,8 @@ const MAX_BYTES: usize = 48 * 1024;
 pub(super) type Reply = Result<(u16, Box<RawValue>)>;
 
 struct Pending {
-    /// The operation as JSON (`{"op":"release","key":...}`).
-    op: Vec<u8>,
+    /// The operation as JSON (a [`crate::wire::BatchOp`]: `{"op":"release","key":...}`).
+    op: Box<RawValue>,
     reply: oneshot::Sender<Reply>,
 }
 
@@ -102,7 +102,7 @@ impl Batcher {
     }
 
     /// Sends one operation with the next batch and waits for its answer.
-    pub(super) async fn call(&self, op: Vec<u8>) -> Reply {
+    pub(super) async fn call(&self, op: Box<RawValue>) -> Reply {
         let (_busy, _) = Busy::enter(&self.busy);
         let (reply, answer) = oneshot::channel();
         let mut pending = Pending { op, reply };
@@ -166,17 +166,17 @@ async fn dispatch(
         // Behind a lone call in flight, if any; what is queued meanwhile joins this batch. (The
         // semaphore is never closed; were it, batches would simply not wait.)
         let _wire = wire.acquire().await.ok();
-        let mut bytes = first.op.len();
+        let mut bytes = first.op.get().len();
         let mut batch = vec![first];
         while batch.len() < MAX_OPS {
             match rx.try_recv() {
                 Ok(p) if p.reply.is_closed() => {}
-                Ok(p) if bytes + p.op.len() + 1 > MAX_BYTES => {
+                Ok(p) if bytes + p.op.get().len() + 1 > MAX_BYTES => {
                     carry = Some(p);
                     break;
                 }
                 Ok(p) => {
-                    bytes += p.op.len() + 1;
+                    bytes += p.op.get().len() + 1;
                     batch.push(p);
                 }
                 Err(_) => break,
@@ -189,15 +189,15 @@ async fn dispatch(
 /// Sends one batch and hands every operation its answer.
 async fn send(client: &Client, timeout: Duration, batch: Vec<Pending>, bytes: usize) {
     let mut body = Vec::with_capacity(bytes + 16);
-    // A `wire::BatchBody`, written from the operations each caller serialized already.
-    body.extend_from_slice(b"{\"ops\":[");
-    for (i, p) in batch.iter().enumerate() {
-        if i > 0 {
-            body.push(b',');
+    let ops = BatchBody { ops: batch.iter().map(|p| &*p.op).collect() };
+    if let Err(e) = serde_json::to_writer(&mut body, &ops) {
+        // Unreachable (each operation is JSON already); answered, not panicked, all the same.
+        let error = Error::InvalidInput(format!("batch: {e}"));
+        for p in batch {
+            let _ = p.reply.send(Err(error.clone()));
         }
-        body.extend_from_slice(&p.op);
+        return;
     }
-    body.extend_from_slice(b"]}");
     let n = batch.len();
     let answers = post(client, timeout, body, n).await;
     match answers {

@@ -155,7 +155,8 @@ impl HttpBackend {
         key: &str,
         op: BatchOp,
     ) -> Result<T> {
-        let op = serde_json::to_vec(&op).map_err(|e| Error::InvalidInput(format!("request: {e}")))?;
+        let op =
+            serde_json::value::to_raw_value(&op).map_err(|e| Error::InvalidInput(format!("request: {e}")))?;
         let (status, body) = batcher.call(op).await?;
         if !(200..300).contains(&status) {
             return Err(self.error_of(key, status, body.get().as_bytes()));
