@@ -21,8 +21,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use anyhow::Context;
 use subtle::ConstantTimeEq;
+
+use crate::Error;
 
 /// An operation class a scope allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,12 +196,12 @@ pub enum Lookup {
 impl TokenTable {
     /// Reads the token file (`auth`, scopes as in the module doc) and the admin file (`admin`,
     /// every token `admin:*`). Refuses a file with an unknown scope or no token, naming the line.
-    pub fn read(auth: Option<&Path>, admin: Option<&Path>) -> anyhow::Result<TokenTable> {
+    pub fn read(auth: Option<&Path>, admin: Option<&Path>) -> crate::Result<TokenTable> {
         let mut table = TokenTable { entries: Vec::new(), required: auth.is_some() };
         for (path, admin_file) in [(auth, false), (admin, true)] {
             let Some(path) = path else { continue };
-            let text =
-                std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| Error::File(format!("reading {}: {e}", path.display())))?;
             let mut read = 0;
             for (i, line) in text.lines().enumerate() {
                 // `#` starts a comment at the start of a line or after whitespace; inside a token
@@ -212,12 +213,14 @@ impl TokenTable {
                 let mut scopes = fields
                     .map(Scope::parse)
                     .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+                    .map_err(|e| Error::File(format!("{source}: {e}")))?;
                 if admin_file {
                     // An admin-file line may narrow itself (`ops admin:deploy/`); others get
                     // `admin:*`. Only admin scopes count there.
                     if scopes.iter().any(|s| s.action != Action::Admin) {
-                        anyhow::bail!("{source}: the admin token file takes only admin: scopes");
+                        return Err(Error::File(format!(
+                            "{source}: the admin token file takes only admin: scopes"
+                        )));
                     }
                     if scopes.is_empty() {
                         scopes = vec![Scope { action: Action::Admin, prefix: String::new() }];
@@ -231,7 +234,9 @@ impl TokenTable {
                 table.add(token, scopes, source);
                 read += 1;
             }
-            anyhow::ensure!(read > 0, "{} holds no tokens", path.display());
+            if read == 0 {
+                return Err(Error::File(format!("{} holds no tokens", path.display())));
+            }
         }
         Ok(table)
     }
@@ -310,7 +315,7 @@ pub struct Auth {
 
 impl Auth {
     /// Reads the files once; fails (the server does not start) when they are wrong.
-    pub fn open(auth: Option<PathBuf>, admin: Option<PathBuf>) -> anyhow::Result<Auth> {
+    pub fn open(auth: Option<PathBuf>, admin: Option<PathBuf>) -> crate::Result<Auth> {
         let table = TokenTable::read(auth.as_deref(), admin.as_deref())?;
         Ok(Auth { table: RwLock::new(Arc::new(table)), files: (auth, admin) })
     }
@@ -325,7 +330,7 @@ impl Auth {
     }
 
     /// Re-reads the files; on an error the tokens in force stay and the error is returned.
-    pub fn reload(&self) -> anyhow::Result<()> {
+    pub fn reload(&self) -> crate::Result<()> {
         let table = TokenTable::read(self.files.0.as_deref(), self.files.1.as_deref())?;
         if let Ok(mut t) = self.table.write() {
             *t = Arc::new(table);

@@ -4,6 +4,7 @@
 //! Argument parsing, `distlock run`, the client subcommands and `bench` are in `distlock-cli`.
 //!
 //! # Layout
+//! - [`error`]: why a server did not start or stopped ([`Error`]).
 //! - [`serve`]: settings and the entry points: [`serve::serve`] on a listener the caller bound,
 //!   [`serve::run`] on an address; both stop gracefully when the caller's shutdown future ends.
 //! - [`auth`]: bearer tokens and their scopes (operation and key prefix).
@@ -19,6 +20,7 @@
 //!   commit, preallocated segments, snapshots).
 
 pub mod auth;
+pub mod error;
 pub mod events;
 pub mod history;
 pub mod http;
@@ -30,3 +32,5 @@ pub mod serve;
 pub mod store;
 pub mod tls;
 pub mod wal;
+
+pub use error::{Error, Result};

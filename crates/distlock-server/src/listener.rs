@@ -95,10 +95,17 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 
 /// Reads the TLS files (when TLS is on) so that a bad file stops the server before it binds or
 /// opens its store; the result goes to [`serve`].
-pub fn prepare(config: &NetConfig) -> anyhow::Result<Option<Arc<Tls>>> {
-    anyhow::ensure!(!config.header_timeout.is_zero(), "--header-timeout must be more than 0s");
-    anyhow::ensure!(!config.idle_timeout.is_zero(), "--idle-timeout must be more than 0s");
-    anyhow::ensure!(config.max_connections > 0, "--max-connections must be at least 1");
+pub fn prepare(config: &NetConfig) -> crate::Result<Option<Arc<Tls>>> {
+    let refuse = |why: &str| Err(crate::Error::Settings(why.to_string()));
+    if config.header_timeout.is_zero() {
+        return refuse("--header-timeout must be more than 0s");
+    }
+    if config.idle_timeout.is_zero() {
+        return refuse("--idle-timeout must be more than 0s");
+    }
+    if config.max_connections == 0 {
+        return refuse("--max-connections must be at least 1");
+    }
     config.tls.clone().map(|files| Tls::load(files).map(Arc::new)).transpose()
 }
 

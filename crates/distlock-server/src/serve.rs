@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use distlock::engine::TableEvent;
@@ -19,6 +18,7 @@ use crate::events::{EventKind, Events};
 use crate::http::{router, AppState};
 use crate::lazy::LazyBackend;
 use crate::store::{EmbeddedStore, Limits};
+use crate::{Error, Result};
 
 /// Everything the server can be told, except where it listens (see [`serve`] and [`run`]).
 #[derive(Debug, Clone)]
@@ -62,15 +62,16 @@ impl ServerConfig {
 
     /// Refuses settings the server cannot serve: a `memory://` store lives inside one process, so
     /// it would lock nothing that any other process could see or rely on after a restart.
-    pub fn check(&self) -> anyhow::Result<()> {
+    pub fn check(&self) -> Result<()> {
         if let Some(url) = &self.store {
             let scheme = url.split_once("://").map_or("", |(s, _)| s);
-            anyhow::ensure!(
-                scheme != "memory",
-                "--store {url} is refused: a memory:// store lives inside one process and locks \
-                 nothing any other process can see (nor anything after a restart); leave --store \
-                 out for the durable embedded store, or give a redis://, redlock:// or etcd:// URL"
-            );
+            if scheme == "memory" {
+                return Err(Error::Settings(format!(
+                    "--store {url} is refused: a memory:// store lives inside one process and locks \
+                     nothing any other process can see (nor anything after a restart); leave --store \
+                     out for the durable embedded store, or give a redis://, redlock:// or etcd:// URL"
+                )));
+            }
         }
         Ok(())
     }
@@ -79,7 +80,7 @@ impl ServerConfig {
 /// The process-wide metrics recorder, installed by the first server of the process. Servers
 /// starting at once (several in one process) wait for that one install rather than race it: a
 /// second install would fail.
-pub fn metrics_handle() -> anyhow::Result<PrometheusHandle> {
+pub fn metrics_handle() -> Result<PrometheusHandle> {
     static HANDLE: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
     let mut installed = HANDLE.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(h) = installed.as_ref() {
@@ -89,9 +90,9 @@ pub fn metrics_handle() -> anyhow::Result<PrometheusHandle> {
         [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0];
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full("distlock_request_seconds".into()), &buckets)
-        .context("metric buckets")?
+        .map_err(|e| Error::Metrics(format!("buckets: {e}")))?
         .install_recorder()
-        .context("installing the metrics recorder")?;
+        .map_err(|e| Error::Metrics(format!("installing the recorder: {e}")))?;
     Ok(installed.insert(handle).clone())
 }
 
@@ -101,11 +102,11 @@ pub async fn run(
     listen: SocketAddr,
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     config.check()?;
     // TLS files are read first: a bad one stops the server before it binds or opens its store.
     let tls = crate::listener::prepare(&config.net)?;
-    let listener = crate::listener::bind(listen).with_context(|| format!("binding {listen}"))?;
+    let listener = crate::listener::bind(listen).map_err(|source| Error::Bind { addr: listen, source })?;
     serve_prepared(listener, config, tls, shutdown).await
 }
 
@@ -119,7 +120,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     config.check()?;
     let tls = crate::listener::prepare(&config.net)?;
     serve_prepared(listener, config, tls, shutdown).await
@@ -131,16 +132,16 @@ async fn serve_prepared(
     config: ServerConfig,
     tls: Option<Arc<crate::tls::Tls>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let auth = Arc::new(Auth::open(config.auth_token_file.clone(), config.admin_token_file.clone())?);
     let (backend, embedded): (Arc<dyn distlock::Backend>, _) = match &config.store {
         None => {
             let dir = config.data_dir.clone();
             let (limits, compact) = (config.limits, config.compact_bytes);
-            let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&dir, limits, compact))
+            let opened = tokio::task::spawn_blocking(move || EmbeddedStore::open(&dir, limits, compact))
                 .await
-                .context("recovery task")?
-                .with_context(|| format!("opening the embedded store in {}", config.data_dir.display()))?;
+                .map_err(|e| Error::Serving(std::io::Error::other(format!("the recovery task: {e}"))))?;
+            let store = opened.map_err(|source| Error::Store { dir: config.data_dir.clone(), source })?;
             let store = Arc::new(store);
             (store.clone(), Some(store))
         }
@@ -148,7 +149,7 @@ async fn serve_prepared(
             // Opened on first use: an unreachable store is reported by /healthz, not fatal.
             let lazy = LazyBackend::open(url)
                 .await
-                .with_context(|| format!("opening store {}", crate::lazy::redacted(url)))?;
+                .map_err(|source| Error::Backend { url: crate::lazy::redacted(url), source })?;
             (Arc::new(lazy), None)
         }
     };
@@ -193,7 +194,7 @@ async fn serve_prepared(
         events,
         stopping: stop_rx.clone(),
     };
-    let addr = listener.local_addr()?;
+    let addr = listener.local_addr().map_err(Error::Serving)?;
     tracing::info!(%addr, store = backend.name(), auth = state.auth.table().required(), "distlock server listening");
     let mut stop_rx = stop_rx;
     let server = crate::listener::serve(listener, router(state), config.net.clone(), tls, async move {
@@ -206,7 +207,7 @@ async fn serve_prepared(
     });
     let grace = config.shutdown_grace;
     tokio::select! {
-        result = server => result.context("serving")?,
+        result = server => result.map_err(Error::Serving)?,
         _ = async {
             let _ = stop_rx.wait_for(|stopped| *stopped).await;
             tokio::time::sleep(grace).await;

@@ -9,13 +9,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use anyhow::Context;
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{RootCertStore, ServerConfig};
 use tokio_rustls::TlsAcceptor;
+
+use crate::Error;
 
 /// The PEM files TLS is made of (`--tls-cert`, `--tls-key`, `--tls-client-ca`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,7 +37,7 @@ pub struct Tls {
 
 impl Tls {
     /// Reads and checks the files; fails with a message naming the file at fault.
-    pub fn load(files: TlsFiles) -> anyhow::Result<Tls> {
+    pub fn load(files: TlsFiles) -> crate::Result<Tls> {
         let config = server_config(&files)?;
         Ok(Tls { files, current: RwLock::new(TlsAcceptor::from(config)) })
     }
@@ -53,7 +54,7 @@ impl Tls {
 
     /// Reads the files again and, when they make a valid configuration, uses it for every new
     /// connection. Connections already open keep theirs.
-    pub fn reload(&self) -> anyhow::Result<()> {
+    pub fn reload(&self) -> crate::Result<()> {
         let config = server_config(&self.files)?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = TlsAcceptor::from(config);
         Ok(())
@@ -86,47 +87,51 @@ impl Tls {
     }
 }
 
-fn read(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("reading the TLS {what} {}", path.display()))
+fn read(path: &Path, what: &str) -> crate::Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::File(format!("reading the TLS {what} {}: {e}", path.display())))
 }
 
-fn certificates(path: &Path, what: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+fn certificates(path: &Path, what: &str) -> crate::Result<Vec<CertificateDer<'static>>> {
     let pem = read(path, what)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow::anyhow!("the TLS {what} {}: {e}", path.display()))?;
-    anyhow::ensure!(!certs.is_empty(), "the TLS {what} {} holds no PEM certificate", path.display());
+        .map_err(|e| Error::File(format!("the TLS {what} {}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(Error::File(format!("the TLS {what} {} holds no PEM certificate", path.display())));
+    }
     Ok(certs)
 }
 
 /// Builds the rustls configuration the files describe (HTTP/1.1 only, like the plain listener).
-fn server_config(files: &TlsFiles) -> anyhow::Result<Arc<ServerConfig>> {
+fn server_config(files: &TlsFiles) -> crate::Result<Arc<ServerConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain = certificates(&files.cert, "certificate")?;
     let key = PrivateKeyDer::from_pem_slice(&read(&files.key, "key")?)
-        .map_err(|e| anyhow::anyhow!("the TLS key {}: {e}", files.key.display()))?;
+        .map_err(|e| Error::File(format!("the TLS key {}: {e}", files.key.display())))?;
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?;
+        .map_err(|e| Error::Settings(format!("TLS protocol versions: {e}")))?;
     let builder = match &files.client_ca {
         None => builder.with_no_client_auth(),
         Some(path) => {
             let mut roots = RootCertStore::empty();
             for cert in certificates(path, "client CA")? {
-                roots.add(cert).map_err(|e| anyhow::anyhow!("the TLS client CA {}: {e}", path.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| Error::File(format!("the TLS client CA {}: {e}", path.display())))?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
-                .map_err(|e| anyhow::anyhow!("the TLS client CA {}: {e}", path.display()))?;
+                .map_err(|e| Error::File(format!("the TLS client CA {}: {e}", path.display())))?;
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder.with_single_cert(chain, key).with_context(|| {
-        format!(
-            "the TLS certificate {} and key {} do not go together",
+    let mut config = builder.with_single_cert(chain, key).map_err(|e| {
+        Error::File(format!(
+            "the TLS certificate {} and key {} do not go together: {e}",
             files.cert.display(),
             files.key.display()
-        )
+        ))
     })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))

@@ -610,9 +610,47 @@ async fn memory_store_is_refused() {
     let run = distlock_server::serve::serve(listener, config, std::future::pending());
     let err =
         tokio::time::timeout(Duration::from_secs(10), run).await.expect("refused, not served").unwrap_err();
-    let message = format!("{err:#}");
+    assert!(matches!(err, distlock_server::Error::Settings(_)), "{err:?}");
+    let message = err.to_string();
     assert!(message.contains("memory://") && message.contains("other process"), "{message}");
     assert!(!dir.exists(), "nothing was created");
+}
+
+/// What a program embedding the server can act on when it does not start: the error says which
+/// part is at fault (a data directory another server has, a token file, an address in use).
+#[tokio::test]
+async fn start_failures_name_their_cause() {
+    let first = InProcess::start();
+    let serve = |config: ServerConfig| async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let run = distlock_server::serve::serve(listener, config, std::future::pending());
+        tokio::time::timeout(Duration::from_secs(10), run).await.expect("refused, not served").unwrap_err()
+    };
+    let err = serve(ServerConfig::new(&first.dir)).await;
+    match &err {
+        distlock_server::Error::Store { dir, source: distlock_server::wal::WalError::InUse(_) } => {
+            assert_eq!(dir, &first.dir)
+        }
+        other => panic!("expected Store(InUse), got {other:?}"),
+    }
+    assert!(err.to_string().contains("in use by another distlock server"), "{err}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = tmp.path().join("tokens");
+    std::fs::write(&tokens, "# no token here\n").unwrap();
+    let mut config = ServerConfig::new(tmp.path().join("data"));
+    config.auth_token_file = Some(tokens);
+    let err = serve(config).await;
+    assert!(matches!(err, distlock_server::Error::File(_)), "{err:?}");
+    assert!(err.to_string().contains("holds no tokens"), "{err}");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let run =
+        distlock_server::serve::run(addr, ServerConfig::new(tmp.path().join("data")), std::future::pending());
+    let err = tokio::time::timeout(Duration::from_secs(10), run).await.expect("refused").unwrap_err();
+    assert!(matches!(err, distlock_server::Error::Bind { addr: a, .. } if a == addr), "{err:?}");
+    assert!(!tmp.path().join("data").exists(), "nothing was created");
 }
 
 /// With `--store redis://…` the server is a stateless front: two servers share one Redis.
