@@ -18,10 +18,8 @@ cd "$(dirname "$0")/.."
 A=$1 B=$2
 ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-3s}
-for tool in redis-server python3; do
-  command -v $tool >/dev/null || { echo "missing $tool: apt-get install redis-server python3" >&2; exit 1; }
-done
 source scripts/ports.sh
+need_tools redis-server python3
 dir=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"' EXIT

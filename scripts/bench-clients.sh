@@ -11,10 +11,8 @@ ROUNDS=${ROUNDS:-8}
 DURATION=${DURATION:-6s}
 cargo build --release -q -p distlock-cli --bin distlock
 BIN=target/release/distlock
-for tool in redis-server python3; do
-  command -v $tool >/dev/null || { echo "missing $tool: apt-get install redis-server python3" >&2; exit 1; }
-done
 source scripts/ports.sh
+need_tools redis-server python3
 dir=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"' EXIT

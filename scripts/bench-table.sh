@@ -17,10 +17,8 @@ DURATION=${DURATION:-3s}
 cargo build --release -q -p distlock-cli --bin distlock --example etcd_put
 BIN=target/release/distlock
 ETCD_PUT=target/release/examples/etcd_put
-for tool in redis-server redis-benchmark etcd python3; do
-  command -v $tool >/dev/null || { echo "missing $tool: apt-get install redis-server redis-tools etcd-server python3" >&2; exit 1; }
-done
 source scripts/ports.sh
+need_tools redis-server redis-benchmark etcd python3
 
 dir=$(mktemp -d)
 pids=()

@@ -68,10 +68,7 @@ async fn waiters_and_force_release_over_etcd() {
         [(&via_server, "beta"), (&direct, "gamma"), (&via_server, "delta")].into_iter().enumerate()
     {
         waiters.push(waiter(locker, holder));
-        until(Duration::from_secs(10), "queued", || async {
-            via_server.status("k").await.is_ok_and(|s| s.waiters == i as u64 + 1)
-        })
-        .await;
+        distlock_testkit::contract::until_waiters(&via_server, "k", i as u64 + 1).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (s, body) = call(&server, false, "/v1/locks/k/waiters", None, "").await;

@@ -35,6 +35,20 @@ fn lease_body(key: String, grant: &distlock::Grant, received: tokio::time::Insta
     }
 }
 
+/// The checks a lock route (acquire, renew, release) makes before anything else, in this order:
+/// the key, the caller's right to lock it, then its body, read by `parse`.
+fn lock_call<B>(
+    caller: &Caller,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+    parse: fn(&[u8]) -> Result<B, ApiError>,
+) -> Result<(String, B), ApiError> {
+    let key = checked_key(path)?;
+    caller.check(Action::Lock, &key)?;
+    let body = parse(&body?)?;
+    Ok((key, body))
+}
+
 async fn acquire(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
@@ -42,9 +56,7 @@ async fn acquire(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<LeaseBody>, ApiError> {
     let started = tokio::time::Instant::now();
-    let key = checked_key(path)?;
-    caller.check(Action::Lock, &key)?;
-    let body: AcquireBody = parse_body(&body?)?;
+    let (key, body) = lock_call::<AcquireBody>(&caller, path, body, parse_body)?;
     Ok(Json(do_acquire(&state, key, body, started).await?))
 }
 
@@ -140,9 +152,7 @@ async fn renew(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<LeaseBody>, ApiError> {
     let started = tokio::time::Instant::now();
-    let key = checked_key(path)?;
-    caller.check(Action::Lock, &key)?;
-    let body: RenewBody = parse_required(&body?)?;
+    let (key, body) = lock_call::<RenewBody>(&caller, path, body, parse_required)?;
     Ok(Json(do_renew(&state, key, body, started).await?))
 }
 
@@ -168,9 +178,7 @@ async fn release(
     path: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Released>, ApiError> {
-    let key = checked_key(path)?;
-    caller.check(Action::Lock, &key)?;
-    let body: ReleaseBody = parse_required(&body?)?;
+    let (key, body) = lock_call::<ReleaseBody>(&caller, path, body, parse_required)?;
     Ok(Json(do_release(&state, key, body).await?))
 }
 
