@@ -70,6 +70,10 @@ pub struct LockArgs {
     /// Holder label shown in status (default: host/pid).
     #[arg(long)]
     pub holder: Option<String>,
+    /// Let up to N holders share the key (a semaphore, like `consul lock -n N`); every holder
+    /// must give the same N. Offered by memory:// and the lock server's embedded store.
+    #[arg(short = 'l', long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub limit: u32,
 }
 
 /// How to wait (flock's -w/-n/-E, consul lock's -monitor-retry).

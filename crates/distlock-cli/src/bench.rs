@@ -519,6 +519,7 @@ pub async fn hold_background(
                     holder: "bench/background".into(),
                     ttl,
                     wait: distlock::Wait::TryOnce,
+                    limit: 1,
                 };
                 if backend.acquire(req).await.is_ok() {
                     granted.fetch_add(1, Ordering::Relaxed);

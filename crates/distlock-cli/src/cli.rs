@@ -18,7 +18,7 @@
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
-use distlock::wire::{ErrorBody, ErrorDetail};
+use distlock::wire::ErrorBody;
 use distlock::{AcquireOptions, Error, ErrorCode, Lease, LeaseId, ListQuery, LockInfo, Locker, Wait};
 use serde::Serialize;
 use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
@@ -104,6 +104,10 @@ pub fn describe(e: &Error) -> String {
             format!("unauthorized: {m} (pass a token with --token-file PATH or the DISTLOCK_TOKEN variable)")
         }
         Error::LimitExceeded(m) => format!("server limit reached: {m}"),
+        Error::LimitMismatch { key, limit } => format!(
+            "{} is held with --limit {limit}; every holder of a key must give the same limit",
+            shown(key)
+        ),
         Error::Unavailable(m) => format!("backend unavailable: {m}"),
         other => other.to_string(),
     }
@@ -162,13 +166,7 @@ impl Output {
 
 /// The error body of the HTTP API for `e`, with `message` as its text (for `--json`).
 pub fn error_body(e: &Error, message: &str) -> ErrorBody {
-    let holder = match e {
-        Error::Held { holder, .. } | Error::WaitTimeout { holder, .. } => holder.clone(),
-        _ => None,
-    };
-    ErrorBody {
-        error: ErrorDetail { code: e.code().as_str().to_owned(), message: message.to_owned(), holder },
-    }
+    ErrorBody { error: e.detail(message) }
 }
 
 /// Host name and pid, the default holder label.
@@ -527,6 +525,27 @@ pub async fn force_release(locker: &Locker, key: &str, out: &Output) -> u8 {
 fn human_status(info: &LockInfo) -> String {
     if !info.held {
         return format!("{}: free ({} waiting)", shown(&info.key), info.waiters);
+    }
+    if let Some(limit) = info.limit {
+        let holders: Vec<String> = info
+            .holders
+            .iter()
+            .map(|h| {
+                format!(
+                    "{} (token {}, expires in {})",
+                    shown(&h.holder),
+                    h.fencing_token,
+                    human(h.expires_in)
+                )
+            })
+            .collect();
+        return format!(
+            "{}: {} / {limit} held by {}, {} waiting",
+            shown(&info.key),
+            info.holders.len(),
+            holders.join(", "),
+            info.waiters
+        );
     }
     let held_for = info.held_for.map(|d| format!(" for {}", human(d))).unwrap_or_default();
     format!(

@@ -166,7 +166,10 @@ async fn shutdown_signal() {
 }
 
 fn lock_opts(lock: LockArgs) -> AcquireOptions {
-    AcquireOptions::new().ttl(lock.ttl).holder(lock.holder.unwrap_or_else(cli::default_holder))
+    AcquireOptions::new()
+        .ttl(lock.ttl)
+        .limit(lock.limit)
+        .holder(lock.holder.unwrap_or_else(cli::default_holder))
 }
 
 /// The client subcommands: open the backend, then one call (or `run`, `hold`, `bench`).

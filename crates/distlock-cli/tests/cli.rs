@@ -721,3 +721,46 @@ fn event_history_is_bounded() {
         assert_eq!(out.status.code(), Some(64), "--event-history {bad} must be refused (usage)");
     }
 }
+
+/// `run --limit N` is a semaphore (consul lock's `-n`): N commands run at once, the next is not
+/// acquired (75), another limit is a usage error (64) naming the current one, and `status`
+/// shows every holder.
+#[tokio::test]
+async fn run_with_a_limit_shares_the_key() {
+    let server = Server::start(&[]);
+    let b = server.url();
+    let dir = tempfile::tempdir().unwrap();
+    let mut holders: Vec<Child> = (0..2)
+        .map(|i| {
+            let ready = dir.path().join(format!("ready-{i}"));
+            let script = format!("echo ok > {}; sleep 30", ready.display());
+            distlock(
+                &b,
+                &["run", "--limit", "2", "--holder", &format!("h{i}"), "pool", "--", "sh", "-c", &script],
+            )
+            .spawn()
+            .expect("spawn")
+        })
+        .collect();
+    for i in 0..2 {
+        read_when_written(&dir.path().join(format!("ready-{i}")));
+    }
+    let third = run(&b, &["run", "-n", "--limit", "2", "pool", "--", "true"]);
+    assert_eq!(code(&third), 75, "{}", stderr(&third));
+    let other = run(&b, &["run", "-n", "--limit", "3", "pool", "--", "true"]);
+    assert_eq!(code(&other), 64, "{}", stderr(&other));
+    assert!(stderr(&other).contains("--limit 2"), "{}", stderr(&other));
+    let status = run(&b, &["--json", "status", "pool"]);
+    let info: Value = serde_json::from_str(&stdout(&status)).expect("status --json");
+    assert_eq!(info["limit"], 2, "{info}");
+    let mut names: Vec<&str> =
+        info["holders"].as_array().unwrap().iter().map(|h| h["holder"].as_str().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["h0", "h1"]);
+    let text = stdout(&run(&b, &["status", "pool"]));
+    assert!(text.contains("2 / 2 held"), "{text}");
+    for h in &mut holders {
+        let _ = h.kill();
+        let _ = h.wait();
+    }
+}

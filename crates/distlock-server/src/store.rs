@@ -66,9 +66,9 @@ impl EmbeddedStore {
         let dir_lock = wal::lock_dir(dir)?;
         let (recovered, next, replayed_bytes) = wal::recover(dir)?;
         let replayed = started.elapsed();
-        let restored = recovered.leases.len();
+        let restored = recovered.leases.values().map(Vec::len).sum::<usize>();
         let last_token = recovered.last_token;
-        let memory = Engine::restore(last_token, recovered.leases.into_values().collect())
+        let memory = Engine::restore(last_token, recovered.leases.into_values().flatten().collect())
             .map_err(|e| WalError::Closed(e.to_string()))?;
         let memory = Arc::new(memory);
         let loaded = started.elapsed();
@@ -106,12 +106,15 @@ impl EmbeddedStore {
         }
     }
 
-    /// Frees `key` whoever holds it (the admin force-release) and logs it like a release.
-    /// Returns the lease it removed, `None` when the key was not held.
+    /// Frees `key` whoever holds it (the admin force-release; every holder of a semaphore) and
+    /// logs it like releases. Returns the newest lease it removed, `None` when the key was not
+    /// held.
     pub async fn force_release(&self, key: &str) -> distlock::Result<Option<SavedLease>> {
-        let Some(lease) = self.memory.force_release(key) else { return Ok(None) };
-        self.log(Record::Release { key: key.to_owned(), lease_id: lease.lease_id.clone() }).await?;
-        Ok(Some(lease))
+        let freed = self.memory.force_release(key);
+        for lease in &freed {
+            self.log(Record::Release { key: key.to_owned(), lease_id: lease.lease_id.clone() }).await?;
+        }
+        Ok(freed.into_iter().last())
     }
 
     /// Releases like [`Backend::release`] and returns the lease it freed (its holder and fencing
@@ -188,7 +191,7 @@ impl Backend for EmbeddedStore {
         } else {
             None
         };
-        let (key, holder, ttl) = (req.key.clone(), req.holder.clone(), req.ttl);
+        let (key, holder, ttl, limit) = (req.key.clone(), req.holder.clone(), req.ttl, req.limit);
         let grant = self.memory.acquire(req).await?;
         let lease_id = grant.lease_id.clone();
         let mut unlogged = Unlogged { memory: &self.memory, key: &key, lease_id: &lease_id, armed: true };
@@ -198,6 +201,7 @@ impl Backend for EmbeddedStore {
             holder,
             ttl_ms: ttl.as_millis() as u64,
             fencing_token: grant.fencing_token,
+            limit,
         }))
         .await?;
         unlogged.armed = false;
@@ -232,7 +236,7 @@ impl Backend for EmbeddedStore {
     }
 
     fn offers(&self) -> distlock::Offers {
-        distlock::Offers { waiters: true, force_release: true, events: false }
+        distlock::Offers { waiters: true, force_release: true, events: false, semaphores: true }
     }
 
     async fn waiters(&self, key: &str) -> distlock::Result<Vec<WaiterInfo>> {

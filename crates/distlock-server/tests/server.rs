@@ -696,3 +696,38 @@ async fn server_in_front_of_etcd() {
     let (s, h) = get(&server, "/healthz").await;
     assert_eq!((s, &h["store"]), (200, &json!("etcd")));
 }
+
+/// A semaphore's holders are logged and recovered like locks: after a restart every holder is
+/// back with its token, the limit still binds, and the next grant's token is higher.
+#[tokio::test]
+async fn semaphore_holders_survive_a_restart() {
+    let mut server = InProcess::start();
+    let locker = server.locker().await;
+    let opts = distlock::AcquireOptions::new().limit(3).ttl(Duration::from_secs(60)).auto_renew(false);
+    let a = locker.acquire("pool", &opts.clone().holder("a")).await.unwrap();
+    let b = locker.acquire("pool", &opts.clone().holder("b")).await.unwrap();
+    let (a_token, b_token) = (a.fencing_token(), b.fencing_token());
+    let (a_id, b_id) = (a.lease_id().clone(), b.lease_id().clone());
+    // Forget the leases without releasing them: the restart is what is tested.
+    std::mem::forget(a);
+    std::mem::forget(b);
+    server.restart();
+    let locker = server.locker().await;
+    let info = locker.status("pool").await.unwrap();
+    assert_eq!(info.limit, Some(3), "{info:?}");
+    let holders: Vec<(&str, u64)> =
+        info.holders.iter().map(|h| (h.holder.as_str(), h.fencing_token)).collect();
+    assert_eq!(holders, [("a", a_token), ("b", b_token)]);
+    let c = locker.acquire("pool", &opts.clone().holder("c")).await.expect("the third permit");
+    assert!(c.fencing_token() > b_token, "tokens continue above the recovered ones");
+    let full = locker.acquire("pool", &opts.clone().holder("d")).await;
+    assert!(matches!(full, Err(Error::Held { .. })), "{full:?}");
+    let other = locker.acquire("pool", &opts.clone().limit(2)).await;
+    assert!(matches!(other, Err(Error::LimitMismatch { limit: 3, .. })), "{other:?}");
+    // The recovered leases are still their holders': each can be released by its id.
+    let backend = locker.backend().clone();
+    backend.release("pool", &a_id).await.expect("a's lease was recovered");
+    backend.release("pool", &b_id).await.expect("b's lease was recovered");
+    c.release().await.unwrap();
+    assert!(!locker.status("pool").await.unwrap().held);
+}

@@ -26,11 +26,20 @@ pub struct Caps {
     /// (Redlock's contenders can split the vote and all be refused while nobody holds it, so
     /// there a refusal says nothing).
     pub exact_refusals: bool,
+    /// Semaphores (`limit` above 1) are offered; a backend without them must refuse one with
+    /// `InvalidInput`, never grant it.
+    pub semaphores: bool,
 }
 
 impl Default for Caps {
     fn default() -> Self {
-        Caps { fifo: true, renew_slack: Duration::ZERO, ttl_follows_renewals: true, exact_refusals: true }
+        Caps {
+            fifo: true,
+            renew_slack: Duration::ZERO,
+            ttl_follows_renewals: true,
+            exact_refusals: true,
+            semaphores: false,
+        }
     }
 }
 
@@ -342,6 +351,94 @@ pub async fn histories_are_linearizable(locker: &Locker, caps: &Caps) {
             panic!("key {k} ({} operations): {v}", events.len());
         }
     }
+}
+
+/// A semaphore of 3 permits under 16 tasks: never more than 3 holders at once (a shared count of
+/// current holders, checked on every entry), every grant a token above all earlier grants of the
+/// key, waiters served as permits come back (by release, and by expiry), another limit refused
+/// with `LimitMismatch` naming the current one, and status listing every holder. A backend
+/// without semaphores must refuse one with `InvalidInput` and grant nothing.
+pub async fn semaphore_never_exceeds_its_limit(locker: &Locker, caps: &Caps) {
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+    const LIMIT: u32 = 3;
+    let key = "contract/semaphore";
+    let opts = AcquireOptions::new().limit(LIMIT).ttl(10 * SECOND).wait(20 * SECOND).auto_renew(false);
+    if !caps.semaphores {
+        let refused = locker.acquire(key, &opts).await;
+        assert!(matches!(&refused, Err(Error::InvalidInput(m)) if m.contains("semaphore")), "{refused:?}");
+        assert!(!locker.status(key).await.expect("status").held, "a refused semaphore granted nothing");
+        return;
+    }
+
+    // Three permits taken; a fourth try-once is refused, and another limit is refused as such.
+    let mut first = Vec::new();
+    for i in 0..LIMIT {
+        first.push(
+            locker
+                .acquire(key, &opts.clone().holder(format!("h{i}")).wait(Duration::ZERO))
+                .await
+                .expect("permit"),
+        );
+    }
+    let full = locker.acquire(key, &opts.clone().wait(Duration::ZERO)).await;
+    assert!(matches!(full, Err(Error::Held { .. })), "a fourth holder: {full:?}");
+    let other = locker.acquire(key, &opts.clone().limit(LIMIT + 1).wait(Duration::ZERO)).await;
+    assert!(matches!(other, Err(Error::LimitMismatch { limit: LIMIT, .. })), "another limit: {other:?}");
+    let info = locker.status(key).await.expect("status");
+    assert_eq!((info.limit, info.holders.len()), (Some(LIMIT), LIMIT as usize), "{info:?}");
+    let tokens: Vec<u64> = info.holders.iter().map(|h| h.fencing_token).collect();
+    assert_eq!(tokens, first.iter().map(|l| l.fencing_token()).collect::<Vec<_>>(), "holders in grant order");
+
+    // A permit comes back by expiry too: a short lease lapses and a waiter gets its place.
+    let last = first.pop().expect("three");
+    last.release().await.expect("release");
+    let short = locker
+        .acquire(key, &opts.clone().ttl(Duration::from_millis(300)).wait(Duration::ZERO))
+        .await
+        .expect("the released permit");
+    let waiter = locker.acquire(key, &opts.clone().holder("after-expiry")).await.expect("the expired permit");
+    assert!(waiter.fencing_token() > short.fencing_token(), "tokens rise");
+    drop(short);
+    for l in first.into_iter().chain([waiter]) {
+        l.release().await.expect("release");
+    }
+
+    // 16 tasks, 3 permits: the count of holders never passes 3, tokens never repeat.
+    let inside = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let highest = Arc::new(AtomicU64::new(0));
+    let tokens = Arc::new(Mutex::new(Vec::new()));
+    let tasks: Vec<_> = (0..16)
+        .map(|t| {
+            let (locker, opts) = (locker.clone(), opts.clone().holder(format!("task-{t}")));
+            let (inside, most, highest, tokens) =
+                (inside.clone(), most.clone(), highest.clone(), tokens.clone());
+            tokio::spawn(async move {
+                for _ in 0..6 {
+                    let lease = locker.acquire(key, &opts).await.expect("a permit within the wait");
+                    let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    assert!(now <= LIMIT as usize, "{now} holders of a semaphore of {LIMIT}");
+                    highest.fetch_max(lease.fencing_token(), Ordering::SeqCst);
+                    tokens.lock().unwrap().push(lease.fencing_token());
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    inside.fetch_sub(1, Ordering::SeqCst);
+                    lease.release().await.expect("release");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut tokens = std::mem::take(&mut *tokens.lock().unwrap());
+    let n = tokens.len();
+    tokens.sort_unstable();
+    tokens.dedup();
+    assert_eq!(tokens.len(), n, "a fencing token was handed out twice");
+    assert_eq!(most.load(Ordering::SeqCst), LIMIT as usize, "the permits were all used at once");
+    assert!(!locker.status(key).await.expect("status").held, "every permit returned");
 }
 
 /// See [`pages_of_ten`].

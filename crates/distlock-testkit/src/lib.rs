@@ -52,6 +52,7 @@ macro_rules! contract_tests {
             case!(status_and_list);
             case!(list_pages_follow_the_cursor);
             case!(histories_are_linearizable);
+            case!(semaphore_never_exceeds_its_limit);
         }
     };
 }

@@ -73,6 +73,16 @@ pub enum Error {
         /// Why it was lost.
         reason: LossReason,
     },
+    /// The key is held with another number of permits than the caller asked for (a semaphore of
+    /// `limit`, or a lock when `limit` is 1): every holder of a key must name the same limit.
+    /// Nothing was changed.
+    #[error("lock {key:?} is held with limit {limit}; every holder of a key must ask for the same limit")]
+    LimitMismatch {
+        /// The key asked for.
+        key: String,
+        /// The limit its current holders were granted with.
+        limit: u32,
+    },
     /// The request itself is wrong (key, TTL, URL, ...); nothing was changed.
     #[error("invalid input: {0}")]
     InvalidInput(String),
@@ -101,10 +111,27 @@ impl Error {
         match self {
             Error::Held { .. } | Error::WaitTimeout { .. } => ErrorCode::LockHeld,
             Error::LeaseLost { .. } => ErrorCode::LeaseLost,
+            Error::LimitMismatch { .. } => ErrorCode::LimitMismatch,
             Error::InvalidInput(_) => ErrorCode::InvalidRequest,
             Error::Unauthorized(_) => ErrorCode::Unauthorized,
             Error::LimitExceeded(_) => ErrorCode::LimitExceeded,
             Error::Unavailable(_) => ErrorCode::BackendUnavailable,
+        }
+    }
+
+    /// The error body of the HTTP API (and of the CLI's `--json`) for this error, with `message`
+    /// as its text: the code, and the holder or limit a caller can act on.
+    pub fn detail(&self, message: impl Into<String>) -> crate::wire::ErrorDetail {
+        let (holder, limit) = match self {
+            Error::Held { holder, .. } | Error::WaitTimeout { holder, .. } => (holder.clone(), None),
+            Error::LimitMismatch { limit, .. } => (None, Some(*limit)),
+            _ => (None, None),
+        };
+        crate::wire::ErrorDetail {
+            code: self.code().as_str().to_owned(),
+            message: message.into(),
+            holder,
+            limit,
         }
     }
 

@@ -28,6 +28,9 @@ pub enum ErrorCode {
     LockHeld,
     /// 409: the lease expired, was released, or never existed.
     LeaseLost,
+    /// 409: the key is held with another limit (permits) than asked; the answer's `limit` is
+    /// the current one.
+    LimitMismatch,
     /// 413: the request body is over the server's limit.
     PayloadTooLarge,
     /// 429: a lease, waiter or request-rate limit of the server.
@@ -56,7 +59,7 @@ const EXIT_NOPERM: u8 = 77;
 
 impl ErrorCode {
     /// Every code, in the order of docs/SERVER.md's table.
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::InvalidRequest,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
@@ -65,6 +68,7 @@ impl ErrorCode {
         ErrorCode::NotHeld,
         ErrorCode::LockHeld,
         ErrorCode::LeaseLost,
+        ErrorCode::LimitMismatch,
         ErrorCode::PayloadTooLarge,
         ErrorCode::LimitExceeded,
         ErrorCode::Internal,
@@ -100,6 +104,7 @@ impl ErrorCode {
             ErrorCode::NotHeld => ("not_held", 404, EXIT_UNAVAILABLE),
             ErrorCode::LockHeld => ("lock_held", 409, EXIT_HELD),
             ErrorCode::LeaseLost => ("lease_lost", 409, EXIT_LOST),
+            ErrorCode::LimitMismatch => ("limit_mismatch", 409, EXIT_USAGE),
             ErrorCode::PayloadTooLarge => ("payload_too_large", 413, EXIT_USAGE),
             ErrorCode::LimitExceeded => ("limit_exceeded", 429, EXIT_HELD),
             ErrorCode::Internal => ("internal", 500, EXIT_UNAVAILABLE),
@@ -112,8 +117,13 @@ impl ErrorCode {
     /// The [`Error`] a client makes of an error answer with this code about `key`: `lock_held`
     /// is [`Error::Held`] (a client's wait loop turns it into [`Error::WaitTimeout`]), and the
     /// codes that say the server or its store failed are [`Error::Unavailable`].
-    pub fn to_error(self, key: &str, message: String, holder: Option<String>) -> Error {
+    pub fn to_error(self, key: &str, detail: crate::wire::ErrorDetail) -> Error {
+        let crate::wire::ErrorDetail { message, holder, limit, .. } = detail;
         match self {
+            ErrorCode::LimitMismatch => match limit {
+                Some(limit) => Error::LimitMismatch { key: key.to_owned(), limit },
+                None => Error::InvalidInput(message),
+            },
             ErrorCode::LockHeld => Error::Held { key: key.to_owned(), holder },
             ErrorCode::LeaseLost => Error::LeaseLost { key: key.to_owned(), reason: LossReason::NotOwner },
             ErrorCode::InvalidRequest | ErrorCode::PayloadTooLarge => Error::InvalidInput(message),
@@ -159,7 +169,7 @@ mod tests {
 
     /// docs/SERVER.md's error table and docs/CLI.md's exit codes, copied by hand: a change to
     /// either side must change this list too.
-    const DOCUMENTED: [(&str, u16, u8); 14] = [
+    const DOCUMENTED: [(&str, u16, u8); 15] = [
         ("invalid_request", 400, 64),
         ("unauthorized", 401, 77),
         ("forbidden", 403, 77),
@@ -168,6 +178,7 @@ mod tests {
         ("not_held", 404, 69),
         ("lock_held", 409, 75),
         ("lease_lost", 409, 76),
+        ("limit_mismatch", 409, 64),
         ("payload_too_large", 413, 64),
         ("limit_exceeded", 429, 75),
         ("internal", 500, 69),
@@ -193,7 +204,13 @@ mod tests {
     #[test]
     fn the_error_of_a_code_keeps_its_exit_code() {
         for code in ErrorCode::ALL {
-            let e = code.to_error("k", "why".into(), Some("h".into()));
+            let detail = crate::wire::ErrorDetail {
+                code: code.as_str().into(),
+                message: "why".into(),
+                holder: Some("h".into()),
+                limit: Some(3),
+            };
+            let e = code.to_error("k", detail);
             assert_eq!(e.code().exit_code(), code.exit_code(), "{code}");
         }
     }
@@ -206,6 +223,7 @@ mod tests {
         assert_eq!(held.code(), ErrorCode::LockHeld);
         assert_eq!(timeout.code(), ErrorCode::LockHeld);
         assert_eq!(Error::not_owner("k").code(), ErrorCode::LeaseLost);
+        assert_eq!(Error::LimitMismatch { key: "k".into(), limit: 3 }.code(), ErrorCode::LimitMismatch);
         assert_eq!(Error::InvalidInput(String::new()).code(), ErrorCode::InvalidRequest);
         assert_eq!(Error::Unauthorized(String::new()).code(), ErrorCode::Unauthorized);
         assert_eq!(Error::LimitExceeded(String::new()).code(), ErrorCode::LimitExceeded);

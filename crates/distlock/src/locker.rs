@@ -75,12 +75,14 @@ impl Locker {
     pub async fn acquire(&self, key: &str, opts: &AcquireOptions) -> Result<Lease> {
         let full_key = opts.full_key(key)?;
         opts.validate()?;
+        crate::backend::check_limit(self.backend.as_ref(), opts.limit)?;
         let req = AcquireRequest {
             key: full_key.clone(),
             lease_id: LeaseId::generate(),
             holder: opts.holder.clone(),
             ttl: opts.ttl,
             wait: opts.wait,
+            limit: opts.limit,
         };
         let sent = Instant::now();
         let mut grant = self.backend.acquire(req).await?;

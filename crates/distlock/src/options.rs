@@ -36,6 +36,11 @@ pub struct AcquireOptions {
     /// Prefix that separates uses of one store ("deploys", "billing"): the stored key is
     /// `namespace:key`. Default none.
     pub namespace: Option<String>,
+    /// How many leases may hold the key at once: 1 (default) for a lock, N for a semaphore of N
+    /// permits (up to 10,000). Every holder of a key must name the same N
+    /// ([`Error::LimitMismatch`] otherwise). Offered by `memory://` and the lock server's
+    /// embedded store (`http://`); other backends refuse it with [`Error::InvalidInput`].
+    pub limit: u32,
     /// Renew the lease automatically while it is held. Default `true`.
     pub auto_renew: bool,
     /// Interval of automatic renewal. Default TTL/3.
@@ -52,6 +57,7 @@ impl Default for AcquireOptions {
             wait: Wait::TryOnce,
             holder: format!("pid-{}", std::process::id()),
             namespace: None,
+            limit: 1,
             auto_renew: true,
             renew_every: None,
             safety_margin: None,
@@ -74,6 +80,12 @@ impl AcquireOptions {
     /// Waits up to `wait` for the key: a [`Duration`] (zero tries once) or a [`Wait`].
     pub fn wait(mut self, wait: impl Into<Wait>) -> Self {
         self.wait = wait.into();
+        self
+    }
+
+    /// Lets up to `n` leases hold the key at once (a semaphore); see [`AcquireOptions::limit`].
+    pub fn limit(mut self, n: u32) -> Self {
+        self.limit = n;
         self
     }
 

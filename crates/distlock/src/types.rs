@@ -142,6 +142,9 @@ pub struct AcquireRequest {
     pub ttl: Duration,
     /// How long to wait while another holds the key.
     pub wait: Wait,
+    /// How many leases may hold the key at once: 1 for a lock, N for a semaphore of N permits
+    /// (1 ..= [`crate::validate::MAX_LIMIT`]). Every holder of a key names the same N.
+    pub limit: u32,
 }
 
 /// How long an acquire waits while another holds the key.
@@ -250,6 +253,25 @@ pub struct LockInfo {
     /// renewed: `ttl - expires_in` ago.
     #[serde(default, with = "millis_opt", rename = "ttl_ms")]
     pub ttl: Option<Duration>,
+    /// The permits of a semaphore (a key held with a limit above 1); `None` for a lock. The
+    /// other fields then describe the newest grant, and `holders` lists them all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// Every holder of a semaphore, oldest grant first (empty for a lock: see `holder`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<HolderInfo>,
+}
+
+/// One holder of a semaphore, as [`LockInfo::holders`] lists it. Never contains the lease id.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HolderInfo {
+    /// The holder's label.
+    pub holder: String,
+    /// The fencing token of its grant.
+    pub fencing_token: u64,
+    /// Time left on its lease.
+    #[serde(with = "millis", rename = "expires_in_ms")]
+    pub expires_in: Duration,
 }
 
 impl LockInfo {
@@ -264,6 +286,8 @@ impl LockInfo {
             waiters,
             held_for: None,
             ttl: None,
+            limit: None,
+            holders: Vec::new(),
         }
     }
 }
@@ -364,6 +388,20 @@ pub struct LockPage {
     /// The cursor for the next page; `None` (JSON `null`) when this page is the last.
     #[serde(default)]
     pub next: Option<String>,
+}
+
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
 }
 
 mod millis_opt {

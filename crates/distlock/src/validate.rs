@@ -21,6 +21,8 @@ pub const MIN_TTL: Duration = Duration::from_millis(100);
 pub const MAX_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 /// The longest holder label, in characters.
 pub const MAX_HOLDER_CHARS: usize = 256;
+/// The most permits a semaphore may have (`limit`).
+pub const MAX_LIMIT: u32 = 10_000;
 
 /// Checks a full key (namespace included).
 ///
@@ -54,6 +56,21 @@ pub fn ttl(ttl: Duration) -> Result<()> {
     if ttl < MIN_TTL || ttl > MAX_TTL {
         return Err(Error::InvalidInput(format!(
             "ttl {ttl:?} is out of bounds; it must be from 100ms to 24h"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a semaphore's permits: 1 (a lock) to [`MAX_LIMIT`].
+///
+/// ```
+/// assert!(distlock::validate::limit(3).is_ok());
+/// assert!(distlock::validate::limit(0).is_err());
+/// ```
+pub fn limit(limit: u32) -> Result<()> {
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(Error::InvalidInput(format!(
+            "limit {limit} is out of bounds; it must be from 1 to {MAX_LIMIT}"
         )));
     }
     Ok(())

@@ -27,6 +27,10 @@ pub struct AcquireBody {
     /// Holder label shown in status.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub holder: Option<String>,
+    /// How many leases may hold the key at once (1 ..= 10,000; default 1, a lock): a semaphore
+    /// of N permits. Every holder of a key names the same N (`limit_mismatch` otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
 }
 
 /// Body of `POST /v1/locks/{key}/renew`.
@@ -150,6 +154,9 @@ pub enum BatchOp {
         /// Holder label.
         #[serde(skip_serializing_if = "Option::is_none")]
         holder: Option<String>,
+        /// Permits of a semaphore (default 1, a lock).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
     },
     /// As `POST /v1/locks/{key}/renew`.
     Renew {
@@ -214,6 +221,9 @@ pub struct ErrorDetail {
     /// For `lock_held`: the current holder's label, where known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub holder: Option<String>,
+    /// For `limit_mismatch`: the limit the key's current holders were granted with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
 }
 
 /// What happened, in an [`Event`].
@@ -378,9 +388,15 @@ mod tests {
 
     #[test]
     fn acquire_renew_release_bodies() {
-        let acquire =
-            AcquireBody { ttl_ms: Some(30_000), wait_ms: Some(0), holder: Some("host-1/pid-42".into()) };
+        let acquire = AcquireBody {
+            ttl_ms: Some(30_000),
+            wait_ms: Some(0),
+            holder: Some("host-1/pid-42".into()),
+            limit: None,
+        };
         exact(acquire, r#"{"ttl_ms":30000,"wait_ms":0,"holder":"host-1/pid-42"}"#);
+        let semaphore = AcquireBody { limit: Some(3), ..AcquireBody::default() };
+        exact(semaphore, r#"{"limit":3}"#);
         exact(AcquireBody::default(), "{}");
         exact(RenewBody { lease_id: "9f1c".into(), ttl_ms: None }, r#"{"lease_id":"9f1c"}"#);
         exact(
@@ -422,6 +438,7 @@ mod tests {
                 code: crate::ErrorCode::LockHeld.as_str().into(),
                 message: "lock \"deploy/web\" is held by \"ci-7\"".into(),
                 holder: Some("ci-7".into()),
+                limit: None,
             },
         };
         exact(
@@ -429,16 +446,36 @@ mod tests {
             r#"{"error":{"code":"lock_held","message":"lock \"deploy/web\" is held by \"ci-7\"","holder":"ci-7"}}"#,
         );
         let lost = ErrorBody {
-            error: ErrorDetail { code: "lease_lost".into(), message: "gone".into(), holder: None },
+            error: ErrorDetail {
+                code: "lease_lost".into(),
+                message: "gone".into(),
+                holder: None,
+                limit: None,
+            },
         };
         exact(lost, r#"{"error":{"code":"lease_lost","message":"gone"}}"#);
+        let mismatch = ErrorBody {
+            error: ErrorDetail {
+                code: "limit_mismatch".into(),
+                message: "m".into(),
+                holder: None,
+                limit: Some(3),
+            },
+        };
+        exact(mismatch, r#"{"error":{"code":"limit_mismatch","message":"m","limit":3}}"#);
     }
 
     #[test]
     fn batch_bodies() {
         let ops = BatchBody {
             ops: vec![
-                BatchOp::Acquire { key: "a".into(), ttl_ms: Some(30_000), wait_ms: None, holder: None },
+                BatchOp::Acquire {
+                    key: "a".into(),
+                    ttl_ms: Some(30_000),
+                    wait_ms: None,
+                    holder: None,
+                    limit: None,
+                },
                 BatchOp::Renew { key: "c".into(), lease_id: "9f1c".into(), ttl_ms: None },
                 BatchOp::Release { key: "b".into(), lease_id: "9f1c".into() },
             ],

@@ -112,6 +112,7 @@ async fn expiry_and_wait_timeout() {
             holder: "crashed".into(),
             ttl: Duration::from_secs(2),
             wait: distlock::Wait::TryOnce,
+            limit: 1,
         })
         .await
         .unwrap();
@@ -210,6 +211,7 @@ async fn renew_racing_a_release_is_lease_lost() {
             holder: "racer".into(),
             ttl: Duration::from_secs(10),
             wait: distlock::Wait::TryOnce,
+            limit: 1,
         };
         let grant = a.backend().acquire(req).await.unwrap();
         let id = grant.lease_id;
@@ -506,6 +508,7 @@ async fn an_unrenewed_lock_expires_while_its_session_lives() {
         holder: "stale".into(),
         ttl,
         wait: distlock::Wait::TryOnce,
+        limit: 1,
     };
     let stale = a.backend().acquire(req).await.unwrap();
     let session = session_of(&backend);
@@ -575,6 +578,7 @@ async fn a_lock_renewed_elsewhere_moves_to_that_session() {
         holder: "mover".into(),
         ttl: Duration::from_secs(2),
         wait: distlock::Wait::TryOnce,
+        limit: 1,
     };
     let grant = a.backend().acquire(req).await.unwrap();
     let token = grant.fencing_token;

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 mod support;
 
 // Every behaviour a backend promises (crates/distlock-testkit), in real time.
-distlock_testkit::contract_tests!(distlock_testkit::Caps::default(), async {
+distlock_testkit::contract_tests!(distlock_testkit::Caps { semaphores: true, ..Default::default() }, async {
     (Locker::open("memory://").await.expect("memory://"), ())
 });
 
@@ -74,6 +74,7 @@ async fn expiry_wakes_waiter() {
             holder: "crashed".into(),
             ttl: secs(3),
             wait: distlock::Wait::TryOnce,
+            limit: 1,
         })
         .await
         .unwrap();
@@ -289,6 +290,7 @@ async fn hundred_thousand_leases() {
                 holder: "bulk".into(),
                 ttl: secs(10),
                 wait: distlock::Wait::TryOnce,
+                limit: 1,
             })
             .await
             .unwrap();

@@ -93,6 +93,7 @@ async fn expiry_lets_the_next_waiter_in() {
             holder: "crashed".into(),
             ttl: ms(600),
             wait: distlock::Wait::TryOnce,
+            limit: 1,
         })
         .await
         .unwrap();

@@ -138,7 +138,7 @@ proptest! {
                     }
                     let before = table.info(&key_name(key), at(now_ms));
                     let r = if release {
-                        table.release(&key_name(key), &id, at(now_ms))
+                        table.release(&key_name(key), &id, at(now_ms)).map(|_| ())
                     } else {
                         table.renew(&key_name(key), &id, Some(Duration::from_millis(500)), at(now_ms)).map(|_| ())
                     };

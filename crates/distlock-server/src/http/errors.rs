@@ -25,11 +25,12 @@ pub struct ApiError {
     pub(super) code: ErrorCode,
     pub(super) message: String,
     pub(super) holder: Option<String>,
+    pub(super) limit: Option<u32>,
 }
 
 impl ApiError {
     pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
-        ApiError { code, message: message.into(), holder: None }
+        ApiError { code, message: message.into(), holder: None, limit: None }
     }
 
     pub(super) fn invalid(message: impl Into<String>) -> ApiError {
@@ -58,6 +59,7 @@ impl ApiError {
                 code: self.code.as_str().to_owned(),
                 message: self.message,
                 holder: self.holder,
+                limit: self.limit,
             },
         }
     }
@@ -85,13 +87,8 @@ impl From<Forbidden> for ApiError {
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> ApiError {
-        let code = e.code();
-        let message = e.to_string();
-        let holder = match e {
-            Error::Held { holder, .. } | Error::WaitTimeout { holder, .. } => holder,
-            _ => None,
-        };
-        ApiError { holder, ..ApiError::new(code, message) }
+        let detail = e.detail(e.to_string());
+        ApiError { code: e.code(), message: detail.message, holder: detail.holder, limit: detail.limit }
     }
 }
 

@@ -74,6 +74,8 @@ pub(super) async fn do_acquire(
     }
     let holder = body.holder.unwrap_or_default();
     validate::holder(&holder)?;
+    let limit = body.limit.unwrap_or(1);
+    distlock::backend::check_limit(state.backend.as_ref(), limit)?;
     // The label goes into the event history, kept whether anyone watches or not.
     let label = Some(holder.clone());
     // A waiting caller that leaves without an answer (it disconnected, or the server shut down)
@@ -84,8 +86,14 @@ pub(super) async fn do_acquire(
         holder: holder.clone(),
         armed: true,
     });
-    let req =
-        AcquireRequest { key: key.clone(), lease_id: LeaseId::generate(), holder, ttl, wait: wait.into() };
+    let req = AcquireRequest {
+        key: key.clone(),
+        lease_id: LeaseId::generate(),
+        holder,
+        ttl,
+        wait: wait.into(),
+        limit,
+    };
     let acquire = state.backend.acquire(req);
     let outcome = if wait.is_zero() {
         acquire.await

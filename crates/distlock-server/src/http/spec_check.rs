@@ -84,7 +84,7 @@ fn every_wire_body_has_the_properties_of_its_schema() {
     same(
         &spec,
         "AcquireRequest",
-        &[AcquireBody { ttl_ms: Some(1), wait_ms: Some(0), holder: Some("h".into()) }],
+        &[AcquireBody { ttl_ms: Some(1), wait_ms: Some(0), holder: Some("h".into()), limit: Some(2) }],
     );
     same(&spec, "RenewRequest", &[RenewBody { lease_id: lease_id(), ttl_ms: Some(1) }]);
     same(&spec, "ReleaseRequest", &[ReleaseBody { lease_id: lease_id() }]);
@@ -119,18 +119,39 @@ fn every_wire_body_has_the_properties_of_its_schema() {
     assert_eq!(fields(&[health("ok", Some("embedded"), None)]), answer("/healthz", "200"));
     assert_eq!(fields(&[health("unavailable", Some("redis"), Some("down"))]), answer("/healthz", "503"));
     assert_eq!(fields(&[health("ok", None, None)]), answer("/livez", "200"));
-    let info =
-        LockInfo { held_for: Some(Duration::ZERO), ttl: Some(Duration::ZERO), ..LockInfo::free("k", 0) };
-    same(&spec, "LockInfo", &[info]);
+    let info = LockInfo {
+        held_for: Some(Duration::ZERO),
+        ttl: Some(Duration::ZERO),
+        limit: Some(2),
+        holders: vec![distlock::HolderInfo {
+            holder: "h".into(),
+            fencing_token: 1,
+            expires_in: Duration::ZERO,
+        }],
+        ..LockInfo::free("k", 0)
+    };
+    same(&spec, "LockInfo", std::slice::from_ref(&info));
+    same(&spec, "Holder", &info.holders);
     same(&spec, "LockList", &[LockPage::default()]);
     let waiter = WaiterInfo { holder: "h".into(), waiting: Duration::ZERO };
     same(&spec, "Waiter", std::slice::from_ref(&waiter));
     same(&spec, "WaiterList", &[Waiters { key: "k".into(), waiters: vec![waiter] }]);
-    let detail = ErrorDetail { code: "lock_held".into(), message: "m".into(), holder: Some("h".into()) };
+    let detail = ErrorDetail {
+        code: "lock_held".into(),
+        message: "m".into(),
+        holder: Some("h".into()),
+        limit: Some(2),
+    };
     same(&spec, "Error", &[ErrorBody { error: detail.clone() }]);
     assert_eq!(fields(&[detail]), properties(&spec, &schema(&spec, "Error")["properties"]["error"]));
     let ops = [
-        BatchOp::Acquire { key: "k".into(), ttl_ms: Some(1), wait_ms: Some(0), holder: Some("h".into()) },
+        BatchOp::Acquire {
+            key: "k".into(),
+            ttl_ms: Some(1),
+            wait_ms: Some(0),
+            holder: Some("h".into()),
+            limit: Some(2),
+        },
         BatchOp::Renew { key: "k".into(), lease_id: lease_id(), ttl_ms: Some(1) },
         BatchOp::Release { key: "k".into(), lease_id: lease_id() },
     ];

@@ -90,5 +90,6 @@ fn test_lease(key: &str, token: u64) -> Record {
         holder: String::new(),
         ttl_ms: 60_000,
         fencing_token: token,
+        limit: 1,
     })
 }

@@ -3,9 +3,11 @@
 //! segment written (a crash mid-write) is cut off with a warning; anything else that does not
 //! check out refuses to start, rather than guess.
 //!
-//! Replay is order-independent where appends may race: an acquire record replaces the key's
-//! lease only if its fencing token is higher, and a release or renewal applies only to the lease
-//! it names.
+//! Replay is order-independent where appends may race: an acquire record of a lock replaces the
+//! key's lease only if its fencing token is higher, and a release or renewal applies only to the
+//! lease it names. A semaphore's acquire joins the key's other leases of the same limit: a lease
+//! whose expiry went unlogged is restored too, and only takes a permit until its TTL ends (never
+//! lose a live holder; a phantom one costs capacity, not safety).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -22,8 +24,8 @@ use super::{io_err, Record, WalError};
 pub struct Recovered {
     /// The highest fencing token ever logged.
     pub last_token: u64,
-    /// Leases held at the crash (or shutdown), by key.
-    pub leases: BTreeMap<String, SavedLease>,
+    /// Leases held at the crash (or shutdown), by key, in token order (one for a lock).
+    pub leases: BTreeMap<String, Vec<SavedLease>>,
 }
 
 impl Recovered {
@@ -32,20 +34,30 @@ impl Recovered {
         match record {
             Record::Acquire(lease) => {
                 self.last_token = self.last_token.max(lease.fencing_token);
-                let newer =
-                    self.leases.get(&lease.key).is_none_or(|cur| cur.fencing_token < lease.fencing_token);
-                if newer {
-                    self.leases.insert(lease.key.clone(), lease);
+                let held = self.leases.entry(lease.key.clone()).or_default();
+                let newest = held.last().map_or(0, |l| l.fencing_token);
+                if lease.limit > 1 && held.iter().all(|l| l.limit == lease.limit) {
+                    let at = held.partition_point(|l| l.fencing_token < lease.fencing_token);
+                    held.insert(at, lease);
+                } else if newest < lease.fencing_token {
+                    // A lock (or a new limit): granted only when the key was free, so what the
+                    // key had before ended, logged or not.
+                    *held = vec![lease];
                 }
             }
             Record::Renew { key, lease_id, ttl_ms } => {
-                if let Some(cur) = self.leases.get_mut(&key).filter(|c| c.lease_id == lease_id) {
+                if let Some(cur) =
+                    self.leases.get_mut(&key).and_then(|h| h.iter_mut().find(|c| c.lease_id == lease_id))
+                {
                     cur.ttl_ms = ttl_ms;
                 }
             }
             Record::Release { key, lease_id } => {
-                if self.leases.get(&key).is_some_and(|c| c.lease_id == lease_id) {
-                    self.leases.remove(&key);
+                if let Some(held) = self.leases.get_mut(&key) {
+                    held.retain(|c| c.lease_id != lease_id);
+                    if held.is_empty() {
+                        self.leases.remove(&key);
+                    }
                 }
             }
         }
@@ -98,7 +110,10 @@ pub fn recover(dir: &Path) -> Result<(Recovered, u64, u64), WalError> {
             reason: format!("snapshot does not parse: {e}"),
         })?;
         state.last_token = snap.last_token;
-        state.leases = snap.leases.into_iter().map(|l| (l.key.clone(), l)).collect();
+        state.leases = BTreeMap::new();
+        for l in snap.leases {
+            state.leases.entry(l.key.clone()).or_default().push(l);
+        }
         from = n;
     }
     let segments: Vec<(u64, PathBuf)> =

@@ -326,7 +326,7 @@ mod tests {
             let t = table.clone();
             let source: SnapshotSource = Arc::new(move || {
                 let t = t.lock().unwrap();
-                (t.last_token, t.leases.values().cloned().collect())
+                (t.last_token, t.leases.values().flatten().cloned().collect())
             });
             // 1 KiB segments: 60 records of ~150 bytes fill several, with snapshots between.
             let (wal, stats) = Wal::open(dir.path(), next, source, 1 << 10, false).unwrap();
@@ -335,7 +335,8 @@ mod tests {
                     let token = round * 60 + i + 1;
                     let record = if i % 3 == 2 {
                         let t = table.lock().unwrap();
-                        let (key, l) = t.leases.iter().next().unwrap();
+                        let (key, held) = t.leases.iter().next().unwrap();
+                        let l = &held[0];
                         Record::Release { key: key.clone(), lease_id: l.lease_id.clone() }
                     } else {
                         test_lease(&format!("k{token}"), token)

@@ -2126,7 +2126,7 @@ impl Backend for EtcdBackend {
     }
 
     fn offers(&self) -> Offers {
-        Offers { waiters: true, force_release: true, events: true }
+        Offers { waiters: true, force_release: true, events: true, semaphores: false }
     }
 
     /// The keys under the lock's prefix after the first, in create-revision order: every waiter,
@@ -2230,14 +2230,12 @@ impl Backend for EtcdBackend {
             }
         };
         Ok(LockInfo {
-            key: key.to_owned(),
             held: true,
             holder: Some(holder_of(owner.value())),
             fencing_token: Some(owner.create_revision() as u64),
             expires_in: Some(expires_in),
-            waiters: resp.kvs().len() as u64 - 1,
-            held_for: None,
             ttl: own.map(|(_, ttl)| ttl),
+            ..LockInfo::free(key, resp.kvs().len() as u64 - 1)
         })
     }
 

@@ -62,4 +62,8 @@ impl Backend for MemoryBackend {
     async fn list(&self, query: &ListQuery) -> Result<LockPage> {
         Ok(self.engine.list(query))
     }
+
+    fn offers(&self) -> crate::Offers {
+        crate::Offers { semaphores: true, ..Default::default() }
+    }
 }

@@ -122,6 +122,25 @@ pub struct Offers {
     /// [`Backend::observe`]: grants, releases, expiries, queueing and force-releases made by
     /// every client of the store.
     pub events: bool,
+    /// Semaphores: an [`AcquireRequest::limit`] above 1 (see [`check_limit`]).
+    pub semaphores: bool,
+}
+
+/// The backends that keep a semaphore's promise, for the error that refuses one elsewhere.
+const SEMAPHORE_BACKENDS: &str = "memory:// and the lock server's embedded store (http://)";
+
+/// Refuses a `limit` out of bounds, and a semaphore (`limit` above 1) where `backend` does not
+/// offer one ([`Error::InvalidInput`] naming the backends that do) — never offered unsafely.
+pub fn check_limit(backend: &dyn Backend, limit: u32) -> Result<()> {
+    crate::validate::limit(limit)?;
+    if limit > 1 && !backend.offers().semaphores {
+        return Err(Error::InvalidInput(format!(
+            "limit {limit} asks for a semaphore, which the {} backend does not offer (only locks, \
+             limit 1); semaphores are offered by {SEMAPHORE_BACKENDS}",
+            backend.name()
+        )));
+    }
+    Ok(())
 }
 
 /// What happened to a lock, in a [`StoreEvent`].
@@ -164,7 +183,7 @@ pub type StoreObserver = Arc<dyn Fn(StoreEvent) + Send + Sync>;
 /// What a backend opened from `url` offers (see [`Backend::offers`]), known before it is opened.
 pub fn offers_of(url: &str) -> Offers {
     match url.split_once("://").map_or("", |(s, _)| s) {
-        "etcd" => Offers { waiters: true, force_release: true, events: true },
+        "etcd" => Offers { waiters: true, force_release: true, events: true, semaphores: false },
         _ => Offers::default(),
     }
 }

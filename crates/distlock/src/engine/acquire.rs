@@ -57,20 +57,24 @@ impl Engine {
         let started = Instant::now();
         let (tx, rx) = oneshot::channel();
         let queued = self.shared.with_state(started, |s| {
-            match s.table.try_acquire(&req.key, &req.lease_id, &req.holder, req.ttl, started) {
+            match s.table.try_acquire_limit(&req.key, &req.lease_id, &req.holder, req.ttl, req.limit, started)
+            {
                 Ok(grant) => Ok(Attempt::Granted(grant)),
-                Err(held) if !req.wait.waits() => Err(held),
-                Err(_) => {
+                Err(held @ Error::Held { .. }) if !req.wait.waits() => Err(held),
+                Err(Error::Held { .. }) => {
                     let waiter = Waiter {
                         lease_id: req.lease_id.clone(),
                         holder: req.holder.clone(),
                         ttl: req.ttl,
+                        limit: req.limit,
                         since: started,
                         tx,
                     };
                     s.enqueue(&req.key, waiter);
                     Ok(Attempt::Queued)
                 }
+                // Another limit than the key's: refused at once, waiting would not change it.
+                Err(other) => Err(other),
             }
         })?;
         if let Attempt::Granted(grant) = queued {

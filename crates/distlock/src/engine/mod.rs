@@ -60,6 +60,7 @@ use state::{Shared, State};
 ///     holder: "me".into(),
 ///     ttl: Duration::from_secs(30),
 ///     wait: Wait::TryOnce,
+///     limit: 1,
 /// };
 /// assert_eq!(engine.acquire(req).await.unwrap().fencing_token, 1);
 /// assert_eq!(engine.status("job").holder.as_deref(), Some("me"));
@@ -114,7 +115,7 @@ impl Engine {
     ) -> Result<(Grant, Duration)> {
         let now = Instant::now();
         self.shared.with_state(now, |s| {
-            let before = s.table.live(key, now).filter(|e| e.lease_id == *lease_id).map(|e| e.ttl);
+            let before = s.table.lease(key, lease_id, now).map(|e| e.ttl);
             let grant = s.table.renew(key, lease_id, ttl, now)?;
             let before = before.unwrap_or(grant.ttl);
             Ok((grant, before))
@@ -124,12 +125,7 @@ impl Engine {
     /// Frees `key` if `lease_id` is its live lease and hands it to the next waiter, at once
     /// (callable from drop guards). Same rules as [`crate::Backend::release`].
     pub fn release(&self, key: &str, lease_id: &LeaseId) -> Result<()> {
-        let now = Instant::now();
-        self.shared.with_state(now, |s| {
-            s.table.release(key, lease_id, now)?;
-            s.hand_off(key, now);
-            Ok(())
-        })
+        self.release_reporting(key, lease_id).map(drop)
     }
 
     /// Releases like [`Engine::release`] and returns the lease it freed (holder, fencing token),
@@ -137,23 +133,24 @@ impl Engine {
     pub fn release_reporting(&self, key: &str, lease_id: &LeaseId) -> Result<SavedLease> {
         let now = Instant::now();
         self.shared.with_state(now, |s| {
-            let lease = s.table.live(key, now).filter(|e| e.lease_id == *lease_id).cloned();
-            s.table.release(key, lease_id, now)?;
+            let limit = s.table.limit_of(key);
+            let lease = s.table.release(key, lease_id, now)?;
             s.hand_off(key, now);
-            // `release` succeeded, so the live entry was this lease's.
-            lease.map(|e| SavedLease::of(key, e)).ok_or_else(|| Error::not_owner(key))
+            Ok(SavedLease::of(key, limit, lease))
         })
     }
 
-    /// Frees `key` whoever holds it — an operator's override — and hands it to the next waiter.
-    /// Returns the lease it removed (`None` when the key was not held). The token counter is not
-    /// touched; the old holder's next renew or release gets [`Error::LeaseLost`].
-    pub fn force_release(&self, key: &str) -> Option<SavedLease> {
+    /// Frees `key` whoever holds it — an operator's override — and hands it to the next
+    /// waiters. Returns the leases it removed, oldest first (every holder of a semaphore; none
+    /// when the key was not held). The token counter is not touched; an old holder's next renew
+    /// or release gets [`Error::LeaseLost`].
+    pub fn force_release(&self, key: &str) -> Vec<SavedLease> {
         let now = Instant::now();
         self.shared.with_state(now, |s| {
-            let e = s.table.force_release(key, now)?;
+            let limit = s.table.limit_of(key);
+            let freed = s.table.force_release(key, now);
             s.hand_off(key, now);
-            Some(SavedLease::of(key, e))
+            freed.into_iter().map(|e| SavedLease::of(key, limit, e)).collect()
         })
     }
 

@@ -17,6 +17,8 @@ pub(super) struct Waiter {
     pub(super) lease_id: LeaseId,
     pub(super) holder: String,
     pub(super) ttl: Duration,
+    /// The limit it asked for (the key's, when it queued).
+    pub(super) limit: u32,
     pub(super) since: Instant,
     pub(super) tx: oneshot::Sender<Grant>,
 }
@@ -37,24 +39,25 @@ fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S:
 }
 
 impl State {
-    /// `key` has just been freed: grant it to the first waiter still waiting.
+    /// A lease of `key` has just been freed: grant it to the first waiters still waiting, in
+    /// order, while the key has room (one waiter for a lock; for a semaphore, as many as there
+    /// are free permits).
     pub(super) fn hand_off(&mut self, key: &str, now: Instant) {
         let Some(queue) = self.queues.get_mut(key) else { return };
         while let Some(w) = queue.pop_front() {
             if w.tx.is_closed() {
                 continue;
             }
-            let Ok(grant) = self.table.try_acquire(key, &w.lease_id, &w.holder, w.ttl, now) else {
-                // Cannot happen (the key was just freed); keep the waiter rather than lose it.
+            let Ok(grant) = self.table.try_acquire_limit(key, &w.lease_id, &w.holder, w.ttl, w.limit, now)
+            else {
+                // No room left (or, for the first, cannot happen: the key was just freed); the
+                // waiter keeps its place.
                 queue.push_front(w);
                 break;
             };
-            match w.tx.send(grant) {
-                Ok(()) => break,
-                // The waiter gave up between the check and the send: undo and try the next one.
-                Err(grant) => {
-                    let _ = self.table.release(key, &grant.lease_id, now);
-                }
+            // A waiter that gave up between the check and the send: undo, try the next one.
+            if let Err(grant) = w.tx.send(grant) {
+                let _ = self.table.release(key, &grant.lease_id, now);
             }
         }
         if queue.is_empty() {

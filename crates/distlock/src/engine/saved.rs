@@ -23,17 +23,29 @@ pub struct SavedLease {
     pub ttl_ms: u64,
     /// The grant's fencing token.
     pub fencing_token: u64,
+    /// The key's limit: 1 for a lock (left out when written), N for a semaphore.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub limit: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 impl SavedLease {
-    /// The saved form of the table entry holding `key`.
-    pub(super) fn of(key: &str, e: Entry) -> SavedLease {
+    /// The saved form of a lease of `key`, held with `limit`.
+    pub(super) fn of(key: &str, limit: u32, e: Entry) -> SavedLease {
         SavedLease {
             key: key.to_owned(),
             lease_id: e.lease_id,
             holder: e.holder,
             ttl_ms: e.ttl.as_millis() as u64,
             fencing_token: e.fencing_token,
+            limit,
         }
     }
 }
@@ -56,7 +68,7 @@ impl Engine {
                     expires_at: now + ttl,
                     granted_at: now,
                 };
-                s.table.restore(l.key, entry);
+                s.table.restore(l.key, l.limit, entry);
             }
         });
         Ok(engine)
@@ -69,8 +81,8 @@ impl Engine {
             let leases = s
                 .table
                 .entries()
-                .filter(|(_, e)| now < e.expires_at)
-                .map(|(k, e)| SavedLease::of(k, e.clone()))
+                .filter(|(_, _, e)| now < e.expires_at)
+                .map(|(k, limit, e)| SavedLease::of(k, limit, e.clone()))
                 .collect();
             (s.table.last_token(), leases)
         })

@@ -60,10 +60,11 @@ impl State {
     /// Expires due leases and hands each freed key to its next waiter.
     pub(super) fn purge(&mut self, now: Instant) {
         for (key, entry) in self.table.purge_expired(now) {
+            let limit = self.table.limit_of(&key);
             tracing::debug!(key = %key, "lease expired");
             self.expired_total += 1;
             if let Some(observe) = &self.observer {
-                observe(TableEvent::Expired(&SavedLease::of(&key, entry)));
+                observe(TableEvent::Expired(&SavedLease::of(&key, limit, entry)));
             }
             self.hand_off(&key, now);
         }

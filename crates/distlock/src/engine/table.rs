@@ -1,9 +1,12 @@
-//! The lease table: which keys are held, by which lease, until when. Pure and synchronous.
+//! The lease table: which keys are held, by which leases, until when. Pure and synchronous.
+//!
+//! A key is held by one lease (a lock) or by up to `limit` leases (a semaphore of `limit`
+//! permits); every lease of a key was granted with the same limit.
 //!
 //! Time is passed in by the caller, so the same table serves the lease engine (and through it the
 //! in-process backend and the lock server's embedded store) and a property test that drives time
-//! by hand. Expiry is kept in an ordered set of `(deadline, key)`, so purging costs only the
-//! leases that expire, not all leases.
+//! by hand. Expiry is kept in an ordered set of `(deadline, key, token)`, so purging costs only
+//! the leases that expire, not all leases.
 //!
 //! Fencing tokens come from one counter for the whole table: every grant takes the next value.
 //! Tokens therefore strictly increase per key (and across keys), survive a key being released and
@@ -15,12 +18,12 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::types::{Grant, LeaseId, ListQuery, LockInfo};
+use crate::types::{Grant, HolderInfo, LeaseId, ListQuery, LockInfo};
 
-/// One held lock.
+/// One lease on a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
-    /// The secret of the lease that holds the key.
+    /// The lease's secret.
     pub lease_id: LeaseId,
     /// The grant's fencing token.
     pub fencing_token: u64,
@@ -34,11 +37,23 @@ pub struct Entry {
     pub granted_at: Instant,
 }
 
-/// Held locks and their deadlines. See the module documentation.
+/// The leases on one key: one for a lock, up to `limit` for a semaphore.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slot {
+    /// How many leases may hold the key at once (1: a lock).
+    pub limit: u32,
+    /// The leases, oldest grant first (so in token order).
+    pub holders: Vec<Entry>,
+}
+
+/// Held keys and their deadlines. See the module documentation.
 #[derive(Debug, Default)]
 pub struct LeaseTable {
-    locks: BTreeMap<String, Entry>,
-    expirations: BTreeSet<(Instant, String)>,
+    locks: BTreeMap<String, Slot>,
+    /// `(deadline, key, fencing token)`: the token tells the leases of one key apart.
+    expirations: BTreeSet<(Instant, String, u64)>,
+    /// Leases in the table.
+    leases: usize,
     last_token: u64,
 }
 
@@ -58,22 +73,32 @@ impl LeaseTable {
         self.last_token
     }
 
-    /// Number of entries (live, or expired but not yet purged).
+    /// Number of leases (live, or expired but not yet purged).
     pub fn len(&self) -> usize {
-        self.locks.len()
+        self.leases
     }
 
-    /// `true` when no entries are left.
+    /// `true` when no leases are left.
     pub fn is_empty(&self) -> bool {
-        self.locks.is_empty()
+        self.leases == 0
     }
 
-    /// The live lease on `key`, if any.
+    /// The newest live lease on `key`, if any (a lock's one holder).
     pub fn live(&self, key: &str, now: Instant) -> Option<&Entry> {
-        self.locks.get(key).filter(|e| now < e.expires_at)
+        self.locks.get(key)?.holders.iter().rev().find(|e| now < e.expires_at)
     }
 
-    /// Grants `key` to `lease_id` unless a live lease holds it.
+    /// The limit `key` is held with (1 when it is not held: a lock).
+    pub fn limit_of(&self, key: &str) -> u32 {
+        self.locks.get(key).map_or(1, |s| s.limit)
+    }
+
+    /// The live lease `lease_id` on `key`, if it holds the key.
+    pub fn lease(&self, key: &str, lease_id: &LeaseId, now: Instant) -> Option<&Entry> {
+        self.locks.get(key)?.holders.iter().find(|e| e.lease_id == *lease_id && now < e.expires_at)
+    }
+
+    /// Grants `key` to `lease_id` as a lock (see [`LeaseTable::try_acquire_limit`] with 1).
     pub fn try_acquire(
         &mut self,
         key: &str,
@@ -82,10 +107,30 @@ impl LeaseTable {
         ttl: Duration,
         now: Instant,
     ) -> Result<Grant> {
-        if let Some(e) = self.live(key, now) {
-            return Err(Error::Held { key: key.to_owned(), holder: Some(e.holder.clone()) });
+        self.try_acquire_limit(key, lease_id, holder, ttl, 1, now)
+    }
+
+    /// Grants `key` to `lease_id` unless `limit` live leases hold it already ([`Error::Held`]),
+    /// or its live leases were granted with another limit ([`Error::LimitMismatch`]).
+    pub fn try_acquire_limit(
+        &mut self,
+        key: &str,
+        lease_id: &LeaseId,
+        holder: &str,
+        ttl: Duration,
+        limit: u32,
+        now: Instant,
+    ) -> Result<Grant> {
+        self.drop_lapsed(key, now);
+        if let Some(slot) = self.locks.get(key) {
+            if slot.limit != limit {
+                return Err(Error::LimitMismatch { key: key.to_owned(), limit: slot.limit });
+            }
+            if slot.holders.len() >= limit as usize {
+                let holder = slot.holders.last().map(|e| e.holder.clone());
+                return Err(Error::Held { key: key.to_owned(), holder });
+            }
         }
-        self.remove(key);
         self.last_token += 1;
         let entry = Entry {
             lease_id: lease_id.clone(),
@@ -95,8 +140,13 @@ impl LeaseTable {
             expires_at: now + ttl,
             granted_at: now,
         };
-        self.expirations.insert((entry.expires_at, key.to_owned()));
-        self.locks.insert(key.to_owned(), entry);
+        self.expirations.insert((entry.expires_at, key.to_owned(), entry.fencing_token));
+        self.locks
+            .entry(key.to_owned())
+            .or_insert_with(|| Slot { limit, holders: Vec::new() })
+            .holders
+            .push(entry);
+        self.leases += 1;
         Ok(Grant { lease_id: lease_id.clone(), fencing_token: self.last_token, ttl, counted_from: now })
     }
 
@@ -109,39 +159,36 @@ impl LeaseTable {
         ttl: Option<Duration>,
         now: Instant,
     ) -> Result<Grant> {
-        let entry = match self.locks.get_mut(key) {
-            Some(e) if e.lease_id == *lease_id && now < e.expires_at => e,
-            _ => return Err(Error::not_owner(key)),
-        };
+        let entry = self
+            .locks
+            .get_mut(key)
+            .and_then(|slot| slot.holders.iter_mut().find(|e| e.lease_id == *lease_id && now < e.expires_at))
+            .ok_or_else(|| Error::not_owner(key))?;
         let ttl = ttl.unwrap_or(entry.ttl);
-        self.expirations.remove(&(entry.expires_at, key.to_owned()));
+        self.expirations.remove(&(entry.expires_at, key.to_owned(), entry.fencing_token));
         entry.expires_at = now + ttl;
         entry.ttl = ttl;
-        self.expirations.insert((entry.expires_at, key.to_owned()));
+        self.expirations.insert((entry.expires_at, key.to_owned(), entry.fencing_token));
         Ok(Grant { lease_id: lease_id.clone(), fencing_token: entry.fencing_token, ttl, counted_from: now })
     }
 
-    /// Frees `key` if the live lease on it is `lease_id`.
-    pub fn release(&mut self, key: &str, lease_id: &LeaseId, now: Instant) -> Result<()> {
-        match self.locks.get(key) {
-            Some(e) if e.lease_id == *lease_id && now < e.expires_at => {
-                self.remove(key);
-                Ok(())
-            }
-            _ => Err(Error::not_owner(key)),
-        }
+    /// Frees the live lease `lease_id` on `key`, and returns it.
+    pub fn release(&mut self, key: &str, lease_id: &LeaseId, now: Instant) -> Result<Entry> {
+        let token =
+            self.lease(key, lease_id, now).map(|e| e.fencing_token).ok_or_else(|| Error::not_owner(key))?;
+        self.remove(key, token).ok_or_else(|| Error::not_owner(key))
     }
 
     /// Removes every lease whose deadline is at or before `now` and returns them with their keys,
     /// earliest deadline first.
     pub fn purge_expired(&mut self, now: Instant) -> Vec<(String, Entry)> {
         let mut expired = Vec::new();
-        while let Some((when, _)) = self.expirations.first() {
+        while let Some((when, _, _)) = self.expirations.first() {
             if *when > now {
                 break;
             }
-            if let Some((_, key)) = self.expirations.pop_first() {
-                if let Some(entry) = self.locks.remove(&key) {
+            if let Some((_, key, token)) = self.expirations.pop_first() {
+                if let Some(entry) = self.remove(&key, token) {
                     expired.push((key, entry));
                 }
             }
@@ -149,29 +196,32 @@ impl LeaseTable {
         expired
     }
 
-    /// Frees `key` whoever holds it (an operator's override) and returns the lease it removed.
-    /// The token counter is untouched: the next grant still gets a higher token.
-    pub fn force_release(&mut self, key: &str, now: Instant) -> Option<Entry> {
-        self.live(key, now)?;
-        let entry = self.locks.remove(key)?;
-        self.expirations.remove(&(entry.expires_at, key.to_owned()));
-        Some(entry)
+    /// Frees `key` whoever holds it (an operator's override) and returns the leases it removed,
+    /// oldest first. The token counter is untouched: the next grant still gets a higher token.
+    pub fn force_release(&mut self, key: &str, now: Instant) -> Vec<Entry> {
+        self.drop_lapsed(key, now);
+        let Some(slot) = self.locks.remove(key) else { return Vec::new() };
+        for e in &slot.holders {
+            self.expirations.remove(&(e.expires_at, key.to_owned(), e.fencing_token));
+        }
+        self.leases -= slot.holders.len();
+        slot.holders
     }
 
     /// The earliest deadline in the table.
     pub fn next_expiry(&self) -> Option<Instant> {
-        self.expirations.first().map(|(when, _)| *when)
+        self.expirations.first().map(|(when, _, _)| *when)
     }
 
     /// Status of `key` (`waiters` is left to the caller).
     pub fn info(&self, key: &str, now: Instant) -> LockInfo {
-        match self.live(key, now) {
-            Some(e) => entry_info(key, e, now),
+        match self.locks.get(key) {
+            Some(slot) => slot_info(key, slot, now).unwrap_or_else(|| LockInfo::free(key, 0)),
             None => LockInfo::free(key, 0),
         }
     }
 
-    /// Live leases whose key [`ListQuery::matches`] `query` (prefix and cursor; the caller applies
+    /// Held keys whose key [`ListQuery::matches`] `query` (prefix and cursor; the caller applies
     /// the limit), in key order. The range starts at the later of `prefix` and just after
     /// `query.after`, so a page costs what it returns, not the keys before it.
     pub fn list<'a>(&'a self, query: &'a ListQuery, now: Instant) -> impl Iterator<Item = LockInfo> + 'a {
@@ -186,40 +236,88 @@ impl LeaseTable {
         self.locks
             .range::<str, _>((start, Bound::Unbounded))
             .take_while(move |(k, _)| k.starts_with(prefix))
-            .filter(move |(_, e)| now < e.expires_at)
-            .map(move |(k, e)| entry_info(k, e, now))
+            .filter_map(move |(k, slot)| slot_info(k, slot, now))
     }
 
-    /// Every entry, live or not yet purged, in key order.
-    pub fn entries(&self) -> impl Iterator<Item = (&String, &Entry)> {
-        self.locks.iter()
+    /// Every lease, live or not yet purged, with its key and its key's limit, in key order.
+    pub fn entries(&self) -> impl Iterator<Item = (&String, u32, &Entry)> {
+        self.locks.iter().flat_map(|(k, slot)| slot.holders.iter().map(move |e| (k, slot.limit, e)))
     }
 
-    /// Puts back a lease restored from disk (replacing what `key` had); raises the token counter
-    /// to at least its token.
-    pub fn restore(&mut self, key: String, entry: Entry) {
-        self.remove(&key);
-        self.last_token = self.last_token.max(entry.fencing_token);
-        self.expirations.insert((entry.expires_at, key.clone()));
-        self.locks.insert(key, entry);
-    }
-
-    fn remove(&mut self, key: &str) {
-        if let Some(old) = self.locks.remove(key) {
-            self.expirations.remove(&(old.expires_at, key.to_owned()));
+    /// Puts back a lease restored from disk (replacing a lease with its id on `key`); raises the
+    /// token counter to at least its token. The key's limit becomes `limit`.
+    pub fn restore(&mut self, key: String, limit: u32, entry: Entry) {
+        if let Some(old) =
+            self.locks.get(&key).and_then(|s| s.holders.iter().find(|e| e.lease_id == entry.lease_id))
+        {
+            let token = old.fencing_token;
+            self.remove(&key, token);
         }
+        self.last_token = self.last_token.max(entry.fencing_token);
+        self.expirations.insert((entry.expires_at, key.clone(), entry.fencing_token));
+        let slot = self.locks.entry(key).or_insert_with(|| Slot { limit, holders: Vec::new() });
+        slot.limit = limit;
+        let at = slot.holders.partition_point(|e| e.fencing_token < entry.fencing_token);
+        slot.holders.insert(at, entry);
+        self.leases += 1;
+    }
+
+    /// Removes the leases of `key` whose deadline has passed (the expiry task may not have run
+    /// yet), so a grant never counts them.
+    fn drop_lapsed(&mut self, key: &str, now: Instant) {
+        let lapsed: Vec<u64> = match self.locks.get(key) {
+            Some(slot) => {
+                slot.holders.iter().filter(|e| now >= e.expires_at).map(|e| e.fencing_token).collect()
+            }
+            None => return,
+        };
+        for token in lapsed {
+            self.remove(key, token);
+        }
+    }
+
+    /// Removes the lease with `token` from `key` (and the key once it has none).
+    fn remove(&mut self, key: &str, token: u64) -> Option<Entry> {
+        let slot = self.locks.get_mut(key)?;
+        let at = slot.holders.iter().position(|e| e.fencing_token == token)?;
+        let entry = slot.holders.remove(at);
+        if slot.holders.is_empty() {
+            self.locks.remove(key);
+        }
+        self.expirations.remove(&(entry.expires_at, key.to_owned(), token));
+        self.leases -= 1;
+        Some(entry)
     }
 }
 
-fn entry_info(key: &str, e: &Entry, now: Instant) -> LockInfo {
-    LockInfo {
+/// Status of a held key, from its live leases; `None` when none is live.
+fn slot_info(key: &str, slot: &Slot, now: Instant) -> Option<LockInfo> {
+    let mut live = slot.holders.iter().filter(|e| now < e.expires_at).peekable();
+    live.peek()?;
+    let holders: Vec<&Entry> = live.collect();
+    let newest = holders[holders.len() - 1];
+    let semaphore = slot.limit > 1;
+    Some(LockInfo {
         key: key.to_owned(),
         held: true,
-        holder: Some(e.holder.clone()),
-        fencing_token: Some(e.fencing_token),
-        expires_in: Some(e.expires_at.saturating_duration_since(now)),
+        holder: Some(newest.holder.clone()),
+        fencing_token: Some(newest.fencing_token),
+        expires_in: Some(newest.expires_at.saturating_duration_since(now)),
         waiters: 0,
-        held_for: Some(now.saturating_duration_since(e.granted_at)),
-        ttl: Some(e.ttl),
-    }
+        held_for: Some(now.saturating_duration_since(newest.granted_at)),
+        ttl: Some(newest.ttl),
+        limit: semaphore.then_some(slot.limit),
+        holders: if semaphore {
+            holders
+                .iter()
+                .map(|e| HolderInfo {
+                    holder: e.holder.clone(),
+                    fencing_token: e.fencing_token,
+                    expires_in: e.expires_at.saturating_duration_since(now),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        },
+    })
 }

@@ -40,7 +40,7 @@ use tokio::time::Instant;
 
 use crate::backend::params::Params;
 use crate::backend::waiting::{Refused, Waiting};
-use crate::backend::Backend;
+use crate::backend::{Backend, Offers};
 use crate::error::{Error, ErrorCode, Result};
 use crate::types::{AcquireRequest, Grant, LeaseId, ListQuery, LockInfo, LockPage};
 use crate::wire::{
@@ -139,10 +139,10 @@ impl HttpBackend {
     /// code this version does not know, or no error body, is the server failing.
     fn error_of(&self, key: &str, status: u16, body: &[u8]) -> Error {
         let detail = serde_json::from_slice::<ErrorBody>(body).map(|b| b.error).unwrap_or_else(|_| {
-            ErrorDetail { code: String::new(), message: format!("HTTP {status}"), holder: None }
+            ErrorDetail { code: String::new(), message: format!("HTTP {status}"), holder: None, limit: None }
         });
         let code = detail.code.parse().unwrap_or(ErrorCode::Internal);
-        match code.to_error(key, detail.message, detail.holder) {
+        match code.to_error(key, detail) {
             Error::Unavailable(why) => self.client.unavailable(why),
             e => e,
         }
@@ -193,6 +193,12 @@ impl Backend for HttpBackend {
         "http"
     }
 
+    /// Semaphores go to the server, which refuses them (`invalid_request`) when its own store
+    /// does not offer them.
+    fn offers(&self) -> Offers {
+        Offers { semaphores: true, ..Offers::default() }
+    }
+
     async fn force_release(&self, key: &str) -> Result<Option<LockInfo>> {
         let path = format!("/v1/admin/locks/{}/release", encode_segment(key));
         let answer = self.send(&path, Some(&serde_json::json!({})), self.timeout).await?;
@@ -217,6 +223,7 @@ impl Backend for HttpBackend {
                         ttl_ms: Some(req.ttl.as_millis() as u64),
                         wait_ms: None,
                         holder: Some(req.holder.clone()),
+                        limit: (req.limit > 1).then_some(req.limit),
                     };
                     let sent = Instant::now();
                     return Self::grant(self.batched(batcher, &req.key, op).await?, sent);
@@ -232,6 +239,7 @@ impl Backend for HttpBackend {
                 ttl_ms: Some(req.ttl.as_millis() as u64),
                 wait_ms: Some(poll.as_millis() as u64),
                 holder: Some(req.holder.clone()),
+                limit: (req.limit > 1).then_some(req.limit),
             };
             let sent = Instant::now();
             let answer =

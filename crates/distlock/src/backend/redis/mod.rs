@@ -436,14 +436,11 @@ impl Store {
             _ => {}
         }
         Ok(LockInfo {
-            key: key.to_owned(),
             held: true,
             holder: Some(holder),
             fencing_token: Some(token),
             expires_in: Some(Duration::from_millis(pttl.max(0) as u64)),
-            waiters,
-            held_for: None,
-            ttl: None,
+            ..LockInfo::free(key, waiters)
         })
     }
 
