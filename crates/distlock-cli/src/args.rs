@@ -74,6 +74,10 @@ pub struct LockArgs {
     /// must give the same N. Offered by memory:// and the lock server's embedded store.
     #[arg(short = 'l', long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub limit: u32,
+    /// Hold the key shared with other `--shared` holders (a read lock, flock's -s); an exclusive
+    /// holder waits for all of them, and they for it. Same backends as --limit.
+    #[arg(short = 's', long, conflicts_with = "limit")]
+    pub shared: bool,
 }
 
 /// How to wait (flock's -w/-n/-E, consul lock's -monitor-retry).

@@ -520,6 +520,7 @@ pub async fn hold_background(
                     ttl,
                     wait: distlock::Wait::TryOnce,
                     limit: 1,
+                    mode: Default::default(),
                 };
                 if backend.acquire(req).await.is_ok() {
                     granted.fetch_add(1, Ordering::Relaxed);

@@ -526,7 +526,7 @@ fn human_status(info: &LockInfo) -> String {
     if !info.held {
         return format!("{}: free ({} waiting)", shown(&info.key), info.waiters);
     }
-    if let Some(limit) = info.limit {
+    if info.limit.is_some() || info.mode.is_some() {
         let holders: Vec<String> = info
             .holders
             .iter()
@@ -539,13 +539,11 @@ fn human_status(info: &LockInfo) -> String {
                 )
             })
             .collect();
-        return format!(
-            "{}: {} / {limit} held by {}, {} waiting",
-            shown(&info.key),
-            info.holders.len(),
-            holders.join(", "),
-            info.waiters
-        );
+        let count = match info.limit {
+            Some(limit) => format!("{} / {limit} held", info.holders.len()),
+            None => format!("held shared ({})", info.holders.len()),
+        };
+        return format!("{}: {count} by {}, {} waiting", shown(&info.key), holders.join(", "), info.waiters);
     }
     let held_for = info.held_for.map(|d| format!(" for {}", human(d))).unwrap_or_default();
     format!(

@@ -166,10 +166,15 @@ async fn shutdown_signal() {
 }
 
 fn lock_opts(lock: LockArgs) -> AcquireOptions {
-    AcquireOptions::new()
+    let opts = AcquireOptions::new()
         .ttl(lock.ttl)
         .limit(lock.limit)
-        .holder(lock.holder.unwrap_or_else(cli::default_holder))
+        .holder(lock.holder.unwrap_or_else(cli::default_holder));
+    if lock.shared {
+        opts.shared()
+    } else {
+        opts
+    }
 }
 
 /// The client subcommands: open the backend, then one call (or `run`, `hold`, `bench`).

@@ -724,7 +724,7 @@ fn event_history_is_bounded() {
 
 /// `run --limit N` is a semaphore (consul lock's `-n`): N commands run at once, the next is not
 /// acquired (75), another limit is a usage error (64) naming the current one, and `status`
-/// shows every holder.
+/// shows every holder; `--shared` holders share a key no exclusive holder gets meanwhile.
 #[tokio::test]
 async fn run_with_a_limit_shares_the_key() {
     let server = Server::start(&[]);
@@ -763,4 +763,14 @@ async fn run_with_a_limit_shares_the_key() {
         let _ = h.kill();
         let _ = h.wait();
     }
+
+    // --shared (flock's -s): readers together, a writer refused while they hold.
+    for holder in ["r1", "r2"] {
+        let o = run(&b, &["acquire", "--shared", "--holder", holder, "rw"]);
+        assert_eq!(code(&o), 0, "{}", stderr(&o));
+    }
+    let writer = run(&b, &["run", "-n", "rw", "--", "true"]);
+    assert_eq!(code(&writer), 75, "{}", stderr(&writer));
+    let text = stdout(&run(&b, &["status", "rw"]));
+    assert!(text.contains("held shared (2)"), "{text}");
 }

@@ -192,6 +192,7 @@ impl Backend for EmbeddedStore {
             None
         };
         let (key, holder, ttl, limit) = (req.key.clone(), req.holder.clone(), req.ttl, req.limit);
+        let shared = req.mode == distlock::LockMode::Shared;
         let grant = self.memory.acquire(req).await?;
         let lease_id = grant.lease_id.clone();
         let mut unlogged = Unlogged { memory: &self.memory, key: &key, lease_id: &lease_id, armed: true };
@@ -202,6 +203,7 @@ impl Backend for EmbeddedStore {
             ttl_ms: ttl.as_millis() as u64,
             fencing_token: grant.fencing_token,
             limit,
+            shared,
         }))
         .await?;
         unlogged.armed = false;
@@ -236,7 +238,7 @@ impl Backend for EmbeddedStore {
     }
 
     fn offers(&self) -> distlock::Offers {
-        distlock::Offers { waiters: true, force_release: true, events: false, semaphores: true }
+        distlock::Offers { waiters: true, force_release: true, events: false, many_holders: true }
     }
 
     async fn waiters(&self, key: &str) -> distlock::Result<Vec<WaiterInfo>> {

@@ -21,7 +21,7 @@ async fn start(store: Option<String>) -> InProcess {
 
 mod embedded {
     use super::*;
-    distlock_testkit::contract_tests!(Caps { semaphores: true, ..Default::default() }, async {
+    distlock_testkit::contract_tests!(Caps { many_holders: true, ..Default::default() }, async {
         let server = start(None).await;
         (client(&server).await, server)
     });

@@ -697,8 +697,9 @@ async fn server_in_front_of_etcd() {
     assert_eq!((s, &h["store"]), (200, &json!("etcd")));
 }
 
-/// A semaphore's holders are logged and recovered like locks: after a restart every holder is
-/// back with its token, the limit still binds, and the next grant's token is higher.
+/// A semaphore's holders (and a shared lock's) are logged and recovered like locks: after a
+/// restart every holder is back with its token, the limit (or the mode) still binds, and the
+/// next grant's token is higher.
 #[tokio::test]
 async fn semaphore_holders_survive_a_restart() {
     let mut server = InProcess::start();
@@ -708,11 +709,21 @@ async fn semaphore_holders_survive_a_restart() {
     let b = locker.acquire("pool", &opts.clone().holder("b")).await.unwrap();
     let (a_token, b_token) = (a.fencing_token(), b.fencing_token());
     let (a_id, b_id) = (a.lease_id().clone(), b.lease_id().clone());
+    let read = distlock::AcquireOptions::new().shared().ttl(Duration::from_secs(60)).auto_renew(false);
+    let r1 = locker.acquire("rw", &read.clone().holder("r1")).await.unwrap();
+    let r2 = locker.acquire("rw", &read.clone().holder("r2")).await.unwrap();
     // Forget the leases without releasing them: the restart is what is tested.
     std::mem::forget(a);
     std::mem::forget(b);
+    std::mem::forget(r1);
+    std::mem::forget(r2);
     server.restart();
     let locker = server.locker().await;
+    let rw = locker.status("rw").await.unwrap();
+    assert_eq!((rw.mode, rw.holders.len()), (Some(distlock::LockMode::Shared), 2), "{rw:?}");
+    locker.acquire("rw", &read.clone().holder("r3")).await.expect("readers still share it");
+    let write = locker.acquire("rw", &distlock::AcquireOptions::new()).await;
+    assert!(matches!(write, Err(Error::Held { .. })), "{write:?}");
     let info = locker.status("pool").await.unwrap();
     assert_eq!(info.limit, Some(3), "{info:?}");
     let holders: Vec<(&str, u64)> =

@@ -28,7 +28,7 @@ pub struct Caps {
     pub exact_refusals: bool,
     /// Semaphores (`limit` above 1) are offered; a backend without them must refuse one with
     /// `InvalidInput`, never grant it.
-    pub semaphores: bool,
+    pub many_holders: bool,
 }
 
 impl Default for Caps {
@@ -38,7 +38,7 @@ impl Default for Caps {
             renew_slack: Duration::ZERO,
             ttl_follows_renewals: true,
             exact_refusals: true,
-            semaphores: false,
+            many_holders: false,
         }
     }
 }
@@ -364,7 +364,7 @@ pub async fn semaphore_never_exceeds_its_limit(locker: &Locker, caps: &Caps) {
     const LIMIT: u32 = 3;
     let key = "contract/semaphore";
     let opts = AcquireOptions::new().limit(LIMIT).ttl(10 * SECOND).wait(20 * SECOND).auto_renew(false);
-    if !caps.semaphores {
+    if !caps.many_holders {
         let refused = locker.acquire(key, &opts).await;
         assert!(matches!(&refused, Err(Error::InvalidInput(m)) if m.contains("semaphore")), "{refused:?}");
         assert!(!locker.status(key).await.expect("status").held, "a refused semaphore granted nothing");
@@ -439,6 +439,88 @@ pub async fn semaphore_never_exceeds_its_limit(locker: &Locker, caps: &Caps) {
     assert_eq!(tokens.len(), n, "a fencing token was handed out twice");
     assert_eq!(most.load(Ordering::SeqCst), LIMIT as usize, "the permits were all used at once");
     assert!(!locker.status(key).await.expect("status").held, "every permit returned");
+}
+
+/// Shared (read) and exclusive (write) holders of one key: shared holders together, an exclusive
+/// one alone; waiting is FIFO across both modes, so a shared request behind a waiting exclusive
+/// one waits (no writer starvation) and consecutive shared waiters are granted together; then 12
+/// tasks (a third writers) check on every entry that a writer is alone and readers see no writer.
+/// A backend without shared locks must refuse one with `InvalidInput`.
+pub async fn shared_and_exclusive_are_fair(locker: &Locker, caps: &Caps) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let key = "contract/rw";
+    let read = AcquireOptions::new().shared().ttl(30 * SECOND).auto_renew(false);
+    let write = AcquireOptions::new().ttl(30 * SECOND).auto_renew(false);
+    if !caps.many_holders {
+        let refused = locker.acquire(key, &read).await;
+        assert!(matches!(&refused, Err(Error::InvalidInput(m)) if m.contains("shared")), "{refused:?}");
+        assert!(!locker.status(key).await.expect("status").held, "a refused shared lock granted nothing");
+        return;
+    }
+    let r1 = locker.acquire(key, &read.clone().holder("r1")).await.expect("a reader");
+    let r2 = locker.acquire(key, &read.clone().holder("r2")).await.expect("a second reader, together");
+    let info = locker.status(key).await.expect("status");
+    assert_eq!((info.mode, info.holders.len()), (Some(distlock::LockMode::Shared), 2), "{info:?}");
+    let busy = locker.acquire(key, &write).await;
+    assert!(matches!(busy, Err(Error::Held { .. })), "a writer while readers hold: {busy:?}");
+
+    let wait = |opts: &AcquireOptions, holder: &str| {
+        let (locker, opts) = (locker.clone(), opts.clone().holder(holder).wait(20 * SECOND));
+        tokio::spawn(async move { locker.acquire(key, &opts).await })
+    };
+    let writer = wait(&write, "w1");
+    until_waiters(locker, key, 1).await;
+    let late = locker.acquire(key, &read).await;
+    assert!(matches!(late, Err(Error::Held { .. })), "a reader passed a waiting writer: {late:?}");
+    let reader3 = wait(&read, "r3");
+    until_waiters(locker, key, 2).await;
+    r1.release().await.expect("release r1");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!writer.is_finished(), "the writer got in while a reader held");
+    r2.release().await.expect("release r2");
+    let w1 =
+        tokio::time::timeout(5 * SECOND, writer).await.expect("the writer, by the release").unwrap().unwrap();
+    let reader4 = wait(&read, "r4");
+    until_waiters(locker, key, 2).await;
+    assert!(!reader3.is_finished(), "a reader got in beside the writer");
+    let w1_token = w1.fencing_token();
+    w1.release().await.expect("release w1");
+    let r3 = tokio::time::timeout(5 * SECOND, reader3).await.expect("r3").unwrap().unwrap();
+    let r4 = tokio::time::timeout(5 * SECOND, reader4).await.expect("r4, with r3").unwrap().unwrap();
+    assert!(r3.fencing_token() > w1_token && r4.fencing_token() > r3.fencing_token(), "tokens rise");
+    r3.release().await.expect("release r3");
+    r4.release().await.expect("release r4");
+
+    let (readers, writers) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let tasks: Vec<_> = (0..12)
+        .map(|t| {
+            let is_writer = t % 3 == 0;
+            let opts = if is_writer { write.clone() } else { read.clone() }.wait(20 * SECOND);
+            let (locker, readers, writers) = (locker.clone(), readers.clone(), writers.clone());
+            tokio::spawn(async move {
+                for _ in 0..5 {
+                    let lease = locker.acquire(key, &opts).await.expect("a grant within the wait");
+                    if is_writer {
+                        let w = writers.fetch_add(1, Ordering::SeqCst) + 1;
+                        assert_eq!((w, readers.load(Ordering::SeqCst)), (1, 0), "a writer not alone");
+                        tokio::time::sleep(Duration::from_millis(3)).await;
+                        writers.fetch_sub(1, Ordering::SeqCst);
+                    } else {
+                        readers.fetch_add(1, Ordering::SeqCst);
+                        assert_eq!(writers.load(Ordering::SeqCst), 0, "a reader beside a writer");
+                        tokio::time::sleep(Duration::from_millis(3)).await;
+                        readers.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    lease.release().await.expect("release");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(!locker.status(key).await.expect("status").held, "every holder gone");
 }
 
 /// See [`pages_of_ten`].

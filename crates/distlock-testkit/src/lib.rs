@@ -53,6 +53,7 @@ macro_rules! contract_tests {
             case!(list_pages_follow_the_cursor);
             case!(histories_are_linearizable);
             case!(semaphore_never_exceeds_its_limit);
+            case!(shared_and_exclusive_are_fair);
         }
     };
 }

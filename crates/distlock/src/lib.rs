@@ -55,4 +55,4 @@ pub use error::{Error, ErrorCode, LossReason, Result};
 pub use lease::{Lease, LeaseState, LeaseWatch};
 pub use locker::{Fence, Locker};
 pub use options::AcquireOptions;
-pub use types::{AcquireRequest, Grant, HolderInfo, LeaseId, ListQuery, LockInfo, LockPage, Wait};
+pub use types::{AcquireRequest, Grant, HolderInfo, LeaseId, ListQuery, LockInfo, LockMode, LockPage, Wait};

@@ -75,7 +75,7 @@ impl Locker {
     pub async fn acquire(&self, key: &str, opts: &AcquireOptions) -> Result<Lease> {
         let full_key = opts.full_key(key)?;
         opts.validate()?;
-        crate::backend::check_limit(self.backend.as_ref(), opts.limit)?;
+        crate::backend::check_holders(self.backend.as_ref(), opts.limit, opts.mode)?;
         let req = AcquireRequest {
             key: full_key.clone(),
             lease_id: LeaseId::generate(),
@@ -83,6 +83,7 @@ impl Locker {
             ttl: opts.ttl,
             wait: opts.wait,
             limit: opts.limit,
+            mode: opts.mode,
         };
         let sent = Instant::now();
         let mut grant = self.backend.acquire(req).await?;

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::types::Wait;
+use crate::types::{LockMode, Wait};
 use crate::validate;
 
 /// The TTL used when none is given.
@@ -41,6 +41,9 @@ pub struct AcquireOptions {
     /// ([`Error::LimitMismatch`] otherwise). Offered by `memory://` and the lock server's
     /// embedded store (`http://`); other backends refuse it with [`Error::InvalidInput`].
     pub limit: u32,
+    /// Exclusive (default) or shared with other shared holders (a read lock, `flock -s`); see
+    /// [`LockMode`]. Offered where semaphores are.
+    pub mode: LockMode,
     /// Renew the lease automatically while it is held. Default `true`.
     pub auto_renew: bool,
     /// Interval of automatic renewal. Default TTL/3.
@@ -58,6 +61,7 @@ impl Default for AcquireOptions {
             holder: format!("pid-{}", std::process::id()),
             namespace: None,
             limit: 1,
+            mode: LockMode::Exclusive,
             auto_renew: true,
             renew_every: None,
             safety_margin: None,
@@ -86,6 +90,12 @@ impl AcquireOptions {
     /// Lets up to `n` leases hold the key at once (a semaphore); see [`AcquireOptions::limit`].
     pub fn limit(mut self, n: u32) -> Self {
         self.limit = n;
+        self
+    }
+
+    /// Holds the key shared with other shared holders (a read lock); see [`LockMode::Shared`].
+    pub fn shared(mut self) -> Self {
+        self.mode = LockMode::Shared;
         self
     }
 

@@ -145,6 +145,22 @@ pub struct AcquireRequest {
     /// How many leases may hold the key at once: 1 for a lock, N for a semaphore of N permits
     /// (1 ..= [`crate::validate::MAX_LIMIT`]). Every holder of a key names the same N.
     pub limit: u32,
+    /// Exclusive (a lock, or a permit of a semaphore), or shared with other shared holders
+    /// (a read lock; `limit` 1).
+    pub mode: LockMode,
+}
+
+/// How a lease holds its key: alone, or together with other shared holders (a read lock).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LockMode {
+    /// Alone (a write lock; every lock and semaphore permit by default).
+    #[default]
+    Exclusive,
+    /// With any number of other shared holders, never with an exclusive one (a read lock).
+    /// Waiting is FIFO across both modes: a shared request behind a waiting exclusive one
+    /// waits, and consecutive shared waiters are granted together.
+    Shared,
 }
 
 /// How long an acquire waits while another holds the key.
@@ -257,7 +273,12 @@ pub struct LockInfo {
     /// other fields then describe the newest grant, and `holders` lists them all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u32>,
-    /// Every holder of a semaphore, oldest grant first (empty for a lock: see `holder`).
+    /// `shared` while shared holders hold the key (a read lock; `holders` lists them); absent
+    /// for an exclusive holder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<LockMode>,
+    /// Every holder of a semaphore or of a shared lock, oldest grant first (empty for an
+    /// exclusive lock: see `holder`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub holders: Vec<HolderInfo>,
 }
@@ -287,6 +308,7 @@ impl LockInfo {
             held_for: None,
             ttl: None,
             limit: None,
+            mode: None,
             holders: Vec::new(),
         }
     }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 pub use crate::engine::WaiterInfo;
-pub use crate::types::{LockInfo, LockPage};
+pub use crate::types::{LockInfo, LockMode, LockPage};
 
 /// Body of `POST /v1/locks/{key}/acquire`; every field optional (an empty body is all defaults).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,6 +31,10 @@ pub struct AcquireBody {
     /// of N permits. Every holder of a key names the same N (`limit_mismatch` otherwise).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limit: Option<u32>,
+    /// `exclusive` (default) or `shared`: a read lock, held with any number of other shared
+    /// holders and never with an exclusive one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<LockMode>,
 }
 
 /// Body of `POST /v1/locks/{key}/renew`.
@@ -157,6 +161,9 @@ pub enum BatchOp {
         /// Permits of a semaphore (default 1, a lock).
         #[serde(skip_serializing_if = "Option::is_none")]
         limit: Option<u32>,
+        /// `exclusive` (default) or `shared`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        mode: Option<LockMode>,
     },
     /// As `POST /v1/locks/{key}/renew`.
     Renew {
@@ -393,6 +400,7 @@ mod tests {
             wait_ms: Some(0),
             holder: Some("host-1/pid-42".into()),
             limit: None,
+            mode: None,
         };
         exact(acquire, r#"{"ttl_ms":30000,"wait_ms":0,"holder":"host-1/pid-42"}"#);
         let semaphore = AcquireBody { limit: Some(3), ..AcquireBody::default() };
@@ -475,6 +483,7 @@ mod tests {
                     wait_ms: None,
                     holder: None,
                     limit: None,
+                    mode: None,
                 },
                 BatchOp::Renew { key: "c".into(), lease_id: "9f1c".into(), ttl_ms: None },
                 BatchOp::Release { key: "b".into(), lease_id: "9f1c".into() },

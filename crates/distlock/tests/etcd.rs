@@ -113,6 +113,7 @@ async fn expiry_and_wait_timeout() {
             ttl: Duration::from_secs(2),
             wait: distlock::Wait::TryOnce,
             limit: 1,
+            mode: Default::default(),
         })
         .await
         .unwrap();
@@ -212,6 +213,7 @@ async fn renew_racing_a_release_is_lease_lost() {
             ttl: Duration::from_secs(10),
             wait: distlock::Wait::TryOnce,
             limit: 1,
+            mode: Default::default(),
         };
         let grant = a.backend().acquire(req).await.unwrap();
         let id = grant.lease_id;
@@ -509,6 +511,7 @@ async fn an_unrenewed_lock_expires_while_its_session_lives() {
         ttl,
         wait: distlock::Wait::TryOnce,
         limit: 1,
+        mode: Default::default(),
     };
     let stale = a.backend().acquire(req).await.unwrap();
     let session = session_of(&backend);
@@ -579,6 +582,7 @@ async fn a_lock_renewed_elsewhere_moves_to_that_session() {
         ttl: Duration::from_secs(2),
         wait: distlock::Wait::TryOnce,
         limit: 1,
+        mode: Default::default(),
     };
     let grant = a.backend().acquire(req).await.unwrap();
     let token = grant.fencing_token;

@@ -18,9 +18,10 @@ use tokio::time::Instant;
 mod support;
 
 // Every behaviour a backend promises (crates/distlock-testkit), in real time.
-distlock_testkit::contract_tests!(distlock_testkit::Caps { semaphores: true, ..Default::default() }, async {
-    (Locker::open("memory://").await.expect("memory://"), ())
-});
+distlock_testkit::contract_tests!(
+    distlock_testkit::Caps { many_holders: true, ..Default::default() },
+    async { (Locker::open("memory://").await.expect("memory://"), ()) }
+);
 
 fn memory() -> Locker {
     Locker::with_backend(Arc::new(MemoryBackend::new().expect("inside a runtime")))
@@ -75,6 +76,7 @@ async fn expiry_wakes_waiter() {
             ttl: secs(3),
             wait: distlock::Wait::TryOnce,
             limit: 1,
+            mode: Default::default(),
         })
         .await
         .unwrap();
@@ -291,6 +293,7 @@ async fn hundred_thousand_leases() {
                 ttl: secs(10),
                 wait: distlock::Wait::TryOnce,
                 limit: 1,
+                mode: Default::default(),
             })
             .await
             .unwrap();

@@ -94,6 +94,7 @@ async fn expiry_lets_the_next_waiter_in() {
             ttl: ms(600),
             wait: distlock::Wait::TryOnce,
             limit: 1,
+            mode: Default::default(),
         })
         .await
         .unwrap();

@@ -74,8 +74,8 @@ pub(super) async fn do_acquire(
     }
     let holder = body.holder.unwrap_or_default();
     validate::holder(&holder)?;
-    let limit = body.limit.unwrap_or(1);
-    distlock::backend::check_limit(state.backend.as_ref(), limit)?;
+    let (limit, mode) = (body.limit.unwrap_or(1), body.mode.unwrap_or_default());
+    distlock::backend::check_holders(state.backend.as_ref(), limit, mode)?;
     // The label goes into the event history, kept whether anyone watches or not.
     let label = Some(holder.clone());
     // A waiting caller that leaves without an answer (it disconnected, or the server shut down)
@@ -93,6 +93,7 @@ pub(super) async fn do_acquire(
         ttl,
         wait: wait.into(),
         limit,
+        mode,
     };
     let acquire = state.backend.acquire(req);
     let outcome = if wait.is_zero() {

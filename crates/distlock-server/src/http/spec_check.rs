@@ -11,7 +11,7 @@ use distlock::wire::{
     EventPage, ForceReleased, Health, Info, LeaseBody, LockInfo, LockPage, ReleaseBody, Released, RenewBody,
     Span, SpanEnd, SpanKind, Timeline, WaiterInfo, Waiters,
 };
-use distlock::ErrorCode;
+use distlock::{ErrorCode, LockMode};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -84,7 +84,13 @@ fn every_wire_body_has_the_properties_of_its_schema() {
     same(
         &spec,
         "AcquireRequest",
-        &[AcquireBody { ttl_ms: Some(1), wait_ms: Some(0), holder: Some("h".into()), limit: Some(2) }],
+        &[AcquireBody {
+            ttl_ms: Some(1),
+            wait_ms: Some(0),
+            holder: Some("h".into()),
+            limit: Some(2),
+            mode: Some(LockMode::Shared),
+        }],
     );
     same(&spec, "RenewRequest", &[RenewBody { lease_id: lease_id(), ttl_ms: Some(1) }]);
     same(&spec, "ReleaseRequest", &[ReleaseBody { lease_id: lease_id() }]);
@@ -123,6 +129,7 @@ fn every_wire_body_has_the_properties_of_its_schema() {
         held_for: Some(Duration::ZERO),
         ttl: Some(Duration::ZERO),
         limit: Some(2),
+        mode: Some(LockMode::Shared),
         holders: vec![distlock::HolderInfo {
             holder: "h".into(),
             fencing_token: 1,
@@ -151,6 +158,7 @@ fn every_wire_body_has_the_properties_of_its_schema() {
             wait_ms: Some(0),
             holder: Some("h".into()),
             limit: Some(2),
+            mode: Some(LockMode::Shared),
         },
         BatchOp::Renew { key: "k".into(), lease_id: lease_id(), ttl_ms: Some(1) },
         BatchOp::Release { key: "k".into(), lease_id: lease_id() },

@@ -91,5 +91,6 @@ fn test_lease(key: &str, token: u64) -> Record {
         ttl_ms: 60_000,
         fencing_token: token,
         limit: 1,
+        shared: false,
     })
 }

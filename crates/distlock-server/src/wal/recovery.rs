@@ -5,7 +5,8 @@
 //!
 //! Replay is order-independent where appends may race: an acquire record of a lock replaces the
 //! key's lease only if its fencing token is higher, and a release or renewal applies only to the
-//! lease it names. A semaphore's acquire joins the key's other leases of the same limit: a lease
+//! lease it names. A semaphore's (or a shared lock's) acquire joins the key's other leases of the
+//! same kind: a lease
 //! whose expiry went unlogged is restored too, and only takes a permit until its TTL ends (never
 //! lose a live holder; a phantom one costs capacity, not safety).
 
@@ -36,7 +37,8 @@ impl Recovered {
                 self.last_token = self.last_token.max(lease.fencing_token);
                 let held = self.leases.entry(lease.key.clone()).or_default();
                 let newest = held.last().map_or(0, |l| l.fencing_token);
-                if lease.limit > 1 && held.iter().all(|l| l.limit == lease.limit) {
+                let many = lease.limit > 1 || lease.shared;
+                if many && held.iter().all(|l| l.limit == lease.limit && l.shared == lease.shared) {
                     let at = held.partition_point(|l| l.fencing_token < lease.fencing_token);
                     held.insert(at, lease);
                 } else if newest < lease.fencing_token {

@@ -64,6 +64,6 @@ impl Backend for MemoryBackend {
     }
 
     fn offers(&self) -> crate::Offers {
-        crate::Offers { semaphores: true, ..Default::default() }
+        crate::Offers { many_holders: true, ..Default::default() }
     }
 }

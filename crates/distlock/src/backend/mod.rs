@@ -23,7 +23,7 @@ use async_trait::async_trait;
 
 use crate::engine::WaiterInfo;
 use crate::error::{Error, Result};
-use crate::types::{AcquireRequest, Grant, LeaseId, ListQuery, LockInfo, LockPage};
+use crate::types::{AcquireRequest, Grant, LeaseId, ListQuery, LockInfo, LockMode, LockPage};
 
 pub use memory::MemoryBackend;
 
@@ -122,21 +122,34 @@ pub struct Offers {
     /// [`Backend::observe`]: grants, releases, expiries, queueing and force-releases made by
     /// every client of the store.
     pub events: bool,
-    /// Semaphores: an [`AcquireRequest::limit`] above 1 (see [`check_limit`]).
-    pub semaphores: bool,
+    /// Keys held by several leases: semaphores (an [`AcquireRequest::limit`] above 1) and
+    /// shared locks ([`LockMode::Shared`]); see [`check_holders`].
+    pub many_holders: bool,
 }
 
-/// The backends that keep a semaphore's promise, for the error that refuses one elsewhere.
-const SEMAPHORE_BACKENDS: &str = "memory:// and the lock server's embedded store (http://)";
+/// The backends that keep the promises of semaphores and shared locks, for the error that
+/// refuses them elsewhere.
+const MANY_HOLDER_BACKENDS: &str = "memory:// and the lock server's embedded store (http://)";
 
-/// Refuses a `limit` out of bounds, and a semaphore (`limit` above 1) where `backend` does not
-/// offer one ([`Error::InvalidInput`] naming the backends that do) — never offered unsafely.
-pub fn check_limit(backend: &dyn Backend, limit: u32) -> Result<()> {
+/// Refuses a `limit` out of bounds, a shared lock with a limit, and a semaphore or a shared lock
+/// where `backend` does not offer them ([`Error::InvalidInput`] naming the backends that do) —
+/// never offered unsafely.
+pub fn check_holders(backend: &dyn Backend, limit: u32, mode: LockMode) -> Result<()> {
     crate::validate::limit(limit)?;
-    if limit > 1 && !backend.offers().semaphores {
+    let what = match (limit, mode) {
+        (1, LockMode::Exclusive) => return Ok(()),
+        (_, LockMode::Exclusive) => format!("limit {limit} asks for a semaphore"),
+        (1, LockMode::Shared) => "a shared lock".to_owned(),
+        (_, LockMode::Shared) => {
+            return Err(Error::InvalidInput(format!(
+                "a shared lock takes no limit (limit {limit}): shared holders are not counted"
+            )))
+        }
+    };
+    if !backend.offers().many_holders {
         return Err(Error::InvalidInput(format!(
-            "limit {limit} asks for a semaphore, which the {} backend does not offer (only locks, \
-             limit 1); semaphores are offered by {SEMAPHORE_BACKENDS}",
+            "{what}, which the {} backend does not offer (only exclusive locks); semaphores and \
+             shared locks are offered by {MANY_HOLDER_BACKENDS}",
             backend.name()
         )));
     }
@@ -183,7 +196,7 @@ pub type StoreObserver = Arc<dyn Fn(StoreEvent) + Send + Sync>;
 /// What a backend opened from `url` offers (see [`Backend::offers`]), known before it is opened.
 pub fn offers_of(url: &str) -> Offers {
     match url.split_once("://").map_or("", |(s, _)| s) {
-        "etcd" => Offers { waiters: true, force_release: true, events: true, semaphores: false },
+        "etcd" => Offers { waiters: true, force_release: true, events: true, many_holders: false },
         _ => Offers::default(),
     }
 }

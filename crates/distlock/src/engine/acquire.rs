@@ -12,7 +12,7 @@ use super::queue::Waiter;
 use super::state::Shared;
 use super::Engine;
 use crate::error::{Error, Result};
-use crate::types::{AcquireRequest, Grant};
+use crate::types::{AcquireRequest, Grant, LockMode};
 
 /// The first, non-waiting step of an acquire.
 enum Attempt {
@@ -57,19 +57,20 @@ impl Engine {
         let started = Instant::now();
         let (tx, rx) = oneshot::channel();
         let queued = self.shared.with_state(started, |s| {
-            match s.table.try_acquire_limit(&req.key, &req.lease_id, &req.holder, req.ttl, req.limit, started)
-            {
+            // A shared request must not pass a waiting exclusive one (no writer starvation): with
+            // live waiters queued it queues too. (Exclusive requests and permits find a key with
+            // room only when its queue is empty: a freed place is handed off at once.)
+            let attempt = if req.mode == LockMode::Shared && s.waiters(&req.key) > 0 {
+                let holder = s.table.live(&req.key, started).map(|e| e.holder.clone());
+                Err(Error::Held { key: req.key.clone(), holder })
+            } else {
+                s.table.grant(&req, started)
+            };
+            match attempt {
                 Ok(grant) => Ok(Attempt::Granted(grant)),
                 Err(held @ Error::Held { .. }) if !req.wait.waits() => Err(held),
                 Err(Error::Held { .. }) => {
-                    let waiter = Waiter {
-                        lease_id: req.lease_id.clone(),
-                        holder: req.holder.clone(),
-                        ttl: req.ttl,
-                        limit: req.limit,
-                        since: started,
-                        tx,
-                    };
+                    let waiter = Waiter { req: req.clone(), since: started, tx };
                     s.enqueue(&req.key, waiter);
                     Ok(Attempt::Queued)
                 }

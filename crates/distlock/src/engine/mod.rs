@@ -61,6 +61,7 @@ use state::{Shared, State};
 ///     ttl: Duration::from_secs(30),
 ///     wait: Wait::TryOnce,
 ///     limit: 1,
+///     mode: distlock::LockMode::Exclusive,
 /// };
 /// assert_eq!(engine.acquire(req).await.unwrap().fencing_token, 1);
 /// assert_eq!(engine.status("job").holder.as_deref(), Some("me"));

@@ -10,15 +10,12 @@ use tokio::time::Instant;
 use super::observer::TableEvent;
 use super::state::State;
 use super::Engine;
-use crate::types::{Grant, LeaseId};
+use crate::types::{AcquireRequest, Grant};
 
 /// A caller blocked in `acquire`: it gets its grant through `tx`.
 pub(super) struct Waiter {
-    pub(super) lease_id: LeaseId,
-    pub(super) holder: String,
-    pub(super) ttl: Duration,
-    /// The limit it asked for (the key's, when it queued).
-    pub(super) limit: u32,
+    /// What it asked for (its limit is the key's, when it queued).
+    pub(super) req: AcquireRequest,
     pub(super) since: Instant,
     pub(super) tx: oneshot::Sender<Grant>,
 }
@@ -41,15 +38,14 @@ fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S:
 impl State {
     /// A lease of `key` has just been freed: grant it to the first waiters still waiting, in
     /// order, while the key has room (one waiter for a lock; for a semaphore, as many as there
-    /// are free permits).
+    /// are free permits; every shared waiter up to the first exclusive one).
     pub(super) fn hand_off(&mut self, key: &str, now: Instant) {
         let Some(queue) = self.queues.get_mut(key) else { return };
         while let Some(w) = queue.pop_front() {
             if w.tx.is_closed() {
                 continue;
             }
-            let Ok(grant) = self.table.try_acquire_limit(key, &w.lease_id, &w.holder, w.ttl, w.limit, now)
-            else {
+            let Ok(grant) = self.table.grant(&w.req, now) else {
                 // No room left (or, for the first, cannot happen: the key was just freed); the
                 // waiter keeps its place.
                 queue.push_front(w);
@@ -68,7 +64,7 @@ impl State {
     /// Puts `waiter` at the end of the queue of `key`.
     pub(super) fn enqueue(&mut self, key: &str, waiter: Waiter) {
         if let Some(observe) = &self.observer {
-            observe(TableEvent::Queued { key, holder: &waiter.holder });
+            observe(TableEvent::Queued { key, holder: &waiter.req.holder });
         }
         let queue = self.queues.entry(key.to_owned()).or_default();
         queue.push_back(waiter);
@@ -93,7 +89,7 @@ impl Engine {
             s.queues.get(key).map_or_else(Vec::new, |q| {
                 q.iter()
                     .filter(|w| !w.tx.is_closed())
-                    .map(|w| WaiterInfo { holder: w.holder.clone(), waiting: now - w.since })
+                    .map(|w| WaiterInfo { holder: w.req.holder.clone(), waiting: now - w.since })
                     .collect()
             })
         })

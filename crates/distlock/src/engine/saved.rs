@@ -26,6 +26,9 @@ pub struct SavedLease {
     /// The key's limit: 1 for a lock (left out when written), N for a semaphore.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub limit: u32,
+    /// Held shared (a read lock; left out when written for an exclusive lease).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
 }
 
 fn one() -> u32 {
@@ -46,6 +49,7 @@ impl SavedLease {
             ttl_ms: e.ttl.as_millis() as u64,
             fencing_token: e.fencing_token,
             limit,
+            shared: e.shared,
         }
     }
 }
@@ -67,6 +71,7 @@ impl Engine {
                     ttl,
                     expires_at: now + ttl,
                     granted_at: now,
+                    shared: l.shared,
                 };
                 s.table.restore(l.key, l.limit, entry);
             }

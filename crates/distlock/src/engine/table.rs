@@ -1,7 +1,8 @@
 //! The lease table: which keys are held, by which leases, until when. Pure and synchronous.
 //!
-//! A key is held by one lease (a lock) or by up to `limit` leases (a semaphore of `limit`
-//! permits); every lease of a key was granted with the same limit.
+//! A key is held by one lease (a lock), by up to `limit` leases (a semaphore of `limit`
+//! permits; every lease of a key was granted with the same limit), or by any number of shared
+//! leases (a read lock, never together with an exclusive one).
 //!
 //! Time is passed in by the caller, so the same table serves the lease engine (and through it the
 //! in-process backend and the lock server's embedded store) and a property test that drives time
@@ -18,7 +19,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::types::{Grant, HolderInfo, LeaseId, ListQuery, LockInfo};
+use crate::types::{AcquireRequest, Grant, HolderInfo, LeaseId, ListQuery, LockInfo, LockMode, Wait};
 
 /// One lease on a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +36,8 @@ pub struct Entry {
     pub expires_at: Instant,
     /// When the key was granted to this lease (or restored from disk).
     pub granted_at: Instant,
+    /// Held shared with other shared leases (a read lock).
+    pub shared: bool,
 }
 
 /// The leases on one key: one for a lock, up to `limit` for a semaphore.
@@ -98,7 +101,7 @@ impl LeaseTable {
         self.locks.get(key)?.holders.iter().find(|e| e.lease_id == *lease_id && now < e.expires_at)
     }
 
-    /// Grants `key` to `lease_id` as a lock (see [`LeaseTable::try_acquire_limit`] with 1).
+    /// Grants `key` to `lease_id` as an exclusive lock (see [`LeaseTable::grant`]).
     pub fn try_acquire(
         &mut self,
         key: &str,
@@ -107,38 +110,49 @@ impl LeaseTable {
         ttl: Duration,
         now: Instant,
     ) -> Result<Grant> {
-        self.try_acquire_limit(key, lease_id, holder, ttl, 1, now)
+        let req = AcquireRequest {
+            key: key.to_owned(),
+            lease_id: lease_id.clone(),
+            holder: holder.to_owned(),
+            ttl,
+            wait: Wait::TryOnce,
+            limit: 1,
+            mode: LockMode::Exclusive,
+        };
+        self.grant(&req, now)
     }
 
-    /// Grants `key` to `lease_id` unless `limit` live leases hold it already ([`Error::Held`]),
-    /// or its live leases were granted with another limit ([`Error::LimitMismatch`]).
-    pub fn try_acquire_limit(
-        &mut self,
-        key: &str,
-        lease_id: &LeaseId,
-        holder: &str,
-        ttl: Duration,
-        limit: u32,
-        now: Instant,
-    ) -> Result<Grant> {
+    /// Grants `req.key` to `req.lease_id` if the key has room for it: an exclusive request while
+    /// fewer than `req.limit` exclusive leases hold it (none, for a lock), a shared one while only
+    /// shared leases do. Otherwise [`Error::Held`], or [`Error::LimitMismatch`] when the key's
+    /// leases were granted with another limit. (`req.wait` is the caller's business: the table
+    /// never waits.)
+    pub fn grant(&mut self, req: &AcquireRequest, now: Instant) -> Result<Grant> {
+        let (key, limit, shared) = (req.key.as_str(), req.limit, req.mode == LockMode::Shared);
         self.drop_lapsed(key, now);
         if let Some(slot) = self.locks.get(key) {
             if slot.limit != limit {
                 return Err(Error::LimitMismatch { key: key.to_owned(), limit: slot.limit });
             }
-            if slot.holders.len() >= limit as usize {
+            let room = if shared {
+                slot.holders.iter().all(|e| e.shared)
+            } else {
+                slot.holders.len() < limit as usize && slot.holders.iter().all(|e| !e.shared)
+            };
+            if !room {
                 let holder = slot.holders.last().map(|e| e.holder.clone());
                 return Err(Error::Held { key: key.to_owned(), holder });
             }
         }
         self.last_token += 1;
         let entry = Entry {
-            lease_id: lease_id.clone(),
+            lease_id: req.lease_id.clone(),
             fencing_token: self.last_token,
-            holder: holder.to_owned(),
-            ttl,
-            expires_at: now + ttl,
+            holder: req.holder.clone(),
+            ttl: req.ttl,
+            expires_at: now + req.ttl,
             granted_at: now,
+            shared,
         };
         self.expirations.insert((entry.expires_at, key.to_owned(), entry.fencing_token));
         self.locks
@@ -147,7 +161,12 @@ impl LeaseTable {
             .holders
             .push(entry);
         self.leases += 1;
-        Ok(Grant { lease_id: lease_id.clone(), fencing_token: self.last_token, ttl, counted_from: now })
+        Ok(Grant {
+            lease_id: req.lease_id.clone(),
+            fencing_token: self.last_token,
+            ttl: req.ttl,
+            counted_from: now,
+        })
     }
 
     /// Extends the live lease `lease_id` on `key` to `now + ttl`; with `ttl` `None`, by the TTL
@@ -296,7 +315,8 @@ fn slot_info(key: &str, slot: &Slot, now: Instant) -> Option<LockInfo> {
     live.peek()?;
     let holders: Vec<&Entry> = live.collect();
     let newest = holders[holders.len() - 1];
-    let semaphore = slot.limit > 1;
+    let shared = newest.shared;
+    let many = slot.limit > 1 || shared;
     Some(LockInfo {
         key: key.to_owned(),
         held: true,
@@ -306,8 +326,9 @@ fn slot_info(key: &str, slot: &Slot, now: Instant) -> Option<LockInfo> {
         waiters: 0,
         held_for: Some(now.saturating_duration_since(newest.granted_at)),
         ttl: Some(newest.ttl),
-        limit: semaphore.then_some(slot.limit),
-        holders: if semaphore {
+        limit: (slot.limit > 1).then_some(slot.limit),
+        mode: shared.then_some(LockMode::Shared),
+        holders: if many {
             holders
                 .iter()
                 .map(|e| HolderInfo {

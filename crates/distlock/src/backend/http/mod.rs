@@ -42,7 +42,7 @@ use crate::backend::params::Params;
 use crate::backend::waiting::{Refused, Waiting};
 use crate::backend::{Backend, Offers};
 use crate::error::{Error, ErrorCode, Result};
-use crate::types::{AcquireRequest, Grant, LeaseId, ListQuery, LockInfo, LockPage};
+use crate::types::{AcquireRequest, Grant, LeaseId, ListQuery, LockInfo, LockMode, LockPage};
 use crate::wire::{
     AcquireBody, BatchOp, ErrorBody, ErrorDetail, ForceReleased, LeaseBody, ReleaseBody, Released, RenewBody,
 };
@@ -193,10 +193,10 @@ impl Backend for HttpBackend {
         "http"
     }
 
-    /// Semaphores go to the server, which refuses them (`invalid_request`) when its own store
+    /// Semaphores and shared locks go to the server, which refuses them (`invalid_request`) when its own store
     /// does not offer them.
     fn offers(&self) -> Offers {
-        Offers { semaphores: true, ..Offers::default() }
+        Offers { many_holders: true, ..Offers::default() }
     }
 
     async fn force_release(&self, key: &str) -> Result<Option<LockInfo>> {
@@ -224,6 +224,7 @@ impl Backend for HttpBackend {
                         wait_ms: None,
                         holder: Some(req.holder.clone()),
                         limit: (req.limit > 1).then_some(req.limit),
+                        mode: (req.mode != LockMode::Exclusive).then_some(req.mode),
                     };
                     let sent = Instant::now();
                     return Self::grant(self.batched(batcher, &req.key, op).await?, sent);
@@ -240,6 +241,7 @@ impl Backend for HttpBackend {
                 wait_ms: Some(poll.as_millis() as u64),
                 holder: Some(req.holder.clone()),
                 limit: (req.limit > 1).then_some(req.limit),
+                mode: (req.mode != LockMode::Exclusive).then_some(req.mode),
             };
             let sent = Instant::now();
             let answer =
