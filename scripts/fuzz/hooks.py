@@ -4,6 +4,10 @@ A waiting acquire blocks until the lock is free or its wait ends, and the fuzzer
 release (their TTLs run up to 24 h): a generated `wait_ms` of minutes would hold a request open
 past any sensible timeout. Valid waits over 1 s are clamped to 1 s; invalid ones (over the
 documented 1 h, negative, not integers) are left as they are, so negative tests still send them.
+
+One acquire rule OpenAPI 3.0 cannot state across fields: a shared lock takes no limit (the server
+answers 400, as documented on `mode`). A valid limit above 1 beside `"mode": "shared"` is dropped;
+invalid limits are left for the negative tests.
 """
 
 import schemathesis
@@ -16,6 +20,10 @@ def _clamp(obj):
         wait = obj.get("wait_ms")
         if isinstance(wait, int) and not isinstance(wait, bool) and 1_000 < wait <= MAX_WAIT_MS:
             obj["wait_ms"] = 1_000
+        limit = obj.get("limit")
+        valid_limit = isinstance(limit, int) and not isinstance(limit, bool) and 1 < limit <= 10_000
+        if obj.get("mode") == "shared" and valid_limit:
+            obj["limit"] = None
 
 
 @schemathesis.hook
