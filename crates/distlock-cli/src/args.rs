@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 use distlock::Wait;
 use distlock_cli::cli::{WaitPolicy, EXIT_HELD};
+use distlock_cli::run::RunConfig;
 
 /// Distributed locks: a lock server, and a client for every distlock backend.
 #[derive(Parser)]
@@ -78,6 +79,31 @@ pub struct LockArgs {
     /// holder waits for all of them, and they for it. Same backends as --limit.
     #[arg(short = 's', long, conflicts_with = "limit")]
     pub shared: bool,
+}
+
+/// The command `run` and `elect` start, and how it is stopped.
+#[derive(clap::Args)]
+pub struct CommandArgs {
+    /// Time between SIGTERM and SIGKILL when the lock (or leadership) is lost.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub kill_after: Duration,
+    /// Run this string with /bin/sh -c instead of a command after `--` (flock -c).
+    #[arg(short = 'c', long = "command", value_name = "STRING", conflicts_with = "argv")]
+    pub shell: Option<String>,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required_unless_present = "shell")]
+    pub argv: Vec<String>,
+}
+
+impl CommandArgs {
+    /// What `run` is asked to do: this command, waiting as `wait` says (default: forever).
+    pub fn config(self, wait: &WaitArgs, hide_token: bool) -> RunConfig {
+        let command = match self.shell {
+            Some(s) => vec!["/bin/sh".to_owned(), "-c".to_owned(), s],
+            None => self.argv,
+        };
+        RunConfig { policy: wait.policy(Wait::Forever), kill_after: self.kill_after, command, hide_token }
+    }
 }
 
 /// How to wait (flock's -w/-n/-E, consul lock's -monitor-retry).
@@ -154,15 +180,47 @@ pub enum ClientCommand {
         lock: LockArgs,
         #[command(flatten)]
         wait: WaitArgs,
-        /// Time between SIGTERM and SIGKILL when the lock is lost.
-        #[arg(long, default_value = "10s", value_parser = duration)]
-        kill_after: Duration,
-        /// Run this string with /bin/sh -c instead of a command after `--` (flock -c).
-        #[arg(short = 'c', long = "command", value_name = "STRING", conflicts_with = "argv")]
-        shell: Option<String>,
-        /// The command and its arguments, after `--`.
-        #[arg(last = true, required_unless_present = "shell")]
-        argv: Vec<String>,
+        #[command(flatten)]
+        command: CommandArgs,
+    },
+    /// Run a command only while this process is the leader of KEY, publishing VALUE (an
+    /// address, an id) for `distlock leader KEY` and every observer to read.
+    #[command(after_help = "Examples:\n  \
+        distlock elect scheduler --value \"$(hostname):8080\" -- ./scheduler\n  \
+        distlock leader scheduler            # prints the leader's value\n\n\
+        Candidates wait in line (FIFO) until they lead (default: as long as it takes). The command \
+        sees DISTLOCK_LEADER_VALUE and DISTLOCK_FENCING_TOKEN (pass the token to what it writes to) \
+        besides run's variables; leadership is lost and the command stopped exactly as `run` does \
+        with a lost lock (exit 76). Offered by memory:// and the lock server's embedded store.")]
+    Elect {
+        /// The election key.
+        key: String,
+        /// What the leader publishes: at most 4096 bytes, readable by anyone who may read KEY.
+        #[arg(long)]
+        value: String,
+        /// Lease TTL, from 100ms to 24h; renewed automatically while leading.
+        #[arg(long, default_value = "30s", value_parser = duration)]
+        ttl: Duration,
+        /// Holder label shown in status (default: host/pid).
+        #[arg(long)]
+        holder: Option<String>,
+        #[command(flatten)]
+        wait: WaitArgs,
+        #[command(flatten)]
+        command: CommandArgs,
+    },
+    /// Print the leader's value of an election key; with --watch, every change of leader.
+    #[command(after_help = "Output: the value alone on stdout (no leader: nothing, a message on stderr, \
+        exit 1). With --json one line {\"key\",\"value\",\"holder\",\"fencing_token\"} (all but key \
+        null when nobody leads). With --watch a line per change, starting with the leader now, until \
+        SIGINT/SIGTERM (exit 0); human lines read `VALUE (holder H, fencing token N)` or `no leader`. \
+        A watch follows reconnects by itself.")]
+    Leader {
+        /// The election key.
+        key: String,
+        /// Keep printing every change of leader (or of its value) until interrupted.
+        #[arg(long)]
+        watch: bool,
     },
     /// Take a lock and leave it held; prints the lease for `eval` (renew or release it by its id).
     #[command(after_help = "Example:\n  \

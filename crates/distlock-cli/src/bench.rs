@@ -521,6 +521,7 @@ pub async fn hold_background(
                     wait: distlock::Wait::TryOnce,
                     limit: 1,
                     mode: Default::default(),
+                    value: None,
                 };
                 if backend.acquire(req).await.is_ok() {
                     granted.fetch_add(1, Ordering::Relaxed);

@@ -546,8 +546,9 @@ fn human_status(info: &LockInfo) -> String {
         return format!("{}: {count} by {}, {} waiting", shown(&info.key), holders.join(", "), info.waiters);
     }
     let held_for = info.held_for.map(|d| format!(" for {}", human(d))).unwrap_or_default();
+    let value = info.value.as_deref().map(|v| format!(", value {}", shown(v))).unwrap_or_default();
     format!(
-        "{}: held by {}{held_for} (fencing token {}), expires in {}, {} waiting",
+        "{}: held by {}{held_for} (fencing token {}){value}, expires in {}, {} waiting",
         shown(&info.key),
         shown(info.holder.as_deref().unwrap_or("?")),
         info.fencing_token.unwrap_or(0),
@@ -564,6 +565,87 @@ pub async fn status(locker: &Locker, key: &str, out: &Output) -> u8 {
             0
         }
         Err(e) => out.fail(&e),
+    }
+}
+
+/// The one JSON shape of `leader --json`: the key, and the leader's value, holder and fencing
+/// token (`null` when nobody leads).
+#[derive(Serialize)]
+struct LeaderLine<'a> {
+    key: &'a str,
+    value: Option<&'a str>,
+    holder: Option<&'a str>,
+    fencing_token: Option<u64>,
+}
+
+/// Prints one leader (or none) as `leader` does; `Err` when stdout is closed.
+fn print_leader(
+    key: &str,
+    leader: Option<&distlock::Leader>,
+    watching: bool,
+    out: &Output,
+) -> Result<(), Closed> {
+    if out.json {
+        return out.json_line(&LeaderLine {
+            key,
+            value: leader.map(|l| l.value.as_str()),
+            holder: leader.map(|l| l.holder.as_str()),
+            fencing_token: leader.map(|l| l.fencing_token),
+        });
+    }
+    match (leader, watching) {
+        (Some(l), false) => out.line(&l.value),
+        (Some(l), true) => {
+            out.line(&format!("{} (holder {}, fencing token {})", l.value, shown(&l.holder), l.fencing_token))
+        }
+        (None, true) => out.line("no leader"),
+        (None, false) => Ok(()),
+    }
+}
+
+/// `distlock leader KEY [--watch]`: the leader's value now, or every change until a signal.
+pub async fn leader(locker: &Locker, key: &str, watch: bool, out: &Output) -> u8 {
+    if let Err(e) = distlock::validate::key(key) {
+        return out.fail(&e);
+    }
+    if !watch {
+        return match locker.leader(key).await {
+            Ok(leader) => {
+                if print_leader(key, leader.as_ref(), false, out).is_err() {
+                    return 0;
+                }
+                if leader.is_none() {
+                    out.say(format!("no leader of {}", shown(key)));
+                    return 1;
+                }
+                0
+            }
+            Err(e) => out.fail(&e),
+        };
+    }
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut sigint), Ok(mut sigterm)) =
+        (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+    else {
+        out.say("cannot install signal handlers");
+        return 1;
+    };
+    let mut changes = locker.observe(key);
+    loop {
+        let next = tokio::select! {
+            next = changes.next() => next,
+            _ = sigint.recv() => return 0,
+            _ = sigterm.recv() => return 0,
+        };
+        match next {
+            Ok(leader) => {
+                if print_leader(key, leader.as_ref(), true, out).is_err() {
+                    // Nobody reads any more (`| head -1`): done.
+                    return 0;
+                }
+            }
+            Err(e) => return out.fail(&e),
+        }
     }
 }
 

@@ -11,7 +11,6 @@ use clap::Parser;
 use args::{BenchArgs, Cli, ClientCommand, Command, LockArgs, ServeArgs};
 use distlock::{AcquireOptions, ListQuery, Locker, Wait};
 use distlock_cli::cli::{self, Output, EXIT_USAGE};
-use distlock_cli::run::RunConfig;
 use distlock_server::serve::{self, ServerConfig};
 use distlock_server::store::Limits;
 
@@ -194,16 +193,20 @@ async fn client(backend: String, command: ClientCommand, out: Output, token_from
         Err(e) => return out.fail(&e),
     };
     match command {
-        ClientCommand::Run { key, lock, wait, kill_after, shell, argv } => {
-            let command = match shell {
-                Some(s) => vec!["/bin/sh".to_owned(), "-c".to_owned(), s],
-                None => argv,
-            };
+        ClientCommand::Run { key, lock, wait, command } => {
             // A token read from --token-file stays with distlock, not the command it runs.
-            let hide_token = token_from_file;
-            let config = RunConfig { policy: wait.policy(Wait::Forever), kill_after, command, hide_token };
+            let config = command.config(&wait, token_from_file);
             distlock_cli::run::run(&locker, &key, lock_opts(lock), &config, &out).await
         }
+        ClientCommand::Elect { key, value, ttl, holder, wait, command } => {
+            let config = command.config(&wait, token_from_file);
+            let opts = AcquireOptions::new()
+                .ttl(ttl)
+                .holder(holder.unwrap_or_else(cli::default_holder))
+                .value(value);
+            distlock_cli::run::run(&locker, &key, opts, &config, &out).await
+        }
+        ClientCommand::Leader { key, watch } => cli::leader(&locker, &key, watch, &out).await,
         ClientCommand::Acquire { key, lock, wait } => {
             cli::acquire(&locker, &key, lock_opts(lock), &wait.policy(Wait::TryOnce), &out).await
         }

@@ -7,6 +7,9 @@
 //! N killed it). If the lease is lost while CMD runs, every process CMD started gets SIGTERM, then
 //! SIGKILL after `--kill-after`, and distlock exits 76 (see [`crate::child`] for how "every
 //! process" is found). Unlike `etcdctl lock`, a lost lock stops the command.
+//!
+//! `distlock elect KEY --value V -- CMD...` is the same with a value published: CMD runs only
+//! while this process leads, and also sees `DISTLOCK_LEADER_VALUE`.
 
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
@@ -119,6 +122,9 @@ pub async fn run(locker: &Locker, key: &str, opts: AcquireOptions, config: &RunC
         .env("DISTLOCK_FENCING_TOKEN", lease.fencing_token().to_string())
         .env("DISTLOCK_LEASE_ID", lease.lease_id().as_str())
         .env("DISTLOCK_TTL_MS", lease.ttl().as_millis().to_string());
+    if let Some(value) = &opts.value {
+        cmd.env("DISTLOCK_LEADER_VALUE", value);
+    }
     if config.hide_token {
         cmd.env_remove("DISTLOCK_TOKEN");
     }

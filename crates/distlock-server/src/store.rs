@@ -191,7 +191,8 @@ impl Backend for EmbeddedStore {
         } else {
             None
         };
-        let (key, holder, ttl, limit) = (req.key.clone(), req.holder.clone(), req.ttl, req.limit);
+        let (key, holder, ttl, limit, value) =
+            (req.key.clone(), req.holder.clone(), req.ttl, req.limit, req.value.clone());
         let shared = req.mode == distlock::LockMode::Shared;
         let grant = self.memory.acquire(req).await?;
         let lease_id = grant.lease_id.clone();
@@ -204,6 +205,7 @@ impl Backend for EmbeddedStore {
             fencing_token: grant.fencing_token,
             limit,
             shared,
+            value,
         }))
         .await?;
         unlogged.armed = false;
@@ -238,7 +240,28 @@ impl Backend for EmbeddedStore {
     }
 
     fn offers(&self) -> distlock::Offers {
-        distlock::Offers { waiters: true, force_release: true, events: false, many_holders: true }
+        distlock::Offers {
+            waiters: true,
+            force_release: true,
+            events: false,
+            many_holders: true,
+            elections: true,
+        }
+    }
+
+    /// Replaces the value in the table, then logs it; answered once on disk.
+    async fn proclaim(&self, key: &str, lease_id: &LeaseId, value: &str) -> distlock::Result<()> {
+        self.memory.proclaim(key, lease_id, value)?;
+        self.log(Record::Proclaim {
+            key: key.to_owned(),
+            lease_id: lease_id.clone(),
+            value: value.to_owned(),
+        })
+        .await
+    }
+
+    async fn watch(&self, key: &str) -> distlock::Result<Box<dyn distlock::StatusWatch>> {
+        Ok(Box::new(self.memory.watch(key)))
     }
 
     async fn waiters(&self, key: &str) -> distlock::Result<Vec<WaiterInfo>> {

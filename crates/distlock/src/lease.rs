@@ -137,6 +137,11 @@ impl Lease {
         Lease { shared, released: false }
     }
 
+    /// The store the lease lives in.
+    pub(crate) fn backend(&self) -> &Arc<dyn Backend> {
+        &self.shared.backend
+    }
+
     /// The key as stored (namespace included).
     pub fn key(&self) -> &str {
         &self.shared.key

@@ -22,6 +22,7 @@
 //! # Layout
 //! - [`locker`]: [`Locker`], opened from a URL; turns grants into leases.
 //! - [`lease`]: [`Lease`], renewal, the loss signal, release on drop — written once for all stores.
+//! - [`election`]: leader election on a lease ([`Locker::campaign`], [`Locker::observe`]).
 //! - [`backend`]: the [`Backend`] trait every store implements, and the backends.
 //! - [`engine`]: the lease engine (table, FIFO queues, expiry, snapshot and restore) that
 //!   `memory://` and the lock server's embedded store are built on.
@@ -38,6 +39,7 @@
 //! A process paused past its deadline can still act late: pass the fencing token to the resource.
 
 pub mod backend;
+pub mod election;
 pub mod engine;
 pub mod error;
 mod error_code;
@@ -50,7 +52,8 @@ pub mod wire;
 
 /// The attribute backends implement [`Backend`] with, re-exported so they need no extra dependency.
 pub use async_trait::async_trait;
-pub use backend::{Backend, MemoryBackend, Offers, StoreEvent, StoreEventKind, StoreObserver};
+pub use backend::{Backend, MemoryBackend, Offers, StatusWatch, StoreEvent, StoreEventKind, StoreObserver};
+pub use election::{Leader, LeaderWatch, Leadership};
 pub use error::{Error, ErrorCode, LossReason, Result};
 pub use lease::{Lease, LeaseState, LeaseWatch};
 pub use locker::{Fence, Locker};

@@ -76,6 +76,9 @@ impl Locker {
         let full_key = opts.full_key(key)?;
         opts.validate()?;
         crate::backend::check_holders(self.backend.as_ref(), opts.limit, opts.mode)?;
+        if opts.value.is_some() {
+            crate::backend::check_elections(self.backend.as_ref())?;
+        }
         let req = AcquireRequest {
             key: full_key.clone(),
             lease_id: LeaseId::generate(),
@@ -84,6 +87,7 @@ impl Locker {
             wait: opts.wait,
             limit: opts.limit,
             mode: opts.mode,
+            value: opts.value.clone(),
         };
         let sent = Instant::now();
         let mut grant = self.backend.acquire(req).await?;

@@ -44,6 +44,10 @@ pub struct AcquireOptions {
     /// Exclusive (default) or shared with other shared holders (a read lock, `flock -s`); see
     /// [`LockMode`]. Offered where semaphores are.
     pub mode: LockMode,
+    /// What the lease publishes for others to read in status (a leader's address or id; at
+    /// most 4 KiB, never secret). Default none. [`crate::Locker::campaign`] sets it; offered
+    /// where elections are ([`crate::Offers::elections`]).
+    pub value: Option<String>,
     /// Renew the lease automatically while it is held. Default `true`.
     pub auto_renew: bool,
     /// Interval of automatic renewal. Default TTL/3.
@@ -62,6 +66,7 @@ impl Default for AcquireOptions {
             namespace: None,
             limit: 1,
             mode: LockMode::Exclusive,
+            value: None,
             auto_renew: true,
             renew_every: None,
             safety_margin: None,
@@ -96,6 +101,12 @@ impl AcquireOptions {
     /// Holds the key shared with other shared holders (a read lock); see [`LockMode::Shared`].
     pub fn shared(mut self) -> Self {
         self.mode = LockMode::Shared;
+        self
+    }
+
+    /// Publishes `value` with the lease (see [`AcquireOptions::value`]).
+    pub fn value(mut self, value: impl Into<String>) -> Self {
+        self.value = Some(value.into());
         self
     }
 
@@ -152,6 +163,9 @@ impl AcquireOptions {
     pub fn validate(&self) -> Result<()> {
         validate::ttl(self.ttl)?;
         validate::holder(&self.holder)?;
+        if let Some(value) = &self.value {
+            validate::value(value)?;
+        }
         if let Some(every) = self.renew_every {
             if every.is_zero() || every >= self.ttl {
                 return Err(Error::InvalidInput(format!(

@@ -148,6 +148,9 @@ pub struct AcquireRequest {
     /// Exclusive (a lock, or a permit of a semaphore), or shared with other shared holders
     /// (a read lock; `limit` 1).
     pub mode: LockMode,
+    /// What the holder publishes with its lease (a leader's address or id), at most
+    /// [`crate::validate::MAX_VALUE_BYTES`]; returned by status, never secret. `None`: nothing.
+    pub value: Option<String>,
 }
 
 /// How a lease holds its key: alone, or together with other shared holders (a read lock).
@@ -281,6 +284,10 @@ pub struct LockInfo {
     /// exclusive lock: see `holder`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub holders: Vec<HolderInfo>,
+    /// What the current holder published with its lease (a leader's value: see
+    /// [`crate::Locker::campaign`]); absent when it published nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
 }
 
 /// One holder of a semaphore, as [`LockInfo::holders`] lists it. Never contains the lease id.
@@ -310,6 +317,7 @@ impl LockInfo {
             limit: None,
             mode: None,
             holders: Vec::new(),
+            value: None,
         }
     }
 }

@@ -23,6 +23,8 @@ pub const MAX_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 pub const MAX_HOLDER_CHARS: usize = 256;
 /// The most permits a semaphore may have (`limit`).
 pub const MAX_LIMIT: u32 = 10_000;
+/// The longest value a lease may publish (a leader's address or id), in bytes.
+pub const MAX_VALUE_BYTES: usize = 4096;
 
 /// Checks a full key (namespace included).
 ///
@@ -86,6 +88,23 @@ pub fn holder(holder: &str) -> Result<()> {
     }
     if holder.chars().any(char::is_control) {
         return Err(Error::InvalidInput("holder label must not contain control characters".into()));
+    }
+    Ok(())
+}
+
+/// Checks a value a lease publishes: at most [`MAX_VALUE_BYTES`] bytes of UTF-8 (any text,
+/// control characters included: it is data, never a label in a log line).
+///
+/// ```
+/// assert!(distlock::validate::value("10.0.0.7:8080").is_ok());
+/// assert!(distlock::validate::value(&"x".repeat(5000)).is_err());
+/// ```
+pub fn value(value: &str) -> Result<()> {
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(Error::InvalidInput(format!(
+            "value is {} bytes; the limit is {MAX_VALUE_BYTES}",
+            value.len()
+        )));
     }
     Ok(())
 }

@@ -35,6 +35,20 @@ pub struct AcquireBody {
     /// holders and never with an exclusive one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<LockMode>,
+    /// What the lease publishes for others to read in status (a leader's address or id; at
+    /// most 4,096 bytes; never secret).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+}
+
+/// Body of `POST /v1/locks/{key}/proclaim`: a leader replaces the value its lease publishes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProclaimBody {
+    /// The lease that holds the key.
+    pub lease_id: String,
+    /// The new value (at most 4,096 bytes).
+    pub value: String,
 }
 
 /// Body of `POST /v1/locks/{key}/renew`.
@@ -164,6 +178,9 @@ pub enum BatchOp {
         /// `exclusive` (default) or `shared`.
         #[serde(skip_serializing_if = "Option::is_none")]
         mode: Option<LockMode>,
+        /// What the lease publishes (a leader's value).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        value: Option<String>,
     },
     /// As `POST /v1/locks/{key}/renew`.
     Renew {
@@ -401,6 +418,7 @@ mod tests {
             holder: Some("host-1/pid-42".into()),
             limit: None,
             mode: None,
+            value: None,
         };
         exact(acquire, r#"{"ttl_ms":30000,"wait_ms":0,"holder":"host-1/pid-42"}"#);
         let semaphore = AcquireBody { limit: Some(3), ..AcquireBody::default() };
@@ -484,6 +502,7 @@ mod tests {
                     holder: None,
                     limit: None,
                     mode: None,
+                    value: None,
                 },
                 BatchOp::Renew { key: "c".into(), lease_id: "9f1c".into(), ttl_ms: None },
                 BatchOp::Release { key: "b".into(), lease_id: "9f1c".into() },

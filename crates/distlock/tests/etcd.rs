@@ -114,6 +114,7 @@ async fn expiry_and_wait_timeout() {
             wait: distlock::Wait::TryOnce,
             limit: 1,
             mode: Default::default(),
+            value: None,
         })
         .await
         .unwrap();
@@ -214,6 +215,7 @@ async fn renew_racing_a_release_is_lease_lost() {
             wait: distlock::Wait::TryOnce,
             limit: 1,
             mode: Default::default(),
+            value: None,
         };
         let grant = a.backend().acquire(req).await.unwrap();
         let id = grant.lease_id;
@@ -512,6 +514,7 @@ async fn an_unrenewed_lock_expires_while_its_session_lives() {
         wait: distlock::Wait::TryOnce,
         limit: 1,
         mode: Default::default(),
+        value: None,
     };
     let stale = a.backend().acquire(req).await.unwrap();
     let session = session_of(&backend);
@@ -583,6 +586,7 @@ async fn a_lock_renewed_elsewhere_moves_to_that_session() {
         wait: distlock::Wait::TryOnce,
         limit: 1,
         mode: Default::default(),
+        value: None,
     };
     let grant = a.backend().acquire(req).await.unwrap();
     let token = grant.fencing_token;

@@ -77,6 +77,7 @@ async fn expiry_wakes_waiter() {
             wait: distlock::Wait::TryOnce,
             limit: 1,
             mode: Default::default(),
+            value: None,
         })
         .await
         .unwrap();
@@ -294,6 +295,7 @@ async fn hundred_thousand_leases() {
                 wait: distlock::Wait::TryOnce,
                 limit: 1,
                 mode: Default::default(),
+                value: None,
             })
             .await
             .unwrap();

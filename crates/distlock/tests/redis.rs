@@ -95,6 +95,7 @@ async fn expiry_lets_the_next_waiter_in() {
             wait: distlock::Wait::TryOnce,
             limit: 1,
             mode: Default::default(),
+            value: None,
         })
         .await
         .unwrap();

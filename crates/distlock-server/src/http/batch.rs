@@ -48,7 +48,7 @@ async fn run_op(
     started: tokio::time::Instant,
 ) -> BatchResult {
     match op {
-        BatchOp::Acquire { key, ttl_ms, wait_ms, holder, limit, mode } => batch_result(
+        BatchOp::Acquire { key, ttl_ms, wait_ms, holder, limit, mode, value } => batch_result(
             async {
                 validate::key(&key)?;
                 caller.check(Action::Lock, &key)?;
@@ -57,8 +57,13 @@ async fn run_op(
                         "an acquire in a batch cannot wait: use POST /v1/locks/{key}/acquire",
                     ));
                 }
-                do_acquire(state, key, AcquireBody { ttl_ms, wait_ms: None, holder, limit, mode }, started)
-                    .await
+                do_acquire(
+                    state,
+                    key,
+                    AcquireBody { ttl_ms, wait_ms: None, holder, limit, mode, value },
+                    started,
+                )
+                .await
             }
             .await,
         ),

@@ -1,11 +1,12 @@
 //! The HTTP JSON API (axum): the router, its layers and the bearer-token check in front of the
 //! API routes. Each kind of route has its own file: `routes.rs` the lock operations, `batch.rs`
-//! `POST /v1/batch`, `admin.rs` the operator routes, `live.rs` the web page's data (events,
+//! `POST /v1/batch`, `election.rs` proclaim and a key's watch stream, `admin.rs` the operator routes, `live.rs` the web page's data (events,
 //! timeline, facts), `metrics.rs` `/metrics` and the health probes; `errors.rs` is the one error
 //! shape they all answer. Token scopes themselves are in [`crate::auth`].
 
 mod admin;
 mod batch;
+mod election;
 mod errors;
 mod live;
 mod metrics;
@@ -63,6 +64,7 @@ pub fn router(state: AppState) -> Router {
         .merge(routes::api())
         .merge(batch::api())
         .merge(admin::api())
+        .merge(election::api())
         .merge(live::api())
         .merge(metrics::api())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));

@@ -37,7 +37,7 @@ fn lease_body(key: String, grant: &distlock::Grant, received: tokio::time::Insta
 
 /// The checks a lock route (acquire, renew, release) makes before anything else, in this order:
 /// the key, the caller's right to lock it, then its body, read by `parse`.
-fn lock_call<B>(
+pub(super) fn lock_call<B>(
     caller: &Caller,
     path: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
@@ -76,6 +76,10 @@ pub(super) async fn do_acquire(
     validate::holder(&holder)?;
     let (limit, mode) = (body.limit.unwrap_or(1), body.mode.unwrap_or_default());
     distlock::backend::check_holders(state.backend.as_ref(), limit, mode)?;
+    if let Some(value) = &body.value {
+        validate::value(value)?;
+        distlock::backend::check_elections(state.backend.as_ref())?;
+    }
     // The label goes into the event history, kept whether anyone watches or not.
     let label = Some(holder.clone());
     // A waiting caller that leaves without an answer (it disconnected, or the server shut down)
@@ -94,6 +98,7 @@ pub(super) async fn do_acquire(
         wait: wait.into(),
         limit,
         mode,
+        value: body.value,
     };
     let acquire = state.backend.acquire(req);
     let outcome = if wait.is_zero() {

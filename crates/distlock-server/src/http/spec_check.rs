@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use distlock::wire::{
     AcquireBody, BatchAnswer, BatchBody, BatchOp, BatchResult, ErrorBody, ErrorDetail, Event, EventKind,
-    EventPage, ForceReleased, Health, Info, LeaseBody, LockInfo, LockPage, ReleaseBody, Released, RenewBody,
-    Span, SpanEnd, SpanKind, Timeline, WaiterInfo, Waiters,
+    EventPage, ForceReleased, Health, Info, LeaseBody, LockInfo, LockPage, ProclaimBody, ReleaseBody,
+    Released, RenewBody, Span, SpanEnd, SpanKind, Timeline, WaiterInfo, Waiters,
 };
 use distlock::{ErrorCode, LockMode};
 use serde::Serialize;
@@ -90,10 +90,12 @@ fn every_wire_body_has_the_properties_of_its_schema() {
             holder: Some("h".into()),
             limit: Some(2),
             mode: Some(LockMode::Shared),
+            value: Some("10.0.0.7:8080".into()),
         }],
     );
     same(&spec, "RenewRequest", &[RenewBody { lease_id: lease_id(), ttl_ms: Some(1) }]);
     same(&spec, "ReleaseRequest", &[ReleaseBody { lease_id: lease_id() }]);
+    same(&spec, "ProclaimRequest", &[ProclaimBody { lease_id: lease_id(), value: "v".into() }]);
     let lease =
         LeaseBody { key: "k".into(), lease_id: lease_id(), fencing_token: 1, ttl_ms: 1, waited_ms: 0 };
     same(&spec, "Lease", &[lease]);
@@ -135,6 +137,7 @@ fn every_wire_body_has_the_properties_of_its_schema() {
             fencing_token: 1,
             expires_in: Duration::ZERO,
         }],
+        value: Some("10.0.0.7:8080".into()),
         ..LockInfo::free("k", 0)
     };
     same(&spec, "LockInfo", std::slice::from_ref(&info));
@@ -159,6 +162,7 @@ fn every_wire_body_has_the_properties_of_its_schema() {
             holder: Some("h".into()),
             limit: Some(2),
             mode: Some(LockMode::Shared),
+            value: Some("v".into()),
         },
         BatchOp::Renew { key: "k".into(), lease_id: lease_id(), ttl_ms: Some(1) },
         BatchOp::Release { key: "k".into(), lease_id: lease_id() },

@@ -39,6 +39,15 @@ pub enum Record {
         /// The new TTL in ms.
         ttl_ms: u64,
     },
+    /// The value a lease publishes was replaced (a leader's proclamation).
+    Proclaim {
+        /// The key.
+        key: String,
+        /// The lease.
+        lease_id: LeaseId,
+        /// The new value.
+        value: String,
+    },
     /// A lease was released.
     Release {
         /// The key.
@@ -92,5 +101,6 @@ fn test_lease(key: &str, token: u64) -> Record {
         fencing_token: token,
         limit: 1,
         shared: false,
+        value: None,
     })
 }

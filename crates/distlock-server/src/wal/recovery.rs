@@ -54,6 +54,13 @@ impl Recovered {
                     cur.ttl_ms = ttl_ms;
                 }
             }
+            Record::Proclaim { key, lease_id, value } => {
+                if let Some(cur) =
+                    self.leases.get_mut(&key).and_then(|h| h.iter_mut().find(|c| c.lease_id == lease_id))
+                {
+                    cur.value = Some(value);
+                }
+            }
             Record::Release { key, lease_id } => {
                 if let Some(held) = self.leases.get_mut(&key) {
                     held.retain(|c| c.lease_id != lease_id);

@@ -2126,7 +2126,7 @@ impl Backend for EtcdBackend {
     }
 
     fn offers(&self) -> Offers {
-        Offers { waiters: true, force_release: true, events: true, many_holders: false }
+        Offers { waiters: true, force_release: true, events: true, ..Offers::default() }
     }
 
     /// The keys under the lock's prefix after the first, in create-revision order: every waiter,

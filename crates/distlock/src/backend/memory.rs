@@ -64,6 +64,14 @@ impl Backend for MemoryBackend {
     }
 
     fn offers(&self) -> crate::Offers {
-        crate::Offers { many_holders: true, ..Default::default() }
+        crate::Offers { many_holders: true, elections: true, ..Default::default() }
+    }
+
+    async fn proclaim(&self, key: &str, lease_id: &LeaseId, value: &str) -> Result<()> {
+        self.engine.proclaim(key, lease_id, value)
+    }
+
+    async fn watch(&self, key: &str) -> Result<Box<dyn crate::backend::StatusWatch>> {
+        Ok(Box::new(self.engine.watch(key)))
     }
 }

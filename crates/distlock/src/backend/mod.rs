@@ -110,6 +110,22 @@ pub trait Backend: Send + Sync + 'static {
         let _ = observer;
         false
     }
+
+    /// Replaces the value the live lease `lease_id` on `key` publishes (a leader's proclamation).
+    /// [`Error::LeaseLost`] when `lease_id` does not hold `key`. Offered where
+    /// [`Offers::elections`] says so; other backends answer [`Error::InvalidInput`].
+    async fn proclaim(&self, key: &str, lease_id: &LeaseId, value: &str) -> Result<()> {
+        let _ = (key, lease_id, value);
+        Err(elections_refused(self.name()))
+    }
+
+    /// The status of `key` now and at every change from then on (see [`StatusWatch`]), without
+    /// polling. Offered where [`Offers::elections`] says so; other backends answer
+    /// [`Error::InvalidInput`].
+    async fn watch(&self, key: &str) -> Result<Box<dyn StatusWatch>> {
+        let _ = key;
+        Err(elections_refused(self.name()))
+    }
 }
 
 /// The operations a backend offers beyond the required ones (see [`Backend::offers`]).
@@ -125,6 +141,9 @@ pub struct Offers {
     /// Keys held by several leases: semaphores (an [`AcquireRequest::limit`] above 1) and
     /// shared locks ([`LockMode::Shared`]); see [`check_holders`].
     pub many_holders: bool,
+    /// Leader elections: a value published with a lease ([`AcquireRequest::value`]), changed by
+    /// [`Backend::proclaim`], and [`Backend::watch`]; see [`check_elections`].
+    pub elections: bool,
 }
 
 /// The backends that keep the promises of semaphores and shared locks, for the error that
@@ -154,6 +173,35 @@ pub fn check_holders(backend: &dyn Backend, limit: u32, mode: LockMode) -> Resul
         )));
     }
     Ok(())
+}
+
+/// The backends that offer leader elections, for the error that refuses them elsewhere.
+const ELECTION_BACKENDS: &str = "memory:// and the lock server's embedded store (http://)";
+
+/// Refuses a published value, a proclamation or a watch where `backend` does not offer
+/// elections ([`Error::InvalidInput`] naming the backends that do).
+pub fn check_elections(backend: &dyn Backend) -> Result<()> {
+    match backend.offers().elections {
+        true => Ok(()),
+        false => Err(elections_refused(backend.name())),
+    }
+}
+
+fn elections_refused(backend: &str) -> Error {
+    Error::InvalidInput(format!(
+        "leader election (a value published with a lease, proclaim, watch) is not offered by the \
+         {backend} backend; it is offered by {ELECTION_BACKENDS}"
+    ))
+}
+
+/// A change feed of one key's status (see [`Backend::watch`]).
+#[async_trait]
+pub trait StatusWatch: Send {
+    /// The key's status: the first call answers the status now, each later call waits until
+    /// the key changes (a grant, a release, an expiry, a force-release or a proclamation) and
+    /// answers the status after it. Changes that come in quick succession may be answered as
+    /// one (the latest status); renewals alone are not changes.
+    async fn next(&mut self) -> Result<LockInfo>;
 }
 
 /// What happened to a lock, in a [`StoreEvent`].
@@ -196,7 +244,7 @@ pub type StoreObserver = Arc<dyn Fn(StoreEvent) + Send + Sync>;
 /// What a backend opened from `url` offers (see [`Backend::offers`]), known before it is opened.
 pub fn offers_of(url: &str) -> Offers {
     match url.split_once("://").map_or("", |(s, _)| s) {
-        "etcd" => Offers { waiters: true, force_release: true, events: true, many_holders: false },
+        "etcd" => Offers { waiters: true, force_release: true, events: true, ..Offers::default() },
         _ => Offers::default(),
     }
 }

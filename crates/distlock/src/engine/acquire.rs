@@ -67,7 +67,10 @@ impl Engine {
                 s.table.grant(&req, started)
             };
             match attempt {
-                Ok(grant) => Ok(Attempt::Granted(grant)),
+                Ok(grant) => {
+                    s.changed(&req.key);
+                    Ok(Attempt::Granted(grant))
+                }
                 Err(held @ Error::Held { .. }) if !req.wait.waits() => Err(held),
                 Err(Error::Held { .. }) => {
                     let waiter = Waiter { req: req.clone(), since: started, tx };

@@ -17,6 +17,7 @@
 //! - `acquire.rs`: the acquire that waits (a grant that races a cancellation is given back).
 //! - `saved.rs`: [`SavedLease`], snapshot and restore, for a store that persists the table.
 //! - `observer.rs`: [`TableEvent`] and [`Observer`].
+//! - `watch.rs`: change feeds of single keys, for leader elections.
 
 mod acquire;
 mod expiry;
@@ -25,6 +26,7 @@ mod queue;
 mod saved;
 mod state;
 pub mod table;
+mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +41,7 @@ pub use observer::{Observer, TableEvent};
 pub use queue::WaiterInfo;
 pub use saved::SavedLease;
 pub use table::LeaseTable;
+pub use watch::KeyWatch;
 
 use state::{Shared, State};
 
@@ -62,6 +65,7 @@ use state::{Shared, State};
 ///     wait: Wait::TryOnce,
 ///     limit: 1,
 ///     mode: distlock::LockMode::Exclusive,
+///     value: None,
 /// };
 /// assert_eq!(engine.acquire(req).await.unwrap().fencing_token, 1);
 /// assert_eq!(engine.status("job").holder.as_deref(), Some("me"));

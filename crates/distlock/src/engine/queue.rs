@@ -40,6 +40,7 @@ impl State {
     /// order, while the key has room (one waiter for a lock; for a semaphore, as many as there
     /// are free permits; every shared waiter up to the first exclusive one).
     pub(super) fn hand_off(&mut self, key: &str, now: Instant) {
+        self.changed(key);
         let Some(queue) = self.queues.get_mut(key) else { return };
         while let Some(w) = queue.pop_front() {
             if w.tx.is_closed() {

@@ -29,6 +29,9 @@ pub struct SavedLease {
     /// Held shared (a read lock; left out when written for an exclusive lease).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shared: bool,
+    /// What the lease publishes (a leader's value; left out when written if none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
 }
 
 fn one() -> u32 {
@@ -50,6 +53,7 @@ impl SavedLease {
             fencing_token: e.fencing_token,
             limit,
             shared: e.shared,
+            value: e.value,
         }
     }
 }
@@ -72,6 +76,7 @@ impl Engine {
                     expires_at: now + ttl,
                     granted_at: now,
                     shared: l.shared,
+                    value: l.value,
                 };
                 s.table.restore(l.key, l.limit, entry);
             }

@@ -29,6 +29,8 @@ pub(super) struct State {
     pub(super) shutdown: bool,
     pub(super) expired_total: u64,
     pub(super) observer: Option<Observer>,
+    /// The change feeds of watched keys (see `watch.rs`); empty unless someone watches.
+    pub(super) watchers: HashMap<String, tokio::sync::watch::Sender<()>>,
 }
 
 impl Shared {

@@ -38,6 +38,8 @@ pub struct Entry {
     pub granted_at: Instant,
     /// Held shared with other shared leases (a read lock).
     pub shared: bool,
+    /// What the lease publishes (a leader's value), if anything.
+    pub value: Option<String>,
 }
 
 /// The leases on one key: one for a lock, up to `limit` for a semaphore.
@@ -118,6 +120,7 @@ impl LeaseTable {
             wait: Wait::TryOnce,
             limit: 1,
             mode: LockMode::Exclusive,
+            value: None,
         };
         self.grant(&req, now)
     }
@@ -153,6 +156,7 @@ impl LeaseTable {
             expires_at: now + req.ttl,
             granted_at: now,
             shared,
+            value: req.value.clone(),
         };
         self.expirations.insert((entry.expires_at, key.to_owned(), entry.fencing_token));
         self.locks
@@ -189,6 +193,17 @@ impl LeaseTable {
         entry.ttl = ttl;
         self.expirations.insert((entry.expires_at, key.to_owned(), entry.fencing_token));
         Ok(Grant { lease_id: lease_id.clone(), fencing_token: entry.fencing_token, ttl, counted_from: now })
+    }
+
+    /// Replaces the value the live lease `lease_id` on `key` publishes.
+    pub fn proclaim(&mut self, key: &str, lease_id: &LeaseId, value: &str, now: Instant) -> Result<()> {
+        let entry = self
+            .locks
+            .get_mut(key)
+            .and_then(|slot| slot.holders.iter_mut().find(|e| e.lease_id == *lease_id && now < e.expires_at))
+            .ok_or_else(|| Error::not_owner(key))?;
+        entry.value = Some(value.to_owned());
+        Ok(())
     }
 
     /// Frees the live lease `lease_id` on `key`, and returns it.
@@ -340,5 +355,6 @@ fn slot_info(key: &str, slot: &Slot, now: Instant) -> Option<LockInfo> {
         } else {
             Vec::new()
         },
+        value: newest.value.clone(),
     })
 }

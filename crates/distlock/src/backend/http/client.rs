@@ -46,6 +46,14 @@ pub(super) struct Answer {
     pub body: Bytes,
 }
 
+/// A long-lived GET: the body as it arrives, or the whole answer when it is not a 2xx.
+pub(super) enum Streamed {
+    /// A 2xx: the body, read as it comes.
+    Open(hyper::body::Incoming),
+    /// Any other answer, read whole.
+    Refused(Answer),
+}
+
 /// Connections to the lock servers named in one URL, all fronts of one store.
 pub(super) struct Client {
     servers: Vec<Endpoint>,
@@ -109,6 +117,11 @@ impl Client {
         Ok(Client { servers, current: AtomicUsize::new(0), base: base.to_owned() })
     }
 
+    /// The servers as the user wrote them (without the query), for messages.
+    pub(super) fn base(&self) -> &str {
+        &self.base
+    }
+
     /// The error for servers that gave no usable answer.
     pub(super) fn unavailable(&self, why: impl std::fmt::Display) -> Error {
         Error::Unavailable(format!("lock server {}: {why}", self.base))
@@ -136,6 +149,24 @@ impl Client {
             }
         }
         Err(unsent.unwrap_or_else(|| self.unavailable("no server")))
+    }
+
+    /// Opens a long-lived GET (`path` below the prefix, e.g. a key's watch) on a connection of
+    /// its own, with its answer's headers within `timeout`. Starts at the current server and
+    /// moves past servers that fail (a GET changes nothing, so it may be sent again).
+    pub(super) async fn stream(&self, path: &str, timeout: Duration) -> Result<Streamed> {
+        let first = self.current.load(Ordering::Relaxed);
+        let mut last = None;
+        for i in (0..self.servers.len()).map(|k| (first + k) % self.servers.len()) {
+            let server = &self.servers[i];
+            match tokio::time::timeout(timeout, server.open_stream(path)).await {
+                Ok(Ok(streamed)) => return Ok(streamed),
+                Ok(Err(e)) => last = Some(e),
+                Err(_) => last = Some(server.unavailable("timed out")),
+            }
+            self.failed_over(i);
+        }
+        Err(last.unwrap_or_else(|| self.unavailable("no server")))
     }
 
     /// Server `i` failed: later calls start at the next one, unless another call has moved on
@@ -271,6 +302,20 @@ impl Endpoint {
                 },
             }
         }
+    }
+
+    /// A GET on a new connection, never pooled: the connection closes with the stream.
+    async fn open_stream(&self, path: &str) -> Result<Streamed> {
+        let request = self.request(path, None)?;
+        let mut sender = self.connect().await?;
+        sender.ready().await.map_err(|e| self.failed(&e))?;
+        let response = sender.send_request(request).await.map_err(|e| self.failed(&e))?;
+        let status = response.status().as_u16();
+        if (200..300).contains(&status) {
+            return Ok(Streamed::Open(response.into_body()));
+        }
+        let body = response.into_body().collect().await.map_err(|e| self.failed(&e))?;
+        Ok(Streamed::Refused(Answer { status, body: body.to_bytes() }))
     }
 
     /// The most recently used idle connection that is still open.

@@ -30,6 +30,7 @@
 mod batch;
 mod client;
 mod tls;
+mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,7 +45,8 @@ use crate::backend::{Backend, Offers};
 use crate::error::{Error, ErrorCode, Result};
 use crate::types::{AcquireRequest, Grant, LeaseId, ListQuery, LockInfo, LockMode, LockPage};
 use crate::wire::{
-    AcquireBody, BatchOp, ErrorBody, ErrorDetail, ForceReleased, LeaseBody, ReleaseBody, Released, RenewBody,
+    AcquireBody, BatchOp, ErrorBody, ErrorDetail, ForceReleased, LeaseBody, ProclaimBody, ReleaseBody,
+    Released, RenewBody,
 };
 
 /// Longest wait one long poll asks for (the server's cap).
@@ -196,7 +198,24 @@ impl Backend for HttpBackend {
     /// Semaphores and shared locks go to the server, which refuses them (`invalid_request`) when its own store
     /// does not offer them.
     fn offers(&self) -> Offers {
-        Offers { many_holders: true, ..Offers::default() }
+        Offers { many_holders: true, elections: true, ..Offers::default() }
+    }
+
+    async fn proclaim(&self, key: &str, lease_id: &LeaseId, value: &str) -> Result<()> {
+        let body = ProclaimBody { lease_id: lease_id.to_string(), value: value.to_owned() };
+        let answer = self.send(&Self::path(key, "/proclaim"), Some(&body), self.timeout).await?;
+        self.read::<LockInfo>(key, answer).map(drop)
+    }
+
+    /// `GET /v1/locks/{key}/watch`: the server's stream of the key's status (server-sent
+    /// events), on a connection of its own.
+    async fn watch(&self, key: &str) -> Result<Box<dyn crate::backend::StatusWatch>> {
+        match self.client.stream(&Self::path(key, "/watch"), self.timeout).await? {
+            client::Streamed::Open(body) => {
+                Ok(Box::new(watch::SseWatch::new(body, key.to_owned(), self.client.base().to_owned())))
+            }
+            client::Streamed::Refused(answer) => Err(self.error(key, &answer)),
+        }
     }
 
     async fn force_release(&self, key: &str) -> Result<Option<LockInfo>> {
@@ -225,6 +244,7 @@ impl Backend for HttpBackend {
                         holder: Some(req.holder.clone()),
                         limit: (req.limit > 1).then_some(req.limit),
                         mode: (req.mode != LockMode::Exclusive).then_some(req.mode),
+                        value: req.value.clone(),
                     };
                     let sent = Instant::now();
                     return Self::grant(self.batched(batcher, &req.key, op).await?, sent);
@@ -242,6 +262,7 @@ impl Backend for HttpBackend {
                 holder: Some(req.holder.clone()),
                 limit: (req.limit > 1).then_some(req.limit),
                 mode: (req.mode != LockMode::Exclusive).then_some(req.mode),
+                value: req.value.clone(),
             };
             let sent = Instant::now();
             let answer =

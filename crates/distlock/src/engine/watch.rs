@@ -1,0 +1,107 @@
+//! Change feeds of single keys, for leader elections ([`crate::Locker::observe`]) and the lock
+//! server's `GET /v1/locks/{key}/watch`: a watcher of a key is woken by every grant, release,
+//! expiry, force-release and proclamation of it, and then reads the key's status afresh.
+//!
+//! One `tokio::sync::watch` channel per watched key, made by its first watcher and dropped with
+//! its last; a key nobody watches costs a change one check of an empty map. A watcher that is
+//! slow to read sees the latest status, not every step (as etcd's `Observe` may skip values).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::state::{Shared, State};
+use super::Engine;
+use crate::backend::StatusWatch;
+use crate::error::{Error, Result};
+use crate::types::{LeaseId, LockInfo};
+
+impl State {
+    /// `key` changed (granted, freed, or its value replaced): wakes its watchers.
+    pub(super) fn changed(&mut self, key: &str) {
+        if self.watchers.is_empty() {
+            return;
+        }
+        if let Some(tx) = self.watchers.get(key) {
+            tx.send_replace(());
+        }
+    }
+}
+
+/// The change feed of one key of an [`Engine`] (see [`Engine::watch`]).
+pub struct KeyWatch {
+    shared: Arc<Shared>,
+    key: String,
+    rx: watch::Receiver<()>,
+    started: bool,
+}
+
+impl std::fmt::Debug for KeyWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyWatch").field("key", &self.key).finish()
+    }
+}
+
+impl Engine {
+    /// Starts watching `key` (see [`StatusWatch`]).
+    pub fn watch(&self, key: &str) -> KeyWatch {
+        let mut state = self.shared.lock();
+        let rx = match state.watchers.get(key) {
+            Some(tx) => tx.subscribe(),
+            None => {
+                let (tx, rx) = watch::channel(());
+                state.watchers.insert(key.to_owned(), tx);
+                rx
+            }
+        };
+        KeyWatch { shared: self.shared.clone(), key: key.to_owned(), rx, started: false }
+    }
+
+    /// Replaces the value the live lease `lease_id` on `key` publishes and wakes the key's
+    /// watchers. Same rules as [`crate::Backend::proclaim`].
+    pub fn proclaim(&self, key: &str, lease_id: &LeaseId, value: &str) -> Result<()> {
+        let now = Instant::now();
+        self.shared.with_state(now, |s| {
+            s.table.proclaim(key, lease_id, value, now)?;
+            s.changed(key);
+            Ok(())
+        })
+    }
+}
+
+impl KeyWatch {
+    /// The key's status now (first call), then after each change (see [`StatusWatch::next`]).
+    pub async fn next(&mut self) -> Result<LockInfo> {
+        if self.started {
+            self.rx
+                .changed()
+                .await
+                .map_err(|_| Error::Unavailable("the memory backend was dropped".into()))?;
+        }
+        self.started = true;
+        // Marks what is read below as seen: a change after this wakes the next call.
+        self.rx.borrow_and_update();
+        let now = Instant::now();
+        let key = self.key.as_str();
+        Ok(self.shared.with_state(now, |s| LockInfo { waiters: s.waiters(key), ..s.table.info(key, now) }))
+    }
+}
+
+#[async_trait]
+impl StatusWatch for KeyWatch {
+    async fn next(&mut self) -> Result<LockInfo> {
+        KeyWatch::next(self).await
+    }
+}
+
+impl Drop for KeyWatch {
+    fn drop(&mut self) {
+        let mut state = self.shared.lock();
+        // This watcher's receiver still counts while it drops: one left means it was the last.
+        if state.watchers.get(&self.key).is_some_and(|tx| tx.receiver_count() <= 1) {
+            state.watchers.remove(&self.key);
+        }
+    }
+}
