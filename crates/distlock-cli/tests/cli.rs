@@ -774,3 +774,85 @@ async fn run_with_a_limit_shares_the_key() {
     let text = stdout(&run(&b, &["status", "rw"]));
     assert!(text.contains("held shared (2)"), "{text}");
 }
+
+/// `distlock elect` runs its command only while leading, with the value and token in its
+/// environment; `distlock leader` prints the value (exit 1 and nothing on stdout without a
+/// leader); `leader --watch --json` prints one line per leader, in order with rising tokens, and
+/// exits 0 on SIGTERM; a candidate in line leads once the leader's command ends.
+#[tokio::test]
+async fn elect_runs_only_while_leading_and_leader_follows() {
+    let server = Server::start(&[]);
+    let b = server.url();
+    let dir = tempfile::tempdir().unwrap();
+    let none = run(&b, &["leader", "svc"]);
+    assert_eq!((code(&none), stdout(&none).as_str()), (1, ""), "{}", stderr(&none));
+
+    let mut watch =
+        distlock(&b, &["--json", "leader", "--watch", "svc"]).stdout(Stdio::piped()).spawn().unwrap();
+    let lines = {
+        let out = watch.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        rx
+    };
+    let next_line = || -> Value {
+        let line = lines.recv_timeout(Duration::from_secs(10)).expect("a line from leader --watch");
+        serde_json::from_str(&line).expect("one JSON object per line")
+    };
+    assert_eq!(next_line()["value"], Value::Null, "nobody leads yet");
+
+    let candidate = |value: &str, file: &str| {
+        let script = format!(
+            "echo \"$DISTLOCK_LEADER_VALUE $DISTLOCK_FENCING_TOKEN\" > {}; sleep 30",
+            dir.path().join(file).display()
+        );
+        distlock(&b, &["elect", "--value", value, "--holder", value, "svc", "--", "sh", "-c", &script])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn elect")
+    };
+    let mut a = candidate("addr-a", "a");
+    let (a_value, a_token) = {
+        let line = read_when_written(&dir.path().join("a"));
+        let (v, t) = line.split_once(' ').expect("value and token");
+        (v.to_owned(), t.parse::<u64>().expect("a token"))
+    };
+    assert_eq!(a_value, "addr-a");
+    let seen = next_line();
+    assert_eq!((seen["value"].as_str(), seen["fencing_token"].as_u64()), (Some("addr-a"), Some(a_token)));
+    let now = run(&b, &["leader", "svc"]);
+    assert_eq!((code(&now), stdout(&now).as_str()), (0, "addr-a\n"));
+    assert!(stdout(&run(&b, &["status", "svc"])).contains("value addr-a"));
+
+    let mut c = candidate("addr-b", "b");
+    let start = Instant::now();
+    let waiters = || -> Value {
+        serde_json::from_str::<Value>(&stdout(&run(&b, &["--json", "status", "svc"]))).expect("status")
+            ["waiters"]
+            .clone()
+    };
+    while waiters() != 1 {
+        assert!(start.elapsed() < Duration::from_secs(10), "b never queued");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!dir.path().join("b").exists(), "b's command ran while a led");
+    // a's distlock passes SIGTERM on; its command ends and the lease is released: b leads.
+    assert!(Command::new("kill").args(["-TERM", &a.id().to_string()]).status().unwrap().success());
+    wait_exit(&mut a, Duration::from_secs(10));
+    let b_line = read_when_written(&dir.path().join("b"));
+    let seen = next_line();
+    assert_eq!(seen["value"].as_str(), Some("addr-b"), "{seen}");
+    let b_token = seen["fencing_token"].as_u64().expect("a token");
+    assert!(b_token > a_token, "tokens rise");
+    assert_eq!(b_line, format!("addr-b {b_token}"));
+
+    assert!(Command::new("kill").args(["-TERM", &watch.id().to_string()]).status().unwrap().success());
+    assert_eq!(wait_exit(&mut watch, Duration::from_secs(10)), 0);
+    let _ = c.kill();
+    let _ = c.wait();
+}

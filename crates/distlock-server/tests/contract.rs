@@ -21,10 +21,13 @@ async fn start(store: Option<String>) -> InProcess {
 
 mod embedded {
     use super::*;
-    distlock_testkit::contract_tests!(Caps { many_holders: true, ..Default::default() }, async {
-        let server = start(None).await;
-        (client(&server).await, server)
-    });
+    distlock_testkit::contract_tests!(
+        Caps { many_holders: true, elections: true, ..Default::default() },
+        async {
+            let server = start(None).await;
+            (client(&server).await, server)
+        }
+    );
 }
 
 mod over_redis {

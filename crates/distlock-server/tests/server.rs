@@ -742,3 +742,32 @@ async fn semaphore_holders_survive_a_restart() {
     c.release().await.unwrap();
     assert!(!locker.status("pool").await.unwrap().held);
 }
+
+/// A leader's value is logged with its lease and its proclamations: after a restart status shows
+/// the last proclaimed value with the same token, the recovered lease can still proclaim, and an
+/// observer that was following the key before the restart reconnects by itself and sees it.
+#[tokio::test]
+async fn a_leaders_value_survives_a_restart() {
+    let mut server = InProcess::start();
+    let locker = server.locker().await;
+    let opts = distlock::AcquireOptions::new().ttl(Duration::from_secs(60)).auto_renew(false);
+    let mut term = locker.campaign("svc", "10.0.0.1:80", &opts).await.unwrap();
+    term.proclaim("10.0.0.1:81").await.unwrap();
+    let (token, id) = (term.fencing_token(), term.lease().lease_id().clone());
+    std::mem::forget(term);
+    let mut changes = locker.observe("svc");
+    assert_eq!(changes.next().await.unwrap().map(|l| l.value).as_deref(), Some("10.0.0.1:81"));
+    server.restart_on_same_port();
+    let locker = server.locker().await;
+    let leader = locker.leader("svc").await.unwrap().expect("the leader was recovered");
+    assert_eq!((leader.value.as_str(), leader.fencing_token), ("10.0.0.1:81", token));
+    locker.backend().proclaim("svc", &id, "10.0.0.1:82").await.expect("the recovered lease proclaims");
+    let seen = tokio::time::timeout(Duration::from_secs(10), changes.next()).await.unwrap().unwrap();
+    assert_eq!(seen.map(|l| (l.value, l.fencing_token)), Some(("10.0.0.1:82".to_owned(), token)));
+    server.restart();
+    let locker = server.locker().await;
+    assert_eq!(locker.leader("svc").await.unwrap().map(|l| l.value).as_deref(), Some("10.0.0.1:82"));
+    let big = locker.backend().proclaim("svc", &id, &"x".repeat(5000)).await;
+    assert!(matches!(big, Err(Error::InvalidInput(_))), "{big:?}");
+    assert_eq!(locker.leader("svc").await.unwrap().map(|l| l.value).as_deref(), Some("10.0.0.1:82"));
+}

@@ -29,6 +29,9 @@ pub struct Caps {
     /// Semaphores (`limit` above 1) are offered; a backend without them must refuse one with
     /// `InvalidInput`, never grant it.
     pub many_holders: bool,
+    /// Leader elections (a value published with a lease, proclaim, watch) are offered; a backend
+    /// without them must refuse a campaign and a watch with `InvalidInput`.
+    pub elections: bool,
 }
 
 impl Default for Caps {
@@ -39,6 +42,7 @@ impl Default for Caps {
             ttl_follows_renewals: true,
             exact_refusals: true,
             many_holders: false,
+            elections: false,
         }
     }
 }
@@ -521,6 +525,82 @@ pub async fn shared_and_exclusive_are_fair(locker: &Locker, caps: &Caps) {
         t.await.unwrap();
     }
     assert!(!locker.status(key).await.expect("status").held, "every holder gone");
+}
+
+/// The next leader `changes` reports within 10 s, skipping "no leader" (a hand-off may show the
+/// key free for an instant on some stores).
+async fn next_leader(changes: &mut distlock::LeaderWatch) -> distlock::Leader {
+    loop {
+        let next = tokio::time::timeout(10 * SECOND, changes.next()).await;
+        if let Some(leader) = next.expect("a change within 10 s").expect("observe") {
+            return leader;
+        }
+    }
+}
+
+/// Leader election: an observer started before anyone campaigns sees no leader, then every
+/// leader once, in order, with its value and a rising fencing token — a proclamation (new value,
+/// same token), a resignation (the next candidate in line leads), a leader whose lease ran out
+/// (the next one leads; the stale leader can no longer proclaim) — and no leader once the last
+/// resigns. A backend without elections refuses a campaign and a watch with `InvalidInput`.
+pub async fn leader_changes_are_observed_in_order(locker: &Locker, caps: &Caps) {
+    let key = "contract/leader";
+    let opts = AcquireOptions::new().ttl(30 * SECOND).wait(20 * SECOND);
+    if !caps.elections {
+        let refused = locker.campaign(key, "addr-a", &opts).await;
+        assert!(matches!(&refused, Err(Error::InvalidInput(m)) if m.contains("election")), "{refused:?}");
+        assert!(!locker.status(key).await.expect("status").held, "a refused campaign granted nothing");
+        let watched = locker.observe(key).next().await;
+        assert!(matches!(&watched, Err(Error::InvalidInput(_))), "{watched:?}");
+        return;
+    }
+    let refused = locker.campaign(key, "x", &opts.clone().limit(2)).await;
+    assert!(matches!(refused, Err(Error::InvalidInput(_))), "a campaign with a limit: {refused:?}");
+    let mut changes = locker.observe(key);
+    assert_eq!(changes.next().await.expect("the leader now"), None, "nobody leads yet");
+    let mut a = locker.campaign(key, "addr-a", &opts.clone().holder("a")).await.expect("a leads");
+    let seen = next_leader(&mut changes).await;
+    assert_eq!(
+        (seen.value.as_str(), seen.holder.as_str(), seen.fencing_token),
+        ("addr-a", "a", a.fencing_token())
+    );
+    let candidate = |value: &'static str, opts: AcquireOptions| {
+        let locker = locker.clone();
+        tokio::spawn(async move { locker.campaign(key, value, &opts).await })
+    };
+    // b will not renew: its term ends a second after it begins.
+    let b = candidate("addr-b", opts.clone().holder("b").ttl(SECOND).auto_renew(false));
+    until_waiters(locker, key, 1).await;
+    let c = candidate("addr-c", opts.clone().holder("c"));
+    until_waiters(locker, key, 2).await;
+
+    a.proclaim("addr-a2").await.expect("proclaim");
+    let seen = next_leader(&mut changes).await;
+    assert_eq!((seen.value.as_str(), seen.fencing_token), ("addr-a2", a.fencing_token()), "same term");
+    let now = locker.leader(key).await.expect("leader").expect("a leads");
+    assert_eq!(now.value, "addr-a2");
+    assert_eq!(locker.status(key).await.expect("status").value.as_deref(), Some("addr-a2"));
+
+    let a_token = a.fencing_token();
+    a.resign().await.expect("resign");
+    let mut b =
+        tokio::time::timeout(5 * SECOND, b).await.expect("b, by a's resignation").unwrap().expect("b");
+    let seen = next_leader(&mut changes).await;
+    assert_eq!((seen.value.as_str(), seen.fencing_token), ("addr-b", b.fencing_token()));
+    assert!(b.fencing_token() > a_token, "tokens rise");
+
+    // b's unrenewed term runs out: c leads, and b can no longer speak for the key.
+    let c = tokio::time::timeout(10 * SECOND, c).await.expect("c, by b's expiry").unwrap().expect("c");
+    let seen = next_leader(&mut changes).await;
+    assert_eq!((seen.value.as_str(), seen.fencing_token), ("addr-c", c.fencing_token()));
+    assert!(c.fencing_token() > b.fencing_token(), "tokens rise");
+    let stale = b.proclaim("addr-b2").await;
+    assert!(matches!(&stale, Err(e) if e.is_lease_lost()), "a stale leader proclaimed: {stale:?}");
+    assert_eq!(locker.leader(key).await.expect("leader").map(|l| l.value).as_deref(), Some("addr-c"));
+
+    c.resign().await.expect("resign");
+    let last = tokio::time::timeout(10 * SECOND, changes.next()).await.expect("a change").expect("observe");
+    assert_eq!(last, None, "nobody leads once the last leader resigned");
 }
 
 /// See [`pages_of_ten`].

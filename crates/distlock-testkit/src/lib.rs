@@ -54,6 +54,7 @@ macro_rules! contract_tests {
             case!(histories_are_linearizable);
             case!(semaphore_never_exceeds_its_limit);
             case!(shared_and_exclusive_are_fair);
+            case!(leader_changes_are_observed_in_order);
         }
     };
 }

@@ -19,7 +19,7 @@ mod support;
 
 // Every behaviour a backend promises (crates/distlock-testkit), in real time.
 distlock_testkit::contract_tests!(
-    distlock_testkit::Caps { many_holders: true, ..Default::default() },
+    distlock_testkit::Caps { many_holders: true, elections: true, ..Default::default() },
     async { (Locker::open("memory://").await.expect("memory://"), ()) }
 );
 

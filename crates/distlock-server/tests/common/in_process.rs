@@ -54,7 +54,12 @@ impl InProcess {
     }
 
     fn spawn(&mut self, ready: &str) -> Result<(), String> {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        self.spawn_on(0, ready)
+    }
+
+    /// Starts the server on `port` (0: any free one).
+    fn spawn_on(&mut self, port: u16, ready: &str) -> Result<(), String> {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind 127.0.0.1");
         listener.set_nonblocking(true).expect("non-blocking listener");
         self.port = listener.local_addr().expect("local address").port();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -102,6 +107,13 @@ impl InProcess {
     pub fn restart(&mut self) {
         self.stop_now().expect("the server stopped cleanly");
         self.spawn("/healthz").expect("the server restarted");
+    }
+
+    /// As [`InProcess::restart`], on the same port (for clients that reconnect by themselves).
+    #[allow(dead_code)]
+    pub fn restart_on_same_port(&mut self) {
+        self.stop_now().expect("the server stopped cleanly");
+        self.spawn_on(self.port, "/healthz").expect("the server restarted");
     }
 
     /// `http://127.0.0.1:PORT`.

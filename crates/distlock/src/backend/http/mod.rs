@@ -137,6 +137,18 @@ impl HttpBackend {
         self.error_of(key, answer.status, &answer.body)
     }
 
+    /// The error of a refused proclaim or watch: as [`HttpBackend::error`], except that a server
+    /// whose store has no elections (`not_supported`) is [`Error::InvalidInput`], as the other
+    /// backends without them answer (asking again would not help).
+    fn election_error(&self, key: &str, answer: &client::Answer) -> Error {
+        match self.error(key, answer) {
+            Error::Unavailable(why) if answer.status == ErrorCode::NotSupported.http_status() => {
+                Error::InvalidInput(why)
+            }
+            e => e,
+        }
+    }
+
     /// The error for a non-2xx status and its body (`{"error":{...}}`), by [`ErrorCode`]; a
     /// code this version does not know, or no error body, is the server failing.
     fn error_of(&self, key: &str, status: u16, body: &[u8]) -> Error {
@@ -204,6 +216,9 @@ impl Backend for HttpBackend {
     async fn proclaim(&self, key: &str, lease_id: &LeaseId, value: &str) -> Result<()> {
         let body = ProclaimBody { lease_id: lease_id.to_string(), value: value.to_owned() };
         let answer = self.send(&Self::path(key, "/proclaim"), Some(&body), self.timeout).await?;
+        if !(200..300).contains(&answer.status) {
+            return Err(self.election_error(key, &answer));
+        }
         self.read::<LockInfo>(key, answer).map(drop)
     }
 
@@ -214,7 +229,7 @@ impl Backend for HttpBackend {
             client::Streamed::Open(body) => {
                 Ok(Box::new(watch::SseWatch::new(body, key.to_owned(), self.client.base().to_owned())))
             }
-            client::Streamed::Refused(answer) => Err(self.error(key, &answer)),
+            client::Streamed::Refused(answer) => Err(self.election_error(key, &answer)),
         }
     }
 
