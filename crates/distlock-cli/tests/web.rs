@@ -910,3 +910,53 @@ async fn docs_screenshot() {
     println!("{}", path.display());
     page.close().await.expect("close the browser");
 }
+
+/// A semaphore's row reads "3 / 5 held", a shared lock's "shared by 2", and a leader's detail
+/// shows the value it published (and the new one after a proclamation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn semaphores_shared_locks_and_leaders_on_the_page() {
+    let _one = BROWSER.lock().await;
+    let server = Server::start(&[]);
+    let locker = Locker::open(&server.url()).await.expect("locker");
+    let pool = AcquireOptions::new().limit(5).ttl(Duration::from_secs(60));
+    let mut held = Vec::new();
+    for i in 0..3 {
+        held.push(locker.acquire("pool", &pool.clone().holder(format!("enc-{i}"))).await.expect("a permit"));
+    }
+    for r in ["r1", "r2"] {
+        held.push(
+            locker.acquire("catalog", &AcquireOptions::new().shared().holder(r)).await.expect("shared"),
+        );
+    }
+    let mut term =
+        locker.campaign("scheduler", "10.0.0.7:8080", &AcquireOptions::new()).await.expect("leads");
+    let driver = Driver::start();
+    let page = driver.browser().await;
+    page.goto(&server.url()).await.expect("open the page");
+    until(Duration::from_secs(5), "3 / 5 held", || async {
+        text(&page, &row("pool", "holder")).await.filter(|h| h == "3 / 5 held")
+    })
+    .await;
+    assert_eq!(text(&page, &row("catalog", "holder")).await.as_deref(), Some("shared by 2"));
+    page.find(Locator::Css("#locks tr[data-key=\"scheduler\"]"))
+        .await
+        .expect("row")
+        .click()
+        .await
+        .expect("click");
+    until(Duration::from_secs(5), "the leader's value", || async {
+        text(&page, "#detail-facts .d-value").await.filter(|v| v == "10.0.0.7:8080")
+    })
+    .await;
+    term.proclaim("10.0.0.7:9090").await.expect("proclaim");
+    until(Duration::from_secs(5), "the proclaimed value", || async {
+        text(&page, "#detail-facts .d-value").await.filter(|v| v == "10.0.0.7:9090")
+    })
+    .await;
+    page.find(Locator::Css("#locks tr[data-key=\"pool\"]")).await.expect("row").click().await.expect("click");
+    until(Duration::from_secs(5), "every permit holder", || async {
+        text(&page, "#detail-facts .d-holder").await.filter(|h| h.starts_with("3 / 5 held: enc-0 #"))
+    })
+    .await;
+    let _ = page.close().await;
+}
