@@ -296,7 +296,9 @@ pub enum ClientCommand {
     #[command(after_help = "Examples:\n  \
         distlock bench --concurrency 32 --duration 10s\n  \
         distlock --backend redis://127.0.0.1:6379 bench --workload contended --concurrency 8 --json\n  \
-        distlock bench --workload mixed --concurrency 16 --keys 1000 --zipf 1.1 --hold 1ms\n\n\
+        distlock bench --workload mixed --concurrency 16 --keys 1000 --zipf 1.1 --hold 1ms\n  \
+        distlock bench --workload contended --limit 3 --concurrency 8 --hold 1ms   # a semaphore of 3\n  \
+        distlock bench --workload contended --shared --writers 1 --concurrency 8   # readers and one writer\n\n\
         Every run checks what it measures: per key, no two holders were inside at once and fencing \
         tokens rose with every grant. Exit status 1 when a check failed, when no cycle completed, or \
         when more calls failed than --max-error-rate allows.")]
@@ -346,6 +348,16 @@ pub struct BenchArgs {
     /// Fail (exit 1) when more than this percentage of calls failed.
     #[arg(long, default_value_t = 1.0, value_name = "PERCENT")]
     pub max_error_rate: f64,
+    /// Take every key as a semaphore of N permits (checks: never more than N inside).
+    #[arg(short = 'l', long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub limit: u32,
+    /// Take keys shared (read locks), except the first --writers tasks (checks: no reader beside
+    /// a writer, writers alone).
+    #[arg(short = 's', long, conflicts_with = "limit")]
+    pub shared: bool,
+    /// With --shared: how many tasks take their keys exclusively (writers among the readers).
+    #[arg(long, default_value_t = 0, requires = "shared")]
+    pub writers: u32,
 }
 
 #[derive(clap::Args)]

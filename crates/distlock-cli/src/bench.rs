@@ -3,10 +3,11 @@
 //! Every cycle goes through the public API (`Locker::acquire`, `Lease::release`), so the figures
 //! are what a library user gets. Latencies go into HDR histograms (microsecond resolution, three
 //! significant digits). Every run also checks what it measures: per key, no two holders were inside
-//! at once and fencing tokens rose with every grant.
+//! at once (no more than `--limit` for a semaphore; readers never beside a writer with
+//! `--shared`) and fencing tokens rose with every grant.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -58,6 +59,12 @@ pub struct BenchConfig {
     pub seed: u64,
     /// Largest share of failed calls (0..=1) a run may have and still pass.
     pub max_error_rate: f64,
+    /// Permits per key: 1 (a lock) or N (a semaphore of N; every task names the same N).
+    pub limit: u32,
+    /// Tasks take their keys shared (read locks), except the first `writers` tasks.
+    pub shared: bool,
+    /// With `shared`: how many tasks take their keys exclusively (writers among readers).
+    pub writers: usize,
 }
 
 impl Default for BenchConfig {
@@ -75,11 +82,19 @@ impl Default for BenchConfig {
             key_prefix: "bench/".into(),
             seed: 1,
             max_error_rate: 0.01,
+            limit: 1,
+            shared: false,
+            writers: 0,
         }
     }
 }
 
 impl BenchConfig {
+    /// Whether keys may have several holders at once (a semaphore, or shared locks).
+    pub fn many_holders(&self) -> bool {
+        self.limit > 1 || self.shared
+    }
+
     /// Number of distinct keys the run uses.
     pub fn key_count(&self) -> usize {
         match self.workload {
@@ -211,6 +226,12 @@ impl Report {
         why
     }
 
+    /// Whether hand-offs were measured: a contended run of one lock (a semaphore's or shared
+    /// lock's grants are not one holder's hand-off to the next).
+    pub fn has_handoff(&self) -> bool {
+        self.config.workload == Workload::Contended && !self.config.many_holders()
+    }
+
     /// Total failed calls.
     pub fn error_count(&self) -> u64 {
         self.errors.values().sum()
@@ -231,6 +252,9 @@ impl Report {
             "hold_measured_p50_ms": quantile_ms(&self.held, 0.5),
             "hold_measured_mean_ms": if self.held.is_empty() { 0.0 } else { self.held.mean() / 1e3 },
             "zipf": self.config.zipf,
+            "limit": self.config.limit,
+            "shared": self.config.shared,
+            "writers": if self.config.shared { self.config.writers } else { 0 },
             "cycles": self.cycles,
             "ops_per_s": self.ops_per_s(),
             "acquire_p50_ms": a.p50_ms,
@@ -241,9 +265,9 @@ impl Report {
             "release_p90_ms": r.p90_ms,
             "release_p99_ms": r.p99_ms,
             "release_max_ms": r.max_ms,
-            "handoff_p50_ms": if self.config.workload == Workload::Contended { Some(h.p50_ms) } else { None },
-            "handoff_p99_ms": if self.config.workload == Workload::Contended { Some(h.p99_ms) } else { None },
-            "handoff_max_ms": if self.config.workload == Workload::Contended { Some(h.max_ms) } else { None },
+            "handoff_p50_ms": self.has_handoff().then_some(h.p50_ms),
+            "handoff_p99_ms": self.has_handoff().then_some(h.p99_ms),
+            "handoff_max_ms": self.has_handoff().then_some(h.max_ms),
             "errors": self.error_count(),
             "errors_by_code": self.errors,
             "error_rate": self.error_rate(),
@@ -264,8 +288,13 @@ impl Report {
                 l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms
             )
         };
+        let holders = match (c.shared, c.limit) {
+            (true, _) => format!(", shared ({} writer(s))", c.writers),
+            (false, 1) => String::new(),
+            (false, n) => format!(", limit {n}"),
+        };
         let mut s = format!(
-            "{:?} on {backend}: {} task(s) over {} client(s), {} key(s), ttl {}, {:.1} s\n",
+            "{:?} on {backend}: {} task(s) over {} client(s), {} key(s){holders}, ttl {}, {:.1} s\n",
             c.workload,
             c.concurrency,
             c.clients,
@@ -278,7 +307,7 @@ impl Report {
         s.push_str("  latency ms\n");
         s.push_str(&line("acquire", &self.acquire));
         s.push_str(&line("release", &self.release));
-        if c.workload == Workload::Contended {
+        if self.has_handoff() {
             s.push_str(&line("handoff", &self.handoff));
         }
         if !c.hold.is_zero() {
@@ -304,11 +333,71 @@ impl Report {
     }
 }
 
-/// One key's state during a run: who is inside, and every grant (token, granted, released).
+/// One key's state during a run: how many exclusive holders (lock or permits) and shared holders
+/// are inside, and every grant.
 #[derive(Default)]
 struct KeyLog {
-    inside: AtomicBool,
-    grants: Mutex<Vec<(u64, Instant, Instant)>>,
+    exclusive: AtomicU64,
+    shared: AtomicU64,
+    grants: Mutex<Vec<GrantLog>>,
+}
+
+/// One grant as its holder saw it.
+#[derive(Debug, Clone, Copy)]
+struct GrantLog {
+    token: u64,
+    /// When the acquire was sent.
+    requested: Instant,
+    /// When its answer arrived.
+    granted: Instant,
+    /// When the release was answered.
+    released: Instant,
+}
+
+impl KeyLog {
+    /// A holder enters; `false` when that breaks the key's rule: more exclusive holders than
+    /// `limit`, or shared holders beside an exclusive one. (Counts go up only after a grant and
+    /// down before the release, so a correct store never trips this.)
+    fn enter(&self, shared: bool, limit: u32) -> bool {
+        if shared {
+            self.shared.fetch_add(1, Ordering::SeqCst);
+            self.exclusive.load(Ordering::SeqCst) == 0
+        } else {
+            let inside = self.exclusive.fetch_add(1, Ordering::SeqCst) + 1;
+            inside <= u64::from(limit) && self.shared.load(Ordering::SeqCst) == 0
+        }
+    }
+
+    fn leave(&self, shared: bool) {
+        let count = if shared { &self.shared } else { &self.exclusive };
+        count.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Grants of one key that break fencing. With one holder at a time, tokens must rise in grant
+/// order (`grants` is sorted by grant time). With several (a semaphore, shared locks), grants
+/// made together may reach their holders in any order, so each grant's token must be above that
+/// of every grant released before it was asked for; repeated tokens count too.
+fn token_regressions(grants: &[GrantLog], many_holders: bool) -> u64 {
+    if !many_holders {
+        return grants.windows(2).filter(|w| w[1].token <= w[0].token).count() as u64;
+    }
+    let mut by_release: Vec<(Instant, u64)> = grants.iter().map(|g| (g.released, g.token)).collect();
+    by_release.sort();
+    let mut by_request: Vec<GrantLog> = grants.to_vec();
+    by_request.sort_by_key(|g| g.requested);
+    let (mut next, mut highest_released, mut regressions) = (0, 0, 0);
+    let mut seen = std::collections::HashSet::with_capacity(grants.len());
+    for g in by_request {
+        while next < by_release.len() && by_release[next].0 < g.requested {
+            highest_released = highest_released.max(by_release[next].1);
+            next += 1;
+        }
+        if g.token <= highest_released || !seen.insert(g.token) {
+            regressions += 1;
+        }
+    }
+    regressions
 }
 
 /// What one task measured.
@@ -389,13 +478,12 @@ pub async fn run(lockers: &[Locker], config: &BenchConfig, progress: Arc<Progres
     for key in keys.iter() {
         let mut grants = key.grants.lock().map(|mut g| std::mem::take(&mut *g)).unwrap_or_default();
         // Grant order is the order the holders saw their grants; tokens must rise along it.
-        grants.sort_by_key(|g| g.1);
-        for w in grants.windows(2) {
-            if w[1].0 <= w[0].0 {
-                token_regressions += 1;
-            }
-            if config.workload == Workload::Contended {
-                record(&mut handoff, w[1].1.saturating_duration_since(w[0].2));
+        grants.sort_by_key(|g| g.granted);
+        token_regressions += self::token_regressions(&grants, config.many_holders());
+        // A hand-off (release to the next grant) is one lock's; a semaphore has none to measure.
+        if config.workload == Workload::Contended && !config.many_holders() {
+            for w in grants.windows(2) {
+                record(&mut handoff, w[1].granted.saturating_duration_since(w[0].released));
             }
         }
     }
@@ -422,7 +510,9 @@ async fn one_task(
     start: Instant,
 ) -> TaskResult {
     let wait = if config.workload == Workload::Uncontended { Duration::ZERO } else { config.wait };
+    let shared = config.shared && task >= config.writers;
     let opts = AcquireOptions::new().ttl(config.ttl).wait(wait).holder(format!("bench/task-{task}"));
+    let opts = if shared { opts.shared() } else { opts.limit(config.limit) };
     let mut picker = KeyPicker::new(&config, task);
     let mut result = TaskResult {
         acquire: histogram(),
@@ -452,14 +542,14 @@ async fn one_task(
         };
         let granted = Instant::now();
         let log = &keys[k];
-        if log.inside.swap(true, Ordering::SeqCst) {
+        if !log.enter(shared, config.limit) {
             result.overlaps += 1;
         }
         if !config.hold.is_zero() {
             hold_for(granted, config.hold).await;
         }
         let token = lease.fencing_token();
-        log.inside.store(false, Ordering::SeqCst);
+        log.leave(shared);
         let t1 = Instant::now();
         record(&mut result.held, t1 - granted);
         let released = lease.release().await;
@@ -470,7 +560,7 @@ async fn one_task(
         record(&mut result.acquire, granted - t0);
         record(&mut result.release, done - t1);
         if let Ok(mut g) = log.grants.lock() {
-            g.push((token, granted, done));
+            g.push(GrantLog { token, requested: t0, granted, released: done });
         }
         progress.cycles.fetch_add(1, Ordering::Relaxed);
     }

@@ -235,6 +235,9 @@ async fn client(backend: String, command: ClientCommand, out: Output, token_from
                 key_prefix: b.key_prefix,
                 seed: b.seed,
                 max_error_rate: b.max_error_rate / 100.0,
+                limit: b.limit,
+                shared: b.shared,
+                writers: b.writers as usize,
             };
             distlock_cli::bench::command(&locker, &backend, &config, b.background_leases, &out).await
         }

@@ -39,6 +39,10 @@ impl Backend for Broken {
     async fn list(&self, _: &ListQuery) -> Result<LockPage> {
         Ok(LockPage::default())
     }
+    /// Claims semaphores and shared locks too, and grants them to everyone.
+    fn offers(&self) -> distlock::Offers {
+        distlock::Offers { many_holders: true, ..Default::default() }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,6 +66,34 @@ async fn checks_catch_a_backend_that_grants_twice() {
     let report = bench::run(std::slice::from_ref(&locker), &config, Arc::new(Progress::default())).await;
     assert!(report.cycles > 0);
     assert!(report.checks_passed(), "{}", report.summary("memory://"));
+}
+
+/// `--limit` and `--shared` runs check their own rules: a store that lets more than N holders of
+/// a semaphore in, or a reader beside a writer, or repeats a token, fails the run; the same runs
+/// on a real store pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_catch_too_many_holders_and_readers_beside_a_writer() {
+    let semaphore = BenchConfig {
+        workload: Workload::Contended,
+        concurrency: 6,
+        duration: Duration::from_millis(300),
+        hold: Duration::from_millis(2),
+        limit: 2,
+        ..BenchConfig::default()
+    };
+    let shared = BenchConfig { limit: 1, shared: true, writers: 1, ..semaphore.clone() };
+    for config in [&semaphore, &shared] {
+        let broken = Locker::with_backend(Arc::new(Broken));
+        let report = bench::run(std::slice::from_ref(&broken), config, Arc::new(Progress::default())).await;
+        assert!(report.overlaps > 0, "too many holders went unnoticed ({config:?})");
+        assert!(report.token_regressions > 0, "repeated tokens went unnoticed ({config:?})");
+        assert!(!report.checks_passed());
+        let memory = Locker::open("memory://").await.expect("memory");
+        let report = bench::run(std::slice::from_ref(&memory), config, Arc::new(Progress::default())).await;
+        assert!(report.cycles > 0);
+        assert!(report.checks_passed(), "{}", report.summary("memory://"));
+        assert!(!report.has_handoff(), "no hand-off is measured with several holders");
+    }
 }
 
 fn bench_json(backend: &str, args: &[&str], exit: i32) -> serde_json::Value {
