@@ -16,8 +16,8 @@ use distlock_cli::run::RunConfig;
 #[command(version, about, long_about = None, after_help = EXIT_CODES)]
 pub struct Cli {
     /// Where locks live: http://host:7878 (a distlock server; https:// with TLS), redis://
-    /// (rediss:// with TLS), redis-sentinel://s1,s2,s3/MASTER, redlock://h1,h2,h3 (redlocks://),
-    /// etcd://h1,h2,h3.
+    /// (rediss:// with TLS), redis-sentinel://s1,s2,s3/MASTER, redis-cluster://h1,h2,h3
+    /// (rediss-cluster://), redlock://h1,h2,h3 (redlocks://), etcd://h1,h2,h3.
     #[arg(long, global = true, env = "DISTLOCK_BACKEND", default_value = "http://127.0.0.1:7878")]
     pub backend: String,
     /// File holding the bearer token for a server started with --auth-token-file (first line
