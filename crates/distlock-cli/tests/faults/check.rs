@@ -2,10 +2,12 @@
 //!
 //! - Mutual exclusion: each grant's interval runs from the grant to the end of its holder's
 //!   entitlement as the holder saw it (its last write, its loss signal, or its deadline, whichever
-//!   came first); no two such intervals of one key may overlap.
+//!   came first); no two such intervals of one key may overlap (for a semaphore of N: never more
+//!   than N at once).
 //! - Fencing: a grant answered before another was requested has the lower token, no token is
 //!   granted twice; the current holder's writes are accepted by the fenced resource, and no write
-//!   is accepted after a grant with a higher token was answered (a stale write).
+//!   is accepted after a grant with a higher token was answered (a stale write). Not for a
+//!   semaphore: N holders write at once, so "the highest token seen" cannot judge their writes.
 //! - Durability: no lease was reported lost as `NotOwner` before its holder's safe deadline (the
 //!   store forgot an acknowledged lease, e.g. across a restart).
 //! - Liveness: after the last fault healed, every client got the lock again within 2 TTLs.
@@ -62,6 +64,7 @@ pub fn check(
     long_hold_ns: i64,
     heal: Option<i64>,
     clients: u32,
+    limit: u32,
 ) -> Findings {
     let mut f = Findings::default();
     // Grants in the order they were answered.
@@ -117,19 +120,38 @@ pub fn check(
         .filter_map(|&(c, _, t, token)| last_valid.get(&(c, t)).map(|&end| (t, end, c, token)))
         .collect();
     intervals.sort();
-    let mut reach: Option<(i64, u32, u64)> = None;
-    for &(start, end, c, token) in &intervals {
-        if let Some((r_end, r_c, r_token)) = reach {
-            if start < r_end {
-                f.overlaps += 1;
-                f.note(format!(
-                    "overlap: client {c} (token {token}) granted {:.1} ms before client {r_c} (token {r_token}) stopped counting on its lease",
-                    (r_end - start) as f64 / 1e6
-                ));
+    if limit <= 1 {
+        let mut reach: Option<(i64, u32, u64)> = None;
+        for &(start, end, c, token) in &intervals {
+            if let Some((r_end, r_c, r_token)) = reach {
+                if start < r_end {
+                    f.overlaps += 1;
+                    f.note(format!(
+                        "overlap: client {c} (token {token}) granted {:.1} ms before client {r_c} (token {r_token}) stopped counting on its lease",
+                        (r_end - start) as f64 / 1e6
+                    ));
+                }
+            }
+            if reach.is_none_or(|r| end > r.0) {
+                reach = Some((end, c, token));
             }
         }
-        if reach.is_none_or(|r| end > r.0) {
-            reach = Some((end, c, token));
+    } else {
+        // Entitlements at once: +1 at each start, -1 at each end (ends first at a tie).
+        let mut marks: Vec<(i64, i32, u64)> = intervals
+            .iter()
+            .flat_map(|&(start, end, _, token)| [(start, 1, token), (end, -1, token)])
+            .collect();
+        marks.sort_by_key(|&(t, d, _)| (t, d));
+        let mut inside = 0;
+        for (t, d, token) in marks {
+            inside += d;
+            if d > 0 && inside > limit as i32 {
+                f.overlaps += 1;
+                f.note(format!(
+                    "{inside} holders entitled at once (limit {limit}) when token {token} was granted at {t}"
+                ));
+            }
         }
     }
 
@@ -155,7 +177,7 @@ pub fn check(
 
     // Writes: the current holder's (the latest grant answered before the write was judged) must
     // be accepted; an older holder's must be refused.
-    for j in fence {
+    for j in fence.iter().filter(|_| limit <= 1) {
         let latest = grants[..grants.partition_point(|g| g.2 < j.t)].last();
         let is_current = latest.is_some_and(|g| g.0 == j.client && g.3 == j.token);
         match (j.accepted, is_current) {

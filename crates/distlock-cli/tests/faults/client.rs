@@ -5,10 +5,13 @@
 //! Each write first checks the lease (`Lease::is_held`: held and before its safe deadline) and is
 //! sent either way, marked with what the holder believed: a holder woken from SIGSTOP finds its
 //! lease lost, and its stale write must then be refused by the fenced resource.
+//!
+//! `FAULTS_PRIMITIVE` picks what is taken: `lock` (default), `semaphore:N` (a permit of N), or
+//! `election` (leadership, campaigning with the client's name as its value; resigned at the end).
 
 use std::time::Duration;
 
-use distlock::{AcquireOptions, LeaseState, Locker};
+use distlock::{AcquireOptions, Leadership, Lease, LeaseState, Locker};
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -53,6 +56,48 @@ impl Fence {
     }
 }
 
+/// What a client holds: a lease, or a leadership (a lease with a value).
+enum Held {
+    Lease(Lease),
+    Term(Leadership),
+}
+
+impl Held {
+    fn lease(&self) -> &Lease {
+        match self {
+            Held::Lease(l) => l,
+            Held::Term(t) => t.lease(),
+        }
+    }
+
+    async fn release(self) -> distlock::Result<()> {
+        match self {
+            Held::Lease(l) => l.release().await,
+            Held::Term(t) => t.resign().await,
+        }
+    }
+}
+
+/// Takes `key` as `primitive` says (see the module docs).
+async fn take(
+    locker: &Locker,
+    key: &str,
+    opts: &AcquireOptions,
+    primitive: &str,
+    c: u32,
+) -> distlock::Result<Held> {
+    match primitive.split_once(':') {
+        Some(("semaphore", n)) => {
+            let n = n.parse().unwrap_or_else(|_| panic!("FAULTS_PRIMITIVE semaphore:{n}"));
+            locker.acquire(key, &opts.clone().limit(n)).await.map(Held::Lease)
+        }
+        _ if primitive == "election" => {
+            locker.campaign(key, format!("client-{c}"), opts).await.map(Held::Term)
+        }
+        _ => locker.acquire(key, opts).await.map(Held::Lease),
+    }
+}
+
 pub async fn main() {
     let c: u32 = env("FAULTS_CLIENT").parse().expect("client number");
     let backend = env("FAULTS_BACKEND");
@@ -76,16 +121,18 @@ pub async fn main() {
         }
     };
     let opts = AcquireOptions::new().ttl(ttl).wait(ttl * 3).holder(format!("faults/client-{c}"));
+    let primitive = std::env::var("FAULTS_PRIMITIVE").unwrap_or_else(|_| "lock".into());
     while now_ns() < until {
         let t_req = now_ns();
-        let lease = match locker.acquire(&key, &opts).await {
-            Ok(l) => l,
+        let held = match take(&locker, &key, &opts, &primitive, c).await {
+            Ok(h) => h,
             Err(e) => {
                 rec.record(&Event::Fail { c, t_req, t: now_ns(), code: e.code().as_str().to_owned() });
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }
         };
+        let lease = held.lease();
         let token = lease.fencing_token();
         rec.record(&Event::Grant { c, t_req, t: now_ns(), token, safe_until: ns_of(lease.safe_until()) });
         let long = rng.random_ratio(1, 4);
@@ -134,7 +181,7 @@ pub async fn main() {
                 safe_until: ns_of(lease.safe_until()),
             });
         }
-        let released = lease.release().await;
+        let released = held.release().await;
         rec.record(&Event::Release {
             c,
             token,

@@ -67,9 +67,30 @@ struct Case {
     nemesis: Nemesis,
     /// Whether the backend promises mutual exclusion and fencing under this fault.
     promised: bool,
+    /// What the clients take: `lock`, `semaphore:N` or `election` (see `client.rs`).
+    primitive: &'static str,
 }
 
+/// The primitives the clients can take.
+const LOCK: &str = "lock";
+const SEMAPHORE: &str = "semaphore:2";
+const ELECTION: &str = "election";
+
 impl Case {
+    /// Permits per key: N for a semaphore, else 1.
+    fn limit(&self) -> u32 {
+        self.primitive.strip_prefix("semaphore:").and_then(|n| n.parse().ok()).unwrap_or(1)
+    }
+
+    /// The backend column of the report: the store, and the primitive unless a lock.
+    fn label(&self) -> String {
+        match self.primitive {
+            LOCK => self.kind.name(),
+            SEMAPHORE => format!("{}, semaphore N={}", self.kind.name(), self.limit()),
+            other => format!("{}, {other}", self.kind.name()),
+        }
+    }
+
     /// Whether the backend promises to serve every waiter soon after a fault heals: not Redlock,
     /// whose waiters race (no queue across independent masters).
     fn fair(&self) -> bool {
@@ -89,34 +110,41 @@ fn cases() -> Vec<Case> {
     use Nemesis::*;
     let all = [PauseHolder, KillStore, Partition, PauseStore];
     // First, proof that the checkers catch a lock that excludes nobody.
-    let mut v = vec![Case { kind: Kind::Broken, nemesis: PauseHolder, promised: false }];
+    let mut v = vec![Case { kind: Kind::Broken, nemesis: PauseHolder, promised: false, primitive: LOCK }];
     for n in all {
-        v.push(Case { kind: Kind::Server, nemesis: n, promised: true });
+        v.push(Case { kind: Kind::Server, nemesis: n, promised: true, primitive: LOCK });
+    }
+    // A semaphore of 2 (never more than 2 entitled at once) and a leader election (only the
+    // current leader's writes accepted), with holders paused past their TTL and the store killed.
+    for primitive in [SEMAPHORE, ELECTION] {
+        for n in [PauseHolder, KillStore] {
+            v.push(Case { kind: Kind::Server, nemesis: n, promised: true, primitive });
+        }
     }
     for n in all {
         // A Redis without persistence forgets every lock and fencing counter when it restarts.
-        v.push(Case { kind: Kind::Redis, nemesis: n, promised: n != KillStore });
+        v.push(Case { kind: Kind::Redis, nemesis: n, promised: n != KillStore, primitive: LOCK });
     }
     for n in [PauseHolder, Partition] {
-        v.push(Case { kind: Kind::Redlock(3), nemesis: n, promised: true });
+        v.push(Case { kind: Kind::Redlock(3), nemesis: n, promised: true, primitive: LOCK });
     }
     // A master restarted empty at once is outside Redlock's assumptions (delayed restarts).
-    v.push(Case { kind: Kind::Redlock(3), nemesis: KillStore, promised: false });
-    v.push(Case { kind: Kind::Redlock(5), nemesis: KillStore, promised: false });
+    v.push(Case { kind: Kind::Redlock(3), nemesis: KillStore, promised: false, primitive: LOCK });
+    v.push(Case { kind: Kind::Redlock(5), nemesis: KillStore, promised: false, primitive: LOCK });
     // With min_replicas=1 every acknowledged grant is on the replica before the answer, so a
     // failover (asked for, or after the master's kill -9) forgets none.
     for n in [Failover, KillStore] {
-        v.push(Case { kind: Kind::Sentinel, nemesis: n, promised: true });
+        v.push(Case { kind: Kind::Sentinel, nemesis: n, promised: true, primitive: LOCK });
     }
     // A Cluster master that dies fails over to its asynchronously replicated replica, which can
     // miss the latest grants: as documented, not promised.
-    v.push(Case { kind: Kind::Cluster, nemesis: KillStore, promised: false });
+    v.push(Case { kind: Kind::Cluster, nemesis: KillStore, promised: false, primitive: LOCK });
     for n in all {
-        v.push(Case { kind: Kind::Etcd(3), nemesis: n, promised: true });
+        v.push(Case { kind: Kind::Etcd(3), nemesis: n, promised: true, primitive: LOCK });
     }
     // Stateless servers in front of etcd: losing one, or the etcd leader, loses no lock.
     for n in [KillServer, KillStore] {
-        v.push(Case { kind: Kind::ServersOverEtcd(3), nemesis: n, promised: true });
+        v.push(Case { kind: Kind::ServersOverEtcd(3), nemesis: n, promised: true, primitive: LOCK });
     }
     v
 }
@@ -164,6 +192,7 @@ impl Row {
 
 struct ClientSpec<'a> {
     url: String,
+    primitive: &'a str,
     key: &'a str,
     ttl: Duration,
     dir: &'a std::path::Path,
@@ -173,11 +202,12 @@ struct ClientSpec<'a> {
 }
 
 fn spawn_client(c: u32, spec: &ClientSpec) -> Child {
-    let ClientSpec { url, key, ttl, dir, fence, until, seed } = spec;
+    let ClientSpec { url, primitive, key, ttl, dir, fence, until, seed } = spec;
     Command::new(std::env::current_exe().expect("own path"))
         .env("FAULTS_CLIENT", c.to_string())
         .env("FAULTS_BACKEND", url)
         .env("FAULTS_KEY", key)
+        .env("FAULTS_PRIMITIVE", primitive)
         .env("FAULTS_TTL_MS", ttl.as_millis().to_string())
         .env("FAULTS_HOLD_MS", "50")
         .env("FAULTS_SEED", seed.to_string())
@@ -228,7 +258,16 @@ async fn run_case(case: &Case, s: &Settings, rng: &mut rand::rngs::StdRng) -> Ro
             let url = store.url(c, &proxies[c as usize].iter().map(|p| p.port).collect::<Vec<_>>());
             spawn_client(
                 c,
-                &ClientSpec { url, key, ttl, dir: dir.path(), fence: &fence.addr, until, seed: s.seed },
+                &ClientSpec {
+                    url,
+                    primitive: case.primitive,
+                    key,
+                    ttl,
+                    dir: dir.path(),
+                    fence: &fence.addr,
+                    until,
+                    seed: s.seed,
+                },
             )
         })
         .collect();
@@ -315,9 +354,10 @@ async fn run_case(case: &Case, s: &Settings, rng: &mut rand::rngs::StdRng) -> Ro
         }
     }
     let long_hold = (ttl * 6 / 5).as_nanos() as i64;
-    let findings = check::check(&events, &fence.log(), ttl.as_nanos() as i64, long_hold, heal, s.clients);
+    let findings =
+        check::check(&events, &fence.log(), ttl.as_nanos() as i64, long_hold, heal, s.clients, case.limit());
     Row {
-        backend: case.kind.name(),
+        backend: case.label(),
         nemesis: case.nemesis.name(),
         promised: case.promised,
         fair: case.fair(),
@@ -379,7 +419,7 @@ fn main() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(s.seed);
     let mut rows = Vec::new();
     for case in cases() {
-        let label = format!("{} / {}", case.kind.name(), case.nemesis.name());
+        let label = format!("{} / {}", case.label(), case.nemesis.name());
         if s.only.as_ref().is_some_and(|o| !label.contains(o.as_str())) {
             continue;
         }
