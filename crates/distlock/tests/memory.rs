@@ -335,3 +335,32 @@ async fn ten_thousand_waiters_on_one_key() {
     assert_eq!(served.len(), 10_000);
     assert!(served.windows(2).all(|w| w[0] < w[1]));
 }
+
+/// The observer's expiry event of a semaphore's last lease carries the semaphore's limit (it was
+/// read after the purge had dropped the key, and said 1).
+#[tokio::test]
+async fn an_expired_permit_reports_its_semaphores_limit() {
+    use distlock::engine::{Engine, TableEvent};
+    let engine = Engine::new().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    engine.observe(Arc::new(move |e: TableEvent<'_>| {
+        if let TableEvent::Expired(lease) = e {
+            sink.lock().unwrap().push(lease.limit);
+        }
+    }));
+    let req = distlock::AcquireRequest {
+        key: "pool".into(),
+        lease_id: distlock::LeaseId::generate(),
+        holder: "h".into(),
+        ttl: Duration::from_millis(100),
+        wait: distlock::Wait::TryOnce,
+        limit: 3,
+        mode: Default::default(),
+        value: None,
+    };
+    engine.acquire(req).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = engine.status("pool");
+    assert_eq!(*seen.lock().unwrap(), [3]);
+}

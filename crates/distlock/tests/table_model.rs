@@ -148,7 +148,7 @@ proptest! {
                 Op::Advance { ms, purge } => {
                     now_ms += ms;
                     if purge {
-                        for (key, _) in table.purge_expired(at(now_ms)) {
+                        for (key, _, _) in table.purge_expired(at(now_ms)) {
                             let k: usize = key.trim_start_matches("key-").parse().expect("test key");
                             prop_assert!(model.holder_of(k, now_ms).is_none(), "purged a live lease on {}", key);
                         }
@@ -181,7 +181,7 @@ fn tokens_survive_release_and_expiry() {
             table.release("k", &id, t).unwrap();
         } else {
             let purged: Vec<String> =
-                table.purge_expired(t + Duration::from_secs(2)).into_iter().map(|(k, _)| k).collect();
+                table.purge_expired(t + Duration::from_secs(2)).into_iter().map(|(k, _, _)| k).collect();
             assert_eq!(purged, vec!["k".to_string()]);
         }
         assert!(table.is_empty());

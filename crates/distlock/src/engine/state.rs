@@ -61,8 +61,7 @@ impl Shared {
 impl State {
     /// Expires due leases and hands each freed key to its next waiter.
     pub(super) fn purge(&mut self, now: Instant) {
-        for (key, entry) in self.table.purge_expired(now) {
-            let limit = self.table.limit_of(&key);
+        for (key, limit, entry) in self.table.purge_expired(now) {
             tracing::debug!(key = %key, "lease expired");
             self.expired_total += 1;
             if let Some(observe) = &self.observer {

@@ -213,17 +213,19 @@ impl LeaseTable {
         self.remove(key, token).ok_or_else(|| Error::not_owner(key))
     }
 
-    /// Removes every lease whose deadline is at or before `now` and returns them with their keys,
-    /// earliest deadline first.
-    pub fn purge_expired(&mut self, now: Instant) -> Vec<(String, Entry)> {
+    /// Removes every lease whose deadline is at or before `now` and returns them with their keys
+    /// and their keys' limits (read before the removal, which may drop the key), earliest
+    /// deadline first.
+    pub fn purge_expired(&mut self, now: Instant) -> Vec<(String, u32, Entry)> {
         let mut expired = Vec::new();
         while let Some((when, _, _)) = self.expirations.first() {
             if *when > now {
                 break;
             }
             if let Some((_, key, token)) = self.expirations.pop_first() {
+                let limit = self.limit_of(&key);
                 if let Some(entry) = self.remove(&key, token) {
-                    expired.push((key, entry));
+                    expired.push((key, limit, entry));
                 }
             }
         }
