@@ -9,14 +9,16 @@
 # the order alternating by round (each build's client against its own server): memory:// with 1
 # and 32 tasks, the server with 1 and 32 tasks and contended (8 tasks, one key), redis:// with 1
 # and 32 tasks. Prints per row the median cycles/s of each build, the median ratio after/before
-# and its spread over the rounds. ROUNDS (default 5), DURATION (default 3s) to vary; JSON of every
-# run in target/bench/ab.jsonl.
+# and its spread over the rounds. ROUNDS (default 5), DURATION (default 3s) to vary; ROWS, a
+# regular expression, keeps only the rows whose names match (e.g. ROWS='^server 1$' for more
+# rounds of one doubtful row); JSON of every run in target/bench/ab.jsonl.
 # Needs: redis-server, python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ $# -eq 2 && -x $1 && -x $2 ]] || { echo "usage: $0 BEFORE_BIN AFTER_BIN (two distlock binaries)" >&2; exit 64; }
 A=$1 B=$2
 ROUNDS=${ROUNDS:-5}
+ROWS=${ROWS:-.}
 DURATION=${DURATION:-3s}
 source scripts/ports.sh
 need_tools redis-server python3
@@ -53,6 +55,7 @@ for round in $(seq "$ROUNDS"); do
     "server 1|SERVER|uncontended|1" "server 32|SERVER|uncontended|32" "server contended 8|SERVER|contended|8" \
     "redis 1|redis://127.0.0.1:$rp|uncontended|1" "redis 32|redis://127.0.0.1:$rp|uncontended|32"; do
     IFS='|' read -r row url workload tasks <<<"$spec"
+    [[ $row =~ $ROWS ]] || continue
     for which in $first $second; do
       u=$url
       [[ $url == SERVER ]] && u="http://127.0.0.1:$([[ $which == a ]] && echo "$pa" || echo "$pb")"
