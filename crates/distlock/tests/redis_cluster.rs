@@ -143,3 +143,51 @@ async fn wakeups_move_on_when_their_node_is_gone() {
 
     support::release_wakes_its_waiter(&locker, &key).await;
 }
+
+/// `rediss-cluster://`: a cluster that speaks TLS on its bus and to clients and asks for client
+/// certificates. Locks on keys over every master exclude with rising tokens and list sees them
+/// all (the client follows the TLS ports the nodes name); without a client certificate, or with
+/// a CA that did not sign the nodes' certificates, every call is `Unavailable`, and TLS files on
+/// a plain `redis-cluster://` URL are bad input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_cluster_with_a_ca_and_a_client_certificate() {
+    let certs = tempfile::tempdir().expect("dir");
+    support::make_certs(certs.path());
+    let dir = certs.path().to_owned();
+    let cluster = tokio::task::spawn_blocking(move || Cluster::start_tls(&dir)).await.unwrap();
+    let path = |f: &str| certs.path().join(f).display().to_string();
+    let nodes = format!("127.0.0.1:{},127.0.0.1:{}", cluster.tls_ports[0], cluster.tls_ports[1]);
+    let base = format!("rediss-cluster://{nodes}?timeout=2s&ca={}", path("ca.pem"));
+    let url = format!("{base}&cert={}&key={}", path("client.pem"), path("client.key"));
+    let locker = Locker::open(&url).await.expect("open rediss-cluster://");
+    let opts = AcquireOptions::new().ttl(Duration::from_secs(10));
+    let mut held = Vec::new();
+    for i in 0..12 {
+        let key = format!("tls/{i}");
+        let lease = locker.acquire(&key, &opts).await.expect("acquire over TLS");
+        assert!(matches!(locker.acquire(&key, &opts).await, Err(Error::Held { .. })));
+        held.push(lease);
+    }
+    assert_eq!(locker.list_page(&ListQuery::prefix("tls/")).await.expect("list").locks.len(), 12);
+    let first = held.remove(0);
+    let token = first.fencing_token();
+    first.release().await.expect("release over TLS");
+    assert!(locker.acquire("tls/0", &opts).await.expect("again").fencing_token() > token);
+
+    let no_cert = Locker::open(&base).await;
+    let refused = match no_cert {
+        Ok(l) => l.acquire("tls/x", &opts).await.map(drop),
+        Err(e) => Err(e),
+    };
+    assert!(matches!(refused, Err(Error::Unavailable(_))), "no client certificate: {refused:?}");
+    let other = tempfile::tempdir().expect("dir");
+    support::make_certs(other.path());
+    let wrong = url.replace(&path("ca.pem"), &other.path().join("ca.pem").display().to_string());
+    let refused = match Locker::open(&wrong).await {
+        Ok(l) => l.acquire("tls/x", &opts).await.map(drop),
+        Err(e) => Err(e),
+    };
+    assert!(matches!(refused, Err(Error::Unavailable(_))), "a CA that signed nothing here: {refused:?}");
+    let plain = format!("redis-cluster://{nodes}?ca={}", path("ca.pem"));
+    assert!(matches!(Locker::open(&plain).await, Err(Error::InvalidInput(_))), "{plain}");
+}

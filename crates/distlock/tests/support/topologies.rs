@@ -166,6 +166,9 @@ pub struct Cluster {
     /// The masters first (`redis-cli --cluster create` makes the first three masters), then
     /// their replicas.
     pub nodes: Vec<Node>,
+    /// With TLS: each node's TLS port, in the order of `nodes` (their plain ports stay open on
+    /// loopback for the harness's own commands).
+    pub tls_ports: Vec<u16>,
 }
 
 impl Cluster {
@@ -176,6 +179,18 @@ impl Cluster {
 
     /// Three masters with `replicas` replicas each: a master that fails is replaced by one.
     pub fn start_with_replicas(replicas: usize) -> Cluster {
+        Cluster::launch(replicas, None)
+    }
+
+    /// Three masters that also speak TLS with the certificates of [`super::make_certs`] in
+    /// `certs` (clients must present one), on the cluster bus and to clients; a TLS client is
+    /// told the nodes' TLS ports.
+    pub fn start_tls(certs: &std::path::Path) -> Cluster {
+        Cluster::launch(0, Some(certs))
+    }
+
+    fn launch(replicas: usize, tls: Option<&std::path::Path>) -> Cluster {
+        let mut tls_ports = Vec::new();
         let server = require_binary("redis-server", "redis-server");
         let cli = require_binary("redis-cli", "redis-tools");
         let nodes: Vec<Node> = (0..3 * (1 + replicas))
@@ -197,6 +212,22 @@ impl Cluster {
                     argv.push(a.into());
                 }
                 argv.extend(["--cluster-config-file".into(), dir.path().join("nodes.conf").into()]);
+                if let Some(certs) = tls {
+                    let tls_port = free_port();
+                    tls_ports.push(tls_port);
+                    argv.extend(["--tls-port".into(), tls_port.to_string().into()]);
+                    for (flag, file) in [
+                        ("--tls-cert-file", "server.pem"),
+                        ("--tls-key-file", "server.key"),
+                        ("--tls-ca-cert-file", "ca.pem"),
+                    ] {
+                        argv.extend([flag.into(), certs.join(file).into()]);
+                    }
+                    for a in ["--tls-cluster", "yes", "--tls-replication", "yes", "--tls-auth-clients", "yes"]
+                    {
+                        argv.push(a.into());
+                    }
+                }
                 Node::launch(argv, port, dir)
             })
             .collect();
@@ -219,7 +250,7 @@ impl Cluster {
         until("the replicas in sync", Duration::from_secs(20), || {
             nodes[3..].iter().all(|r| nodes[..3].iter().any(|m| online_replica(m.port, r.port)))
         });
-        Cluster { nodes }
+        Cluster { nodes, tls_ports }
     }
 
     pub fn url(&self) -> String {
