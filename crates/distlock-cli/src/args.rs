@@ -44,7 +44,7 @@ pub const EXIT_CODES: &str = "Exit codes of distlock itself:\n  \
     75  not acquired: held by someone else, or not within --wait (change it with -E/--conflict-exit-code)\n  \
     76  lease lost (run, hold), or the lease id does not hold the key (renew, release)\n  \
     77  unauthorized: pass a token with --token-file PATH or DISTLOCK_TOKEN\n  \
-    1   other failures (serve: cannot start; bench: a check failed or nothing was measured)\n  \
+    1   other failures (serve: cannot start; bench: a check failed or nothing was measured; leader: nobody leads)\n  \
     126/127 (run) the command cannot be executed / was not found\n\n\
     Durations are written like 30s, 500ms, 2m, 1h30m (--wait also takes bare seconds: -w 10).";
 

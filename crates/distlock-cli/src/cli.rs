@@ -594,10 +594,15 @@ fn print_leader(
         });
     }
     match (leader, watching) {
+        // The value alone, as published, for `$(distlock leader KEY)`.
         (Some(l), false) => out.line(&l.value),
-        (Some(l), true) => {
-            out.line(&format!("{} (holder {}, fencing token {})", l.value, shown(&l.holder), l.fencing_token))
-        }
+        // One line per change: control characters in the value are shown escaped.
+        (Some(l), true) => out.line(&format!(
+            "{} (holder {}, fencing token {})",
+            shown(&l.value),
+            shown(&l.holder),
+            l.fencing_token
+        )),
         (None, true) => out.line("no leader"),
         (None, false) => Ok(()),
     }
@@ -630,7 +635,10 @@ pub async fn leader(locker: &Locker, key: &str, watch: bool, out: &Output) -> u8
         out.say("cannot install signal handlers");
         return 1;
     };
-    let mut changes = locker.observe(key);
+    let quiet = *out;
+    let mut changes = locker.observe(key).on_outage(move |why, retry| {
+        quiet.say(format!("cannot reach the store ({why}); trying again in {}", human(retry)));
+    });
     loop {
         let next = tokio::select! {
             next = changes.next() => next,

@@ -856,3 +856,27 @@ async fn elect_runs_only_while_leading_and_leader_follows() {
     let _ = c.kill();
     let _ = c.wait();
 }
+
+/// `leader --watch` against a store it cannot reach says so on stderr (and keeps trying) rather
+/// than waiting in silence while the last line it printed looks current.
+#[test]
+fn leader_watch_says_when_the_store_is_out_of_reach() {
+    let port = support::free_port();
+    let mut watch = distlock(&format!("http://127.0.0.1:{port}"), &["leader", "--watch", "svc"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let err = watch.stderr.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let line = rx.recv_timeout(Duration::from_secs(10)).expect("a line on stderr");
+    assert!(line.contains("cannot reach the store") && line.contains("trying again"), "{line}");
+    assert!(watch.try_wait().expect("try_wait").is_none(), "it keeps trying");
+    let _ = watch.kill();
+    let _ = watch.wait();
+}

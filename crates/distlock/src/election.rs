@@ -40,6 +40,10 @@ impl Leader {
         let (true, Some(holder), Some(fencing_token)) = (info.held, &info.holder, info.fencing_token) else {
             return None;
         };
+        // A semaphore or a shared lock has several holders and no leader.
+        if info.limit.is_some() || info.mode.is_some() {
+            return None;
+        }
         Some(Leader {
             key: info.key.clone(),
             value: info.value.clone().unwrap_or_default(),
@@ -107,14 +111,24 @@ const MAX_RETRY: Duration = Duration::from_secs(5);
 /// First pause after the store could not be reached while observing.
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 
+/// A feed that stayed open this long ends an outage: the next failure starts the back-off afresh
+/// (a feed that fails at once, again and again, keeps backing off).
+const STEADY: Duration = Duration::from_secs(10);
+
+/// Called with the reason each time [`LeaderWatch`] finds the store out of reach and waits to try
+/// again (see [`LeaderWatch::on_outage`]).
+pub type OutageReport = Box<dyn Fn(&str, Duration) + Send + Sync>;
+
 /// The leaders of one election key, each reported once, in order (see [`Locker::observe`]).
 pub struct LeaderWatch {
     backend: Arc<dyn Backend>,
     key: String,
-    feed: Option<Box<dyn StatusWatch>>,
+    /// The open change feed, and when it was opened.
+    feed: Option<(Box<dyn StatusWatch>, tokio::time::Instant)>,
     /// The last answer given (`None` before the first).
     last: Option<Option<Leader>>,
     retry: Duration,
+    on_outage: Option<OutageReport>,
 }
 
 impl std::fmt::Debug for LeaderWatch {
@@ -124,18 +138,29 @@ impl std::fmt::Debug for LeaderWatch {
 }
 
 impl LeaderWatch {
+    /// Calls `report` with the reason and the pause each time the store cannot be reached (or
+    /// refuses for load: 429) and the watch waits to try again, e.g. to tell a user who would
+    /// otherwise see nothing. Without it, outages are logged (`tracing`, warn) only.
+    pub fn on_outage(mut self, report: impl Fn(&str, Duration) + Send + Sync + 'static) -> LeaderWatch {
+        self.on_outage = Some(Box::new(report));
+        self
+    }
+
     /// The leader now (first call; `None`: no leader), then each change of leader or of its
     /// value: a new leader, a proclamation, or the key becoming free (`None`). Consecutive
     /// changes may be seen as one (the latest), never out of order: fencing tokens of the
-    /// leaders answered only rise. While the store cannot be reached it keeps trying (with
-    /// back-off up to 5 s) and answers once it can; other errors are returned.
+    /// leaders answered only rise (see docs/DESIGN.md for the one exception, a crash of the
+    /// lock server's store within a grant's logging). While the store cannot be reached, or
+    /// refuses for load, it keeps trying (with back-off up to 5 s) and answers once it can; other
+    /// errors (a bad key, a backend without elections, a refused token) are returned.
     pub async fn next(&mut self) -> Result<Option<Leader>> {
+        crate::validate::key(&self.key)?;
         loop {
-            let feed = match &mut self.feed {
-                Some(feed) => feed,
+            let (feed, opened) = match &mut self.feed {
+                Some(open) => open,
                 None => match self.backend.watch(&self.key).await {
-                    Ok(feed) => self.feed.insert(feed),
-                    Err(Error::Unavailable(why)) => {
+                    Ok(feed) => self.feed.insert((feed, tokio::time::Instant::now())),
+                    Err(Error::Unavailable(why) | Error::LimitExceeded(why)) => {
                         self.pause(&why).await;
                         continue;
                     }
@@ -144,14 +169,16 @@ impl LeaderWatch {
             };
             match feed.next().await {
                 Ok(info) => {
-                    self.retry = FIRST_RETRY;
                     let leader = Leader::of(&info);
                     if self.last.as_ref() != Some(&leader) {
                         self.last = Some(leader.clone());
                         return Ok(leader);
                     }
                 }
-                Err(Error::Unavailable(why)) => {
+                Err(Error::Unavailable(why) | Error::LimitExceeded(why)) => {
+                    if opened.elapsed() >= STEADY {
+                        self.retry = FIRST_RETRY;
+                    }
                     self.feed = None;
                     self.pause(&why).await;
                 }
@@ -162,6 +189,9 @@ impl LeaderWatch {
 
     async fn pause(&mut self, why: &str) {
         tracing::warn!(key = %self.key, error = %why, retry_in = ?self.retry, "observing a leader: store unreachable");
+        if let Some(report) = &self.on_outage {
+            report(why, self.retry);
+        }
         tokio::time::sleep(self.retry).await;
         self.retry = (self.retry * 2).min(MAX_RETRY);
     }
@@ -216,7 +246,8 @@ impl Locker {
 
     /// Follows the leaders of `key` (namespace included): see [`LeaderWatch::next`]. Nothing is
     /// asked of the store until the first `next`; a key that is not valid, or a backend that
-    /// does not offer elections, is reported there.
+    /// does not offer elections, is reported there. A key held by a semaphore or shared lock
+    /// has no leader (`None`).
     pub fn observe(&self, key: &str) -> LeaderWatch {
         LeaderWatch {
             backend: self.backend().clone(),
@@ -224,6 +255,7 @@ impl Locker {
             feed: None,
             last: None,
             retry: FIRST_RETRY,
+            on_outage: None,
         }
     }
 }

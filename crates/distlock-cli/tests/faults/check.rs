@@ -138,8 +138,11 @@ pub fn check(
         }
     } else {
         // Entitlements at once: +1 at each start, -1 at each end (ends first at a tie).
+        // An entitlement that ended before its grant was answered (its deadline passed during a
+        // slow grant) held nothing: counted, its end would hide another holder.
         let mut marks: Vec<(i64, i32, u64)> = intervals
             .iter()
+            .filter(|&&(start, end, _, _)| end > start)
             .flat_map(|&(start, end, _, token)| [(start, 1, token), (end, -1, token)])
             .collect();
         marks.sort_by_key(|&(t, d, _)| (t, d));

@@ -80,24 +80,29 @@ async fn watch(
     let mut stopping = state.stopping.clone();
     tokio::spawn(async move {
         let mut recheck = tokio::time::interval(Duration::from_secs(1));
+        // The status read last and not yet sent: while a slow client has not taken it, the feed
+        // is not read (it keeps the latest change for later), and tokens are still re-checked.
+        let mut pending: Option<SseEvent> = None;
         loop {
             tokio::select! {
-                next = feed.next() => {
+                next = feed.next(), if pending.is_none() => {
                     let event = match next {
                         Ok(info) => SseEvent::default().event("status").json_data(&info),
                         Err(e) => SseEvent::default().event("error").json_data(ApiError::from(e).into_body()),
                     };
                     let Ok(event) = event else { break };
-                    if tx.send(event).await.is_err() {
-                        break;
-                    }
+                    pending = Some(event);
                 }
+                permit = tx.reserve(), if pending.is_some() => match (permit, pending.take()) {
+                    (Ok(permit), Some(event)) => permit.send(event),
+                    _ => break,
+                },
                 _ = recheck.tick() => match state.auth.table().recheck(&caller) {
                     Lookup::Caller(now) if now.may(Action::Read, &key) => caller = now,
                     _ => break,
                 },
                 // (The guard `wait_for` answers is dropped at once: it must not live across the
-                // sends above.)
+                // awaits above.)
                 () = async { drop(stopping.wait_for(|s| *s).await) } => break,
                 () = tx.closed() => break,
             }

@@ -1,8 +1,9 @@
 //! The HTTP JSON API (axum): the router, its layers and the bearer-token check in front of the
 //! API routes. Each kind of route has its own file: `routes.rs` the lock operations, `batch.rs`
-//! `POST /v1/batch`, `election.rs` proclaim and a key's watch stream, `admin.rs` the operator routes, `live.rs` the web page's data (events,
-//! timeline, facts), `metrics.rs` `/metrics` and the health probes; `errors.rs` is the one error
-//! shape they all answer. Token scopes themselves are in [`crate::auth`].
+//! `POST /v1/batch`, `election.rs` proclaim and a key's watch stream, `admin.rs` the operator
+//! routes, `live.rs` the web page's data (events, timeline, facts), `metrics.rs` `/metrics` and
+//! the health probes; `errors.rs` is the one error shape they all answer. Token scopes
+//! themselves are in [`crate::auth`].
 
 mod admin;
 mod batch;

@@ -159,6 +159,18 @@ impl Engine {
         })
     }
 
+    /// Replaces the value the live lease `lease_id` on `key` publishes and wakes the key's
+    /// watchers. Same rules as [`crate::Backend::proclaim`]; a permit of a semaphore or a shared
+    /// lease publishes nothing (a key held by several has no leader): `InvalidInput`.
+    pub fn proclaim(&self, key: &str, lease_id: &LeaseId, value: &str) -> Result<()> {
+        let now = Instant::now();
+        self.shared.with_state(now, |s| {
+            s.table.proclaim(key, lease_id, value, now)?;
+            s.changed(key);
+            Ok(())
+        })
+    }
+
     /// The state of `key`, with the number of callers waiting for it.
     pub fn status(&self, key: &str) -> LockInfo {
         let now = Instant::now();
@@ -200,7 +212,11 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        self.shared.lock().shutdown = true;
+        let mut state = self.shared.lock();
+        state.shutdown = true;
+        // Watchers of a dropped engine are told so (their `next` fails) instead of waiting on.
+        state.watchers.clear();
+        drop(state);
         self.shared.expiry_changed.notify_one();
     }
 }

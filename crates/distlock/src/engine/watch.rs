@@ -16,7 +16,7 @@ use super::state::{Shared, State};
 use super::Engine;
 use crate::backend::StatusWatch;
 use crate::error::{Error, Result};
-use crate::types::{LeaseId, LockInfo};
+use crate::types::LockInfo;
 
 impl State {
     /// `key` changed (granted, freed, or its value replaced): wakes its watchers.
@@ -34,7 +34,8 @@ impl State {
 pub struct KeyWatch {
     shared: Arc<Shared>,
     key: String,
-    rx: watch::Receiver<()>,
+    /// Always `Some` until dropped (taken in `drop`, under the engine's lock).
+    rx: Option<watch::Receiver<()>>,
     started: bool,
 }
 
@@ -56,33 +57,21 @@ impl Engine {
                 rx
             }
         };
-        KeyWatch { shared: self.shared.clone(), key: key.to_owned(), rx, started: false }
-    }
-
-    /// Replaces the value the live lease `lease_id` on `key` publishes and wakes the key's
-    /// watchers. Same rules as [`crate::Backend::proclaim`].
-    pub fn proclaim(&self, key: &str, lease_id: &LeaseId, value: &str) -> Result<()> {
-        let now = Instant::now();
-        self.shared.with_state(now, |s| {
-            s.table.proclaim(key, lease_id, value, now)?;
-            s.changed(key);
-            Ok(())
-        })
+        KeyWatch { shared: self.shared.clone(), key: key.to_owned(), rx: Some(rx), started: false }
     }
 }
 
 impl KeyWatch {
     /// The key's status now (first call), then after each change (see [`StatusWatch::next`]).
     pub async fn next(&mut self) -> Result<LockInfo> {
+        let dropped = || Error::Unavailable("the memory backend was dropped".into());
+        let rx = self.rx.as_mut().ok_or_else(dropped)?;
         if self.started {
-            self.rx
-                .changed()
-                .await
-                .map_err(|_| Error::Unavailable("the memory backend was dropped".into()))?;
+            rx.changed().await.map_err(|_| dropped())?;
         }
         self.started = true;
         // Marks what is read below as seen: a change after this wakes the next call.
-        self.rx.borrow_and_update();
+        rx.borrow_and_update();
         let now = Instant::now();
         let key = self.key.as_str();
         Ok(self.shared.with_state(now, |s| LockInfo { waiters: s.waiters(key), ..s.table.info(key, now) }))
@@ -99,9 +88,39 @@ impl StatusWatch for KeyWatch {
 impl Drop for KeyWatch {
     fn drop(&mut self) {
         let mut state = self.shared.lock();
-        // This watcher's receiver still counts while it drops: one left means it was the last.
-        if state.watchers.get(&self.key).is_some_and(|tx| tx.receiver_count() <= 1) {
+        // The receiver goes under the lock, so of two last watchers leaving at once the second
+        // to take the lock sees none left and removes the channel.
+        drop(self.rx.take());
+        if state.watchers.get(&self.key).is_some_and(|tx| tx.receiver_count() == 0) {
             state.watchers.remove(&self.key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The last two watchers of a key leaving at the same moment, from two threads: the channel
+    /// goes with them (each saw the other's receiver while it dropped, and neither removed it).
+    #[test]
+    fn the_last_watchers_leaving_together_remove_the_channel() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let engine = runtime.block_on(async { Engine::new() }).unwrap();
+        for _ in 0..500 {
+            let (a, b) = (engine.watch("k"), engine.watch("k"));
+            let start = std::sync::Arc::new(std::sync::Barrier::new(2));
+            let other = {
+                let start = start.clone();
+                std::thread::spawn(move || {
+                    start.wait();
+                    drop(a);
+                })
+            };
+            start.wait();
+            drop(b);
+            other.join().unwrap();
+            assert!(engine.shared.lock().watchers.is_empty(), "a channel nobody watches was left");
         }
     }
 }
