@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use distlock::{AcquireOptions, Error, ListQuery, Locker};
-use support::topologies::{raw, Cluster};
+use support::topologies::{raw, until, Cluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn locks_over_three_masters() {
@@ -190,4 +190,76 @@ async fn tls_cluster_with_a_ca_and_a_client_certificate() {
     assert!(matches!(refused, Err(Error::Unavailable(_))), "a CA that signed nothing here: {refused:?}");
     let plain = format!("redis-cluster://{nodes}?ca={}", path("ca.pem"));
     assert!(matches!(Locker::open(&plain).await, Err(Error::InvalidInput(_))), "{plain}");
+}
+
+/// `min_replicas` on a cluster, as behind Sentinel: a grant no replica of its master
+/// acknowledges is undone (`Unavailable`, the key left free); with `min_replicas=1` every grant
+/// is on its master's replica before it is answered, so `kill -9` of a master holding locks loses
+/// none: its replica takes over with the same leases and tokens, and tokens keep rising.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_master_loses_no_acknowledged_lease_with_min_replicas() {
+    let mut cluster = tokio::task::spawn_blocking(|| Cluster::start_with_replicas(1)).await.unwrap();
+    let two = Locker::open(&format!("{}&min_replicas=2&wait_timeout=200ms", cluster.url())).await.unwrap();
+    match two.acquire("undone", &AcquireOptions::new()).await {
+        Err(Error::Unavailable(m)) => assert!(m.contains("fewer replicas than min_replicas"), "{m}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    let locker = Locker::open(&format!("{}&min_replicas=1", cluster.url())).await.expect("open");
+    assert!(!locker.status("undone").await.unwrap().held, "the unacknowledged grant was taken back");
+
+    let second = cluster.nodes[1].port;
+    let slot_of = |k: &str| -> u16 {
+        raw(second, &format!("CLUSTER KEYSLOT distlock:{{{k}}}:lock"))
+            .trim()
+            .trim_start_matches(':')
+            .parse()
+            .unwrap()
+    };
+    let opts = AcquireOptions::new().ttl(Duration::from_secs(30)).holder("before-failover");
+    let mut leases = Vec::new();
+    for i in 0..12 {
+        leases.push(locker.acquire(&format!("job/{i}"), &opts).await.expect("acquire, acknowledged"));
+    }
+    let on_first: Vec<u16> =
+        leases.iter().map(|l| slot_of(l.key())).filter(|&s| cluster.owner(s) == 0).collect();
+    assert!(!on_first.is_empty(), "some locks live on the master about to be killed");
+    let highest = leases.iter().map(|l| l.fencing_token()).max().unwrap_or(0);
+    cluster.nodes[0].kill();
+    let survivor = cluster.nodes[1].port;
+    let slot = on_first[0];
+    tokio::task::spawn_blocking(move || {
+        until("a replica promoted", Duration::from_secs(30), || {
+            raw(survivor, "CLUSTER INFO").contains("cluster_state:ok")
+                && raw(survivor, "CLUSTER NODES").lines().any(|l| {
+                    l.contains("master") && !l.contains("fail") && support::topologies::serves(l, slot)
+                })
+        })
+    })
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for lease in &leases {
+        loop {
+            match locker.status(lease.key()).await {
+                Ok(info) => {
+                    assert!(info.held, "{} lost when its master was killed", lease.key());
+                    assert_eq!(info.fencing_token, Some(lease.fencing_token()), "{}", lease.key());
+                    break;
+                }
+                Err(e) => assert!(Instant::now() < deadline, "status after the failover: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert!(matches!(locker.acquire("job/0", &AcquireOptions::new()).await, Err(Error::Held { .. })));
+    // The promoted master has no replica until the old one rejoins: ask for none here.
+    let after = Locker::open(&cluster.url()).await.unwrap();
+    // A key of the promoted replica: its fencing counter came over with the failover.
+    let promoted = cluster.owner(on_first[0]);
+    let key = (100..300)
+        .map(|i| format!("job/{i}"))
+        .find(|k| cluster.owner(slot_of(k)) == promoted)
+        .expect("a key");
+    let fresh = after.acquire(&key, &AcquireOptions::new()).await.expect("acquire after the failover");
+    assert!(fresh.fencing_token() > highest, "{} after {highest}", fresh.fencing_token());
 }

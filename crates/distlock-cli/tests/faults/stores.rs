@@ -24,8 +24,9 @@ pub enum Kind {
     /// A master and a replica behind three sentinels (no persistence); clients ask the sentinels
     /// and wait for one replica to acknowledge each grant (`min_replicas=1`).
     Sentinel,
-    /// Redis Cluster: three masters with a replica each (no persistence).
-    Cluster,
+    /// Redis Cluster: three masters with a replica each (no persistence); clients wait for this
+    /// many replicas to acknowledge each grant and renewal (`min_replicas`).
+    Cluster(u32),
     /// An etcd cluster of this many members.
     Etcd(usize),
     /// Two `distlock serve --store etcd://…` in front of an etcd cluster of this many members;
@@ -42,7 +43,7 @@ impl Kind {
             Kind::Redis => "redis".into(),
             Kind::Redlock(n) => format!("redlock ({n} masters)"),
             Kind::Sentinel => "redis-sentinel (master + replica, min_replicas=1)".into(),
-            Kind::Cluster => "redis-cluster (3 masters + 3 replicas)".into(),
+            Kind::Cluster(n) => format!("redis-cluster (3 masters + 3 replicas, min_replicas={n})"),
             Kind::Etcd(n) => format!("etcd ({n} members)"),
             Kind::ServersOverEtcd(n) => format!("2 servers over etcd ({n} members)"),
             Kind::Broken => "self-test: a lock per client (memory://)".into(),
@@ -65,7 +66,7 @@ impl Kind {
     pub fn settle(self) -> Duration {
         match self {
             Kind::Sentinel => Duration::from_secs(35),
-            Kind::Cluster => Duration::from_secs(6),
+            Kind::Cluster(_) => Duration::from_secs(6),
             _ => Duration::ZERO,
         }
     }
@@ -82,7 +83,7 @@ pub enum Store {
     Redis(RedisServer),
     Redlock(Vec<RedisServer>),
     Sentinel(Group),
-    Cluster(Cluster),
+    Cluster(Cluster, u32),
     Etcd(EtcdCluster),
     /// The servers in front of the cluster (declared first: they stop before it).
     ServersOverEtcd(Vec<Server>, EtcdCluster),
@@ -102,7 +103,7 @@ impl Store {
             Kind::Redis => Store::Redis(RedisServer::start()),
             Kind::Redlock(n) => Store::Redlock((0..n).map(|_| RedisServer::start()).collect()),
             Kind::Sentinel => Store::Sentinel(Group::start()),
-            Kind::Cluster => Store::Cluster(Cluster::start_with_replicas(1)),
+            Kind::Cluster(n) => Store::Cluster(Cluster::start_with_replicas(1), n),
             Kind::Etcd(n) => Store::Etcd(EtcdCluster::start(n)),
             Kind::ServersOverEtcd(n) => {
                 let etcd = EtcdCluster::start(n);
@@ -123,7 +124,7 @@ impl Store {
             // Clients reach the sentinels through their proxies, the master they name directly.
             Store::Sentinel(g) => g.sentinels.iter().map(|s| s.port).collect(),
             // The nodes clients start from; they then follow the cluster's slot map directly.
-            Store::Cluster(c) => c.nodes.iter().map(|n| n.port).collect(),
+            Store::Cluster(c, _) => c.nodes.iter().map(|n| n.port).collect(),
             Store::Etcd(e) => e.client_ports(),
             Store::ServersOverEtcd(servers, _) => servers.iter().map(|s| s.port).collect(),
             Store::Broken => Vec::new(),
@@ -145,7 +146,7 @@ impl Store {
             Store::Redis(_) => format!("redis://{hosts}?timeout=500ms"),
             Store::Redlock(_) => format!("redlock://{hosts}?timeout=300ms"),
             Store::Sentinel(_) => format!("redis-sentinel://{hosts}/{MASTER}?timeout=500ms&min_replicas=1"),
-            Store::Cluster(_) => format!("redis-cluster://{hosts}?timeout=500ms"),
+            Store::Cluster(_, n) => format!("redis-cluster://{hosts}?timeout=500ms&min_replicas={n}"),
             Store::Etcd(_) => format!("etcd://{hosts}?timeout=1s"),
             Store::ServersOverEtcd(..) => format!("http://{hosts}?timeout=1s"),
             Store::Broken => "memory://".into(),
@@ -166,7 +167,7 @@ impl Store {
     pub async fn leader(&self, key: &str) -> usize {
         match self {
             Store::Sentinel(g) => return tokio::task::block_in_place(|| sentinel_master(g)),
-            Store::Cluster(c) => return tokio::task::block_in_place(|| c.owner(slot_of(c, key))),
+            Store::Cluster(c, _) => return tokio::task::block_in_place(|| c.owner(slot_of(c, key))),
             _ => {}
         }
         let Some(e) = self.etcd() else { return 0 };
@@ -191,7 +192,7 @@ impl Store {
             Store::Redis(r) => r.kill(),
             Store::Redlock(m) => m[i].kill(),
             Store::Sentinel(g) => [&mut g.master, &mut g.replica][i].kill(),
-            Store::Cluster(c) => c.nodes[i].kill(),
+            Store::Cluster(c, _) => c.nodes[i].kill(),
             Store::Etcd(e) | Store::ServersOverEtcd(_, e) => e.kill(i),
             Store::Broken => {}
         }
@@ -213,7 +214,7 @@ impl Store {
                 [&mut g.master, &mut g.replica][i].restart();
                 synced_replica(g, i);
             }
-            Store::Cluster(c) => {
+            Store::Cluster(c, _) => {
                 let port = c.nodes[i].port;
                 until("a replica takes over the dead master's slots", Duration::from_secs(60), || {
                     let mut alive = c.nodes.iter().filter(|n| n.port != port).map(|n| n.port);
@@ -245,7 +246,7 @@ impl Store {
             Store::Redis(r) => r.pid(),
             Store::Redlock(m) => m[i].pid(),
             Store::Sentinel(g) => [&g.master, &g.replica][i].pid(),
-            Store::Cluster(c) => c.nodes[i].pid(),
+            Store::Cluster(c, _) => c.nodes[i].pid(),
             Store::Etcd(e) | Store::ServersOverEtcd(_, e) => e.pid(i),
             Store::Broken => None,
         };

@@ -150,7 +150,17 @@ struct Store {
 enum Conn {
     Direct(ConnectionManager),
     Sentinel(Arc<sentinel::Master>),
-    Cluster(redis::cluster_async::ClusterConnection),
+    Cluster(redis::cluster_async::ClusterConnection, Option<ClusterReplicas>),
+}
+
+/// A cluster's `min_replicas`: each grant and renewal is followed by `WAIT` on the master of its
+/// key's slot, as behind Sentinel, on connections of their own (`WAIT` blocks the connection it
+/// is sent on).
+#[derive(Clone)]
+struct ClusterReplicas {
+    grants: redis::cluster_async::ClusterConnection,
+    min_replicas: u32,
+    wait_timeout: Duration,
 }
 
 /// A connection of either kind, for the calls that work the same on both.
@@ -231,9 +241,12 @@ impl RedisBackend {
         let Some(first) = hosts.first() else {
             return Err(Error::InvalidInput(format!("{url:?} names no cluster node")));
         };
-        let query = if query.is_empty() { String::new() } else { format!("?{query}") };
-        // The parameters (prefix, timeout, TLS files…) read as for one node.
-        let config = RedisConfig::parse(&format!("{scheme}://{auth}{first}{query}"))?;
+        // The parameters (prefix, timeout, TLS files…) read as for one node, and min_replicas
+        // and wait_timeout as behind Sentinel.
+        let params = Params::parse(query, &[PARAMS, &["min_replicas", "wait_timeout"]].concat())?;
+        let config = RedisConfig::with_params(&format!("{scheme}://{auth}{first}"), &params)?;
+        let min_replicas: u32 = params.value("min_replicas", "a number of replicas", |_| true)?.unwrap_or(0);
+        let wait_timeout = params.duration("wait_timeout")?.unwrap_or(Duration::from_millis(500));
         let node_urls: Vec<String> = hosts.iter().map(|h| format!("{scheme}://{auth}{h}")).collect();
         let mut builder = redis::cluster::ClusterClientBuilder::new(node_urls.clone())
             .connection_timeout(config.timeout)
@@ -244,12 +257,22 @@ impl RedisBackend {
         }
         let client =
             builder.build().map_err(|e| Error::InvalidInput(format!("bad redis-cluster URL: {e}")))?;
-        let conn = tokio::time::timeout(config.timeout, client.get_async_connection())
-            .await
-            .map_err(|_| {
-                Error::Unavailable(format!("redis cluster {first}: no answer within {:?}", config.timeout))
-            })?
-            .map_err(|e| unavailable(&config, e))?;
+        let connect = || async {
+            tokio::time::timeout(config.timeout, client.get_async_connection())
+                .await
+                .map_err(|_| {
+                    Error::Unavailable(format!(
+                        "redis cluster {first}: no answer within {:?}",
+                        config.timeout
+                    ))
+                })?
+                .map_err(|e| unavailable(&config, e))
+        };
+        let conn = connect().await?;
+        let replicas = match min_replicas {
+            0 => None,
+            _ => Some(ClusterReplicas { grants: connect().await?, min_replicas, wait_timeout }),
+        };
         let nodes = node_urls
             .iter()
             .map(|url| {
@@ -263,7 +286,7 @@ impl RedisBackend {
             .collect::<Result<Vec<_>>>()?;
         Ok(RedisBackend {
             wakeups: Wakeups::new(Source::Nodes(nodes), config.timeout),
-            store: Store { conn: Conn::Cluster(conn), scripts: Arc::new(Scripts::new()), config },
+            store: Store { conn: Conn::Cluster(conn, replicas), scripts: Arc::new(Scripts::new()), config },
         })
     }
 
@@ -307,7 +330,7 @@ impl Store {
         match &self.conn {
             Conn::Direct(c) => Ok(Live::Single(c.clone())),
             Conn::Sentinel(m) => m.conn().await.map(|(c, _)| Live::Single(c)),
-            Conn::Cluster(c) => Ok(Live::Cluster(c.clone())),
+            Conn::Cluster(c, _) => Ok(Live::Cluster(c.clone())),
         }
     }
 
@@ -341,6 +364,9 @@ impl Store {
     /// the calls on the shared connection), and the answer says whether enough replicas
     /// acknowledged; elsewhere the acknowledgement is not asked for (`true`).
     async fn replicated<T: redis::FromRedisValue>(&self, call: &impl ScriptCall) -> Result<(T, bool)> {
+        if let Conn::Cluster(_, Some(replicas)) = &self.conn {
+            return self.cluster_replicated(call, replicas).await;
+        }
         let replicas = match &self.conn {
             Conn::Sentinel(m) if m.sentinel().min_replicas > 0 => Some(m),
             _ => None,
@@ -376,6 +402,60 @@ impl Store {
                     m.sentinel().master
                 )))
             }
+        }
+    }
+
+    /// [`Store::replicated`] on a cluster: the script and `WAIT` go as one pipeline to the master
+    /// of the call's slot (every key of a call shares one hash tag), on the grants connection.
+    async fn cluster_replicated<T: redis::FromRedisValue>(
+        &self,
+        call: &impl ScriptCall,
+        replicas: &ClusterReplicas,
+    ) -> Result<(T, bool)> {
+        use redis::cluster_routing::{Route, SingleNodeRoutingInfo, Slot, SlotAddr};
+        let (script, keys) = (call.script(&self.scripts), call.keys());
+        let slot = Slot::for_key(keys.first().copied().unwrap_or_default());
+        let route = SingleNodeRoutingInfo::SpecificNode(Route::with_slot(slot, SlotAddr::Master));
+        let mut pipe = redis::pipe();
+        pipe.cmd("EVALSHA").arg(script.get_hash()).arg(keys.len()).arg(&keys).arg(call.args());
+        pipe.cmd("WAIT").arg(replicas.min_replicas).arg(millis(replicas.wait_timeout));
+        let mut conn = replicas.grants.clone();
+        let bound = replicas.wait_timeout + self.config.timeout;
+        let send = |conn: &mut redis::cluster_async::ClusterConnection| {
+            let (pipe, route) = (pipe.clone(), route.clone());
+            let mut conn = conn.clone();
+            async move { tokio::time::timeout(bound, conn.route_pipeline(pipe, 0, 2, route)).await }
+        };
+        // A routed pipeline answers a command's error in its place among the values.
+        let no_script = |r: &std::result::Result<redis::RedisResult<Vec<redis::Value>>, _>| match r {
+            Ok(Err(e)) => e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript),
+            Ok(Ok(values)) => matches!(values.first(), Some(redis::Value::ServerError(e))
+                if e.kind() == Some(redis::ServerErrorKind::NoScript)),
+            Err(_) => false,
+        };
+        let mut result = send(&mut conn).await;
+        if no_script(&result) {
+            // First use on this master: load the script (on every master), then once more.
+            let load = script.prepare_invoke().load_async(&mut conn).await;
+            load.map_err(|e| unavailable(&self.config, e))?;
+            result = send(&mut conn).await;
+        }
+        match result {
+            Ok(Ok(values)) => {
+                if let Some(redis::Value::ServerError(e)) =
+                    values.iter().find(|v| matches!(v, redis::Value::ServerError(_)))
+                {
+                    return Err(unavailable(&self.config, redis::RedisError::from(e.clone())));
+                }
+                let (answer, acked) = redis::from_redis_value::<(T, i64)>(redis::Value::Array(values))
+                    .map_err(|e| Error::Unavailable(format!("redis cluster: unreadable answer: {e}")))?;
+                Ok((answer, acked.max(0) as u32 >= replicas.min_replicas))
+            }
+            Ok(Err(e)) => Err(unavailable(&self.config, e)),
+            Err(_) => Err(Error::Unavailable(format!(
+                "redis cluster, master of {:?}: no answer within {bound:?}",
+                keys.first().copied().unwrap_or_default()
+            ))),
         }
     }
 
@@ -449,7 +529,7 @@ impl Store {
         let pattern = format!("{}:{{{}*}}:lock", glob_escape(&self.config.prefix), glob_escape(prefix));
         // A cluster keeps keys on several masters: scan each of them.
         let nodes = match &self.conn {
-            Conn::Cluster(c) => self.cluster_primaries(c.clone()).await?.into_iter().map(Some).collect(),
+            Conn::Cluster(c, _) => self.cluster_primaries(c.clone()).await?.into_iter().map(Some).collect(),
             _ => vec![None],
         };
         let mut keys = Vec::new();
