@@ -229,6 +229,8 @@ impl RedisBackend {
     /// share a hash tag, so each script touches one slot); MOVED and ASK are followed and the slot
     /// map refreshed by the redis crate's cluster client. Wake-ups use classic pub/sub on any one node
     /// (`PUBLISH` reaches subscribers on every node of a cluster), the next when it is gone.
+    /// `min_replicas=N` (and `wait_timeout`, default 500 ms) make every grant and renewal wait for
+    /// N replicas of its master, as behind Sentinel (see [`sentinel`]).
     pub async fn open_cluster(url: &str) -> Result<RedisBackend> {
         let (scheme, rest) =
             match (url.strip_prefix("redis-cluster://"), url.strip_prefix("rediss-cluster://")) {
