@@ -263,3 +263,40 @@ async fn a_killed_master_loses_no_acknowledged_lease_with_min_replicas() {
     let fresh = after.acquire(&key, &AcquireOptions::new()).await.expect("acquire after the failover");
     assert!(fresh.fencing_token() > highest, "{} after {highest}", fresh.fencing_token());
 }
+
+/// Wake-ups on a cluster use sharded pub/sub: while a waiter waits, its lock's channel has a
+/// shard subscriber on the master of the lock's slot and no classic subscriber anywhere, and the
+/// release (an `SPUBLISH` that stays on the shard) wakes it at once, not its fallback timer
+/// (`queue_ttl=30s` puts that 10 s out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wakeups_use_sharded_pub_sub() {
+    let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+    let locker = Locker::open(&format!("{}&queue_ttl=30s", cluster.url())).await.expect("open");
+    let key = "sharded/job";
+    let channel = format!("distlock:{{{key}}}:wake");
+    let slot: u16 = raw(cluster.nodes[0].port, &format!("CLUSTER KEYSLOT {channel}"))
+        .trim()
+        .trim_start_matches(':')
+        .parse()
+        .unwrap();
+    let owner = cluster.nodes[cluster.owner(slot)].port;
+    let held = locker.acquire(key, &AcquireOptions::new()).await.unwrap();
+    let waiter = tokio::spawn({
+        let locker = locker.clone();
+        async move { locker.acquire(key, &AcquireOptions::new().wait(Duration::from_secs(20))).await }
+    });
+    let start = Instant::now();
+    while !raw(owner, &format!("PUBSUB SHARDNUMSUB {channel}")).contains(":1") {
+        assert!(start.elapsed() < Duration::from_secs(5), "no shard subscriber on the slot's master");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for n in &cluster.nodes {
+        let classic = raw(n.port, &format!("PUBSUB NUMSUB {channel}"));
+        assert!(classic.contains(":0"), "a classic subscriber on node {}: {classic:?}", n.port);
+    }
+    let released = Instant::now();
+    held.release().await.unwrap();
+    let lease = tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("woken").unwrap().unwrap();
+    assert!(released.elapsed() < Duration::from_secs(2), "woken after {:?}", released.elapsed());
+    lease.release().await.unwrap();
+}

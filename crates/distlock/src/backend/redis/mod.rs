@@ -227,8 +227,9 @@ impl RedisBackend {
     /// Opens `redis-cluster://[user:pass@]h1:p1,h2:p2,…[?…]` (`rediss-cluster://` with TLS and
     /// `ca`/`cert`/`key`): every call goes to the master of its key's slot (all keys of one lock
     /// share a hash tag, so each script touches one slot); MOVED and ASK are followed and the slot
-    /// map refreshed by the redis crate's cluster client. Wake-ups use classic pub/sub on any one node
-    /// (`PUBLISH` reaches subscribers on every node of a cluster), the next when it is gone.
+    /// map refreshed by the redis crate's cluster client. Wake-ups use sharded pub/sub
+    /// (`SPUBLISH`/`SSUBSCRIBE` on the master of the lock's slot, followed across slot moves and
+    /// failovers by the cluster client).
     /// `min_replicas=N` (and `wait_timeout`, default 500 ms) make every grant and renewal wait for
     /// N replicas of its master, as behind Sentinel (see [`sentinel`]).
     pub async fn open_cluster(url: &str) -> Result<RedisBackend> {
@@ -275,20 +276,28 @@ impl RedisBackend {
             0 => None,
             _ => Some(ClusterReplicas { grants: connect().await?, min_replicas, wait_timeout }),
         };
-        let nodes = node_urls
-            .iter()
-            .map(|url| {
-                if config.tls.any() {
-                    redis::Client::build_with_tls(url.as_str(), config.tls.load()?)
-                } else {
-                    redis::Client::open(url.as_str())
-                }
-                .map_err(|e| Error::InvalidInput(format!("bad redis URL: {e}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        // Wake-ups by sharded pub/sub: a RESP3 client of its own whose connections push the
+        // shard messages to one channel (see `wakeups.rs`).
+        let (push_tx, push_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut pubsub = redis::cluster::ClusterClientBuilder::new(node_urls)
+            .connection_timeout(config.timeout)
+            .response_timeout(config.timeout)
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(push_tx);
+        if config.tls.any() {
+            pubsub = pubsub.certs(config.tls.load()?);
+        }
+        let pubsub =
+            pubsub.build().map_err(|e| Error::InvalidInput(format!("bad redis-cluster URL: {e}")))?;
+        let source =
+            Source::Shards { client: Box::new(pubsub), pushes: std::sync::Mutex::new(Some(push_rx)) };
         Ok(RedisBackend {
-            wakeups: Wakeups::new(Source::Nodes(nodes), config.timeout),
-            store: Store { conn: Conn::Cluster(conn, replicas), scripts: Arc::new(Scripts::new()), config },
+            wakeups: Wakeups::new(source, config.timeout),
+            store: Store {
+                conn: Conn::Cluster(conn, replicas),
+                scripts: Arc::new(Scripts::sharded()),
+                config,
+            },
         })
     }
 

@@ -473,9 +473,23 @@ pub struct Scripts {
 }
 
 impl Scripts {
+    /// The scripts, waking waiters with `PUBLISH`.
     pub fn new() -> Scripts {
-        let script =
-            |body: &str| redis::Script::new(&format!("{PARSE_LOCK}{PURGE_DEAD_WAITERS}{NEXT_TOKEN}{body}"));
+        Scripts::publishing_with("PUBLISH")
+    }
+
+    /// The scripts for Redis Cluster, waking waiters with `SPUBLISH`: sharded pub/sub, whose
+    /// messages stay on the shard of the lock's slot (the wake channel shares the lock's hash
+    /// tag) instead of crossing the whole cluster bus as `PUBLISH` does.
+    pub fn sharded() -> Scripts {
+        Scripts::publishing_with("SPUBLISH")
+    }
+
+    fn publishing_with(publish: &str) -> Scripts {
+        let script = |body: &str| {
+            let source = format!("{PARSE_LOCK}{PURGE_DEAD_WAITERS}{NEXT_TOKEN}{body}");
+            redis::Script::new(&source.replace("redis.call('PUBLISH',", &format!("redis.call('{publish}',")))
+        };
         Scripts {
             acquire: script(ACQUIRE),
             renew: script(RENEW),

@@ -7,11 +7,12 @@
 //! and re-register; waiters also keep a fallback timer, so a lost message delays but never
 //! strands them.
 //!
-//! Where the connection goes ([`Source`]): the one server; any node of a cluster (a `PUBLISH`
-//! reaches subscribers on every node), the next one when the last one is gone; behind Sentinel,
-//! the master the sentinels name now (a `PUBLISH` is replicated, so the subscription keeps
-//! working on a master demoted to a replica, and moves when that node is gone). Pinned to the
-//! first node, a dead node left every hand-off to the waiters' fallback timers.
+//! Where the connection goes ([`Source`]): the one server; behind Sentinel, the master the
+//! sentinels name now (a `PUBLISH` is replicated, so the subscription keeps working on a master
+//! demoted to a replica, and moves when that node is gone); on a cluster, sharded pub/sub
+//! (`SSUBSCRIBE` on the master of each lock's slot, through the redis crate's cluster client,
+//! which moves the subscriptions when slots move or a master fails over; the scripts wake with
+//! `SPUBLISH`, so a wake-up stays on its shard instead of crossing the cluster bus).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,11 +31,40 @@ type Subscribers = HashMap<String, HashMap<String, Arc<Notify>>>;
 
 /// Where the pub/sub connection goes.
 pub enum Source {
-    /// Any of these servers (one for `redis://`, every given node of a cluster): the one that
-    /// answered last, else the next in turn.
+    /// Any of these servers (one for `redis://`): the one that answered last, else the next in
+    /// turn.
     Nodes(Vec<redis::Client>),
     /// The master the sentinels name now.
     Sentinel(Arc<super::sentinel::Master>),
+    /// A cluster, sharded: a RESP3 cluster client whose connections send their pushes (the
+    /// shard messages) to `pushes`, read by one task for the backend's life.
+    Shards {
+        client: Box<redis::cluster::ClusterClient>,
+        pushes: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>>>,
+    },
+}
+
+/// The subscribe side: a pub/sub connection's sink, or a cluster connection that subscribes to
+/// shard channels.
+enum Sink {
+    Plain(PubSubSink),
+    Sharded(redis::cluster_async::ClusterConnection),
+}
+
+impl Sink {
+    async fn subscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
+        match self {
+            Sink::Plain(s) => s.subscribe(channel).await,
+            Sink::Sharded(c) => c.ssubscribe(channel).await,
+        }
+    }
+
+    async fn unsubscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
+        match self {
+            Sink::Plain(s) => s.unsubscribe(channel).await,
+            Sink::Sharded(c) => c.sunsubscribe(channel).await,
+        }
+    }
 }
 
 pub struct Wakeups {
@@ -44,7 +74,7 @@ pub struct Wakeups {
     connect_timeout: Duration,
     subs: Mutex<Subscribers>,
     /// The subscribe side of the connection; also orders SUBSCRIBE / UNSUBSCRIBE calls.
-    sink: tokio::sync::Mutex<Option<PubSubSink>>,
+    sink: tokio::sync::Mutex<Option<Sink>>,
 }
 
 /// A waiter's registration; dropping it unregisters.
@@ -89,10 +119,7 @@ impl Wakeups {
     ) -> redis::RedisResult<Registration> {
         let mut sink = self.sink.lock().await;
         if sink.is_none() {
-            let pubsub = self.connect().await?;
-            let (new_sink, stream) = pubsub.split();
-            tokio::spawn(deliver(Arc::downgrade(self), stream));
-            *sink = Some(new_sink);
+            *sink = Some(self.connect().await?);
         }
         let first = {
             let mut subs = self.subs();
@@ -115,8 +142,27 @@ impl Wakeups {
         Ok(registration)
     }
 
-    /// A pub/sub connection where [`Source`] says.
-    async fn connect(&self) -> redis::RedisResult<redis::aio::PubSub> {
+    /// A pub/sub connection where [`Source`] says, its messages delivered by a task.
+    async fn connect(self: &Arc<Self>) -> redis::RedisResult<Sink> {
+        let timed_out = || redis::RedisError::from((redis::ErrorKind::Io, "pub/sub connect timed out"));
+        if let Source::Shards { client, pushes } = &self.source {
+            let conn = tokio::time::timeout(self.connect_timeout, client.get_async_connection())
+                .await
+                .map_err(|_| timed_out())??;
+            // Every connection of the client pushes to the one receiver: one task reads it.
+            if let Some(rx) = pushes.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                tokio::spawn(deliver_pushes(Arc::downgrade(self), rx));
+            }
+            return Ok(Sink::Sharded(conn));
+        }
+        let pubsub = self.connect_plain().await?;
+        let (sink, stream) = pubsub.split();
+        tokio::spawn(deliver(Arc::downgrade(self), stream));
+        Ok(Sink::Plain(sink))
+    }
+
+    /// A pub/sub connection to one server ([`Source::Nodes`], [`Source::Sentinel`]).
+    async fn connect_plain(&self) -> redis::RedisResult<redis::aio::PubSub> {
         let attempt = |client: redis::Client| async move {
             tokio::time::timeout(self.connect_timeout, client.get_async_pubsub())
                 .await
@@ -143,6 +189,9 @@ impl Wakeups {
                     redis::RedisError::from((redis::ErrorKind::Io, "no master", e.to_string()))
                 })?;
                 attempt(redis::Client::open(master.url_for(&address))?).await
+            }
+            Source::Shards { .. } => {
+                Err(redis::RedisError::from((redis::ErrorKind::Io, "a cluster subscribes by shard")))
             }
         }
     }
@@ -205,6 +254,50 @@ impl Drop for Registration {
     }
 }
 
+/// Wakes the waiters `lease_id` names on `channel` (all of them for [`BROADCAST`]).
+fn wake(wakeups: &Wakeups, channel: &str, lease_id: &str) {
+    let to_wake: Vec<Arc<Notify>> = match wakeups.subs().get(channel) {
+        Some(m) if lease_id == BROADCAST => m.values().cloned().collect(),
+        Some(m) => m.get(lease_id).cloned().into_iter().collect(),
+        None => Vec::new(),
+    };
+    for n in to_wake {
+        n.notify_one();
+    }
+}
+
+/// The subscriber task of a cluster: routes each shard message to the waiter it names. A
+/// connection that dropped (the client reconnects and subscribes again by itself) wakes every
+/// waiter to re-check, as a message may have been missed meanwhile.
+async fn deliver_pushes(
+    wakeups: Weak<Wakeups>,
+    mut pushes: tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
+) {
+    while let Some(push) = pushes.recv().await {
+        let Some(wakeups) = wakeups.upgrade() else { return };
+        match push.kind {
+            redis::PushKind::SMessage | redis::PushKind::Message => {
+                let mut data = push.data.into_iter();
+                let (Some(channel), Some(payload)) = (data.next(), data.next()) else { continue };
+                let (Ok(channel), Ok(lease_id)) =
+                    (redis::from_redis_value::<String>(channel), redis::from_redis_value::<String>(payload))
+                else {
+                    continue;
+                };
+                wake(&wakeups, &channel, &lease_id);
+            }
+            redis::PushKind::Disconnection => {
+                let all: Vec<Arc<Notify>> =
+                    wakeups.subs().values().flat_map(|m| m.values().cloned()).collect();
+                for n in all {
+                    n.notify_one();
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// The subscriber task: routes each message to the waiter it names.
 async fn deliver(wakeups: Weak<Wakeups>, mut stream: redis::aio::PubSubStream) {
     while let Some(msg) = stream.next().await {
@@ -212,14 +305,7 @@ async fn deliver(wakeups: Weak<Wakeups>, mut stream: redis::aio::PubSubStream) {
         let channel = msg.get_channel_name();
         let Ok(lease_id) = msg.get_payload::<String>() else { continue };
         // A message names the waiter to wake, or is "*" to wake every waiter of the lock.
-        let to_wake: Vec<Arc<Notify>> = match wakeups.subs().get(channel) {
-            Some(m) if lease_id == BROADCAST => m.values().cloned().collect(),
-            Some(m) => m.get(&lease_id).cloned().into_iter().collect(),
-            None => Vec::new(),
-        };
-        for n in to_wake {
-            n.notify_one();
-        }
+        wake(&wakeups, channel, &lease_id);
     }
     if let Some(wakeups) = wakeups.upgrade() {
         tracing::debug!("redis pub/sub connection closed; waiters fall back to timers and re-register");
