@@ -16,7 +16,7 @@ use distlock::async_trait;
 use distlock::engine::{Engine, Observer, SavedLease, WaiterInfo};
 use distlock::{AcquireRequest, Backend, Error, Grant, LeaseId, ListQuery, LockInfo, LockPage};
 
-use crate::wal::{self, Record, Wal, WalError, WalStats};
+use crate::wal::{self, Disk, RealDisk, Record, Wal, WalError, WalStats};
 
 /// Caps that keep one server within its memory; requests past them get `LimitExceeded` (429).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +40,7 @@ pub struct EmbeddedStore {
     wal_stats: Arc<WalStats>,
     limits: Limits,
     waiting: AtomicU64,
-    _dir_lock: wal::DirLock,
+    _dir_lock: Option<wal::DirLock>,
 }
 
 /// Counts for metrics.
@@ -62,9 +62,32 @@ impl EmbeddedStore {
     /// Recovers `dir` (created if missing) and opens it for writing. `compact_bytes` is the
     /// segment size after which the log is compacted into a snapshot.
     pub fn open(dir: &Path, limits: Limits, compact_bytes: u64) -> Result<EmbeddedStore, WalError> {
-        let started = std::time::Instant::now();
         let dir_lock = wal::lock_dir(dir)?;
-        let (recovered, next, replayed_bytes) = wal::recover(dir)?;
+        EmbeddedStore::start(RealDisk, dir, limits, compact_bytes, Some(dir_lock))
+    }
+
+    /// [`EmbeddedStore::open`] on another [`Disk`] than the file system, without the
+    /// directory's lock: for tests that run the store on a simulated disk
+    /// ([`wal::sim::SimDisk`]).
+    #[doc(hidden)]
+    pub fn open_on<D: Disk>(
+        disk: D,
+        dir: &Path,
+        limits: Limits,
+        compact_bytes: u64,
+    ) -> Result<EmbeddedStore, WalError> {
+        EmbeddedStore::start(disk, dir, limits, compact_bytes, None)
+    }
+
+    fn start<D: Disk>(
+        disk: D,
+        dir: &Path,
+        limits: Limits,
+        compact_bytes: u64,
+        dir_lock: Option<wal::DirLock>,
+    ) -> Result<EmbeddedStore, WalError> {
+        let started = std::time::Instant::now();
+        let (recovered, next, replayed_bytes) = wal::recover_on(&disk, dir)?;
         let replayed = started.elapsed();
         let restored = recovered.leases.values().map(Vec::len).sum::<usize>();
         let last_token = recovered.last_token;
@@ -75,7 +98,7 @@ impl EmbeddedStore {
         let source = memory.clone();
         let snapshot = replayed_bytes >= compact_bytes;
         let (wal, wal_stats) =
-            Wal::open(dir, next, Arc::new(move || source.snapshot()), compact_bytes, snapshot)?;
+            Wal::open_on(disk, dir, next, Arc::new(move || source.snapshot()), compact_bytes, snapshot)?;
         tracing::info!(
             dir = %dir.display(),
             leases = restored,

@@ -3,13 +3,12 @@
 //! tells a torn tail (a crash mid-write, nothing after it) from damage (a bad frame with data
 //! after it), because recovery cuts the one and refuses the other.
 
-use std::fs::{self, File};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use distlock::engine::SavedLease;
 use serde::{Deserialize, Serialize};
 
+use super::disk::Disk;
 use super::{io_err, WalError};
 
 #[derive(Serialize, Deserialize)]
@@ -44,9 +43,8 @@ fn all_zero(bytes: &[u8]) -> bool {
 /// written). A bad frame is a torn tail when nothing was written after it: its header or payload
 /// runs past the end of the file, or only zeros follow its payload. A bad frame with data after
 /// it is damage, and an error. (No frame is empty, so a zero header is never a frame.)
-pub(super) fn read_frames(path: &Path) -> Result<Frames, WalError> {
-    let mut bytes = Vec::new();
-    File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(io_err(path))?;
+pub(super) fn read_frames(disk: &impl Disk, path: &Path) -> Result<Frames, WalError> {
+    let bytes = disk.read(path).map_err(io_err(path))?;
     let mut payloads = Vec::new();
     let mut at = 0usize;
     let done =
@@ -81,15 +79,18 @@ pub(super) fn read_frames(path: &Path) -> Result<Frames, WalError> {
     done(payloads, at, false)
 }
 
-pub(super) fn numbered(dir: &Path, prefix: &str, suffix: &str) -> Result<Vec<(u64, PathBuf)>, WalError> {
+pub(super) fn numbered(
+    disk: &impl Disk,
+    dir: &Path,
+    prefix: &str,
+    suffix: &str,
+) -> Result<Vec<(u64, PathBuf)>, WalError> {
     let mut out = Vec::new();
-    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
-        let entry = entry.map_err(io_err(dir))?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
+    for path in disk.list(dir).map_err(io_err(dir))? {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
         if let Some(n) = name.strip_prefix(prefix).and_then(|r| r.strip_suffix(suffix)) {
             if let Ok(n) = n.parse::<u64>() {
-                out.push((n, entry.path()));
+                out.push((n, path));
             }
         }
     }
@@ -105,6 +106,6 @@ pub(super) fn snapshot_path(dir: &Path, n: u64) -> PathBuf {
     dir.join(format!("snapshot-{n:020}.bin"))
 }
 
-pub(super) fn sync_dir(dir: &Path) -> Result<(), WalError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+pub(super) fn sync_dir(disk: &impl Disk, dir: &Path) -> Result<(), WalError> {
+    disk.sync_dir(dir).map_err(io_err(dir))
 }

@@ -7,11 +7,16 @@
 //!
 //! The log is three parts: `frames.rs` (how a record sits in a file, and which files there are),
 //! `recovery.rs` (rebuilding the state at start-up, cutting a torn tail, refusing damage) and
-//! `writer.rs` (one thread that appends with group commit, rolls segments and takes snapshots).
+//! `writer.rs` (one thread that appends with group commit, rolls segments and takes snapshots),
+//! over `disk.rs` (the file operations they use, as a trait: the real file system, or in tests
+//! `sim.rs`, a disk in memory that loses what was not synced and fails chosen steps).
 //! This file holds what they share: the records and the errors.
 
+mod disk;
 mod frames;
 mod recovery;
+#[doc(hidden)]
+pub mod sim;
 mod writer;
 
 use std::io;
@@ -21,7 +26,8 @@ use distlock::engine::SavedLease;
 use distlock::LeaseId;
 use serde::{Deserialize, Serialize};
 
-pub use recovery::{lock_dir, recover, DirLock, Recovered};
+pub use disk::{Disk, DiskFile, RealDisk};
+pub use recovery::{lock_dir, recover, recover_on, DirLock, Recovered};
 pub use writer::{SnapshotSource, Wal, WalStats, MAX_SEGMENT_BYTES};
 
 /// One logged change.

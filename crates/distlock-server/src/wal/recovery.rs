@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use distlock::engine::SavedLease;
 
+use super::disk::{Disk, DiskFile, RealDisk};
 use super::frames::{numbered, read_frames, Frames, Snapshot};
 use super::{io_err, Record, WalError};
 
@@ -97,12 +98,17 @@ pub struct DirLock {
 /// Rebuilds the state from `dir` (created if missing). Returns it with the number the next
 /// segment should have and the bytes of log replayed.
 pub fn recover(dir: &Path) -> Result<(Recovered, u64, u64), WalError> {
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    recover_on(&RealDisk, dir)
+}
+
+/// [`recover`] on `disk`.
+pub fn recover_on(disk: &impl Disk, dir: &Path) -> Result<(Recovered, u64, u64), WalError> {
+    disk.create_dir_all(dir).map_err(io_err(dir))?;
     let mut state = Recovered::default();
     let mut from = 0;
     // The newest snapshot wins; it is written to a temp file and renamed, so it is whole or absent.
-    if let Some((n, path)) = numbered(dir, "snapshot-", ".bin")?.pop() {
-        let frames = read_frames(&path)?;
+    if let Some((n, path)) = numbered(disk, dir, "snapshot-", ".bin")?.pop() {
+        let frames = read_frames(disk, &path)?;
         let payload = match (frames.payloads.as_slice(), frames.torn) {
             ([one], false) => one,
             _ => {
@@ -126,9 +132,10 @@ pub fn recover(dir: &Path) -> Result<(Recovered, u64, u64), WalError> {
         from = n;
     }
     let segments: Vec<(u64, PathBuf)> =
-        numbered(dir, "wal-", ".log")?.into_iter().filter(|(n, _)| *n >= from).collect();
+        numbered(disk, dir, "wal-", ".log")?.into_iter().filter(|(n, _)| *n >= from).collect();
     let last = segments.last().map(|(n, _)| *n);
-    let read: Vec<Frames> = segments.iter().map(|(_, path)| read_frames(path)).collect::<Result<_, _>>()?;
+    let read: Vec<Frames> =
+        segments.iter().map(|(_, path)| read_frames(disk, path)).collect::<Result<_, _>>()?;
     // The segment written last is the last one with frames; after it come at most preallocated,
     // never-written ones. Only it can end in a torn frame.
     let written_last = read.iter().rposition(|f| !f.payloads.is_empty() || f.torn);
@@ -156,7 +163,7 @@ pub fn recover(dir: &Path) -> Result<(Recovered, u64, u64), WalError> {
         if frames.end < frames.len {
             // The torn frame, or preallocated space that is no longer needed: this process
             // writes to a new segment.
-            let f = OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
+            let f = disk.open_write(path).map_err(io_err(path))?;
             f.set_len(frames.end).and_then(|()| f.sync_all()).map_err(io_err(path))?;
         }
     }

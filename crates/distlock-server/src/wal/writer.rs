@@ -9,14 +9,13 @@
 //! have been logged, a new segment starts with a snapshot (written by its own thread), and older
 //! files are removed once the snapshot is durable.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use distlock::engine::SavedLease;
 use tokio::sync::{mpsc, oneshot};
 
+use super::disk::{Disk, DiskFile, RealDisk};
 use super::frames::{frame, numbered, segment_path, snapshot_path, sync_dir, Snapshot};
 use super::{io_err, Record, WalError};
 
@@ -26,50 +25,48 @@ pub const MAX_SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
 
 /// Creates segment `n` full of zeros, `size` bytes long, and makes it and its directory entry
 /// durable, so that writing records into it never changes its size.
-fn preallocate(dir: &Path, n: u64, size: u64) -> Result<File, WalError> {
-    use std::os::unix::fs::FileExt;
+fn preallocate<D: Disk>(disk: &D, dir: &Path, n: u64, size: u64) -> Result<D::File, WalError> {
     let path = segment_path(dir, n);
-    // `create_new`: a segment number is never used twice (recovery numbers past every file).
-    let file =
-        OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(io_err(&path))?;
-    let zeros = vec![0u8; 1 << 20];
-    let mut at = 0;
-    while at < size {
-        let chunk = (size - at).min(zeros.len() as u64) as usize;
-        file.write_all_at(&zeros[..chunk], at).map_err(io_err(&path))?;
-        at += chunk as u64;
-    }
-    file.sync_all().map_err(io_err(&path))?;
-    sync_dir(dir)?;
+    // A new file: a segment number is never used twice (recovery numbers past every file).
+    let file = disk.preallocate(&path, size).map_err(io_err(&path))?;
+    sync_dir(disk, dir)?;
     Ok(file)
 }
 
 /// The next segment, being preallocated by its own thread.
-type Preparing = std::thread::JoinHandle<Result<File, WalError>>;
+type Preparing<F> = std::thread::JoinHandle<Result<F, WalError>>;
 
-fn prepare(dir: &Path, n: u64, size: u64) -> Result<Preparing, WalError> {
-    let dir = dir.to_owned();
+fn prepare<D: Disk>(disk: &D, dir: &Path, n: u64, size: u64) -> Result<Preparing<D::File>, WalError> {
+    let (disk, dir) = (disk.clone(), dir.to_owned());
     std::thread::Builder::new()
         .name("distlock-prealloc".into())
-        .spawn(move || preallocate(&dir, n, size))
+        .spawn(move || preallocate(&disk, &dir, n, size))
         .map_err(|e| WalError::Closed(format!("cannot start the segment preallocation thread: {e}")))
 }
 
 /// Writes a snapshot for segment `n` and removes everything older.
-fn write_snapshot(dir: &Path, n: u64, last_token: u64, leases: Vec<SavedLease>) -> Result<(), WalError> {
+fn write_snapshot(
+    disk: &impl Disk,
+    dir: &Path,
+    n: u64,
+    last_token: u64,
+    leases: Vec<SavedLease>,
+) -> Result<(), WalError> {
     let payload = serde_json::to_vec(&Snapshot { last_token, leases })
         .map_err(|e| WalError::Closed(format!("snapshot does not serialize: {e}")))?;
     let mut buf = Vec::with_capacity(payload.len() + 8);
     frame(&payload, &mut buf);
     let tmp = dir.join("snapshot.tmp");
-    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(&buf).and_then(|()| f.sync_all()).map_err(io_err(&tmp))?;
+    let f = disk.create(&tmp).map_err(io_err(&tmp))?;
+    f.write_all_at(&buf, 0).and_then(|()| f.sync_all()).map_err(io_err(&tmp))?;
     let path = snapshot_path(dir, n);
-    fs::rename(&tmp, &path).map_err(io_err(&path))?;
-    sync_dir(dir)?;
-    for (m, old) in numbered(dir, "snapshot-", ".bin")?.into_iter().chain(numbered(dir, "wal-", ".log")?) {
+    disk.rename(&tmp, &path).map_err(io_err(&path))?;
+    sync_dir(disk, dir)?;
+    let older =
+        numbered(disk, dir, "snapshot-", ".bin")?.into_iter().chain(numbered(disk, dir, "wal-", ".log")?);
+    for (m, old) in older {
         if m < n {
-            fs::remove_file(&old).map_err(io_err(&old))?;
+            disk.remove(&old).map_err(io_err(&old))?;
         }
     }
     Ok(())
@@ -125,22 +122,36 @@ impl Wal {
         compact_bytes: u64,
         snapshot: bool,
     ) -> Result<(Wal, Arc<WalStats>), WalError> {
+        Wal::open_on(RealDisk, dir, next, source, compact_bytes, snapshot)
+    }
+
+    /// [`Wal::open`] on `disk`.
+    pub fn open_on<D: Disk>(
+        disk: D,
+        dir: &Path,
+        next: u64,
+        source: SnapshotSource,
+        compact_bytes: u64,
+        snapshot: bool,
+    ) -> Result<(Wal, Arc<WalStats>), WalError> {
         if snapshot {
             let (last_token, leases) = source();
-            write_snapshot(dir, next, last_token, leases)?;
+            write_snapshot(&disk, dir, next, last_token, leases)?;
         }
         let segment_bytes = compact_bytes.clamp(1, MAX_SEGMENT_BYTES);
-        let file = preallocate(dir, next, segment_bytes)?;
+        let file = preallocate(&disk, dir, next, segment_bytes)?;
         let (tx, rx) = mpsc::channel(65_536);
         let stats = Arc::new(WalStats::default());
+        let preparing = Some(prepare(&disk, dir, next + 1, segment_bytes)?);
         let writer = Writer {
+            disk,
             dir: dir.to_owned(),
             segment: next,
             file,
             written: 0,
             segment_bytes,
             since_snapshot: 0,
-            preparing: Some(prepare(dir, next + 1, segment_bytes)?),
+            preparing,
             source,
             compact_bytes,
             stats: stats.clone(),
@@ -166,10 +177,11 @@ impl Wal {
     }
 }
 
-struct Writer {
+struct Writer<D: Disk> {
+    disk: D,
     dir: PathBuf,
     segment: u64,
-    file: File,
+    file: D::File,
     /// Bytes of records in the current segment (where the next batch goes).
     written: u64,
     /// Preallocated size of a segment.
@@ -177,7 +189,7 @@ struct Writer {
     /// Bytes of records logged since the last snapshot was started.
     since_snapshot: u64,
     /// The segment after this one, being preallocated.
-    preparing: Option<Preparing>,
+    preparing: Option<Preparing<D::File>>,
     source: SnapshotSource,
     compact_bytes: u64,
     stats: Arc<WalStats>,
@@ -188,7 +200,7 @@ struct Writer {
 /// The writer thread: takes every append queued, writes and syncs them as one batch, then
 /// answers each. After a failure it answers every later append with the error. A dedicated
 /// thread (not a task plus a blocking-pool hand-off per batch) keeps one thread switch per batch.
-fn run_writer(mut writer: Writer, mut rx: mpsc::Receiver<Append>) {
+fn run_writer<D: Disk>(mut writer: Writer<D>, mut rx: mpsc::Receiver<Append>) {
     let mut failed: Option<String> = None;
     let mut batch = Vec::new();
     while let Some(first) = rx.blocking_recv() {
@@ -225,12 +237,11 @@ fn run_writer(mut writer: Writer, mut rx: mpsc::Receiver<Append>) {
     }
 }
 
-impl Writer {
+impl<D: Disk> Writer<D> {
     /// Writes and syncs one batch, into the current segment's preallocated space when it fits
     /// (a segment with records in it that this batch would overflow hands over to the next one
     /// first); then starts a snapshot when `compact_bytes` have been logged since the last.
     fn write(&mut self, records: &[&Record]) -> Result<(), WalError> {
-        use std::os::unix::fs::FileExt;
         let mut buf = Vec::with_capacity(records.len() * 160);
         for r in records {
             let payload = serde_json::to_vec(r)
@@ -268,12 +279,12 @@ impl Writer {
             Some(thread) => thread
                 .join()
                 .map_err(|_| WalError::Closed("the segment preallocation thread panicked".into()))?,
-            None => preallocate(&self.dir, next, self.segment_bytes),
+            None => preallocate(&self.disk, &self.dir, next, self.segment_bytes),
         };
         self.file = prepared?;
         self.segment = next;
         self.written = 0;
-        self.preparing = Some(prepare(&self.dir, next + 1, self.segment_bytes)?);
+        self.preparing = Some(prepare(&self.disk, &self.dir, next + 1, self.segment_bytes)?);
         Ok(())
     }
 
@@ -291,9 +302,9 @@ impl Writer {
         self.since_snapshot = 0;
         let next = self.segment;
         let (last_token, leases) = (self.source)();
-        let (dir, stats) = (self.dir.clone(), self.stats.clone());
+        let (disk, dir, stats) = (self.disk.clone(), self.dir.clone(), self.stats.clone());
         let thread = std::thread::Builder::new().name("distlock-snapshot".into()).spawn(move || {
-            match write_snapshot(&dir, next, last_token, leases) {
+            match write_snapshot(&disk, &dir, next, last_token, leases) {
                 Ok(()) => {
                     stats.snapshots.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
