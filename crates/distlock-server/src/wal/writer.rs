@@ -36,11 +36,19 @@ fn preallocate<D: Disk>(disk: &D, dir: &Path, n: u64, size: u64) -> Result<D::Fi
 /// The next segment, being preallocated by its own thread.
 type Preparing<F> = std::thread::JoinHandle<Result<F, WalError>>;
 
-fn prepare<D: Disk>(disk: &D, dir: &Path, n: u64, size: u64) -> Result<Preparing<D::File>, WalError> {
-    let (disk, dir) = (disk.clone(), dir.to_owned());
+/// Starts preallocating segment `n`. A failure stops the log at once (`stats`), not when the
+/// writer comes to need the segment: the disk failed, and nothing more is acknowledged.
+fn prepare<D: Disk>(
+    disk: &D,
+    dir: &Path,
+    n: u64,
+    size: u64,
+    stats: &Arc<WalStats>,
+) -> Result<Preparing<D::File>, WalError> {
+    let (disk, dir, stats) = (disk.clone(), dir.to_owned(), stats.clone());
     std::thread::Builder::new()
         .name("distlock-prealloc".into())
-        .spawn(move || preallocate(&disk, &dir, n, size))
+        .spawn(move || preallocate(&disk, &dir, n, size).inspect_err(|e| stats.fail(e)))
         .map_err(|e| WalError::Closed(format!("cannot start the segment preallocation thread: {e}")))
 }
 
@@ -109,6 +117,17 @@ pub struct WalStats {
     pub failed: std::sync::OnceLock<String>,
 }
 
+impl WalStats {
+    /// Stops the log for good: a write or sync failed (a later sync can succeed without the
+    /// lost writes, so nothing written since the last good sync can be trusted), or another step
+    /// the log depends on did. Only the first cause is kept.
+    fn fail(&self, e: &WalError) {
+        if self.failed.set(e.to_string()).is_ok() {
+            tracing::error!(error = %e, "write-ahead log failed; the store acknowledges no changes until it is restarted");
+        }
+    }
+}
+
 impl Wal {
     /// Starts a fresh segment `next` and spawns the writer. With `snapshot`, a snapshot of
     /// `source` is written for the new segment first and older files are removed; the store asks
@@ -142,7 +161,7 @@ impl Wal {
         let file = preallocate(&disk, dir, next, segment_bytes)?;
         let (tx, rx) = mpsc::channel(65_536);
         let stats = Arc::new(WalStats::default());
-        let preparing = Some(prepare(&disk, dir, next + 1, segment_bytes)?);
+        let preparing = Some(prepare(&disk, dir, next + 1, segment_bytes, &stats)?);
         let writer = Writer {
             disk,
             dir: dir.to_owned(),
@@ -198,10 +217,10 @@ struct Writer<D: Disk> {
 }
 
 /// The writer thread: takes every append queued, writes and syncs them as one batch, then
-/// answers each. After a failure it answers every later append with the error. A dedicated
+/// answers each. After a failure — its own, or a background step's (preallocation, snapshot) —
+/// it answers every append not yet answered with the error, and writes nothing more. A dedicated
 /// thread (not a task plus a blocking-pool hand-off per batch) keeps one thread switch per batch.
 fn run_writer<D: Disk>(mut writer: Writer<D>, mut rx: mpsc::Receiver<Append>) {
-    let mut failed: Option<String> = None;
     let mut batch = Vec::new();
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -211,20 +230,17 @@ fn run_writer<D: Disk>(mut writer: Writer<D>, mut rx: mpsc::Receiver<Append>) {
                 Err(_) => break,
             }
         }
-        let result = match &failed {
-            Some(e) => Err(e.clone()),
-            None => {
-                let records: Vec<&Record> = batch.iter().map(|a| &a.record).collect();
-                writer.write(&records).map_err(|e| e.to_string())
-            }
-        };
-        if let Err(e) = &result {
-            if failed.is_none() {
-                tracing::error!(error = %e, "write-ahead log failed; the store is now unavailable");
-                failed = Some(e.clone());
-                let _ = writer.stats.failed.set(e.clone());
+        if writer.stats.failed.get().is_none() {
+            let records: Vec<&Record> = batch.iter().map(|a| &a.record).collect();
+            if let Err(e) = writer.write(&records) {
+                writer.stats.fail(&e);
             }
         }
+        // Checked again after the batch: a background step may have failed meanwhile.
+        let result = match writer.stats.failed.get() {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        };
         for a in batch.drain(..) {
             let _ = a.done.send(result.clone());
         }
@@ -284,7 +300,7 @@ impl<D: Disk> Writer<D> {
         self.file = prepared?;
         self.segment = next;
         self.written = 0;
-        self.preparing = Some(prepare(&self.disk, &self.dir, next + 1, self.segment_bytes)?);
+        self.preparing = Some(prepare(&self.disk, &self.dir, next + 1, self.segment_bytes, &self.stats)?);
         Ok(())
     }
 
@@ -308,10 +324,9 @@ impl<D: Disk> Writer<D> {
                 Ok(()) => {
                     stats.snapshots.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
-                Err(e) => tracing::warn!(
-                    error = %e,
-                    "snapshot failed; the older snapshot and log segments are kept, and the next roll tries again"
-                ),
+                // The older snapshot and segments are still there, but the disk failed under
+                // the log (an EIO here is as untrustworthy as one on an append's sync).
+                Err(e) => stats.fail(&e),
             }
         });
         self.snapshotting =
