@@ -133,6 +133,7 @@ impl EmbeddedStore {
     /// logs it like releases. Returns the newest lease it removed, `None` when the key was not
     /// held.
     pub async fn force_release(&self, key: &str) -> distlock::Result<Option<SavedLease>> {
+        self.writable()?;
         let freed = self.memory.force_release(key);
         for lease in &freed {
             self.log(Record::Release { key: key.to_owned(), lease_id: lease.lease_id.clone() }).await?;
@@ -143,6 +144,7 @@ impl EmbeddedStore {
     /// Releases like [`Backend::release`] and returns the lease it freed (its holder and fencing
     /// token, for the release event).
     pub async fn release_reporting(&self, key: &str, lease_id: &LeaseId) -> distlock::Result<SavedLease> {
+        self.writable()?;
         let lease = self.memory.release_reporting(key, lease_id)?;
         self.log(Record::Release { key: key.to_owned(), lease_id: lease_id.clone() }).await?;
         Ok(lease)
@@ -156,6 +158,19 @@ impl EmbeddedStore {
     /// Calls `observer` with every expiry and every caller that joins a queue.
     pub fn observe(&self, observer: Observer) {
         self.memory.observe(observer);
+    }
+
+    /// Fail-stop: once the log has failed, every change is refused before it touches the table
+    /// — also those that would not be logged (a renewal that keeps the TTL) — until the server is
+    /// restarted. Reads go on.
+    fn writable(&self) -> distlock::Result<()> {
+        match self.log_failure() {
+            Some(why) => Err(Error::Unavailable(format!(
+                "embedded store: {}; restart the server once the disk is fixed",
+                WalError::Closed(why.to_owned())
+            ))),
+            None => Ok(()),
+        }
     }
 
     async fn log(&self, record: Record) -> distlock::Result<()> {
@@ -196,6 +211,7 @@ impl Backend for EmbeddedStore {
     }
 
     async fn acquire(&self, req: AcquireRequest) -> distlock::Result<Grant> {
+        self.writable()?;
         if self.memory.lease_count() >= self.limits.max_leases {
             return Err(Error::LimitExceeded(format!(
                 "the server holds its maximum of {} leases",
@@ -236,6 +252,7 @@ impl Backend for EmbeddedStore {
     }
 
     async fn renew(&self, key: &str, lease_id: &LeaseId, ttl: Option<Duration>) -> distlock::Result<Grant> {
+        self.writable()?;
         let (grant, before) = self.memory.renew_reporting(key, lease_id, ttl)?;
         if before != grant.ttl {
             self.log(Record::Renew {
@@ -249,6 +266,7 @@ impl Backend for EmbeddedStore {
     }
 
     async fn release(&self, key: &str, lease_id: &LeaseId) -> distlock::Result<()> {
+        self.writable()?;
         self.memory.release(key, lease_id)?;
         self.log(Record::Release { key: key.to_owned(), lease_id: lease_id.clone() }).await
     }

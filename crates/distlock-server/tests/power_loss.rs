@@ -71,6 +71,17 @@ async fn assert_fail_stop(store: &EmbeddedStore, held: Option<(&str, &LeaseId)>)
     }
 }
 
+#[tokio::test]
+async fn a_failed_sync_stops_acknowledging_even_no_op_renewals() {
+    let disk = SimDisk::new();
+    let store = open(&disk, 1 << 20).unwrap();
+    let held = lock(&store, "a").await.unwrap();
+    disk.plan(Some(Plan { step: Step::Sync, nth: 1, fault: Fault::Fail }));
+    unavailable("the acquire whose sync failed", lock(&store, "b").await);
+    assert!(store.log_failure().is_some());
+    assert_fail_stop(&store, Some(("a", &held.lease_id))).await;
+}
+
 /// Each background step of the log (the next segment's preallocation, every step of a snapshot)
 /// failing stops the store at once, not at the next roll or never.
 #[tokio::test]
@@ -107,8 +118,7 @@ async fn a_failure_in_a_background_step_stops_the_store() {
             not_stopped.push(format!("{} #{nth} ({compact_bytes} B segments)", step.name()));
             continue;
         }
-        let _ = &held;
-        assert_fail_stop(&store, None).await;
+        assert_fail_stop(&store, held.as_ref().map(|g| ("held", &g.lease_id))).await;
     }
     assert!(not_stopped.is_empty(), "a failure at these steps did not stop the store: {not_stopped:?}");
 }
