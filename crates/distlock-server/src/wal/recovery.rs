@@ -4,8 +4,9 @@
 //! check out refuses to start, rather than guess.
 //!
 //! Replay is order-independent where appends may race: an acquire record of a lock replaces the
-//! key's lease only if its fencing token is higher, and a release or renewal applies only to the
-//! lease it names. A semaphore's (or a shared lock's) acquire joins the key's other leases of the
+//! key's lease only if its fencing token is higher, an acquire of a lease already held (in the
+//! snapshot, taken while the record was queued) is skipped, and a release or renewal applies
+//! only to the lease it names. A semaphore's (or a shared lock's) acquire joins the key's other leases of the
 //! same kind: a lease
 //! whose expiry went unlogged is restored too, and only takes a permit until its TTL ends (never
 //! lose a live holder; a phantom one costs capacity, not safety).
@@ -37,6 +38,12 @@ impl Recovered {
             Record::Acquire(lease) => {
                 self.last_token = self.last_token.max(lease.fencing_token);
                 let held = self.leases.entry(lease.key.clone()).or_default();
+                if held.iter().any(|l| l.lease_id == lease.lease_id) {
+                    // Already in the snapshot, which was taken from the table while this record
+                    // was still queued for the new segment: the lease is held once, with the
+                    // changes that followed.
+                    return;
+                }
                 let newest = held.last().map_or(0, |l| l.fencing_token);
                 let many = lease.limit > 1 || lease.shared;
                 if many && held.iter().all(|l| l.limit == lease.limit && l.shared == lease.shared) {
@@ -218,6 +225,30 @@ mod tests {
         let (state, next, _) = recover(dir.path()).unwrap();
         assert_eq!((state.leases.len(), state.last_token, next), (1, 1, 2));
         assert_eq!(fs::metadata(segment_path(dir.path(), 0)).unwrap().len(), good);
+    }
+
+    /// A snapshot is taken from the table, which already holds changes whose records are still
+    /// queued for the new segment; replaying such an acquire again must not hold its lease twice
+    /// (the engine would restore the copy without the later renewal: a shorter TTL than the
+    /// holder was told).
+    #[test]
+    fn an_acquire_both_in_the_snapshot_and_the_next_segment_is_held_once() {
+        use super::super::frames::{snapshot_path, Snapshot};
+        for (limit, shared) in [(1, true), (3, false), (1, false)] {
+            let dir = tempfile::tempdir().unwrap();
+            let Record::Acquire(mut lease) = test_lease("k", 5) else { unreachable!() };
+            (lease.limit, lease.shared) = (limit, shared);
+            let snapshot = Snapshot { last_token: 5, leases: vec![lease.clone()] };
+            let mut bytes = Vec::new();
+            frame(&serde_json::to_vec(&snapshot).unwrap(), &mut bytes);
+            fs::write(snapshot_path(dir.path(), 1), bytes).unwrap();
+            let renew = Record::Renew { key: "k".into(), lease_id: lease.lease_id.clone(), ttl_ms: 900_000 };
+            fs::write(segment_path(dir.path(), 1), framed(&[Record::Acquire(lease.clone()), renew])).unwrap();
+            let (state, _, _) = recover(dir.path()).unwrap();
+            let held = &state.leases["k"];
+            assert_eq!(held.len(), 1, "limit {limit}, shared {shared}: {held:?}");
+            assert_eq!(held[0].ttl_ms, 900_000);
+        }
     }
 
     #[test]
