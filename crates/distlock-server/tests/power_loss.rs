@@ -122,3 +122,453 @@ async fn a_failure_in_a_background_step_stops_the_store() {
     }
     assert!(not_stopped.is_empty(), "a failure at these steps did not stop the store: {not_stopped:?}");
 }
+
+// ---- The sweep: every step × seeds ----------------------------------------------------------
+
+/// splitmix64: the workload and the fault's details from one seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// What the workload knows of a lease it asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Known {
+    /// Granted and acknowledged, not released: must survive.
+    Live,
+    /// Asked for, not acknowledged (the store failed or crashed): may survive, whole.
+    MaybeLive,
+    /// Acknowledged, then a release not acknowledged: may be gone.
+    MaybeGone,
+    /// Released and acknowledged: must not come back.
+    Gone,
+}
+
+#[derive(Debug, Clone)]
+struct Lease {
+    key: String,
+    holder: String,
+    limit: u32,
+    shared: bool,
+    /// Known once acknowledged.
+    token: Option<u64>,
+    /// The TTLs it may have after recovery: the acknowledged one, and any renewal in doubt.
+    ttls: Vec<u64>,
+    known: Known,
+}
+
+#[derive(Default)]
+struct Model {
+    leases: std::collections::HashMap<LeaseId, Lease>,
+    /// Every token acknowledged, by key.
+    tokens: std::collections::BTreeMap<String, Vec<u64>>,
+    attempts: u64,
+    acked: u64,
+}
+
+impl Model {
+    fn max_token(&self) -> u64 {
+        self.tokens.values().flatten().copied().max().unwrap_or(0)
+    }
+
+    fn live(&self, rng: &mut Rng) -> Option<LeaseId> {
+        let mut ids: Vec<&LeaseId> =
+            self.leases.iter().filter(|(_, l)| l.known == Known::Live).map(|(id, _)| id).collect();
+        ids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        (!ids.is_empty()).then(|| ids[rng.below(ids.len() as u64) as usize].clone())
+    }
+}
+
+/// One operation of the workload, chosen before it runs.
+enum Op {
+    Acquire(AcquireRequest),
+    Renew(String, LeaseId, Option<Duration>),
+    Release(String, LeaseId),
+}
+
+impl Op {
+    fn lease(&self) -> Option<&LeaseId> {
+        match self {
+            Op::Acquire(_) => None,
+            Op::Renew(_, id, _) | Op::Release(_, id) => Some(id),
+        }
+    }
+}
+
+const SEMAPHORE_LIMITS: [u32; 3] = [2, 3, 4];
+
+fn choose(rng: &mut Rng, model: &mut Model) -> Op {
+    let roll = rng.below(100);
+    let renew_or_release = if roll >= 65 { model.live(rng) } else { None };
+    if let Some(id) = renew_or_release {
+        let key = model.leases[&id].key.clone();
+        if roll < 80 {
+            let ttl = [None, Some(300), Some(600), Some(900)][rng.below(4) as usize];
+            return Op::Renew(key, id, ttl.map(Duration::from_secs));
+        }
+        return Op::Release(key, id);
+    }
+    model.attempts += 1;
+    let holder = format!("c{}", model.attempts);
+    let req = match roll % 3 {
+        0 => request(&format!("lock{}", rng.below(5)), &holder, 1, false),
+        1 => {
+            let i = rng.below(3) as usize;
+            request(&format!("sem{i}"), &holder, SEMAPHORE_LIMITS[i], false)
+        }
+        _ => request(&format!("rw{}", rng.below(3)), &holder, 1, rng.chance(80)),
+    };
+    Op::Acquire(req)
+}
+
+/// Runs `ops` at once (one batch or a few for the writer) and records what they answered.
+async fn run_ops(store: &EmbeddedStore, ops: Vec<Op>, model: &mut Model) -> Result<(), String> {
+    let floor: std::collections::BTreeMap<String, u64> =
+        model.tokens.iter().map(|(k, t)| (k.clone(), t.iter().copied().max().unwrap_or(0))).collect();
+    let calls = ops.iter().map(|op| async move {
+        let answer = tokio::time::timeout(Duration::from_secs(10), async {
+            match op {
+                Op::Acquire(req) => store.acquire(req.clone()).await.map(Some),
+                Op::Renew(key, id, ttl) => store.renew(key, id, *ttl).await.map(Some),
+                Op::Release(key, id) => store.release(key, id).await.map(|()| None),
+            }
+        })
+        .await;
+        answer.map_err(|_| "an operation hung for 10 s".to_owned())
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    let trace = std::env::var_os("DISTLOCK_TRACE").is_some();
+    for (op, answer) in ops.into_iter().zip(answers) {
+        let answer = answer?;
+        if trace {
+            match &op {
+                Op::Acquire(r) => eprintln!("acquire {} {} -> {answer:?}", r.key, r.holder),
+                Op::Renew(k, id, ttl) => {
+                    eprintln!("renew {k} {} {ttl:?} -> {answer:?}", model.leases[id].holder)
+                }
+                Op::Release(k, id) => eprintln!("release {k} {} -> {answer:?}", model.leases[id].holder),
+            }
+        }
+        match op {
+            Op::Acquire(req) => {
+                let mut lease = Lease {
+                    key: req.key.clone(),
+                    holder: req.holder.clone(),
+                    limit: req.limit,
+                    shared: req.mode == LockMode::Shared,
+                    token: None,
+                    ttls: vec![req.ttl.as_millis() as u64],
+                    known: Known::MaybeLive,
+                };
+                match answer {
+                    Ok(Some(grant)) => {
+                        let token = grant.fencing_token;
+                        let seen = model.tokens.entry(req.key.clone()).or_default();
+                        if token <= floor.get(&req.key).copied().unwrap_or(0) || seen.contains(&token) {
+                            return Err(format!(
+                                "{} granted token {token}, not above every earlier grant of it {seen:?}",
+                                req.key
+                            ));
+                        }
+                        seen.push(token);
+                        lease.token = Some(token);
+                        lease.known = Known::Live;
+                        model.acked += 1;
+                    }
+                    Ok(None) => unreachable!("an acquire answers a grant"),
+                    // Not granted: held, or a semaphore's permits taken.
+                    Err(Error::Held { .. }) => continue,
+                    Err(Error::Unavailable(_)) => {}
+                    Err(e) => return Err(format!("acquire of {} answered {e}", req.key)),
+                }
+                model.leases.insert(req.lease_id, lease);
+            }
+            Op::Renew(_, id, ttl) => {
+                let lease = model.leases.get_mut(&id).expect("renewing a known lease");
+                match answer {
+                    Ok(Some(grant)) => {
+                        let ms = grant.ttl.as_millis() as u64;
+                        if ttl.is_some_and(|t| t != grant.ttl) {
+                            return Err(format!(
+                                "renewal of {} asked {ttl:?}, got {:?}",
+                                lease.key, grant.ttl
+                            ));
+                        }
+                        // Earlier renewals in doubt are settled by this one.
+                        lease.ttls = vec![ms];
+                    }
+                    Err(Error::Unavailable(_)) => {
+                        if let Some(t) = ttl {
+                            lease.ttls.push(t.as_millis() as u64);
+                        }
+                    }
+                    other => {
+                        return Err(format!("renewal of live lease of {} answered {other:?}", lease.key))
+                    }
+                }
+            }
+            Op::Release(_, id) => {
+                let lease = model.leases.get_mut(&id).expect("releasing a known lease");
+                match answer {
+                    Ok(_) => lease.known = Known::Gone,
+                    Err(Error::Unavailable(_)) => lease.known = Known::MaybeGone,
+                    Err(e) => return Err(format!("release of live lease of {} answered {e}", lease.key)),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The store's log failed at the planned step: it must say so soon, refuse every change without
+/// applying it, and go on answering reads.
+async fn check_fail_stop(store: &EmbeddedStore, model: &Model, rng: &mut Rng) -> Result<(), String> {
+    if wait_failed(store).is_none() {
+        return Err("the store did not stop after the failure".into());
+    }
+    let refused = |what: &str, r: &distlock::Result<Grant>| match r {
+        Err(Error::Unavailable(_)) => Ok(()),
+        other => Err(format!("{what} after the failure answered {other:?}")),
+    };
+    refused("an acquire", &lock(store, "after-failure").await)?;
+    if let Some(id) = model.live(rng) {
+        let key = &model.leases[&id].key;
+        refused("a renewal that keeps the TTL", &store.renew(key, &id, None).await)?;
+        refused("a renewal", &store.renew(key, &id, Some(Duration::from_secs(5))).await)?;
+        match store.release(key, &id).await {
+            Err(Error::Unavailable(_)) => {}
+            other => return Err(format!("a release after the failure answered {other:?}")),
+        }
+        let info = store.status(key).await.map_err(|e| format!("status after the failure: {e}"))?;
+        if !info.held {
+            return Err(format!("a refused release freed {key}"));
+        }
+    }
+    Ok(())
+}
+
+/// Recovers what survived and checks it against what was acknowledged.
+async fn check_recovered(disk: &SimDisk, model: &Model) -> Result<(), String> {
+    let (state, _, _) = distlock_server::wal::recover_on(&disk.restart(), data_dir())
+        .map_err(|e| format!("recovery refused what survived: {e}"))?;
+    let found: std::collections::HashMap<&LeaseId, &distlock::engine::SavedLease> =
+        state.leases.values().flatten().map(|l| (&l.lease_id, l)).collect();
+    if found.len() != state.leases.values().map(Vec::len).sum::<usize>() {
+        let twice: Vec<String> = state
+            .leases
+            .values()
+            .flat_map(|held| {
+                held.iter().filter(|l| held.iter().filter(|m| m.lease_id == l.lease_id).count() > 1)
+            })
+            .map(|l| format!("{} {} token {} ttl {} ms", l.key, l.holder, l.fencing_token, l.ttl_ms))
+            .collect();
+        return Err(format!("a lease was recovered twice: {twice:?}"));
+    }
+    for (id, want) in &model.leases {
+        let got = found.get(id);
+        match (want.known, got) {
+            (Known::Live, None) => {
+                return Err(format!("acknowledged lease of {} (token {:?}) is missing", want.key, want.token))
+            }
+            (Known::Gone, Some(_)) => return Err(format!("released lease of {} came back", want.key)),
+            _ => {}
+        }
+        if let Some(got) = got {
+            let same = got.key == want.key
+                && got.holder == want.holder
+                && got.limit == want.limit
+                && got.shared == want.shared
+                && want.token.is_none_or(|t| t == got.fencing_token)
+                && want.ttls.contains(&got.ttl_ms);
+            if !same {
+                return Err(format!("lease of {} came back as {got:?}, not as granted: {want:?}", want.key));
+            }
+        }
+    }
+    for l in found.values() {
+        if !model.leases.contains_key(&l.lease_id) {
+            return Err(format!("a lease nobody asked for came back: {l:?}"));
+        }
+    }
+    let max = model.max_token();
+    if state.last_token < max {
+        return Err(format!(
+            "recovered token counter {} is below an acknowledged token {max}",
+            state.last_token
+        ));
+    }
+    for (i, limit) in SEMAPHORE_LIMITS.iter().enumerate() {
+        let key = format!("sem{i}");
+        let live = model.leases.values().filter(|l| l.key == key && l.known == Known::Live).count();
+        if live > *limit as usize {
+            return Err(format!("{key} has {live} acknowledged holders, over its limit {limit}"));
+        }
+    }
+    // The store itself starts on it, holds every acknowledged lease and grants above every token.
+    let store =
+        open(disk, 1 << 20).map_err(|e| format!("the store refused to start on what survived: {e}"))?;
+    for (id, l) in model.leases.iter().filter(|(_, l)| l.known == Known::Live) {
+        store
+            .renew(&l.key, id, None)
+            .await
+            .map_err(|e| format!("after restart, live lease of {}: {e}", l.key))?;
+    }
+    let grant = lock(&store, "after-restart").await.map_err(|e| format!("acquire after restart: {e}"))?;
+    if grant.fencing_token <= max {
+        return Err(format!("after restart token {} was granted, not above {max}", grant.fencing_token));
+    }
+    Ok(())
+}
+
+/// How a case ended, for the table.
+#[derive(Debug, Default, Clone, Copy)]
+struct Tally {
+    runs: u64,
+    struck: u64,
+    acked: u64,
+}
+
+/// One run: a workload in two lives of the store (a clean restart between), the fault struck at
+/// `plan`, then a power loss (or, after a failure, sometimes only a process restart) and the
+/// checks. Returns how many operations of each step the run made.
+async fn run_case(
+    seed: u64,
+    plan: Option<Plan>,
+    tally: &mut Tally,
+) -> Result<std::collections::BTreeMap<Step, u32>, String> {
+    let mut rng = Rng(seed);
+    let mut fault_rng = Rng(seed ^ plan.map_or(0, |p| (p.step as u64 + 1) << 32 | u64::from(p.nth)));
+    let disk = SimDisk::new();
+    disk.plan(plan);
+    let compact_bytes = [1024, 2048, 4096][rng.below(3) as usize];
+    let mut model = Model::default();
+    'lives: for _life in 0..2 {
+        let store = match open(&disk, compact_bytes) {
+            Ok(store) => store,
+            Err(e) if disk.fired().is_some() => {
+                let _ = e;
+                break 'lives;
+            }
+            Err(e) => return Err(format!("the store did not open: {e}")),
+        };
+        let ops = 30 + rng.below(40);
+        let mut done = 0;
+        while done < ops {
+            let n = if rng.chance(25) { 2 + rng.below(3) } else { 1 };
+            let mut batch: Vec<Op> = Vec::new();
+            for _ in 0..n {
+                let op = choose(&mut rng, &mut model);
+                // One operation a lease at a time (two releases of one lease race).
+                if op.lease().is_none() || batch.iter().all(|b| b.lease() != op.lease()) {
+                    batch.push(op);
+                }
+            }
+            done += n;
+            run_ops(&store, batch, &mut model).await?;
+            if let Some(fired) = disk.fired() {
+                if fired.fault == Fault::Fail {
+                    check_fail_stop(&store, &model, &mut fault_rng).await?;
+                }
+                break 'lives;
+            }
+        }
+        drop(store);
+        if disk.fired().is_some() {
+            break;
+        }
+    }
+    let counts = disk.counts();
+    tally.runs += 1;
+    tally.acked += model.acked;
+    let fired = disk.fired();
+    tally.struck += u64::from(fired.is_some());
+    let survived = match fired {
+        Some(Plan { fault: Fault::Fail, .. }) if fault_rng.chance(50) => disk.restart(),
+        _ => {
+            let tear = match fault_rng.below(3) {
+                0 => None,
+                1 => Some((512, fault_rng.next())),
+                _ => Some((4096, fault_rng.next())),
+            };
+            disk.power_loss(tear)
+        }
+    };
+    check_recovered(&survived, &model).await?;
+    Ok(counts)
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+/// For each seed (`DISTLOCK_SEEDS`, default 25, from `DISTLOCK_SEED_FROM`, default 1; or just
+/// `DISTLOCK_SEED`): a run with no fault (which also counts each step's operations), then for
+/// each step (`DISTLOCK_STEP` to pick one) a crash and a failure at one of its operations,
+/// chosen by the seed. Prints the table of cases; a failure names its seed and step.
+#[tokio::test]
+async fn every_step_every_seed() {
+    let (from, count) = match env_u64("DISTLOCK_SEED") {
+        Some(seed) => (seed, 1),
+        None => (env_u64("DISTLOCK_SEED_FROM").unwrap_or(1), env_u64("DISTLOCK_SEEDS").unwrap_or(25)),
+    };
+    let only = std::env::var("DISTLOCK_STEP").ok();
+    let started = Instant::now();
+    let mut table: std::collections::BTreeMap<(Step, &str), Tally> = Default::default();
+    let mut clean = Tally::default();
+    let mut failures = Vec::new();
+    for seed in from..from + count {
+        let counts = match run_case(seed, None, &mut clean).await {
+            Ok(counts) => counts,
+            Err(e) => {
+                failures.push(format!("seed {seed}, no fault: {e}"));
+                continue;
+            }
+        };
+        for step in Step::ALL {
+            if only.as_deref().is_some_and(|s| s != step.name()) {
+                continue;
+            }
+            let n = counts.get(&step).copied().unwrap_or(0);
+            for (name, fault) in [("crash", Fault::Crash { done: seed % 2 == 0 }), ("fail", Fault::Fail)] {
+                let tally = table.entry((step, name)).or_default();
+                if n == 0 {
+                    tally.runs += 1;
+                    continue;
+                }
+                let nth = 1 + (Rng(seed ^ (step as u64) << 40).below(u64::from(n)) as u32);
+                let plan = Plan { step, nth, fault };
+                if let Err(e) = run_case(seed, Some(plan), tally).await {
+                    failures.push(format!(
+                        "seed {seed}, {} at {} #{nth}: {e}\n  replay: DISTLOCK_SEED={seed} DISTLOCK_STEP={} cargo test -p distlock-server --test power_loss every_step",
+                        name,
+                        step.name(),
+                        step.name()
+                    ));
+                }
+            }
+        }
+    }
+    println!("seeds {from}..{}: {:.1} s", from + count, started.elapsed().as_secs_f64());
+    println!("| step | fault | runs | struck | acknowledged operations |");
+    println!("|---|---|---|---|---|");
+    println!("| (none) | - | {} | - | {} |", clean.runs, clean.acked);
+    for ((step, fault), t) in &table {
+        println!("| {} | {fault} | {} | {} | {} |", step.name(), t.runs, t.struck, t.acked);
+    }
+    assert!(failures.is_empty(), "{} failed runs:\n{}", failures.len(), failures.join("\n"));
+}
