@@ -96,7 +96,11 @@ impl EmbeddedStore {
         let memory = Arc::new(memory);
         let loaded = started.elapsed();
         let source = memory.clone();
-        let snapshot = replayed_bytes >= compact_bytes;
+        // Whatever was recovered is written again as a snapshot, synced, before any change is
+        // acknowledged: after a failed sync, the page cache this process read from can hold
+        // writes the disk never got (a renewal not logged because it keeps the TTL would
+        // otherwise rest on one). It also compacts a log that grew past `compact_bytes`.
+        let snapshot = replayed_bytes > 0 || last_token > 0 || replayed_bytes >= compact_bytes;
         let (wal, wal_stats) =
             Wal::open_on(disk, dir, next, Arc::new(move || source.snapshot()), compact_bytes, snapshot)?;
         tracing::info!(

@@ -82,6 +82,31 @@ async fn a_failed_sync_stops_acknowledging_even_no_op_renewals() {
     assert_fail_stop(&store, Some(("a", &held.lease_id))).await;
 }
 
+/// After a failed sync the page cache may still hold writes the disk never got ("fsyncgate"): a
+/// process restarted on that machine recovers them. Nothing it then acknowledges may rest on
+/// them — here a renewal that keeps a TTL only the cache had (such renewals are not logged).
+#[tokio::test]
+async fn a_restart_after_a_failed_sync_acknowledges_nothing_that_rests_on_lost_writes() {
+    let disk = SimDisk::new();
+    let store = open(&disk, 1 << 20).unwrap();
+    let held = lock(&store, "a").await.unwrap();
+    disk.plan(Some(Plan { step: Step::Sync, nth: 1, fault: Fault::Fail }));
+    unavailable(
+        "the renewal whose sync failed",
+        store.renew("a", &held.lease_id, Some(Duration::from_secs(900))).await,
+    );
+    drop(store);
+    // The process restarts; the machine keeps its page cache.
+    let restarted = disk.restart();
+    let store = open(&restarted, 1 << 20).unwrap();
+    let grant = store.renew("a", &held.lease_id, None).await.unwrap();
+    drop(store);
+    // Then the power fails: the lease must come back with the TTL that renewal acknowledged.
+    let (state, _, _) = distlock_server::wal::recover_on(&restarted.power_loss(None), data_dir()).unwrap();
+    let ttl = state.leases["a"][0].ttl_ms;
+    assert_eq!(ttl, grant.ttl.as_millis() as u64, "acknowledged a {:?} TTL, recovered {ttl} ms", grant.ttl);
+}
+
 /// Each background step of the log (the next segment's preallocation, every step of a snapshot)
 /// failing stops the store at once, not at the next roll or never.
 #[tokio::test]
