@@ -8,6 +8,10 @@
 //! measurement). Zeros after the last frame are unused space, never damage. When `compact_bytes`
 //! have been logged, a new segment starts with a snapshot (written by its own thread), and older
 //! files are removed once the snapshot is durable.
+//!
+//! Fail-stop: a failed write or sync, or any failed step of a preallocation or a snapshot, stops
+//! the log for good ([`WalStats::failed`]); nothing is retried, since after a failed `fsync` the
+//! kernel may have dropped the writes it could not flush ("fsyncgate").
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
