@@ -164,9 +164,10 @@ impl EmbeddedStore {
         self.memory.observe(observer);
     }
 
-    /// Fail-stop: once the log has failed, every change is refused before it touches the table
-    /// — also those that would not be logged (a renewal that keeps the TTL) — until the server is
-    /// restarted. Reads go on.
+    /// Fail-stop: once the log has failed, every change (acquire, renewal, release,
+    /// force-release, proclamation) is refused before it touches the table — also those that
+    /// would not be logged (a renewal that keeps the TTL) — until the server is restarted. Reads
+    /// go on.
     fn writable(&self) -> distlock::Result<()> {
         match self.log_failure() {
             Some(why) => Err(Error::Unavailable(format!(
@@ -296,6 +297,7 @@ impl Backend for EmbeddedStore {
 
     /// Replaces the value in the table, then logs it; answered once on disk.
     async fn proclaim(&self, key: &str, lease_id: &LeaseId, value: &str) -> distlock::Result<()> {
+        self.writable()?;
         self.memory.proclaim(key, lease_id, value)?;
         self.log(Record::Proclaim {
             key: key.to_owned(),

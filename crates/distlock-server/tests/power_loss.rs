@@ -66,8 +66,10 @@ async fn assert_fail_stop(store: &EmbeddedStore, held: Option<(&str, &LeaseId)>)
         unavailable("a renewal that changes nothing", store.renew(key, lease, None).await);
         unavailable("a renewal", store.renew(key, lease, Some(Duration::from_secs(1))).await);
         unavailable("a release", store.release(key, lease).await);
+        unavailable("a proclamation", store.proclaim(key, lease, "after the failure").await);
         let info = store.status(key).await.expect("reads go on after a log failure");
         assert!(info.holder.is_some(), "a refused release left {key} held in the table: {info:?}");
+        assert_eq!(info.value, None, "a refused proclamation changed the table");
     }
 }
 
