@@ -235,6 +235,8 @@ struct Lease {
     token: Option<u64>,
     /// The TTLs it may have after recovery: the acknowledged one, and any renewal in doubt.
     ttls: Vec<u64>,
+    /// The values it may publish after recovery: the acknowledged one, and any in doubt.
+    values: Vec<Option<String>>,
     known: Known,
 }
 
@@ -265,13 +267,15 @@ enum Op {
     Acquire(AcquireRequest),
     Renew(String, LeaseId, Option<Duration>),
     Release(String, LeaseId),
+    /// A new published value (a leader's proclamation).
+    Proclaim(String, LeaseId, String),
 }
 
 impl Op {
     fn lease(&self) -> Option<&LeaseId> {
         match self {
             Op::Acquire(_) => None,
-            Op::Renew(_, id, _) | Op::Release(_, id) => Some(id),
+            Op::Renew(_, id, _) | Op::Release(_, id) | Op::Proclaim(_, id, _) => Some(id),
         }
     }
 }
@@ -283,16 +287,26 @@ fn choose(rng: &mut Rng, model: &mut Model) -> Op {
     let renew_or_release = if roll >= 65 { model.live(rng) } else { None };
     if let Some(id) = renew_or_release {
         let key = model.leases[&id].key.clone();
-        if roll < 80 {
+        if roll < 77 {
             let ttl = [None, Some(300), Some(600), Some(900)][rng.below(4) as usize];
             return Op::Renew(key, id, ttl.map(Duration::from_secs));
+        }
+        model.attempts += 1;
+        // Only a lock publishes a value (a key held by several has no leader).
+        let lock = model.leases[&id].limit == 1 && !model.leases[&id].shared;
+        if roll < 86 && lock {
+            return Op::Proclaim(key, id, format!("p{}", model.attempts));
         }
         return Op::Release(key, id);
     }
     model.attempts += 1;
     let holder = format!("c{}", model.attempts);
     let req = match roll % 3 {
-        0 => request(&format!("lock{}", rng.below(5)), &holder, 1, false),
+        // A lock, publishing a value a third of the time (as a leader does).
+        0 => AcquireRequest {
+            value: rng.chance(33).then(|| format!("v{}", model.attempts)),
+            ..request(&format!("lock{}", rng.below(5)), &holder, 1, false)
+        },
         1 => {
             let i = rng.below(3) as usize;
             request(&format!("sem{i}"), &holder, SEMAPHORE_LIMITS[i], false)
@@ -312,6 +326,7 @@ async fn run_ops(store: &EmbeddedStore, ops: Vec<Op>, model: &mut Model) -> Resu
                 Op::Acquire(req) => store.acquire(req.clone()).await.map(Some),
                 Op::Renew(key, id, ttl) => store.renew(key, id, *ttl).await.map(Some),
                 Op::Release(key, id) => store.release(key, id).await.map(|()| None),
+                Op::Proclaim(key, id, value) => store.proclaim(key, id, value).await.map(|()| None),
             }
         })
         .await;
@@ -328,6 +343,9 @@ async fn run_ops(store: &EmbeddedStore, ops: Vec<Op>, model: &mut Model) -> Resu
                     eprintln!("renew {k} {} {ttl:?} -> {answer:?}", model.leases[id].holder)
                 }
                 Op::Release(k, id) => eprintln!("release {k} {} -> {answer:?}", model.leases[id].holder),
+                Op::Proclaim(k, id, v) => {
+                    eprintln!("proclaim {k} {} {v} -> {answer:?}", model.leases[id].holder)
+                }
             }
         }
         match op {
@@ -339,6 +357,7 @@ async fn run_ops(store: &EmbeddedStore, ops: Vec<Op>, model: &mut Model) -> Resu
                     shared: req.mode == LockMode::Shared,
                     token: None,
                     ttls: vec![req.ttl.as_millis() as u64],
+                    values: vec![req.value.clone()],
                     known: Known::MaybeLive,
                 };
                 match answer {
@@ -396,6 +415,16 @@ async fn run_ops(store: &EmbeddedStore, ops: Vec<Op>, model: &mut Model) -> Resu
                     Err(e) => return Err(format!("release of live lease of {} answered {e}", lease.key)),
                 }
             }
+            Op::Proclaim(_, id, value) => {
+                let lease = model.leases.get_mut(&id).expect("proclaiming with a known lease");
+                match answer {
+                    Ok(_) => lease.values = vec![Some(value)],
+                    Err(Error::Unavailable(_)) => lease.values.push(Some(value)),
+                    Err(e) => {
+                        return Err(format!("proclamation of live lease of {} answered {e}", lease.key))
+                    }
+                }
+            }
         }
     }
     Ok(())
@@ -419,6 +448,10 @@ async fn check_fail_stop(store: &EmbeddedStore, model: &Model, rng: &mut Rng) ->
         match store.release(key, &id).await {
             Err(Error::Unavailable(_)) => {}
             other => return Err(format!("a release after the failure answered {other:?}")),
+        }
+        match store.proclaim(key, &id, "after the failure").await {
+            Err(Error::Unavailable(_)) => {}
+            other => return Err(format!("a proclamation after the failure answered {other:?}")),
         }
         let info = store.status(key).await.map_err(|e| format!("status after the failure: {e}"))?;
         if !info.held {
@@ -462,7 +495,8 @@ async fn check_recovered(disk: &SimDisk, model: &mut Model) -> Result<EmbeddedSt
                 && got.limit == want.limit
                 && got.shared == want.shared
                 && want.token.is_none_or(|t| t == got.fencing_token)
-                && want.ttls.contains(&got.ttl_ms);
+                && want.ttls.contains(&got.ttl_ms)
+                && want.values.contains(&got.value);
             if !same {
                 return Err(format!("lease of {} came back as {got:?}, not as granted: {want:?}", want.key));
             }
@@ -509,6 +543,7 @@ async fn check_recovered(disk: &SimDisk, model: &mut Model) -> Result<EmbeddedSt
         shared: false,
         token: Some(grant.fencing_token),
         ttls: vec![req.ttl.as_millis() as u64],
+        values: vec![None],
         known: Known::Live,
     };
     model.leases.insert(req.lease_id, lease);
