@@ -109,6 +109,47 @@ async fn a_restart_after_a_failed_sync_acknowledges_nothing_that_rests_on_lost_w
     assert_eq!(ttl, grant.ttl.as_millis() as u64, "acknowledged a {:?} TTL, recovered {ttl} ms", grant.ttl);
 }
 
+/// What clients and the operator see over HTTP once the log failed: 503 `backend_unavailable`
+/// for changes, naming the cause and the restart; status still answered; `/healthz` 503.
+#[tokio::test]
+async fn over_http_a_failed_log_answers_503_and_healthz_says_why() {
+    use distlock_server::http::{router, AppState};
+    let disk = SimDisk::new();
+    let store = std::sync::Arc::new(open(&disk, 1 << 20).unwrap());
+    let state = AppState {
+        backend: store.clone(),
+        embedded: Some(store.clone()),
+        auth: std::sync::Arc::new(distlock_server::auth::Auth::open(None, None).unwrap()),
+        metrics: distlock_server::serve::metrics_handle().unwrap(),
+        events: Default::default(),
+        stopping: tokio::sync::watch::channel(false).1,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router(state)).await });
+    let client = reqwest::Client::new();
+    let post = |path: &str, body: &'static str| {
+        client.post(format!("{base}{path}")).header("content-type", "application/json").body(body).send()
+    };
+    let held: serde_json::Value = post("/v1/locks/a/acquire", "{}").await.unwrap().json().await.unwrap();
+    assert!(held["lease_id"].is_string(), "{held}");
+    disk.plan(Some(Plan { step: Step::Sync, nth: 1, fault: Fault::Fail }));
+    for (path, body) in [("/v1/locks/b/acquire", "{}"), ("/v1/locks/c/acquire", "{}")] {
+        let answer = post(path, body).await.unwrap();
+        assert_eq!(answer.status(), 503);
+        let body: serde_json::Value = answer.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "backend_unavailable", "{body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("write-ahead log failed") && message.contains("simulated EIO"), "{message}");
+    }
+    let status = client.get(format!("{base}/v1/locks/a")).send().await.unwrap();
+    assert_eq!(status.status(), 200, "reads go on");
+    let health = client.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 503);
+    let health: serde_json::Value = health.json().await.unwrap();
+    assert!(health["error"].as_str().unwrap_or_default().contains("until a restart"), "{health}");
+}
+
 /// Each background step of the log (the next segment's preallocation, every step of a snapshot)
 /// failing stops the store at once, not at the next roll or never.
 #[tokio::test]

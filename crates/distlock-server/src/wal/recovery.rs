@@ -6,10 +6,10 @@
 //! Replay is order-independent where appends may race: an acquire record of a lock replaces the
 //! key's lease only if its fencing token is higher, an acquire of a lease already held (in the
 //! snapshot, taken while the record was queued) is skipped, and a release or renewal applies
-//! only to the lease it names. A semaphore's (or a shared lock's) acquire joins the key's other leases of the
-//! same kind: a lease
-//! whose expiry went unlogged is restored too, and only takes a permit until its TTL ends (never
-//! lose a live holder; a phantom one costs capacity, not safety).
+//! only to the lease it names. A semaphore's (or a shared lock's) acquire joins the key's other
+//! leases of the same kind: a lease whose expiry went unlogged is restored too, and only takes a
+//! permit until its TTL ends (never lose a live holder; a phantom one costs capacity, not
+//! safety).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
