@@ -736,7 +736,7 @@ async fn every_step_every_seed() {
         }
     }
     println!("seeds {from}..{}: {:.1} s", from + count, started.elapsed().as_secs_f64());
-    println!("| step | fault | runs | struck | acknowledged operations |");
+    println!("| step | fault | runs | struck | acknowledged grants |");
     println!("|---|---|---|---|---|");
     println!("| (none) | - | {} | - | {} |", clean.runs, clean.acked);
     for ((step, fault), t) in &table {
