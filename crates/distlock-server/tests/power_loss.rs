@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use distlock::{AcquireRequest, Backend, Error, Grant, LeaseId, LockMode, Wait};
 use distlock_server::store::{EmbeddedStore, Limits};
-use distlock_server::wal::sim::{Fault, Plan, SimDisk, Step};
+use distlock_server::wal::sim::{Fault, Plan, SimDisk, Step, Tear};
 
 fn data_dir() -> &'static Path {
     Path::new("/sim/data")
@@ -107,6 +107,27 @@ async fn a_restart_after_a_failed_sync_acknowledges_nothing_that_rests_on_lost_w
     let (state, _, _) = distlock_server::wal::recover_on(&restarted.power_loss(None), data_dir()).unwrap();
     let ttl = state.leases["a"][0].ttl_ms;
     assert_eq!(ttl, grant.ttl.as_millis() as u64, "acknowledged a {:?} TTL, recovered {ttl} ms", grant.ttl);
+}
+
+/// Known, open (docs/RELIABILITY.md): a power cut that lands the later sectors of the last,
+/// unacknowledged batch but not its first ones leaves a bad frame with data after it, which
+/// recovery takes for damage and refuses to start on, although nothing acknowledged is at stake.
+/// Telling it from damage needs batch boundaries in the log.
+#[tokio::test]
+#[ignore = "known and open: recovery refuses a batch whose later sectors landed before its first"]
+async fn a_batch_whose_later_sectors_landed_first_is_cut_like_a_torn_tail() {
+    let disk = SimDisk::new();
+    let store = open(&disk, 1 << 20).unwrap();
+    let held = lock(&store, "held").await.unwrap();
+    // The next record (a long holder: it spans sector boundaries) is written, then the power
+    // goes.
+    disk.plan(Some(Plan { step: Step::Append, nth: 1, fault: Fault::Crash { done: true } }));
+    let long = "x".repeat(1500);
+    assert!(store.acquire(request("torn", &long, 1, false)).await.is_err(), "not acknowledged");
+    drop(store);
+    let survived = disk.power_loss(Some(Tear { sector: 512, pick: 0, tail: true }));
+    let (state, _, _) = distlock_server::wal::recover_on(&survived, data_dir()).expect("recovery starts");
+    assert_eq!(state.leases["held"][0].lease_id, held.lease_id);
 }
 
 /// What clients and the operator see over HTTP once the log failed: 503 `backend_unavailable`
@@ -658,8 +679,8 @@ async fn run_case(
         _ => {
             let tear = match fault_rng.below(3) {
                 0 => None,
-                1 => Some((512, fault_rng.next())),
-                _ => Some((4096, fault_rng.next())),
+                1 => Some(Tear { sector: 512, pick: fault_rng.next(), tail: false }),
+                _ => Some(Tear { sector: 4096, pick: fault_rng.next(), tail: false }),
             };
             disk.power_loss(tear)
         }
@@ -675,7 +696,7 @@ async fn run_case(
         run_ops(&store, vec![op], &mut model).await.map_err(|e| format!("after the restart: {e}"))?;
     }
     drop(store);
-    let tear = Some((512, fault_rng.next()));
+    let tear = Some(Tear { sector: 512, pick: fault_rng.next(), tail: false });
     drop(
         check_recovered(&survived.power_loss(tear), &mut model)
             .await

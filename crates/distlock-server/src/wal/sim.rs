@@ -91,6 +91,19 @@ pub enum Fault {
     },
 }
 
+/// How a power loss tears the last unsynced write: cut at one of the `sector` boundaries inside
+/// it (`pick` chooses which), keeping what comes before the cut (`tail: false`, a write cut
+/// short) or, with `tail`, what comes after it (a device that wrote the later sectors first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tear {
+    /// The sector size: 512 or 4096.
+    pub sector: u64,
+    /// Chooses the boundary among those inside the write.
+    pub pick: u64,
+    /// Keep the part after the cut instead of the part before it.
+    pub tail: bool,
+}
+
 /// A fault at the `nth` (from 1) operation of `step`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Plan {
@@ -288,18 +301,16 @@ impl SimDisk {
         SimDisk { state: Arc::new(Mutex::new(state)) }
     }
 
-    /// The disk after a power loss: only durable data and directory entries. With `tear`
-    /// (`(sector, pick)`), the last unsynced write of a file that survives also reaches the
-    /// disk in part: up to one of the sector boundaries inside it (`pick` chooses which), as a
-    /// write cut by the power does.
-    pub fn power_loss(&self, tear: Option<(u64, u64)>) -> SimDisk {
+    /// The disk after a power loss: only durable data and directory entries. With `tear`, the
+    /// last unsynced write of a file that survives also reaches the disk in part (see [`Tear`]).
+    pub fn power_loss(&self, tear: Option<Tear>) -> SimDisk {
         let s = self.lock();
         let mut inodes: Vec<Inode> = s
             .inodes
             .iter()
             .map(|n| Inode { data: n.durable.clone(), durable: n.durable.clone(), unsynced: Vec::new() })
             .collect();
-        if let Some((sector, pick)) = tear {
+        if let Some(Tear { sector, pick, tail }) = tear {
             let last = s
                 .durable_names
                 .values()
@@ -317,7 +328,12 @@ impl SimDisk {
                     .collect();
                 if !cuts.is_empty() {
                     let cut = cuts[(pick % cuts.len() as u64) as usize];
-                    let op = Op::Write { seq: 0, offset, bytes: bytes[..(cut - offset) as usize].to_vec() };
+                    let at = (cut - offset) as usize;
+                    let op = if tail {
+                        Op::Write { seq: 0, offset: cut, bytes: bytes[at..].to_vec() }
+                    } else {
+                        Op::Write { seq: 0, offset, bytes: bytes[..at].to_vec() }
+                    };
                     apply(&mut inodes[i].data, &op);
                     apply(&mut inodes[i].durable, &op);
                 }
@@ -572,8 +588,10 @@ mod tests {
         let f = disk.create_new(&a).unwrap();
         disk.sync_dir(&dir()).unwrap();
         f.write_all_at(&[7; 1500], 100).unwrap();
-        let torn = disk.power_loss(Some((512, 1))).read(&a).unwrap();
+        let torn = disk.power_loss(Some(Tear { sector: 512, pick: 1, tail: false })).read(&a).unwrap();
         assert_eq!(torn.len(), 1024, "cut at the second sector boundary inside the write");
+        let tail = disk.power_loss(Some(Tear { sector: 512, pick: 1, tail: true })).read(&a).unwrap();
+        assert_eq!((tail.len(), tail[1023], tail[1024]), (1600, 0, 7), "only what follows the cut");
         disk.plan(Some(Plan { step: Step::Sync, nth: 1, fault: Fault::Fail }));
         assert!(f.sync_data().is_err());
         assert_eq!(disk.fired().map(|p| p.step), Some(Step::Sync));
