@@ -7,7 +7,9 @@ documented 1 h, negative, not integers) are left as they are, so negative tests 
 
 One acquire rule OpenAPI 3.0 cannot state across fields: a shared lock takes no limit (the server
 answers 400, as documented on `mode`). A valid limit above 1 beside `"mode": "shared"` is dropped;
-invalid limits are left for the negative tests.
+invalid limits are left for the negative tests. A value's limit is 4096 bytes, which `maxLength`
+(characters) cannot state: a longer string within maxLength is cut to its first 1024 characters
+(at most 4096 bytes).
 """
 
 import schemathesis
@@ -24,6 +26,9 @@ def _clamp(obj):
         valid_limit = isinstance(limit, int) and not isinstance(limit, bool) and 1 < limit <= 10_000
         if obj.get("mode") == "shared" and valid_limit:
             obj["limit"] = None
+        value = obj.get("value")
+        if isinstance(value, str) and len(value.encode("utf-8", "surrogatepass")) > 4096 >= len(value):
+            obj["value"] = value[:1024]
 
 
 @schemathesis.hook

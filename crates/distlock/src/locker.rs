@@ -77,7 +77,6 @@ impl Locker {
         opts.validate()?;
         crate::backend::check_holders(self.backend.as_ref(), opts.limit, opts.mode)?;
         if opts.value.is_some() {
-            crate::backend::check_value(opts.value.as_deref(), opts.limit, opts.mode)?;
             crate::backend::check_elections(self.backend.as_ref())?;
         }
         let req = AcquireRequest {

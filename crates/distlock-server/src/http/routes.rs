@@ -76,8 +76,8 @@ pub(super) async fn do_acquire(
     validate::holder(&holder)?;
     let (limit, mode) = (body.limit.unwrap_or(1), body.mode.unwrap_or_default());
     distlock::backend::check_holders(state.backend.as_ref(), limit, mode)?;
-    if body.value.is_some() {
-        distlock::backend::check_value(body.value.as_deref(), limit, mode)?;
+    if let Some(value) = &body.value {
+        validate::value(value)?;
         distlock::backend::check_elections(state.backend.as_ref())?;
     }
     // The label goes into the event history, kept whether anyone watches or not.

@@ -178,20 +178,6 @@ pub fn check_holders(backend: &dyn Backend, limit: u32, mode: LockMode) -> Resul
 /// The backends that offer leader elections, for the error that refuses them elsewhere.
 const ELECTION_BACKENDS: &str = "memory:// and the lock server's embedded store (http://)";
 
-/// Refuses a value published by a semaphore's permit or a shared lease (a key held by several
-/// has no leader): [`Error::InvalidInput`].
-pub fn check_value(value: Option<&str>, limit: u32, mode: LockMode) -> Result<()> {
-    let Some(value) = value else { return Ok(()) };
-    crate::validate::value(value)?;
-    if limit > 1 || mode == LockMode::Shared {
-        return Err(Error::InvalidInput(
-            "a value is published by the one holder of a key (a leader): not with a limit or a shared lock"
-                .into(),
-        ));
-    }
-    Ok(())
-}
-
 /// Refuses a published value, a proclamation or a watch where `backend` does not offer
 /// elections ([`Error::InvalidInput`] naming the backends that do).
 pub fn check_elections(backend: &dyn Backend) -> Result<()> {

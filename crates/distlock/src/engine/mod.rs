@@ -160,8 +160,7 @@ impl Engine {
     }
 
     /// Replaces the value the live lease `lease_id` on `key` publishes and wakes the key's
-    /// watchers. Same rules as [`crate::Backend::proclaim`]; a permit of a semaphore or a shared
-    /// lease publishes nothing (a key held by several has no leader): `InvalidInput`.
+    /// watchers. Same rules as [`crate::Backend::proclaim`].
     pub fn proclaim(&self, key: &str, lease_id: &LeaseId, value: &str) -> Result<()> {
         let now = Instant::now();
         self.shared.with_state(now, |s| {

@@ -195,22 +195,14 @@ impl LeaseTable {
         Ok(Grant { lease_id: lease_id.clone(), fencing_token: entry.fencing_token, ttl, counted_from: now })
     }
 
-    /// Replaces the value the live lease `lease_id` on `key` publishes; a permit of a semaphore
-    /// or a shared lease publishes nothing (`InvalidInput`: a key held by several has no leader).
+    /// Replaces the value the live lease `lease_id` on `key` publishes (any lease may; only the
+    /// one holder of a key is its leader, see [`crate::Leader::of`]).
     pub fn proclaim(&mut self, key: &str, lease_id: &LeaseId, value: &str, now: Instant) -> Result<()> {
-        let slot = self.locks.get_mut(key).ok_or_else(|| Error::not_owner(key))?;
-        let limit = slot.limit;
-        let entry = slot
-            .holders
-            .iter_mut()
-            .find(|e| e.lease_id == *lease_id && now < e.expires_at)
+        let entry = self
+            .locks
+            .get_mut(key)
+            .and_then(|slot| slot.holders.iter_mut().find(|e| e.lease_id == *lease_id && now < e.expires_at))
             .ok_or_else(|| Error::not_owner(key))?;
-        if limit > 1 || entry.shared {
-            return Err(Error::InvalidInput(format!(
-                "{key} is held by a semaphore's permit or a shared lease, which publish no value (a key \
-                 held by several has no leader)"
-            )));
-        }
         entry.value = Some(value.to_owned());
         Ok(())
     }
