@@ -242,14 +242,58 @@ pub async fn status_and_list(locker: &Locker, _caps: &Caps) {
     assert_eq!(keys, ["contract-list/b"], "a released key drops out");
 }
 
-/// 8 clients over 3 keys for 2 s, with no fault: try-once and waiting acquires, renewals,
+/// 8 clients over 3 locks for 2 s, with no fault: try-once and waiting acquires, renewals,
 /// releases and status reads at random (seeded per client); every key's history must be
 /// linearizable against the fenced-lock model of [`crate::linearizable`].
 pub async fn histories_are_linearizable(locker: &Locker, caps: &Caps) {
-    use crate::linearizable::{check, AcquireOutcome, Event, Op, Outcome};
+    let keys = [KeyKind::Lock, KeyKind::Lock, KeyKind::Lock];
+    check_histories(&run_histories(locker, caps, "contract-lin", &keys).await, &keys);
+}
+
+/// The same workload over a semaphore of 2 permits and a lock taken shared or exclusive at
+/// random: each key's history must be linearizable against the model of a semaphore and of a
+/// shared/exclusive lock. Skipped where the backend offers neither (the semaphore case checks
+/// the refusal).
+pub async fn primitive_histories_are_linearizable(locker: &Locker, caps: &Caps) {
+    if !caps.many_holders {
+        return;
+    }
+    let keys = [KeyKind::Semaphore(2), KeyKind::ReadWrite];
+    check_histories(&run_histories(locker, caps, "contract-lin-many", &keys).await, &keys);
+}
+
+/// What a key of [`run_histories`] is taken as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    /// A lock.
+    Lock,
+    /// A semaphore of this many permits.
+    Semaphore(u32),
+    /// A lock taken shared or exclusive (at random, one in three exclusive).
+    ReadWrite,
+}
+
+impl KeyKind {
+    /// The model its history is checked against.
+    pub fn model(self) -> crate::linearizable::Model {
+        match self {
+            KeyKind::Semaphore(n) => crate::linearizable::Model::semaphore(n),
+            KeyKind::Lock | KeyKind::ReadWrite => crate::linearizable::Model::LOCK,
+        }
+    }
+}
+
+/// 8 clients for 2 s over keys `<prefix>/<i>`, each taken as `kinds[i]` says; returns each key's
+/// history.
+pub async fn run_histories(
+    locker: &Locker,
+    caps: &Caps,
+    prefix: &str,
+    kinds: &[KeyKind],
+) -> Vec<Vec<crate::linearizable::Event>> {
+    use crate::linearizable::{AcquireOutcome, Event, Op, Outcome};
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    const KEYS: usize = 3;
     let base = Instant::now();
     let now = move || base.elapsed().as_nanos() as u64;
     let ttl = 30 * SECOND;
@@ -258,9 +302,12 @@ pub async fn histories_are_linearizable(locker: &Locker, caps: &Caps) {
     let exact_refusals = caps.exact_refusals;
     let history: Arc<Mutex<Vec<(usize, Event)>>> = Arc::default();
     let until = base + 2 * SECOND;
+    let kinds: Arc<[KeyKind]> = kinds.into();
     let tasks: Vec<_> = (0..8u32)
         .map(|client| {
-            let (locker, leases, history) = (locker.clone(), leases.clone(), history.clone());
+            let (locker, leases, history, kinds) =
+                (locker.clone(), leases.clone(), history.clone(), kinds.clone());
+            let prefix = prefix.to_owned();
             tokio::spawn(async move {
                 let mut seed = u64::from(client).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
                 let mut roll = move |n: u64| {
@@ -269,13 +316,13 @@ pub async fn histories_are_linearizable(locker: &Locker, caps: &Caps) {
                     seed ^= seed << 17;
                     seed % n
                 };
-                let mut held: Vec<Option<(distlock::Lease, u32)>> = (0..KEYS).map(|_| None).collect();
+                let mut held: Vec<Option<(distlock::Lease, u32)>> = kinds.iter().map(|_| None).collect();
                 let record = |k: usize, call: u64, answer: u64, op: Op| {
                     history.lock().unwrap().push((k, Event { client, call, answer, op }));
                 };
                 while Instant::now() < until {
-                    let k = roll(KEYS as u64) as usize;
-                    let key = format!("contract-lin/{k}");
+                    let k = roll(kinds.len() as u64) as usize;
+                    let key = format!("{prefix}/{k}");
                     let call = now();
                     match (held[k].take(), roll(4)) {
                         (Some((lease, idx)), 0 | 1) => {
@@ -299,16 +346,36 @@ pub async fn histories_are_linearizable(locker: &Locker, caps: &Caps) {
                         }
                         (mine, _) if mine.is_some() || roll(3) == 0 => {
                             let info = locker.status(&key).await.expect("status");
-                            let op = match (info.held, info.fencing_token) {
-                                (true, None) => Op::StatusTaken,
-                                (_, token) => Op::Status(token),
+                            let op = match (kinds[k], info.held, info.fencing_token) {
+                                (KeyKind::Lock, true, None) => Op::StatusTaken,
+                                (KeyKind::Lock, _, token) => Op::Status(token),
+                                (_, true, _) if info.holders.is_empty() && info.fencing_token.is_none() => {
+                                    Op::StatusTaken
+                                }
+                                (_, _, token) if info.holders.is_empty() => {
+                                    Op::StatusHolders(token.into_iter().collect())
+                                }
+                                _ => {
+                                    Op::StatusHolders(info.holders.iter().map(|h| h.fencing_token).collect())
+                                }
                             };
                             record(k, call, now(), op);
                             held[k] = mine;
                         }
                         (_, choice) => {
                             let wait = if choice < 2 { Duration::ZERO } else { Duration::from_millis(50) };
-                            let opts = AcquireOptions::new().ttl(ttl).wait(wait).auto_renew(false);
+                            let mut opts = AcquireOptions::new().ttl(ttl).wait(wait).auto_renew(false);
+                            let shared = match kinds[k] {
+                                KeyKind::Lock => false,
+                                KeyKind::Semaphore(n) => {
+                                    opts = opts.limit(n);
+                                    false
+                                }
+                                KeyKind::ReadWrite => roll(3) != 0,
+                            };
+                            if shared {
+                                opts = opts.shared();
+                            }
                             let outcome = match locker.acquire(&key, &opts).await {
                                 Ok(lease) => {
                                     let idx = leases.fetch_add(1, Ordering::Relaxed);
@@ -327,7 +394,8 @@ pub async fn histories_are_linearizable(locker: &Locker, caps: &Caps) {
                             } else {
                                 now()
                             };
-                            record(k, call, answer, Op::Acquire(outcome));
+                            let op = if shared { Op::AcquireShared(outcome) } else { Op::Acquire(outcome) };
+                            record(k, call, answer, op);
                         }
                     }
                 }
@@ -345,14 +413,31 @@ pub async fn histories_are_linearizable(locker: &Locker, caps: &Caps) {
         t.await.unwrap();
     }
     let history = std::mem::take(&mut *history.lock().unwrap());
-    for k in 0..KEYS {
-        let events: Vec<Event> =
-            history.iter().filter(|(key, _)| *key == k).map(|(_, e)| e.clone()).collect();
-        let grants =
-            events.iter().filter(|e| matches!(e.op, Op::Acquire(AcquireOutcome::Granted { .. }))).count();
-        assert!(grants >= 3, "key {k}: only {grants} grants in 2 s: the workload did not exercise the lock");
-        if let Err(v) = check(&events) {
-            panic!("key {k} ({} operations): {v}", events.len());
+    (0..kinds.len())
+        .map(|k| history.iter().filter(|(key, _)| *key == k).map(|(_, e)| e.clone()).collect())
+        .collect()
+}
+
+/// Asserts each key's history exercised the key (3 grants or more) and is linearizable against
+/// the model of its kind.
+pub fn check_histories(histories: &[Vec<crate::linearizable::Event>], kinds: &[KeyKind]) {
+    use crate::linearizable::{check_within, AcquireOutcome, Op, Verdict};
+    for (k, (events, kind)) in histories.iter().zip(kinds).enumerate() {
+        let grants = events
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e.op,
+                    Op::Acquire(AcquireOutcome::Granted { .. })
+                        | Op::AcquireShared(AcquireOutcome::Granted { .. })
+                )
+            })
+            .count();
+        assert!(grants >= 3, "key {k}: only {grants} grants in 2 s: the workload did not exercise it");
+        match check_within(events, kind.model(), usize::MAX) {
+            Verdict::Linearizable => {}
+            Verdict::Violation(v) => panic!("key {k} ({kind:?}, {} operations): {v}", events.len()),
+            Verdict::Undecided { states } => panic!("key {k}: undecided after {states} states"),
         }
     }
 }

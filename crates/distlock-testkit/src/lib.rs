@@ -4,7 +4,8 @@
 //! fencing tokens, FIFO waiting, wake-up on release and on expiry, a timed-out or cancelled waiter
 //! leaving the queue, ownership, status and listing, paging — is written once in [`contract`], and
 //! each backend's test file runs all of it with one line. [`linearizable`] checks histories of
-//! concurrent clients against a model of a fenced lock; the contract runs it on every backend.
+//! concurrent clients against a model of a fenced lock, semaphore or shared/exclusive lock; the
+//! contract runs it on every backend.
 //!
 //!
 //! ```ignore
@@ -52,6 +53,7 @@ macro_rules! contract_tests {
             case!(status_and_list);
             case!(list_pages_follow_the_cursor);
             case!(histories_are_linearizable);
+            case!(primitive_histories_are_linearizable);
             case!(semaphore_never_exceeds_its_limit);
             case!(shared_and_exclusive_are_fair);
             case!(leader_changes_are_observed_in_order);

@@ -1,21 +1,25 @@
-//! A linearizability checker for histories of one fenced lock (a WGL search, as etcd's
+//! A linearizability checker for histories of one fenced key (a WGL search, as etcd's
 //! robustness tests use porcupine for), and the model it checks against.
 //!
 //! A history is what clients saw: each operation's call and answer times (one clock for every
 //! client) and its answer. The checker searches for one order of the operations that respects
 //! real time (an operation answered before another was called comes first) and in which every
-//! answer is what the model gives. The model is a fenced mutex with leases:
-//! - an acquire is granted only when the lock is free, with a token above every token granted
-//!   before (`Held` only while it is held; a wait that timed out says nothing);
-//! - a release or renew succeeds only with the holder's lease id (`LeaseLost` otherwise);
-//! - a status answer names the holder's token, or that the lock is free;
+//! answer is what the model gives. The model is a fenced key with leases ([`Model`]): a lock, a
+//! semaphore of N permits, or a lock taken shared or exclusive:
+//! - an acquire is granted only when the key has room for it (a lock: free; a semaphore: fewer
+//!   than N holders; shared: no exclusive holder; exclusive: no holder at all), with a token
+//!   above every token granted before (`Held` only while it has no room; a wait that timed out
+//!   says nothing);
+//! - a release or renew succeeds only with a holder's lease id (`LeaseLost` otherwise);
+//! - a status answer names the holders' tokens, or that the key is free;
 //! - a lease may expire, but not before its TTL has run from the moment it was granted or last
 //!   renewed (less a small allowance for clocks), and expiry is not required to be prompt;
 //! - an operation whose answer was lost (an error that leaves the outcome unknown) may have
 //!   taken effect at any time after its call, or never.
 //!
 //! The search is Wing & Gong's with Lowe's memo of (linearized set, state) pairs; per key, so
-//! histories stay small (locks of different keys are independent).
+//! histories stay small (keys are independent). Histories with many lost answers (a fault run)
+//! can make the search large: [`check_within`] stops after a budget of states and says so.
 
 use std::collections::HashSet;
 
@@ -25,8 +29,11 @@ pub type Nanos = u64;
 /// What an operation did and what it got back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
-    /// An acquire (try-once or waiting).
+    /// An acquire (try-once or waiting) of a lock or of a semaphore's permit, or an exclusive
+    /// acquire of a shared/exclusive lock.
     Acquire(AcquireOutcome),
+    /// A shared acquire (a reader).
+    AcquireShared(AcquireOutcome),
     /// A release of `lease`.
     Release {
         /// Which lease (an index the history assigns to each lease id).
@@ -43,8 +50,11 @@ pub enum Op {
         /// The answer.
         outcome: Outcome,
     },
-    /// A status read: the holder's fencing token, or `None` for a free lock.
+    /// A status read of a lock: the holder's fencing token, or `None` for a free lock.
     Status(Option<u64>),
+    /// A status read of a key with several holders (a semaphore, shared holders): the fencing
+    /// tokens of every holder (empty: free), in any order.
+    StatusHolders(Vec<u64>),
     /// A status read that found the lock taken with no token yet (Redis: being handed to the
     /// first waiter, whose grant is under way).
     StatusTaken,
@@ -62,7 +72,7 @@ pub enum AcquireOutcome {
         /// Its TTL in nanoseconds.
         ttl: Nanos,
     },
-    /// Refused at once: the lock was held.
+    /// Refused at once: the key had no room.
     Held,
     /// The wait ended without a grant (the lock may have been free for moments, granted to
     /// someone ahead in the queue).
@@ -98,6 +108,24 @@ pub struct Event {
     pub op: Op,
 }
 
+/// What kind of key the history is of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Model {
+    /// How many exclusive holders the key admits at once: 1 for a lock (and for a lock taken
+    /// shared or exclusive), N for a semaphore of N permits.
+    pub limit: u32,
+}
+
+impl Model {
+    /// A lock (taken exclusive, or shared by readers).
+    pub const LOCK: Model = Model { limit: 1 };
+
+    /// A semaphore of `n` permits.
+    pub fn semaphore(n: u32) -> Model {
+        Model { limit: n.max(1) }
+    }
+}
+
 /// Why a history is not linearizable: the longest prefix the search could explain, and the
 /// operations none of which could come next.
 #[derive(Debug, Clone)]
@@ -118,17 +146,47 @@ impl std::fmt::Display for Violation {
     }
 }
 
+/// What [`check_within`] found.
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    /// Some order explains every answer.
+    Linearizable,
+    /// No order does.
+    Violation(Violation),
+    /// The search visited its budget of states without an answer either way.
+    Undecided {
+        /// The states visited.
+        states: usize,
+    },
+}
+
 /// How much earlier than its TTL a lease may be seen to expire (clocks, rounding).
 fn allowance(ttl: Nanos) -> Nanos {
     ttl / 100 + 2_000_000
 }
 
-/// The lock as the model sees it between operations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// When a lease of `ttl` taking effect at `at` may expire at the earliest.
+fn expiry(at: Nanos, ttl: Nanos) -> Nanos {
+    at.saturating_add(ttl - allowance(ttl).min(ttl))
+}
+
+/// A holder as the model sees it: its lease (`GHOST` for a grant nobody saw), token (0 while
+/// unknown), the earliest time it may expire, whether it holds shared, and for a ghost the
+/// highest token granted before it (its own token, once learnt, is above that).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Holder {
+    lease: u32,
+    token: u64,
+    expires: Nanos,
+    shared: bool,
+    floor: u64,
+}
+
+/// The key as the model sees it between operations.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct State {
-    /// The holder: its lease (`u32::MAX` for a grant nobody saw), token (0 when unknown) and the
-    /// earliest time it may expire.
-    holder: Option<(u32, u64, Nanos)>,
+    /// The holders, sorted (so equal states hash alike).
+    holders: Vec<Holder>,
     /// The highest token seen granted.
     last_token: u64,
     /// No later operation can take effect before this (linearization points do not go back).
@@ -137,126 +195,209 @@ struct State {
 
 const GHOST: u32 = u32::MAX;
 
+/// Above this many holders that may expire within one operation, only "the first k to expire"
+/// are tried rather than every subset (ample for the histories the suites make).
+const SUBSETS_UP_TO: usize = 4;
+
 impl State {
     /// The states `event` can lead to when it takes effect next, at a point no earlier than
-    /// `self.now` within its call and answer, the lease expiring first where it may.
-    fn next(&self, e: &Event) -> Vec<State> {
+    /// `self.now` within its call and answer, some holders expiring first where they may.
+    fn next(&self, e: &Event, model: Model) -> Vec<State> {
         let start = self.now.max(e.call);
         if start > e.answer {
             return Vec::new();
         }
-        // Points to try: as early as possible, and just when the holder may expire (if that
-        // falls within the operation), so that the expiry can come first.
-        let mut befores = vec![(start, *self)];
-        if let Some((_, _, expires)) = self.holder {
-            let at = expires.max(start);
-            if at <= e.answer {
-                befores.push((at, State { holder: None, now: at, ..*self }));
-            }
-        }
+        // Which holders may have expired by the time it takes effect: any subset of those whose
+        // expiry falls before its answer (the operation then takes effect after the last of them).
+        let mut may: Vec<usize> =
+            (0..self.holders.len()).filter(|&i| self.holders[i].expires <= e.answer).collect();
+        may.sort_by_key(|&i| self.holders[i].expires);
+        let subsets: Vec<Vec<usize>> = if may.len() <= SUBSETS_UP_TO {
+            (0..1usize << may.len())
+                .map(|bits| (0..may.len()).filter(|b| bits >> b & 1 == 1).map(|b| may[b]).collect())
+                .collect()
+        } else {
+            (0..=may.len()).map(|k| may[..k].to_vec()).collect()
+        };
         let mut out = Vec::new();
-        for (at, mut s) in befores {
-            s.now = at;
-            s.apply(e, at, &mut out);
+        for gone in subsets {
+            let at = gone.iter().map(|&i| self.holders[i].expires).fold(start, Nanos::max);
+            let holders =
+                (0..self.holders.len()).filter(|i| !gone.contains(i)).map(|i| self.holders[i]).collect();
+            State { holders, now: at, ..*self }.apply(e, at, model, &mut out);
         }
         out
     }
 
+    fn with(&self, holders: Vec<Holder>) -> State {
+        let mut holders = holders;
+        holders.sort();
+        State { holders, ..*self }
+    }
+
+    /// Whether a grant of this mode fits now.
+    fn room(&self, shared: bool, model: Model) -> bool {
+        match shared {
+            true => self.holders.iter().all(|h| h.shared),
+            false => self.holders.iter().all(|h| !h.shared) && (self.holders.len() as u32) < model.limit,
+        }
+    }
+
+    fn holds(&self, lease: u32) -> Option<usize> {
+        self.holders.iter().position(|h| h.lease == lease)
+    }
+
+    fn without(&self, i: usize) -> State {
+        let mut holders = self.holders.clone();
+        holders.remove(i);
+        State { holders, ..*self }
+    }
+
     /// Every state `e` taking effect at `at` can give from `self` (none if its answer is
     /// impossible here).
-    fn apply(self, e: &Event, at: Nanos, out: &mut Vec<State>) {
-        match &e.op {
-            Op::Acquire(AcquireOutcome::Granted { lease, token, ttl }) => {
-                if self.holder.is_none() && *token > self.last_token {
-                    out.push(State {
-                        holder: Some((*lease, *token, at + ttl - allowance(*ttl).min(*ttl))),
-                        last_token: *token,
-                        ..self
-                    });
+    fn apply(self, e: &Event, at: Nanos, model: Model, out: &mut Vec<State>) {
+        let (shared, outcome) = match &e.op {
+            Op::Acquire(o) => (false, Some(o)),
+            Op::AcquireShared(o) => (true, Some(o)),
+            _ => (false, None),
+        };
+        if let Some(outcome) = outcome {
+            let room = self.room(shared, model);
+            match outcome {
+                AcquireOutcome::Granted { lease, token, ttl } => {
+                    if room && *token > self.last_token {
+                        let mut holders = self.holders.clone();
+                        holders.push(Holder {
+                            lease: *lease,
+                            token: *token,
+                            expires: expiry(at, *ttl),
+                            shared,
+                            floor: 0,
+                        });
+                        out.push(State { last_token: *token, ..self.with(holders) });
+                    }
                 }
-            }
-            Op::Acquire(AcquireOutcome::Held) => {
-                if self.holder.is_some() {
+                // A reader may also be refused while only readers hold: a writer may wait first.
+                AcquireOutcome::Held if !room || (shared && !self.holders.is_empty()) => out.push(self),
+                AcquireOutcome::Held => {}
+                AcquireOutcome::TimedOut => out.push(self),
+                AcquireOutcome::Unknown { ttl } => {
+                    if room {
+                        let mut holders = self.holders.clone();
+                        holders.push(Holder {
+                            lease: GHOST,
+                            token: 0,
+                            expires: expiry(at, *ttl),
+                            shared,
+                            floor: self.last_token,
+                        });
+                        out.push(self.with(holders));
+                    }
                     out.push(self);
                 }
             }
-            Op::Acquire(AcquireOutcome::TimedOut) => out.push(self),
-            Op::Acquire(AcquireOutcome::Unknown { ttl }) => {
-                out.push(self);
-                if self.holder.is_none() {
-                    out.push(State {
-                        holder: Some((GHOST, 0, at + ttl - allowance(*ttl).min(*ttl))),
-                        ..self
-                    });
+            return;
+        }
+        match &e.op {
+            Op::Release { lease, outcome } => match (outcome, self.holds(*lease)) {
+                (Outcome::Ok, Some(i)) => out.push(self.without(i)),
+                (Outcome::LeaseLost, None) => out.push(self),
+                (Outcome::Unknown, Some(i)) => {
+                    out.push(self.without(i));
+                    out.push(self);
                 }
-            }
-            Op::Release { lease, outcome } => {
-                let holds = self.holder.is_some_and(|(l, _, _)| l == *lease);
-                match outcome {
-                    Outcome::Ok if holds => out.push(State { holder: None, ..self }),
-                    Outcome::LeaseLost if !holds => out.push(self),
-                    Outcome::Unknown => {
-                        out.push(self);
-                        if holds {
-                            out.push(State { holder: None, ..self });
-                        }
-                    }
-                    _ => {}
-                }
-            }
+                (Outcome::Unknown, None) => out.push(self),
+                _ => {}
+            },
             Op::Renew { lease, ttl, outcome } => {
-                let renewed = |s: State| State {
-                    holder: s.holder.map(|(l, t, _)| (l, t, at + ttl - allowance(*ttl).min(*ttl))),
-                    ..s
+                let renewed = |s: &State, i: usize| {
+                    let mut holders = s.holders.clone();
+                    holders[i].expires = expiry(at, *ttl);
+                    s.with(holders)
                 };
-                let holds = self.holder.is_some_and(|(l, _, _)| l == *lease);
-                match outcome {
-                    Outcome::Ok if holds => out.push(renewed(self)),
-                    Outcome::LeaseLost if !holds => out.push(self),
-                    Outcome::Unknown => {
+                match (outcome, self.holds(*lease)) {
+                    (Outcome::Ok, Some(i)) => out.push(renewed(&self, i)),
+                    (Outcome::LeaseLost, None) => out.push(self),
+                    (Outcome::Unknown, Some(i)) => {
+                        out.push(renewed(&self, i));
                         out.push(self);
-                        if holds {
-                            out.push(renewed(self));
-                        }
                     }
+                    (Outcome::Unknown, None) => out.push(self),
                     _ => {}
                 }
             }
             Op::StatusTaken => {
-                if self.holder.is_some() {
+                if !self.holders.is_empty() {
                     out.push(self);
                 }
             }
-            Op::Status(seen) => match (seen, self.holder) {
-                (None, None) => out.push(self),
-                (Some(token), Some((l, t, _))) if t == *token || (l == GHOST && *token > self.last_token) => {
-                    // A ghost grant is learnt from its token.
-                    out.push(State {
-                        holder: self.holder.map(|(l, _, x)| (l, *token, x)),
-                        last_token: self.last_token.max(*token),
-                        ..self
-                    })
-                }
-                _ => {}
-            },
+            Op::Status(seen) => {
+                let tokens: Vec<u64> = seen.iter().copied().collect();
+                self.status(&tokens, out)
+            }
+            Op::StatusHolders(seen) => self.status(seen, out),
+            Op::Acquire(_) | Op::AcquireShared(_) => unreachable!("handled above"),
         }
+    }
+
+    /// A status naming exactly `seen` as the holders' tokens: every known token among them, and
+    /// the rest learnt as the tokens of grants nobody saw (ghosts).
+    fn status(self, seen: &[u64], out: &mut Vec<State>) {
+        let mut unknown: Vec<u64> = seen.to_vec();
+        unknown.sort_unstable();
+        unknown.dedup();
+        if unknown.len() != seen.len() || unknown.len() != self.holders.len() {
+            return;
+        }
+        for h in self.holders.iter().filter(|h| h.token != 0) {
+            match unknown.binary_search(&h.token) {
+                Ok(i) => {
+                    unknown.remove(i);
+                }
+                Err(_) => return,
+            }
+        }
+        // What is left belongs to ghosts, each above the highest token granted before it: the
+        // lowest tokens to the ghosts with the lowest floors fits whenever any assignment does.
+        let mut holders = self.holders.clone();
+        let mut ghosts: Vec<&mut Holder> = holders.iter_mut().filter(|h| h.token == 0).collect();
+        ghosts.sort_by_key(|h| h.floor);
+        for (h, t) in ghosts.into_iter().zip(unknown) {
+            if t <= h.floor {
+                return;
+            }
+            h.token = t;
+        }
+        let last_token = self.last_token.max(seen.iter().copied().max().unwrap_or(0));
+        out.push(State { last_token, ..self.with(holders) });
     }
 }
 
-/// Checks one key's history; `Ok` when some order of its operations explains every answer.
+/// Checks one lock's history; `Ok` when some order of its operations explains every answer.
 pub fn check(events: &[Event]) -> Result<(), Violation> {
+    match check_within(events, Model::LOCK, usize::MAX) {
+        Verdict::Linearizable | Verdict::Undecided { .. } => Ok(()),
+        Verdict::Violation(v) => Err(v),
+    }
+}
+
+/// Checks one key's history against `model`, visiting at most `budget` states.
+pub fn check_within(events: &[Event], model: Model, budget: usize) -> Verdict {
     let mut events: Vec<Event> = events.to_vec();
     events.sort_by_key(|e| (e.call, e.answer));
     let n = events.len();
     let words = n.div_ceil(64);
-    let start = State { holder: None, last_token: 0, now: 0 };
+    let start = State { holders: Vec::new(), last_token: 0, now: 0 };
     let mut seen: HashSet<(Vec<u64>, State)> = HashSet::new();
     // Depth-first: (placed set, state); the deepest point reached, for the report.
     let mut stack = vec![(vec![0u64; words], start, 0usize)];
     let mut deepest = (0usize, vec![0u64; words]);
     while let Some((done, state, count)) = stack.pop() {
         if count == n {
-            return Ok(());
+            return Verdict::Linearizable;
+        }
+        if seen.len() > budget {
+            return Verdict::Undecided { states: seen.len() };
         }
         if count > deepest.0 {
             deepest = (count, done.clone());
@@ -266,10 +407,11 @@ pub fn check(events: &[Event]) -> Result<(), Violation> {
         let first_answer =
             (0..n).filter(|&i| !is_done(i)).map(|i| events[i].answer).min().unwrap_or(Nanos::MAX);
         for i in (0..n).filter(|&i| !is_done(i) && events[i].call <= first_answer) {
-            for next in state.next(&events[i]) {
+            for next in state.next(&events[i], model) {
                 let mut placed = done.clone();
                 placed[i / 64] |= 1 << (i % 64);
-                if seen.insert((placed.clone(), next)) {
+                if !seen.contains(&(placed.clone(), next.clone())) {
+                    seen.insert((placed.clone(), next.clone()));
                     stack.push((placed, next, count + 1));
                 }
             }
@@ -282,7 +424,7 @@ pub fn check(events: &[Event]) -> Result<(), Violation> {
         .filter(|&i| !is_done(i) && events[i].call <= first_answer)
         .map(|i| events[i].clone())
         .collect();
-    Err(Violation { placed, stuck })
+    Verdict::Violation(Violation { placed, stuck })
 }
 
 #[cfg(test)]
@@ -439,6 +581,92 @@ mod tests {
             ev(1, 40, 50, Op::Acquire(AcquireOutcome::Held)),
         ];
         check(&ghost).unwrap();
+    }
+
+    fn shared(lease: u32, token: u64) -> Op {
+        Op::AcquireShared(AcquireOutcome::Granted { lease, token, ttl: TTL })
+    }
+
+    fn verdict(h: &[Event], model: Model) -> Result<(), String> {
+        match check_within(h, model, 1_000_000) {
+            Verdict::Linearizable => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    }
+
+    #[test]
+    fn a_semaphore_admits_n_holders_and_no_more() {
+        let two = [ev(0, 0, 10, granted(0, 1)), ev(1, 20, 30, granted(1, 2))];
+        verdict(&two, Model::semaphore(2)).unwrap();
+        let three = [ev(0, 0, 10, granted(0, 1)), ev(1, 20, 30, granted(1, 2)), ev(2, 40, 50, granted(2, 3))];
+        verdict(&three, Model::semaphore(2)).unwrap_err();
+        verdict(&three, Model::semaphore(3)).unwrap();
+        // Refused while a permit is free: not a semaphore's answer.
+        let refused = [ev(0, 0, 10, granted(0, 1)), ev(1, 20, 30, Op::Acquire(AcquireOutcome::Held))];
+        verdict(&refused, Model::semaphore(2)).unwrap_err();
+        // Status lists every holder, in any order; a missing one is caught.
+        let listed = [
+            ev(0, 0, 10, granted(0, 1)),
+            ev(1, 20, 30, granted(1, 2)),
+            ev(2, 40, 50, Op::StatusHolders(vec![2, 1])),
+            ev(0, 60, 70, release(0, Outcome::Ok)),
+            ev(2, 80, 90, Op::StatusHolders(vec![2])),
+        ];
+        verdict(&listed, Model::semaphore(2)).unwrap();
+        let missing = [
+            ev(0, 0, 10, granted(0, 1)),
+            ev(1, 20, 30, granted(1, 2)),
+            ev(2, 40, 50, Op::StatusHolders(vec![2])),
+        ];
+        verdict(&missing, Model::semaphore(2)).unwrap_err();
+    }
+
+    #[test]
+    fn readers_share_and_a_writer_is_alone() {
+        let readers = [
+            ev(0, 0, 10, shared(0, 1)),
+            ev(1, 20, 30, shared(1, 2)),
+            ev(2, 40, 50, Op::StatusHolders(vec![1, 2])),
+        ];
+        verdict(&readers, Model::LOCK).unwrap();
+        let writer_beside = [ev(0, 0, 10, shared(0, 1)), ev(1, 20, 30, granted(1, 2))];
+        verdict(&writer_beside, Model::LOCK).unwrap_err();
+        let reader_beside = [ev(0, 0, 10, granted(0, 1)), ev(1, 20, 30, shared(1, 2))];
+        verdict(&reader_beside, Model::LOCK).unwrap_err();
+        // A reader refused while readers hold is allowed (a writer may wait first); while free, not.
+        let queued = [ev(0, 0, 10, shared(0, 1)), ev(1, 20, 30, Op::AcquireShared(AcquireOutcome::Held))];
+        verdict(&queued, Model::LOCK).unwrap();
+        let free = [ev(1, 20, 30, Op::AcquireShared(AcquireOutcome::Held))];
+        verdict(&free, Model::LOCK).unwrap_err();
+    }
+
+    #[test]
+    fn a_semaphore_permit_nobody_saw_is_learnt_from_status() {
+        // A lost acquire answer, then a visible grant; status shows both. The ghost's token may be
+        // below the visible one (it took effect first) but not a token granted before it.
+        let h = [
+            ev(0, 0, 5, granted(0, 3)),
+            ev(1, 10, Nanos::MAX, Op::Acquire(AcquireOutcome::Unknown { ttl: TTL })),
+            ev(2, 20, 30, granted(2, 5)),
+            ev(3, 40, 50, Op::StatusHolders(vec![3, 4, 5])),
+        ];
+        verdict(&h, Model::semaphore(3)).unwrap();
+        let below = [
+            ev(0, 0, 5, granted(0, 3)),
+            ev(1, 10, Nanos::MAX, Op::Acquire(AcquireOutcome::Unknown { ttl: TTL })),
+            ev(3, 40, 50, Op::StatusHolders(vec![2, 3])),
+        ];
+        verdict(&below, Model::semaphore(3)).unwrap_err();
+    }
+
+    #[test]
+    fn a_search_over_budget_says_undecided() {
+        // Many lost answers make many orders; a budget of 10 states cannot settle it.
+        let h: Vec<Event> = (0..12u32)
+            .map(|c| ev(c, u64::from(c), Nanos::MAX, Op::Acquire(AcquireOutcome::Unknown { ttl: TTL })))
+            .chain([ev(99, 100, 110, Op::StatusHolders(vec![1, 2, 3, 4, 5]))])
+            .collect();
+        assert!(matches!(check_within(&h, Model::semaphore(3), 10), Verdict::Undecided { .. }));
     }
 
     #[test]
