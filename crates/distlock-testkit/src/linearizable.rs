@@ -18,7 +18,12 @@
 //!   taken effect at any time after its call, or never.
 //!
 //! The search is Wing & Gong's with Lowe's memo of (linearized set, state) pairs; per key, so
-//! histories stay small (keys are independent). Histories with many lost answers (a fault run)
+//! histories stay small (keys are independent). An operation that never got an answer need not
+//! be placed at all (it may never have taken effect), so the search places it only where it
+//! changes something: placing it as a no-op in every possible spot would multiply the states by
+//! the orders of such operations, and a fault run has many; and of several unanswered operations
+//! alike (the same request, all called by the time in question) it tries one, as any of them
+//! would have the same effect. Histories with many lost answers (a fault run)
 //! can make the search large: [`check_within`] stops after a budget of states and says so.
 
 use std::collections::HashSet;
@@ -386,14 +391,16 @@ pub fn check_within(events: &[Event], model: Model, budget: usize) -> Verdict {
     let mut events: Vec<Event> = events.to_vec();
     events.sort_by_key(|e| (e.call, e.answer));
     let n = events.len();
+    let answered = events.iter().filter(|e| e.answer != Nanos::MAX).count();
     let words = n.div_ceil(64);
     let start = State { holders: Vec::new(), last_token: 0, now: 0 };
     let mut seen: HashSet<(Vec<u64>, State)> = HashSet::new();
-    // Depth-first: (placed set, state); the deepest point reached, for the report.
+    // Depth-first: (placed set, state, answered operations placed); the deepest point reached,
+    // for the report.
     let mut stack = vec![(vec![0u64; words], start, 0usize)];
     let mut deepest = (0usize, vec![0u64; words]);
     while let Some((done, state, count)) = stack.pop() {
-        if count == n {
+        if count == answered {
             return Verdict::Linearizable;
         }
         if seen.len() > budget {
@@ -406,13 +413,27 @@ pub fn check_within(events: &[Event], model: Model, budget: usize) -> Verdict {
         // Candidates: operations not placed whose call precedes every unplaced answer.
         let first_answer =
             (0..n).filter(|&i| !is_done(i)).map(|i| events[i].answer).min().unwrap_or(Nanos::MAX);
+        // Unanswered operations alike and called by now are interchangeable (each can take
+        // effect at any point from here on, with the same effect): trying one of them is enough.
+        let mut alike: Vec<&Op> = Vec::new();
         for i in (0..n).filter(|&i| !is_done(i) && events[i].call <= first_answer) {
+            let unanswered = events[i].answer == Nanos::MAX;
+            if unanswered && events[i].call <= state.now {
+                if alike.contains(&&events[i].op) {
+                    continue;
+                }
+                alike.push(&events[i].op);
+            }
             for next in state.next(&events[i], model) {
+                // Unanswered and without effect: the same as never placing it.
+                if unanswered && next.holders == state.holders && next.last_token == state.last_token {
+                    continue;
+                }
                 let mut placed = done.clone();
                 placed[i / 64] |= 1 << (i % 64);
                 if !seen.contains(&(placed.clone(), next.clone())) {
                     seen.insert((placed.clone(), next.clone()));
-                    stack.push((placed, next, count + 1));
+                    stack.push((placed, next, count + usize::from(!unanswered)));
                 }
             }
         }

@@ -6,6 +6,9 @@
 //! sent either way, marked with what the holder believed: a holder woken from SIGSTOP finds its
 //! lease lost, and its stale write must then be refused by the fenced resource.
 //!
+//! Beside the loop, each client reads the key's status every 50–250 ms and records what it
+//! named (for the linearizability check: see `check.rs`).
+//!
 //! `FAULTS_PRIMITIVE` picks what is taken: `lock` (default), `semaphore:N` (a permit of N), or
 //! `election` (leadership, campaigning with the client's name as its value; resigned at the end).
 
@@ -121,6 +124,7 @@ pub async fn main() {
         }
     };
     let opts = AcquireOptions::new().ttl(ttl).wait(ttl * 3).holder(format!("faults/client-{c}"));
+    tokio::spawn(read_status(locker.clone(), key.clone(), c, until, rng.random()));
     let primitive = std::env::var("FAULTS_PRIMITIVE").unwrap_or_else(|_| "lock".into());
     while now_ns() < until {
         let t_req = now_ns();
@@ -181,12 +185,32 @@ pub async fn main() {
                 safe_until: ns_of(lease.safe_until()),
             });
         }
+        let t_req = now_ns();
         let released = held.release().await;
         rec.record(&Event::Release {
             c,
             token,
+            t_req,
             t: now_ns(),
             code: released.err().map(|e| e.code().as_str().to_owned()),
         });
+    }
+}
+
+/// Reads `key`'s status every 50–250 ms until `until`, recording each answer (an error says
+/// nothing and is not recorded).
+async fn read_status(locker: Locker, key: String, c: u32, until: i64, seed: u64) {
+    let Ok(mut rec) = Recorder::create(std::path::Path::new(&env("FAULTS_HISTORY"))) else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    while now_ns() < until {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(50..250))).await;
+        let t_req = now_ns();
+        let Ok(info) = locker.status(&key).await else { continue };
+        let tokens: Vec<u64> = match info.holders.is_empty() {
+            true => info.fencing_token.into_iter().collect(),
+            false => info.holders.iter().map(|h| h.fencing_token).collect(),
+        };
+        let taken = info.held && tokens.is_empty();
+        rec.record(&Event::Status { c, t_req, t: now_ns(), tokens, taken });
     }
 }

@@ -38,8 +38,11 @@ pub enum Event {
     /// The lease was lost while held, for `reason`; `safe_until` is where the holder's deadline
     /// stood when it noticed (later than `t` means the store dropped a lease it should have kept).
     Lost { c: u32, token: u64, t: i64, reason: String, safe_until: i64 },
-    /// A release: `ok` or the error code.
-    Release { c: u32, token: u64, t: i64, code: Option<String> },
+    /// A release sent at `t_req`: `ok` or the error code.
+    Release { c: u32, token: u64, t_req: i64, t: i64, code: Option<String> },
+    /// A status read sent at `t_req`, answered at `t`: the fencing tokens of every holder it
+    /// named (empty: free; `taken`: held with no token yet, a Redis hand-off under way).
+    Status { c: u32, t_req: i64, t: i64, tokens: Vec<u64>, taken: bool },
 }
 
 /// Appends events to a file, one line each, written through at once (a client may be killed).

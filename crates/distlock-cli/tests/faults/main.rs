@@ -9,7 +9,8 @@
 //!
 //! Prints a table (also written to `target/faults-report.md`) and fails when a case whose backend
 //! promises safety under that fault shows an overlap, a stale write accepted, the current holder
-//! refused, tokens out of order, an acknowledged lease lost, or no recovery within 2 TTLs.
+//! refused, tokens out of order, an acknowledged lease lost, a history no order of operations
+//! explains (linearizability), or no recovery within 2 TTLs.
 
 mod check;
 mod client;
@@ -395,8 +396,8 @@ fn table(rows: &[Row]) -> String {
     let mut t = String::from(
         "| backend | nemesis | safety promised | faults | grants | overlaps | stale writes refused | \
          stale writes accepted | current holder refused | token order violations | acked leases lost | \
-         longest unavailable ms | after heal: first grant / all clients ms | result |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         linearizable (ops) | longest unavailable ms | after heal: first grant / all clients ms | result |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let f = &r.findings;
@@ -411,8 +412,13 @@ fn table(rows: &[Row]) -> String {
             (false, false) => ", slow recovery (not fair)",
         };
         let ms = |v: Option<f64>| v.map_or("never".into(), |v| format!("{v:.0}"));
+        let lin = match f.linearizable {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "undecided",
+        };
         t.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} / {} | {safety}{liveness} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {lin} ({}) | {:.0} | {} / {} | {safety}{liveness} |\n",
             r.backend,
             r.nemesis,
             if r.promised { "yes" } else { "no" },
@@ -424,6 +430,7 @@ fn table(rows: &[Row]) -> String {
             f.current_refused,
             f.token_violations,
             f.acked_lost,
+            f.lin_ops,
             f.longest_unavailable_ms,
             ms(f.first_grant_after_heal_ms),
             ms(f.recovery_ms),
@@ -468,7 +475,7 @@ fn main() {
     for r in rows.iter().filter(|r| r.backend == Kind::Broken.name()) {
         let f = &r.findings;
         assert!(
-            f.overlaps > 0 && f.token_violations > 0 && f.stale_accepted > 0,
+            f.overlaps > 0 && f.token_violations > 0 && f.stale_accepted > 0 && f.linearizable == Some(false),
             "the checkers missed a lock that excludes nobody: {f:?}"
         );
     }
