@@ -260,50 +260,48 @@ impl State {
 
     /// Every state `e` taking effect at `at` can give from `self` (none if its answer is
     /// impossible here).
-    fn apply(self, e: &Event, at: Nanos, model: Model, out: &mut Vec<State>) {
-        let (shared, outcome) = match &e.op {
-            Op::Acquire(o) => (false, Some(o)),
-            Op::AcquireShared(o) => (true, Some(o)),
-            _ => (false, None),
-        };
-        if let Some(outcome) = outcome {
-            let room = self.room(shared, model);
-            match outcome {
-                AcquireOutcome::Granted { lease, token, ttl } => {
-                    if room && *token > self.last_token {
-                        let mut holders = self.holders.clone();
-                        holders.push(Holder {
-                            lease: *lease,
-                            token: *token,
-                            expires: expiry(at, *ttl),
-                            shared,
-                            floor: 0,
-                        });
-                        out.push(State { last_token: *token, ..self.with(holders) });
-                    }
-                }
-                // A reader may also be refused while only readers hold: a writer may wait first.
-                AcquireOutcome::Held if !room || (shared && !self.holders.is_empty()) => out.push(self),
-                AcquireOutcome::Held => {}
-                AcquireOutcome::TimedOut => out.push(self),
-                AcquireOutcome::Unknown { ttl } => {
-                    if room {
-                        let mut holders = self.holders.clone();
-                        holders.push(Holder {
-                            lease: GHOST,
-                            token: 0,
-                            expires: expiry(at, *ttl),
-                            shared,
-                            floor: self.last_token,
-                        });
-                        out.push(self.with(holders));
-                    }
-                    out.push(self);
+    /// An acquire (`shared` or exclusive) answered `outcome`, taking effect at `at`.
+    fn acquire(self, shared: bool, outcome: &AcquireOutcome, at: Nanos, model: Model, out: &mut Vec<State>) {
+        let room = self.room(shared, model);
+        match outcome {
+            AcquireOutcome::Granted { lease, token, ttl } => {
+                if room && *token > self.last_token {
+                    let mut holders = self.holders.clone();
+                    holders.push(Holder {
+                        lease: *lease,
+                        token: *token,
+                        expires: expiry(at, *ttl),
+                        shared,
+                        floor: 0,
+                    });
+                    out.push(State { last_token: *token, ..self.with(holders) });
                 }
             }
-            return;
+            // A reader may also be refused while only readers hold: a writer may wait first.
+            AcquireOutcome::Held if !room || (shared && !self.holders.is_empty()) => out.push(self),
+            AcquireOutcome::Held => {}
+            AcquireOutcome::TimedOut => out.push(self),
+            AcquireOutcome::Unknown { ttl } => {
+                if room {
+                    let mut holders = self.holders.clone();
+                    holders.push(Holder {
+                        lease: GHOST,
+                        token: 0,
+                        expires: expiry(at, *ttl),
+                        shared,
+                        floor: self.last_token,
+                    });
+                    out.push(self.with(holders));
+                }
+                out.push(self);
+            }
         }
+    }
+
+    fn apply(self, e: &Event, at: Nanos, model: Model, out: &mut Vec<State>) {
         match &e.op {
+            Op::Acquire(outcome) => self.acquire(false, outcome, at, model, out),
+            Op::AcquireShared(outcome) => self.acquire(true, outcome, at, model, out),
             Op::Release { lease, outcome } => match (outcome, self.holds(*lease)) {
                 (Outcome::Ok, Some(i)) => out.push(self.without(i)),
                 (Outcome::LeaseLost, None) => out.push(self),
@@ -341,7 +339,6 @@ impl State {
                 self.status(&tokens, out)
             }
             Op::StatusHolders(seen) => self.status(seen, out),
-            Op::Acquire(_) | Op::AcquireShared(_) => unreachable!("handled above"),
         }
     }
 
@@ -431,8 +428,7 @@ pub fn check_within(events: &[Event], model: Model, budget: usize) -> Verdict {
                 }
                 let mut placed = done.clone();
                 placed[i / 64] |= 1 << (i % 64);
-                if !seen.contains(&(placed.clone(), next.clone())) {
-                    seen.insert((placed.clone(), next.clone()));
+                if seen.insert((placed.clone(), next.clone())) {
                     stack.push((placed, next, count + usize::from(!unanswered)));
                 }
             }
