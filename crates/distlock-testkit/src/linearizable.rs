@@ -87,6 +87,15 @@ pub enum AcquireOutcome {
         /// The TTL asked for, in nanoseconds.
         ttl: Nanos,
     },
+    /// No answer, but the caller knows the lease id it asked for and may release or renew it
+    /// later (the simulation's clients do; a lease id chosen by the store cannot be known): it
+    /// may have been granted to `lease`, with a token nobody saw.
+    UnknownFor {
+        /// Which lease.
+        lease: u32,
+        /// The TTL asked for, in nanoseconds.
+        ttl: Nanos,
+    },
 }
 
 /// The answer to a release or renew.
@@ -175,7 +184,8 @@ fn expiry(at: Nanos, ttl: Nanos) -> Nanos {
     at.saturating_add(ttl - allowance(ttl).min(ttl))
 }
 
-/// A holder as the model sees it: its lease (`GHOST` for a grant nobody saw), token (0 while
+/// A holder as the model sees it: its lease (`GHOST` for a grant nobody saw whose lease id is
+/// not known either), token (0 while
 /// unknown), the earliest time it may expire, whether it holds shared, and for a ghost the
 /// highest token granted before it (its own token, once learnt, is above that).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -281,11 +291,17 @@ impl State {
             AcquireOutcome::Held if !room || (shared && !self.holders.is_empty()) => out.push(self),
             AcquireOutcome::Held => {}
             AcquireOutcome::TimedOut => out.push(self),
-            AcquireOutcome::Unknown { ttl } => {
+            AcquireOutcome::Unknown { ttl } | AcquireOutcome::UnknownFor { ttl, .. } => {
+                // A grant whose caller knows its lease id may be released or renewed by it later;
+                // its token (0: not known yet) may be learnt from a status read.
+                let lease = match outcome {
+                    AcquireOutcome::UnknownFor { lease, .. } => *lease,
+                    _ => GHOST,
+                };
                 if room {
                     let mut holders = self.holders.clone();
                     holders.push(Holder {
-                        lease: GHOST,
+                        lease,
                         token: 0,
                         expires: expiry(at, *ttl),
                         shared,
@@ -598,6 +614,17 @@ mod tests {
             ev(1, 40, 50, Op::Acquire(AcquireOutcome::Held)),
         ];
         check(&ghost).unwrap();
+        // One whose lease id its caller knows may be released by it, and not by another.
+        let unknown_for = |releaser| {
+            [
+                ev(0, 0, Nanos::MAX, Op::Acquire(AcquireOutcome::UnknownFor { lease: 0, ttl: TTL })),
+                ev(1, 20, 30, Op::Acquire(AcquireOutcome::Held)),
+                ev(0, 40, 50, release(releaser, Outcome::Ok)),
+                ev(1, 60, 70, granted(1, 2)),
+            ]
+        };
+        check(&unknown_for(0)).unwrap();
+        check(&unknown_for(1)).unwrap_err();
     }
 
     fn shared(lease: u32, token: u64) -> Op {
