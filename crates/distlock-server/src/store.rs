@@ -56,6 +56,8 @@ pub struct StoreStats {
     pub syncs_total: u64,
     /// Records written since start.
     pub records_total: u64,
+    /// Changes waiting for the log to answer (queued or being written and synced).
+    pub appends_pending: u64,
 }
 
 impl EmbeddedStore {
@@ -130,6 +132,7 @@ impl EmbeddedStore {
             expired_total: m.expired_total,
             syncs_total: self.wal_stats.syncs.load(Ordering::Relaxed),
             records_total: self.wal_stats.records.load(Ordering::Relaxed),
+            appends_pending: self.wal_stats.pending.load(Ordering::SeqCst),
         }
     }
 

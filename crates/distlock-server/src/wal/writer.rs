@@ -97,6 +97,7 @@ struct Append {
 pub struct Wal {
     tx: Option<mpsc::Sender<Append>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    stats: Arc<WalStats>,
 }
 
 impl Drop for Wal {
@@ -117,6 +118,10 @@ pub struct WalStats {
     pub records: std::sync::atomic::AtomicU64,
     /// Snapshots taken.
     pub snapshots: std::sync::atomic::AtomicU64,
+    /// Appends queued and not yet answered by the writer. The simulation
+    /// (`tests/simulation.rs`) waits for it to reach zero before it moves its paused clock, since
+    /// the writer is a thread of its own that the clock does not wait for.
+    pub pending: std::sync::atomic::AtomicU64,
     /// Why the log stopped accepting writes, once it has (it never starts again by itself).
     pub failed: std::sync::OnceLock<String>,
 }
@@ -184,14 +189,21 @@ impl Wal {
             .name("distlock-wal".into())
             .spawn(move || run_writer(writer, rx))
             .map_err(|e| WalError::Closed(format!("cannot start the log writer thread: {e}")))?;
-        Ok((Wal { tx: Some(tx), thread: Some(thread) }, stats))
+        Ok((Wal { tx: Some(tx), thread: Some(thread), stats: stats.clone() }, stats))
     }
 
     /// Appends `record` and returns once it is on disk.
     pub async fn append(&self, record: Record) -> Result<(), WalError> {
         let (done, rx) = oneshot::channel();
         let tx = self.tx.as_ref().ok_or_else(|| WalError::Closed("writer stopped".into()))?;
-        tx.send(Append { record, done }).await.map_err(|_| WalError::Closed("writer stopped".into()))?;
+        use std::sync::atomic::Ordering::SeqCst;
+        // Counted before it is queued and uncounted by the writer once answered (here if it
+        // never got queued), so zero means no append is anywhere between caller and disk.
+        self.stats.pending.fetch_add(1, SeqCst);
+        if tx.send(Append { record, done }).await.is_err() {
+            self.stats.pending.fetch_sub(1, SeqCst);
+            return Err(WalError::Closed("writer stopped".into()));
+        }
         match rx.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(WalError::Closed(e)),
@@ -245,9 +257,11 @@ fn run_writer<D: Disk>(mut writer: Writer<D>, mut rx: mpsc::Receiver<Append>) {
             Some(e) => Err(e.clone()),
             None => Ok(()),
         };
+        let answered = batch.len() as u64;
         for a in batch.drain(..) {
             let _ = a.done.send(result.clone());
         }
+        writer.stats.pending.fetch_sub(answered, std::sync::atomic::Ordering::SeqCst);
     }
     if let Some(snapshot) = writer.snapshotting.take() {
         let _ = snapshot.join();
