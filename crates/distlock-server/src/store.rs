@@ -5,7 +5,8 @@
 //! not restored, and its token is never reused (a later logged grant carries a higher one; replay
 //! takes the highest token seen). Renewals are logged only when they change the TTL, because after
 //! a restart every lease counts its logged TTL afresh from the restart — never earlier than any
-//! holder's own deadline.
+//! holder's own deadline. Expiries are logged as releases at the front of the next batch: a grant
+//! is never durable without the expiry that freed its place.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use distlock::async_trait;
-use distlock::engine::{Engine, Observer, SavedLease, WaiterInfo};
+use distlock::engine::{Engine, Observer, SavedLease, TableEvent, WaiterInfo};
 use distlock::{AcquireRequest, Backend, Error, Grant, LeaseId, ListQuery, LockInfo, LockPage};
 
 use crate::wal::{self, Disk, RealDisk, Record, Wal, WalError, WalStats};
@@ -40,6 +41,9 @@ pub struct EmbeddedStore {
     wal_stats: Arc<WalStats>,
     limits: Limits,
     waiting: AtomicU64,
+    /// The observer [`EmbeddedStore::observe`] installed: the engine's own observer is the
+    /// store's (it logs expiries) and passes every event on to this one.
+    observer: Arc<std::sync::Mutex<Option<Observer>>>,
     _dir_lock: Option<wal::DirLock>,
 }
 
@@ -105,6 +109,20 @@ impl EmbeddedStore {
         let snapshot = replayed_bytes > 0 || last_token > 0 || replayed_bytes >= compact_bytes;
         let (wal, wal_stats) =
             Wal::open_on(disk, dir, next, Arc::new(move || source.snapshot()), compact_bytes, snapshot)?;
+        let observer: Arc<std::sync::Mutex<Option<Observer>>> = Arc::default();
+        {
+            // An expiry is logged (as a release) ahead of whatever is appended next: a grant of
+            // the place it freed must never be durable without it.
+            let (log, forward) = (wal.ahead(), observer.clone());
+            memory.observe(Arc::new(move |event| {
+                if let TableEvent::Expired(lease) = event {
+                    log.push(Record::Release { key: lease.key.clone(), lease_id: lease.lease_id.clone() });
+                }
+                if let Some(observe) = &*forward.lock().unwrap_or_else(|e| e.into_inner()) {
+                    observe(event);
+                }
+            }));
+        }
         tracing::info!(
             dir = %dir.display(),
             leases = restored,
@@ -114,7 +132,15 @@ impl EmbeddedStore {
             snapshot_ms = (started.elapsed() - loaded).as_millis() as u64,
             "embedded store recovered"
         );
-        Ok(EmbeddedStore { memory, wal, wal_stats, limits, waiting: AtomicU64::new(0), _dir_lock: dir_lock })
+        Ok(EmbeddedStore {
+            memory,
+            wal,
+            wal_stats,
+            limits,
+            waiting: AtomicU64::new(0),
+            observer,
+            _dir_lock: dir_lock,
+        })
     }
 
     /// Why the log stopped accepting writes, if it has: the store then grants nothing until the
@@ -164,7 +190,7 @@ impl EmbeddedStore {
 
     /// Calls `observer` with every expiry and every caller that joins a queue.
     pub fn observe(&self, observer: Observer) {
-        self.memory.observe(observer);
+        *self.observer.lock().unwrap_or_else(|e| e.into_inner()) = Some(observer);
     }
 
     /// Fail-stop: once the log has failed, every change (acquire, renewal, release,

@@ -212,43 +212,68 @@ async fn a_failure_in_a_background_step_stops_the_store() {
     assert!(not_stopped.is_empty(), "a failure at these steps did not stop the store: {not_stopped:?}");
 }
 
-/// Expiries are not logged (docs/SERVER.md): a lease that expired before a restart comes back
-/// after it, for its TTL counted from the restart, unless a later grant of its key replaced it.
-/// Not a double grant: its holder's own deadline has passed (a lease counts its TTL from before
-/// the request), and the token counter stays above it.
+/// An expiry is logged ahead of the next change (as a release), not on its own: a lease that
+/// expired with no change logged after it comes back after a restart, as it was, for its TTL
+/// counted from the restart. Not a double grant: any grant after the expiry (of its key or any
+/// other) wrote the expiry first, and its holder's own deadline has passed (a lease counts its
+/// TTL from before the request).
 #[tokio::test]
-async fn an_expired_lease_whose_expiry_was_not_logged_comes_back_until_its_ttl() {
+async fn an_expired_lease_with_nothing_logged_after_it_comes_back_until_its_ttl() {
     let ttl = Duration::from_millis(200);
     let short = |key: &str, limit: u32| AcquireRequest { ttl, ..request(key, "expired", limit, false) };
     let disk = SimDisk::new();
     let store = open(&disk, 1 << 20).unwrap();
     let alone = store.acquire(short("alone", 1)).await.unwrap();
-    let replaced = store.acquire(short("replaced", 1)).await.unwrap();
     let permit = store.acquire(short("sem", 2)).await.unwrap();
     let kept = store.acquire(request("sem", "live", 2, false)).await.unwrap();
     tokio::time::sleep(ttl + Duration::from_millis(100)).await;
     assert!(!store.status("alone").await.unwrap().held, "expired before the restart");
-    let newer = lock(&store, "replaced").await.unwrap();
-    let other = store.acquire(request("sem", "live", 2, false)).await.unwrap();
     drop(store);
     let store = open(&disk.power_loss(None), 1 << 20).unwrap();
     // Back, as it was: holder, token, and a fresh TTL.
     let info = store.status("alone").await.unwrap();
     assert_eq!((info.holder.as_deref(), info.fencing_token), (Some("expired"), Some(alone.fencing_token)));
-    // A lock granted again since is not replaced by the expired one.
-    assert_eq!(store.status("replaced").await.unwrap().fencing_token, Some(newer.fencing_token));
-    assert!(newer.fencing_token > replaced.fencing_token);
-    // A semaphore's expired permit is back beside the live ones, even past the limit: a phantom
-    // holder that takes a permit (capacity, not safety) until its TTL ends.
-    let holders = store.status("sem").await.unwrap().holders;
-    let tokens: Vec<u64> = holders.iter().map(|h| h.fencing_token).collect();
-    assert_eq!(tokens, vec![permit.fencing_token, kept.fencing_token, other.fencing_token], "{holders:?}");
-    assert!(matches!(store.acquire(request("sem", "more", 2, false)).await, Err(Error::Held { .. })));
-    assert!(lock(&store, "new").await.unwrap().fencing_token > other.fencing_token);
+    let tokens: Vec<u64> =
+        store.status("sem").await.unwrap().holders.iter().map(|h| h.fencing_token).collect();
+    assert_eq!(tokens, vec![permit.fencing_token, kept.fencing_token]);
+    assert!(lock(&store, "new").await.unwrap().fencing_token > kept.fencing_token);
     // And gone again once its TTL has passed.
     tokio::time::sleep(ttl + Duration::from_millis(100)).await;
     assert!(!store.status("alone").await.unwrap().held);
-    assert_eq!(store.status("sem").await.unwrap().holders.len(), 2);
+    assert_eq!(store.status("sem").await.unwrap().holders.len(), 1);
+}
+
+/// Regression (tests/simulation.rs, seed 62): a semaphore permit expired, its place was granted
+/// again, the power failed; the expiry had not been logged, so the expired permit came back
+/// beside the new one (3 holders of a limit-2 key), and its holder, waking from a pause, renewed
+/// it: three holders entitled at once. Now the expiry is written ahead of the grant that reused
+/// its place, so it stays expired; a lock's expired lease likewise.
+#[tokio::test]
+async fn an_expiry_is_logged_before_the_grant_of_the_place_it_freed() {
+    let ttl = Duration::from_millis(200);
+    let short = |key: &str, limit: u32| AcquireRequest { ttl, ..request(key, "expired", limit, false) };
+    let disk = SimDisk::new();
+    let store = open(&disk, 1 << 20).unwrap();
+    let replaced = store.acquire(short("replaced", 1)).await.unwrap();
+    let permit = store.acquire(short("sem", 2)).await.unwrap();
+    let kept = store.acquire(request("sem", "live", 2, false)).await.unwrap();
+    tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+    let newer = lock(&store, "replaced").await.unwrap();
+    let other = store.acquire(request("sem", "live", 2, false)).await.unwrap();
+    drop(store);
+    let store = open(&disk.power_loss(None), 1 << 20).unwrap();
+    assert_eq!(store.status("replaced").await.unwrap().fencing_token, Some(newer.fencing_token));
+    assert!(newer.fencing_token > replaced.fencing_token);
+    let holders = store.status("sem").await.unwrap().holders;
+    let tokens: Vec<u64> = holders.iter().map(|h| h.fencing_token).collect();
+    assert_eq!(
+        tokens,
+        vec![kept.fencing_token, other.fencing_token],
+        "the expired permit is back: {holders:?}"
+    );
+    let renewed = store.renew("sem", &permit.lease_id, None).await;
+    assert!(matches!(renewed, Err(Error::LeaseLost { .. })), "the expired permit renewed: {renewed:?}");
+    assert!(matches!(store.acquire(request("sem", "more", 2, false)).await, Err(Error::Held { .. })));
 }
 
 // ---- The sweep: every step × seeds ----------------------------------------------------------

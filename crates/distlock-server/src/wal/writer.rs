@@ -98,6 +98,22 @@ pub struct Wal {
     tx: Option<mpsc::Sender<Append>>,
     thread: Option<std::thread::JoinHandle<()>>,
     stats: Arc<WalStats>,
+    ahead: Ahead,
+}
+
+/// Records to write at the front of the next batch (see [`Wal::log_ahead`]).
+type Ahead = Arc<std::sync::Mutex<Vec<Record>>>;
+
+/// A handle on [`Wal::log_ahead`] that does not keep the log open (for the table's observer,
+/// which the table keeps as long as it lives).
+#[derive(Clone)]
+pub struct LogAhead(Ahead);
+
+impl LogAhead {
+    /// As [`Wal::log_ahead`].
+    pub fn push(&self, record: Record) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(record);
+    }
 }
 
 impl Drop for Wal {
@@ -171,7 +187,9 @@ impl Wal {
         let (tx, rx) = mpsc::channel(65_536);
         let stats = Arc::new(WalStats::default());
         let preparing = Some(prepare(&disk, dir, next + 1, segment_bytes, &stats)?);
+        let ahead = Ahead::default();
         let writer = Writer {
+            ahead: ahead.clone(),
             disk,
             dir: dir.to_owned(),
             segment: next,
@@ -189,7 +207,22 @@ impl Wal {
             .name("distlock-wal".into())
             .spawn(move || run_writer(writer, rx))
             .map_err(|e| WalError::Closed(format!("cannot start the log writer thread: {e}")))?;
-        Ok((Wal { tx: Some(tx), thread: Some(thread), stats: stats.clone() }, stats))
+        Ok((Wal { tx: Some(tx), thread: Some(thread), stats: stats.clone(), ahead }, stats))
+    }
+
+    /// Queues `record` to be written at the front of the next batch, without waiting for it (nor
+    /// making a batch of it): for a change the table made by itself, an expiry, which must be on
+    /// disk before any change that followed it. An append queued after this call is written in
+    /// the same batch or a later one, so a grant of the place an expiry freed is never durable
+    /// without the expiry (else a restart would bring the expired lease back beside the new one:
+    /// a semaphore over its limit once the expired holder renews). Callable under a lock.
+    pub fn log_ahead(&self, record: Record) {
+        self.ahead().push(record);
+    }
+
+    /// A handle on [`Wal::log_ahead`].
+    pub fn ahead(&self) -> LogAhead {
+        LogAhead(self.ahead.clone())
     }
 
     /// Appends `record` and returns once it is on disk.
@@ -213,6 +246,8 @@ impl Wal {
 }
 
 struct Writer<D: Disk> {
+    /// Records queued by [`Wal::log_ahead`].
+    ahead: Ahead,
     disk: D,
     dir: PathBuf,
     segment: u64,
@@ -246,8 +281,10 @@ fn run_writer<D: Disk>(mut writer: Writer<D>, mut rx: mpsc::Receiver<Append>) {
                 Err(_) => break,
             }
         }
+        // Taken after the batch: whatever was queued ahead of its appends is in it.
+        let ahead = std::mem::take(&mut *writer.ahead.lock().unwrap_or_else(|e| e.into_inner()));
         if writer.stats.failed.get().is_none() {
-            let records: Vec<&Record> = batch.iter().map(|a| &a.record).collect();
+            let records: Vec<&Record> = ahead.iter().chain(batch.iter().map(|a| &a.record)).collect();
             if let Err(e) = writer.write(&records) {
                 writer.stats.fail(&e);
             }
