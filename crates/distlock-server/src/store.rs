@@ -98,7 +98,10 @@ impl EmbeddedStore {
         let (recovered, next, replayed_bytes) = wal::recover_on(&disk, dir)?;
         let replayed = started.elapsed();
         let restored = recovered.leases.values().map(Vec::len).sum::<usize>();
-        let last_token = recovered.last_token;
+        let mut last_token = recovered.last_token;
+        if distlock::planted::active(distlock::planted::Bug::CounterNotPersisted) {
+            last_token = recovered.leases.values().flatten().map(|l| l.fencing_token).max().unwrap_or(0);
+        }
         let memory = Engine::restore(last_token, recovered.leases.into_values().flatten().collect())
             .map_err(|e| WalError::Closed(e.to_string()))?;
         let memory = Arc::new(memory);
@@ -347,6 +350,9 @@ impl Backend for EmbeddedStore {
 
     async fn release(&self, key: &str, lease_id: &LeaseId) -> distlock::Result<()> {
         self.writable()?;
+        if distlock::planted::active(distlock::planted::Bug::ReleaseWithoutLeaseId) {
+            return EmbeddedStore::force_release(self, key).await.map(drop);
+        }
         self.memory.release(key, lease_id)?;
         self.log(Record::Release { key: key.to_owned(), lease_id: lease_id.clone() }).await
     }

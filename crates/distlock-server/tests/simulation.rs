@@ -1261,3 +1261,38 @@ fn a_seed_replays_the_same_history() {
     }
     assert_eq!(digest(&a.trace), digest(&b.trace), "seed {seed}: the histories differ in length");
 }
+
+/// Issue 22, section 6: every bug `distlock::planted` can plant back in the server must be caught
+/// by the simulation within `PLANTED_SEEDS` seeds; the test fails naming any that goes unnoticed,
+/// and any bug that no test claims (the client library's is caught by
+/// `crates/distlock/tests/memory.rs`, `planted_renewal_from_answer_is_caught`).
+/// Runs only with the feature: `cargo test -p distlock-server --features planted-bugs --test
+/// simulation planted -- --nocapture` (scripts/test.sh runs it).
+#[cfg(feature = "planted-bugs")]
+#[test]
+fn planted_bugs_are_caught() {
+    use distlock::planted::{self, Bug};
+    const PLANTED_SEEDS: u64 = 60;
+    let elsewhere = [Bug::RenewalFromAnswer];
+    let mut missed = Vec::new();
+    for bug in Bug::ALL.into_iter().filter(|b| !elsewhere.contains(b)) {
+        // The simulation runs the store on this thread, where the bug is planted.
+        planted::plant(Some(bug));
+        let caught = (1..=PLANTED_SEEDS).find_map(|seed| {
+            let out = simulate(seed);
+            out.violations.first().map(|v| (seed, v.clone()))
+        });
+        planted::plant(None);
+        match caught {
+            Some((seed, v)) => {
+                let v: String = v.chars().take(200).collect();
+                eprintln!("planted {}: caught by seed {seed}: {v}", bug.name());
+            }
+            None => {
+                eprintln!("planted {}: NOT caught in {PLANTED_SEEDS} seeds", bug.name());
+                missed.push(bug.name());
+            }
+        }
+    }
+    assert!(missed.is_empty(), "planted bugs the simulation did not notice: {missed:?}");
+}

@@ -310,7 +310,12 @@ async fn renew_once(shared: &Shared, ttl: Option<Duration>) -> Result<()> {
             if *shared.state.borrow() != LeaseState::Held {
                 return Err(shared.lost_error());
             }
-            shared.timing.send_replace(Timing { ttl: grant.ttl, counted_from: sent });
+            let counted_from = if crate::planted::active(crate::planted::Bug::RenewalFromAnswer) {
+                Instant::now()
+            } else {
+                sent
+            };
+            shared.timing.send_replace(Timing { ttl: grant.ttl, counted_from });
             Ok(())
         }
         Err(Error::LeaseLost { .. }) => {

@@ -46,6 +46,8 @@ mod error_code;
 pub mod lease;
 pub mod locker;
 pub mod options;
+#[doc(hidden)]
+pub mod planted;
 pub mod types;
 pub mod validate;
 pub mod wire;

@@ -118,13 +118,23 @@ async fn loss_signal_fires_at_deadline_without_renewal() {
     assert!(lease.renew().await.unwrap_err().is_lease_lost(), "loss is final");
 }
 
-/// A backend wrapper that can be cut off, to stand for an unreachable store.
+/// A backend wrapper that can be cut off, to stand for an unreachable store, or answer renewals
+/// late (`slow`: the store renews at once, the answer takes 2 s to arrive).
 struct Partitionable {
     inner: MemoryBackend,
     down: AtomicBool,
+    slow: AtomicBool,
 }
 
 impl Partitionable {
+    fn new(slow: bool) -> Arc<Partitionable> {
+        Arc::new(Partitionable {
+            inner: MemoryBackend::new().unwrap(),
+            down: AtomicBool::new(false),
+            slow: AtomicBool::new(slow),
+        })
+    }
+
     fn check(&self) -> distlock::Result<()> {
         if self.down.load(Ordering::SeqCst) {
             Err(Error::Unavailable("partitioned".into()))
@@ -145,7 +155,11 @@ impl Backend for Partitionable {
     }
     async fn renew(&self, key: &str, id: &LeaseId, ttl: Option<Duration>) -> distlock::Result<Grant> {
         self.check()?;
-        self.inner.renew(key, id, ttl).await
+        let grant = self.inner.renew(key, id, ttl).await;
+        if self.slow.load(Ordering::SeqCst) {
+            tokio::time::sleep(secs(2)).await;
+        }
+        grant
     }
     async fn release(&self, key: &str, id: &LeaseId) -> distlock::Result<()> {
         self.check()?;
@@ -159,12 +173,50 @@ impl Backend for Partitionable {
     }
 }
 
+/// A renewal counts the holder's deadline from before it sent the request, not from its answer:
+/// the store started counting the TTL when it renewed, before the answer arrived (here 2 s
+/// before), and frees the key at that TTL's end.
+async fn renewal_deadline_counts_from_the_request() {
+    let backend = Partitionable::new(true);
+    let locker = Locker::with_backend(backend.clone());
+    let opts = AcquireOptions::new().ttl(secs(10)).auto_renew(false).safety_margin(Duration::ZERO);
+    let lease = locker.acquire("k", &opts).await.unwrap();
+    let sent = Instant::now();
+    lease.renew().await.unwrap();
+    assert_eq!(Instant::now() - sent, secs(2), "the answer took 2 s");
+    assert!(
+        lease.safe_until() <= sent + secs(10),
+        "the holder counts its renewed lease until {:?} after sending; the store frees it 10 s after renewing",
+        lease.safe_until() - sent
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_renewal_answer_does_not_extend_the_deadline() {
+    renewal_deadline_counts_from_the_request().await;
+}
+
+/// Issue 22, section 6: the planted bug "renewal deadline counted from the answer" is caught by
+/// the test above (it must fail with the bug planted on its thread).
+#[cfg(feature = "planted-bugs")]
+#[test]
+fn planted_renewal_from_answer_is_caught() {
+    use distlock::planted::{self, Bug};
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+    planted::plant(Some(Bug::RenewalFromAnswer));
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(renewal_deadline_counts_from_the_request())
+    }));
+    planted::plant(None);
+    assert!(caught.is_err(), "the planted bug {} went unnoticed", Bug::RenewalFromAnswer.name());
+}
+
 /// When the store cannot be reached, renewals fail and the holder is told the lease is lost
 /// before the store could grant the key to anyone else.
 #[tokio::test(start_paused = true)]
 async fn unreachable_store_fires_loss_before_store_expiry() {
-    let backend =
-        Arc::new(Partitionable { inner: MemoryBackend::new().unwrap(), down: AtomicBool::new(false) });
+    let backend = Partitionable::new(false);
     let locker = Locker::with_backend(backend.clone());
     let lease = locker.acquire("k", &AcquireOptions::new().ttl(secs(3))).await.unwrap();
     tokio::time::sleep(secs(5)).await; // renewed a few times

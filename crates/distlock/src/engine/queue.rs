@@ -42,8 +42,9 @@ impl State {
     pub(super) fn hand_off(&mut self, key: &str, now: Instant) {
         self.changed(key);
         let Some(queue) = self.queues.get_mut(key) else { return };
+        let late_waiter_granted = crate::planted::active(crate::planted::Bug::LateWaiterGranted);
         while let Some(w) = queue.pop_front() {
-            if w.tx.is_closed() {
+            if w.tx.is_closed() && !late_waiter_granted {
                 continue;
             }
             let Ok(grant) = self.table.grant(&w.req, now) else {
@@ -54,7 +55,9 @@ impl State {
             };
             // A waiter that gave up between the check and the send: undo, try the next one.
             if let Err(grant) = w.tx.send(grant) {
-                let _ = self.table.release(key, &grant.lease_id, now);
+                if !late_waiter_granted {
+                    let _ = self.table.release(key, &grant.lease_id, now);
+                }
             }
         }
         if queue.is_empty() {
