@@ -27,7 +27,12 @@ async fn locker(cluster: &EtcdCluster) -> Locker {
 // Every behaviour a backend promises (crates/distlock-testkit), against a member of its own.
 // A renew keeps the TTL class its session was granted in.
 distlock_testkit::contract_tests!(
-    distlock_testkit::Caps { ttl_follows_renewals: false, ..Default::default() },
+    distlock_testkit::Caps {
+        ttl_follows_renewals: false,
+        many_holders: true,
+        elections: true,
+        ..Default::default()
+    },
     async {
         let cluster = EtcdCluster::start(1);
         (locker(&cluster).await, cluster)

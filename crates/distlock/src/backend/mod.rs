@@ -148,7 +148,8 @@ pub struct Offers {
 
 /// The backends that keep the promises of semaphores and shared locks, for the error that
 /// refuses them elsewhere.
-const MANY_HOLDER_BACKENDS: &str = "memory:// and the lock server's embedded store (http://)";
+const MANY_HOLDER_BACKENDS: &str =
+    "memory://, etcd:// and the lock server (http://) over its embedded store or etcd";
 
 /// Refuses a `limit` out of bounds, a shared lock with a limit, and a semaphore or a shared lock
 /// where `backend` does not offer them ([`Error::InvalidInput`] naming the backends that do) —
@@ -176,7 +177,8 @@ pub fn check_holders(backend: &dyn Backend, limit: u32, mode: LockMode) -> Resul
 }
 
 /// The backends that offer leader elections, for the error that refuses them elsewhere.
-const ELECTION_BACKENDS: &str = "memory:// and the lock server's embedded store (http://)";
+const ELECTION_BACKENDS: &str =
+    "memory://, etcd:// and the lock server (http://) over its embedded store or etcd";
 
 /// Refuses a published value, a proclamation or a watch where `backend` does not offer
 /// elections ([`Error::InvalidInput`] naming the backends that do).
@@ -244,7 +246,9 @@ pub type StoreObserver = Arc<dyn Fn(StoreEvent) + Send + Sync>;
 /// What a backend opened from `url` offers (see [`Backend::offers`]), known before it is opened.
 pub fn offers_of(url: &str) -> Offers {
     match url.split_once("://").map_or("", |(s, _)| s) {
-        "etcd" => Offers { waiters: true, force_release: true, events: true, ..Offers::default() },
+        "etcd" => {
+            Offers { waiters: true, force_release: true, events: true, many_holders: true, elections: true }
+        }
         _ => Offers::default(),
     }
 }

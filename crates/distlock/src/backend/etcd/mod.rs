@@ -60,10 +60,12 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::backend::params::Params;
-use crate::backend::{Backend, Offers, StoreEvent, StoreEventKind, StoreObserver};
+use crate::backend::{Backend, Offers, StatusWatch, StoreEvent, StoreEventKind, StoreObserver};
 use crate::engine::WaiterInfo;
 use crate::error::{Error, Result};
 use crate::types::{AcquireRequest, Grant, LeaseId, ListQuery, LockInfo, LockPage};
+
+use self::meta::Kind;
 
 /// A client of one etcd cluster. Dropping it revokes its sessions (in the background).
 pub struct EtcdBackend {
@@ -328,23 +330,13 @@ impl LeaseName<'_> {
     }
 }
 
-/// The value of our keys: the holder label, a newline (labels have no control characters), and
-/// the lease's secret. Keys of `etcdctl lock` and Go's `Mutex` have an empty value.
-fn our_value(holder: &str, secret: &str) -> String {
-    format!("{holder}\n{secret}")
-}
-
-/// The holder label in a key's value (the whole value when it is not ours).
+/// The holder label in a key's value (the whole value when it is not ours; see [`meta`]).
 fn holder_of(value: &[u8]) -> String {
-    let v = text(value);
-    match v.rsplit_once('\n') {
-        Some((holder, _)) => holder.to_owned(),
-        None => v,
-    }
+    meta::parse(value).holder
 }
 
 fn secret_of(value: &[u8]) -> Option<&str> {
-    std::str::from_utf8(value).ok()?.rsplit_once('\n').map(|(_, secret)| secret)
+    meta::secret(value)
 }
 
 /// Where watchers learn why a key went: written in the transaction that deletes it.
@@ -409,6 +401,12 @@ macro_rules! call_kv {
         call!(@ $self, kv, $c, $request)
     };
 }
+
+// After the macros, which they use.
+mod election;
+mod many;
+mod meta;
+mod status;
 
 /// Maps an etcd error from `endpoint`: refused credentials are `Unauthorized`, everything else
 /// `Unavailable`.
@@ -980,7 +978,12 @@ impl Inner {
             }
         };
         let watch = Arc::new(QueueWatch {
-            state: Mutex::new(QueueState { seen: began, waiting: HashMap::new(), next_id: 0 }),
+            state: Mutex::new(QueueState {
+                seen: began,
+                waiting: HashMap::new(),
+                listeners: Vec::new(),
+                next_id: 0,
+            }),
             broken: AtomicBool::new(false),
         });
         let mut watches = lock(&self.queue_watches);
@@ -1023,13 +1026,17 @@ impl Inner {
         req: &AcquireRequest,
         used: SessionUse,
     ) -> Result<Grant> {
-        let Waiting { pfx, my_key, my_rev, secret, start } = w;
+        let Waiting { pfx, my_key, my_rev, secret, start, ahead } = w;
         let inner = self;
         lock(&inner.waiting_since).insert(my_key.to_owned(), start);
         let deadline = req.wait.deadline(start);
-        let turn = match inner.wait_turn(pfx, my_key, my_rev, deadline).await {
-            Ok(false) => inner.give_up_unless_first(pfx, my_key, my_rev).await,
-            other => other,
+        let turn = match ahead {
+            // Several may hold: wait until the keys ahead leave room (it gives up on its own).
+            Some(ahead) => inner.wait_many(pfx, my_key, my_rev, ahead, deadline).await,
+            None => match inner.wait_turn(pfx, my_key, my_rev, deadline).await {
+                Ok(false) => inner.give_up_unless_first(pfx, my_key, my_rev).await,
+                other => other,
+            },
         };
         match turn {
             Ok(true) => {
@@ -1221,6 +1228,9 @@ struct QueueState {
     seen: i64,
     /// Who waits for which key to go: (id, where to report the delete's revision).
     waiting: HashMap<String, Vec<(u64, tokio::sync::oneshot::Sender<i64>)>>,
+    /// Waiters told of every delete (key, revision): semaphore permits and shared locks, which
+    /// wait for room rather than for one key (see [`many`]).
+    listeners: Vec<(u64, tokio::sync::mpsc::UnboundedSender<(String, i64)>)>,
     next_id: u64,
 }
 
@@ -1288,7 +1298,7 @@ async fn dispatch_deletes(
                 let Some(me) = inner.upgrade() else { break };
                 let mut watches = lock(&me.queue_watches);
                 let state = lock(&watch.state);
-                match (state.waiting.is_empty(), idle_since) {
+                match (state.waiting.is_empty() && state.listeners.is_empty(), idle_since) {
                     (false, _) => idle_since = None,
                     (true, None) => idle_since = Some(Instant::now()),
                     (true, Some(since)) if since.elapsed() >= IDLE => {
@@ -1316,6 +1326,9 @@ async fn dispatch_deletes(
                     let _ = tx.send(kv.mod_revision());
                 }
             }
+            for (_, tx) in &state.listeners {
+                let _ = tx.send((text(kv.key()), kv.mod_revision()));
+            }
             state.seen = state.seen.max(kv.mod_revision());
         }
         if let Some(rev) = msg.header().map(|h| h.revision()) {
@@ -1328,6 +1341,7 @@ async fn dispatch_deletes(
         let mut state = lock(&watch.state);
         watch.broken.store(true, Ordering::Release);
         state.waiting.clear();
+        state.listeners.clear();
     }
     if let Some(me) = inner.upgrade() {
         let mut watches = lock(&me.queue_watches);
@@ -1533,14 +1547,20 @@ struct Mirror {
 struct Queued {
     key: String,
     holder: String,
+    /// How it holds or waits (several keys hold a semaphore or a shared lock).
+    kind: Kind,
     lease: i64,
     /// When this process first saw it (for the waiters' `waiting`).
     seen: Instant,
 }
 
 impl Mirror {
-    fn head(&self, pfx: &str) -> Option<Head> {
-        self.queues.get(pfx).and_then(|q| q.first_key_value()).map(|(rev, k)| (*rev, k.clone()))
+    /// The keys holding the lock under `pfx`, oldest first (one for a plain lock; see
+    /// [`meta::holders`]).
+    fn holders(&self, pfx: &str) -> Vec<Head> {
+        let Some(queue) = self.queues.get(pfx) else { return Vec::new() };
+        let kinds: Vec<Kind> = queue.values().map(|q| q.kind).collect();
+        queue.iter().take(meta::holders(&kinds)).map(|(rev, k)| (*rev, k.clone())).collect()
     }
 
     fn insert(&mut self, pfx: String, rev: i64, mut queued: Queued) {
@@ -1581,7 +1601,7 @@ impl Mirror {
     }
 }
 
-/// The head of a queue: its create revision and key.
+/// A holder of a lock: its create revision and key.
 type Head = (i64, Queued);
 
 /// Why a holder's key went, as the watch tells.
@@ -1624,7 +1644,9 @@ impl Inner {
         for kv in resp.kvs() {
             let key = text(kv.key());
             if let Some((lock_pfx, _)) = self.parse_key(&key) {
-                let queued = Queued { key, holder: holder_of(kv.value()), lease: kv.lease(), seen: now };
+                let meta = meta::parse(kv.value());
+                let (holder, kind) = (meta.holder, meta.kind);
+                let queued = Queued { key, holder, kind, lease: kv.lease(), seen: now };
                 mirror.insert(lock_pfx, kv.create_revision(), queued);
             }
         }
@@ -1643,7 +1665,8 @@ impl Inner {
             if key == self.mark_key(EXPIRED_MARK) {
                 expired.insert(text(kv.value()));
             } else if key == self.mark_key(FORCED_MARK) {
-                forced.insert(text(kv.value()));
+                // One key per line: a force-release frees every holder of a key.
+                forced.extend(text(kv.value()).lines().map(str::to_owned));
             }
         }
         let now = Instant::now();
@@ -1651,7 +1674,7 @@ impl Inner {
         let mut mirror = lock(&self.mirror);
         let mut released = lock(&self.released);
         // The head of every queue this revision touches, before it.
-        let mut before: Vec<(String, String, Option<Head>)> = Vec::new();
+        let mut before: Vec<(String, String, Vec<Head>)> = Vec::new();
         let mut deleted: HashSet<String> = HashSet::new();
         let mut own_releases: HashSet<String> = HashSet::new();
         let mut deleted_per_lease: HashMap<i64, usize> = HashMap::new();
@@ -1663,16 +1686,17 @@ impl Inner {
             let key = text(kv.key());
             let Some((pfx, lock_key)) = self.parse_key(&key) else { continue };
             if !before.iter().any(|(p, _, _)| *p == pfx) {
-                let head = mirror.head(&pfx);
-                before.push((pfx.clone(), lock_key, head));
+                let holders = mirror.holders(&pfx);
+                before.push((pfx.clone(), lock_key, holders));
             }
             match e.event_type() {
                 EventType::Put => {
-                    let holder = holder_of(kv.value());
+                    let meta = meta::parse(kv.value());
+                    let (holder, kind) = (meta.holder, meta.kind);
                     if kv.version() == 1 {
                         created.push((pfx.clone(), kv.create_revision(), holder.clone(), kv.lease()));
                     }
-                    let queued = Queued { key, holder, lease: kv.lease(), seen: now };
+                    let queued = Queued { key, holder, kind, lease: kv.lease(), seen: now };
                     mirror.insert(pfx, kv.create_revision(), queued);
                 }
                 EventType::Delete => {
@@ -1692,9 +1716,9 @@ impl Inner {
         }
         let mut seen = Vec::new();
         for (pfx, lock_key, old) in before {
-            let new = mirror.head(&pfx);
-            let old_rev = old.as_ref().map(|(rev, _)| *rev);
-            if let Some((rev, old)) = old.filter(|(_, q)| deleted.contains(&q.key)) {
+            let new = mirror.holders(&pfx);
+            let old_revs: HashSet<i64> = old.iter().map(|(rev, _)| *rev).collect();
+            for (rev, old) in old.into_iter().filter(|(_, q)| deleted.contains(&q.key)) {
                 let local = own_releases.contains(&old.key);
                 let went = if forced.contains(&old.key) {
                     Went::Forced
@@ -1714,8 +1738,8 @@ impl Inner {
                 let (key, holder, fencing_token) = (lock_key.clone(), old.holder, rev as u64);
                 seen.push(Seen::Gone { key, holder, fencing_token, went, local });
             }
-            let new_rev = new.as_ref().map(|(rev, _)| *rev);
-            if let Some((rev, head)) = new.filter(|(rev, _)| Some(*rev) != old_rev) {
+            let new_revs: HashSet<i64> = new.iter().map(|(rev, _)| *rev).collect();
+            for (rev, head) in new.into_iter().filter(|(rev, _)| !old_revs.contains(rev)) {
                 seen.push(Seen::Event(StoreEvent {
                     kind: StoreEventKind::Granted,
                     key: lock_key.clone(),
@@ -1724,7 +1748,7 @@ impl Inner {
                     local: ours.contains(&head.lease),
                 }));
             }
-            for (_, _, holder, lease) in created.iter().filter(|c| c.0 == pfx && Some(c.1) != new_rev) {
+            for (_, _, holder, lease) in created.iter().filter(|c| c.0 == pfx && !new_revs.contains(&c.1)) {
                 seen.push(Seen::Event(StoreEvent {
                     kind: StoreEventKind::Queued,
                     key: lock_key.clone(),
@@ -1826,6 +1850,9 @@ struct Waiting<'a> {
     my_rev: i64,
     secret: &'a str,
     start: Instant,
+    /// For a semaphore permit or a shared lock, the queue ahead of our key as it was created
+    /// (see [`many::Ahead`]); `None` for a plain lock, which waits for the key just ahead.
+    ahead: Option<many::Ahead>,
 }
 
 /// Our queued key, until the acquire returns a grant. Dropped while armed (the acquire was
@@ -1894,7 +1921,12 @@ impl Backend for EtcdBackend {
         let start = Instant::now();
         let pfx = inner.lock_prefix(&req.key);
         let secret = &req.lease_id.as_str()[..req.lease_id.as_str().len().min(MAX_SECRET)];
-        let value = our_value(&req.holder, secret);
+        let kind = Kind::of(req.mode, req.limit);
+        if kind.many() {
+            // A semaphore permit or a shared lock: an algorithm of its own (see `many`).
+            return Box::pin(inner.acquire_many(&req, kind, start)).await;
+        }
+        let value = meta::encode_value(&req.holder, secret, kind, req.value.as_deref());
         let try_once = !req.wait.waits();
         let owner_opts =
             GetOptions::new().with_prefix().with_sort(SortTarget::Create, SortOrder::Ascend).with_limit(1);
@@ -1979,7 +2011,18 @@ impl Backend for EtcdBackend {
             (false, true) => (revision, first_kv(resp), false),
             (false, false) => (first_kv(resp).map_or(0, |kv| kv.create_revision()), None, true),
         };
+        // A lock asked for while a semaphore holds the key: every holder must name one limit.
+        let mismatch = owner
+            .as_ref()
+            .filter(|o| o.create_revision() != my_rev)
+            .map(|o| meta::parse(o.value()).kind.limit)
+            .filter(|limit| *limit != 1)
+            .map(|limit| Error::LimitMismatch { key: req.key.clone(), limit });
         if my_rev == 0 {
+            if let Some(e) = mismatch {
+                slot.free();
+                return Err(e);
+            }
             let holder = owner.map(|o| holder_of(o.value()));
             if try_once {
                 // Nothing was created: the name is free again.
@@ -1991,6 +2034,11 @@ impl Backend for EtcdBackend {
         // Our key exists. From here until a grant, dropping this (a cancelled acquire, a failure)
         // deletes it.
         let pending = Pending { inner, key: &my_key, slot: Some(slot) };
+        if let Some(e) = mismatch {
+            // Queued behind holders of another limit: leave the queue again.
+            pending.remove().await;
+            return Err(e);
+        }
         let owner = if retried { inner.owner(&pfx).await? } else { owner };
         if owner.as_ref().is_none_or(|o| o.create_revision() == my_rev) {
             let Some(slot) = pending.disarm() else {
@@ -1999,7 +2047,7 @@ impl Backend for EtcdBackend {
             return Ok(inner.granted(my_key.clone(), my_rev, &req, secret, (used, slot), start));
         }
         // The wait in a future of its own (boxed), so that the try-once path stays small.
-        let waiting = Waiting { pfx: &pfx, my_key: &my_key, my_rev, secret, start };
+        let waiting = Waiting { pfx: &pfx, my_key: &my_key, my_rev, secret, start, ahead: None };
         Box::pin(inner.wait_for_turn(waiting, pending, &req, used)).await
     }
 
@@ -2126,70 +2174,95 @@ impl Backend for EtcdBackend {
     }
 
     fn offers(&self) -> Offers {
-        Offers { waiters: true, force_release: true, events: true, ..Offers::default() }
+        Offers { waiters: true, force_release: true, events: true, many_holders: true, elections: true }
     }
 
-    /// The keys under the lock's prefix after the first, in create-revision order: every waiter,
+    /// The keys under the lock's prefix after its holders, in create-revision order: every waiter,
     /// ours and those of other processes, `etcdctl lock` and Go's `Mutex` included (their label is
     /// empty). How long each has waited is known for this process's own waiters and, while
     /// [`Backend::observe`] runs, for every key since the watch first saw it; zero otherwise.
     async fn waiters(&self, key: &str) -> Result<Vec<WaiterInfo>> {
         let inner = &*self.inner;
-        let pfx = inner.lock_prefix(key);
-        let opts = GetOptions::new().with_prefix().with_sort(SortTarget::Create, SortOrder::Ascend);
-        let resp = call_kv!(inner, |c| c.get(pfx.as_str(), Some(opts.clone())))?;
+        let queue = inner.queue(key).await?;
         let now = Instant::now();
-        Ok(resp
-            .kvs()
+        Ok(queue
+            .kvs
             .iter()
-            .skip(1)
-            .map(|kv| WaiterInfo {
-                holder: holder_of(kv.value()),
+            .zip(queue.metas)
+            .skip(queue.holders)
+            .map(|(kv, meta)| WaiterInfo {
+                holder: meta.holder,
                 waiting: inner.waiting(&text(kv.key()), now),
             })
             .collect())
     }
 
-    /// Deletes the holder's key (the lowest create revision under the lock's prefix), whoever's
-    /// it is — this library's, `etcdctl lock`'s, a Go `Mutex`'s — in one transaction that checks
-    /// it is still that key and marks why it went. The next waiter is granted at once; the holder
+    /// Deletes the holders' keys (the first keys under the lock's prefix, see [`meta::holders`]:
+    /// one for a lock, every permit of a semaphore, every reader), whoever's they are — this
+    /// library's, `etcdctl lock`'s, a Go `Mutex`'s — in one transaction that checks they are still
+    /// those keys and marks why they went. The next waiters are granted at once; each holder
     /// learns it at its next renewal (a Go `Mutex` does not check: fencing tokens protect the
-    /// resource from it).
+    /// resource from it). Answers the status as it was: the newest holder, and all of them for a
+    /// semaphore or shared lock.
     async fn force_release(&self, key: &str) -> Result<Option<LockInfo>> {
         let inner = &*self.inner;
-        let pfx = inner.lock_prefix(key);
         for _ in 0..5 {
-            let Some(owner) = inner.owner(&pfx).await? else { return Ok(None) };
-            let owner_key = text(owner.key());
-            let mark = match owner.lease() {
+            let queue = inner.queue(key).await?;
+            let Some(newest) = queue.holders.checked_sub(1) else { return Ok(None) };
+            let holders = &queue.kvs[..queue.holders];
+            let keys: Vec<String> = holders.iter().map(|kv| text(kv.key())).collect();
+            // The mark lapses with the first holder's etcd lease (kept for watchers only).
+            let mark = match holders[0].lease() {
                 0 => PutOptions::new(),
                 lease => PutOptions::new().with_lease(lease),
             };
-            let txn = Txn::new()
-                .when([Compare::create_revision(owner.key(), CompareOp::Equal, owner.create_revision())])
-                .and_then([
-                    TxnOp::delete(owner.key(), None),
-                    TxnOp::put(inner.mark_key(FORCED_MARK), owner_key.as_str(), Some(mark)),
-                ]);
+            let still: Vec<Compare> = holders
+                .iter()
+                .map(|kv| Compare::create_revision(kv.key(), CompareOp::Equal, kv.create_revision()))
+                .collect();
+            let mut ops: Vec<TxnOp> = holders.iter().map(|kv| TxnOp::delete(kv.key(), None)).collect();
+            ops.push(TxnOp::put(inner.mark_key(FORCED_MARK), keys.join("\n"), Some(mark)));
+            let txn = Txn::new().when(still).and_then(ops);
             let observing = inner.observing.load(Ordering::Relaxed);
             if observing {
-                // The watch reports it as this backend's own (see `release`).
-                lock(&inner.released).insert(owner_key.clone());
+                // The watch reports them as this backend's own (see `release`).
+                lock(&inner.released).extend(keys.iter().cloned());
             }
             let outcome = call_kv!(inner, |c| c.txn(txn.clone()));
             if observing && !outcome.as_ref().is_ok_and(|done| done.succeeded()) {
-                lock(&inner.released).remove(&owner_key);
+                let mut released = lock(&inner.released);
+                for k in &keys {
+                    released.remove(k);
+                }
             }
             match outcome {
                 Ok(done) if done.succeeded() => {
-                    tracing::warn!(key, holder = %holder_of(owner.value()), token = owner.create_revision(), "etcd lock force-released");
+                    let meta = &queue.metas[newest];
+                    let token = queue.kvs[newest].create_revision();
+                    tracing::warn!(key, holder = %meta.holder, token, holders = keys.len(), "etcd lock force-released");
+                    let first = queue.metas[0].kind;
+                    let holders = match first.many() {
+                        true => holders
+                            .iter()
+                            .zip(&queue.metas)
+                            .map(|(kv, m)| crate::types::HolderInfo {
+                                holder: m.holder.clone(),
+                                fencing_token: kv.create_revision() as u64,
+                                expires_in: Duration::ZERO,
+                            })
+                            .collect(),
+                        false => Vec::new(),
+                    };
                     return Ok(Some(LockInfo {
-                        holder: Some(holder_of(owner.value())),
-                        fencing_token: Some(owner.create_revision() as u64),
+                        holder: Some(meta.holder.clone()),
+                        fencing_token: Some(token as u64),
+                        limit: (first.limit > 1).then_some(first.limit),
+                        mode: first.shared.then_some(crate::types::LockMode::Shared),
+                        holders,
                         ..LockInfo::free(key, 0)
                     }));
                 }
-                // The holder changed meanwhile, or its lease ended (its key with it): look again.
+                // The holders changed meanwhile, or a lease ended (its key with it): look again.
                 Ok(_) => {}
                 Err(e) if lease_gone(&e) => {}
                 Err(e) => return Err(e),
@@ -2212,31 +2285,22 @@ impl Backend for EtcdBackend {
         true
     }
 
+    /// Every holder (see [`meta::holders`]), the newest one's label, token and value, and the
+    /// number of keys queued behind them.
     async fn status(&self, key: &str) -> Result<LockInfo> {
-        let inner = &*self.inner;
-        let pfx = inner.lock_prefix(key);
-        let opts = GetOptions::new().with_prefix().with_sort(SortTarget::Create, SortOrder::Ascend);
-        let resp = call_kv!(inner, |c| c.get(pfx.as_str(), Some(opts.clone())))?;
-        let Some(owner) = resp.kvs().first() else { return Ok(LockInfo::free(key, 0)) };
-        let own = lock(&inner.held).locks.get(&text(owner.key())).map(|h| (h.deadline, h.ttl));
-        let expires_in = match own {
-            // Granted or renewed through this backend: its own deadline.
-            Some((d, _)) => d.saturating_duration_since(Instant::now()),
-            // Otherwise the time left on the etcd lease it is bound to.
-            None => {
-                let lease = owner.lease();
-                let left = call!(inner, |c| c.lease_time_to_live(lease, None)).map(|t| t.ttl()).unwrap_or(0);
-                Duration::from_secs(left.max(0) as u64)
-            }
-        };
-        Ok(LockInfo {
-            held: true,
-            holder: Some(holder_of(owner.value())),
-            fencing_token: Some(owner.create_revision() as u64),
-            expires_in: Some(expires_in),
-            ttl: own.map(|(_, ttl)| ttl),
-            ..LockInfo::free(key, resp.kvs().len() as u64 - 1)
-        })
+        Ok(self.inner.status_rev(key).await?.0)
+    }
+
+    /// A transaction that rewrites our key's value if it still has its create revision, keeping
+    /// its etcd lease (etcd's `Election.Proclaim`; see [`election`]).
+    async fn proclaim(&self, key: &str, lease_id: &LeaseId, value: &str) -> Result<()> {
+        self.inner.proclaim(key, lease_id, value).await
+    }
+
+    /// The status now, then after every grant, release, expiry, force-release and proclamation,
+    /// from an etcd watch of the lock's prefix (etcd's `Election.Observe`; see [`election`]).
+    async fn watch(&self, key: &str) -> Result<Box<dyn StatusWatch>> {
+        Ok(Box::new(election::KeyWatch::new(self.inner.clone(), key)))
     }
 
     /// Reads the names of every key under the prefix (keys only: their percent-encoding does not
