@@ -12,7 +12,8 @@ use std::time::Duration;
 use distlock::async_trait;
 use distlock::engine::WaiterInfo;
 use distlock::{
-    AcquireRequest, Backend, Error, Grant, LeaseId, ListQuery, LockInfo, LockPage, Offers, StoreObserver,
+    AcquireRequest, Backend, Error, Grant, LeaseId, ListQuery, LockInfo, LockPage, Offers, StatusWatch,
+    StoreObserver,
 };
 use tokio::sync::{Mutex, OnceCell};
 use tokio::time::Instant;
@@ -148,6 +149,14 @@ impl Backend for LazyBackend {
 
     async fn waiters(&self, key: &str) -> distlock::Result<Vec<WaiterInfo>> {
         self.backend().await?.waiters(key).await
+    }
+
+    async fn proclaim(&self, key: &str, lease_id: &LeaseId, value: &str) -> distlock::Result<()> {
+        self.backend().await?.proclaim(key, lease_id, value).await
+    }
+
+    async fn watch(&self, key: &str) -> distlock::Result<Box<dyn StatusWatch>> {
+        self.backend().await?.watch(key).await
     }
 
     /// Handed to the store now if it is open, else when it opens.

@@ -41,9 +41,12 @@ mod over_redis {
 
 mod over_etcd {
     use super::*;
-    distlock_testkit::contract_tests!(Caps::default(), async {
-        let etcd = EtcdCluster::start(1);
-        let server = start(Some(etcd.url())).await;
-        (client(&server).await, (server, etcd))
-    });
+    distlock_testkit::contract_tests!(
+        Caps { many_holders: true, elections: true, ..Default::default() },
+        async {
+            let etcd = EtcdCluster::start(1);
+            let server = start(Some(etcd.url())).await;
+            (client(&server).await, (server, etcd))
+        }
+    );
 }
