@@ -777,3 +777,175 @@ async fn coalesced_try_once_acquires_exclude() {
         assert!(tokens.windows(2).all(|w| w[0] < w[1]), "tokens of co/{k} rose in grant order");
     }
 }
+
+/// `etcdctl lock K` (an exclusive key with no mode in its value) holds `K` alone: a shared
+/// request and a semaphore request are refused while it holds (the semaphore's limit differs:
+/// `LimitMismatch` naming 1), a waiting shared request is granted only after etcdctl's critical
+/// section, and the refusals leave no key of theirs in the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_lock_excludes_shared_and_semaphore_requests() {
+    let cluster = EtcdCluster::start(1);
+    let l = locker(&cluster).await;
+    let dir = tempfile::tempdir().unwrap();
+    let marks = dir.path().join("marks");
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    let script = format!("echo in >> {0}; sleep 1; echo out >> {0}", marks.display());
+    let mut child = etcdctl_lock(&cluster, "dl-test/rw", &script);
+    wait_until(Duration::from_secs(10), "etcdctl holds", || async { read(&marks).contains("in") }).await;
+
+    let shared = l.acquire("rw", &AcquireOptions::new().shared()).await;
+    assert!(matches!(shared, Err(Error::Held { .. })), "a reader beside etcdctl: {shared:?}");
+    let permit = l.acquire("rw", &AcquireOptions::new().limit(3)).await;
+    assert!(
+        matches!(permit, Err(Error::LimitMismatch { limit: 1, .. })),
+        "a permit beside etcdctl: {permit:?}"
+    );
+    let waiting_permit = l.acquire("rw", &AcquireOptions::new().limit(3).wait(Duration::from_secs(5))).await;
+    assert!(matches!(waiting_permit, Err(Error::LimitMismatch { limit: 1, .. })), "{waiting_permit:?}");
+    let st = l.status("rw").await.unwrap();
+    assert_eq!(
+        (st.held, st.waiters, st.mode, st.limit),
+        (true, 0, None, None),
+        "refusals queue nothing: {st:?}"
+    );
+
+    let reader =
+        l.acquire("rw", &AcquireOptions::new().shared().wait(Duration::from_secs(20))).await.unwrap();
+    assert_eq!(read(&marks), "in\nout\n", "the reader got in only after etcdctl's critical section");
+    assert!(child.wait().unwrap().success());
+    let st = l.status("rw").await.unwrap();
+    assert_eq!((st.mode, st.holders.len()), (Some(distlock::LockMode::Shared), 1), "{st:?}");
+    reader.release().await.unwrap();
+}
+
+/// Every holder of a key names one limit: another limit is refused with `LimitMismatch` naming
+/// the current one — a plain lock asked for while permits hold too, and a shared lock — from a
+/// second backend (another process's client) as from the first; nothing is queued by a refusal,
+/// and once the permits are gone any limit is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_limit_is_refused_naming_the_current_one() {
+    let cluster = EtcdCluster::start(1);
+    let (a, b) = (locker(&cluster).await, locker(&cluster).await);
+    let permit = a.acquire("pool", &AcquireOptions::new().limit(2).holder("p1")).await.unwrap();
+    for (other, opts) in [
+        (&a, AcquireOptions::new().limit(5)),
+        (&b, AcquireOptions::new().limit(5).wait(Duration::from_secs(3))),
+        (&b, AcquireOptions::new()),
+        (&b, AcquireOptions::new().wait(Duration::from_secs(3))),
+        (&b, AcquireOptions::new().shared().wait(Duration::from_secs(3))),
+    ] {
+        let refused = other.acquire("pool", &opts).await;
+        assert!(
+            matches!(&refused, Err(Error::LimitMismatch { key, limit: 2 }) if key == "pool"),
+            "{opts:?}: {refused:?}"
+        );
+        assert_eq!(refused.unwrap_err().code(), distlock::ErrorCode::LimitMismatch);
+    }
+    let st = b.status("pool").await.unwrap();
+    assert_eq!((st.limit, st.holders.len(), st.waiters), (Some(2), 1, 0), "{st:?}");
+    let second = b.acquire("pool", &AcquireOptions::new().limit(2).holder("p2")).await.unwrap();
+    assert!(second.fencing_token() > permit.fencing_token());
+    let holders: Vec<String> =
+        b.status("pool").await.unwrap().holders.into_iter().map(|h| h.holder).collect();
+    assert_eq!(holders, ["p1", "p2"], "every holder, oldest first");
+    permit.release().await.unwrap();
+    second.release().await.unwrap();
+    let lock = b.acquire("pool", &AcquireOptions::new().limit(7)).await.expect("any limit once free");
+    lock.release().await.unwrap();
+}
+
+/// The next leader change, within 10 s.
+async fn next_change(changes: &mut distlock::LeaderWatch) -> Option<distlock::Leader> {
+    tokio::time::timeout(Duration::from_secs(10), changes.next()).await.expect("a change").unwrap()
+}
+
+/// A watch through one backend sees the leader changes another backend makes (its own session
+/// and client: another process), in order and each once: its campaign, a proclamation, and a
+/// hand-off to a third candidate when the leader's key is deleted behind its back by a raw etcd
+/// client (as when its process dies); the deposed leader's proclamation is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_sees_leader_changes_made_by_another_backend() {
+    let cluster = EtcdCluster::start(1);
+    let (watcher, other) = (locker(&cluster).await, locker(&cluster).await);
+    let mut raw = raw_client(&cluster).await;
+    let mut changes = watcher.observe("lead");
+    assert_eq!(changes.next().await.unwrap(), None, "nobody leads yet");
+    let opts = AcquireOptions::new().ttl(Duration::from_secs(30)).wait(Duration::from_secs(20));
+    let mut a = other.campaign("lead", "10.0.0.1:80", &opts.clone().holder("a")).await.unwrap();
+    let seen = next_change(&mut changes).await.expect("a leads");
+    assert_eq!((seen.value.as_str(), seen.fencing_token), ("10.0.0.1:80", a.fencing_token()));
+    a.proclaim("10.0.0.1:81").await.unwrap();
+    let seen = next_change(&mut changes).await.expect("a leads");
+    assert_eq!((seen.value.as_str(), seen.fencing_token), ("10.0.0.1:81", a.fencing_token()), "same term");
+
+    let candidate = {
+        let (l, opts) = (other.clone(), opts.clone().holder("b"));
+        tokio::spawn(async move { l.campaign("lead", "10.0.0.2:80", &opts).await })
+    };
+    wait_until(Duration::from_secs(10), "b queued", || async {
+        watcher.status("lead").await.is_ok_and(|s| s.waiters == 1)
+    })
+    .await;
+    let prefix = "dl-test/lead/";
+    let held = raw
+        .get(
+            prefix,
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_sort(etcd_client::SortTarget::Create, etcd_client::SortOrder::Ascend),
+            ),
+        )
+        .await
+        .unwrap();
+    let a_key = held.kvs()[0].key().to_vec();
+    raw.delete(a_key, None).await.unwrap();
+    let b =
+        tokio::time::timeout(Duration::from_secs(10), candidate).await.expect("b leads").unwrap().unwrap();
+    let seen = next_change(&mut changes).await.expect("b leads");
+    assert_eq!(
+        (seen.value.as_str(), seen.holder.as_str(), seen.fencing_token),
+        ("10.0.0.2:80", "b", b.fencing_token())
+    );
+    assert!(b.fencing_token() > a.fencing_token(), "tokens rise");
+    let stale = a.proclaim("10.0.0.1:82").await;
+    assert!(matches!(&stale, Err(e) if e.is_lease_lost()), "a deposed leader proclaimed: {stale:?}");
+    b.resign().await.unwrap();
+    assert_eq!(next_change(&mut changes).await, None, "nobody leads once b resigned");
+}
+
+/// A permit held by a process that dies (its runtime gone: nothing renews, nothing releases)
+/// comes back when its session's etcd lease lapses: a waiter of a full semaphore is granted,
+/// and the dead holder's key is gone from the status.
+#[test]
+fn a_dead_process_frees_its_permit() {
+    let cluster = EtcdCluster::start(1);
+    let main = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let l = main.block_on(locker(&cluster));
+    let opts = AcquireOptions::new().limit(2).ttl(Duration::from_secs(2));
+    let alive = main.block_on(l.acquire("permits", &opts.clone().holder("alive"))).unwrap();
+
+    let process = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let dead = process.block_on(async {
+        let other = locker(&cluster).await;
+        let lease = other.acquire("permits", &opts.clone().holder("doomed")).await.unwrap();
+        let token = lease.fencing_token();
+        std::mem::forget((lease, other)); // never released, never dropped
+        token
+    });
+    process.shutdown_background(); // the process dies
+
+    let st = main.block_on(l.status("permits")).unwrap();
+    assert_eq!(st.holders.len(), 2, "full: {st:?}");
+    let waited = main
+        .block_on(l.acquire("permits", &opts.clone().holder("next").wait(Duration::from_secs(15))))
+        .expect("the dead holder's permit");
+    assert!(waited.fencing_token() > dead);
+    let holders: Vec<String> =
+        main.block_on(l.status("permits")).unwrap().holders.into_iter().map(|h| h.holder).collect();
+    assert_eq!(holders, ["alive", "next"]);
+    main.block_on(async {
+        alive.release().await.unwrap();
+        waited.release().await.unwrap();
+    });
+}
