@@ -646,21 +646,35 @@ fn etcdctl_lock(cluster: &EtcdCluster, name: &str, script: &str) -> std::process
         .unwrap()
 }
 
+/// What `etcdctl_holding` and its callers read: the file's text, empty while it is missing.
+fn read(p: &std::path::Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+/// `etcdctl lock <name>` holding, once its command has begun: it writes `in` to the marks file,
+/// sleeps a second and writes `out`. Returns the process, the folder of the marks (kept while
+/// used) and the marks file.
+async fn etcdctl_holding(
+    cluster: &EtcdCluster,
+    name: &str,
+) -> (std::process::Child, tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let marks = dir.path().join("marks");
+    let script = format!("echo in >> {0}; sleep 1; echo out >> {0}", marks.display());
+    let child = etcdctl_lock(cluster, name, &script);
+    wait_until(Duration::from_secs(10), "etcdctl holds", || async { read(&marks).contains("in") }).await;
+    (child, dir, marks)
+}
+
 /// A mixed fleet shares a lock: distlock's key `K` and `etcdctl lock <prefix>/K` (Go's
 /// `concurrency.Mutex`) exclude each other in both directions and wait in one FIFO queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcdctl_lock_and_distlock_share_one_lock() {
     let cluster = EtcdCluster::start(1);
     let l = locker(&cluster).await;
-    let dir = tempfile::tempdir().unwrap();
-    let marks = dir.path().join("marks");
-    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
-
     // etcdctl holds: distlock is refused, then waits and gets the lock only after etcdctl's
     // command finished and it unlocked.
-    let script = format!("echo in >> {0}; sleep 1; echo out >> {0}", marks.display());
-    let mut child = etcdctl_lock(&cluster, "dl-test/shared", &script);
-    wait_until(Duration::from_secs(10), "etcdctl holds", || async { read(&marks).contains("in") }).await;
+    let (mut child, dir, marks) = etcdctl_holding(&cluster, "dl-test/shared").await;
     let err = l.acquire("shared", &AcquireOptions::new()).await.unwrap_err();
     assert!(matches!(err, Error::Held { .. }), "{err:?}");
     let lease = l.acquire("shared", &AcquireOptions::new().wait(Duration::from_secs(20))).await.unwrap();
@@ -786,12 +800,7 @@ async fn coalesced_try_once_acquires_exclude() {
 async fn etcdctl_lock_excludes_shared_and_semaphore_requests() {
     let cluster = EtcdCluster::start(1);
     let l = locker(&cluster).await;
-    let dir = tempfile::tempdir().unwrap();
-    let marks = dir.path().join("marks");
-    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
-    let script = format!("echo in >> {0}; sleep 1; echo out >> {0}", marks.display());
-    let mut child = etcdctl_lock(&cluster, "dl-test/rw", &script);
-    wait_until(Duration::from_secs(10), "etcdctl holds", || async { read(&marks).contains("in") }).await;
+    let (mut child, _dir, marks) = etcdctl_holding(&cluster, "dl-test/rw").await;
 
     let shared = l.acquire("rw", &AcquireOptions::new().shared()).await;
     assert!(matches!(shared, Err(Error::Held { .. })), "a reader beside etcdctl: {shared:?}");
