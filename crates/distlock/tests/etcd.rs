@@ -958,3 +958,69 @@ fn a_dead_process_frees_its_permit() {
         waited.release().await.unwrap();
     });
 }
+
+/// The events of a semaphore (`Backend::observe`) name each holder: two permits granted one by
+/// one, a waiter queued, a release of the first permit (not of "the lock"), and the waiter's
+/// grant, in that order — made through this backend and through another one alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_of_a_semaphore_name_each_holder() {
+    use distlock::{Backend, StoreEventKind};
+    let cluster = EtcdCluster::start(1);
+    let (backend, l) = own_backend(&cluster).await;
+    let other = locker(&cluster).await;
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = events.clone();
+    assert!(backend.observe(Arc::new(move |e| sink.lock().unwrap().push(e))));
+    let seen = |key: &'static str| {
+        let events = events.clone();
+        move || {
+            let events = events.clone();
+            async move {
+                let all = events.lock().unwrap();
+                all.iter()
+                    .filter(|e| e.key == key)
+                    .map(|e| (e.kind, e.holder.clone(), e.fencing_token))
+                    .collect::<Vec<_>>()
+            }
+        }
+    };
+    // The watch runs once a grant made after it started is reported.
+    wait_until(Duration::from_secs(10), "the event watch running", || {
+        let (l, seen) = (l.clone(), seen("warm-up"));
+        async move {
+            l.acquire("warm-up", &AcquireOptions::new()).await.unwrap().release().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            !seen().await.is_empty()
+        }
+    })
+    .await;
+
+    let opts = AcquireOptions::new().limit(2).ttl(Duration::from_secs(30));
+    let p1 = l.acquire("sem", &opts.clone().holder("p1")).await.unwrap();
+    let p2 = other.acquire("sem", &opts.clone().holder("p2")).await.unwrap();
+    let waiter = {
+        let (other, opts) = (other.clone(), opts.clone().holder("p3").wait(Duration::from_secs(10)));
+        tokio::spawn(async move { other.acquire("sem", &opts).await })
+    };
+    distlock_testkit::contract::until_waiters(&l, "sem", 1).await;
+    let t1 = p1.fencing_token();
+    p1.release().await.unwrap();
+    let p3 = waiter.await.unwrap().unwrap();
+    let (t2, t3) = (p2.fencing_token(), p3.fencing_token());
+    let want = vec![
+        (StoreEventKind::Granted, "p1".to_owned(), Some(t1)),
+        (StoreEventKind::Granted, "p2".to_owned(), Some(t2)),
+        (StoreEventKind::Queued, "p3".to_owned(), None),
+        (StoreEventKind::Released, "p1".to_owned(), Some(t1)),
+        (StoreEventKind::Granted, "p3".to_owned(), Some(t3)),
+    ];
+    let sem = seen("sem");
+    wait_until(Duration::from_secs(10), "five events", || {
+        let sem = sem.clone();
+        async move { sem().await.len() >= 5 }
+    })
+    .await;
+    assert_eq!(sem().await, want);
+    p2.release().await.unwrap();
+    p3.release().await.unwrap();
+}
