@@ -17,10 +17,13 @@ async fn locker(server: &RedisServer) -> Locker {
 }
 
 // Every behaviour a backend promises (crates/distlock-testkit), against its own redis-server.
-distlock_testkit::contract_tests!(distlock_testkit::Caps::default(), async {
-    let server = RedisServer::start();
-    (locker(&server).await, server)
-});
+distlock_testkit::contract_tests!(
+    distlock_testkit::Caps { many_holders: true, elections: true, ..Default::default() },
+    async {
+        let server = RedisServer::start();
+        (locker(&server).await, server)
+    }
+);
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)

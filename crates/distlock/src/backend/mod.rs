@@ -149,7 +149,7 @@ pub struct Offers {
 /// The backends that keep the promises of semaphores and shared locks, for the error that
 /// refuses them elsewhere.
 const MANY_HOLDER_BACKENDS: &str =
-    "memory://, etcd:// and the lock server (http://) over its embedded store or etcd";
+    "memory://, Redis (redis://, redis-sentinel://, redis-cluster://), etcd:// and the lock server (http://) over its embedded store, Redis or etcd";
 
 /// Refuses a `limit` out of bounds, a shared lock with a limit, and a semaphore or a shared lock
 /// where `backend` does not offer them ([`Error::InvalidInput`] naming the backends that do) —
@@ -178,7 +178,7 @@ pub fn check_holders(backend: &dyn Backend, limit: u32, mode: LockMode) -> Resul
 
 /// The backends that offer leader elections, for the error that refuses them elsewhere.
 const ELECTION_BACKENDS: &str =
-    "memory://, etcd:// and the lock server (http://) over its embedded store or etcd";
+    "memory://, Redis (redis://, redis-sentinel://, redis-cluster://), etcd:// and the lock server (http://) over its embedded store, Redis or etcd";
 
 /// Refuses a published value, a proclamation or a watch where `backend` does not offer
 /// elections ([`Error::InvalidInput`] naming the backends that do).
@@ -248,6 +248,9 @@ pub fn offers_of(url: &str) -> Offers {
     match url.split_once("://").map_or("", |(s, _)| s) {
         "etcd" => {
             Offers { waiters: true, force_release: true, events: true, many_holders: true, elections: true }
+        }
+        "redis" | "rediss" | "redis-sentinel" | "redis-cluster" | "rediss-cluster" => {
+            Offers { many_holders: true, elections: true, ..Offers::default() }
         }
         _ => Offers::default(),
     }

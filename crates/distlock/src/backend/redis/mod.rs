@@ -9,10 +9,13 @@
 //! remaining TTL. One multiplexed, self-reconnecting connection per backend; every call is
 //! bounded by `timeout` (default 2 s) and fails with [`Error::Unavailable`] past it.
 
+mod many;
 pub mod redlock;
 mod scripts;
 pub mod sentinel;
+mod status;
 mod wakeups;
+mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +30,7 @@ use crate::backend::params::Params;
 use crate::backend::waiting::{Refused, Waiting};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::types::{AcquireRequest, Grant, LeaseId, ListQuery, LockInfo, LockPage};
+use crate::types::{AcquireRequest, Grant, LeaseId, ListQuery, LockInfo, LockMode, LockPage};
 
 /// Settings of a Redis backend, parsed from its URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,14 +200,42 @@ impl redis::aio::ConnectionLike for Live {
     }
 }
 
-/// The Redis names of one lock; they share the hash tag `{key}`.
+/// The Redis names of one lock; they share the hash tag `{key}` (see `scripts.rs`, `many.rs`).
 #[derive(Clone)]
 struct LockKeys {
     lock: String,
     meta: String,
     queue: String,
     alive: String,
+    holders: String,
+    deadlines: String,
+    asks: String,
+    /// Wakes waiters: a message names the one whose turn has come (`*`: every waiter).
     channel: String,
+    /// Announces every grant, release and proclamation, for [`Backend::watch`].
+    changes: String,
+}
+
+impl LockKeys {
+    fn new(prefix: &str, key: &str) -> LockKeys {
+        let base = format!("{prefix}:{{{key}}}");
+        LockKeys {
+            lock: format!("{base}:lock"),
+            meta: format!("{base}:meta"),
+            queue: format!("{base}:queue"),
+            alive: format!("{base}:alive"),
+            holders: format!("{base}:holders"),
+            deadlines: format!("{base}:deadlines"),
+            asks: format!("{base}:asks"),
+            channel: format!("{base}:wake"),
+            changes: format!("{base}:watch"),
+        }
+    }
+
+    /// The KEYS of every lock script, in the order `lock_keys()` reads them.
+    fn all(&self) -> Vec<&str> {
+        vec![&self.lock, &self.meta, &self.queue, &self.alive, &self.holders, &self.deadlines, &self.asks]
+    }
 }
 
 impl RedisBackend {
@@ -313,6 +344,32 @@ impl RedisBackend {
         })
     }
 
+    /// One run of the acquire script that fits the request: the lock's for a plain lock (limit
+    /// 1, exclusive, no value: its storage stays what it always was), else the one of holders
+    /// of several (`many.rs`). Answers `((granted, token or ms, holder), acknowledged)`.
+    async fn attempt(
+        &self,
+        keys: &LockKeys,
+        req: &AcquireRequest,
+        enqueue: bool,
+    ) -> Result<((i64, i64, String), bool)> {
+        let config = &self.store.config;
+        let lock = scripts::Acquire {
+            keys,
+            lease_id: req.lease_id.as_str(),
+            ttl: req.ttl,
+            holder: &req.holder,
+            enqueue,
+            queue_ttl: config.queue_ttl,
+            meta_ttl: config.meta_ttl,
+        };
+        if req.limit == 1 && req.mode == LockMode::Exclusive && req.value.is_none() {
+            return self.store.replicated(&lock).await;
+        }
+        let call = many::AcquireMany { lock, mode: req.mode, limit: req.limit, value: req.value.as_deref() };
+        self.store.replicated(&call).await
+    }
+
     async fn register(&self, keys: &LockKeys, lease_id: &LeaseId) -> Option<Registration> {
         match self.wakeups.register(&keys.channel, lease_id.as_str()).await {
             Ok(r) => Some(r),
@@ -326,14 +383,7 @@ impl RedisBackend {
 
 impl Store {
     fn keys(&self, key: &str) -> LockKeys {
-        let base = format!("{}:{{{key}}}", self.config.prefix);
-        LockKeys {
-            lock: format!("{base}:lock"),
-            meta: format!("{base}:meta"),
-            queue: format!("{base}:queue"),
-            alive: format!("{base}:alive"),
-            channel: format!("{base}:wake"),
-        }
+        LockKeys::new(&self.config.prefix, key)
     }
 
     /// The connection calls go to now.
@@ -485,7 +535,7 @@ impl Store {
     /// and its keeper tries again; the longer expiry left on the master only delays others).
     async fn renew(&self, keys: &LockKeys, lease_id: &LeaseId, ttl: Option<Duration>) -> Result<(u64, u64)> {
         let call = scripts::Renew {
-            lock: &keys.lock,
+            keys,
             lease_id: lease_id.as_str(),
             ttl,
             fallback_ttl: crate::options::DEFAULT_TTL,
@@ -509,35 +559,44 @@ impl Store {
     pub(crate) async fn status(&self, key: &str) -> Result<LockInfo> {
         let keys = self.keys(key);
         let call = scripts::Status { keys: &keys };
-        let (held, holder, token, pttl, waiters): (i64, String, u64, i64, u64) =
+        let (held, holder, token, pttl, waiters, entries): (i64, String, u64, i64, u64, Vec<status::Entry>) =
             self.eval(call.invocation(&self.scripts)).await?;
-        match held {
-            0 => return Ok(LockInfo::free(key, waiters)),
-            // Being handed to the first waiter: taken (a try-once acquire is refused), though its
-            // lease and token do not exist yet.
-            2 => {
-                return Ok(LockInfo {
-                    held: true,
-                    holder: None,
-                    fencing_token: None,
-                    expires_in: None,
-                    ..LockInfo::free(key, waiters)
-                })
-            }
-            _ => {}
+        Ok(status::info(key, held, holder, token, pttl, waiters, entries))
+    }
+
+    /// Runs the proclaim script: `false` when `lease_id` holds nothing on the key.
+    async fn proclaim(&self, keys: &LockKeys, lease_id: &LeaseId, value: &str) -> Result<bool> {
+        let call = many::Proclaim {
+            keys,
+            lease_id: lease_id.as_str(),
+            value,
+            fallback_ttl: crate::options::DEFAULT_TTL,
+        };
+        let (done, acked): (i64, bool) = self.replicated(&call).await?;
+        if done == 1 && !acked {
+            return Err(Error::Unavailable(format!(
+                "redis: fewer replicas than min_replicas acknowledged the proclamation on {:?} in time",
+                keys.lock
+            )));
         }
-        Ok(LockInfo {
-            held: true,
-            holder: Some(holder),
-            fencing_token: Some(token),
-            expires_in: Some(Duration::from_millis(pttl.max(0) as u64)),
-            ..LockInfo::free(key, waiters)
-        })
+        Ok(done == 1)
     }
 
     /// The keys (as the user named them) of lock entries starting with `prefix`, sorted.
     async fn scan_keys(&self, prefix: &str) -> Result<Vec<String>> {
-        let pattern = format!("{}:{{{}*}}:lock", glob_escape(&self.config.prefix), glob_escape(prefix));
+        let mut keys = Vec::new();
+        // A plain lock is a string `lock`; every other lease an entry of `holders`.
+        for kind in ["lock", "holders"] {
+            keys.extend(self.scan_kind(prefix, kind).await?);
+        }
+        keys.sort();
+        keys.dedup();
+        Ok(keys)
+    }
+
+    /// The keys whose `kind` (`lock` or `holders`) exists, starting with `prefix`, unsorted.
+    async fn scan_kind(&self, prefix: &str, kind: &str) -> Result<Vec<String>> {
+        let pattern = format!("{}:{{{}*}}:{kind}", glob_escape(&self.config.prefix), glob_escape(prefix));
         // A cluster keeps keys on several masters: scan each of them.
         let nodes = match &self.conn {
             Conn::Cluster(c, _) => self.cluster_primaries(c.clone()).await?.into_iter().map(Some).collect(),
@@ -562,15 +621,14 @@ impl Store {
                             Error::Unavailable(format!("redis {}: SCAN timed out", server_name(&self.config)))
                         })?
                         .map_err(|e| unavailable(&self.config, e))?;
-                keys.extend(batch.iter().filter_map(|k| self.key_of(k)).filter(|k| k.starts_with(prefix)));
+                let named = batch.iter().filter_map(|k| self.key_of(k, kind));
+                keys.extend(named.filter(|k| k.starts_with(prefix)));
                 if next == 0 {
                     break;
                 }
                 cursor = next;
             }
         }
-        keys.sort();
-        keys.dedup();
         Ok(keys)
     }
 
@@ -602,9 +660,9 @@ impl Store {
         Ok(masters)
     }
 
-    fn key_of(&self, redis_key: &str) -> Option<String> {
+    fn key_of(&self, redis_key: &str, kind: &str) -> Option<String> {
         let inner = redis_key.strip_prefix(&self.config.prefix)?.strip_prefix(":{")?;
-        Some(inner.strip_suffix("}:lock")?.to_owned())
+        Some(inner.strip_suffix(kind)?.strip_suffix("}:")?.to_owned())
     }
 }
 
@@ -735,17 +793,16 @@ impl Backend for RedisBackend {
                 registration = self.register(&keys, &req.lease_id).await;
             }
             let sent = Instant::now();
-            let call = scripts::Acquire {
-                keys: &keys,
-                lease_id: req.lease_id.as_str(),
-                ttl: req.ttl,
-                holder: &req.holder,
-                enqueue: waiting,
-                queue_ttl: self.store.config.queue_ttl,
-                meta_ttl: self.store.config.meta_ttl,
-            };
-            let ((granted, n, holder), acknowledged): ((i64, i64, String), bool) =
-                self.store.replicated(&call).await?;
+            let ((granted, n, holder), acknowledged) = self.attempt(&keys, &req, waiting).await?;
+            if granted == -1 {
+                // Held with another limit: refused at once (the script took the caller out of the
+                // queue), as waiting would not change it.
+                guard.armed = false;
+                return Err(Error::LimitMismatch {
+                    key: req.key.clone(),
+                    limit: n.clamp(1, i64::from(u32::MAX)) as u32,
+                });
+            }
             if granted == 1 {
                 if !acknowledged {
                     // A grant a failover could forget is no grant: take it back (the guard also
@@ -826,5 +883,22 @@ impl Backend for RedisBackend {
             }
         }
         Ok(query.page(held))
+    }
+
+    /// Semaphores, shared locks and elections, each in one script per operation (`many.rs`).
+    fn offers(&self) -> crate::Offers {
+        crate::Offers { many_holders: true, elections: true, ..crate::Offers::default() }
+    }
+
+    async fn proclaim(&self, key: &str, lease_id: &LeaseId, value: &str) -> Result<()> {
+        match self.store.proclaim(&self.store.keys(key), lease_id, value).await? {
+            true => Ok(()),
+            false => Err(Error::not_owner(key)),
+        }
+    }
+
+    async fn watch(&self, key: &str) -> Result<Box<dyn crate::backend::StatusWatch>> {
+        let keys = self.store.keys(key);
+        Ok(Box::new(watch::RedisWatch::open(self.store.clone(), self.wakeups.clone(), key, keys).await?))
     }
 }

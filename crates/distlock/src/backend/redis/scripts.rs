@@ -12,7 +12,13 @@
 //!   expires `meta_ttl` after its last use;
 //! - `queue` sorted set of waiting lease ids by arrival order (last score + 1: FIFO);
 //! - `alive` sorted set of waiting lease ids by the time (ms) their wait registration lapses,
-//!   so a waiter that crashed is dropped from the queue instead of blocking it.
+//!   so a waiter that crashed is dropped from the queue instead of blocking it;
+//! - `holders`, `deadlines`, `asks`: the leases that are not plain locks (semaphore permits,
+//!   shared locks, leases that publish a value) and what waiters ask for; see `many.rs`, which
+//!   also holds the queue logic every script shares.
+//!
+//! Every grant, release and proclamation publishes `*` on the key's change channel (`watch`), so
+//! a [`super::watch`] feed learns of it without polling.
 //!
 //! Each script is called through a struct next to it whose fields name its KEYS and ARGV (e.g.
 //! [`Acquire`]), so a call site cannot pass them in the wrong order.
@@ -25,7 +31,7 @@ use std::time::Duration;
 
 use redis::ScriptInvocation;
 
-use super::{millis, LockKeys};
+use super::{many, millis, LockKeys};
 
 /// A call of one script: which script, and its KEYS and ARGV in the order its Lua reads them.
 /// Each script has a struct of its own below, next to its Lua, whose fields name them.
@@ -73,25 +79,17 @@ end
 "#;
 
 /// `purge`: the server's clock in ms, with waiters whose registration lapsed removed from the
-/// queue; `wake_head`: purge, then wake the first waiter left.
+/// queue (and from `asks`, what they asked for, when given).
 const PURGE_DEAD_WAITERS: &str = r#"
-local function purge(queue, alive)
+local function purge(queue, alive, asks)
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', alive, '-inf', now)) do
     redis.call('ZREM', queue, id)
     redis.call('ZREM', alive, id)
+    if asks then redis.call('HDEL', asks, id) end
   end
   return now
-end
-
--- Publishes the lease id of the first live waiter, which wakes exactly that waiter.
-local function wake_head(queue, alive, channel)
-  purge(queue, alive)
-  local head = redis.call('ZRANGE', queue, 0, 0)[1]
-  if head then
-    redis.call('PUBLISH', channel, head)
-  end
 end
 "#;
 
@@ -115,51 +113,49 @@ local function next_token(meta)
 end
 "#;
 
-/// KEYS: lock, meta, queue, alive. ARGV: lease id, ttl ms, holder, enqueue (0/1), wait ttl ms,
-/// meta ttl ms. Returns `{1, token, ''}` when granted, else `{0, pttl, holder}` (holder '' and
-/// pttl -2 when the lock is free but an earlier waiter is first in line). A caller that is told
-/// to wait is queued (once) and its registration refreshed. The meta hash (the fencing counter)
-/// expires `meta ttl` after its last grant, so locking ever new keys does not grow Redis without
-/// bound.
+/// KEYS: lock, meta, queue, alive, holders, deadlines, asks. ARGV: lease id, ttl ms, holder,
+/// enqueue (0/1), wait ttl ms, meta ttl ms, change channel. A plain lock (limit 1, exclusive, no
+/// value). Returns `{1, token, ''}` when granted, `{-1, limit, ''}` when semaphore permits of
+/// another limit hold the key (the caller leaves the queue), else `{0, pttl, holder}` (holder ''
+/// and pttl -2 when the lock is free but an earlier waiter is first in line; for holders of
+/// several, the ms until the earliest one's deadline). The key must be free of the lock and of
+/// live holders, and it must be the caller's turn (`in_turn`: the head, or nobody waits). A
+/// caller that is told to wait is queued (once) and its registration refreshed. The meta hash
+/// (the fencing counter) expires `meta ttl` after its last grant, so locking ever new keys does
+/// not grow Redis without bound.
 const ACQUIRE: &str = r#"
+local K = lock_keys()
 local function grant()
-  local token = next_token(KEYS[2])
-  redis.call('PEXPIRE', KEYS[2], ARGV[6])
-  redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. token .. ' ' .. ARGV[2] .. ' ' .. ARGV[3], 'PX', ARGV[2])
+  local token = next_token(K.meta)
+  redis.call('PEXPIRE', K.meta, ARGV[6])
+  redis.call('SET', K.lock, ARGV[1] .. ' ' .. token .. ' ' .. ARGV[2] .. ' ' .. ARGV[3], 'PX', ARGV[2])
+  redis.call('PUBLISH', ARGV[7], '*')
   return {1, tonumber(token), ''}
 end
-if redis.call('EXISTS', KEYS[1], KEYS[3]) == 0 then
+if redis.call('EXISTS', K.lock, K.queue, K.deadlines) == 0 then
   return grant()
 end
-local now = purge(KEYS[3], KEYS[4])
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
-  if not head or head == ARGV[1] then
-    if head then
-      redis.call('ZREM', KEYS[3], head)
-      redis.call('ZREM', KEYS[4], head)
-    end
+local now = purge(K.queue, K.alive, K.asks)
+if redis.call('EXISTS', K.lock) == 0 then
+  local count, klimit, kmode = held(K, now)
+  if count > 0 and klimit ~= 1 then
+    leave_queue(K, ARGV[1])
+    return {-1, klimit, ''}
+  end
+  if in_turn(K, ARGV[1], 'X', 1, count, klimit, kmode) then
+    leave_queue(K, ARGV[1])
     return grant()
   end
 end
 if ARGV[4] == '1' then
-  if not redis.call('ZSCORE', KEYS[3], ARGV[1]) then
-    -- Arrival order from the queue itself (last score + 1): nothing outside the queue can
-    -- expire under it and put a newcomer ahead of waiters that are still there.
-    local last = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')[2]
-    redis.call('ZADD', KEYS[3], (tonumber(last) or 0) + 1, ARGV[1])
-  end
-  redis.call('ZADD', KEYS[4], now + tonumber(ARGV[5]), ARGV[1])
-  redis.call('PEXPIRE', KEYS[3], 2 * tonumber(ARGV[5]))
-  redis.call('PEXPIRE', KEYS[4], 2 * tonumber(ARGV[5]))
+  join_queue(K, ARGV[1], now, ARGV[5], nil)
 end
-local _, _, holder = parse(redis.call('GET', KEYS[1]))
-return {0, redis.call('PTTL', KEYS[1]), holder or ''}
+return refusal(K, now)
 "#;
 
 /// A call of [`ACQUIRE`], its KEYS and ARGV by name.
 pub struct Acquire<'a> {
-    /// KEYS: lock, meta, queue, alive.
+    /// KEYS: lock, meta, queue, alive, holders, deadlines, asks; ARGV[7]: the change channel.
     pub keys: &'a LockKeys,
     /// ARGV[1]: the caller's lease id.
     pub lease_id: &'a str,
@@ -181,7 +177,7 @@ impl ScriptCall for Acquire<'_> {
     }
 
     fn keys(&self) -> Vec<&str> {
-        vec![&self.keys.lock, &self.keys.meta, &self.keys.queue, &self.keys.alive]
+        self.keys.all()
     }
 
     fn args(&self) -> Vec<String> {
@@ -192,33 +188,51 @@ impl ScriptCall for Acquire<'_> {
             if self.enqueue { "1" } else { "0" }.to_owned(),
             millis(self.queue_ttl).to_string(),
             millis(self.meta_ttl).to_string(),
+            self.keys.changes.clone(),
         ]
     }
 }
 
-/// KEYS: lock. ARGV: lease id, ttl ms (`''`: the TTL stored with the lease), the TTL in ms for a
-/// value that stores none (written by an older version). Returns `{token, ttl ms applied}`, or
-/// `{0, 0}` when not the owner. The value is rewritten only when the TTL changes.
+/// KEYS: lock, holders, deadlines. ARGV: lease id, ttl ms (`''`: the TTL stored with the lease),
+/// the TTL in ms for a lock value that stores none (written by an older version). Returns
+/// `{token, ttl ms applied}`, or `{0, 0}` when not the owner. A plain lock's value is rewritten
+/// only when the TTL changes; a holder of several moves its deadline (and its stored TTL).
 const RENEW: &str = r#"
 local v = redis.call('GET', KEYS[1])
-local id, token, holder, stored = parse(v)
-if not id or id ~= ARGV[1] then
+if v then
+  local id, token, holder, stored = parse(v)
+  if not id or id ~= ARGV[1] then
+    return {0, 0}
+  end
+  local ttl = tonumber(ARGV[2]) or stored or tonumber(ARGV[3])
+  if ttl ~= stored then
+    local head = string.match(v, '^%S+ %d+ ')
+    redis.call('SET', KEYS[1], head .. string.format('%d', ttl) .. ' ' .. holder, 'PX', ttl)
+  else
+    redis.call('PEXPIRE', KEYS[1], ttl)
+  end
+  return {token, ttl}
+end
+local K = {holders = KEYS[2], deadlines = KEYS[3]}
+local now = now_ms()
+local deadline = tonumber(redis.call('ZSCORE', K.deadlines, ARGV[1]))
+local e = parse_entry(redis.call('HGET', K.holders, ARGV[1]))
+if not deadline or deadline <= now or not e then
   return {0, 0}
 end
-local ttl = tonumber(ARGV[2]) or stored or tonumber(ARGV[3])
-if ttl ~= stored then
-  local head = string.match(v, '^%S+ %d+ ')
-  redis.call('SET', KEYS[1], head .. string.format('%d', ttl) .. ' ' .. holder, 'PX', ttl)
-else
-  redis.call('PEXPIRE', KEYS[1], ttl)
+local ttl = tonumber(ARGV[2]) or e.ttl
+if ttl ~= e.ttl then
+  redis.call('HSET', K.holders, ARGV[1], format_entry(e.token, ttl, e.mode, e.limit, e.holder, e.value))
 end
-return {token, ttl}
+redis.call('ZADD', K.deadlines, now + ttl, ARGV[1])
+keep_holders(K, now)
+return {tonumber(e.token), ttl}
 "#;
 
 /// A call of [`RENEW`], its KEYS and ARGV by name.
 pub struct Renew<'a> {
-    /// KEYS[1]: the lock.
-    pub lock: &'a str,
+    /// KEYS: lock, holders, deadlines.
+    pub keys: &'a LockKeys,
     /// ARGV[1]: the caller's lease id.
     pub lease_id: &'a str,
     /// ARGV[2]: the new TTL; `None` keeps the one stored with the lease.
@@ -233,7 +247,7 @@ impl ScriptCall for Renew<'_> {
     }
 
     fn keys(&self) -> Vec<&str> {
-        vec![self.lock]
+        vec![&self.keys.lock, &self.keys.holders, &self.keys.deadlines]
     }
 
     fn args(&self) -> Vec<String> {
@@ -242,15 +256,27 @@ impl ScriptCall for Renew<'_> {
     }
 }
 
-/// KEYS: lock, queue, alive. ARGV: lease id, wake channel. Deletes the lock if it is the
-/// caller's and wakes the first live waiter (the message is its lease id). Returns 1 or 0.
+/// KEYS: lock, meta, queue, alive, holders, deadlines, asks. ARGV: lease id, wake channel, change
+/// channel. Frees the caller's lease — the lock if it is the caller's, else the caller's live
+/// holder entry — announces the change and wakes the first waiter if the key has room for it
+/// (the message is its lease id). Returns 1, or 0 when the caller holds nothing.
 const RELEASE: &str = r#"
-if not owned(KEYS[1], ARGV[1]) then
-  return 0
+local K = lock_keys()
+if owned(K.lock, ARGV[1]) then
+  redis.call('DEL', K.lock)
+else
+  local now = now_ms()
+  local deadline = tonumber(redis.call('ZSCORE', K.deadlines, ARGV[1]))
+  if not deadline or deadline <= now then
+    return 0
+  end
+  redis.call('HDEL', K.holders, ARGV[1])
+  redis.call('ZREM', K.deadlines, ARGV[1])
+  keep_holders(K, now)
 end
-redis.call('DEL', KEYS[1])
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  wake_head(KEYS[2], KEYS[3], ARGV[2])
+redis.call('PUBLISH', ARGV[3], '*')
+if redis.call('EXISTS', K.queue) == 1 then
+  wake_turn(K, ARGV[2], purge(K.queue, K.alive, K.asks))
 end
 return 1
 "#;
@@ -258,9 +284,9 @@ return 1
 /// [`RELEASE`] or [`DEQUEUE`]: the two take the same KEYS and ARGV.
 #[derive(Clone, Copy)]
 pub enum LeaseScript {
-    /// [`RELEASE`]: delete the lock if it is the caller's, and wake the next waiter.
+    /// [`RELEASE`]: free the caller's lease, and wake the next waiter.
     Release,
-    /// [`DEQUEUE`]: leave the queue, and wake the next waiter if the lock is free.
+    /// [`DEQUEUE`]: leave the queue, and wake the next waiter.
     Dequeue,
 }
 
@@ -268,7 +294,7 @@ pub enum LeaseScript {
 pub struct LeaseCall<'a> {
     /// Which of the two.
     pub script: LeaseScript,
-    /// KEYS: lock, queue, alive; ARGV[2]: the wake channel.
+    /// KEYS: every key of the lock; ARGV[2], ARGV[3]: the wake and change channels.
     pub keys: &'a LockKeys,
     /// ARGV[1]: the caller's lease id.
     pub lease_id: &'a str,
@@ -283,44 +309,61 @@ impl ScriptCall for LeaseCall<'_> {
     }
 
     fn keys(&self) -> Vec<&str> {
-        vec![&self.keys.lock, &self.keys.queue, &self.keys.alive]
+        self.keys.all()
     }
 
     fn args(&self) -> Vec<String> {
-        vec![self.lease_id.to_owned(), self.keys.channel.clone()]
+        vec![self.lease_id.to_owned(), self.keys.channel.clone(), self.keys.changes.clone()]
     }
 }
 
-/// KEYS: lock, queue, alive. ARGV: lease id, wake channel. A waiter gives up: leave the queue,
-/// and if the lock is free, wake whoever is now first.
+/// KEYS: as [`RELEASE`]. ARGV: lease id, wake channel. A waiter gives up: leave the queue, and
+/// wake the next waiter if the key has room for it (the place may have held it up: a free
+/// permit, or shared holders it can join).
 const DEQUEUE: &str = r#"
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  wake_head(KEYS[2], KEYS[3], ARGV[2])
+local K = lock_keys()
+leave_queue(K, ARGV[1])
+if redis.call('EXISTS', K.queue) == 1 then
+  wake_turn(K, ARGV[2], purge(K.queue, K.alive, K.asks))
 end
 return 1
 "#;
 
-/// KEYS: lock, queue, alive. Returns `{held, holder, token, pttl, live waiters}`: held 1 with a
-/// holder, 0 when free, 2 when no lease holds it but a live waiter is first in line (the key is
-/// that waiter's until it runs its acquire: a try-once acquire is refused meanwhile).
+/// KEYS: lock, meta, queue, alive, holders, deadlines, asks. Returns `{held, holder, token, pttl,
+/// live waiters, entries}`: held 1 with a plain lock's holder, 3 with holders of several (then
+/// `entries` lists them: `{holder, token, ms left, ttl ms, value or nil, limit, mode}` each, in
+/// no particular order), 0 when free, 2 when no lease holds it but a live waiter is first in
+/// line (the key is that waiter's until it runs its acquire: a try-once acquire is refused
+/// meanwhile).
 const STATUS: &str = r#"
-local now = purge(KEYS[2], KEYS[3])
-local waiters = redis.call('ZCOUNT', KEYS[3], now + 1, '+inf')
-local id, token, holder = parse(redis.call('GET', KEYS[1]))
-if not id then
-  if waiters > 0 then
-    return {2, '', 0, -2, waiters}
-  end
-  return {0, '', 0, -2, waiters}
+local K = lock_keys()
+local now = purge(K.queue, K.alive, K.asks)
+local waiters = redis.call('ZCOUNT', K.alive, now + 1, '+inf')
+local id, token, holder = parse(redis.call('GET', K.lock))
+if id then
+  return {1, holder, token, redis.call('PTTL', K.lock), waiters, {}}
 end
-return {1, holder, token, redis.call('PTTL', KEYS[1]), waiters}
+if purge_holders(K, now) > 0 then
+  local entries = {}
+  local live = redis.call('ZRANGE', K.deadlines, 0, -1, 'WITHSCORES')
+  for i = 1, #live, 2 do
+    local e = parse_entry(redis.call('HGET', K.holders, live[i]))
+    if e then
+      entries[#entries + 1] =
+        {e.holder, tonumber(e.token), tonumber(live[i + 1]) - now, e.ttl, e.value, e.limit, e.mode}
+    end
+  end
+  return {3, '', 0, -2, waiters, entries}
+end
+if waiters > 0 then
+  return {2, '', 0, -2, waiters, {}}
+end
+return {0, '', 0, -2, waiters, {}}
 "#;
 
 /// A call of [`STATUS`], its KEYS by name.
 pub struct Status<'a> {
-    /// KEYS: lock, queue, alive.
+    /// KEYS: every key of the lock.
     pub keys: &'a LockKeys,
 }
 
@@ -330,7 +373,7 @@ impl ScriptCall for Status<'_> {
     }
 
     fn keys(&self) -> Vec<&str> {
-        vec![&self.keys.lock, &self.keys.queue, &self.keys.alive]
+        self.keys.all()
     }
 
     fn args(&self) -> Vec<String> {
@@ -463,6 +506,8 @@ impl ScriptCall for RedlockRelease<'_> {
 /// The compiled scripts, built once per backend. Call them through the structs above.
 pub struct Scripts {
     pub acquire: redis::Script,
+    pub acquire_many: redis::Script,
+    pub proclaim: redis::Script,
     pub renew: redis::Script,
     pub release: redis::Script,
     pub dequeue: redis::Script,
@@ -487,11 +532,14 @@ impl Scripts {
 
     fn publishing_with(publish: &str) -> Scripts {
         let script = |body: &str| {
-            let source = format!("{PARSE_LOCK}{PURGE_DEAD_WAITERS}{NEXT_TOKEN}{body}");
+            let source = format!("{PARSE_LOCK}{PURGE_DEAD_WAITERS}{NEXT_TOKEN}{}{body}", many::LIBRARY);
             redis::Script::new(&source.replace("redis.call('PUBLISH',", &format!("redis.call('{publish}',")))
         };
+        let [acquire_many, proclaim] = many::sources();
         Scripts {
             acquire: script(ACQUIRE),
+            acquire_many: script(acquire_many),
+            proclaim: script(proclaim),
             renew: script(RENEW),
             release: script(RELEASE),
             dequeue: script(DEQUEUE),
@@ -510,13 +558,7 @@ mod tests {
     /// The typed call puts each named field where the Lua reads it.
     #[test]
     fn acquire_passes_keys_and_argv_in_the_scripts_order() {
-        let keys = LockKeys {
-            lock: "p:{k}:lock".into(),
-            meta: "p:{k}:meta".into(),
-            queue: "p:{k}:queue".into(),
-            alive: "p:{k}:alive".into(),
-            channel: "p:{k}:wake".into(),
-        };
+        let keys = LockKeys::new("p", "k");
         let call = Acquire {
             keys: &keys,
             lease_id: "id",
@@ -526,10 +568,30 @@ mod tests {
             queue_ttl: Duration::from_secs(6),
             meta_ttl: Duration::from_secs(60),
         };
-        assert_eq!(call.keys(), ["p:{k}:lock", "p:{k}:meta", "p:{k}:queue", "p:{k}:alive"]);
-        assert_eq!(call.args(), ["id", "30000", "h 1", "1", "6000", "60000"]);
+        let all = [
+            "p:{k}:lock",
+            "p:{k}:meta",
+            "p:{k}:queue",
+            "p:{k}:alive",
+            "p:{k}:holders",
+            "p:{k}:deadlines",
+            "p:{k}:asks",
+        ];
+        assert_eq!(call.keys(), all);
+        assert_eq!(call.args(), ["id", "30000", "h 1", "1", "6000", "60000", "p:{k}:watch"]);
         let release = LeaseCall { script: LeaseScript::Release, keys: &keys, lease_id: "id" };
-        assert_eq!(release.keys(), ["p:{k}:lock", "p:{k}:queue", "p:{k}:alive"]);
-        assert_eq!(release.args(), ["id", "p:{k}:wake"]);
+        assert_eq!(release.keys(), all);
+        assert_eq!(release.args(), ["id", "p:{k}:wake", "p:{k}:watch"]);
+        let many = crate::backend::redis::many::AcquireMany {
+            lock: Acquire { enqueue: false, ..call },
+            mode: crate::types::LockMode::Shared,
+            limit: 1,
+            value: Some("v a l"),
+        };
+        assert_eq!(many.keys(), all);
+        assert_eq!(
+            many.args(),
+            ["id", "30000", "h 1", "0", "6000", "60000", "p:{k}:watch", "S", "1", "v", "v a l", "p:{k}:wake"]
+        );
     }
 }
