@@ -32,11 +32,14 @@ mod embedded {
 
 mod over_redis {
     use super::*;
-    distlock_testkit::contract_tests!(Caps::default(), async {
-        let redis = RedisServer::start();
-        let server = start(Some(redis.url())).await;
-        (client(&server).await, (server, redis))
-    });
+    distlock_testkit::contract_tests!(
+        Caps { many_holders: true, elections: true, ..Default::default() },
+        async {
+            let redis = RedisServer::start();
+            let server = start(Some(redis.url())).await;
+            (client(&server).await, (server, redis))
+        }
+    );
 }
 
 mod over_etcd {
