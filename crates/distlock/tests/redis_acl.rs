@@ -55,6 +55,32 @@ async fn every_operation_works_as_the_documented_acl_user() {
     assert!(a.acquire("k", &AcquireOptions::new().wait(Duration::from_millis(200))).await.is_err());
     held.release().await.unwrap();
 
+    // Semaphores, shared locks and elections: their scripts, a waiter of a full semaphore woken
+    // by a release, a timed-out one leaving the queue, a proclamation seen through a watch.
+    let permit = opts.clone().limit(2);
+    let (p1, p2) =
+        (a.acquire("pool", &permit).await.expect("permit"), a.acquire("pool", &permit).await.unwrap());
+    p1.renew().await.expect("renew a permit");
+    assert!(a.acquire("pool", &permit.clone().wait(Duration::from_millis(200))).await.is_err());
+    let waiter = tokio::spawn({
+        let (a, permit) = (a.clone(), permit.clone());
+        async move { a.acquire("pool", &permit.wait(Duration::from_secs(10))).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    p1.release().await.expect("release a permit");
+    waiter.await.unwrap().expect("the waiter gets the permit").release().await.unwrap();
+    p2.release().await.unwrap();
+    let reader = a.acquire("catalog", &opts.clone().shared()).await.expect("a shared lock");
+    assert_eq!(a.list("catalog").await.expect("list").len(), 1);
+    reader.release().await.unwrap();
+    let mut term = a.campaign("leader", "addr-a", &opts).await.expect("campaign");
+    let mut changes = a.observe("leader");
+    assert_eq!(changes.next().await.expect("observe").map(|l| l.value).as_deref(), Some("addr-a"));
+    term.proclaim("addr-b").await.expect("proclaim");
+    let seen = tokio::time::timeout(Duration::from_secs(5), changes.next()).await.expect("a change");
+    assert_eq!(seen.expect("observe").map(|l| l.value).as_deref(), Some("addr-b"));
+    term.resign().await.expect("resign");
+
     // Redlock over three masters with the same user.
     let masters = [RedisServer::start(), RedisServer::start(), RedisServer::start()];
     for m in &masters {

@@ -300,3 +300,58 @@ async fn wakeups_use_sharded_pub_sub() {
     assert!(released.elapsed() < Duration::from_secs(2), "woken after {:?}", released.elapsed());
     lease.release().await.unwrap();
 }
+
+/// Semaphores, shared locks and leader elections over the cluster: every script stays in its
+/// key's slot (keys spread over the three masters), `list` finds holders of several on every
+/// master, and a watch learns of a proclamation and of a resignation by the sharded change
+/// channel (`SPUBLISH` in the key's slot) — within seconds, where its only timer is the 30 s term.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primitives_over_three_masters() {
+    let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+    let locker = Locker::open(&cluster.url()).await.expect("open the cluster");
+    let permit = AcquireOptions::new().limit(2).ttl(Duration::from_secs(30));
+    let mut held = Vec::new();
+    for i in 0..12 {
+        let key = format!("pool/{i}");
+        held.push(locker.acquire(&key, &permit).await.expect("a permit"));
+        held.push(locker.acquire(&key, &permit).await.expect("a second permit"));
+        let third = locker.acquire(&key, &permit).await;
+        assert!(matches!(third, Err(Error::Held { .. })), "{key}: a third holder: {third:?}");
+    }
+    let page = locker.list_page(&ListQuery::prefix("pool/")).await.expect("list");
+    assert_eq!(page.locks.len(), 12, "list sees the semaphores on every master");
+    assert!(page.locks.iter().all(|l| l.limit == Some(2) && l.holders.len() == 2));
+    let read = AcquireOptions::new().shared();
+    let (r1, r2) =
+        (locker.acquire("catalog", &read).await.unwrap(), locker.acquire("catalog", &read).await.unwrap());
+    assert!(matches!(locker.acquire("catalog", &AcquireOptions::new()).await, Err(Error::Held { .. })));
+    r1.release().await.unwrap();
+    r2.release().await.unwrap();
+
+    let term = AcquireOptions::new().ttl(Duration::from_secs(30)).wait(Duration::from_secs(20));
+    let mut a = locker.campaign("scheduler", "addr-a", &term).await.expect("a leads");
+    let mut changes = locker.observe("scheduler");
+    let first = changes.next().await.expect("observe").expect("a leader");
+    assert_eq!(first.value, "addr-a");
+    let b = tokio::spawn({
+        let (locker, term) = (locker.clone(), term.clone());
+        async move { locker.campaign("scheduler", "addr-b", &term).await }
+    });
+    a.proclaim("addr-a2").await.expect("proclaim");
+    let seen = tokio::time::timeout(Duration::from_secs(5), changes.next()).await.expect("by the message");
+    assert_eq!(seen.expect("observe").map(|l| l.value).as_deref(), Some("addr-a2"));
+    let a_token = a.fencing_token();
+    a.resign().await.expect("resign");
+    let b =
+        tokio::time::timeout(Duration::from_secs(5), b).await.expect("b, by the release").unwrap().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let next =
+            tokio::time::timeout_at(deadline.into(), changes.next()).await.expect("b seen by the message");
+        if let Some(leader) = next.expect("observe") {
+            assert_eq!((leader.value.as_str(), leader.fencing_token), ("addr-b", b.fencing_token()));
+            assert!(leader.fencing_token > a_token, "tokens rise");
+            break;
+        }
+    }
+}
