@@ -72,7 +72,8 @@ pub struct LockArgs {
     #[arg(long)]
     pub holder: Option<String>,
     /// Let up to N holders share the key (a semaphore, like `consul lock -n N`); every holder
-    /// must give the same N. Offered by memory://, etcd:// and the lock server over its embedded store or etcd.
+    /// must give the same N. Offered by memory://, Redis, etcd:// and the lock server over its
+    /// embedded store, Redis or etcd.
     #[arg(short = 'l', long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub limit: u32,
     /// Hold the key shared with other `--shared` holders (a read lock, flock's -s); an exclusive
@@ -191,7 +192,8 @@ pub enum ClientCommand {
         Candidates wait in line (FIFO) until they lead (default: as long as it takes). The command \
         sees DISTLOCK_LEADER_VALUE and DISTLOCK_FENCING_TOKEN (pass the token to what it writes to) \
         besides run's variables; leadership is lost and the command stopped exactly as `run` does \
-        with a lost lock (exit 76). Offered by memory://, etcd:// and the lock server over its embedded store or etcd.")]
+        with a lost lock (exit 76). Offered by memory://, Redis, etcd:// and the lock server over \
+        its embedded store, Redis or etcd.")]
     Elect {
         /// The election key.
         key: String,

@@ -181,6 +181,20 @@ impl Backend for LazyBackend {
 mod tests {
     use super::*;
 
+    /// Before a Redis store opens, the routes already know it offers semaphores, shared locks
+    /// and elections (Redlock does not).
+    #[test]
+    fn a_store_not_yet_open_offers_what_its_url_says() {
+        for url in
+            ["redis://h:6379", "rediss://h:6380", "redis-sentinel://s:26379/m", "redis-cluster://a:7000"]
+        {
+            let offers = distlock::backend::offers_of(url);
+            assert!(offers.many_holders && offers.elections, "{url}: {offers:?}");
+        }
+        let redlock = distlock::backend::offers_of("redlock://a:1,b:2,c:3");
+        assert!(!redlock.many_holders && !redlock.elections);
+    }
+
     #[test]
     fn credentials_stay_out_of_logs() {
         assert_eq!(redacted("redis://user:secret@10.0.0.5:6379"), "redis://…@10.0.0.5:6379");

@@ -1,7 +1,7 @@
 //! The routes of leader elections: `POST /v1/locks/{key}/proclaim` (a leader replaces the value
 //! its lease publishes) and `GET /v1/locks/{key}/watch` (a key's status, then every change of
 //! it, as server-sent events). A leader campaigns with an ordinary acquire that carries a
-//! `value`. Stores without elections (Redis behind `--store`) answer `not_supported`.
+//! `value`. Stores without elections (Redlock behind `--store`) answer `not_supported`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,7 +34,7 @@ fn offered(state: &AppState) -> Result<(), ApiError> {
     Err(ApiError::new(
         ErrorCode::NotSupported,
         format!(
-            "the {} store does not offer leader elections (proclaim, watch); the embedded store does",
+            "the {} store does not offer leader elections (proclaim, watch); the embedded store and Redis do",
             state.backend.name()
         ),
     ))
