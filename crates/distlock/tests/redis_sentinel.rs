@@ -23,6 +23,13 @@ async fn follows_a_failover_without_losing_acknowledged_leases() {
             locker.acquire(&format!("job/{i}"), &opts).await.expect("acquire, acknowledged by the replica"),
         );
     }
+    // Semaphore permits and a leader with its value, acknowledged the same way.
+    let permit = opts.clone().limit(2);
+    let permits = [
+        locker.acquire("pool", &permit).await.expect("a permit, acknowledged"),
+        locker.acquire("pool", &permit).await.expect("a permit, acknowledged"),
+    ];
+    let leader = locker.campaign("leader", "addr-a", &opts).await.expect("a campaign, acknowledged");
     let highest = leases.iter().map(|l| l.fencing_token()).max().unwrap_or(0);
     assert!(group.master_port().contains(&group.master.port.to_string()));
 
@@ -56,6 +63,11 @@ async fn follows_a_failover_without_losing_acknowledged_leases() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    let pool = locker.status("pool").await.expect("status of the semaphore");
+    let tokens: Vec<u64> = pool.holders.iter().map(|h| h.fencing_token).collect();
+    assert_eq!(tokens, permits.iter().map(|l| l.fencing_token()).collect::<Vec<_>>(), "both permits kept");
+    let leads = locker.leader("leader").await.expect("leader").expect("still leads");
+    assert_eq!((leads.value.as_str(), leads.fencing_token), ("addr-a", leader.fencing_token()));
     // With min_replicas=1 a renewal counts once a replica holds it: the new master has one when
     // the sentinels have turned the old master into its replica (well within the 20 s TTL).
     let (old, new) = (group.master.port, group.replica.port);
@@ -64,7 +76,7 @@ async fn follows_a_failover_without_losing_acknowledged_leases() {
     })
     .await
     .unwrap();
-    for lease in &leases {
+    for lease in leases.iter().chain(&permits).chain([leader.lease()]) {
         lease.renew().await.expect("renewed on the new master");
         assert!(lease.is_held());
     }
