@@ -8,6 +8,11 @@
 //! (`wakeups.rs`) and, for expiry (which publishes nothing), by a fallback timer set to the lock's
 //! remaining TTL. One multiplexed, self-reconnecting connection per backend; every call is
 //! bounded by `timeout` (default 2 s) and fails with [`Error::Unavailable`] past it.
+//!
+//! Semaphores, shared locks and leader elections (a lease with a value, proclaim, watch) are
+//! offered too: a plain lock keeps its one string, every other lease is an entry of a hash beside
+//! it, judged by the same kind of script (`many.rs`); `watch.rs` follows a key's changes over
+//! pub/sub. Redlock does not offer them.
 
 mod many;
 pub mod redlock;
