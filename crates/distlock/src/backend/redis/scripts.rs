@@ -123,18 +123,22 @@ end
 /// caller that is told to wait is queued (once) and its registration refreshed. The meta hash
 /// (the fencing counter) expires `meta ttl` after its last grant, so locking ever new keys does
 /// not grow Redis without bound.
-const ACQUIRE: &str = r#"
-local K = lock_keys()
+const ACQUIRE: [&str; 2] = [
+    r#"
 local function grant()
-  local token = next_token(K.meta)
-  redis.call('PEXPIRE', K.meta, ARGV[6])
-  redis.call('SET', K.lock, ARGV[1] .. ' ' .. token .. ' ' .. ARGV[2] .. ' ' .. ARGV[3], 'PX', ARGV[2])
+  local token = next_token(KEYS[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[6])
+  redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. token .. ' ' .. ARGV[2] .. ' ' .. ARGV[3], 'PX', ARGV[2])
   redis.call('PUBLISH', ARGV[7], '*')
   return {1, tonumber(token), ''}
 end
-if redis.call('EXISTS', K.lock, K.queue, K.deadlines) == 0 then
+-- Nothing held, nobody waits: the common case, decided before the queue logic is even defined.
+if redis.call('EXISTS', KEYS[1], KEYS[3], KEYS[6]) == 0 then
   return grant()
 end
+"#,
+    r#"
+local K = lock_keys()
 local now = purge(K.queue, K.alive, K.asks)
 if redis.call('EXISTS', K.lock) == 0 then
   local count, klimit, kmode = held(K, now)
@@ -151,7 +155,8 @@ if ARGV[4] == '1' then
   join_queue(K, ARGV[1], now, ARGV[5], nil)
 end
 return refusal(K, now)
-"#;
+"#,
+];
 
 /// A call of [`ACQUIRE`], its KEYS and ARGV by name.
 pub struct Acquire<'a> {
@@ -197,7 +202,8 @@ impl ScriptCall for Acquire<'_> {
 /// the TTL in ms for a lock value that stores none (written by an older version). Returns
 /// `{token, ttl ms applied}`, or `{0, 0}` when not the owner. A plain lock's value is rewritten
 /// only when the TTL changes; a holder of several moves its deadline (and its stored TTL).
-const RENEW: &str = r#"
+const RENEW: [&str; 2] = [
+    r#"
 local v = redis.call('GET', KEYS[1])
 if v then
   local id, token, holder, stored = parse(v)
@@ -213,6 +219,8 @@ if v then
   end
   return {token, ttl}
 end
+"#,
+    r#"
 local K = {holders = KEYS[2], deadlines = KEYS[3]}
 local now = now_ms()
 local deadline = tonumber(redis.call('ZSCORE', K.deadlines, ARGV[1]))
@@ -227,7 +235,8 @@ end
 redis.call('ZADD', K.deadlines, now + ttl, ARGV[1])
 keep_holders(K, now)
 return {tonumber(e.token), ttl}
-"#;
+"#,
+];
 
 /// A call of [`RENEW`], its KEYS and ARGV by name.
 pub struct Renew<'a> {
@@ -260,11 +269,22 @@ impl ScriptCall for Renew<'_> {
 /// channel. Frees the caller's lease — the lock if it is the caller's, else the caller's live
 /// holder entry — announces the change and wakes the first waiter if the key has room for it
 /// (the message is its lease id). Returns 1, or 0 when the caller holds nothing.
-const RELEASE: &str = r#"
+const RELEASE: [&str; 2] = [
+    r#"
+local released = false
+if owned(KEYS[1], ARGV[1]) then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[3], '*')
+  -- Nobody waits: done before the queue logic is even defined.
+  if redis.call('EXISTS', KEYS[3]) == 0 then
+    return 1
+  end
+  released = true
+end
+"#,
+    r#"
 local K = lock_keys()
-if owned(K.lock, ARGV[1]) then
-  redis.call('DEL', K.lock)
-else
+if not released then
   local now = now_ms()
   local deadline = tonumber(redis.call('ZSCORE', K.deadlines, ARGV[1]))
   if not deadline or deadline <= now then
@@ -273,13 +293,14 @@ else
   redis.call('HDEL', K.holders, ARGV[1])
   redis.call('ZREM', K.deadlines, ARGV[1])
   keep_holders(K, now)
+  redis.call('PUBLISH', ARGV[3], '*')
 end
-redis.call('PUBLISH', ARGV[3], '*')
 if redis.call('EXISTS', K.queue) == 1 then
   wake_turn(K, ARGV[2], purge(K.queue, K.alive, K.asks))
 end
 return 1
-"#;
+"#,
+];
 
 /// [`RELEASE`] or [`DEQUEUE`]: the two take the same KEYS and ARGV.
 #[derive(Clone, Copy)]
@@ -531,17 +552,22 @@ impl Scripts {
     }
 
     fn publishing_with(publish: &str) -> Scripts {
-        let script = |body: &str| {
-            let source = format!("{PARSE_LOCK}{PURGE_DEAD_WAITERS}{NEXT_TOKEN}{}{body}", many::LIBRARY);
+        // A script in two parts: what runs before the queue logic is defined (a plain lock's
+        // common case returns there, without paying for the closures of the library), then the
+        // rest.
+        let split = |[first, rest]: [&str; 2]| {
+            let source =
+                format!("{PARSE_LOCK}{NEXT_TOKEN}{first}{PURGE_DEAD_WAITERS}{}{rest}", many::LIBRARY);
             redis::Script::new(&source.replace("redis.call('PUBLISH',", &format!("redis.call('{publish}',")))
         };
+        let script = |body: &str| split(["", body]);
         let [acquire_many, proclaim] = many::sources();
         Scripts {
-            acquire: script(ACQUIRE),
+            acquire: split(ACQUIRE),
             acquire_many: script(acquire_many),
             proclaim: script(proclaim),
-            renew: script(RENEW),
-            release: script(RELEASE),
+            renew: split(RENEW),
+            release: split(RELEASE),
             dequeue: script(DEQUEUE),
             status: script(STATUS),
             redlock_acquire: script(REDLOCK_ACQUIRE),
