@@ -464,8 +464,6 @@ fn around(events: &[crate::linearizable::Event], stuck: &[crate::linearizable::E
 /// with `LimitMismatch` naming the current one, and status listing every holder. A backend
 /// without semaphores must refuse one with `InvalidInput` and grant nothing.
 pub async fn semaphore_never_exceeds_its_limit(locker: &Locker, caps: &Caps) {
-    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-
     const LIMIT: u32 = 3;
     let key = "contract/semaphore";
     let opts = AcquireOptions::new().limit(LIMIT).ttl(10 * SECOND).wait(20 * SECOND).auto_renew(false);
@@ -510,22 +508,37 @@ pub async fn semaphore_never_exceeds_its_limit(locker: &Locker, caps: &Caps) {
     }
 
     // 16 tasks, 3 permits: the count of holders never passes 3, tokens never repeat.
-    let inside = Arc::new(AtomicUsize::new(0));
-    let most = Arc::new(AtomicUsize::new(0));
-    let highest = Arc::new(AtomicU64::new(0));
+    let most = semaphore_hammer(std::slice::from_ref(locker), key, &opts, 16, 6).await;
+    assert_eq!(most, LIMIT as usize, "the permits were all used at once");
+}
+
+/// `tasks` tasks over `lockers` (in turn) each take a permit of the semaphore `opts` describes on
+/// `key` `rounds` times, hold it a few ms and release it: the count of holders (shared, checked on
+/// every entry) never passes `opts.limit`, no token is handed out twice, and every permit comes
+/// back. Returns the most holders seen at once.
+pub async fn semaphore_hammer(
+    lockers: &[Locker],
+    key: &str,
+    opts: &AcquireOptions,
+    tasks: usize,
+    rounds: usize,
+) -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let limit = opts.limit as usize;
+    let (inside, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let tokens = Arc::new(Mutex::new(Vec::new()));
-    let tasks: Vec<_> = (0..16)
+    let handles: Vec<_> = (0..tasks)
         .map(|t| {
-            let (locker, opts) = (locker.clone(), opts.clone().holder(format!("task-{t}")));
-            let (inside, most, highest, tokens) =
-                (inside.clone(), most.clone(), highest.clone(), tokens.clone());
+            let (locker, opts) =
+                (lockers[t % lockers.len()].clone(), opts.clone().holder(format!("task-{t}")));
+            let (inside, most, tokens, key) = (inside.clone(), most.clone(), tokens.clone(), key.to_owned());
             tokio::spawn(async move {
-                for _ in 0..6 {
-                    let lease = locker.acquire(key, &opts).await.expect("a permit within the wait");
+                for _ in 0..rounds {
+                    let lease = locker.acquire(&key, &opts).await.expect("a permit within the wait");
                     let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
                     most.fetch_max(now, Ordering::SeqCst);
-                    assert!(now <= LIMIT as usize, "{now} holders of a semaphore of {LIMIT}");
-                    highest.fetch_max(lease.fencing_token(), Ordering::SeqCst);
+                    assert!(now <= limit, "{now} holders of a semaphore of {limit}");
                     tokens.lock().unwrap().push(lease.fencing_token());
                     tokio::time::sleep(Duration::from_millis(5)).await;
                     inside.fetch_sub(1, Ordering::SeqCst);
@@ -534,16 +547,16 @@ pub async fn semaphore_never_exceeds_its_limit(locker: &Locker, caps: &Caps) {
             })
         })
         .collect();
-    for t in tasks {
-        t.await.unwrap();
+    for h in handles {
+        h.await.unwrap();
     }
     let mut tokens = std::mem::take(&mut *tokens.lock().unwrap());
     let n = tokens.len();
     tokens.sort_unstable();
     tokens.dedup();
-    assert_eq!(tokens.len(), n, "a fencing token was handed out twice");
-    assert_eq!(most.load(Ordering::SeqCst), LIMIT as usize, "the permits were all used at once");
-    assert!(!locker.status(key).await.expect("status").held, "every permit returned");
+    assert_eq!((tokens.len(), n), (tasks * rounds, tasks * rounds), "a fencing token was handed out twice");
+    assert!(!lockers[0].status(key).await.expect("status").held, "every permit returned");
+    most.load(Ordering::SeqCst)
 }
 
 /// Shared (read) and exclusive (write) holders of one key: shared holders together, an exclusive

@@ -177,37 +177,9 @@ async fn a_plain_lock_can_proclaim_and_a_stranger_cannot() {
 /// across processes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_semaphore_across_two_processes_never_exceeds_its_limit() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::{Arc, Mutex};
-
     let server = RedisServer::start();
     let lockers = [locker(&server).await, locker(&server).await];
-    let (inside, tokens) = (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(Vec::new())));
     let opts = AcquireOptions::new().limit(3).ttl(Duration::from_secs(10)).wait(Duration::from_secs(30));
-    let tasks: Vec<_> = (0..12)
-        .map(|t| {
-            let (locker, opts) = (lockers[t % 2].clone(), opts.clone());
-            let (inside, tokens) = (inside.clone(), tokens.clone());
-            tokio::spawn(async move {
-                for _ in 0..8 {
-                    let lease = locker.acquire("pool", &opts).await.expect("a permit within the wait");
-                    let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
-                    assert!(now <= 3, "{now} holders of a semaphore of 3");
-                    tokens.lock().unwrap().push(lease.fencing_token());
-                    tokio::time::sleep(ms(2)).await;
-                    inside.fetch_sub(1, Ordering::SeqCst);
-                    lease.release().await.expect("release");
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let mut tokens = std::mem::take(&mut *tokens.lock().unwrap());
-    let n = tokens.len();
-    tokens.sort_unstable();
-    tokens.dedup();
-    assert_eq!((tokens.len(), n), (96, 96), "every grant its own token");
-    assert!(!lockers[0].status("pool").await.unwrap().held, "every permit returned");
+    let most = distlock_testkit::contract::semaphore_hammer(&lockers, "pool", &opts, 12, 8).await;
+    assert_eq!(most, 3, "the permits were all used at once");
 }
