@@ -183,3 +183,54 @@ async fn a_semaphore_across_two_processes_never_exceeds_its_limit() {
     let most = distlock_testkit::contract::semaphore_hammer(&lockers, "pool", &opts, 12, 8).await;
     assert_eq!(most, 3, "the permits were all used at once");
 }
+
+/// A permit freed while a waiter is queued is the waiter's at once, before the waiter has run
+/// another call: status lists it, and a try-once caller is refused because the key is full, not
+/// because of a free permit it may not take. (Before the hand-off was done in the freeing script,
+/// the key showed one holder of two to status while every try-once was refused: a history no
+/// order explains.) The waiter runs on a runtime of its own that the test freezes.
+#[tokio::test]
+async fn a_freed_permit_is_the_first_waiters_before_it_runs_again() {
+    let server = RedisServer::start();
+    let locker = locker(&server).await;
+    let opts = AcquireOptions::new().limit(2).auto_renew(false);
+    let a = locker.acquire("sem", &opts.clone().holder("a")).await.unwrap();
+    let b = locker.acquire("sem", &opts.clone().holder("b")).await.unwrap();
+
+    let url = format!("{}?prefix=dl-test&timeout=1s", server.url());
+    let (freeze, frozen) = tokio::sync::oneshot::channel::<()>();
+    let (thaw, thawed) = std::sync::mpsc::channel::<()>();
+    let waiter = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async move {
+            let locker = Locker::open(&url).await.expect("open");
+            let wait = opts.holder("w").wait(Duration::from_secs(20));
+            let w = tokio::spawn(async move {
+                let lease = locker.acquire("sem", &wait).await?;
+                let token = lease.fencing_token();
+                lease.release().await?;
+                Ok::<u64, Error>(token)
+            });
+            let _ = frozen.await;
+            // Blocks the runtime's only thread: the waiter cannot run until thawed.
+            let _ = thawed.recv();
+            w.await.expect("the waiter's task")
+        })
+    });
+    distlock_testkit::contract::until_waiters(&locker, "sem", 1).await;
+    freeze.send(()).expect("the waiter's runtime");
+    a.release().await.unwrap();
+
+    let info = locker.status("sem").await.unwrap();
+    let tokens: Vec<u64> = info.holders.iter().map(|h| h.fencing_token).collect();
+    assert_eq!(tokens.len(), 2, "the waiter's permit is granted by the release: {info:?}");
+    assert_eq!((tokens[0], info.waiters), (b.fencing_token(), 0), "{info:?}");
+    assert!(tokens[1] > b.fencing_token());
+    let refused = locker.acquire("sem", &AcquireOptions::new().limit(2).holder("c")).await;
+    assert!(matches!(refused, Err(Error::Held { .. })), "{refused:?}");
+
+    thaw.send(()).expect("the waiter's runtime");
+    let token = waiter.join().expect("the waiter's thread").expect("the waiter is granted");
+    assert_eq!(token, tokens[1], "the waiter learns the permit status showed");
+    b.release().await.unwrap();
+}

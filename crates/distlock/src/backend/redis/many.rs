@@ -12,13 +12,19 @@
 //!   lapsed ones (`purge_holders`), and both keys expire a second after the latest deadline, so a
 //!   crashed holder's permit comes back at its TTL and nothing stays behind.
 //!
-//! A waiter that is not a plain lock says what it asks for in the `asks` hash (lease id →
-//! `"<mode> <limit>"`; no entry: a plain exclusive lock), so that the head of the queue can be
-//! judged. A caller is granted only when the key has room for it and it is first in line (or
+//! A waiter that is not a plain lock says in the `asks` hash what it asks for and what its grant
+//! would be (lease id → `"<mode> <limit> <ttl ms> <meta ttl ms> <v|n> <holder bytes> <holder><value>"`;
+//! no entry: a plain exclusive lock), so that the head of the queue can be judged — and granted
+//! without it. A caller is granted only when the key has room for it and it is first in line (or
 //! nobody waits): a shared request behind a waiting exclusive one waits (no writer starvation).
-//! A release, a waiter leaving and every grant wake the first waiter if the key has room for it,
-//! so consecutive shared waiters (and as many waiters as there are free permits) are granted one
-//! after the other, in queue order, without anyone releasing in between.
+//! Room is handed on at once (`hand_on`): every script that frees room or judges a caller first
+//! grants the waiters at the head of the queue that fit, in queue order, each with the next token,
+//! and wakes each to learn of its grant (its next acquire call finds its place and counts its
+//! deadline again from then). So the key is never seen with room its first waiter is entitled
+//! to: a try-once caller is refused only when the key is really full, and a status read lists
+//! every grant already due (the key's history stays linearizable, as the contract suite checks).
+//! A plain lock's waiter (its grant is the `lock` string, written by its own script) is still
+//! woken to take its turn itself, and the hand-off stops at it.
 
 use std::time::Duration;
 
@@ -100,11 +106,53 @@ local function fits(count, klimit, kmode, mode, limit)
   return kmode == 'X' and count < klimit
 end
 
--- What a waiter asks for: a plain lock unless it said otherwise.
+-- What a waiter asks for: a plain lock unless it said otherwise. Beside mode and limit, a waiter
+-- of several says what its grant would be (TTL, fencing counter TTL, holder label, value), so
+-- that it can be handed its place when its turn comes (`hand_on`); `ttl` is nil for a plain lock
+-- and for an entry written by an older version (that waiter takes its turn itself).
 local function ask_of(K, id)
-  local mode, limit = string.match(redis.call('HGET', K.asks, id) or '', '^([XS]) (%d+)$')
-  if not mode then return 'X', 1 end
-  return mode, tonumber(limit)
+  local a = redis.call('HGET', K.asks, id) or ''
+  local mode, limit = string.match(a, '^([XS]) (%d+)')
+  if not mode then return {mode = 'X', limit = 1} end
+  local ask = {mode = mode, limit = tonumber(limit)}
+  local ttl, meta_ttl, hasv, n, at = string.match(a, '^[XS] %d+ (%d+) (%d+) ([vn]) (%d+) ()')
+  if ttl then
+    n = tonumber(n)
+    ask.ttl, ask.meta_ttl = tonumber(ttl), meta_ttl
+    ask.holder = string.sub(a, at, at + n - 1)
+    ask.value = false
+    if hasv == 'v' then ask.value = string.sub(a, at + n) end
+  end
+  return ask
+end
+
+local function format_ask(mode, limit, ttl, meta_ttl, holder, value)
+  local hasv = 'n'
+  if value then hasv = 'v' else value = '' end
+  return mode .. ' ' .. string.format('%d', limit) .. ' ' .. string.format('%d', ttl) .. ' ' ..
+    meta_ttl .. ' ' .. hasv .. ' ' .. #holder .. ' ' .. holder .. value
+end
+
+-- Grants `id` a place among the holders: the next fencing token, its deadline `ttl` from now.
+local function grant_entry(K, id, now, ttl, meta_ttl, mode, limit, holder, value)
+  local token = next_token(K.meta)
+  redis.call('PEXPIRE', K.meta, meta_ttl)
+  redis.call('HSET', K.holders, id, format_entry(token, ttl, mode, limit, holder, value))
+  redis.call('ZADD', K.deadlines, now + ttl, id)
+  return token
+end
+
+-- The token of a live place `id` holds among the holders (handed to it while it waited), its
+-- deadline counted again from now (it learns of the grant only now, and counts from its call),
+-- else nil.
+local function claim(K, id, now)
+  local deadline = tonumber(redis.call('ZSCORE', K.deadlines, id))
+  if not deadline or deadline <= now then return nil end
+  local e = parse_entry(redis.call('HGET', K.holders, id))
+  if not e then return nil end
+  redis.call('ZADD', K.deadlines, now + e.ttl, id)
+  keep_holders(K, now)
+  return e.token
 end
 
 -- Whether it is the turn of `id` asking (mode, limit): it is first in line (or nobody waits)
@@ -151,33 +199,60 @@ local function refusal(K, now)
   return {0, math.max(tonumber(first[2]) - now, 1), (e and e.holder) or ''}
 end
 
--- Wakes the first waiter (the message is its lease id) if the key has room for it. Its grant
--- wakes the next one in turn, so consecutive shared waiters and free permits are handed on in
--- queue order, each grant's token above the one before. Call after purge().
-local function wake_turn(K, channel, now)
-  local head = redis.call('ZRANGE', K.queue, 0, 0)[1]
-  if not head then return end
-  local count, klimit, kmode = held(K, now)
-  local mode, limit = ask_of(K, head)
-  if fits(count, klimit, kmode, mode, limit) then
+-- Hands the key on in queue order while the first waiter fits: a waiter of several is granted
+-- its place here and now (so no caller ever finds room the queue's head is entitled to, and a
+-- status read never misses a grant already due), then woken to learn of it (the message is its
+-- lease id); a plain lock's waiter is woken to take its turn itself, and the hand-off stops
+-- there. Call after purge(); `caller` (or nil) is the lease id of the script's caller.
+local function hand_on(K, channel, changes, now, caller)
+  local granted = false
+  while true do
+    local head = redis.call('ZRANGE', K.queue, 0, 0)[1]
+    -- The caller first in line is judged by its own script, which hands on after it.
+    if not head or head == caller then break end
+    local count, klimit, kmode = held(K, now)
+    local ask = ask_of(K, head)
+    if not fits(count, klimit, kmode, ask.mode, ask.limit) then break end
+    if not ask.ttl then
+      redis.call('PUBLISH', channel, head)
+      break
+    end
+    leave_queue(K, head)
+    grant_entry(K, head, now, ask.ttl, ask.meta_ttl, ask.mode, ask.limit, ask.holder, ask.value)
     redis.call('PUBLISH', channel, head)
+    granted = true
+  end
+  if granted then
+    keep_holders(K, now)
+    redis.call('PUBLISH', changes, '*')
   end
 end
 "#;
 
 /// KEYS: lock, meta, queue, alive, holders, deadlines, asks. ARGV: those of the lock's acquire
-/// script (lease id, ttl ms, holder, enqueue (0/1), wait ttl ms, meta ttl ms, change channel),
-/// then mode (X/S), limit, value flag (v/n), value, wake channel. A semaphore permit, a shared
+/// script (lease id, ttl ms, holder, enqueue (0/1), wait ttl ms, meta ttl ms, change channel,
+/// wake channel), then mode (X/S), limit, value flag (v/n), value. A semaphore permit, a shared
 /// lock, or a lease that publishes a value: granted when the key has room and it is the
-/// caller's turn (see the module docs), as an entry of `holders`, with the next fencing token; a
-/// grant wakes the next waiter if the key still has room for it. `{-1, limit, ''}` when the key
-/// is held with another limit (the caller also leaves the queue: waiting would not change it);
-/// else the caller is queued (once, with what it asks for) and told `{0, ms, holder}` as by the
-/// lock's script.
+/// caller's turn (see the module docs), as an entry of `holders`, with the next fencing token;
+/// first the key is handed on to the waiters whose turn it is (`hand_on`), and a caller that was
+/// handed its place is answered its token. `{-1, limit, ''}` when the key is held with another
+/// limit (the caller also leaves the queue: waiting would not change it); else the caller is
+/// queued (once, with what it asks for and what its grant would be) and told `{0, ms, holder}`
+/// as by the lock's script.
 const ACQUIRE_MANY: &str = r#"
 local K = lock_keys()
-local id, ttl, mode, limit = ARGV[1], tonumber(ARGV[2]), ARGV[8], tonumber(ARGV[9])
+local id, ttl, mode, limit = ARGV[1], tonumber(ARGV[2]), ARGV[9], tonumber(ARGV[10])
+local value = false
+if ARGV[11] == 'v' then value = ARGV[12] end
 local now = purge(K.queue, K.alive, K.asks)
+hand_on(K, ARGV[8], ARGV[7], now, id)
+-- Handed a place while it waited (just now, or before; or a retry of an acquire whose answer
+-- was lost).
+local handed = claim(K, id, now)
+if handed then
+  leave_queue(K, id)
+  return {1, tonumber(handed), ''}
+end
 local count, klimit, kmode = held(K, now)
 if count > 0 and klimit ~= limit then
   leave_queue(K, id)
@@ -185,32 +260,27 @@ if count > 0 and klimit ~= limit then
 end
 if in_turn(K, id, mode, limit, count, klimit, kmode) then
   leave_queue(K, id)
-  local token = next_token(K.meta)
-  redis.call('PEXPIRE', K.meta, ARGV[6])
-  local value = false
-  if ARGV[10] == 'v' then value = ARGV[11] end
-  redis.call('HSET', K.holders, id, format_entry(token, ttl, mode, limit, ARGV[3], value))
-  redis.call('ZADD', K.deadlines, now + ttl, id)
+  local token = grant_entry(K, id, now, ttl, ARGV[6], mode, limit, ARGV[3], value)
   keep_holders(K, now)
   redis.call('PUBLISH', ARGV[7], '*')
-  wake_turn(K, ARGV[12], now)
+  hand_on(K, ARGV[8], ARGV[7], now, nil)
   return {1, tonumber(token), ''}
 end
 if ARGV[4] == '1' then
-  join_queue(K, id, now, ARGV[5], mode .. ' ' .. limit)
+  join_queue(K, id, now, ARGV[5], format_ask(mode, limit, ttl, ARGV[6], ARGV[3], value))
 end
 return refusal(K, now)
 "#;
 
 /// A call of [`ACQUIRE_MANY`], its KEYS and ARGV by name.
 pub struct AcquireMany<'a> {
-    /// KEYS and ARGV[1..=7], as for a plain lock.
+    /// KEYS and ARGV[1..=8], as for a plain lock.
     pub lock: Acquire<'a>,
-    /// ARGV[8]: exclusive (a lock or a permit) or shared.
+    /// ARGV[9]: exclusive (a lock or a permit) or shared.
     pub mode: LockMode,
-    /// ARGV[9]: the key's number of permits (1 for a lock or a shared lock).
+    /// ARGV[10]: the key's number of permits (1 for a lock or a shared lock).
     pub limit: u32,
-    /// ARGV[10], ARGV[11]: what the lease publishes, if anything.
+    /// ARGV[11], ARGV[12]: what the lease publishes, if anything.
     pub value: Option<&'a str>,
 }
 
@@ -230,7 +300,6 @@ impl ScriptCall for AcquireMany<'_> {
             self.limit.to_string(),
             if self.value.is_some() { "v" } else { "n" }.to_owned(),
             self.value.unwrap_or_default().to_owned(),
-            self.lock.keys.channel.clone(),
         ]);
         args
     }

@@ -375,6 +375,30 @@ impl RedisBackend {
         self.store.replicated(&call).await
     }
 
+    /// The answer to a call that was granted `token` (sent at `sent`): the grant, or, when a
+    /// failover could forget it (too few replicas acknowledged), `Unavailable` once it is taken
+    /// back.
+    async fn granted(
+        &self,
+        keys: &LockKeys,
+        req: &AcquireRequest,
+        token: u64,
+        acknowledged: bool,
+        sent: Instant,
+    ) -> Result<Grant> {
+        if !acknowledged {
+            // A grant a failover could forget is no grant (the caller's guard also takes it back,
+            // in the background, if this call fails or is dropped meanwhile).
+            self.store.release_keys(keys, &req.lease_id).await?;
+            return Err(Error::Unavailable(format!(
+                "redis: fewer replicas than min_replicas acknowledged the grant of {:?} in time; \
+                 it was undone",
+                req.key
+            )));
+        }
+        Ok(Grant { lease_id: req.lease_id.clone(), fencing_token: token, ttl: req.ttl, counted_from: sent })
+    }
+
     async fn register(&self, keys: &LockKeys, lease_id: &LeaseId) -> Option<Registration> {
         match self.wakeups.register(&keys.channel, lease_id.as_str()).await {
             Ok(r) => Some(r),
@@ -525,9 +549,12 @@ impl Store {
         }
     }
 
-    async fn dequeue(&self, keys: &LockKeys, lease_id: &LeaseId) -> Result<()> {
+    /// Takes `lease_id` out of the queue: `(Some(token), acknowledged)` when the key was handed
+    /// to it before it left (it holds the key, its deadline counted from this call), else `None`.
+    async fn dequeue(&self, keys: &LockKeys, lease_id: &LeaseId) -> Result<(Option<u64>, bool)> {
         let call = LeaseCall { script: LeaseScript::Dequeue, keys, lease_id: lease_id.as_str() };
-        self.eval::<i64>(call.invocation(&self.scripts)).await.map(drop)
+        let (token, acknowledged): (i64, bool) = self.replicated(&call).await?;
+        Ok(((token > 0).then_some(token as u64), acknowledged))
     }
 
     /// Runs the renew script: `(token, ttl ms applied)`, token 0 when `lease_id` does not hold the
@@ -761,8 +788,9 @@ impl Drop for WaitGuard<'_> {
             let give_up = Instant::now() + store.config.queue_ttl;
             let (mut confirmed, mut pause) = (false, Duration::from_millis(100));
             while Instant::now() < give_up {
+                // Handed the key between the two: not clean yet (the next round releases it).
                 let cleaned = store.release_keys(&keys, &lease_id).await.is_ok()
-                    && store.dequeue(&keys, &lease_id).await.is_ok();
+                    && matches!(store.dequeue(&keys, &lease_id).await, Ok((None, _)));
                 if cleaned && confirmed {
                     return;
                 }
@@ -809,24 +837,9 @@ impl Backend for RedisBackend {
                 });
             }
             if granted == 1 {
-                if !acknowledged {
-                    // A grant a failover could forget is no grant: take it back (the guard also
-                    // does, in the background, if this call is dropped meanwhile).
-                    self.store.release_keys(&keys, &req.lease_id).await?;
-                    guard.armed = false;
-                    return Err(Error::Unavailable(format!(
-                        "redis: fewer replicas than min_replicas acknowledged the grant of {:?} in time; \
-                         it was undone",
-                        req.key
-                    )));
-                }
-                guard.armed = false;
-                return Ok(Grant {
-                    lease_id: req.lease_id.clone(),
-                    fencing_token: n as u64,
-                    ttl: req.ttl,
-                    counted_from: sent,
-                });
+                // Not acknowledged: the guard also takes the grant back, should `granted` fail to.
+                guard.armed = !acknowledged;
+                return self.granted(&keys, &req, n as u64, acknowledged, sent).await;
             }
             let holder = (!holder.is_empty()).then_some(holder);
             // Expiry publishes nothing: wake when the lock's TTL runs out, and in any case in time
@@ -836,10 +849,17 @@ impl Backend for RedisBackend {
             let wake = registration.as_ref().map(|r| &*r.notify);
             if let Err(e) = turns.next_turn(&req.key, Refused { holder, retry_in, wake }).await {
                 // A definite "held" (a try-once acquire never joins the queue) or a timeout.
-                guard.armed = false;
                 if matches!(e, Error::WaitTimeout { .. }) {
-                    let _ = self.store.dequeue(&keys, &req.lease_id).await;
+                    let sent = Instant::now();
+                    // A failed call leaves the guard armed: it cleans up in the background.
+                    let (handed, acknowledged) = self.store.dequeue(&keys, &req.lease_id).await?;
+                    if let Some(token) = handed {
+                        // The key was handed on to this waiter before it could leave.
+                        guard.armed = !acknowledged;
+                        return self.granted(&keys, &req, token, acknowledged, sent).await;
+                    }
                 }
+                guard.armed = false;
                 return Err(e);
             }
         }

@@ -114,12 +114,13 @@ end
 "#;
 
 /// KEYS: lock, meta, queue, alive, holders, deadlines, asks. ARGV: lease id, ttl ms, holder,
-/// enqueue (0/1), wait ttl ms, meta ttl ms, change channel. A plain lock (limit 1, exclusive, no
+/// enqueue (0/1), wait ttl ms, meta ttl ms, change channel, wake channel. A plain lock (limit 1, exclusive, no
 /// value). Returns `{1, token, ''}` when granted, `{-1, limit, ''}` when semaphore permits of
 /// another limit hold the key (the caller leaves the queue), else `{0, pttl, holder}` (holder ''
 /// and pttl -2 when the lock is free but an earlier waiter is first in line; for holders of
-/// several, the ms until the earliest one's deadline). The key must be free of the lock and of
-/// live holders, and it must be the caller's turn (`in_turn`: the head, or nobody waits). A
+/// several, the ms until the earliest one's deadline). The key is first handed on to waiters of
+/// several whose turn it is (`hand_on`). The key must be free of the lock and of live holders,
+/// and it must be the caller's turn (`in_turn`: the head, or nobody waits). A
 /// caller that is told to wait is queued (once) and its registration refreshed. The meta hash
 /// (the fencing counter) expires `meta ttl` after its last grant, so locking ever new keys does
 /// not grow Redis without bound.
@@ -140,6 +141,7 @@ end
     r#"
 local K = lock_keys()
 local now = purge(K.queue, K.alive, K.asks)
+hand_on(K, ARGV[8], ARGV[7], now, ARGV[1])
 if redis.call('EXISTS', K.lock) == 0 then
   local count, klimit, kmode = held(K, now)
   if count > 0 and klimit ~= 1 then
@@ -160,7 +162,8 @@ return refusal(K, now)
 
 /// A call of [`ACQUIRE`], its KEYS and ARGV by name.
 pub struct Acquire<'a> {
-    /// KEYS: lock, meta, queue, alive, holders, deadlines, asks; ARGV[7]: the change channel.
+    /// KEYS: lock, meta, queue, alive, holders, deadlines, asks; ARGV[7], ARGV[8]: the change
+    /// and wake channels.
     pub keys: &'a LockKeys,
     /// ARGV[1]: the caller's lease id.
     pub lease_id: &'a str,
@@ -194,6 +197,7 @@ impl ScriptCall for Acquire<'_> {
             millis(self.queue_ttl).to_string(),
             millis(self.meta_ttl).to_string(),
             self.keys.changes.clone(),
+            self.keys.channel.clone(),
         ]
     }
 }
@@ -267,8 +271,8 @@ impl ScriptCall for Renew<'_> {
 
 /// KEYS: lock, meta, queue, alive, holders, deadlines, asks. ARGV: lease id, wake channel, change
 /// channel. Frees the caller's lease — the lock if it is the caller's, else the caller's live
-/// holder entry — announces the change and wakes the first waiter if the key has room for it
-/// (the message is its lease id). Returns 1, or 0 when the caller holds nothing.
+/// holder entry — announces the change and hands the key on to the waiters whose turn it is
+/// (`hand_on`). Returns 1, or 0 when the caller holds nothing.
 const RELEASE: [&str; 2] = [
     r#"
 local released = false
@@ -296,7 +300,7 @@ if not released then
   redis.call('PUBLISH', ARGV[3], '*')
 end
 if redis.call('EXISTS', K.queue) == 1 then
-  wake_turn(K, ARGV[2], purge(K.queue, K.alive, K.asks))
+  hand_on(K, ARGV[2], ARGV[3], purge(K.queue, K.alive, K.asks), nil)
 end
 return 1
 "#,
@@ -305,9 +309,9 @@ return 1
 /// [`RELEASE`] or [`DEQUEUE`]: the two take the same KEYS and ARGV.
 #[derive(Clone, Copy)]
 pub enum LeaseScript {
-    /// [`RELEASE`]: free the caller's lease, and wake the next waiter.
+    /// [`RELEASE`]: free the caller's lease, and hand the key on.
     Release,
-    /// [`DEQUEUE`]: leave the queue, and wake the next waiter.
+    /// [`DEQUEUE`]: leave the queue, and hand the key on.
     Dequeue,
 }
 
@@ -338,16 +342,23 @@ impl ScriptCall for LeaseCall<'_> {
     }
 }
 
-/// KEYS: as [`RELEASE`]. ARGV: lease id, wake channel. A waiter gives up: leave the queue, and
-/// wake the next waiter if the key has room for it (the place may have held it up: a free
-/// permit, or shared holders it can join).
+/// KEYS: as [`RELEASE`]. ARGV: lease id, wake channel, change channel. A waiter gives up: it
+/// leaves the queue, and the key is handed on to the waiters whose turn it is (the place may have
+/// held them up: a free permit, or shared holders they can join). Returns 0, or the token of a
+/// place the key was handed to it before it left (its deadline counted again from now: the wait
+/// ended granted, and the caller holds it).
 const DEQUEUE: &str = r#"
 local K = lock_keys()
+local now = purge(K.queue, K.alive, K.asks)
 leave_queue(K, ARGV[1])
-if redis.call('EXISTS', K.queue) == 1 then
-  wake_turn(K, ARGV[2], purge(K.queue, K.alive, K.asks))
+local handed = claim(K, ARGV[1], now)
+if handed then
+  return tonumber(handed)
 end
-return 1
+if redis.call('EXISTS', K.queue) == 1 then
+  hand_on(K, ARGV[2], ARGV[3], now, nil)
+end
+return 0
 "#;
 
 /// KEYS: lock, meta, queue, alive, holders, deadlines, asks. Returns `{held, holder, token, pttl,
