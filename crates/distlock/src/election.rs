@@ -203,9 +203,9 @@ impl Locker {
     /// `opts.wait` says (usually [`AcquireOptions::wait_forever`]: candidates queue in FIFO
     /// order). The leadership renews itself as every lease does.
     ///
-    /// Offered where [`crate::Offers::elections`] says so (`memory://`, Redis, the lock server
-    /// over its embedded store or Redis); elsewhere [`Error::InvalidInput`]. A semaphore limit or shared mode in
-    /// `opts` is refused: a key has one leader.
+    /// Offered where [`crate::Offers::elections`] says so (`memory://`, Redis, `etcd://`, the
+    /// lock server over any store but Redlock); elsewhere [`Error::InvalidInput`]. A semaphore
+    /// limit or shared mode in `opts` is refused: a key has one leader.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]

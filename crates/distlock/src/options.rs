@@ -38,8 +38,8 @@ pub struct AcquireOptions {
     pub namespace: Option<String>,
     /// How many leases may hold the key at once: 1 (default) for a lock, N for a semaphore of N
     /// permits (up to 10,000). Every holder of a key must name the same N
-    /// ([`Error::LimitMismatch`] otherwise). Offered by `memory://`, Redis (not Redlock) and the
-    /// lock server (`http://`) over its embedded store or Redis; other backends refuse it with
+    /// ([`Error::LimitMismatch`] otherwise). Offered by `memory://`, Redis (not Redlock), `etcd://`
+    /// and the lock server (`http://`) over any store but Redlock; other backends refuse it with
     /// [`Error::InvalidInput`].
     pub limit: u32,
     /// Exclusive (default) or shared with other shared holders (a read lock, `flock -s`); see
