@@ -615,7 +615,7 @@ mod tests {
             "p:{k}:asks",
         ];
         assert_eq!(call.keys(), all);
-        assert_eq!(call.args(), ["id", "30000", "h 1", "1", "6000", "60000", "p:{k}:watch"]);
+        assert_eq!(call.args(), ["id", "30000", "h 1", "1", "6000", "60000", "p:{k}:watch", "p:{k}:wake"]);
         let release = LeaseCall { script: LeaseScript::Release, keys: &keys, lease_id: "id" };
         assert_eq!(release.keys(), all);
         assert_eq!(release.args(), ["id", "p:{k}:wake", "p:{k}:watch"]);
@@ -628,7 +628,7 @@ mod tests {
         assert_eq!(many.keys(), all);
         assert_eq!(
             many.args(),
-            ["id", "30000", "h 1", "0", "6000", "60000", "p:{k}:watch", "S", "1", "v", "v a l", "p:{k}:wake"]
+            ["id", "30000", "h 1", "0", "6000", "60000", "p:{k}:watch", "p:{k}:wake", "S", "1", "v", "v a l"]
         );
     }
 }
