@@ -437,25 +437,11 @@ pub fn check_histories(histories: &[Vec<crate::linearizable::Event>], kinds: &[K
         match check_within(events, kind.model(), usize::MAX) {
             Verdict::Linearizable => {}
             Verdict::Violation(v) => {
-                panic!("key {k} ({kind:?}, {} operations): {v}{}", events.len(), around(events, &v.stuck))
+                panic!("key {k} ({kind:?}, {} operations): {v}{}", events.len(), v.around(events))
             }
             Verdict::Undecided { states } => panic!("key {k}: undecided after {states} states"),
         }
     }
-}
-
-/// The operations of `events` that overlap the 100 ms before the `stuck` ones up to their last
-/// answer, in call order: what a reader of a violation needs beside it.
-fn around(events: &[crate::linearizable::Event], stuck: &[crate::linearizable::Event]) -> String {
-    let from = stuck.iter().map(|e| e.call).min().unwrap_or(0).saturating_sub(100_000_000);
-    let to = stuck.iter().map(|e| e.answer).filter(|&a| a != u64::MAX).max().unwrap_or(u64::MAX);
-    let mut near: Vec<_> = events.iter().filter(|e| e.answer >= from && e.call <= to).collect();
-    near.sort_by_key(|e| e.call);
-    let mut out = String::from("operations around them:\n");
-    for e in near {
-        out += &format!("  client {} [{} .. {}] {:?}\n", e.client, e.call, e.answer, e.op);
-    }
-    out
 }
 
 /// A semaphore of 3 permits under 16 tasks: never more than 3 holders at once (a shared count of

@@ -160,6 +160,23 @@ impl std::fmt::Display for Violation {
     }
 }
 
+impl Violation {
+    /// The operations of `events` (the history checked) that overlap the 100 ms before the stuck
+    /// ones up to their last answer, in call order, one a line: what a reader of a violation
+    /// needs beside it.
+    pub fn around(&self, events: &[Event]) -> String {
+        let from = self.stuck.iter().map(|e| e.call).min().unwrap_or(0).saturating_sub(100_000_000);
+        let to = self.stuck.iter().map(|e| e.answer).filter(|&a| a != Nanos::MAX).max().unwrap_or(Nanos::MAX);
+        let mut near: Vec<&Event> = events.iter().filter(|e| e.answer >= from && e.call <= to).collect();
+        near.sort_by_key(|e| e.call);
+        let mut out = String::from("operations around them:\n");
+        for e in near {
+            out += &format!("  client {} [{} .. {}] {:?}\n", e.client, e.call, e.answer, e.op);
+        }
+        out
+    }
+}
+
 /// What [`check_within`] found.
 #[derive(Debug, Clone)]
 pub enum Verdict {

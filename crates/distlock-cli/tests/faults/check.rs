@@ -27,7 +27,8 @@ use crate::fence::Judged;
 use crate::history::Event;
 
 /// States the linearizability search may visit per run (a few seconds, a few hundred MB);
-/// `FAULTS_LIN_BUDGET` sets another for runs by hand.
+/// `FAULTS_LIN_BUDGET` sets another for runs by hand (and `FAULTS_LIN_AROUND` prints a
+/// violation whole, with the operations around it, to stderr).
 const LIN_BUDGET: usize = 300_000;
 
 /// What one run found.
@@ -244,6 +245,9 @@ pub fn check(
         Verdict::Linearizable => Some(true),
         Verdict::Violation(v) => {
             f.note(format!("{v}").lines().take(4).collect::<Vec<_>>().join(" | "));
+            if std::env::var_os("FAULTS_LIN_AROUND").is_some() {
+                eprintln!("{v}{}", v.around(&history));
+            }
             Some(false)
         }
         Verdict::Undecided { states } => {
@@ -288,7 +292,8 @@ pub fn check(
 /// error other than a refusal or a timed-out wait) never answered, as far as the model knows.
 fn linear_history(events: &[Event], ttl_ns: i64, limit: u32) -> Vec<lin::Event> {
     let ttl = ttl_ns as Nanos;
-    let mut leases: HashMap<(u32, u64), (u32, i64)> = HashMap::new();
+    // (client, token) -> (lease, latest deadline seen, when its acquire was sent)
+    let mut leases: HashMap<(u32, u64), (u32, i64, i64)> = HashMap::new();
     let mut out = Vec::new();
     let ev = |client: u32, call: i64, answer: i64, op: Op| lin::Event {
         client,
@@ -300,7 +305,7 @@ fn linear_history(events: &[Event], ttl_ns: i64, limit: u32) -> Vec<lin::Event> 
         match e {
             Event::Grant { c, t_req, t, token, safe_until } => {
                 let lease = leases.len() as u32;
-                leases.insert((*c, *token), (lease, *safe_until));
+                leases.insert((*c, *token), (lease, *safe_until, *t_req));
                 out.push(ev(
                     *c,
                     *t_req,
@@ -317,16 +322,22 @@ fn linear_history(events: &[Event], ttl_ns: i64, limit: u32) -> Vec<lin::Event> 
             }
             Event::Write { c, token, t_check: t, safe_until, .. }
             | Event::Lost { c, token, t, safe_until, .. } => {
-                if let Some((lease, known)) = leases.get_mut(&(*c, *token)) {
+                if let Some((lease, known, granted)) = leases.get_mut(&(*c, *token)) {
                     if *safe_until > *known {
                         *known = *safe_until;
+                        // Sent a TTL before the new deadline at the latest (earlier by the
+                        // holder's safety margin), after its acquire and before this event. A
+                        // store that applied a longer TTL than asked (etcd counts whole seconds)
+                        // moves the deadline further: the renewal then lasts until it.
+                        let call = (safe_until - ttl_ns).max(*granted).min(*t);
+                        let ttl = ttl.max((safe_until - call).max(0) as Nanos);
                         let op = Op::Renew { lease: *lease, ttl, outcome: Outcome::Ok };
-                        out.push(ev(*c, safe_until - ttl_ns, *t, op));
+                        out.push(ev(*c, call, *t, op));
                     }
                 }
             }
             Event::Release { c, token, t_req, t, code } => {
-                let Some(&(lease, _)) = leases.get(&(*c, *token)) else { continue };
+                let Some(&(lease, _, _)) = leases.get(&(*c, *token)) else { continue };
                 let (outcome, answer) = match code.as_deref() {
                     None => (Outcome::Ok, *t),
                     Some("lease_lost") => (Outcome::LeaseLost, *t),
