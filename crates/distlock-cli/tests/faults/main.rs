@@ -126,6 +126,12 @@ fn cases() -> Vec<Case> {
         // A Redis without persistence forgets every lock and fencing counter when it restarts.
         v.push(Case { kind: Kind::Redis, nemesis: n, promised: n != KillStore, primitive: LOCK });
     }
+    // The same primitives over Redis (holders paused past their TTL) and over etcd (its leader
+    // killed under them): no backend offers them with weaker promises than a lock's.
+    for primitive in [SEMAPHORE, ELECTION] {
+        v.push(Case { kind: Kind::Redis, nemesis: PauseHolder, promised: true, primitive });
+        v.push(Case { kind: Kind::Etcd(3), nemesis: KillStore, promised: true, primitive });
+    }
     for n in [PauseHolder, Partition] {
         v.push(Case { kind: Kind::Redlock(3), nemesis: n, promised: true, primitive: LOCK });
     }
