@@ -8,6 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Debian's library directory of this machine (x86_64-linux-gnu, aarch64-linux-gnu, …)
+multiarch=$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || echo "$(uname -m)-linux-gnu")
 # command (or file) the tests need -> Debian package that provides it
 needs=(
   redis-server:redis-server
@@ -19,13 +21,16 @@ needs=(
   /usr/include/google/protobuf/descriptor.proto:libprotobuf-dev
   chromium:chromium
   chromedriver:chromium-driver
+  # the fault suite's clock nemesis: libfaketime, and tcmalloc in front of Redis's jemalloc
+  "/usr/lib/$multiarch/faketime/libfaketime.so.1:libfaketime"
+  "/usr/lib/$multiarch/libtcmalloc_minimal.so.4:libtcmalloc-minimal4"
 )
 
 missing=()
 for pair in "${needs[@]}"; do
   cmd=${pair%%:*} pkg=${pair#*:}
   if [[ $cmd == /* ]]; then
-    [[ -e $cmd ]] || missing+=("$pkg")  # protoc's standard imports, which etcd-client's build needs
+    [[ -e $cmd ]] || missing+=("$pkg")  # a file: protoc's standard imports, a preloaded library
   else
     command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
   fi

@@ -20,6 +20,8 @@ pub struct Server {
     pub port: u16,
     pub dir: PathBuf,
     extra: Vec<String>,
+    /// Environment added to its process, kept for restarts (the clock nemesis's libfaketime).
+    env: Vec<(String, String)>,
     /// Ready means serving (`/livez`), not store answering (`/healthz`).
     live_only: bool,
     _tmp: Option<tempfile::TempDir>,
@@ -27,6 +29,11 @@ pub struct Server {
 
 impl Server {
     pub fn start(extra: &[&str]) -> Server {
+        Server::start_with_env(extra, Vec::new())
+    }
+
+    /// Starts it (and every restart) with `env` added to its environment.
+    pub fn start_with_env(extra: &[&str], env: Vec<(String, String)>) -> Server {
         let tmp = tempfile::tempdir().expect("temp dir");
         let dir = tmp.path().join("data");
         let mut s = Server {
@@ -34,6 +41,7 @@ impl Server {
             port: 0,
             dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env,
             live_only: false,
             _tmp: Some(tmp),
         };
@@ -58,6 +66,7 @@ impl Server {
             .arg("--data-dir")
             .arg(&self.dir)
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("DISTLOCK_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -95,6 +104,7 @@ impl Server {
             port: 0,
             dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             live_only: true,
             _tmp: Some(tmp),
         };

@@ -14,6 +14,7 @@
 
 mod check;
 mod client;
+mod clock;
 #[path = "../common/mod.rs"]
 mod common;
 mod fence;
@@ -48,6 +49,12 @@ enum Nemesis {
     KillServer,
     /// `SENTINEL FAILOVER`: the replica is promoted, the master demoted to its replica.
     Failover,
+    /// The store's wall clock jumps every TTL/4 to ±2^k ms off the real one (k in 2..=18,
+    /// drawn each time), then back (see `clock.rs`).
+    ClockJump,
+    /// The store's wall clock flips between the real one and 2^k ms ahead (k drawn per fault)
+    /// every 10 ms.
+    ClockStrobe,
 }
 
 impl Nemesis {
@@ -59,7 +66,14 @@ impl Nemesis {
             Nemesis::PauseStore => "pause store (SIGSTOP > TTL)",
             Nemesis::KillServer => "kill -9 + restart the holder's server",
             Nemesis::Failover => "forced failover (SENTINEL FAILOVER)",
+            Nemesis::ClockJump => "wall clock jumps (±2^2..2^18 ms)",
+            Nemesis::ClockStrobe => "wall clock strobe (0 / +2^k ms, 10 ms)",
         }
+    }
+
+    /// Whether it runs the store under a fake clock.
+    fn moves_clock(self) -> bool {
+        matches!(self, Nemesis::ClockJump | Nemesis::ClockStrobe)
     }
 }
 
@@ -154,6 +168,13 @@ fn cases() -> Vec<Case> {
         // early. Promised only on an etcd with the fix.
         let promised = n != PauseStore || etcd_revokes_only_as_leader();
         v.push(Case { kind: Kind::Etcd(3), nemesis: n, promised, primitive: LOCK });
+    }
+    // Wall-clock jumps and strobes on the store: the server counts deadlines on the monotonic
+    // clock and promises safety; Redis expires keys by its wall clock, so a jump ahead frees a
+    // lock early (what breaks, and how often, is the row's finding).
+    for n in [ClockJump, ClockStrobe] {
+        v.push(Case { kind: Kind::Server, nemesis: n, promised: true, primitive: LOCK });
+        v.push(Case { kind: Kind::Redis, nemesis: n, promised: false, primitive: LOCK });
     }
     // Stateless servers in front of etcd: losing one, or the etcd leader, loses no lock.
     for n in [KillServer, KillStore] {
@@ -270,7 +291,8 @@ async fn run_case(case: &Case, s: &Settings, rng: &mut rand::rngs::StdRng) -> Ro
     let settle = case.kind.settle();
     let duration =
         s.duration.unwrap_or(warmup + strike_wait + fault_len + settle + quiet + Duration::from_millis(500));
-    let mut store = tokio::task::block_in_place(|| Store::start(case.kind));
+    let clock = case.nemesis.moves_clock().then(clock::FakeClock::new);
+    let mut store = tokio::task::block_in_place(|| Store::start(case.kind, clock.as_ref()));
     let fence = FencedResource::start().await;
     let ports = store.ports();
     let mut proxies = Vec::new();
@@ -350,6 +372,32 @@ async fn run_case(case: &Case, s: &Settings, rng: &mut rand::rngs::StdRng) -> Ro
                 tokio::task::block_in_place(|| store.restart(i));
             }
             Nemesis::Failover => tokio::task::block_in_place(|| store.failover()),
+            Nemesis::ClockJump | Nemesis::ClockStrobe => {
+                if let Some(clock) = clock.as_ref() {
+                    let end = std::time::Instant::now() + fault_len;
+                    let strobe = 1i64 << rng.random_range(2..=18);
+                    let mut ahead = false;
+                    let mut jumps = Vec::new();
+                    while std::time::Instant::now() < end {
+                        if case.nemesis == Nemesis::ClockJump {
+                            let ms = 1i64 << rng.random_range(2..=18);
+                            let ms = if rng.random_bool(0.5) { ms } else { -ms };
+                            clock.set(ms);
+                            jumps.push(ms);
+                            tokio::time::sleep(ttl / 4).await;
+                        } else {
+                            ahead = !ahead;
+                            clock.set(if ahead { strobe } else { 0 });
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    }
+                    clock.set(0);
+                    match case.nemesis {
+                        Nemesis::ClockJump => eprintln!("    clock offsets, ms: {jumps:?}, 0"),
+                        _ => eprintln!("    clock strobe: 0 / +{strobe} ms"),
+                    }
+                }
+            }
             Nemesis::KillServer => {
                 // The server the holder's connections went to last.
                 let used = proxies[holder].iter().map(|p| p.last_used());

@@ -8,6 +8,7 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use crate::clock::{http_time, redis_time, FakeClock};
 use crate::common::support::topologies::{online_replica, raw, until, Cluster, Group, MASTER};
 use crate::common::support::{EtcdCluster, RedisServer};
 use crate::common::Server;
@@ -97,7 +98,24 @@ fn signal(pid: Option<u32>, sig: Signal) {
 }
 
 impl Store {
-    pub fn start(kind: Kind) -> Store {
+    /// Starts the store; with `clock`, under it (the server and a single Redis only), checking
+    /// that the clock reaches the process.
+    pub fn start(kind: Kind, clock: Option<&FakeClock>) -> Store {
+        if let Some(clock) = clock {
+            return match kind {
+                Kind::Server => {
+                    let server = Server::start_with_env(&[], clock.env());
+                    clock.assert_reaches("distlock serve", || http_time(server.port));
+                    Store::Server(server)
+                }
+                Kind::Redis => {
+                    let redis = RedisServer::start_with_env(clock.env());
+                    clock.assert_reaches("redis-server", || redis_time(redis.port));
+                    Store::Redis(redis)
+                }
+                other => panic!("the clock nemesis runs on the server and a single Redis, not {other:?}"),
+            };
+        }
         match kind {
             Kind::Server => Store::Server(Server::start(&[])),
             Kind::Redis => Store::Redis(RedisServer::start()),

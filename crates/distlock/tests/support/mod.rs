@@ -94,13 +94,20 @@ pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
     dir: tempfile::TempDir,
+    /// Environment of its process, kept for restarts (the clock nemesis's libfaketime).
+    env: Vec<(String, String)>,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
+        RedisServer::start_with_env(Vec::new())
+    }
+
+    /// Starts it (and every restart) with `env` added to its environment.
+    pub fn start_with_env(env: Vec<(String, String)>) -> RedisServer {
         let bin = require_binary("redis-server", "redis-server");
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut server = RedisServer { child: None, port: 0, dir };
+        let mut server = RedisServer { child: None, port: 0, dir, env };
         for _ in 0..5 {
             server.port = free_port();
             server.spawn(&bin);
@@ -127,6 +134,7 @@ impl RedisServer {
             .args(["--daemonize", "no", "--loglevel", "warning", "--protected-mode", "no"])
             .arg("--dir")
             .arg(self.dir.path())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
