@@ -128,6 +128,38 @@ async fn survives_one_master_down_not_two() {
     assert!(third.fencing_token() > t2, "{} after {t2}", third.fencing_token());
 }
 
+/// A status that reaches only some masters says "free" only when no grant can hold a majority:
+/// a grant on masters {0, 2} with master 0 unreachable is held as far as anyone can tell, and
+/// was reported free before (seen as a non-linearizable history in the fault suite's bridge cut).
+#[tokio::test]
+async fn status_with_a_master_unreachable_never_calls_a_possibly_held_lock_free() {
+    let mut cluster = Cluster::start(3);
+    let locker = cluster.locker().await;
+    let lease = locker.acquire("k", &AcquireOptions::new().ttl(Duration::from_secs(60))).await.unwrap();
+    let info = locker.status("k").await.unwrap();
+    assert!(info.held && info.fencing_token == Some(lease.fencing_token()), "{info:?}");
+    // The masters holding the grant (its token written back): a majority, maybe all three.
+    let mut fenced = Vec::new();
+    for (i, m) in cluster.masters.iter().enumerate() {
+        let one = Locker::open(&format!("redis://127.0.0.1:{}?prefix=rl-test", m.port)).await.unwrap();
+        if one.status("k").await.unwrap().fencing_token == Some(lease.fencing_token()) {
+            fenced.push(i);
+        }
+    }
+    assert!(fenced.len() >= 2, "{fenced:?}");
+    let (down, keeps) = (fenced[0], fenced[1]);
+    let other = 3 - down - keeps;
+    // One holder of the grant unreachable, the other still holding it, the third master without
+    // it: the grant may hold a majority (with the unreachable one) — not "free".
+    cluster.masters[down].kill();
+    cluster.masters[other].raw("DEL rl-test:{k}:lock");
+    let err = locker.status("k").await.unwrap_err();
+    assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
+    // Gone from the remaining holder too: no grant can have a majority now.
+    assert!(cluster.masters[keeps].raw("DEL rl-test:{k}:lock").starts_with(":1"));
+    assert!(!locker.status("k").await.unwrap().held);
+}
+
 /// Five masters: with two killed locks keep working (and tokens rising, with contention);
 /// with three killed they are refused as unavailable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

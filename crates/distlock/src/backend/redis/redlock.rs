@@ -381,7 +381,10 @@ impl Backend for RedlockBackend {
         }
     }
 
-    /// Held when a majority of masters agree on the same grant (fencing token).
+    /// Held when a majority of masters agree on the same grant (fencing token); free only when
+    /// no grant can have a majority, counting the masters that did not answer as possibly
+    /// holding it. Otherwise it cannot be told (a grant on a bare majority with one of its
+    /// masters cut off): `Unavailable`, not "free".
     async fn status(&self, key: &str) -> Result<LockInfo> {
         let results = join_all(self.nodes.iter().map(|n| n.store.status(key))).await;
         let mut held: Vec<LockInfo> = Vec::new();
@@ -397,11 +400,24 @@ impl Backend for RedlockBackend {
             return Err(self.no_majority(errors));
         }
         held.sort_by_key(|i| i.fencing_token);
+        let mut most = 0;
         for run in held.chunk_by(|a, b| a.fencing_token == b.fencing_token) {
-            if run.len() >= self.quorum && run[0].fencing_token != Some(0) {
+            if run[0].fencing_token == Some(0) {
+                continue;
+            }
+            if run.len() >= self.quorum {
                 let expires_in = run.iter().filter_map(|i| i.expires_in).min();
                 return Ok(LockInfo { expires_in, waiters: 0, ..run[0].clone() });
             }
+            most = most.max(run.len());
+        }
+        if most + errors.len() >= self.quorum {
+            return Err(Error::Unavailable(format!(
+                "redlock: {most} of {} masters hold one grant and {} did not answer: whether it \
+                 holds a majority cannot be told",
+                self.nodes.len(),
+                errors.len()
+            )));
         }
         Ok(LockInfo::free(key, 0))
     }
