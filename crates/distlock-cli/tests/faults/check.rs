@@ -14,8 +14,11 @@
 //! - Linearizability: the acquires, releases and status reads of every client, with the
 //!   renewals their deadlines show, must be explained by one order against the model of a
 //!   fenced lock or semaphore (crates/distlock-testkit's `linearizable`); see `linear_history`.
-//!   Reported in its own column, not yet part of "safe": the cases it has not been run on under
-//!   every fault (Redis, Redlock, Sentinel, etcd pauses and partitions) must be seen first.
+//!   A history judged not linearizable is unsafe; one the search could not decide within its
+//!   budget is reported only.
+//!
+//! With several keys every check but liveness runs per key ([`check`]), and the findings add up
+//! ([`Findings::merge`]); liveness is judged over all keys ([`liveness`]).
 
 use std::collections::HashMap;
 
@@ -70,6 +73,27 @@ impl Findings {
             && self.linearizable != Some(false)
     }
 
+    /// Adds another key's findings to these (liveness aside: see [`liveness`]).
+    pub fn merge(&mut self, o: Findings) {
+        self.grants += o.grants;
+        self.overlaps += o.overlaps;
+        self.stale_refused += o.stale_refused;
+        self.stale_accepted += o.stale_accepted;
+        self.current_refused += o.current_refused;
+        self.token_violations += o.token_violations;
+        self.acked_lost += o.acked_lost;
+        self.longest_unavailable_ms = self.longest_unavailable_ms.max(o.longest_unavailable_ms);
+        self.linearizable = match (self.linearizable, o.linearizable) {
+            (Some(false), _) | (_, Some(false)) => Some(false),
+            (Some(true), Some(true)) => Some(true),
+            _ => None,
+        };
+        self.lin_ops += o.lin_ops;
+        for e in o.examples {
+            self.note(e);
+        }
+    }
+
     fn note(&mut self, s: String) {
         if self.examples.len() < 5 {
             self.examples.push(s);
@@ -77,17 +101,9 @@ impl Findings {
     }
 }
 
-/// `heal`: when the last fault ended (monotonic ns), if any; `clients`: how many ran; `long_hold_ns`:
-/// the longest critical section a client runs.
-pub fn check(
-    events: &[Event],
-    fence: &[Judged],
-    ttl_ns: i64,
-    long_hold_ns: i64,
-    heal: Option<i64>,
-    clients: u32,
-    limit: u32,
-) -> Findings {
+/// The checks of one key's history (see the module docs); `fence`: the resource's judgements of
+/// that key's writes; `limit`: permits per key.
+pub fn check(events: &[Event], fence: &[Judged], ttl_ns: i64, limit: u32) -> Findings {
     let mut f = Findings::default();
     // Grants in the order they were answered.
     let mut grants: Vec<(u32, i64, i64, u64)> = events
@@ -261,31 +277,52 @@ pub fn check(
 
     f.longest_unavailable_ms = grants.windows(2).map(|w| (w[1].2 - w[0].2) as f64 / 1e6).fold(0.0, f64::max);
 
-    // Liveness after the last heal.
-    f.live = true;
-    if let Some(h) = heal {
-        let first = grants.iter().find(|g| g.2 > h).map(|g| (g.2 - h) as f64 / 1e6);
-        let mut worst = Some(0.0f64);
-        for c in 0..clients {
-            match grants.iter().find(|g| g.0 == c && g.2 > h) {
-                Some(g) => worst = worst.map(|w| w.max((g.2 - h) as f64 / 1e6)),
-                None => worst = None,
-            }
-        }
-        f.first_grant_after_heal_ms = first;
-        f.recovery_ms = worst;
-        let ttl_ms = ttl_ns as f64 / 1e6;
-        let all_limit = 2.0 * ttl_ms + f64::from(clients.saturating_sub(1)) * long_hold_ns as f64 / 1e6;
-        f.live = first.is_some_and(|v| v <= 2.0 * ttl_ms) && worst.is_some_and(|w| w <= all_limit);
-        if !f.live {
-            f.note(format!(
-                "liveness: after the last heal the first grant came after {first:?} ms (limit {:.0}), \
-                 the last client's after {worst:?} ms (limit {all_limit:.0})",
-                2.0 * ttl_ms
-            ));
-        }
-    }
     f
+}
+
+/// Liveness after the last heal (`heal`, monotonic ns; none: no fault, nothing to judge), over
+/// every key's `events`: the first grant within 2 TTLs, and each of `clients` served within 2
+/// TTLs plus the long critical sections (`long_hold_ns`) of the others queued ahead of it.
+pub fn liveness(
+    f: &mut Findings,
+    events: &[Event],
+    heal: Option<i64>,
+    ttl_ns: i64,
+    long_hold_ns: i64,
+    clients: u32,
+) {
+    f.live = true;
+    let Some(h) = heal else { return };
+    let after = |c: Option<u32>| {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Grant { c: gc, t, .. } if *t > h && c.is_none_or(|c| c == *gc) => Some(*t),
+                _ => None,
+            })
+            .min()
+            .map(|t| (t - h) as f64 / 1e6)
+    };
+    let first = after(None);
+    let mut worst = Some(0.0f64);
+    for c in 0..clients {
+        worst = match (worst, after(Some(c))) {
+            (Some(w), Some(v)) => Some(w.max(v)),
+            _ => None,
+        };
+    }
+    f.first_grant_after_heal_ms = first;
+    f.recovery_ms = worst;
+    let ttl_ms = ttl_ns as f64 / 1e6;
+    let all_limit = 2.0 * ttl_ms + f64::from(clients.saturating_sub(1)) * long_hold_ns as f64 / 1e6;
+    f.live = first.is_some_and(|v| v <= 2.0 * ttl_ms) && worst.is_some_and(|w| w <= all_limit);
+    if !f.live {
+        f.note(format!(
+            "liveness: after the last heal the first grant came after {first:?} ms (limit {:.0}), \
+             the last client's after {worst:?} ms (limit {all_limit:.0})",
+            2.0 * ttl_ms
+        ));
+    }
 }
 
 /// The run as a history for the linearizability checker. Each grant is a lease (its client and

@@ -9,6 +9,9 @@
 //! Beside the loop, each client reads the key's status every 50–250 ms and records what it
 //! named (for the linearizability check: see `check.rs`).
 //!
+//! With `FAULTS_KEYS` > 1 each cycle (and each status read) picks one of that many keys at random,
+//! and what concerns a key is recorded in that key's own history file.
+//!
 //! `FAULTS_PRIMITIVE` picks what is taken: `lock` (default), `semaphore:N` (a permit of N), or
 //! `election` (leadership, campaigning with the client's name as its value; resigned at the end).
 
@@ -19,7 +22,7 @@ use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use crate::history::{now_ns, ns_of, Event, Recorder};
+use crate::history::{history_path, key_name, now_ns, ns_of, Event, Recorder};
 
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("client needs {name}"))
@@ -104,7 +107,9 @@ async fn take(
 pub async fn main() {
     let c: u32 = env("FAULTS_CLIENT").parse().expect("client number");
     let backend = env("FAULTS_BACKEND");
-    let key = env("FAULTS_KEY");
+    let base = env("FAULTS_KEY");
+    let keys: u32 = env("FAULTS_KEYS").parse().expect("FAULTS_KEYS");
+    let dir = std::path::PathBuf::from(env("FAULTS_HISTORY_DIR"));
     let ttl = env_ms("FAULTS_TTL_MS");
     let hold = env_ms("FAULTS_HOLD_MS");
     // One critical section in four holds longer than the TTL, kept alive by renewal: faults that
@@ -114,7 +119,8 @@ pub async fn main() {
         env("FAULTS_SEED").parse::<u64>().unwrap_or(1) * 1000 + u64::from(c),
     );
     let until: i64 = env("FAULTS_UNTIL_NS").parse().expect("FAULTS_UNTIL_NS");
-    let mut rec = Recorder::create(std::path::Path::new(&env("FAULTS_HISTORY"))).expect("history file");
+    let mut recs: Vec<Recorder> =
+        (0..keys).map(|i| Recorder::create(&history_path(&dir, c, i, keys)).expect("history file")).collect();
     let mut fence = Fence { addr: env("FAULTS_FENCE"), conn: None };
     let locker = loop {
         match Locker::open(&backend).await {
@@ -124,11 +130,14 @@ pub async fn main() {
         }
     };
     let opts = AcquireOptions::new().ttl(ttl).wait(ttl * 3).holder(format!("faults/client-{c}"));
-    tokio::spawn(read_status(locker.clone(), key.clone(), c, until, rng.random()));
+    let names: Vec<String> = (0..keys).map(|i| key_name(&base, i, keys)).collect();
+    tokio::spawn(read_status(locker.clone(), names.clone(), dir, c, until, rng.random()));
     let primitive = std::env::var("FAULTS_PRIMITIVE").unwrap_or_else(|_| "lock".into());
     while now_ns() < until {
+        let i = rng.random_range(0..keys) as usize;
+        let (key, rec) = (&names[i], &mut recs[i]);
         let t_req = now_ns();
-        let held = match take(&locker, &key, &opts, &primitive, c).await {
+        let held = match take(&locker, key, &opts, &primitive, c).await {
             Ok(h) => h,
             Err(e) => {
                 rec.record(&Event::Fail { c, t_req, t: now_ns(), code: e.code().as_str().to_owned() });
@@ -147,7 +156,7 @@ pub async fn main() {
             let t_check = now_ns();
             let believed = lease.is_held();
             let safe_until = ns_of(lease.safe_until());
-            let accepted = fence.write(&key, token, c, long && step == 0).await;
+            let accepted = fence.write(key, token, c, long && step == 0).await;
             if let Some(accepted) = accepted {
                 rec.record(&Event::Write {
                     c,
@@ -197,15 +206,29 @@ pub async fn main() {
     }
 }
 
-/// Reads `key`'s status every 50–250 ms until `until`, recording each answer (an error says
-/// nothing and is not recorded).
-async fn read_status(locker: Locker, key: String, c: u32, until: i64, seed: u64) {
-    let Ok(mut rec) = Recorder::create(std::path::Path::new(&env("FAULTS_HISTORY"))) else { return };
+/// Reads the status of one of `keys` (at random) every 50–250 ms until `until`, recording each
+/// answer in that key's history (an error says nothing and is not recorded).
+async fn read_status(
+    locker: Locker,
+    keys: Vec<String>,
+    dir: std::path::PathBuf,
+    c: u32,
+    until: i64,
+    seed: u64,
+) {
+    let n = keys.len() as u32;
+    let Ok(mut recs) =
+        (0..n).map(|i| Recorder::create(&history_path(&dir, c, i, n))).collect::<Result<Vec<_>, _>>()
+    else {
+        return;
+    };
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     while now_ns() < until {
         tokio::time::sleep(Duration::from_millis(rng.random_range(50..250))).await;
+        let i = rng.random_range(0..n) as usize;
+        let (key, rec) = (&keys[i], &mut recs[i]);
         let t_req = now_ns();
-        let Ok(info) = locker.status(&key).await else { continue };
+        let Ok(info) = locker.status(key).await else { continue };
         let tokens: Vec<u64> = match info.holders.is_empty() {
             true => info.fencing_token.into_iter().collect(),
             false => info.holders.iter().map(|h| h.fencing_token).collect(),

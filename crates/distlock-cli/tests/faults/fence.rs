@@ -15,6 +15,7 @@ use crate::history::now_ns;
 /// One judged write.
 #[derive(Debug, Clone)]
 pub struct Judged {
+    pub key: String,
     pub t: i64,
     pub token: u64,
     pub client: u32,
@@ -64,7 +65,7 @@ impl FencedResource {
                                 *highest = token;
                                 s.in_long_hold = long.then_some(client);
                             }
-                            s.log.push(Judged { t: now_ns(), token, client, accepted });
+                            s.log.push(Judged { key: key.to_owned(), t: now_ns(), token, client, accepted });
                             accepted
                         };
                         if w.write_all(if accepted { b"1\n" } else { b"0\n" }).await.is_err() {

@@ -24,6 +24,25 @@ pub fn ns_of(instant: tokio::time::Instant) -> i64 {
     }
 }
 
+/// The key of index `i` of `keys` named after `base`: `base` itself when there is one key.
+pub fn key_name(base: &str, i: u32, keys: u32) -> String {
+    if keys <= 1 {
+        base.to_owned()
+    } else {
+        format!("{base}-{i}")
+    }
+}
+
+/// Where client `c` records its history of key `i` (of `keys`) in `dir`: one file per client and
+/// key, so that each key's checks read only its own.
+pub fn history_path(dir: &Path, c: u32, i: u32, keys: u32) -> std::path::PathBuf {
+    if keys <= 1 {
+        dir.join(format!("client-{c}.jsonl"))
+    } else {
+        dir.join(format!("client-{c}.key-{i}.jsonl"))
+    }
+}
+
 /// One thing a client did or saw. `c` is the client number, times are [`now_ns`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "e", rename_all = "snake_case")]

@@ -5,7 +5,11 @@
 //!
 //! ```text
 //! cargo test --release -p distlock-cli --test faults -- --duration 10m [--only etcd] [--seed 7]
+//! cargo test --release -p distlock-cli --test faults -- --big --only "8 keys" --duration 1h
 //! ```
+//!
+//! `--big` adds the big, mixed cases (10 clients over 8 keys, faults of every kind the store
+//! promises to survive drawn at random), which the short profile leaves out.
 //!
 //! Prints a table (also written to `target/faults-report.md`) and fails when a case whose backend
 //! promises safety under that fault shows an overlap, a stale write accepted, the current holder
@@ -55,6 +59,14 @@ enum Nemesis {
     /// The store's wall clock flips between the real one and 2^k ms ahead (k drawn per fault)
     /// every 10 ms.
     ClockStrobe,
+    /// Redlock: cuts between clients and some masters through the clients' per-master proxies,
+    /// in turn: the holder from a minority of masters, the holder from a majority, and a bridge
+    /// (even clients cut from the last ⌊(N−1)/2⌋ masters, odd ones from the first: the two sides
+    /// share the middle master and each still reaches a majority).
+    Cut,
+    /// Each fault drawn from the store's list (`Kind::mixed`): pauses, kills, partitions, cuts
+    /// and clock jumps in one run.
+    Mixed,
 }
 
 impl Nemesis {
@@ -68,12 +80,36 @@ impl Nemesis {
             Nemesis::Failover => "forced failover (SENTINEL FAILOVER)",
             Nemesis::ClockJump => "wall clock jumps (±2^2..2^18 ms)",
             Nemesis::ClockStrobe => "wall clock strobe (0 / +2^k ms, 10 ms)",
+            Nemesis::Cut => "cut from masters (minority / majority / bridge)",
+            Nemesis::Mixed => "mixed",
         }
     }
 
     /// Whether it runs the store under a fake clock.
-    fn moves_clock(self) -> bool {
-        matches!(self, Nemesis::ClockJump | Nemesis::ClockStrobe)
+    fn moves_clock(self, kind: Kind) -> bool {
+        match self {
+            Nemesis::ClockJump | Nemesis::ClockStrobe => true,
+            Nemesis::Mixed => kind.mixed().contains(&Nemesis::ClockJump),
+            _ => false,
+        }
+    }
+}
+
+impl Kind {
+    /// The faults a mixed run of this store draws from: every one it promises to be safe under.
+    fn mixed(self) -> Vec<Nemesis> {
+        use Nemesis::*;
+        match self {
+            Kind::Server => vec![PauseHolder, KillStore, Partition, PauseStore, ClockJump, ClockStrobe],
+            Kind::Redis => vec![PauseHolder, Partition, PauseStore],
+            Kind::Redlock(_) => vec![PauseHolder, Partition, Cut],
+            Kind::Etcd(_) if etcd_revokes_only_as_leader() => {
+                vec![PauseHolder, KillStore, Partition, PauseStore]
+            }
+            Kind::Etcd(_) => vec![PauseHolder, KillStore, Partition],
+            Kind::ServersOverEtcd(_) => vec![PauseHolder, KillServer, KillStore, Partition],
+            _ => vec![PauseHolder],
+        }
     }
 }
 
@@ -84,7 +120,14 @@ struct Case {
     promised: bool,
     /// What the clients take: `lock`, `semaphore:N` or `election` (see `client.rs`).
     primitive: &'static str,
+    /// A big run: at least [`BIG_CLIENTS`] clients over [`BIG_KEYS`] keys; by hand only (`--big`
+    /// or `--only`).
+    big: bool,
 }
+
+/// Clients and keys of a big run (issue 22 §5).
+const BIG_CLIENTS: u32 = 10;
+const BIG_KEYS: u32 = 8;
 
 /// The primitives the clients can take.
 const LOCK: &str = "lock";
@@ -99,10 +142,22 @@ impl Case {
 
     /// The backend column of the report: the store, and the primitive unless a lock.
     fn label(&self) -> String {
-        match self.primitive {
+        let label = match self.primitive {
             LOCK => self.kind.name(),
             SEMAPHORE => format!("{}, semaphore N={}", self.kind.name(), self.limit()),
             other => format!("{}, {other}", self.kind.name()),
+        };
+        match self.big {
+            true => format!("{label}, {BIG_KEYS} keys"),
+            false => label,
+        }
+    }
+
+    /// Client processes and keys: the settings', or a big run's.
+    fn scale(&self, s: &Settings) -> (u32, u32) {
+        match self.big {
+            true => (s.clients.max(BIG_CLIENTS), BIG_KEYS),
+            false => (s.clients, 1),
         }
     }
 
@@ -117,7 +172,8 @@ impl Case {
     /// `Kind::settle`), so each such case costs about 50 s: the short profile keeps the harsher
     /// one (the master killed), the forced failover runs with `--duration` or `--only`.
     fn in_short_profile(&self) -> bool {
-        !(self.kind == Kind::Sentinel && self.nemesis == Nemesis::Failover)
+        let long_failover = self.kind == Kind::Sentinel && self.nemesis == Nemesis::Failover;
+        !long_failover && !self.big
     }
 }
 
@@ -125,60 +181,74 @@ fn cases() -> Vec<Case> {
     use Nemesis::*;
     let all = [PauseHolder, KillStore, Partition, PauseStore];
     // First, proof that the checkers catch a lock that excludes nobody.
-    let mut v = vec![Case { kind: Kind::Broken, nemesis: PauseHolder, promised: false, primitive: LOCK }];
+    let mut v =
+        vec![Case { kind: Kind::Broken, nemesis: PauseHolder, promised: false, primitive: LOCK, big: false }];
     for n in all {
-        v.push(Case { kind: Kind::Server, nemesis: n, promised: true, primitive: LOCK });
+        v.push(Case { kind: Kind::Server, nemesis: n, promised: true, primitive: LOCK, big: false });
     }
     // A semaphore of 2 (never more than 2 entitled at once) and a leader election (only the
     // current leader's writes accepted), with holders paused past their TTL and the store killed.
     for primitive in [SEMAPHORE, ELECTION] {
         for n in [PauseHolder, KillStore] {
-            v.push(Case { kind: Kind::Server, nemesis: n, promised: true, primitive });
+            v.push(Case { kind: Kind::Server, nemesis: n, promised: true, primitive, big: false });
         }
     }
     for n in all {
         // A Redis without persistence forgets every lock and fencing counter when it restarts.
-        v.push(Case { kind: Kind::Redis, nemesis: n, promised: n != KillStore, primitive: LOCK });
+        v.push(Case { kind: Kind::Redis, nemesis: n, promised: n != KillStore, primitive: LOCK, big: false });
     }
     // The same primitives over Redis (holders paused past their TTL) and over etcd (its leader
     // killed under them): no backend offers them with weaker promises than a lock's.
     for primitive in [SEMAPHORE, ELECTION] {
-        v.push(Case { kind: Kind::Redis, nemesis: PauseHolder, promised: true, primitive });
-        v.push(Case { kind: Kind::Etcd(3), nemesis: KillStore, promised: true, primitive });
+        v.push(Case { kind: Kind::Redis, nemesis: PauseHolder, promised: true, primitive, big: false });
+        v.push(Case { kind: Kind::Etcd(3), nemesis: KillStore, promised: true, primitive, big: false });
     }
     for n in [PauseHolder, Partition] {
-        v.push(Case { kind: Kind::Redlock(3), nemesis: n, promised: true, primitive: LOCK });
+        v.push(Case { kind: Kind::Redlock(3), nemesis: n, promised: true, primitive: LOCK, big: false });
     }
     // A master restarted empty at once is outside Redlock's assumptions (delayed restarts).
-    v.push(Case { kind: Kind::Redlock(3), nemesis: KillStore, promised: false, primitive: LOCK });
-    v.push(Case { kind: Kind::Redlock(5), nemesis: KillStore, promised: false, primitive: LOCK });
+    v.push(Case { kind: Kind::Redlock(3), nemesis: KillStore, promised: false, primitive: LOCK, big: false });
+    v.push(Case { kind: Kind::Redlock(5), nemesis: KillStore, promised: false, primitive: LOCK, big: false });
     // With min_replicas=1 every acknowledged grant is on the replica before the answer, so a
     // failover (asked for, or after the master's kill -9) forgets none.
     for n in [Failover, KillStore] {
-        v.push(Case { kind: Kind::Sentinel, nemesis: n, promised: true, primitive: LOCK });
+        v.push(Case { kind: Kind::Sentinel, nemesis: n, promised: true, primitive: LOCK, big: false });
     }
     // A Cluster master that dies fails over to its asynchronously replicated replica, which can
     // miss the latest grants: as documented, not promised. With min_replicas=1 every
     // acknowledged grant and renewal is on the replica first, as behind Sentinel: promised.
-    v.push(Case { kind: Kind::Cluster(0), nemesis: KillStore, promised: false, primitive: LOCK });
-    v.push(Case { kind: Kind::Cluster(1), nemesis: KillStore, promised: true, primitive: LOCK });
+    v.push(Case { kind: Kind::Cluster(0), nemesis: KillStore, promised: false, primitive: LOCK, big: false });
+    v.push(Case { kind: Kind::Cluster(1), nemesis: KillStore, promised: true, primitive: LOCK, big: false });
     for n in all {
         // A leader paused past the TTLs: etcd before 3.4.28 / 3.5.11 revokes leases on resume
         // that the new leader kept alive (etcd-io/etcd#15247, fixed by #16822), freeing locks
         // early. Promised only on an etcd with the fix.
         let promised = n != PauseStore || etcd_revokes_only_as_leader();
-        v.push(Case { kind: Kind::Etcd(3), nemesis: n, promised, primitive: LOCK });
+        v.push(Case { kind: Kind::Etcd(3), nemesis: n, promised, primitive: LOCK, big: false });
     }
     // Wall-clock jumps and strobes on the store: the server counts deadlines on the monotonic
     // clock and promises safety; Redis expires keys by its wall clock, so a jump ahead frees a
     // lock early (what breaks, and how often, is the row's finding).
     for n in [ClockJump, ClockStrobe] {
-        v.push(Case { kind: Kind::Server, nemesis: n, promised: true, primitive: LOCK });
-        v.push(Case { kind: Kind::Redis, nemesis: n, promised: false, primitive: LOCK });
+        v.push(Case { kind: Kind::Server, nemesis: n, promised: true, primitive: LOCK, big: false });
+        v.push(Case { kind: Kind::Redis, nemesis: n, promised: false, primitive: LOCK, big: false });
     }
     // Stateless servers in front of etcd: losing one, or the etcd leader, loses no lock.
     for n in [KillServer, KillStore] {
-        v.push(Case { kind: Kind::ServersOverEtcd(3), nemesis: n, promised: true, primitive: LOCK });
+        v.push(Case {
+            kind: Kind::ServersOverEtcd(3),
+            nemesis: n,
+            promised: true,
+            primitive: LOCK,
+            big: false,
+        });
+    }
+    // Five Redlock masters, clients cut from a minority, a majority, or bridged across them.
+    v.push(Case { kind: Kind::Redlock(5), nemesis: Cut, promised: true, primitive: LOCK, big: false });
+    // Big and mixed (by hand: `--big`): 10 clients over 8 keys, every fault the store promises
+    // to survive drawn at random, on 5 etcd members and 5 Redlock masters among others.
+    for kind in [Kind::Server, Kind::Redis, Kind::Redlock(5), Kind::Etcd(5), Kind::ServersOverEtcd(3)] {
+        v.push(Case { kind, nemesis: Mixed, promised: true, primitive: LOCK, big: true });
     }
     v
 }
@@ -207,10 +277,12 @@ struct Settings {
     only: Option<String>,
     seed: u64,
     clients: u32,
+    /// Run the big cases too.
+    big: bool,
 }
 
 fn settings() -> Settings {
-    let mut s = Settings { duration: None, only: None, seed: 1, clients: 3 };
+    let mut s = Settings { duration: None, only: None, seed: 1, clients: 3, big: false };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -218,6 +290,7 @@ fn settings() -> Settings {
             "--only" => s.only = args.next(),
             "--seed" => s.seed = args.next().and_then(|d| d.parse().ok()).unwrap_or(1),
             "--clients" => s.clients = args.next().and_then(|d| d.parse().ok()).unwrap_or(3),
+            "--big" => s.big = true,
             _ => {} // cargo test's own flags
         }
     }
@@ -247,6 +320,7 @@ struct ClientSpec<'a> {
     url: String,
     primitive: &'a str,
     key: &'a str,
+    keys: u32,
     ttl: Duration,
     dir: &'a std::path::Path,
     fence: &'a str,
@@ -255,7 +329,7 @@ struct ClientSpec<'a> {
 }
 
 fn spawn_client(c: u32, spec: &ClientSpec) -> Child {
-    let ClientSpec { url, primitive, key, ttl, dir, fence, until, seed } = spec;
+    let ClientSpec { url, primitive, key, keys, ttl, dir, fence, until, seed } = spec;
     Command::new(std::env::current_exe().expect("own path"))
         .env("FAULTS_CLIENT", c.to_string())
         .env("FAULTS_BACKEND", url)
@@ -266,7 +340,8 @@ fn spawn_client(c: u32, spec: &ClientSpec) -> Child {
         .env("FAULTS_SEED", seed.to_string())
         .env("FAULTS_UNTIL_NS", until.to_string())
         .env("FAULTS_FENCE", fence)
-        .env("FAULTS_HISTORY", dir.join(format!("client-{c}.jsonl")))
+        .env("FAULTS_KEYS", keys.to_string())
+        .env("FAULTS_HISTORY_DIR", dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(
@@ -291,12 +366,13 @@ async fn run_case(case: &Case, s: &Settings, rng: &mut rand::rngs::StdRng) -> Ro
     let settle = case.kind.settle();
     let duration =
         s.duration.unwrap_or(warmup + strike_wait + fault_len + settle + quiet + Duration::from_millis(500));
-    let clock = case.nemesis.moves_clock().then(clock::FakeClock::new);
+    let (n_clients, keys) = case.scale(s);
+    let clock = case.nemesis.moves_clock(case.kind).then(clock::FakeClock::new);
     let mut store = tokio::task::block_in_place(|| Store::start(case.kind, clock.as_ref()));
     let fence = FencedResource::start().await;
     let ports = store.ports();
     let mut proxies = Vec::new();
-    for _ in 0..s.clients {
+    for _ in 0..n_clients {
         let mut mine = Vec::new();
         for &p in &ports {
             mine.push(Proxy::start(p).await);
@@ -307,7 +383,7 @@ async fn run_case(case: &Case, s: &Settings, rng: &mut rand::rngs::StdRng) -> Ro
     let start = now_ns();
     let until = start + duration.as_nanos() as i64;
     let key = "faults/the-lock";
-    let mut clients: Vec<Child> = (0..s.clients)
+    let mut clients: Vec<Child> = (0..n_clients)
         .map(|c| {
             let url = store.url(c, &proxies[c as usize].iter().map(|p| p.port).collect::<Vec<_>>());
             spawn_client(
@@ -316,6 +392,7 @@ async fn run_case(case: &Case, s: &Settings, rng: &mut rand::rngs::StdRng) -> Ro
                     url,
                     primitive: case.primitive,
                     key,
+                    keys,
                     ttl,
                     dir: dir.path(),
                     fence: &fence.addr,
@@ -341,7 +418,37 @@ async fn run_case(case: &Case, s: &Settings, rng: &mut rand::rngs::StdRng) -> Ro
                 None => tokio::time::sleep(Duration::from_millis(5)).await,
             }
         } as usize;
-        match case.nemesis {
+        let nemesis = match case.nemesis {
+            Nemesis::Mixed => {
+                let all = case.kind.mixed();
+                let n = all[rng.random_range(0..all.len())];
+                eprintln!("    fault {faults}: {}", n.name());
+                n
+            }
+            n => n,
+        };
+        match nemesis {
+            Nemesis::Mixed => {}
+            Nemesis::Cut => {
+                // Member m of client c's connections is proxies[c][m].
+                let members = ports.len();
+                let few = (members - 1) / 2;
+                // In turn from the first fault: a bridge, a minority, a majority.
+                let cut: Vec<(usize, std::ops::Range<usize>)> = match faults % 3 {
+                    2 => vec![(holder, 0..few)],
+                    0 => vec![(holder, 0..few + 1)],
+                    _ => (0..proxies.len())
+                        .map(|c| (c, if c % 2 == 0 { members - few..members } else { 0..few }))
+                        .collect(),
+                };
+                for (c, range) in &cut {
+                    proxies[*c][range.clone()].iter().for_each(|p| p.set(Mode::Blackhole));
+                }
+                tokio::time::sleep(fault_len).await;
+                for (c, range) in &cut {
+                    proxies[*c][range.clone()].iter().for_each(|p| p.set(Mode::Pass));
+                }
+            }
             Nemesis::PauseHolder => {
                 pause_process(clients[holder].id(), true);
                 tokio::time::sleep(fault_len).await;
@@ -379,7 +486,7 @@ async fn run_case(case: &Case, s: &Settings, rng: &mut rand::rngs::StdRng) -> Ro
                     let mut ahead = false;
                     let mut jumps = Vec::new();
                     while std::time::Instant::now() < end {
-                        if case.nemesis == Nemesis::ClockJump {
+                        if nemesis == Nemesis::ClockJump {
                             let ms = 1i64 << rng.random_range(2..=18);
                             let ms = if rng.random_bool(0.5) { ms } else { -ms };
                             clock.set(ms);
@@ -392,7 +499,7 @@ async fn run_case(case: &Case, s: &Settings, rng: &mut rand::rngs::StdRng) -> Ro
                         }
                     }
                     clock.set(0);
-                    match case.nemesis {
+                    match nemesis {
                         Nemesis::ClockJump => eprintln!("    clock offsets, ms: {jumps:?}, 0"),
                         _ => eprintln!("    clock strobe: 0 / +{strobe} ms"),
                     }
@@ -425,17 +532,31 @@ async fn run_case(case: &Case, s: &Settings, rng: &mut rand::rngs::StdRng) -> Ro
             }
         }
     }
-    let paths: Vec<_> = (0..s.clients).map(|c| dir.path().join(format!("client-{c}.jsonl"))).collect();
-    let events = history::load(&paths);
-    for c in 0..s.clients {
+    for c in 0..n_clients {
         let err = std::fs::read_to_string(dir.path().join(format!("client-{c}.err"))).unwrap_or_default();
         if !err.trim().is_empty() {
             eprintln!("client {c} stderr:\n{err}");
         }
     }
     let long_hold = (ttl * 6 / 5).as_nanos() as i64;
-    let findings =
-        check::check(&events, &fence.log(), ttl.as_nanos() as i64, long_hold, heal, s.clients, case.limit());
+    let ttl_ns = ttl.as_nanos() as i64;
+    let judged = fence.log();
+    let mut findings: Option<check::Findings> = None;
+    let mut every_key = Vec::new();
+    for i in 0..keys {
+        let paths: Vec<_> = (0..n_clients).map(|c| history::history_path(dir.path(), c, i, keys)).collect();
+        let events = history::load(&paths);
+        let name = history::key_name(key, i, keys);
+        let judged: Vec<_> = judged.iter().filter(|j| j.key == name).cloned().collect();
+        let found = check::check(&events, &judged, ttl_ns, case.limit());
+        match findings.as_mut() {
+            Some(f) => f.merge(found),
+            None => findings = Some(found),
+        }
+        every_key.extend(events);
+    }
+    let mut findings = findings.unwrap_or_default();
+    check::liveness(&mut findings, &every_key, heal, ttl_ns, long_hold, n_clients);
     Row {
         backend: case.label(),
         nemesis: case.nemesis.name(),
@@ -510,6 +631,9 @@ fn main() {
             continue;
         }
         if s.duration.is_none() && s.only.is_none() && !case.in_short_profile() {
+            continue;
+        }
+        if case.big && !s.big && s.only.is_none() {
             continue;
         }
         eprintln!("faults: {label} ...");
