@@ -429,6 +429,14 @@ pub fn check_within(events: &[Event], model: Model, budget: usize) -> Verdict {
     // for the report.
     let mut stack = vec![(vec![0u64; words], start, 0usize)];
     let mut deepest = (0usize, vec![0u64; words]);
+    // The operations never answered (few), and a mask of them: the answered ones are placed
+    // roughly in call order, so each state looks only at the window of answered operations from
+    // the first unplaced one, not at the whole history (which made long histories slow).
+    let unanswered: Vec<usize> = (0..n).filter(|&i| events[i].answer == Nanos::MAX).collect();
+    let mut unanswered_mask = vec![0u64; words];
+    for &i in &unanswered {
+        unanswered_mask[i / 64] |= 1 << (i % 64);
+    }
     while let Some((done, state, count)) = stack.pop() {
         if count == answered {
             return Verdict::Linearizable;
@@ -440,13 +448,31 @@ pub fn check_within(events: &[Event], model: Model, budget: usize) -> Verdict {
             deepest = (count, done.clone());
         }
         let is_done = |i: usize| done[i / 64] >> (i % 64) & 1 == 1;
-        // Candidates: operations not placed whose call precedes every unplaced answer.
-        let first_answer =
-            (0..n).filter(|&i| !is_done(i)).map(|i| events[i].answer).min().unwrap_or(Nanos::MAX);
+        // The first answered operation not placed yet.
+        let lo = (0..words)
+            .find_map(|w| {
+                let free = !(done[w] | unanswered_mask[w]);
+                (free != 0).then(|| w * 64 + free.trailing_zeros() as usize)
+            })
+            .unwrap_or(n)
+            .min(n);
+        // Candidates: operations not placed whose call precedes every unplaced answer. Beyond
+        // an operation called after the earliest answer found so far, none can answer earlier.
+        let mut first_answer = Nanos::MAX;
+        for (i, e) in events.iter().enumerate().skip(lo) {
+            if e.call > first_answer {
+                break;
+            }
+            if !is_done(i) {
+                first_answer = first_answer.min(e.answer);
+            }
+        }
+        let window_end = lo + events[lo..].partition_point(|e| e.call <= first_answer);
+        let candidates = unanswered.iter().copied().filter(|&i| i < lo).chain(lo..window_end);
         // Unanswered operations alike and called by now are interchangeable (each can take
         // effect at any point from here on, with the same effect): trying one of them is enough.
         let mut alike: Vec<&Op> = Vec::new();
-        for i in (0..n).filter(|&i| !is_done(i) && events[i].call <= first_answer) {
+        for i in candidates.filter(|&i| !is_done(i) && events[i].call <= first_answer) {
             let unanswered = events[i].answer == Nanos::MAX;
             if unanswered && events[i].call <= state.now {
                 if alike.contains(&&events[i].op) {
