@@ -18,7 +18,8 @@
 //!   budget is reported only.
 //!
 //! With several keys every check but liveness runs per key ([`check`]), and the findings add up
-//! ([`Findings::merge`]); liveness is judged over all keys ([`liveness`]).
+//! ([`Findings::merge`]); [`liveness`] judges each key's first grant after the heal and each
+//! client's, on any key.
 
 use std::collections::HashMap;
 
@@ -280,12 +281,14 @@ pub fn check(events: &[Event], fence: &[Judged], ttl_ns: i64, limit: u32) -> Fin
     f
 }
 
-/// Liveness after the last heal (`heal`, monotonic ns; none: no fault, nothing to judge), over
-/// every key's `events`: the first grant within 2 TTLs, and each of `clients` served within 2
-/// TTLs plus the long critical sections (`long_hold_ns`) of the others queued ahead of it.
+/// Liveness after the last heal (`heal`, monotonic ns; none: no fault, nothing to judge), given
+/// each key's events: on every key asked for after the heal, a grant within 2 TTLs of the heal
+/// (or of the key's first request after it, if later); and each of `clients` served again, on any
+/// key, within 2 TTLs plus the long critical sections (`long_hold_ns`) of the others queued ahead
+/// of it.
 pub fn liveness(
     f: &mut Findings,
-    events: &[Event],
+    keys: &[Vec<Event>],
     heal: Option<i64>,
     ttl_ns: i64,
     long_hold_ns: i64,
@@ -293,33 +296,57 @@ pub fn liveness(
 ) {
     f.live = true;
     let Some(h) = heal else { return };
-    let after = |c: Option<u32>| {
-        events
+    let ms = |ns: i64| ns as f64 / 1e6;
+    // Per key: from the heal (or the key's first request after it) to its first grant after it.
+    let mut first: Option<f64> = Some(0.0);
+    for events in keys {
+        let asked = events
             .iter()
             .filter_map(|e| match e {
-                Event::Grant { c: gc, t, .. } if *t > h && c.is_none_or(|c| c == *gc) => Some(*t),
+                Event::Grant { t_req, t, .. } | Event::Fail { t_req, t, .. } if *t > h => {
+                    Some((*t_req).max(h))
+                }
                 _ => None,
             })
-            .min()
-            .map(|t| (t - h) as f64 / 1e6)
-    };
-    let first = after(None);
+            .min();
+        let Some(asked) = asked else { continue };
+        let granted = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Grant { t, .. } if *t > h => Some(*t),
+                _ => None,
+            })
+            .min();
+        first = match (first, granted) {
+            (Some(w), Some(t)) => Some(w.max(ms(t - asked))),
+            _ => None,
+        };
+    }
+    // Per client, on any key.
     let mut worst = Some(0.0f64);
     for c in 0..clients {
-        worst = match (worst, after(Some(c))) {
-            (Some(w), Some(v)) => Some(w.max(v)),
+        let served = keys
+            .iter()
+            .flatten()
+            .filter_map(|e| match e {
+                Event::Grant { c: gc, t, .. } if *t > h && *gc == c => Some(*t),
+                _ => None,
+            })
+            .min();
+        worst = match (worst, served) {
+            (Some(w), Some(t)) => Some(w.max(ms(t - h))),
             _ => None,
         };
     }
     f.first_grant_after_heal_ms = first;
     f.recovery_ms = worst;
-    let ttl_ms = ttl_ns as f64 / 1e6;
-    let all_limit = 2.0 * ttl_ms + f64::from(clients.saturating_sub(1)) * long_hold_ns as f64 / 1e6;
+    let ttl_ms = ms(ttl_ns);
+    let all_limit = 2.0 * ttl_ms + f64::from(clients.saturating_sub(1)) * ms(long_hold_ns);
     f.live = first.is_some_and(|v| v <= 2.0 * ttl_ms) && worst.is_some_and(|w| w <= all_limit);
     if !f.live {
         f.note(format!(
-            "liveness: after the last heal the first grant came after {first:?} ms (limit {:.0}), \
-             the last client's after {worst:?} ms (limit {all_limit:.0})",
+            "liveness: after the last heal the slowest key's first grant came after {first:?} ms \
+             (limit {:.0}), the last client's after {worst:?} ms (limit {all_limit:.0})",
             2.0 * ttl_ms
         ));
     }

@@ -26,8 +26,8 @@ pub struct Judged {
 struct State {
     highest: HashMap<String, u64>,
     log: Vec<Judged>,
-    /// The client inside a long critical section, as of its last accepted write.
-    in_long_hold: Option<u32>,
+    /// Per key, the client inside a long critical section, as of the key's last accepted write.
+    in_long_hold: HashMap<String, u32>,
 }
 
 /// A running fenced resource.
@@ -63,7 +63,10 @@ impl FencedResource {
                             let accepted = token >= *highest;
                             if accepted {
                                 *highest = token;
-                                s.in_long_hold = long.then_some(client);
+                                match long {
+                                    true => s.in_long_hold.insert(key.to_owned(), client),
+                                    false => s.in_long_hold.remove(key),
+                                };
                             }
                             s.log.push(Judged { key: key.to_owned(), t: now_ns(), token, client, accepted });
                             accepted
@@ -83,9 +86,9 @@ impl FencedResource {
         self.state.lock().ok()?.log.iter().rev().find(|j| j.accepted).map(|j| j.client)
     }
 
-    /// The client that has just begun a long critical section, if one is inside one now.
+    /// A client that has just begun a long critical section (on any key), if one is inside one now.
     pub fn in_long_hold(&self) -> Option<u32> {
-        self.state.lock().ok()?.in_long_hold
+        self.state.lock().ok()?.in_long_hold.values().next().copied()
     }
 
     /// Every judged write so far.
