@@ -42,6 +42,10 @@ pub struct Findings {
     pub overlaps: u64,
     pub stale_refused: u64,
     pub stale_accepted: u64,
+    /// Stale writes the resource accepted because the newer holder had not written yet, sent by
+    /// a holder that knew its lease gone or had checked it before the newer grant was answered:
+    /// fencing allows them (reported, not failed).
+    pub stale_raced: u64,
     pub current_refused: u64,
     pub token_violations: u64,
     pub acked_lost: u64,
@@ -80,6 +84,7 @@ impl Findings {
         self.overlaps += o.overlaps;
         self.stale_refused += o.stale_refused;
         self.stale_accepted += o.stale_accepted;
+        self.stale_raced += o.stale_raced;
         self.current_refused += o.current_refused;
         self.token_violations += o.token_violations;
         self.acked_lost += o.acked_lost;
@@ -161,7 +166,9 @@ pub fn check(events: &[Event], fence: &[Judged], ttl_ns: i64, limit: u32) -> Fin
     intervals.sort();
     if limit <= 1 {
         let mut reach: Option<(i64, u32, u64)> = None;
-        for &(start, end, c, token) in &intervals {
+        // An entitlement that ended before its grant was answered (the answer came after the
+        // holder's own deadline: a store paused or restarted meanwhile) held nothing.
+        for &(start, end, c, token) in intervals.iter().filter(|&&(start, end, _, _)| end > start) {
             if let Some((r_end, r_c, r_token)) = reach {
                 if start < r_end {
                     f.overlaps += 1;
@@ -217,13 +224,40 @@ pub fn check(events: &[Event], fence: &[Judged], ttl_ns: i64, limit: u32) -> Fin
         }
     }
 
-    // Writes: the current holder's (the latest grant answered before the write was judged) must
-    // be accepted; an older holder's must be refused.
+    // Writes: the current holder's (the latest grant answered before the write was judged, if
+    // its entitlement had not ended before it was answered) must be accepted; an older holder's
+    // must be refused — unless it was checked before the newer grant was answered, or sent by a
+    // holder that knew its lease gone: the resource cannot refuse it before it has seen the newer
+    // token (the newer holder had not written yet), which is what fencing allows.
+    let entitled: HashMap<(u32, u64), bool> =
+        intervals.iter().map(|&(start, end, c, token)| ((c, token), end > start)).collect();
+    let sent: Vec<(u32, u64, i64, i64, bool)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Write { c, token, believed, t_check, t_ack, .. } => {
+                Some((*c, *token, *t_check, *t_ack, *believed))
+            }
+            _ => None,
+        })
+        .collect();
     for j in fence.iter().filter(|_| limit <= 1) {
-        let latest = grants[..grants.partition_point(|g| g.2 < j.t)].last();
+        let latest = grants[..grants.partition_point(|g| g.2 < j.t)]
+            .iter()
+            .rev()
+            .find(|g| entitled.get(&(g.0, g.3)).copied().unwrap_or(true));
         let is_current = latest.is_some_and(|g| g.0 == j.client && g.3 == j.token);
         match (j.accepted, is_current) {
             (true, false) => {
+                // The writer's own record of this write: when it checked, and what it believed.
+                let own = sent.iter().find(|w| w.0 == j.client && w.1 == j.token && w.2 <= j.t && j.t <= w.3);
+                let raced = match (own, latest) {
+                    (Some(&(_, _, t_check, _, believed)), Some(g)) => !believed || t_check <= g.2,
+                    _ => false,
+                };
+                if raced {
+                    f.stale_raced += 1;
+                    continue;
+                }
                 f.stale_accepted += 1;
                 f.note(format!(
                     "stale write accepted: client {} token {} after client {:?} was granted token {:?}",

@@ -606,7 +606,10 @@ fn table(rows: &[Row]) -> String {
             f.grants,
             f.overlaps,
             f.stale_refused,
-            f.stale_accepted,
+            match f.stale_raced {
+                0 => f.stale_accepted.to_string(),
+                n => format!("{} (+{n} raced)", f.stale_accepted),
+            },
             f.current_refused,
             f.token_violations,
             f.acked_lost,
