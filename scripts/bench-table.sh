@@ -18,25 +18,17 @@ cargo build --release -q -p distlock-cli --bin distlock --example etcd_put
 BIN=target/release/distlock
 ETCD_PUT=target/release/examples/etcd_put
 source scripts/ports.sh
-need_tools redis-server redis-benchmark etcd python3
+need_tools redis-server redis-benchmark etcd etcdctl python3
 
 dir=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"' EXIT
-# Starts a redis-server and sets the variable named $1 to its port (not in a $(…) subshell, whose
-# `pids` would be lost and the server left running after the script).
-start_redis() { local p; p=$(free_port); redis-server --port "$p" --bind 127.0.0.1 --save '' --appendonly no --dir "$dir" >/dev/null & pids+=($!); wait_port "$p"; printf -v "$1" %s "$p"; }
 start_redis r1; start_redis m1; start_redis m2; start_redis m3
-ep=$(free_port) pp=$(free_port)
-etcd --name bench --data-dir "$dir/etcd" --log-level error \
-  --listen-client-urls "http://127.0.0.1:$ep" --advertise-client-urls "http://127.0.0.1:$ep" \
-  --listen-peer-urls "http://127.0.0.1:$pp" --initial-advertise-peer-urls "http://127.0.0.1:$pp" \
-  --initial-cluster "bench=http://127.0.0.1:$pp" >/dev/null 2>&1 &
-pids+=($!)
+start_etcd ep
 sp=$(free_port)
 DISTLOCK_LOG=warn $BIN serve --listen "127.0.0.1:$sp" --data-dir "$dir/data" >/dev/null 2>&1 &
 pids+=($!)
-wait_port "$ep"; wait_port "$sp"
+wait_port "$sp"
 
 mkdir -p target/bench
 out=target/bench/table.jsonl
