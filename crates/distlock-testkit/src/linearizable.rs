@@ -308,22 +308,19 @@ impl State {
             AcquireOutcome::Held if !room || (shared && !self.holders.is_empty()) => out.push(self),
             AcquireOutcome::Held => {}
             AcquireOutcome::TimedOut => out.push(self),
-            AcquireOutcome::Unknown { ttl } | AcquireOutcome::UnknownFor { ttl, .. } => {
+            AcquireOutcome::Unknown { .. } | AcquireOutcome::UnknownFor { .. } => {
                 // A grant whose caller knows its lease id may be released or renewed by it later;
-                // its token (0: not known yet) may be learnt from a status read.
+                // its token (0: not known yet) may be learnt from a status read. A grant nobody
+                // acknowledged binds no one: the store may drop it at any time (a dead lock
+                // server's etcd session ends whenever its last keep-alive runs out, however
+                // recently the grant came), so it may expire from the moment it is placed.
                 let lease = match outcome {
                     AcquireOutcome::UnknownFor { lease, .. } => *lease,
                     _ => GHOST,
                 };
                 if room {
                     let mut holders = self.holders.clone();
-                    holders.push(Holder {
-                        lease,
-                        token: 0,
-                        expires: expiry(at, *ttl),
-                        shared,
-                        floor: self.last_token,
-                    });
+                    holders.push(Holder { lease, token: 0, expires: at, shared, floor: self.last_token });
                     out.push(self.with(holders));
                 }
                 out.push(self);
