@@ -654,6 +654,14 @@ mod tests {
             ev(1, 40, 50, Op::Acquire(AcquireOutcome::Held)),
         ];
         check(&ghost).unwrap();
+        // Nobody acknowledged it, so the store may drop it before its TTL (a dead lock server's
+        // etcd session ran out): another grant soon after is not a violation.
+        let dropped = [
+            ev(0, 0, Nanos::MAX, Op::Acquire(AcquireOutcome::Unknown { ttl: TTL })),
+            ev(1, 20, 30, Op::Status(Some(1))),
+            ev(2, 40, 50, granted(2, 2)),
+        ];
+        check(&dropped).unwrap();
         // One whose lease id its caller knows may be released by it, and not by another.
         let unknown_for = |releaser| {
             [
