@@ -279,10 +279,25 @@ struct Settings {
     clients: u32,
     /// Run the big cases too.
     big: bool,
+    /// Only check the histories kept in this directory (`--recheck DIR`), with `ttl` and `limit`.
+    recheck: Option<std::path::PathBuf>,
+    /// The TTL the kept run's clients used (`--ttl`, default 1s).
+    ttl: Duration,
+    /// The kept run's key limit (`--limit`: 1 for a lock, N for a semaphore).
+    limit: u32,
 }
 
 fn settings() -> Settings {
-    let mut s = Settings { duration: None, only: None, seed: 1, clients: 3, big: false };
+    let mut s = Settings {
+        duration: None,
+        only: None,
+        seed: 1,
+        clients: 3,
+        big: false,
+        recheck: None,
+        ttl: Duration::from_secs(1),
+        limit: 1,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -291,6 +306,9 @@ fn settings() -> Settings {
             "--seed" => s.seed = args.next().and_then(|d| d.parse().ok()).unwrap_or(1),
             "--clients" => s.clients = args.next().and_then(|d| d.parse().ok()).unwrap_or(3),
             "--big" => s.big = true,
+            "--recheck" => s.recheck = args.next().map(Into::into),
+            "--ttl" => s.ttl = args.next().and_then(|d| humantime::parse_duration(&d).ok()).unwrap_or(s.ttl),
+            "--limit" => s.limit = args.next().and_then(|d| d.parse().ok()).unwrap_or(1),
             _ => {} // cargo test's own flags
         }
     }
@@ -622,6 +640,34 @@ fn table(rows: &[Row]) -> String {
     t
 }
 
+/// Checks the histories a failed case kept (`histories kept in DIR`) again, key by key, without
+/// the fenced resource's log: for work on the checkers. Prints each key's findings and how long
+/// its linearizability check took.
+fn recheck(dir: &std::path::Path, ttl: Duration, limit: u32) {
+    let Ok(entries) = std::fs::read_dir(dir) else { panic!("cannot read {}", dir.display()) };
+    let names: Vec<String> = entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
+    let number = |n: &str, tag: &str| -> Option<u32> { n.split(tag).nth(1)?.split('.').next()?.parse().ok() };
+    let clients = names.iter().filter_map(|n| number(n, "client-")).max().map_or(0, |c| c + 1);
+    let keys = names.iter().filter_map(|n| number(n, "key-")).max().map_or(1, |k| k + 1);
+    for i in 0..keys {
+        let paths: Vec<_> = (0..clients).map(|c| history::history_path(dir, c, i, keys)).collect();
+        let events = history::load(&paths);
+        let started = std::time::Instant::now();
+        let f = check::check(&events, &[], ttl.as_nanos() as i64, limit);
+        println!(
+            "key {i}: {} events, {} grants, {} ops, linearizable {:?} in {:.2?}",
+            events.len(),
+            f.grants,
+            f.lin_ops,
+            f.linearizable,
+            started.elapsed()
+        );
+        for e in &f.examples {
+            println!("    {e}");
+        }
+    }
+}
+
 fn main() {
     if std::env::var_os("FAULTS_CLIENT").is_some() {
         let rt =
@@ -630,6 +676,10 @@ fn main() {
         return;
     }
     let s = settings();
+    if let Some(dir) = &s.recheck {
+        recheck(dir, s.ttl, s.limit);
+        return;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
     let mut rng = rand::rngs::StdRng::seed_from_u64(s.seed);
     let mut rows = Vec::new();
