@@ -21,6 +21,8 @@ needs=(
   /usr/include/google/protobuf/descriptor.proto:libprotobuf-dev
   chromium:chromium
   chromedriver:chromium-driver
+  # the fault suite's cuts between etcd members: network namespaces (run as root)
+  ip:iproute2
   # the fault suite's clock nemesis: libfaketime, and tcmalloc in front of Redis's jemalloc
   "/usr/lib/$multiarch/faketime/libfaketime.so.1:libfaketime"
   "/usr/lib/$multiarch/libtcmalloc_minimal.so.4:libtcmalloc-minimal4"

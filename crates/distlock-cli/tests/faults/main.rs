@@ -64,6 +64,11 @@ enum Nemesis {
     /// (even clients cut from the last ⌊(N−1)/2⌋ masters, odd ones from the first: the two sides
     /// share the middle master and each still reaches a majority).
     Cut,
+    /// etcd: cuts links between members (each in a network namespace of its own) while every
+    /// client still reaches every member, in turn: the leader from all its peers, the leader and
+    /// one peer from the others, and a bridge (one member linked to both sides, the leader on
+    /// one; each side with the bridge a majority).
+    PeerCut,
     /// Each fault drawn from the store's list (`Kind::mixed`): pauses, kills, partitions, cuts
     /// and clock jumps in one run.
     Mixed,
@@ -81,7 +86,17 @@ impl Nemesis {
             Nemesis::ClockJump => "wall clock jumps (±2^2..2^18 ms)",
             Nemesis::ClockStrobe => "wall clock strobe (0 / +2^k ms, 10 ms)",
             Nemesis::Cut => "cut from masters (minority / majority / bridge)",
+            Nemesis::PeerCut => "cuts between members (leader alone / minority / bridge)",
             Nemesis::Mixed => "mixed",
+        }
+    }
+
+    /// Whether it needs the etcd members in network namespaces of their own.
+    fn cuts_peers(self, kind: Kind) -> bool {
+        match self {
+            Nemesis::PeerCut => true,
+            Nemesis::Mixed => kind.mixed().contains(&Nemesis::PeerCut),
+            _ => false,
         }
     }
 
@@ -104,9 +119,9 @@ impl Kind {
             Kind::Redis => vec![PauseHolder, Partition, PauseStore],
             Kind::Redlock(_) => vec![PauseHolder, Partition, Cut],
             Kind::Etcd(_) if etcd_revokes_only_as_leader() => {
-                vec![PauseHolder, KillStore, Partition, PauseStore]
+                vec![PauseHolder, KillStore, Partition, PeerCut, PauseStore]
             }
-            Kind::Etcd(_) => vec![PauseHolder, KillStore, Partition],
+            Kind::Etcd(_) => vec![PauseHolder, KillStore, Partition, PeerCut],
             Kind::ServersOverEtcd(_) => vec![PauseHolder, KillServer, KillStore, Partition],
             _ => vec![PauseHolder],
         }
@@ -243,6 +258,9 @@ fn cases() -> Vec<Case> {
             big: false,
         });
     }
+    // Five etcd members cut from one another (the leader alone, a minority, a bridge) while
+    // clients still reach them all: only a majority commits, so no lock is lost or doubled.
+    v.push(Case { kind: Kind::Etcd(5), nemesis: PeerCut, promised: true, primitive: LOCK, big: false });
     // Five Redlock masters, clients cut from a minority, a majority, or bridged across them.
     v.push(Case { kind: Kind::Redlock(5), nemesis: Cut, promised: true, primitive: LOCK, big: false });
     // Big and mixed (by hand: `--big`): 10 clients over 8 keys, every fault the store promises
@@ -386,7 +404,8 @@ async fn run_case(case: &Case, s: &Settings, rng: &mut rand::rngs::StdRng) -> Ro
         s.duration.unwrap_or(warmup + strike_wait + fault_len + settle + quiet + Duration::from_millis(500));
     let (n_clients, keys) = case.scale(s);
     let clock = case.nemesis.moves_clock(case.kind).then(clock::FakeClock::new);
-    let mut store = tokio::task::block_in_place(|| Store::start(case.kind, clock.as_ref()));
+    let meshed = case.nemesis.cuts_peers(case.kind);
+    let mut store = tokio::task::block_in_place(|| Store::start(case.kind, clock.as_ref(), meshed));
     let fence = FencedResource::start().await;
     let ports = store.ports();
     let mut proxies = Vec::new();
@@ -466,6 +485,35 @@ async fn run_case(case: &Case, s: &Settings, rng: &mut rand::rngs::StdRng) -> Ro
                 for (c, range) in &cut {
                     proxies[*c][range.clone()].iter().for_each(|p| p.set(Mode::Pass));
                 }
+            }
+            Nemesis::PeerCut => {
+                let leader = store.leader(key).await;
+                let others: Vec<usize> = (0..store.etcd_members()).filter(|&m| m != leader).collect();
+                // The two sides of the cut; every link between them goes.
+                let (one, two): (Vec<usize>, Vec<usize>) = match faults % 3 {
+                    1 => (vec![leader], others.clone()),
+                    2 => (vec![leader, others[0]], others[1..].to_vec()),
+                    _ => {
+                        // others[0] is the bridge, on neither side.
+                        let rest = &others[1..];
+                        let half = rest.len().saturating_sub(1) / 2;
+                        ([&[leader][..], &rest[..half]].concat(), rest[half..].to_vec())
+                    }
+                };
+                let pairs: Vec<(usize, usize)> =
+                    one.iter().flat_map(|&a| two.iter().map(move |&b| (a, b))).collect();
+                eprintln!("    members cut: {one:?} from {two:?} (leader {leader})");
+                store.cut_peers(&pairs);
+                tokio::time::sleep(fault_len / 2).await;
+                // Proof that the cut is real: a leader alone loses its office to the others.
+                let during = store.leader(key).await;
+                eprintln!("    leader during the cut: {during}");
+                assert!(
+                    faults % 3 != 1 || during != leader,
+                    "leader {leader} kept its office cut off from every peer"
+                );
+                tokio::time::sleep(fault_len / 2).await;
+                store.heal_peers();
             }
             Nemesis::PauseHolder => {
                 pause_process(clients[holder].id(), true);

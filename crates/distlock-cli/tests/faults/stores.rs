@@ -99,8 +99,9 @@ fn signal(pid: Option<u32>, sig: Signal) {
 
 impl Store {
     /// Starts the store; with `clock`, under it (the server and a single Redis only), checking
-    /// that the clock reaches the process.
-    pub fn start(kind: Kind, clock: Option<&FakeClock>) -> Store {
+    /// that the clock reaches the process; `meshed`: an etcd cluster's members each in a network
+    /// namespace of its own, so that [`Store::cut_peers`] can cut links between them.
+    pub fn start(kind: Kind, clock: Option<&FakeClock>, meshed: bool) -> Store {
         if let Some(clock) = clock {
             return match kind {
                 Kind::Server => {
@@ -122,6 +123,7 @@ impl Store {
             Kind::Redlock(n) => Store::Redlock((0..n).map(|_| RedisServer::start()).collect()),
             Kind::Sentinel => Store::Sentinel(Group::start()),
             Kind::Cluster(n) => Store::Cluster(Cluster::start_with_replicas(1), n),
+            Kind::Etcd(n) if meshed => Store::Etcd(EtcdCluster::start_meshed(n)),
             Kind::Etcd(n) => Store::Etcd(EtcdCluster::start(n)),
             Kind::ServersOverEtcd(n) => {
                 let etcd = EtcdCluster::start(n);
@@ -201,6 +203,25 @@ impl Store {
             }
         }
         0
+    }
+
+    /// How many members an etcd cluster has (0 for other stores).
+    pub fn etcd_members(&self) -> usize {
+        self.etcd().map_or(0, EtcdCluster::member_count)
+    }
+
+    /// Cuts the links between the etcd members of each pair (a store started meshed).
+    pub fn cut_peers(&self, pairs: &[(usize, usize)]) {
+        if let Some(e) = self.etcd() {
+            tokio::task::block_in_place(|| pairs.iter().for_each(|&(i, j)| e.cut(i, j)));
+        }
+    }
+
+    /// Restores every link between etcd members.
+    pub fn heal_peers(&self) {
+        if let Some(e) = self.etcd() {
+            tokio::task::block_in_place(|| e.heal_all());
+        }
     }
 
     /// `kill -9` of member `i` (the only process for the server and a single Redis).

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod netns;
 pub mod topologies;
 
 /// The shared checks live in the contract suite's crate; these names stay for the tests that
@@ -210,6 +211,9 @@ impl Drop for RedisServer {
 /// An `etcd` member (or a cluster of them) on free loopback ports, each in its own temp dir.
 pub struct EtcdCluster {
     members: Vec<EtcdMember>,
+    /// With [`EtcdCluster::start_meshed`]: each member in a namespace of its own, so that the
+    /// links between members can be cut.
+    mesh: Option<netns::Mesh>,
 }
 
 struct EtcdMember {
@@ -223,17 +227,28 @@ struct EtcdMember {
 impl EtcdCluster {
     /// Starts `n` members forming one cluster and waits until every client port answers.
     pub fn start(n: usize) -> EtcdCluster {
+        EtcdCluster::start_with(n, None)
+    }
+
+    /// Starts `n` members each in a network namespace of its own (see [`netns`]), their client
+    /// ports reached through loopback forwarders: [`EtcdCluster::cut`] then cuts the link between
+    /// two members while clients still reach both. Needs root.
+    pub fn start_meshed(n: usize) -> EtcdCluster {
+        EtcdCluster::start_with(n, Some(netns::Mesh::new(n)))
+    }
+
+    fn start_with(n: usize, mesh: Option<netns::Mesh>) -> EtcdCluster {
         let bin = require_binary("etcd", "etcd-server");
         let members: Vec<EtcdMember> = (0..n)
             .map(|i| EtcdMember {
                 name: format!("m{i}"),
-                client_port: free_port(),
-                peer_port: free_port(),
+                client_port: mesh.as_ref().map_or_else(free_port, |m| m.client_port(i)),
+                peer_port: if mesh.is_some() { netns::PEER_PORT } else { free_port() },
                 dir: tempfile::tempdir().expect("temp dir"),
                 child: None,
             })
             .collect();
-        let mut cluster = EtcdCluster { members };
+        let mut cluster = EtcdCluster { members, mesh };
         for i in 0..n {
             cluster.spawn(i, &bin, "new");
         }
@@ -241,20 +256,32 @@ impl EtcdCluster {
         cluster
     }
 
+    /// Member `i`'s peer URL.
+    fn peer_url(&self, i: usize) -> String {
+        match &self.mesh {
+            Some(_) => format!("http://{}:{}", netns::Mesh::peer_ip(i), netns::PEER_PORT),
+            None => format!("http://127.0.0.1:{}", self.members[i].peer_port),
+        }
+    }
+
     fn initial_cluster(&self) -> String {
-        self.members
-            .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+        (0..self.members.len())
+            .map(|i| format!("{}={}", self.members[i].name, self.peer_url(i)))
             .collect::<Vec<_>>()
             .join(",")
     }
 
     fn spawn(&mut self, i: usize, bin: &PathBuf, state: &str) {
         let initial = self.initial_cluster();
+        let peer = self.peer_url(i);
+        let (mut command, client) = match &self.mesh {
+            Some(mesh) => {
+                (mesh.command(i, bin), format!("http://{}:{}", mesh.client_ip(i), netns::CLIENT_PORT))
+            }
+            None => (Command::new(bin), format!("http://127.0.0.1:{}", self.members[i].client_port)),
+        };
         let m = &mut self.members[i];
-        let client = format!("http://127.0.0.1:{}", m.client_port);
-        let peer = format!("http://127.0.0.1:{}", m.peer_port);
-        let child = Command::new(bin)
+        let child = command
             .args(["--name", &m.name, "--listen-client-urls", &client, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &initial, "--initial-cluster-state", state])
@@ -271,8 +298,13 @@ impl EtcdCluster {
 
     fn wait_ready(&mut self) {
         let start = Instant::now();
-        for m in &self.members {
-            while TcpStream::connect(("127.0.0.1", m.client_port)).is_err() {
+        for (i, m) in self.members.iter().enumerate() {
+            // The member's own address: a forwarder in front of it answers at once.
+            let addr = match &self.mesh {
+                Some(mesh) => std::net::SocketAddr::from((mesh.client_ip(i), netns::CLIENT_PORT)),
+                None => std::net::SocketAddr::from(([127, 0, 0, 1], m.client_port)),
+            };
+            while TcpStream::connect(addr).is_err() {
                 assert!(start.elapsed() < Duration::from_secs(20), "etcd {} did not start", m.name);
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -316,6 +348,18 @@ impl EtcdCluster {
     pub fn member_count(&self) -> usize {
         self.members.len()
     }
+
+    /// Cuts the link between members `i` and `j` (a cluster from [`EtcdCluster::start_meshed`]).
+    pub fn cut(&self, i: usize, j: usize) {
+        self.mesh.as_ref().expect("cuts need a cluster started meshed").cut(i, j);
+    }
+
+    /// Restores every link between members.
+    pub fn heal_all(&self) {
+        if let Some(mesh) = &self.mesh {
+            mesh.heal_all();
+        }
+    }
 }
 
 impl Drop for EtcdCluster {
@@ -323,6 +367,7 @@ impl Drop for EtcdCluster {
         for i in 0..self.members.len() {
             self.kill(i);
         }
+        // The namespaces go after their members (`mesh` is dropped after this).
     }
 }
 
