@@ -10,6 +10,10 @@
 //! - `lock-contended`: the same with every task on one name; adds the handoff latency, from an
 //!   `unlock` being answered to the next holder's `lock` answer (as `distlock bench` counts it).
 //!
+//! - `backend`: distlock's etcd backend called directly (`Backend::acquire` try-once +
+//!   `Backend::release`, each task its own key), without the `Lease` that `distlock bench` keeps
+//!   for every grant: splits distlock's cost between the backend and the lease keeping.
+//!
 //! `cargo run --release -p distlock-cli --example etcd_put -- http://127.0.0.1:2379 32 3s [put|lock|lock-contended]`
 
 use std::sync::{Arc, Mutex};
@@ -31,9 +35,12 @@ async fn main() -> anyhow::Result<()> {
         args.next().map(|s| humantime::parse_duration(&s)).transpose()?.unwrap_or(Duration::from_secs(3));
     let mode = args.next().unwrap_or_else(|| "put".into());
     anyhow::ensure!(
-        matches!(mode.as_str(), "put" | "lock" | "lock-contended"),
-        "mode must be put, lock or lock-contended, not {mode:?}"
+        matches!(mode.as_str(), "put" | "lock" | "lock-contended" | "backend"),
+        "mode must be put, lock, lock-contended or backend, not {mode:?}"
     );
+    if mode == "backend" {
+        return backend(&endpoint, tasks, duration).await;
+    }
     let client = etcd_client::Client::connect([endpoint.as_str()], None).await?;
     // (granted, unlock answered) of every lock-contended cycle, for the handoff.
     let grants: Arc<Mutex<Vec<(Instant, Instant)>>> = Arc::default();
@@ -127,5 +134,70 @@ async fn main() -> anyhow::Result<()> {
         })
     };
     println!("{json}");
+    Ok(())
+}
+
+/// The `backend` mode: try-once acquire + release cycles straight on distlock's etcd backend.
+async fn backend(endpoint: &str, tasks: usize, duration: Duration) -> anyhow::Result<()> {
+    let url = endpoint.replacen("http://", "etcd://", 1);
+    let backend = distlock::backend::open(&url).await?;
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let backend = backend.clone();
+        handles.push(tokio::spawn(async move {
+            let (mut first, mut second, mut errors) = (histogram(), histogram(), 0u64);
+            while start.elapsed() < duration {
+                let req = distlock::AcquireRequest {
+                    key: format!("bench-backend/{t}"),
+                    lease_id: distlock::LeaseId::generate(),
+                    holder: format!("task-{t}"),
+                    ttl: Duration::from_secs(10),
+                    wait: distlock::Wait::TryOnce,
+                    limit: 1,
+                    mode: distlock::LockMode::Exclusive,
+                    value: None,
+                };
+                let t0 = Instant::now();
+                let grant = match backend.acquire(req).await {
+                    Ok(g) => g,
+                    Err(_) => {
+                        errors += 1;
+                        continue;
+                    }
+                };
+                let t1 = Instant::now();
+                record(&mut first, t1 - t0);
+                match backend.release(&format!("bench-backend/{t}"), &grant.lease_id).await {
+                    Ok(()) => record(&mut second, t1.elapsed()),
+                    Err(_) => errors += 1,
+                }
+            }
+            (first, second, errors)
+        }));
+    }
+    let (mut first, mut second, mut errors) = (histogram(), histogram(), 0);
+    for h in handles {
+        let (a, b, e) = h.await?;
+        first.add(&a)?;
+        second.add(&b)?;
+        errors += e;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "endpoint": endpoint,
+            "mode": "backend",
+            "concurrency": tasks,
+            "duration_s": elapsed,
+            "ops_per_s": first.len() as f64 / elapsed,
+            "acquire_p50_ms": quantile_ms(&first, 0.5),
+            "acquire_p99_ms": quantile_ms(&first, 0.99),
+            "release_p50_ms": quantile_ms(&second, 0.5),
+            "release_p99_ms": quantile_ms(&second, 0.99),
+            "errors": errors,
+        })
+    );
     Ok(())
 }
