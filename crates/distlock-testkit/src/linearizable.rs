@@ -265,14 +265,18 @@ impl State {
     /// `now` raised to it, and every holder that may already have expired marked so (expiry 0)
     /// whatever its exact time, as neither changes what can follow. States that differ only in
     /// those then meet in the search's memo, which is what keeps long histories tractable.
+    /// Expiry times are kept when there are more holders than [`SUBSETS_UP_TO`]: `next` then
+    /// tries only "the first k to expire", and needs them to know which those are.
     fn settled(mut self, floor: Nanos) -> State {
         self.now = self.now.max(floor);
-        for h in &mut self.holders {
-            if h.expires <= self.now {
-                h.expires = 0;
+        if self.holders.len() <= SUBSETS_UP_TO {
+            for h in &mut self.holders {
+                if h.expires <= self.now {
+                    h.expires = 0;
+                }
             }
+            self.holders.sort();
         }
-        self.holders.sort();
         self
     }
 
@@ -456,9 +460,18 @@ pub fn check_within(events: &[Event], model: Model, budget: usize) -> Verdict {
             (free != 0).then(|| w * 64 + free.trailing_zeros() as usize).filter(|&i| i < n)
         })
     };
-    // Whether no unanswered operation's effect depends on when it takes effect (only a renewal's
-    // does): then `now` may move up to the next answered operation's call (see `State::settled`).
-    let timeless = !events.iter().any(|e| e.answer == Nanos::MAX && matches!(e.op, Op::Renew { .. }));
+    // Whether no unanswered operation's effect depends on when it takes effect (a renewal's
+    // does, and a grant's with its TTL: both set an expiry from that moment): then `now` may move
+    // up to the next answered operation's call (see `State::settled`).
+    let timeless = !events.iter().any(|e| {
+        e.answer == Nanos::MAX
+            && matches!(
+                e.op,
+                Op::Renew { .. }
+                    | Op::Acquire(AcquireOutcome::Granted { .. })
+                    | Op::AcquireShared(AcquireOutcome::Granted { .. })
+            )
+    });
     while let Some((done, state, count)) = stack.pop() {
         if count == answered {
             return Verdict::Linearizable;
@@ -846,5 +859,31 @@ mod tests {
             Verdict::Linearizable => {}
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn settling_keeps_every_explanation() {
+        // A grant recorded with no answer sets its expiry from when it took effect: it must not
+        // be moved to the next answered call (then it would outlast the last status).
+        let ttl = 1_000_000_000;
+        // Just after the earliest expiry of a grant taking effect at 1, and before one at 100's.
+        let gone = expiry(1, ttl) + 49;
+        let h = [
+            ev(0, 0, 5, Op::Status(None)),
+            ev(1, 1, Nanos::MAX, Op::Acquire(AcquireOutcome::Granted { lease: 0, token: 1, ttl })),
+            ev(2, 100, 110, Op::Status(Some(1))),
+            ev(3, gone, gone + 10, Op::Status(None)),
+        ];
+        verdict(&h, Model::LOCK).unwrap();
+        // Five holders of a semaphore, all past their TTL, of which exactly the one nobody saw
+        // granted has gone: with more holders than every subset is tried for, the order in which
+        // they may expire must be kept.
+        let grant = |i: u32| Op::Acquire(AcquireOutcome::Granted { lease: i, token: u64::from(i) + 1, ttl });
+        let mut h: Vec<Event> =
+            (0..4u32).map(|i| ev(i, u64::from(i) * 20, u64::from(i) * 20 + 10, grant(i))).collect();
+        h.push(ev(4, 80, Nanos::MAX, Op::Acquire(AcquireOutcome::Unknown { ttl })));
+        h.push(ev(5, 100, 110, Op::StatusHolders(vec![1, 2, 3, 4, 5])));
+        h.push(ev(5, 2 * ttl, 2 * ttl + 10, Op::StatusHolders(vec![1, 2, 3, 4])));
+        verdict(&h, Model::semaphore(5)).unwrap();
     }
 }
