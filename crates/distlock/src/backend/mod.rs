@@ -176,6 +176,30 @@ pub fn check_holders(backend: &dyn Backend, limit: u32, mode: LockMode) -> Resul
     Ok(())
 }
 
+/// The page `query` asks for, from the names of the keys a store found (any order, repeats
+/// allowed): each lock's status read in key order, only until the page is full (and one more, so
+/// the page knows whether another follows). For stores that list names and read each lock's
+/// state apart (etcd, Redlock).
+pub(crate) async fn page_of_statuses<B: Backend + ?Sized>(
+    backend: &B,
+    mut keys: Vec<String>,
+    query: &ListQuery,
+) -> Result<LockPage> {
+    keys.sort();
+    keys.dedup();
+    let mut held = Vec::new();
+    for key in keys.into_iter().filter(|k| query.matches(k)) {
+        if query.limit.is_some_and(|n| held.len() > n) {
+            break;
+        }
+        let info = backend.status(&key).await?;
+        if info.held {
+            held.push(info);
+        }
+    }
+    Ok(query.page(held))
+}
+
 /// The backends that offer leader elections, for the error that refuses them elsewhere.
 const ELECTION_BACKENDS: &str =
     "memory://, Redis (redis://, redis-sentinel://, redis-cluster://), etcd:// and the lock server (http://) over its embedded store, Redis or etcd";

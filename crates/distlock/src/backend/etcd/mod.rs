@@ -2311,7 +2311,7 @@ impl Backend for EtcdBackend {
         let search = format!("{}/{}", inner.prefix, encode(&query.prefix));
         let resp = call_kv!(inner, |c| c
             .get(search.as_str(), Some(GetOptions::new().with_prefix().with_keys_only())))?;
-        let mut keys: Vec<String> = resp
+        let keys: Vec<String> = resp
             .kvs()
             .iter()
             .filter_map(|kv| {
@@ -2321,18 +2321,6 @@ impl Backend for EtcdBackend {
                 Some(decode(lock))
             })
             .collect();
-        keys.sort();
-        keys.dedup();
-        let mut held = Vec::new();
-        for key in keys.into_iter().filter(|k| query.matches(k)) {
-            if query.limit.is_some_and(|n| held.len() > n) {
-                break;
-            }
-            let info = self.status(&key).await?;
-            if info.held {
-                held.push(info);
-            }
-        }
-        Ok(query.page(held))
+        crate::backend::page_of_statuses(self, keys, query).await
     }
 }

@@ -436,18 +436,6 @@ impl Backend for RedlockBackend {
         if errors.len() > self.nodes.len() - self.quorum {
             return Err(self.no_majority(errors));
         }
-        keys.sort();
-        keys.dedup();
-        let mut held = Vec::new();
-        for key in keys.into_iter().filter(|k| query.matches(k)) {
-            if query.limit.is_some_and(|n| held.len() > n) {
-                break;
-            }
-            let info = self.status(&key).await?;
-            if info.held {
-                held.push(info);
-            }
-        }
-        Ok(query.page(held))
+        crate::backend::page_of_statuses(self, keys, query).await
     }
 }
