@@ -831,10 +831,9 @@ mod tests {
         let ttl: Nanos = 1_000_000;
         let mut h = Vec::new();
         let mut t: Nanos = 0;
-        let mut token = 0;
         for i in 0..400u32 {
             let c = i % 3;
-            token += 1;
+            let token = u64::from(i) + 1;
             let grant = Op::Acquire(AcquireOutcome::Granted { lease: i, token, ttl });
             h.push(ev(c, t, t + 10, grant));
             h.push(ev((c + 1) % 3, t + 5, t + 20, Op::Acquire(AcquireOutcome::Held)));
