@@ -1024,3 +1024,114 @@ async fn events_of_a_semaphore_name_each_holder() {
     p2.release().await.unwrap();
     p3.release().await.unwrap();
 }
+
+/// A loopback proxy to `port` that can hold what passes through it (bytes wait in the sockets'
+/// buffers) and let it go later in order: a client whose calls and watch events are late.
+struct HoldingProxy {
+    port: u16,
+    held: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HoldingProxy {
+    fn start(to: u16) -> HoldingProxy {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = held.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", to)) else { continue };
+                let pairs = [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)];
+                for (mut from, mut into) in pairs {
+                    let flag = flag.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16 * 1024];
+                        loop {
+                            while flag.load(Ordering::Acquire) {
+                                std::thread::sleep(Duration::from_millis(5));
+                            }
+                            match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    // Read just before a hold began: keep it until the hold ends.
+                                    while flag.load(Ordering::Acquire) {
+                                        std::thread::sleep(Duration::from_millis(5));
+                                    }
+                                    if into.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        let _ = into.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        HoldingProxy { port, held }
+    }
+
+    fn hold(&self, on: bool) {
+        self.held.store(on, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// A waiter whose own queue key is gone (its session's etcd lease ended, or someone deleted it)
+/// is not granted when its wait ends with nobody left ahead: its place went with its key, and
+/// the lock belongs to whoever queued behind it. (A one-hour mixed fault run found a waiter
+/// granted this way, at the end of a wait whose last call etcd answered late, beside the next
+/// waiter, which had rightly become the holder.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_key_is_gone_is_not_granted() {
+    let cluster = EtcdCluster::start(1);
+    let proxy = HoldingProxy::start(cluster.client_ports()[0]);
+    let (a, c) = (locker(&cluster).await, locker(&cluster).await);
+    let b = {
+        let url = format!("etcd://127.0.0.1:{}?timeout=10s&prefix=dl-test", proxy.port);
+        Locker::open(&url).await.unwrap()
+    };
+    let opts = AcquireOptions::new().ttl(Duration::from_secs(30));
+    let held = a.acquire("gone", &opts).await.unwrap();
+    let queued = |n: u64| {
+        let a = a.clone();
+        async move {
+            let start = Instant::now();
+            while a.status("gone").await.unwrap().waiters != n {
+                assert!(start.elapsed() < Duration::from_secs(10), "never {n} waiters");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    // B waits 2 s behind A; C queues behind B.
+    let b_waits = {
+        let (b, opts) = (b.clone(), opts.clone().wait(Duration::from_secs(2)));
+        tokio::spawn(async move { b.acquire("gone", &opts).await })
+    };
+    queued(1).await;
+    let c_waits = {
+        let (c, opts) = (c.clone(), opts.clone().wait(Duration::from_secs(20)));
+        tokio::spawn(async move { c.acquire("gone", &opts).await })
+    };
+    queued(2).await;
+    // B's traffic is held past the end of its wait: its last call reaches etcd only after its
+    // own key and A's are gone, and C has become the holder.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.hold(true);
+    let mut raw = raw_client(&cluster).await;
+    let sorted = etcd_client::GetOptions::new()
+        .with_prefix()
+        .with_sort(etcd_client::SortTarget::Create, etcd_client::SortOrder::Ascend);
+    let keys = raw.get("dl-test/gone/", Some(sorted)).await.unwrap();
+    assert_eq!(keys.kvs().len(), 3, "the holder's key and two waiters'");
+    raw.delete(keys.kvs()[1].key().to_vec(), None).await.unwrap();
+    held.release().await.unwrap();
+    let c_lease = tokio::time::timeout(Duration::from_secs(10), c_waits).await.expect("C answers").unwrap();
+    let c_lease = c_lease.expect("C, next in line once B's key went, is granted");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.hold(false);
+    let b_got = tokio::time::timeout(Duration::from_secs(15), b_waits).await.expect("B answers").unwrap();
+    assert!(b_got.is_err(), "B granted with its key gone: token {:?}", b_got.map(|l| l.fencing_token()));
+    assert_eq!(a.status("gone").await.unwrap().fencing_token, Some(c_lease.fencing_token()), "C holds it");
+}

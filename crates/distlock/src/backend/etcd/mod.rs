@@ -897,15 +897,9 @@ impl Inner {
             .with_sort(SortTarget::Create, SortOrder::Descend)
             .with_max_create_revision(my_rev - 1)
             .with_limit(1);
-        let count_ahead =
-            GetOptions::new().with_prefix().with_max_create_revision(my_rev - 1).with_count_only();
-        // One read: the key just ahead of ours, whether ours is still there, and how many keys
-        // are ahead of it.
-        let look = vec![
-            (pfx.to_owned(), ahead_opts),
-            (my_key.to_owned(), GetOptions::new().with_count_only()),
-            (pfx.to_owned(), count_ahead),
-        ];
+        // One read: the key just ahead of ours, and whether ours is still there.
+        let look =
+            vec![(pfx.to_owned(), ahead_opts), (my_key.to_owned(), GetOptions::new().with_count_only())];
         let until = |d: Option<Instant>| async move {
             match d {
                 Some(d) => tokio::time::sleep_until(d).await,
@@ -925,9 +919,6 @@ impl Inner {
                     "etcd: our place in the queue vanished (the session's etcd lease ended)".into(),
                 ));
             }
-            // The key ahead is the only one (the holder): once it goes we are first. No need to
-            // look again.
-            let sole = gets.next().is_some_and(|g| g.count() == 1);
             let Some(ahead) = ahead else { return Ok(true) };
             // Wait for the key ahead to go, woken by this lock's queue watch (shared by this
             // backend's waiters of the lock). The key ahead existed at `at`; deletes after
@@ -948,7 +939,9 @@ impl Inner {
                 () = until(deadline) => return Ok(false),
             };
             match deleted {
-                Some(_) if sole => return Ok(true),
+                // Look again as of that delete, even when the key ahead was the only one: our
+                // own key may have gone before it (its session's lease ended, or it was deleted),
+                // and a place that is gone is no grant.
                 Some(rev) => at = rev,
                 None => {
                     // The watch broke: look again (at the latest state) after a short pause.
@@ -1078,9 +1071,12 @@ impl Inner {
     /// holder nobody knows of refuses try-once acquires (etcd's `Mutex` does that on a cancelled
     /// wait; the linearizability check of the contract suite caught it here).
     async fn give_up_unless_first(&self, pfx: &str, my_key: &str, my_rev: i64) -> Result<bool> {
-        // Every key of the queue created at our revision or later: none is ahead of ours.
+        // Our key still there (a place that is gone — its session's lease ended, someone deleted
+        // it — is no grant, whoever is behind it), and every key of the queue created at our
+        // revision or later: none is ahead of ours.
+        let mine = Compare::create_revision(my_key, CompareOp::Equal, my_rev);
         let first = Compare::create_revision(pfx, CompareOp::Greater, my_rev - 1).with_prefix();
-        let txn = Txn::new().when([first]).or_else([TxnOp::delete(my_key, None)]);
+        let txn = Txn::new().when([mine, first]).or_else([TxnOp::delete(my_key, None)]);
         Ok(call_kv!(self, |c| c.txn(txn.clone()))?.succeeded())
     }
 
