@@ -6,10 +6,13 @@
 //! ```text
 //! cargo test --release -p distlock-cli --test faults -- --duration 10m [--only etcd] [--seed 7]
 //! cargo test --release -p distlock-cli --test faults -- --big --only "8 keys" --duration 1h
+//! cargo test --release -p distlock-cli --test faults -- --recheck /tmp/.tmpXXXX --ttl 2s
 //! ```
 //!
 //! `--big` runs the big, mixed cases instead (10 clients over 8 keys, faults of every kind the
-//! store promises to survive drawn at random), which no other profile runs.
+//! store promises to survive drawn at random), which no other profile runs. A failed case keeps
+//! its clients' histories ("histories kept in DIR"); `--recheck DIR` runs the checks on them
+//! again (`--ttl`, `--limit` as the case had them), without the fenced resource's log.
 //!
 //! Prints a table (also written to `target/faults-report.md`) and fails when a case whose backend
 //! promises safety under that fault shows an overlap, a stale write accepted, the current holder
