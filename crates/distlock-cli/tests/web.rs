@@ -104,6 +104,18 @@ async fn text(page: &Client, css: &str) -> Option<String> {
     page.execute(script, vec![serde_json::json!(css)]).await.ok()?.as_str().map(str::to_owned)
 }
 
+/// Clicks `key`'s row of the locks table unless its detail is already open. A click found and
+/// sent from here can land on a row the page has just redrawn (the old row, detached, takes the
+/// click and nothing opens), so callers repeat this until the detail shows what they wait for.
+async fn select_row(page: &Client, key: &str) {
+    let script = "const d = document.getElementById('detail'); \
+                  if (d.hidden || document.getElementById('detail-key').textContent !== arguments[0]) { \
+                    const r = document.querySelector('#locks tr[data-key=\"' + arguments[0] + '\"]'); \
+                    if (r) r.click(); \
+                  }";
+    let _ = page.execute(script, vec![serde_json::json!(key)]).await;
+}
+
 fn row(key: &str, cell: &str) -> String {
     format!("#locks tr[data-key=\"{key}\"] td.{cell}")
 }
@@ -938,13 +950,8 @@ async fn semaphores_shared_locks_and_leaders_on_the_page() {
     })
     .await;
     assert_eq!(text(&page, &row("catalog", "holder")).await.as_deref(), Some("shared by 2"));
-    page.find(Locator::Css("#locks tr[data-key=\"scheduler\"]"))
-        .await
-        .expect("row")
-        .click()
-        .await
-        .expect("click");
     until(Duration::from_secs(5), "the leader's value", || async {
+        select_row(&page, "scheduler").await;
         text(&page, "#detail-facts .d-value").await.filter(|v| v == "10.0.0.7:8080")
     })
     .await;
@@ -953,8 +960,8 @@ async fn semaphores_shared_locks_and_leaders_on_the_page() {
         text(&page, "#detail-facts .d-value").await.filter(|v| v == "10.0.0.7:9090")
     })
     .await;
-    page.find(Locator::Css("#locks tr[data-key=\"pool\"]")).await.expect("row").click().await.expect("click");
     until(Duration::from_secs(5), "every permit holder", || async {
+        select_row(&page, "pool").await;
         text(&page, "#detail-facts .d-holder").await.filter(|h| h.starts_with("3 / 5 held: enc-0 #"))
     })
     .await;
