@@ -22,6 +22,21 @@ use std::time::{Duration, Instant};
 use distlock_cli::bench::{histogram, quantile_ms};
 use hdrhistogram::Histogram;
 
+/// What each task measured: its first and second call's latencies, and its errors.
+type Measured = (Histogram<u64>, Histogram<u64>, u64);
+
+/// The tasks' measurements added together.
+async fn merge(handles: Vec<tokio::task::JoinHandle<Measured>>) -> anyhow::Result<Measured> {
+    let (mut first, mut second, mut errors) = (histogram(), histogram(), 0);
+    for h in handles {
+        let (a, b, e) = h.await?;
+        first.add(&a)?;
+        second.add(&b)?;
+        errors += e;
+    }
+    Ok((first, second, errors))
+}
+
 fn record(h: &mut Histogram<u64>, d: Duration) {
     h.saturating_record(d.as_micros().max(1) as u64);
 }
@@ -91,13 +106,7 @@ async fn main() -> anyhow::Result<()> {
             (first, second, errors)
         }));
     }
-    let (mut first, mut second, mut errors) = (histogram(), histogram(), 0);
-    for h in handles {
-        let (a, b, e) = h.await?;
-        first.add(&a)?;
-        second.add(&b)?;
-        errors += e;
-    }
+    let (first, second, errors) = merge(handles).await?;
     let elapsed = start.elapsed().as_secs_f64();
     let mut handoff = histogram();
     let mut grants = grants.lock().map(|mut g| std::mem::take(&mut *g)).unwrap_or_default();
@@ -176,13 +185,7 @@ async fn backend(endpoint: &str, tasks: usize, duration: Duration) -> anyhow::Re
             (first, second, errors)
         }));
     }
-    let (mut first, mut second, mut errors) = (histogram(), histogram(), 0);
-    for h in handles {
-        let (a, b, e) = h.await?;
-        first.add(&a)?;
-        second.add(&b)?;
-        errors += e;
-    }
+    let (first, second, errors) = merge(handles).await?;
     let elapsed = start.elapsed().as_secs_f64();
     println!(
         "{}",
