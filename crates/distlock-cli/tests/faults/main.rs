@@ -11,7 +11,7 @@
 //!
 //! `--big` runs the big, mixed cases instead (10 clients over 8 keys, faults of every kind the
 //! store promises to survive drawn at random), which no other profile runs. A failed case keeps
-//! its clients' histories ("histories kept in DIR"); `--recheck DIR` runs the checks on them
+//! its clients' histories ("histories kept in DIR"; `--keep`: every case's); `--recheck DIR` runs the checks on them
 //! again (`--ttl`, `--limit` as the case had them), without the fenced resource's log.
 //!
 //! Prints a table (also written to `target/faults-report.md`) and fails when a case whose backend
@@ -306,6 +306,8 @@ struct Settings {
     ttl: Duration,
     /// The kept run's key limit (`--limit`: 1 for a lock, N for a semaphore).
     limit: u32,
+    /// Keep every case's histories, passed or not (`--keep`), for `--recheck` later.
+    keep: bool,
 }
 
 fn settings() -> Settings {
@@ -318,6 +320,7 @@ fn settings() -> Settings {
         recheck: None,
         ttl: Duration::from_secs(1),
         limit: 1,
+        keep: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -327,6 +330,7 @@ fn settings() -> Settings {
             "--seed" => s.seed = args.next().and_then(|d| d.parse().ok()).unwrap_or(1),
             "--clients" => s.clients = args.next().and_then(|d| d.parse().ok()).unwrap_or(3),
             "--big" => s.big = true,
+            "--keep" => s.keep = true,
             "--recheck" => s.recheck = args.next().map(Into::into),
             "--ttl" => s.ttl = args.next().and_then(|d| humantime::parse_duration(&d).ok()).unwrap_or(s.ttl),
             "--limit" => s.limit = args.next().and_then(|d| d.parse().ok()).unwrap_or(1),
@@ -641,7 +645,7 @@ async fn run_case(case: &Case, s: &Settings, rng: &mut rand::rngs::StdRng) -> Ro
         faults,
         findings,
     };
-    if !row.passed() {
+    if !row.passed() || s.keep {
         // Kept for a look at what happened: the clients' histories (one JSON event per line).
         let kept = dir.keep();
         eprintln!("    histories kept in {}", kept.display());
