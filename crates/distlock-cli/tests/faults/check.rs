@@ -30,10 +30,13 @@ use distlock_testkit::linearizable::{
 use crate::fence::Judged;
 use crate::history::Event;
 
-/// States the linearizability search may visit per run (a few seconds, a few hundred MB);
-/// `FAULTS_LIN_BUDGET` sets another for runs by hand (and `FAULTS_LIN_AROUND` prints a
-/// violation whole, with the operations around it, to stderr).
-const LIN_BUDGET: usize = 300_000;
+/// States the linearizability search may expand per key: this many per operation, and at least
+/// [`LIN_BUDGET_MIN`] (seconds, a few hundred MB at most); `FAULTS_LIN_BUDGET` sets another for
+/// runs by hand (and `FAULTS_LIN_AROUND` prints a violation whole, with the operations around
+/// it, to stderr). A linearizable history is decided in a few expansions per operation; a
+/// violation may need the search to exhaust every explanation, which the budget bounds.
+const LIN_BUDGET_PER_OP: usize = 30;
+const LIN_BUDGET_MIN: usize = 300_000;
 
 /// What one run found.
 #[derive(Debug, Default, Clone)]
@@ -294,7 +297,10 @@ pub fn check(events: &[Event], fence: &[Judged], ttl_ns: i64, limit: u32) -> Fin
 
     let history = linear_history(events, ttl_ns, limit);
     f.lin_ops = history.len();
-    let budget = std::env::var("FAULTS_LIN_BUDGET").ok().and_then(|b| b.parse().ok()).unwrap_or(LIN_BUDGET);
+    let budget = std::env::var("FAULTS_LIN_BUDGET")
+        .ok()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or((history.len() * LIN_BUDGET_PER_OP).max(LIN_BUDGET_MIN));
     f.linearizable = match check_within(&history, Model::semaphore(limit), budget) {
         Verdict::Linearizable => Some(true),
         Verdict::Violation(v) => {

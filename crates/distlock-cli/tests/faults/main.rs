@@ -6,7 +6,7 @@
 //! ```text
 //! cargo test --release -p distlock-cli --test faults -- --duration 10m [--only etcd] [--seed 7]
 //! cargo test --release -p distlock-cli --test faults -- --big --only "8 keys" --duration 1h
-//! cargo test --release -p distlock-cli --test faults -- --recheck /tmp/.tmpXXXX --ttl 2s
+//! cargo test --release -p distlock-cli --test faults -- --recheck /tmp/.tmpXXXX --ttl 2s [--key 3]
 //! ```
 //!
 //! `--big` runs the big, mixed cases instead (10 clients over 8 keys, faults of every kind the
@@ -306,6 +306,8 @@ struct Settings {
     ttl: Duration,
     /// The kept run's key limit (`--limit`: 1 for a lock, N for a semaphore).
     limit: u32,
+    /// Recheck only this key (`--key N`).
+    key: Option<u32>,
     /// Keep every case's histories, passed or not (`--keep`), for `--recheck` later.
     keep: bool,
 }
@@ -321,6 +323,7 @@ fn settings() -> Settings {
         ttl: Duration::from_secs(1),
         limit: 1,
         keep: false,
+        key: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -331,6 +334,7 @@ fn settings() -> Settings {
             "--clients" => s.clients = args.next().and_then(|d| d.parse().ok()).unwrap_or(3),
             "--big" => s.big = true,
             "--keep" => s.keep = true,
+            "--key" => s.key = args.next().and_then(|k| k.parse().ok()),
             "--recheck" => s.recheck = args.next().map(Into::into),
             "--ttl" => s.ttl = args.next().and_then(|d| humantime::parse_duration(&d).ok()).unwrap_or(s.ttl),
             "--limit" => s.limit = args.next().and_then(|d| d.parse().ok()).unwrap_or(1),
@@ -706,13 +710,13 @@ fn table(rows: &[Row]) -> String {
 /// Checks the histories a failed case kept (`histories kept in DIR`) again, key by key, without
 /// the fenced resource's log: for work on the checkers. Prints each key's findings and how long
 /// its linearizability check took.
-fn recheck(dir: &std::path::Path, ttl: Duration, limit: u32) {
+fn recheck(dir: &std::path::Path, ttl: Duration, limit: u32, only_key: Option<u32>) {
     let Ok(entries) = std::fs::read_dir(dir) else { panic!("cannot read {}", dir.display()) };
     let names: Vec<String> = entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
     let number = |n: &str, tag: &str| -> Option<u32> { n.split(tag).nth(1)?.split('.').next()?.parse().ok() };
     let clients = names.iter().filter_map(|n| number(n, "client-")).max().map_or(0, |c| c + 1);
     let keys = names.iter().filter_map(|n| number(n, "key-")).max().map_or(1, |k| k + 1);
-    for i in 0..keys {
+    for i in (0..keys).filter(|i| only_key.is_none_or(|k| k == *i)) {
         let paths: Vec<_> = (0..clients).map(|c| history::history_path(dir, c, i, keys)).collect();
         let events = history::load(&paths);
         let started = std::time::Instant::now();
@@ -740,7 +744,7 @@ fn main() {
     }
     let s = settings();
     if let Some(dir) = &s.recheck {
-        recheck(dir, s.ttl, s.limit);
+        recheck(dir, s.ttl, s.limit, s.key);
         return;
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
