@@ -170,7 +170,10 @@ impl Violation {
     pub fn around(&self, events: &[Event]) -> String {
         let from = self.stuck.iter().map(|e| e.call).min().unwrap_or(0).saturating_sub(100_000_000);
         let to = self.stuck.iter().map(|e| e.answer).filter(|&a| a != Nanos::MAX).max().unwrap_or(Nanos::MAX);
-        let mut near: Vec<&Event> = events.iter().filter(|e| e.answer >= from && e.call <= to).collect();
+        // A lost answer's operation spans the rest of the history: only those called near count.
+        let near =
+            |e: &&Event| e.call <= to && e.answer >= from && (e.answer != Nanos::MAX || e.call >= from);
+        let mut near: Vec<&Event> = events.iter().filter(near).collect();
         near.sort_by_key(|e| e.call);
         let mut out = String::from("operations around them:\n");
         for e in near {

@@ -11,8 +11,9 @@
 //!
 //! `--big` runs the big, mixed cases instead (10 clients over 8 keys, faults of every kind the
 //! store promises to survive drawn at random), which no other profile runs. A failed case keeps
-//! its clients' histories ("histories kept in DIR"; `--keep`: every case's); `--recheck DIR` runs the checks on them
-//! again (`--ttl`, `--limit` as the case had them), without the fenced resource's log.
+//! its clients' histories ("histories kept in DIR"; `--keep`: every case's); `--recheck DIR`
+//! runs the checks on them again (with the TTL and limit the case wrote in `case.json`;
+//! `--ttl`, `--limit` for older runs), without the fenced resource's log.
 //!
 //! Prints a table (also written to `target/faults-report.md`) and fails when a case whose backend
 //! promises safety under that fault shows an overlap, a stale write accepted, the current holder
@@ -652,6 +653,11 @@ async fn run_case(case: &Case, s: &Settings, rng: &mut rand::rngs::StdRng) -> Ro
     if !row.passed() || s.keep {
         // Kept for a look at what happened: the clients' histories (one JSON event per line).
         let kept = dir.keep();
+        // What `--recheck` needs to judge them alike, so it needs no flags.
+        let meta = serde_json::json!({ "case": format!("{} / {}", case.label(), case.nemesis.name()), "ttl_ms": ttl.as_millis() as u64, "limit": case.limit() });
+        if let Err(e) = std::fs::write(kept.join("case.json"), meta.to_string()) {
+            eprintln!("    cannot write case.json: {e}");
+        }
         eprintln!("    histories kept in {}", kept.display());
     }
     row
@@ -711,6 +717,14 @@ fn table(rows: &[Row]) -> String {
 /// the fenced resource's log: for work on the checkers. Prints each key's findings and how long
 /// its linearizability check took.
 fn recheck(dir: &std::path::Path, ttl: Duration, limit: u32, only_key: Option<u32>) {
+    // The case's own TTL and limit, when the run wrote them (runs since `case.json`).
+    let meta: Option<serde_json::Value> =
+        std::fs::read_to_string(dir.join("case.json")).ok().and_then(|m| serde_json::from_str(&m).ok());
+    let ttl = meta.as_ref().and_then(|m| m["ttl_ms"].as_u64()).map_or(ttl, Duration::from_millis);
+    let limit = meta.as_ref().and_then(|m| m["limit"].as_u64()).map_or(limit, |l| l as u32);
+    if let Some(case) = meta.as_ref().and_then(|m| m["case"].as_str()) {
+        println!("{case}: TTL {ttl:?}, limit {limit}");
+    }
     let Ok(entries) = std::fs::read_dir(dir) else { panic!("cannot read {}", dir.display()) };
     let names: Vec<String> = entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
     let number = |n: &str, tag: &str| -> Option<u32> { n.split(tag).nth(1)?.split('.').next()?.parse().ok() };
