@@ -368,12 +368,27 @@ impl Backend for RedlockBackend {
         Err(self.no_majority(errors))
     }
 
+    /// Done only when no majority can still hold the grant: released on some masters and
+    /// answered "not ours" by enough others. Released on a few while a majority did not answer
+    /// (the holder cut from most masters) is `Unavailable`, not done: the grant may still hold
+    /// a majority until its TTL runs out, and a status or an acquire elsewhere would see it held
+    /// after a release that had said the lock was free.
     async fn release(&self, key: &str, lease_id: &LeaseId) -> Result<()> {
         let results = self.release_everywhere(&self.keys(key), lease_id).await;
         let released = results.iter().filter(|r| matches!(r, Ok(true))).count();
+        let not_ours = results.iter().filter(|r| matches!(r, Ok(false))).count();
+        // Masters that may still hold the grant: those that failed or were not waited for.
+        let unsure = self.nodes.len() - released - not_ours;
         let errors: Vec<Error> = results.into_iter().filter_map(|r| r.err()).collect();
-        if released > 0 {
+        if released > 0 && unsure < self.quorum {
             Ok(())
+        } else if released > 0 {
+            Err(Error::Unavailable(format!(
+                "redlock: released on {released} of {} masters; the lease may still hold a majority \
+                 until its TTL runs out ({})",
+                self.nodes.len(),
+                self.no_majority(errors)
+            )))
         } else if errors.len() > self.nodes.len() - self.quorum {
             Err(self.no_majority(errors))
         } else {
