@@ -735,12 +735,16 @@ fn recheck(dir: &std::path::Path, ttl: Duration, limit: u32, only_key: Option<u3
         let events = history::load(&paths);
         let started = std::time::Instant::now();
         let f = check::check(&events, &[], ttl.as_nanos() as i64, limit);
+        let verdict = match f.linearizable {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "undecided (budget spent; FAULTS_LIN_BUDGET raises it)",
+        };
         println!(
-            "key {i}: {} events, {} grants, {} ops, linearizable {:?} in {:.2?}",
+            "key {i}: {} events, {} grants, {} ops, linearizable: {verdict} in {:.2?}",
             events.len(),
             f.grants,
             f.lin_ops,
-            f.linearizable,
             started.elapsed()
         );
         for e in &f.examples {
