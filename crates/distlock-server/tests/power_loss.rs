@@ -197,10 +197,18 @@ async fn a_failure_in_a_background_step_stops_the_store() {
         let store = open(&disk, compact_bytes).unwrap();
         // (A preallocation fails at once, maybe before this.)
         let held = lock(&store, "held").await.ok();
+        // Up to 200 locks to reach the step, then time for a background step (the next
+        // segment's preallocation, on its own thread) to get there: a loaded machine (CI,
+        // 2 cores) can run all 200 before that thread has synced the directory.
+        let until = Instant::now() + Duration::from_secs(20);
         let mut i = 0;
-        while disk.fired().is_none() && i < 200 {
-            let _ = lock(&store, &format!("k{i}")).await;
-            i += 1;
+        while disk.fired().is_none() && Instant::now() < until {
+            if i < 200 {
+                let _ = lock(&store, &format!("k{i}")).await;
+                i += 1;
+            } else {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         }
         assert!(disk.fired().is_some(), "{}: the step never ran", step.name());
         if wait_failed(&store).is_none() {
