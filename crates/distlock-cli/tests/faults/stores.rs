@@ -247,9 +247,7 @@ impl Store {
             Store::Redis(r) => r.restart(),
             Store::Redlock(m) => m[i].restart(),
             Store::Sentinel(g) => {
-                until("the sentinels promote the replica", Duration::from_secs(60), || {
-                    sentinel_master(g) != i
-                });
+                until("the sentinels promote the replica", Duration::from_secs(60), || failed_over(g, i));
                 [&mut g.master, &mut g.replica][i].restart();
                 synced_replica(g, i);
             }
@@ -319,7 +317,7 @@ impl Store {
                     let reply = raw(g.sentinels[0].port, &format!("SENTINEL FAILOVER {MASTER}"));
                     asked = reply.starts_with("+OK").then(std::time::Instant::now).or(asked);
                 }
-                sentinel_master(g) != old
+                failed_over(g, old)
             });
             synced_replica(g, old);
         }
@@ -333,6 +331,22 @@ fn sentinel_master(g: &Group) -> usize {
     usize::from(reply.lines().nth(4).map(str::trim) == Some(g.replica.port.to_string().as_str()))
 }
 
+/// Whether the sentinels have finished a failover away from server `old`: they name the other
+/// as master *and* no failover is in progress. Sentinel names the replica it chose from the
+/// moment it chooses it, and may still abort; a harness that restarted the old master on that
+/// name alone (as it did) brought it back empty while it was still the master, and it kept
+/// that role (a case outside the promise: the restart policy waits for a new master).
+fn failed_over(g: &Group, old: usize) -> bool {
+    let reply = raw(g.sentinels[0].port, &format!("SENTINEL master {MASTER}"));
+    sentinel_master(g) != old && field(&reply, "flags").as_deref() == Some("master")
+}
+
+/// The value of field `name` in a flat RESP field / value array (`SENTINEL master`, `replicas`).
+fn field(reply: &str, name: &str) -> Option<String> {
+    let lines: Vec<&str> = reply.lines().map(str::trim).collect();
+    lines.iter().position(|l| *l == name).and_then(|p| lines.get(p + 2)).map(|v| v.to_string())
+}
+
 /// Waits until server `i` of the group is a replica the other (the master) streams to.
 fn synced_replica(g: &Group, i: usize) {
     let ports = [g.master.port, g.replica.port];
@@ -340,10 +354,6 @@ fn synced_replica(g: &Group, i: usize) {
         online_replica(ports[1 - i], ports[i])
     });
     // And the sentinels see it as a healthy replica, so that the next failover has one to promote.
-    let field = |reply: &str, name: &str| {
-        let lines: Vec<&str> = reply.lines().collect();
-        lines.iter().position(|l| *l == name).and_then(|p| lines.get(p + 2)).map(|v| v.to_string())
-    };
     until("the sentinels see the new replica", Duration::from_secs(60), || {
         let reply = raw(g.sentinels[0].port, &format!("SENTINEL replicas {MASTER}"));
         field(&reply, "port") == Some(ports[i].to_string())
