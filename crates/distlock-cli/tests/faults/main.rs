@@ -714,8 +714,9 @@ fn table(rows: &[Row]) -> String {
 }
 
 /// Checks the histories a failed case kept (`histories kept in DIR`) again, key by key, without
-/// the fenced resource's log: for work on the checkers. Prints each key's findings and how long
-/// its linearizability check took.
+/// the fenced resource's log (so no stale-write counts): for work on the checkers, and for a run
+/// stopped before its report. Prints each key's findings and how long its linearizability check
+/// took.
 fn recheck(dir: &std::path::Path, ttl: Duration, limit: u32, only_key: Option<u32>) {
     // The case's own TTL and limit, when the run wrote them (runs since `case.json`).
     let meta: Option<serde_json::Value> =
@@ -741,9 +742,14 @@ fn recheck(dir: &std::path::Path, ttl: Duration, limit: u32, only_key: Option<u3
             None => "undecided (budget spent; FAULTS_LIN_BUDGET raises it)",
         };
         println!(
-            "key {i}: {} events, {} grants, {} ops, linearizable: {verdict} in {:.2?}",
+            "key {i}: {} events, {} grants, {} overlaps, {} token order violations, {} acked leases \
+             lost, longest unavailable {:.0} ms, {} ops, linearizable: {verdict} in {:.2?}",
             events.len(),
             f.grants,
+            f.overlaps,
+            f.token_violations,
+            f.acked_lost,
+            f.longest_unavailable_ms,
             f.lin_ops,
             started.elapsed()
         );
