@@ -39,11 +39,14 @@ port=$(free_port)
 pid=$!
 wait_port "$port"
 status=0
+# `too_slow` is Hypothesis timing its own data generation: on a starved machine (another job
+# swapping beside it) it failed a run whose 902 requests all passed. Speed is not what this
+# checks (benchmarks do); every other health check stays on.
 SCHEMATHESIS_HOOKS=hooks PYTHONPATH=scripts/fuzz "$venv/bin/schemathesis" --config-file scripts/fuzz/schemathesis.toml run \
   "http://127.0.0.1:$port/openapi.json" \
   --header "Authorization: Bearer $token" \
   --checks all --max-examples "$MAX_EXAMPLES" --seed "$SEED" ${FUZZ_ARGS:-} \
-  --request-timeout 3 --no-color || status=$?
+  --suppress-health-check too_slow --request-timeout 3 --no-color || status=$?
 if ! kill -0 "$pid" 2>/dev/null; then
   echo "error: the server died during the run; its log:" >&2
   cat "$dir/server.log" >&2
