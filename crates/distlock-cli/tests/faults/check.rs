@@ -22,6 +22,7 @@
 //! client's, on any key.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use distlock_testkit::linearizable::{
     self as lin, check_within, AcquireOutcome, Model, Nanos, Op, Outcome, Verdict,
@@ -108,6 +109,20 @@ impl Findings {
             self.examples.push(s);
         }
     }
+}
+
+/// How long one critical section in four lasts: 1.2 TTLs, kept alive by renewal, so that faults
+/// striking then cut a holder off mid-section.
+pub fn long_hold(ttl: Duration) -> Duration {
+    ttl * 6 / 5
+}
+
+/// How soon after the last heal each of `clients` must be served again, on any key: 2 TTLs (a
+/// lease that outlived the fault runs out, then the grant) plus the long critical sections of the
+/// others queued ahead. A client's wait is this long too, so that no wait runs out in the queue
+/// and sends its client to the back of it (see `client.rs`).
+pub fn all_served_within(ttl: Duration, clients: u32) -> Duration {
+    ttl * 2 + long_hold(ttl) * clients.saturating_sub(1)
 }
 
 /// The checks of one key's history (see the module docs); `fence`: the resource's judgements of
@@ -324,16 +339,9 @@ pub fn check(events: &[Event], fence: &[Judged], ttl_ns: i64, limit: u32) -> Fin
 /// Liveness after the last heal (`heal`, monotonic ns; none: no fault, nothing to judge), given
 /// each key's events: on every key asked for after the heal, a grant within 2 TTLs of the heal
 /// (or of the key's first request after it, if later); and each of `clients` served again, on any
-/// key, within 2 TTLs plus the long critical sections (`long_hold_ns`) of the others queued ahead
-/// of it.
-pub fn liveness(
-    f: &mut Findings,
-    keys: &[Vec<Event>],
-    heal: Option<i64>,
-    ttl_ns: i64,
-    long_hold_ns: i64,
-    clients: u32,
-) {
+/// key, within [`all_served_within`]. Its verdict is always among the examples, however many
+/// safety findings came first.
+pub fn liveness(f: &mut Findings, keys: &[Vec<Event>], heal: Option<i64>, ttl: Duration, clients: u32) {
     f.live = true;
     let Some(h) = heal else { return };
     let ms = |ns: i64| ns as f64 / 1e6;
@@ -380,11 +388,12 @@ pub fn liveness(
     }
     f.first_grant_after_heal_ms = first;
     f.recovery_ms = worst;
-    let ttl_ms = ms(ttl_ns);
-    let all_limit = 2.0 * ttl_ms + f64::from(clients.saturating_sub(1)) * ms(long_hold_ns);
+    let ttl_ms = ttl.as_secs_f64() * 1e3;
+    let all_limit = all_served_within(ttl, clients).as_secs_f64() * 1e3;
     f.live = first.is_some_and(|v| v <= 2.0 * ttl_ms) && worst.is_some_and(|w| w <= all_limit);
     if !f.live {
-        f.note(format!(
+        // Pushed past the cap of `note`: a row that failed must say why.
+        f.examples.push(format!(
             "liveness: after the last heal the slowest key's first grant came after {first:?} ms \
              (limit {:.0}), the last client's after {worst:?} ms (limit {all_limit:.0})",
             2.0 * ttl_ms

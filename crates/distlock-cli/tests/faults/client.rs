@@ -2,6 +2,7 @@
 //! URL, recording everything. Settings come from environment variables set by the harness.
 //!
 //! Most critical sections are short (`FAULTS_HOLD_MS`); one in four lasts 1.2 TTLs, renewed.
+//! Each acquire waits `FAULTS_WAIT_MS`.
 //! Each write first checks the lease (`Lease::is_held`: held and before its safe deadline) and is
 //! sent either way, marked with what the holder believed: a holder woken from SIGSTOP finds its
 //! lease lost, and its stale write must then be refused by the fenced resource.
@@ -112,9 +113,10 @@ pub async fn main() {
     let dir = std::path::PathBuf::from(env("FAULTS_HISTORY_DIR"));
     let ttl = env_ms("FAULTS_TTL_MS");
     let hold = env_ms("FAULTS_HOLD_MS");
-    // One critical section in four holds longer than the TTL, kept alive by renewal: faults that
-    // strike then cut a holder off mid-section.
-    let long_hold = ttl * 6 / 5;
+    let long_hold = crate::check::long_hold(ttl);
+    // As long as the liveness check gives a client after the heal: a shorter wait could run out
+    // in the queue and send the client to its back, behind one more long critical section.
+    let wait = env_ms("FAULTS_WAIT_MS");
     let mut rng = rand::rngs::StdRng::seed_from_u64(
         env("FAULTS_SEED").parse::<u64>().unwrap_or(1) * 1000 + u64::from(c),
     );
@@ -129,7 +131,7 @@ pub async fn main() {
             Err(e) => panic!("cannot open {backend}: {e}"),
         }
     };
-    let opts = AcquireOptions::new().ttl(ttl).wait(ttl * 3).holder(format!("faults/client-{c}"));
+    let opts = AcquireOptions::new().ttl(ttl).wait(wait).holder(format!("faults/client-{c}"));
     let names: Vec<String> = (0..keys).map(|i| key_name(&base, i, keys)).collect();
     tokio::spawn(read_status(locker.clone(), names.clone(), dir, c, until, rng.random()));
     let primitive = std::env::var("FAULTS_PRIMITIVE").unwrap_or_else(|_| "lock".into());
