@@ -867,18 +867,10 @@ fn req_key(req: &Req) -> usize {
 }
 
 impl Sim {
-    /// Per key, the tokens of the leases `store` holds (read in-process: the server's view).
+    /// Per key, the tokens of the leases `store` holds, including grants not yet on disk (read
+    /// in-process: the server's table).
     fn live_tokens(&self, store: &EmbeddedStore) -> Vec<BTreeSet<u64>> {
-        use futures_util::FutureExt;
-        self.keys
-            .iter()
-            .map(|(name, _)| {
-                let info = store.status(name).now_or_never().expect("status does not wait").expect("status");
-                let mut tokens: BTreeSet<u64> = info.holders.iter().map(|h| h.fencing_token).collect();
-                tokens.extend(info.fencing_token);
-                tokens
-            })
-            .collect()
+        self.keys.iter().map(|(name, _)| store.held_tokens(name).into_iter().collect()).collect()
     }
 
     /// After a restart: a lease held now that was not live at the power loss, and whose release
@@ -988,8 +980,9 @@ impl Sim {
             }
         }
         // Answers that changed nothing, served while the disk stalled before a power loss, may
-        // have read changes that were never made durable (a release or grant in flight, undone
-        // by the restart: a dirty read, see docs/RELIABILITY.md); they leave the histories.
+        // have read changes that were never made durable (a release in flight, undone by the
+        // restart: a dirty read, see docs/RELIABILITY.md; grants are read only once on disk);
+        // they leave the histories.
         let mut dirty: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); self.keys.len()];
         for &(k, i, life, received) in &self.reads {
             if self.stalled.iter().any(|&(l, from)| l == life && received >= from) {

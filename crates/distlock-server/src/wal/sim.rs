@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::disk::{Disk, DiskFile};
 
@@ -154,12 +154,16 @@ struct State {
     counts: BTreeMap<Step, u32>,
     fired: Option<Plan>,
     crashed: bool,
+    /// The log's syncs wait (see [`SimDisk::hold_syncs`]).
+    syncs_held: bool,
 }
 
 /// The in-memory disk; clones share it. See the module docs.
 #[derive(Debug, Clone, Default)]
 pub struct SimDisk {
     state: Arc<Mutex<State>>,
+    /// Wakes syncs held by [`SimDisk::hold_syncs`].
+    syncs_resumed: Arc<Condvar>,
 }
 
 /// A file open on a [`SimDisk`].
@@ -284,6 +288,14 @@ impl SimDisk {
         self.lock().fired
     }
 
+    /// While `held`, the log's syncs (of segments) wait, as on a stalled disk: what the log
+    /// writes stays unsynced and nothing is acknowledged. A test that holds syncs must let them go
+    /// even when it fails, or dropping the store waits for its writer forever.
+    pub fn hold_syncs(&self, held: bool) {
+        self.lock().syncs_held = held;
+        self.syncs_resumed.notify_all();
+    }
+
     /// Whether the disk has crashed (every operation fails).
     pub fn crashed(&self) -> bool {
         self.lock().crashed
@@ -297,8 +309,15 @@ impl SimDisk {
     /// The disk a process restarted on it finds: the cache as it is (nothing lost, no plan).
     pub fn restart(&self) -> SimDisk {
         let s = self.lock();
-        let state = State { plan: None, counts: BTreeMap::new(), fired: None, crashed: false, ..s.clone() };
-        SimDisk { state: Arc::new(Mutex::new(state)) }
+        let state = State {
+            plan: None,
+            counts: BTreeMap::new(),
+            fired: None,
+            crashed: false,
+            syncs_held: false,
+            ..s.clone()
+        };
+        SimDisk { state: Arc::new(Mutex::new(state)), ..SimDisk::default() }
     }
 
     /// The disk after a power loss: only durable data and directory entries. With `tear`, the
@@ -345,7 +364,7 @@ impl SimDisk {
             durable_names: s.durable_names.clone(),
             ..State::default()
         };
-        SimDisk { state: Arc::new(Mutex::new(state)) }
+        SimDisk { state: Arc::new(Mutex::new(state)), ..SimDisk::default() }
     }
 
     /// The files the cache holds now, with their content (for reports).
@@ -377,7 +396,11 @@ impl DiskFile for SimFile {
     fn sync_data(&self) -> io::Result<()> {
         let step = if self.segment { Step::Sync } else { Step::SnapshotSync };
         let inode = self.inode;
-        self.disk.lock().run(
+        let mut disk = self.disk.lock();
+        while self.segment && disk.syncs_held {
+            disk = self.disk.syncs_resumed.wait(disk).unwrap_or_else(|e| e.into_inner());
+        }
+        disk.run(
             step,
             |s, failed| {
                 s.sync(inode, !failed);

@@ -226,7 +226,8 @@ pub trait StatusWatch: Send {
     /// The key's status: the first call answers the status now, each later call waits until
     /// the key changes (a grant, a release, an expiry, a force-release or a proclamation) and
     /// answers the status after it. Changes that come in quick succession may be answered as
-    /// one (the latest status); renewals alone are not changes.
+    /// one (the latest status); renewals alone are not changes. A durable store shows a grant
+    /// only once it is stored (the lock server's embedded store: once its record is on disk).
     async fn next(&mut self) -> Result<LockInfo>;
 }
 

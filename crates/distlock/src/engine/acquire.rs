@@ -68,7 +68,10 @@ impl Engine {
             };
             match attempt {
                 Ok(grant) => {
-                    s.changed(&req.key);
+                    // An unconfirmed grant changes no status yet; its confirmation wakes watchers.
+                    if !s.table.requires_confirmation() {
+                        s.changed(&req.key);
+                    }
                     Ok(Attempt::Granted(grant))
                 }
                 Err(held @ Error::Held { .. }) if !req.wait.waits() => Err(held),

@@ -170,7 +170,35 @@ impl Engine {
         })
     }
 
-    /// The state of `key`, with the number of callers waiting for it.
+    /// From now on a grant is left out of status, lists and watches until [`Engine::confirm`]
+    /// names it (see [`LeaseTable::require_confirmation`]): for a store that answers a grant only
+    /// once it is durable.
+    pub fn require_confirmation(&self) {
+        self.shared.lock().table.require_confirmation();
+    }
+
+    /// Shows the grant of `lease_id` on `key` in status from now on, and wakes the key's
+    /// watchers (it is now the key's holder for them).
+    pub fn confirm(&self, key: &str, lease_id: &LeaseId) {
+        let now = Instant::now();
+        self.shared.with_state(now, |s| {
+            if s.table.confirm(key, lease_id) {
+                s.changed(key);
+            }
+        });
+    }
+
+    /// The fencing tokens of every live lease on `key`, confirmed or not, oldest first: what
+    /// the table holds, for tests that compare it across a crash.
+    #[doc(hidden)]
+    pub fn held_tokens(&self, key: &str) -> Vec<u64> {
+        let now = Instant::now();
+        self.shared.with_state(now, |s| {
+            s.table.holders(key).iter().filter(|e| now < e.expires_at).map(|e| e.fencing_token).collect()
+        })
+    }
+
+    /// The state of `key` (its confirmed leases), with the number of callers waiting for it.
     pub fn status(&self, key: &str) -> LockInfo {
         let now = Instant::now();
         self.shared.with_state(now, |s| LockInfo { waiters: s.waiters(key), ..s.table.info(key, now) })

@@ -77,6 +77,7 @@ impl Engine {
                     granted_at: now,
                     shared: l.shared,
                     value: l.value,
+                    confirmed: true,
                 };
                 s.table.restore(l.key, l.limit, entry);
             }

@@ -40,6 +40,10 @@ pub struct Entry {
     pub shared: bool,
     /// What the lease publishes (a leader's value), if anything.
     pub value: Option<String>,
+    /// The grant is known to be kept: always, unless the table was told to
+    /// [`LeaseTable::require_confirmation`] and [`LeaseTable::confirm`] has not yet been called
+    /// for it. Status leaves unconfirmed leases out (see [`LeaseTable::info`]).
+    pub confirmed: bool,
 }
 
 /// The leases on one key: one for a lock, up to `limit` for a semaphore.
@@ -60,6 +64,8 @@ pub struct LeaseTable {
     /// Leases in the table.
     leases: usize,
     last_token: u64,
+    /// New grants start unconfirmed (see [`LeaseTable::require_confirmation`]).
+    confirm_grants: bool,
 }
 
 impl LeaseTable {
@@ -71,6 +77,31 @@ impl LeaseTable {
     /// An empty table whose next grant gets `last_token + 1` (for a store restored from disk).
     pub fn with_last_token(last_token: u64) -> LeaseTable {
         LeaseTable { last_token, ..LeaseTable::default() }
+    }
+
+    /// From now on a grant is left out of status until [`LeaseTable::confirm`] is called for it.
+    /// A durable store calls this and confirms a grant once its record is on disk: until then a
+    /// crash would undo the grant and hand its token out again, so no reader may learn of it
+    /// (the caller itself is answered only after the record is on disk). Grants still count in
+    /// full for exclusion: an unconfirmed lease holds its place like any other.
+    pub fn require_confirmation(&mut self) {
+        self.confirm_grants = true;
+    }
+
+    /// Whether new grants start unconfirmed (a grant then changes no status until confirmed).
+    pub fn requires_confirmation(&self) -> bool {
+        self.confirm_grants
+    }
+
+    /// Marks the lease `lease_id` on `key` confirmed; `true` when it was held and unconfirmed (its
+    /// key's status changed).
+    pub fn confirm(&mut self, key: &str, lease_id: &LeaseId) -> bool {
+        let Some(entry) =
+            self.locks.get_mut(key).and_then(|s| s.holders.iter_mut().find(|e| e.lease_id == *lease_id))
+        else {
+            return false;
+        };
+        !std::mem::replace(&mut entry.confirmed, true)
     }
 
     /// The highest token ever issued.
@@ -88,9 +119,15 @@ impl LeaseTable {
         self.leases == 0
     }
 
-    /// The newest live lease on `key`, if any (a lock's one holder).
+    /// The newest live confirmed lease on `key`, if any (a lock's one holder, as status names
+    /// it).
     pub fn live(&self, key: &str, now: Instant) -> Option<&Entry> {
-        self.locks.get(key)?.holders.iter().rev().find(|e| now < e.expires_at)
+        self.locks.get(key)?.holders.iter().rev().find(|e| now < e.expires_at && e.confirmed)
+    }
+
+    /// Every lease on `key`, live or not yet purged, confirmed or not, oldest grant first.
+    pub fn holders(&self, key: &str) -> &[Entry] {
+        self.locks.get(key).map_or(&[], |s| s.holders.as_slice())
     }
 
     /// The limit `key` is held with (1 when it is not held: a lock).
@@ -143,7 +180,8 @@ impl LeaseTable {
                 slot.holders.len() < limit as usize && slot.holders.iter().all(|e| !e.shared)
             };
             if !room {
-                let holder = slot.holders.last().map(|e| e.holder.clone());
+                // Named only once confirmed, as in status.
+                let holder = slot.holders.iter().rev().find(|e| e.confirmed).map(|e| e.holder.clone());
                 return Err(Error::Held { key: key.to_owned(), holder });
             }
         }
@@ -157,6 +195,7 @@ impl LeaseTable {
             granted_at: now,
             shared,
             value: req.value.clone(),
+            confirmed: !self.confirm_grants,
         };
         self.expirations.insert((entry.expires_at, key.to_owned(), entry.fencing_token));
         self.locks
@@ -250,7 +289,7 @@ impl LeaseTable {
         self.expirations.first().map(|(when, _, _)| *when)
     }
 
-    /// Status of `key` (`waiters` is left to the caller).
+    /// Status of `key` (`waiters` is left to the caller), from its live confirmed leases.
     pub fn info(&self, key: &str, now: Instant) -> LockInfo {
         match self.locks.get(key) {
             Some(slot) => slot_info(key, slot, now).unwrap_or_else(|| LockInfo::free(key, 0)),
@@ -327,9 +366,9 @@ impl LeaseTable {
     }
 }
 
-/// Status of a held key, from its live leases; `None` when none is live.
+/// Status of a held key, from its live confirmed leases; `None` when none is.
 fn slot_info(key: &str, slot: &Slot, now: Instant) -> Option<LockInfo> {
-    let mut live = slot.holders.iter().filter(|e| now < e.expires_at).peekable();
+    let mut live = slot.holders.iter().filter(|e| now < e.expires_at && e.confirmed).peekable();
     live.peek()?;
     let holders: Vec<&Entry> = live.collect();
     let newest = holders[holders.len() - 1];
