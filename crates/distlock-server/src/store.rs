@@ -5,14 +5,16 @@
 //! not restored, and its token is never reused (a later logged grant carries a higher one; replay
 //! takes the highest token seen). Renewals are logged only when they change the TTL, because after
 //! a restart every lease counts its logged TTL afresh from the restart — never earlier than any
-//! holder's own deadline. Expiries are logged as releases at the front of the next batch: a grant
-//! is never durable without the expiry that freed its place.
+//! holder's own deadline. Expiries are logged as releases at the front of the next batch, and a
+//! release or force-release queues its record before the table hands the key on: a grant is
+//! never durable without the release or expiry that freed its place. A grant given back because
+//! its caller went away is logged as a release too, queued behind the grant's own record.
 //!
-//! A grant is left out of status, lists and watches until its record is on disk (the engine's
-//! `require_confirmation`): were a reader shown it earlier, a crash in between would undo the
-//! grant and hand its token out again, and the reader would have seen one token for two holders.
-//! Releases, renewals and refusals are still read from the table before they are durable (see
-//! docs/DESIGN.md, "Leader election").
+//! A grant is shown by status, lists and watches only once its record is on disk (the engine's
+//! `require_confirmation`; status waits for the grants in flight at its call): were a reader
+//! shown it earlier, a crash in between would undo the grant and hand its token out again, and
+//! the reader would have seen one token for two holders. Releases and renewals are still read
+//! from the table before they are durable (see docs/DESIGN.md, "Leader election").
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -180,19 +182,25 @@ impl EmbeddedStore {
     /// held.
     pub async fn force_release(&self, key: &str) -> distlock::Result<Option<SavedLease>> {
         self.writable()?;
-        let freed = self.memory.force_release(key);
-        for lease in &freed {
-            self.log(Record::Release { key: key.to_owned(), lease_id: lease.lease_id.clone() }).await?;
-        }
+        let (freed, written) = self.memory.force_release_logged(key, |freed| {
+            self.queue(
+                freed.iter().map(|l| Record::Release { key: key.to_owned(), lease_id: l.lease_id.clone() }),
+            )
+        })?;
+        self.on_disk(written).await?;
         Ok(freed.into_iter().last())
     }
 
     /// Releases like [`Backend::release`] and returns the lease it freed (its holder and fencing
-    /// token, for the release event).
+    /// token, for the release event). The release's record is queued before the table hands the
+    /// key on, so it reaches the disk ahead of the next holder's grant: in the other order a
+    /// crash between the two could restore both holders of a lock.
     pub async fn release_reporting(&self, key: &str, lease_id: &LeaseId) -> distlock::Result<SavedLease> {
         self.writable()?;
-        let lease = self.memory.release_reporting(key, lease_id)?;
-        self.log(Record::Release { key: key.to_owned(), lease_id: lease_id.clone() }).await?;
+        let (lease, written) = self.memory.release_logged(key, lease_id, |_| {
+            self.queue([Record::Release { key: key.to_owned(), lease_id: lease_id.clone() }])
+        })?;
+        self.on_disk(written).await?;
         Ok(lease)
     }
 
@@ -228,8 +236,22 @@ impl EmbeddedStore {
     }
 
     async fn log(&self, record: Record) -> distlock::Result<()> {
-        self.wal.append(record).await.map_err(|e| Error::Unavailable(format!("embedded store: {e}")))
+        self.wal.append(record).await.map_err(store_error)
     }
+
+    /// Queues `records` without waiting (see [`Wal::queue`]).
+    fn queue(&self, records: impl IntoIterator<Item = Record>) -> distlock::Result<wal::Written> {
+        self.wal.queue(records.into_iter().collect()).map_err(store_error)
+    }
+
+    async fn on_disk(&self, written: wal::Written) -> distlock::Result<()> {
+        written.on_disk().await.map_err(store_error)
+    }
+}
+
+/// A log error as callers see it: the store is unavailable.
+fn store_error(e: WalError) -> Error {
+    Error::Unavailable(format!("embedded store: {e}"))
 }
 
 /// Renewals under way, per lease.
@@ -277,8 +299,14 @@ impl Drop for Waiting<'_> {
 
 /// A grant applied to the table but not yet on disk: if the request is dropped (client gone)
 /// or logging fails, the grant is taken back instead of holding the key until its TTL.
+///
+/// The give-back is logged too, queued behind the grant's own record (which may already be on
+/// its way to the disk) and before the table hands the place on: unlogged, a restart would
+/// replay the grant alone and bring the lease back, a holder nobody knows of, beside the waiter
+/// the place went to. When the log cannot take the record (its queue full), the grant is left
+/// to expire with its TTL instead.
 struct Unlogged<'a> {
-    memory: &'a Engine,
+    store: &'a EmbeddedStore,
     key: &'a str,
     lease_id: &'a LeaseId,
     armed: bool,
@@ -286,8 +314,13 @@ struct Unlogged<'a> {
 
 impl Drop for Unlogged<'_> {
     fn drop(&mut self) {
-        if self.armed {
-            let _ = self.memory.release(self.key, self.lease_id);
+        if !self.armed {
+            return;
+        }
+        let release = Record::Release { key: self.key.to_owned(), lease_id: self.lease_id.clone() };
+        // After a log failure nothing more reaches the disk, so the table may give back at once.
+        if self.store.wal.queue(vec![release]).is_ok() || self.store.log_failure().is_some() {
+            let _ = self.store.memory.release(self.key, self.lease_id);
         }
     }
 }
@@ -323,7 +356,7 @@ impl Backend for EmbeddedStore {
         let shared = req.mode == distlock::LockMode::Shared;
         let grant = self.memory.acquire(req).await?;
         let lease_id = grant.lease_id.clone();
-        let mut unlogged = Unlogged { memory: &self.memory, key: &key, lease_id: &lease_id, armed: true };
+        let mut unlogged = Unlogged { store: self, key: &key, lease_id: &lease_id, armed: true };
         self.log(Record::Acquire(SavedLease {
             key: key.clone(),
             lease_id: lease_id.clone(),
@@ -368,15 +401,17 @@ impl Backend for EmbeddedStore {
         if distlock::planted::active(distlock::planted::Bug::ReleaseWithoutLeaseId) {
             return EmbeddedStore::force_release(self, key).await.map(drop);
         }
-        self.memory.release(key, lease_id)?;
-        self.log(Record::Release { key: key.to_owned(), lease_id: lease_id.clone() }).await
+        self.release_reporting(key, lease_id).await.map(drop)
     }
 
+    /// Shows grants only once they are on disk, waiting for those in flight at the call (see
+    /// [`Engine::settled_status`]).
     async fn status(&self, key: &str) -> distlock::Result<LockInfo> {
-        Ok(self.memory.status(key))
+        self.memory.settled_status(key).await
     }
 
-    /// Ranges over the ordered table from the cursor (see [`Engine::list`]).
+    /// Ranges over the ordered table from the cursor (see [`Engine::list`]); each key is shown
+    /// up to its oldest grant not yet on disk, without waiting for it.
     async fn list(&self, query: &ListQuery) -> distlock::Result<LockPage> {
         Ok(self.memory.list(query))
     }

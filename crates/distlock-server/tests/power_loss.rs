@@ -305,37 +305,48 @@ impl Drop for SyncsHeld {
 /// They read the table, which holds a grant before its record is synced; before the fix they
 /// named it at once, and had the power failed then the restart would have undone the grant and
 /// handed its token to the next holder: a reader saw one token for two holders (the gap
-/// docs/DESIGN.md admitted). A semaphore's status leaves out only the permit in flight, and
-/// answers at once, with nothing to wait for.
+/// docs/DESIGN.md admitted). Status now waits for the grants in flight when it is called (one
+/// sync), but not for grants made after it: a busy semaphore cannot keep it waiting.
 #[tokio::test]
 async fn status_and_watches_name_a_grant_only_once_it_is_on_disk() {
     use distlock::{ListQuery, StatusWatch};
     use futures_util::FutureExt;
     let disk = SimDisk::new();
     let store = std::sync::Arc::new(open(&disk, 1 << 20).unwrap());
-    let first = store.acquire(request("sem", "first", 2, false)).await.unwrap();
+    let first = store.acquire(request("sem", "first", 3, false)).await.unwrap();
     let mut watch: Box<dyn StatusWatch> = store.watch("lock").await.unwrap();
     assert!(!watch.next().await.unwrap().held);
-
-    let held = SyncsHeld::hold(&disk);
-    let pending = |key: &'static str, limit: u32| {
+    let acquire = |key: &'static str, limit: u32| {
         let store = store.clone();
         tokio::spawn(async move { store.acquire(request(key, "in flight", limit, false)).await })
     };
-    let (lock, permit) = (pending("lock", 1), pending("sem", 2));
-    let until = Instant::now() + Duration::from_secs(10);
-    while store.held_tokens("lock").is_empty() || store.held_tokens("sem").len() < 2 {
-        assert!(Instant::now() < until, "the grants never reached the table");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let info = store.status("lock").await.unwrap();
-    assert!(
-        !info.held && info.fencing_token.is_none(),
-        "status answered while the grant was not on disk: {info:?}"
-    );
-    let sem = store.status("sem").await.unwrap();
-    let tokens: Vec<u64> = sem.holders.iter().map(|h| h.fencing_token).collect();
-    assert_eq!(tokens, vec![first.fencing_token], "status named a permit not on disk: {sem:?}");
+    let status = |key: &'static str| {
+        let store = store.clone();
+        tokio::spawn(async move { store.status(key).await })
+    };
+    // Waits until `key` holds `n` leases in the table and the log waits to sync one batch.
+    let in_flight = |key: &'static str, n: usize| {
+        let (store, disk) = (store.clone(), disk.clone());
+        async move {
+            let until = Instant::now() + Duration::from_secs(10);
+            while store.held_tokens(key).len() < n || disk.syncs_waiting() < 1 {
+                assert!(Instant::now() < until, "the grant never reached the table and the log");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    };
+    let settle = || async {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    };
+
+    let held = SyncsHeld::hold(&disk);
+    let lock = acquire("lock", 1);
+    in_flight("lock", 1).await;
+    let read = status("lock");
+    settle().await;
+    assert!(!read.is_finished(), "status answered while the grant was not on disk: {:?}", read.await);
     let listed = store.list(&ListQuery::default()).await.unwrap();
     assert!(
         listed.locks.iter().all(|l| l.key != "lock"),
@@ -349,21 +360,128 @@ async fn status_and_watches_name_a_grant_only_once_it_is_on_disk() {
         other => panic!("a lock whose grant is in flight answered {other:?}"),
     }
     assert!(watch.next().now_or_never().is_none(), "a watch named the grant not on disk");
-
-    drop(held);
+    disk.let_syncs_pass(1);
     let lock = lock.await.unwrap().unwrap();
-    let permit = permit.await.unwrap().unwrap();
+    let info = read.await.unwrap().unwrap();
+    assert_eq!((info.holder.as_deref(), info.fencing_token), (Some("in flight"), Some(lock.fencing_token)));
     let seen = watch.next().await.unwrap();
     assert_eq!(
-        (seen.holder.as_deref(), seen.fencing_token),
-        (Some("in flight"), Some(lock.fencing_token)),
+        seen.fencing_token,
+        Some(lock.fencing_token),
         "the watch missed the grant once it was on disk"
     );
-    let info = store.status("lock").await.unwrap();
-    assert_eq!(info.fencing_token, Some(lock.fencing_token));
+
+    // A semaphore: status waits for the permit in flight at the call, not for one granted after.
+    let second = acquire("sem", 3);
+    in_flight("sem", 2).await;
+    let read = status("sem");
+    settle().await;
+    assert!(!read.is_finished(), "status answered while a permit was not on disk: {:?}", read.await);
+    let third = acquire("sem", 3);
+    let until = Instant::now() + Duration::from_secs(10);
+    while store.held_tokens("sem").len() < 3 {
+        assert!(Instant::now() < until, "the third permit never reached the table");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    disk.let_syncs_pass(1);
+    let second = second.await.unwrap().unwrap();
+    let sem = read.await.unwrap().unwrap();
+    let tokens: Vec<u64> = sem.holders.iter().map(|h| h.fencing_token).collect();
+    assert_eq!(tokens, vec![first.fencing_token, second.fencing_token], "{sem:?}");
+    drop(held);
+    let third = third.await.unwrap().unwrap();
     let sem = store.status("sem").await.unwrap();
     let tokens: Vec<u64> = sem.holders.iter().map(|h| h.fencing_token).collect();
-    assert_eq!(tokens, vec![first.fencing_token, permit.fencing_token]);
+    assert_eq!(tokens, vec![first.fencing_token, second.fencing_token, third.fencing_token]);
+}
+
+/// A grant whose caller went away before its record was on disk is given back, and the
+/// give-back is logged behind the grant. Before the fix only the table gave it back: the grant's
+/// record, already queued, still reached the disk alone, so after a power loss the lease came
+/// back (a holder nobody knew of, blocking the key for its TTL; on a semaphore, beside the
+/// permit granted in its place, over the limit).
+#[tokio::test]
+async fn a_grant_given_back_before_it_was_on_disk_stays_given_back_after_a_power_loss() {
+    let disk = SimDisk::new();
+    let store = std::sync::Arc::new(open(&disk, 1 << 20).unwrap());
+    let first = store.acquire(request("sem", "first", 2, false)).await.unwrap();
+    let held = SyncsHeld::hold(&disk);
+    let gone = |key: &'static str, limit: u32| {
+        let store = store.clone();
+        tokio::spawn(async move { store.acquire(request(key, "gone", limit, false)).await })
+    };
+    let (lock, permit) = (gone("lock", 1), gone("sem", 2));
+    let until = Instant::now() + Duration::from_secs(10);
+    while store.held_tokens("lock").is_empty() || store.held_tokens("sem").len() < 2 {
+        assert!(Instant::now() < until, "the grants never reached the table");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // The callers go away while their records wait for the disk: the table gives both back.
+    lock.abort();
+    permit.abort();
+    assert!(lock.await.unwrap_err().is_cancelled() && permit.await.unwrap_err().is_cancelled());
+    assert_eq!(store.held_tokens("lock"), Vec::<u64>::new());
+    drop(held);
+    let next = store.acquire(request("sem", "next", 2, false)).await;
+    let next = next.unwrap_or_else(|e| panic!("the given-back permit was not free: {e}"));
+    let until = Instant::now() + Duration::from_secs(10);
+    while store.stats().appends_pending > 0 {
+        assert!(Instant::now() < until, "the log never caught up");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    drop(std::sync::Arc::into_inner(store).expect("the callers are gone"));
+
+    let store = open(&disk.power_loss(None), 1 << 20).unwrap();
+    let info = store.status("lock").await.unwrap();
+    assert!(!info.held, "the given-back lock came back after the power loss: {info:?}");
+    let holders = store.status("sem").await.unwrap().holders;
+    let tokens: Vec<u64> = holders.iter().map(|h| h.fencing_token).collect();
+    assert_eq!(
+        tokens,
+        vec![first.fencing_token, next.fencing_token],
+        "the given-back permit came back beside the one granted after it: {holders:?}"
+    );
+}
+
+/// A force-release of a semaphore's permits, with callers waiting for them, and the power lost
+/// at each of its first syncs: no restart may find more holders than the limit. Before the fix
+/// the store logged the releases one at a time after the table had already handed the permits
+/// to the waiters, so the waiters' grants reached the disk ahead of the second release; a power
+/// loss between them restored the second old permit beside both new ones (3 holders of a
+/// limit-2 key). Releases are now queued, all of them, before the table hands anything on.
+#[tokio::test]
+async fn a_force_release_is_on_disk_before_the_grants_of_the_places_it_freed() {
+    for nth in 1..=4 {
+        let disk = SimDisk::new();
+        let store = std::sync::Arc::new(open(&disk, 1 << 20).unwrap());
+        for holder in ["old 1", "old 2"] {
+            store.acquire(request("sem", holder, 2, false)).await.unwrap();
+        }
+        let waiters: Vec<_> = ["new 1", "new 2"]
+            .into_iter()
+            .map(|holder| {
+                let store = store.clone();
+                let mut req = request("sem", holder, 2, false);
+                req.wait = Wait::For(Duration::from_secs(30));
+                tokio::spawn(async move { store.acquire(req).await })
+            })
+            .collect();
+        let until = Instant::now() + Duration::from_secs(10);
+        while store.waiting_on("sem").len() < 2 {
+            assert!(Instant::now() < until, "the waiters never queued");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        disk.plan(Some(Plan { step: Step::Sync, nth, fault: Fault::Crash { done: false } }));
+        let _ = store.force_release("sem").await;
+        for waiter in waiters {
+            let _ = waiter.await.unwrap();
+        }
+        drop(std::sync::Arc::into_inner(store).expect("the callers are gone"));
+        let store = open(&disk.power_loss(None), 1 << 20).unwrap();
+        let holders = store.status("sem").await.unwrap().holders;
+        let names: Vec<&str> = holders.iter().map(|h| h.holder.as_str()).collect();
+        assert!(names.len() <= 2, "power lost at sync {nth}: {names:?} hold a 2-permit key");
+    }
 }
 
 // ---- The sweep: every step × seeds ----------------------------------------------------------

@@ -154,8 +154,10 @@ struct State {
     counts: BTreeMap<Step, u32>,
     fired: Option<Plan>,
     crashed: bool,
-    /// The log's syncs wait (see [`SimDisk::hold_syncs`]).
-    syncs_held: bool,
+    /// How many more of the log's syncs may pass; `None`: all (see [`SimDisk::hold_syncs`]).
+    syncs_allowed: Option<u32>,
+    /// The log's syncs waiting for leave to pass.
+    syncs_waiting: u32,
 }
 
 /// The in-memory disk; clones share it. See the module docs.
@@ -288,12 +290,26 @@ impl SimDisk {
         self.lock().fired
     }
 
-    /// While `held`, the log's syncs (of segments) wait, as on a stalled disk: what the log
-    /// writes stays unsynced and nothing is acknowledged. A test that holds syncs must let them go
+    /// While `held`, the log's syncs (of segments) wait, as on a stalled disk, until let through
+    /// ([`SimDisk::let_syncs_pass`]): what the log writes stays unsynced and nothing is
+    /// acknowledged. A test that holds syncs must let them go
     /// even when it fails, or dropping the store waits for its writer forever.
     pub fn hold_syncs(&self, held: bool) {
-        self.lock().syncs_held = held;
+        self.lock().syncs_allowed = held.then_some(0);
         self.syncs_resumed.notify_all();
+    }
+
+    /// Lets `n` more of the log's syncs pass while they are held.
+    pub fn let_syncs_pass(&self, n: u32) {
+        let mut s = self.lock();
+        s.syncs_allowed = s.syncs_allowed.map(|k| k + n);
+        drop(s);
+        self.syncs_resumed.notify_all();
+    }
+
+    /// How many of the log's syncs are waiting for leave to pass (see [`SimDisk::hold_syncs`]).
+    pub fn syncs_waiting(&self) -> u32 {
+        self.lock().syncs_waiting
     }
 
     /// Whether the disk has crashed (every operation fails).
@@ -314,7 +330,8 @@ impl SimDisk {
             counts: BTreeMap::new(),
             fired: None,
             crashed: false,
-            syncs_held: false,
+            syncs_allowed: None,
+            syncs_waiting: 0,
             ..s.clone()
         };
         SimDisk { state: Arc::new(Mutex::new(state)), ..SimDisk::default() }
@@ -397,8 +414,13 @@ impl DiskFile for SimFile {
         let step = if self.segment { Step::Sync } else { Step::SnapshotSync };
         let inode = self.inode;
         let mut disk = self.disk.lock();
-        while self.segment && disk.syncs_held {
-            disk = self.disk.syncs_resumed.wait(disk).unwrap_or_else(|e| e.into_inner());
+        if self.segment && disk.syncs_allowed.is_some() {
+            disk.syncs_waiting += 1;
+            while disk.syncs_allowed == Some(0) {
+                disk = self.disk.syncs_resumed.wait(disk).unwrap_or_else(|e| e.into_inner());
+            }
+            disk.syncs_waiting -= 1;
+            disk.syncs_allowed = disk.syncs_allowed.map(|k| k - 1);
         }
         disk.run(
             step,

@@ -225,6 +225,35 @@ impl Wal {
         LogAhead(self.ahead.clone())
     }
 
+    /// Queues `records` at once, without waiting: behind every append already queued, ahead of
+    /// every later one, all or none. For changes that must reach the disk in that order but are
+    /// made where no caller can wait (a drop guard, the table's critical section). The answer
+    /// tells when they are on disk (dropping it is fine). Fails, queuing nothing, when the queue
+    /// has no room for them all or the writer has stopped.
+    pub fn queue(&self, records: Vec<Record>) -> Result<Written, WalError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let tx = self.tx.as_ref().ok_or_else(|| WalError::Closed("writer stopped".into()))?;
+        if records.is_empty() {
+            return Ok(Written(None));
+        }
+        let permits = tx.try_reserve_many(records.len()).map_err(|e| {
+            WalError::Closed(match e {
+                mpsc::error::TrySendError::Full(()) => "the log's queue is full".into(),
+                mpsc::error::TrySendError::Closed(()) => "writer stopped".into(),
+            })
+        })?;
+        // Counted as `append` counts them.
+        self.stats.pending.fetch_add(records.len() as u64, SeqCst);
+        let mut last = None;
+        for (permit, record) in permits.zip(records) {
+            let (done, rx) = oneshot::channel();
+            permit.send(Append { record, done });
+            last = Some(rx);
+        }
+        // The writer answers in order and fails for good: the last record on disk means all are.
+        Ok(Written(last))
+    }
+
     /// Appends `record` and returns once it is on disk.
     pub async fn append(&self, record: Record) -> Result<(), WalError> {
         let (done, rx) = oneshot::channel();
@@ -237,6 +266,17 @@ impl Wal {
             self.stats.pending.fetch_sub(1, SeqCst);
             return Err(WalError::Closed("writer stopped".into()));
         }
+        Written(Some(rx)).on_disk().await
+    }
+}
+
+/// Records queued by [`Wal::queue`], until they are on disk.
+pub struct Written(Option<oneshot::Receiver<Result<(), String>>>);
+
+impl Written {
+    /// Returns once the records are on disk, or with why they never will be.
+    pub async fn on_disk(self) -> Result<(), WalError> {
+        let Some(rx) = self.0 else { return Ok(()) };
         if distlock::planted::active(distlock::planted::Bug::AnswerBeforeSync) {
             return Ok(());
         }

@@ -136,12 +136,35 @@ impl Engine {
     /// Releases like [`Engine::release`] and returns the lease it freed (holder, fencing token),
     /// read in the same critical section, for a server that reports who released what.
     pub fn release_reporting(&self, key: &str, lease_id: &LeaseId) -> Result<SavedLease> {
+        self.release_logged(key, lease_id, |_| Ok(())).map(|(lease, ())| lease)
+    }
+
+    /// Releases like [`Engine::release_reporting`], calling `log` with the freed lease in the
+    /// same critical section, before the key is handed to its next waiters: a durable store
+    /// queues the release's record there, so it reaches the disk ahead of the grant of the place
+    /// it freed (whose record is queued only after the hand-off). When `log` fails the lease is
+    /// put back and its error returned: nothing changed.
+    pub fn release_logged<T>(
+        &self,
+        key: &str,
+        lease_id: &LeaseId,
+        log: impl FnOnce(&SavedLease) -> Result<T>,
+    ) -> Result<(SavedLease, T)> {
         let now = Instant::now();
         self.shared.with_state(now, |s| {
             let limit = s.table.limit_of(key);
-            let lease = s.table.release(key, lease_id, now)?;
-            s.hand_off(key, now);
-            Ok(SavedLease::of(key, limit, lease))
+            let entry = s.table.release(key, lease_id, now)?;
+            let lease = SavedLease::of(key, limit, entry.clone());
+            match log(&lease) {
+                Ok(logged) => {
+                    s.hand_off(key, now);
+                    Ok((lease, logged))
+                }
+                Err(e) => {
+                    s.table.restore(key.to_owned(), limit, entry);
+                    Err(e)
+                }
+            }
         })
     }
 
@@ -150,12 +173,38 @@ impl Engine {
     /// when the key was not held). The token counter is not touched; an old holder's next renew
     /// or release gets [`Error::LeaseLost`].
     pub fn force_release(&self, key: &str) -> Vec<SavedLease> {
+        match self.force_release_logged(key, |_| Ok(())) {
+            Ok((freed, ())) => freed,
+            Err(_) => Vec::new(), // `log` cannot fail
+        }
+    }
+
+    /// Force-releases like [`Engine::force_release`], calling `log` with the freed leases
+    /// before the hand-off, as [`Engine::release_logged`] does; when `log` fails the leases are
+    /// put back and nothing changed.
+    pub fn force_release_logged<T>(
+        &self,
+        key: &str,
+        log: impl FnOnce(&[SavedLease]) -> Result<T>,
+    ) -> Result<(Vec<SavedLease>, T)> {
         let now = Instant::now();
         self.shared.with_state(now, |s| {
             let limit = s.table.limit_of(key);
-            let freed = s.table.force_release(key, now);
-            s.hand_off(key, now);
-            freed.into_iter().map(|e| SavedLease::of(key, limit, e)).collect()
+            let entries = s.table.force_release(key, now);
+            let freed: Vec<SavedLease> =
+                entries.iter().map(|e| SavedLease::of(key, limit, e.clone())).collect();
+            match log(&freed) {
+                Ok(logged) => {
+                    s.hand_off(key, now);
+                    Ok((freed, logged))
+                }
+                Err(e) => {
+                    for entry in entries {
+                        s.table.restore(key.to_owned(), limit, entry);
+                    }
+                    Err(e)
+                }
+            }
         })
     }
 

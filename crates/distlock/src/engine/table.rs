@@ -79,11 +79,12 @@ impl LeaseTable {
         LeaseTable { last_token, ..LeaseTable::default() }
     }
 
-    /// From now on a grant is left out of status until [`LeaseTable::confirm`] is called for it.
-    /// A durable store calls this and confirms a grant once its record is on disk: until then a
-    /// crash would undo the grant and hand its token out again, so no reader may learn of it
-    /// (the caller itself is answered only after the record is on disk). Grants still count in
-    /// full for exclusion: an unconfirmed lease holds its place like any other.
+    /// From now on a grant is left out of status until [`LeaseTable::confirm`] is called for it
+    /// (status shows a key's leases up to its oldest unconfirmed grant). A durable store calls
+    /// this and confirms a grant once its record is on disk: until then a crash would undo the
+    /// grant and hand its token out again, so no reader may learn of it (the caller itself is
+    /// answered only after the record is on disk). Grants still count in full for exclusion: an
+    /// unconfirmed lease holds its place like any other.
     pub fn require_confirmation(&mut self) {
         self.confirm_grants = true;
     }
@@ -119,10 +120,11 @@ impl LeaseTable {
         self.leases == 0
     }
 
-    /// The newest live confirmed lease on `key`, if any (a lock's one holder, as status names
-    /// it).
+    /// The newest live lease on `key` that status shows, if any (a lock's one holder).
     pub fn live(&self, key: &str, now: Instant) -> Option<&Entry> {
-        self.locks.get(key)?.holders.iter().rev().find(|e| now < e.expires_at && e.confirmed)
+        let slot = self.locks.get(key)?;
+        let cut = first_unconfirmed(slot, now);
+        slot.holders.iter().rev().find(|e| now < e.expires_at && e.fencing_token < cut)
     }
 
     /// Every lease on `key`, live or not yet purged, confirmed or not, oldest grant first.
@@ -180,8 +182,8 @@ impl LeaseTable {
                 slot.holders.len() < limit as usize && slot.holders.iter().all(|e| !e.shared)
             };
             if !room {
-                // Named only once confirmed, as in status.
-                let holder = slot.holders.iter().rev().find(|e| e.confirmed).map(|e| e.holder.clone());
+                // Named only as status would name it.
+                let holder = self.live(key, now).map(|e| e.holder.clone());
                 return Err(Error::Held { key: key.to_owned(), holder });
             }
         }
@@ -289,7 +291,18 @@ impl LeaseTable {
         self.expirations.first().map(|(when, _, _)| *when)
     }
 
-    /// Status of `key` (`waiters` is left to the caller), from its live confirmed leases.
+    /// The tokens of the live unconfirmed leases on `key`, oldest first (see
+    /// [`LeaseTable::require_confirmation`]).
+    pub fn unconfirmed(&self, key: &str, now: Instant) -> Vec<u64> {
+        self.holders(key)
+            .iter()
+            .filter(|e| !e.confirmed && now < e.expires_at)
+            .map(|e| e.fencing_token)
+            .collect()
+    }
+
+    /// Status of `key` (`waiters` is left to the caller), from its live leases granted before
+    /// its oldest unconfirmed one.
     pub fn info(&self, key: &str, now: Instant) -> LockInfo {
         match self.locks.get(key) {
             Some(slot) => slot_info(key, slot, now).unwrap_or_else(|| LockInfo::free(key, 0)),
@@ -366,9 +379,13 @@ impl LeaseTable {
     }
 }
 
-/// Status of a held key, from its live confirmed leases; `None` when none is.
+/// Status of a held key, from its live leases granted before its oldest unconfirmed one; `None`
+/// when there are none. Cutting at the oldest unconfirmed grant (not only leaving the
+/// unconfirmed out) keeps what status shows a state the key was in: a newer grant confirmed
+/// first would otherwise show without an older one still in flight, out of token order.
 fn slot_info(key: &str, slot: &Slot, now: Instant) -> Option<LockInfo> {
-    let mut live = slot.holders.iter().filter(|e| now < e.expires_at && e.confirmed).peekable();
+    let cut = first_unconfirmed(slot, now);
+    let mut live = slot.holders.iter().filter(|e| now < e.expires_at && e.fencing_token < cut).peekable();
     live.peek()?;
     let holders: Vec<&Entry> = live.collect();
     let newest = holders[holders.len() - 1];
@@ -399,4 +416,9 @@ fn slot_info(key: &str, slot: &Slot, now: Instant) -> Option<LockInfo> {
         },
         value: newest.value.clone(),
     })
+}
+
+/// The token of the oldest live unconfirmed lease of `slot` (`u64::MAX` when none is).
+fn first_unconfirmed(slot: &Slot, now: Instant) -> u64 {
+    slot.holders.iter().find(|e| !e.confirmed && now < e.expires_at).map_or(u64::MAX, |e| e.fencing_token)
 }

@@ -59,23 +59,63 @@ impl Engine {
         };
         KeyWatch { shared: self.shared.clone(), key: key.to_owned(), rx: Some(rx), started: false }
     }
+
+    /// The status of `key` once every grant of it that was unconfirmed at the call is confirmed
+    /// or gone (see [`LeaseTable::require_confirmation`]); at once when none is. Status cuts at
+    /// the oldest unconfirmed grant; waiting for the grants unconfirmed at the call means a grant
+    /// that anything answered before the call could have rested on (a `lock_held` refusal, an
+    /// earlier read) is shown, while grants made after the call cannot keep the answer waiting.
+    /// The wait lasts one sync of the store's log (as long as the disk takes).
+    ///
+    /// [`LeaseTable::require_confirmation`]: super::LeaseTable::require_confirmation
+    pub async fn settled_status(&self, key: &str) -> Result<LockInfo> {
+        let now = Instant::now();
+        let pending = self.shared.with_state(now, |s| s.table.unconfirmed(key, now));
+        if pending.is_empty() {
+            return Ok(self.status(key));
+        }
+        let mut watch = self.watch(key);
+        watch.started = true;
+        watch.settle(&pending).await
+    }
 }
 
 impl KeyWatch {
-    /// The key's status now (first call), then after each change (see [`StatusWatch::next`]).
+    /// The key's status now (first call), then after each change (see [`StatusWatch::next`]),
+    /// settled as [`Engine::settled_status`] is.
     pub async fn next(&mut self) -> Result<LockInfo> {
-        let dropped = || Error::Unavailable("the memory backend was dropped".into());
         let rx = self.rx.as_mut().ok_or_else(dropped)?;
         if self.started {
             rx.changed().await.map_err(|_| dropped())?;
         }
         self.started = true;
-        // Marks what is read below as seen: a change after this wakes the next call.
-        rx.borrow_and_update();
         let now = Instant::now();
-        let key = self.key.as_str();
-        Ok(self.shared.with_state(now, |s| LockInfo { waiters: s.waiters(key), ..s.table.info(key, now) }))
+        let pending = self.shared.with_state(now, |s| s.table.unconfirmed(&self.key, now));
+        self.settle(&pending).await
     }
+
+    /// Answers the key's status once none of the grants `pending` (tokens) is unconfirmed.
+    async fn settle(&mut self, pending: &[u64]) -> Result<LockInfo> {
+        let key = self.key.as_str();
+        let rx = self.rx.as_mut().ok_or_else(dropped)?;
+        loop {
+            // Marks what is read below as seen: a change after this wakes the next wait.
+            rx.borrow_and_update();
+            let now = Instant::now();
+            let (info, waiting) = self.shared.with_state(now, |s| {
+                let waiting = s.table.unconfirmed(key, now).iter().any(|t| pending.contains(t));
+                (LockInfo { waiters: s.waiters(key), ..s.table.info(key, now) }, waiting)
+            });
+            if !waiting {
+                return Ok(info);
+            }
+            rx.changed().await.map_err(|_| dropped())?;
+        }
+    }
+}
+
+fn dropped() -> Error {
+    Error::Unavailable("the memory backend was dropped".into())
 }
 
 #[async_trait]
