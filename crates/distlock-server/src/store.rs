@@ -182,10 +182,13 @@ impl EmbeddedStore {
     /// held.
     pub async fn force_release(&self, key: &str) -> distlock::Result<Option<SavedLease>> {
         self.writable()?;
+        // Room for a release of each holder now, taken before the table is touched (more holders
+        // by the time it is are queued if the queue has room, else nothing changes).
+        let room = self.wal.reserve(self.memory.held_tokens(key).len().max(1)).await.map_err(store_error)?;
         let (freed, written) = self.memory.force_release_logged(key, |freed| {
-            self.queue(
-                freed.iter().map(|l| Record::Release { key: key.to_owned(), lease_id: l.lease_id.clone() }),
-            )
+            let records =
+                freed.iter().map(|l| Record::Release { key: key.to_owned(), lease_id: l.lease_id.clone() });
+            room.queue(records.collect()).map_err(store_error)
         })?;
         self.on_disk(written).await?;
         Ok(freed.into_iter().last())
@@ -197,8 +200,11 @@ impl EmbeddedStore {
     /// crash between the two could restore both holders of a lock.
     pub async fn release_reporting(&self, key: &str, lease_id: &LeaseId) -> distlock::Result<SavedLease> {
         self.writable()?;
+        // Room in the log's queue first: a backlog delays the release rather than failing it.
+        let room = self.wal.reserve(1).await.map_err(store_error)?;
         let (lease, written) = self.memory.release_logged(key, lease_id, |_| {
-            self.queue([Record::Release { key: key.to_owned(), lease_id: lease_id.clone() }])
+            room.queue(vec![Record::Release { key: key.to_owned(), lease_id: lease_id.clone() }])
+                .map_err(store_error)
         })?;
         self.on_disk(written).await?;
         Ok(lease)
@@ -237,11 +243,6 @@ impl EmbeddedStore {
 
     async fn log(&self, record: Record) -> distlock::Result<()> {
         self.wal.append(record).await.map_err(store_error)
-    }
-
-    /// Queues `records` without waiting (see [`Wal::queue`]).
-    fn queue(&self, records: impl IntoIterator<Item = Record>) -> distlock::Result<wal::Written> {
-        self.wal.queue(records.into_iter().collect()).map_err(store_error)
     }
 
     async fn on_disk(&self, written: wal::Written) -> distlock::Result<()> {
@@ -303,8 +304,8 @@ impl Drop for Waiting<'_> {
 /// The give-back is logged too, queued behind the grant's own record (which may already be on
 /// its way to the disk) and before the table hands the place on: unlogged, a restart would
 /// replay the grant alone and bring the lease back, a holder nobody knows of, beside the waiter
-/// the place went to. When the log cannot take the record (its queue full), the grant is left
-/// to expire with its TTL instead.
+/// the place went to. When the log's queue is full, a task queues the release once it has room
+/// and gives the grant back then.
 struct Unlogged<'a> {
     store: &'a EmbeddedStore,
     key: &'a str,
@@ -319,9 +320,19 @@ impl Drop for Unlogged<'_> {
         }
         let release = Record::Release { key: self.key.to_owned(), lease_id: self.lease_id.clone() };
         // After a log failure nothing more reaches the disk, so the table may give back at once.
-        if self.store.wal.queue(vec![release]).is_ok() || self.store.log_failure().is_some() {
+        if self.store.wal.queue(vec![release.clone()]).is_ok() || self.store.log_failure().is_some() {
             let _ = self.store.memory.release(self.key, self.lease_id);
+            return;
         }
+        // The queue is full: queue the release once it has room, then give back.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let queued = self.store.wal.queue_when_room(release);
+        let (memory, key, lease_id) = (self.store.memory.clone(), self.key.to_owned(), self.lease_id.clone());
+        runtime.spawn(async move {
+            if queued.await.is_ok() {
+                let _ = memory.release(&key, &lease_id);
+            }
+        });
     }
 }
 
@@ -369,7 +380,12 @@ impl Backend for EmbeddedStore {
         }))
         .await?;
         unlogged.armed = false;
-        self.memory.confirm(&key, &lease_id);
+        if !self.memory.confirm(&key, grant.fencing_token) {
+            // Freed before it was confirmed (an operator's force-release, or an expiry while the
+            // disk stalled): that release may have reached the log ahead of this grant's record,
+            // and replay would then bring the lease back. Logged again, after the grant.
+            self.log(Record::Release { key: key.clone(), lease_id: lease_id.clone() }).await?;
+        }
         Ok(grant)
     }
 

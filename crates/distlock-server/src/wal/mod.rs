@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 pub use disk::{Disk, DiskFile, RealDisk};
 pub use recovery::{lock_dir, recover, recover_on, DirLock, Recovered};
-pub use writer::{LogAhead, SnapshotSource, Wal, WalStats, Written, MAX_SEGMENT_BYTES};
+pub use writer::{LogAhead, Reserved, SnapshotSource, Wal, WalStats, Written, MAX_SEGMENT_BYTES};
 
 /// One logged change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

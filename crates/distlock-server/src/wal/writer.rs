@@ -226,32 +226,53 @@ impl Wal {
     }
 
     /// Queues `records` at once, without waiting: behind every append already queued, ahead of
-    /// every later one, all or none. For changes that must reach the disk in that order but are
-    /// made where no caller can wait (a drop guard, the table's critical section). The answer
-    /// tells when they are on disk (dropping it is fine). Fails, queuing nothing, when the queue
-    /// has no room for them all or the writer has stopped.
+    /// every later one. For changes that must reach the disk in that order but are made where no
+    /// caller can wait (a drop guard, the table's critical section). The answer tells when they
+    /// are on disk (dropping it is fine). Fails, queuing nothing, when the queue has no room for
+    /// them all or the writer has stopped. Records queued together may still be written in
+    /// different batches.
     pub fn queue(&self, records: Vec<Record>) -> Result<Written, WalError> {
-        use std::sync::atomic::Ordering::SeqCst;
-        let tx = self.tx.as_ref().ok_or_else(|| WalError::Closed("writer stopped".into()))?;
+        let tx = self.tx.as_ref().ok_or_else(closed)?;
         if records.is_empty() {
             return Ok(Written(None));
         }
-        let permits = tx.try_reserve_many(records.len()).map_err(|e| {
-            WalError::Closed(match e {
-                mpsc::error::TrySendError::Full(()) => "the log's queue is full".into(),
-                mpsc::error::TrySendError::Closed(()) => "writer stopped".into(),
-            })
+        let permits = tx.try_reserve_many(records.len()).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(()) => WalError::Closed("the log's queue is full".into()),
+            mpsc::error::TrySendError::Closed(()) => closed(),
         })?;
-        // Counted as `append` counts them.
-        self.stats.pending.fetch_add(records.len() as u64, SeqCst);
-        let mut last = None;
-        for (permit, record) in permits.zip(records) {
-            let (done, rx) = oneshot::channel();
-            permit.send(Append { record, done });
-            last = Some(rx);
+        Ok(send_all(permits, records, &self.stats))
+    }
+
+    /// Waits for room for `n` records in the queue and holds it: taken before a critical section
+    /// that must queue records without waiting ([`Reserved::queue`]), so that a backlog delays
+    /// the call instead of failing it. Fails when `n` is more than the queue ever holds (65,536)
+    /// or the writer has stopped.
+    pub async fn reserve(&self, n: usize) -> Result<Reserved<'_>, WalError> {
+        let tx = self.tx.as_ref().ok_or_else(closed)?;
+        if n > tx.max_capacity() {
+            return Err(WalError::Closed(format!(
+                "{n} records at once are more than the log's queue holds ({})",
+                tx.max_capacity()
+            )));
         }
-        // The writer answers in order and fails for good: the last record on disk means all are.
-        Ok(Written(last))
+        let permits = tx.reserve_many(n).await.map_err(|_| closed())?;
+        Ok(Reserved { wal: self, permits, room: n })
+    }
+
+    /// Queues `record` once the queue has room, from a task of its own: for a drop guard that
+    /// found the queue full. Holds no borrow of the log.
+    pub fn queue_when_room(
+        &self,
+        record: Record,
+    ) -> impl std::future::Future<Output = Result<Written, WalError>> + Send + 'static {
+        let (tx, stats) = (self.tx.clone(), self.stats.clone());
+        async move {
+            let permit = tx.ok_or_else(closed)?.reserve_owned().await.map_err(|_| closed())?;
+            let (done, rx) = oneshot::channel();
+            stats.pending.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            permit.send(Append { record, done });
+            Ok(Written(Some(rx)))
+        }
     }
 
     /// Appends `record` and returns once it is on disk.
@@ -267,6 +288,43 @@ impl Wal {
             return Err(WalError::Closed("writer stopped".into()));
         }
         Written(Some(rx)).on_disk().await
+    }
+}
+
+fn closed() -> WalError {
+    WalError::Closed("writer stopped".into())
+}
+
+/// Sends `records` on `permits` (as many), counted as appends are.
+fn send_all(permits: mpsc::PermitIterator<'_, Append>, records: Vec<Record>, stats: &WalStats) -> Written {
+    stats.pending.fetch_add(records.len() as u64, std::sync::atomic::Ordering::SeqCst);
+    let mut last = None;
+    for (permit, record) in permits.zip(records) {
+        let (done, rx) = oneshot::channel();
+        permit.send(Append { record, done });
+        last = Some(rx);
+    }
+    // The writer answers in order and fails for good: the last record on disk means all are.
+    Written(last)
+}
+
+/// Room in the log's queue, held (see [`Wal::reserve`]); given back when dropped unused.
+pub struct Reserved<'a> {
+    wal: &'a Wal,
+    permits: mpsc::PermitIterator<'a, Append>,
+    room: usize,
+}
+
+impl Reserved<'_> {
+    /// Queues `records`, without waiting, in the room held; records beyond it are queued as
+    /// [`Wal::queue`] does, failing (and queuing nothing) when the queue has no room for them.
+    pub fn queue(self, records: Vec<Record>) -> Result<Written, WalError> {
+        if records.len() > self.room {
+            let Reserved { wal, permits, .. } = self;
+            drop(permits);
+            return wal.queue(records);
+        }
+        Ok(send_all(self.permits, records, &self.wal.stats))
     }
 }
 

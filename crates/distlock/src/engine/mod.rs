@@ -226,15 +226,20 @@ impl Engine {
         self.shared.lock().table.require_confirmation();
     }
 
-    /// Shows the grant of `lease_id` on `key` in status from now on, and wakes the key's
-    /// watchers (it is now the key's holder for them).
-    pub fn confirm(&self, key: &str, lease_id: &LeaseId) {
+    /// Shows the grant with `token` on `key` in status from now on, and wakes the key's watchers
+    /// (it is now the key's holder for them). `false` when the lease is no longer held: it was
+    /// released, expired or force-released before its confirmation.
+    pub fn confirm(&self, key: &str, token: u64) -> bool {
         let now = Instant::now();
-        self.shared.with_state(now, |s| {
-            if s.table.confirm(key, lease_id) {
-                s.changed(key);
+        self.shared.with_state(now, |s| match s.table.confirm(key, token) {
+            Some(changed) => {
+                if changed {
+                    s.changed(key);
+                }
+                true
             }
-        });
+            None => false,
+        })
     }
 
     /// The fencing tokens of every live lease on `key`, confirmed or not, oldest first: what

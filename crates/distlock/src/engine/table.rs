@@ -42,7 +42,8 @@ pub struct Entry {
     pub value: Option<String>,
     /// The grant is known to be kept: always, unless the table was told to
     /// [`LeaseTable::require_confirmation`] and [`LeaseTable::confirm`] has not yet been called
-    /// for it. Status leaves unconfirmed leases out (see [`LeaseTable::info`]).
+    /// for it. Status shows a key's leases only up to its oldest unconfirmed one (see
+    /// [`LeaseTable::info`]).
     pub confirmed: bool,
 }
 
@@ -94,15 +95,12 @@ impl LeaseTable {
         self.confirm_grants
     }
 
-    /// Marks the lease `lease_id` on `key` confirmed; `true` when it was held and unconfirmed (its
-    /// key's status changed).
-    pub fn confirm(&mut self, key: &str, lease_id: &LeaseId) -> bool {
-        let Some(entry) =
-            self.locks.get_mut(key).and_then(|s| s.holders.iter_mut().find(|e| e.lease_id == *lease_id))
-        else {
-            return false;
-        };
-        !std::mem::replace(&mut entry.confirmed, true)
+    /// Marks the lease with `token` on `key` confirmed: `None` when no such lease is held any
+    /// more (released, expired or force-released before its confirmation), else whether it was
+    /// unconfirmed (its key's status changed). By token, not lease id: a token names one grant.
+    pub fn confirm(&mut self, key: &str, token: u64) -> Option<bool> {
+        let entry = self.locks.get_mut(key)?.holders.iter_mut().find(|e| e.fencing_token == token)?;
+        Some(!std::mem::replace(&mut entry.confirmed, true))
     }
 
     /// The highest token ever issued.
