@@ -291,6 +291,16 @@ async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("{what}: no answer within 10 s"))
 }
 
+/// Waits until every record the store queued is written, then closes it (its callers are gone).
+async fn close_when_written(store: std::sync::Arc<EmbeddedStore>) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while store.stats().appends_pending > 0 {
+        assert!(Instant::now() < until, "the log never caught up");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    drop(std::sync::Arc::into_inner(store).expect("the callers are gone"));
+}
+
 /// Lets the log's syncs go when dropped, also when the test fails: dropping the store waits for
 /// its writer, which would wait forever for a held sync.
 struct SyncsHeld(SimDisk);
@@ -431,12 +441,7 @@ async fn a_grant_given_back_before_it_was_on_disk_stays_given_back_after_a_power
     drop(held);
     let next = store.acquire(request("sem", "next", 2, false)).await;
     let next = next.unwrap_or_else(|e| panic!("the given-back permit was not free: {e}"));
-    let until = Instant::now() + Duration::from_secs(10);
-    while store.stats().appends_pending > 0 {
-        assert!(Instant::now() < until, "the log never caught up");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    drop(std::sync::Arc::into_inner(store).expect("the callers are gone"));
+    close_when_written(store).await;
 
     let store = open(&disk.power_loss(None), 1 << 20).unwrap();
     let info = store.status("lock").await.unwrap();
@@ -483,7 +488,9 @@ async fn a_force_release_is_on_disk_before_the_grants_of_the_places_it_freed() {
         for waiter in waiters {
             let _ = within("a waiter", waiter).await.unwrap();
         }
-        assert!(disk.fired().is_some(), "the power never failed at sync {nth}");
+        // The first sync always comes; a second only when the writer split the records (with
+        // the fix it may not: releases and grants can share one batch).
+        assert!(nth > 1 || disk.fired().is_some(), "the power never failed at the first sync");
         drop(std::sync::Arc::into_inner(store).expect("the callers are gone"));
         let store = open(&disk.power_loss(None), 1 << 20).unwrap();
         let holders = store.status("sem").await.unwrap().holders;
@@ -516,16 +523,12 @@ async fn a_grant_force_released_before_its_record_was_queued_stays_released() {
     }
     // Both force-releases run up to their first wait before the waiter's task runs again: the
     // first hands the key to the waiter, the second frees it, both releases queued.
-    assert!(store.force_release("k").now_or_never().is_none());
-    assert!(store.force_release("k").now_or_never().is_none());
+    // (The writer, a thread of its own, may even have answered by the end of that first poll.)
+    let _ = store.force_release("k").now_or_never();
+    let _ = store.force_release("k").now_or_never();
     let answer = tokio::time::timeout(Duration::from_secs(10), waiter).await;
     assert!(matches!(answer, Ok(Ok(Ok(_)))), "the waiter: {answer:?}");
-    let until = Instant::now() + Duration::from_secs(10);
-    while store.stats().appends_pending > 0 {
-        assert!(Instant::now() < until, "the log never caught up");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    drop(std::sync::Arc::into_inner(store).expect("the callers are gone"));
+    close_when_written(store).await;
     let store = open(&disk.power_loss(None), 1 << 20).unwrap();
     let info = store.status("k").await.unwrap();
     assert!(!info.held, "the force-released grant came back after the power loss: {info:?}");
