@@ -162,11 +162,17 @@ impl Master {
         }
         let client = redis::Client::open(self.url_for(&address))
             .map_err(|e| Error::InvalidInput(format!("bad redis URL for master {address}: {e}")))?;
-        let open = |client: redis::Client| {
-            ConnectionManager::new_lazy_with_config(client, super::manager_config(self.config.timeout))
+        let open = |client: redis::Client, timeout: Duration| {
+            ConnectionManager::new_lazy_with_config(client, super::manager_config(timeout))
                 .map_err(|e| Error::Unavailable(format!("redis master {address}: {e}")))
         };
-        let (conn, grants) = (open(client.clone())?, open(client)?);
+        // `WAIT` answers only after `wait_timeout` while the replicas lag: with the plain call
+        // timeout the grant connection dropped that answer, and with it a `NOSCRIPT` from a
+        // promoted replica (which starts with no scripts), so the script was never reloaded
+        // there; every clean-up of an abandoned queue place then failed, and places blocked the
+        // queue for `queue_ttl` after a failover (the fault suite's Sentinel kill case).
+        let conn = open(client.clone(), self.config.timeout)?;
+        let grants = open(client, self.config.timeout + self.sentinel.wait_timeout)?;
         *current =
             Some(Current { address: address.clone(), conn: conn.clone(), grants, checked: Instant::now() });
         Ok((conn, address))
