@@ -184,7 +184,7 @@ impl EmbeddedStore {
         self.writable()?;
         // Room for a release of each holder now, taken before the table is touched (more holders
         // by the time it is are queued if the queue has room, else nothing changes).
-        let room = self.wal.reserve(self.memory.held_tokens(key).len().max(1)).await.map_err(store_error)?;
+        let room = self.wal.reserve(self.memory.holder_count(key).max(1)).await.map_err(store_error)?;
         let (freed, written) = self.memory.force_release_logged(key, |freed| {
             let records =
                 freed.iter().map(|l| Record::Release { key: key.to_owned(), lease_id: l.lease_id.clone() });

@@ -242,6 +242,13 @@ impl Engine {
         })
     }
 
+    /// How many live leases `key` has, confirmed or not: how many releases a force-release of it
+    /// would log now.
+    pub fn holder_count(&self, key: &str) -> usize {
+        let now = Instant::now();
+        self.shared.with_state(now, |s| s.table.holders(key).iter().filter(|e| now < e.expires_at).count())
+    }
+
     /// The fencing tokens of every live lease on `key`, confirmed or not, oldest first: what
     /// the table holds, for tests that compare it across a crash.
     #[doc(hidden)]
