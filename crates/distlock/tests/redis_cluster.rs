@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use distlock::{AcquireOptions, Error, ListQuery, Locker};
-use support::topologies::{raw, until, Cluster};
+use support::topologies::{abandoned_place_is_cleaned, raw, until, Cluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn locks_over_three_masters() {
@@ -262,6 +262,21 @@ async fn a_killed_master_loses_no_acknowledged_lease_with_min_replicas() {
         .expect("a key");
     let fresh = after.acquire(&key, &AcquireOptions::new()).await.expect("acquire after the failover");
     assert!(fresh.fencing_token() > highest, "{} after {highest}", fresh.fencing_token());
+}
+
+/// A caller that gives up waiting while the replicas lag is taken out of the queue at once,
+/// even on masters that have lost their scripts (see [`abandoned_place_is_cleaned`]).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_place_is_cleaned_while_the_replicas_lag() {
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start_with_replicas(1)).await.unwrap();
+    let slot: u16 = raw(cluster.nodes[0].port, "CLUSTER KEYSLOT distlock:{k}:queue")
+        .trim()
+        .trim_start_matches(':')
+        .parse()
+        .unwrap();
+    let queue_port = cluster.nodes[cluster.owner(slot)].port;
+    let (masters, replicas) = cluster.nodes.split_at(3);
+    abandoned_place_is_cleaned(|params| cluster.url_with(params), replicas, masters, queue_port).await;
 }
 
 /// Wake-ups on a cluster use sharded pub/sub: while a waiter waits, its lock's channel has a

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use distlock::{AcquireOptions, Error, Locker};
 use support::free_port;
-use support::topologies::{online_replica, raw, until, Group, MASTER};
+use support::topologies::{abandoned_place_is_cleaned, online_replica, raw, until, Group, MASTER};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follows_a_failover_without_losing_acknowledged_leases() {
@@ -153,14 +153,9 @@ async fn a_renewal_without_enough_replicas_does_not_count() {
     let opts = AcquireOptions::new().ttl(Duration::from_secs(20)).auto_renew(false);
     let lease = locker.acquire("renewed", &opts).await.expect("acquire, acknowledged by the replica");
     let before = lease.safe_until();
-    let replica = group.replica.pid().expect("replica running").to_string();
-    let signal = |sig: &str| {
-        let ok = std::process::Command::new("kill").args([sig, &replica]).status().is_ok_and(|s| s.success());
-        assert!(ok, "kill {sig} {replica}");
-    };
-    signal("-STOP");
+    group.replica.signal("-STOP");
     let renewed = lease.renew().await;
-    signal("-CONT");
+    group.replica.signal("-CONT");
     match renewed {
         Err(Error::Unavailable(m)) => assert!(m.contains("renewal"), "{m}"),
         other => panic!("a renewal no replica acknowledged must not count: {other:?}"),
@@ -169,4 +164,13 @@ async fn a_renewal_without_enough_replicas_does_not_count() {
     assert!(lease.is_held());
     lease.renew().await.expect("acknowledged once the replica is back");
     assert!(lease.safe_until() > before);
+}
+
+/// A caller that gives up waiting while the replica lags is taken out of the queue at once,
+/// even on a master that has lost its scripts (see [`abandoned_place_is_cleaned`]).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_place_is_cleaned_while_the_replica_lags() {
+    let group = tokio::task::spawn_blocking(Group::start).await.unwrap();
+    let (replicas, masters) = (std::slice::from_ref(&group.replica), std::slice::from_ref(&group.master));
+    abandoned_place_is_cleaned(|params| group.url(params), replicas, masters, group.master.port).await;
 }

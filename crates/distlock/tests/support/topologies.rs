@@ -56,6 +56,13 @@ impl Node {
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
+
+    /// Sends `signal` (`-STOP`, `-CONT`) with `kill`.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.pid().expect("the node runs").to_string();
+        let ok = Command::new("kill").args([signal, &pid]).status().is_ok_and(|s| s.success());
+        assert!(ok, "kill {signal} {pid}");
+    }
 }
 
 impl Drop for Node {
@@ -140,9 +147,11 @@ impl Group {
         Group { master, replica, sentinels }
     }
 
+    /// The URL through the sentinels with `params`; the call timeout is 1 s unless they set it.
     pub fn url(&self, params: &str) -> String {
         let hosts: Vec<String> = self.sentinels.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect();
-        format!("redis-sentinel://{}/{MASTER}?timeout=1s&{params}", hosts.join(","))
+        let timeout = if params.split('&').any(|p| p.starts_with("timeout=")) { "" } else { "timeout=1s&" };
+        format!("redis-sentinel://{}/{MASTER}?{timeout}{params}", hosts.join(","))
     }
 
     pub fn master_port(&self) -> String {
@@ -254,10 +263,12 @@ impl Cluster {
     }
 
     pub fn url(&self) -> String {
-        format!(
-            "redis-cluster://127.0.0.1:{},127.0.0.1:{}?timeout=2s",
-            self.nodes[0].port, self.nodes[1].port
-        )
+        self.url_with("timeout=2s")
+    }
+
+    /// The URL with `params` (instead of `timeout=2s`).
+    pub fn url_with(&self, params: &str) -> String {
+        format!("redis-cluster://127.0.0.1:{},127.0.0.1:{}?{params}", self.nodes[0].port, self.nodes[1].port)
     }
 
     /// The node (index) that serves `slot` now.
@@ -311,4 +322,70 @@ pub fn serves(line: &str, slot: u16) -> bool {
         }
         None => range.parse::<u16>() == Ok(slot),
     })
+}
+
+/// While the replicas lag, `WAIT` answers only after `wait_timeout`, and the answer of the
+/// script sent before it comes with it: a `NOSCRIPT` from a master without the script (a
+/// promoted replica starts with none) must still reach the backend, or the script is never
+/// loaded there. Here the `replicas` are stopped and the `masters`' scripts flushed; a caller
+/// gives up waiting before its first answer, and the clean-up of its queue place needs the
+/// dequeue script. With the grant connection cut at the plain call timeout (500 ms, shorter than
+/// `wait_timeout`), every clean-up lost its answer and the place blocked the queue for
+/// `queue_ttl` (the fault suite's Sentinel kill case saw the queue blocked 6 s after a
+/// failover). `url(params)` opens the topology; the queue of the key `k` lives on `queue_port`.
+pub async fn abandoned_place_is_cleaned(
+    url: impl Fn(&str) -> String,
+    replicas: &[Node],
+    masters: &[Node],
+    queue_port: u16,
+) {
+    use distlock::{AcquireOptions, Error, Locker};
+    let holder = Locker::open(&url("timeout=1s&min_replicas=1")).await.expect("open");
+    // A replica that has just finished its first sync counts for WAIT only from its first
+    // acknowledgement, up to a second later.
+    let (opts, counted) = (AcquireOptions::new().ttl(Duration::from_secs(30)), Instant::now());
+    let held = loop {
+        match holder.acquire("k", &opts).await {
+            Ok(lease) => break lease,
+            Err(Error::Unavailable(_)) if counted.elapsed() < Duration::from_secs(10) => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("acquire, acknowledged by a replica: {e}"),
+        }
+    };
+    for replica in replicas {
+        replica.signal("-STOP");
+    }
+    for master in masters {
+        let flushed = raw(master.port, "SCRIPT FLUSH");
+        assert!(flushed.starts_with("+OK"), "SCRIPT FLUSH: {flushed}");
+    }
+    // A caller whose call timeout outlasts WAIT loads the acquire script again (the key is held).
+    let patient = Locker::open(&url("timeout=2s&min_replicas=1&wait_timeout=1s")).await.expect("open");
+    assert!(matches!(patient.acquire("k", &AcquireOptions::new()).await, Err(Error::Held { .. })));
+
+    // A caller queues, then gives up before WAIT lets its answer come back.
+    let waiter =
+        Locker::open(&url("timeout=500ms&min_replicas=1&wait_timeout=1s&queue_ttl=30s")).await.expect("open");
+    let wait = AcquireOptions::new().wait(Duration::from_secs(3));
+    let gave_up = tokio::time::timeout(Duration::from_millis(400), waiter.acquire("k", &wait)).await;
+    assert!(gave_up.is_err(), "still waiting after 400 ms: {gave_up:?}");
+    let places = raw(queue_port, "ZCARD distlock:{k}:queue");
+    assert_eq!(places.trim(), ":1", "the caller had a place in the queue");
+    // Its clean-up loads the dequeue script and takes the place out, long before queue_ttl.
+    tokio::task::spawn_blocking(move || {
+        until("the abandoned place taken out", Duration::from_secs(8), || {
+            raw(queue_port, "ZCARD distlock:{k}:queue").trim() == ":0"
+        })
+    })
+    .await
+    .expect("the check");
+
+    for replica in replicas {
+        replica.signal("-CONT");
+    }
+    held.release().await.expect("release");
+    let next = Locker::open(&url("timeout=1s&min_replicas=1")).await.expect("open");
+    let lease = next.acquire("k", &wait).await.expect("the next caller is not held up by the place");
+    assert!(lease.fencing_token() > 1);
 }

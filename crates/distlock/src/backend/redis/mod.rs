@@ -287,30 +287,39 @@ impl RedisBackend {
         let min_replicas: u32 = params.value("min_replicas", "a number of replicas", |_| true)?.unwrap_or(0);
         let wait_timeout = params.duration("wait_timeout")?.unwrap_or(Duration::from_millis(500));
         let node_urls: Vec<String> = hosts.iter().map(|h| format!("{scheme}://{auth}{h}")).collect();
-        let mut builder = redis::cluster::ClusterClientBuilder::new(node_urls.clone())
-            .connection_timeout(config.timeout)
-            .response_timeout(config.timeout)
-            .retries(2);
-        if config.tls.any() {
-            builder = builder.certs(config.tls.load()?);
-        }
-        let client =
-            builder.build().map_err(|e| Error::InvalidInput(format!("bad redis-cluster URL: {e}")))?;
-        let connect = || async {
-            tokio::time::timeout(config.timeout, client.get_async_connection())
+        let client = |response_timeout: Duration| -> Result<redis::cluster::ClusterClient> {
+            let mut builder = redis::cluster::ClusterClientBuilder::new(node_urls.clone())
+                .connection_timeout(config.timeout)
+                .response_timeout(response_timeout)
+                .retries(2);
+            if config.tls.any() {
+                builder = builder.certs(config.tls.load()?);
+            }
+            builder.build().map_err(|e| Error::InvalidInput(format!("bad redis-cluster URL: {e}")))
+        };
+        let settings = &config;
+        let connect = |client: redis::cluster::ClusterClient| async move {
+            tokio::time::timeout(settings.timeout, client.get_async_connection())
                 .await
                 .map_err(|_| {
                     Error::Unavailable(format!(
                         "redis cluster {first}: no answer within {:?}",
-                        config.timeout
+                        settings.timeout
                     ))
                 })?
-                .map_err(|e| unavailable(&config, e))
+                .map_err(|e| unavailable(settings, e))
         };
-        let conn = connect().await?;
+        let conn = connect(client(config.timeout)?).await?;
+        // `WAIT` answers only after `wait_timeout` while the replicas lag, and brings the answer
+        // of the script before it (a `NOSCRIPT` from a promoted replica, say): the grants
+        // connection waits that much longer, as behind Sentinel (see `sentinel.rs`).
         let replicas = match min_replicas {
             0 => None,
-            _ => Some(ClusterReplicas { grants: connect().await?, min_replicas, wait_timeout }),
+            _ => Some(ClusterReplicas {
+                grants: connect(client(config.timeout + wait_timeout)?).await?,
+                min_replicas,
+                wait_timeout,
+            }),
         };
         // Wake-ups by sharded pub/sub: a RESP3 client of its own whose connections push the
         // shard messages to one channel (see `wakeups.rs`).
