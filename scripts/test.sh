@@ -61,6 +61,7 @@ cargo test --workspace --doc
 echo "==> planted bugs: each must be caught (docs/RELIABILITY.md, 'Planted bugs')"
 cargo test -p distlock-server --features planted-bugs --test simulation planted_bugs_are_caught
 cargo test -p distlock --features planted-bugs --test memory planted_renewal_from_answer_is_caught
+cargo test -p distlock --features redis,planted-bugs --test redis planted_abandoned_queue_place_is_caught
 echo "==> OpenAPI fuzzer (schemathesis) against a real server"
 cargo build --workspace --bin distlock --quiet
 ./scripts/fuzz-api.sh target/debug/distlock

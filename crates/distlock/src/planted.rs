@@ -28,16 +28,22 @@ pub enum Bug {
     /// before it sent the request: later than the store started counting, so the holder
     /// believes it holds after the store may have freed the key.
     RenewalFromAnswer,
+    /// A Redis waiter whose acquire failed without a definite answer tries its clean-up (leave
+    /// the queue, release a grant it never saw) once and gives up: when Redis was paused, the
+    /// timed-out acquire still runs once Redis resumes and leaves a place nobody holds at the head
+    /// of the queue, holding every waiter up for `queue_ttl` (found by the fault suite, 2026-11-23).
+    AbandonedQueuePlace,
 }
 
 impl Bug {
     /// Every bug that can be planted.
-    pub const ALL: [Bug; 5] = [
+    pub const ALL: [Bug; 6] = [
         Bug::AnswerBeforeSync,
         Bug::CounterNotPersisted,
         Bug::ReleaseWithoutLeaseId,
         Bug::LateWaiterGranted,
         Bug::RenewalFromAnswer,
+        Bug::AbandonedQueuePlace,
     ];
 
     /// The bug's name (`DISTLOCK_PLANTED_BUG`, reports).
@@ -48,6 +54,7 @@ impl Bug {
             Bug::ReleaseWithoutLeaseId => "release-without-lease-id",
             Bug::LateWaiterGranted => "late-waiter-granted",
             Bug::RenewalFromAnswer => "renewal-from-answer",
+            Bug::AbandonedQueuePlace => "abandoned-queue-place",
         }
     }
 }

@@ -290,3 +290,59 @@ async fn status_and_try_once_agree_during_a_hand_off() {
     assert!(info.held, "status must not say free while acquires are refused: {info:?}");
     assert_eq!((info.holder, info.fencing_token, info.waiters), (None, None, 1));
 }
+
+/// Redis paused while a caller joins the queue: its acquire and its first clean-ups time out,
+/// and Redis runs them once it resumes. The clean-up keeps trying until Redis answers, so the
+/// place the late acquire made is taken out long before `queue_ttl` and the next caller is not
+/// held up (found by the fault suite's `redis / pause store`, 2026-11-23).
+#[tokio::test]
+async fn a_place_queued_while_redis_was_paused_is_taken_out() {
+    place_queued_while_paused_is_taken_out().await;
+}
+
+async fn place_queued_while_paused_is_taken_out() {
+    let server = RedisServer::start();
+    let holder = Locker::open(&format!("{}?timeout=1s", server.url())).await.expect("open");
+    // Loads the scripts, so the late acquire runs (rather than failing `NOSCRIPT`) on resume.
+    let held =
+        holder.acquire("k", &AcquireOptions::new().ttl(Duration::from_secs(30))).await.expect("acquire");
+    let waiter = Locker::open(&format!("{}?timeout=300ms&queue_ttl=30s", server.url())).await.expect("open");
+    assert!(matches!(waiter.status("k").await, Ok(s) if s.held), "the waiter's connection is up");
+
+    server.signal("-STOP");
+    let failed = waiter.acquire("k", &AcquireOptions::new().wait(Duration::from_secs(5))).await;
+    // The first clean-ups time out as well.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.signal("-CONT");
+    assert!(matches!(failed, Err(Error::Unavailable(_))), "acquire while Redis is paused: {failed:?}");
+
+    let port = server.port;
+    tokio::task::spawn_blocking(move || {
+        support::topologies::until("the abandoned place taken out", Duration::from_secs(5), || {
+            support::topologies::raw(port, "ZCARD distlock:{k}:queue").trim() == ":0"
+        })
+    })
+    .await
+    .expect("the check");
+    let first = held.fencing_token();
+    held.release().await.expect("release");
+    let next = Locker::open(&format!("{}?timeout=1s", server.url())).await.expect("open");
+    let wait = AcquireOptions::new().wait(Duration::from_secs(2));
+    let lease = next.acquire("k", &wait).await.expect("the next caller is not held up by a place");
+    assert!(lease.fencing_token() > first);
+}
+
+/// Issue 22, section 6: the planted bug "abandoned queue place" (the clean-up tried once) is
+/// caught by the test above.
+#[cfg(feature = "planted-bugs")]
+#[test]
+fn planted_abandoned_queue_place_is_caught() {
+    use distlock::planted::{self, Bug};
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    planted::plant(Some(Bug::AbandonedQueuePlace));
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(place_queued_while_paused_is_taken_out())
+    }));
+    planted::plant(None);
+    assert!(caught.is_err(), "the planted bug {} went unnoticed", Bug::AbandonedQueuePlace.name());
+}

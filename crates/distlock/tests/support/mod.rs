@@ -181,6 +181,13 @@ impl RedisServer {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Sends `signal` (`-STOP`, `-CONT`) to the running server.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.pid().expect("redis-server runs").to_string();
+        let ok = Command::new("kill").args([signal, &pid]).status().is_ok_and(|s| s.success());
+        assert!(ok, "kill {signal} {pid}");
+    }
+
     /// Sends one raw command (inline protocol) and returns the raw reply.
     pub fn raw(&self, command: &str) -> String {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");

@@ -793,7 +793,13 @@ impl Drop for WaitGuard<'_> {
         }
         let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
         let (store, keys, lease_id) = (self.store.clone(), self.keys.clone(), self.lease_id.clone());
+        let once = crate::planted::active(crate::planted::Bug::AbandonedQueuePlace);
         handle.spawn(async move {
+            if once {
+                let _ = store.release_keys(&keys, &lease_id).await;
+                let _ = store.dequeue(&keys, &lease_id).await;
+                return;
+            }
             let give_up = Instant::now() + store.config.queue_ttl;
             let (mut confirmed, mut pause) = (false, Duration::from_millis(100));
             while Instant::now() < give_up {
