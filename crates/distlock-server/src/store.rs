@@ -130,7 +130,11 @@ impl EmbeddedStore {
             let (log, forward) = (wal.ahead(), observer.clone());
             memory.observe(Arc::new(move |event| {
                 if let TableEvent::Expired(lease) = event {
-                    log.push(Record::Release { key: lease.key.clone(), lease_id: lease.lease_id.clone() });
+                    log.push(Record::Release {
+                        key: lease.key.clone(),
+                        lease_id: lease.lease_id.clone(),
+                        fencing_token: Some(lease.fencing_token),
+                    });
                 }
                 if let Some(observe) = &*forward.lock().unwrap_or_else(|e| e.into_inner()) {
                     observe(event);
@@ -186,8 +190,11 @@ impl EmbeddedStore {
         // by the time it is are queued if the queue has room, else nothing changes).
         let room = self.wal.reserve(self.memory.holder_count(key).max(1)).await.map_err(store_error)?;
         let (freed, written) = self.memory.force_release_logged(key, |freed| {
-            let records =
-                freed.iter().map(|l| Record::Release { key: key.to_owned(), lease_id: l.lease_id.clone() });
+            let records = freed.iter().map(|l| Record::Release {
+                key: key.to_owned(),
+                lease_id: l.lease_id.clone(),
+                fencing_token: Some(l.fencing_token),
+            });
             room.queue(records.collect()).map_err(store_error)
         })?;
         self.on_disk(written).await?;
@@ -203,8 +210,12 @@ impl EmbeddedStore {
         // Room in the log's queue first: a backlog delays the release rather than failing it.
         let room = self.wal.reserve(1).await.map_err(store_error)?;
         let (lease, written) = self.memory.release_logged(key, lease_id, |_| {
-            room.queue(vec![Record::Release { key: key.to_owned(), lease_id: lease_id.clone() }])
-                .map_err(store_error)
+            room.queue(vec![Record::Release {
+                key: key.to_owned(),
+                lease_id: lease_id.clone(),
+                fencing_token: None,
+            }])
+            .map_err(store_error)
         })?;
         self.on_disk(written).await?;
         Ok(lease)
@@ -318,7 +329,11 @@ impl Drop for Unlogged<'_> {
         if !self.armed {
             return;
         }
-        let release = Record::Release { key: self.key.to_owned(), lease_id: self.lease_id.clone() };
+        let release = Record::Release {
+            key: self.key.to_owned(),
+            lease_id: self.lease_id.clone(),
+            fencing_token: None,
+        };
         // After a log failure nothing more reaches the disk, so the table may give back at once.
         if self.store.wal.queue(vec![release.clone()]).is_ok() || self.store.log_failure().is_some() {
             let _ = self.store.memory.release(self.key, self.lease_id);
@@ -384,7 +399,9 @@ impl Backend for EmbeddedStore {
             // Freed before it was confirmed (an operator's force-release, or an expiry while the
             // disk stalled): that release may have reached the log ahead of this grant's record,
             // and replay would then bring the lease back. Logged again, after the grant.
-            self.log(Record::Release { key: key.clone(), lease_id: lease_id.clone() }).await?;
+            let token = Some(grant.fencing_token);
+            self.log(Record::Release { key: key.clone(), lease_id: lease_id.clone(), fencing_token: token })
+                .await?;
         }
         Ok(grant)
     }

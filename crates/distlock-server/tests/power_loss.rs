@@ -534,6 +534,44 @@ async fn a_grant_force_released_before_its_record_was_queued_stays_released() {
     assert!(!info.held, "the force-released grant came back after the power loss: {info:?}");
 }
 
+/// A force-release that frees a grant whose record was never written still answers that
+/// grant's token (the event and the API name the lease it removed), and the power then fails:
+/// the restart must not hand that token out again. The release's record reached the disk but
+/// the grant's did not, so the counter replayed from the log was one below the token the
+/// answer named, and the next holder got it. Records of releases the store makes on its own
+/// (force-release, expiry) now carry the token, and replay raises the counter to it.
+#[tokio::test]
+async fn a_token_a_force_release_named_is_not_handed_out_again_after_a_power_loss() {
+    use futures_util::FutureExt;
+    let disk = SimDisk::new();
+    let store = open(&disk, 1 << 20).unwrap();
+    let first = lock(&store, "k").await.unwrap();
+    let mut req = request("k", "waiter", 1, false);
+    req.wait = Wait::For(Duration::from_secs(30));
+    // Polled once, so it waits in the queue; never polled again, so its grant's record is never
+    // queued (a handler that has not run yet when the power fails).
+    let mut waiter = Box::pin(store.acquire(req));
+    assert!((&mut waiter).now_or_never().is_none(), "the waiter was answered at once");
+    assert_eq!(store.waiting_on("k").len(), 1, "the waiter never queued");
+    let freed = within("the first force-release", store.force_release("k")).await.unwrap();
+    assert_eq!(freed.map(|l| l.fencing_token), Some(first.fencing_token));
+    // The key went to the waiter in the table; this frees that grant and names its token.
+    let freed = within("the second force-release", store.force_release("k")).await.unwrap();
+    let named = freed.map(|l| l.fencing_token).expect("the second force-release freed the waiter's grant");
+    assert!(named > first.fencing_token);
+    drop(waiter);
+    drop(store);
+
+    let store = open(&disk.power_loss(None), 1 << 20).unwrap();
+    let next = lock(&store, "k").await.expect("the key is free after the restart");
+    assert!(
+        next.fencing_token > named,
+        "token {} handed out again after a force-release answered it (next grant: {})",
+        named,
+        next.fencing_token
+    );
+}
+
 // ---- The sweep: every step × seeds ----------------------------------------------------------
 
 /// splitmix64: the workload and the fault's details from one seed.

@@ -60,6 +60,13 @@ pub enum Record {
         key: String,
         /// The lease.
         lease_id: LeaseId,
+        /// The lease's fencing token, on releases the store makes itself (a force-release, an
+        /// expiry): such a release can reach the disk before its grant's record, and an answer
+        /// or event may already have named the token, so replay raises the counter to it and the
+        /// token is never handed out again. Absent on a holder's release (its grant was
+        /// answered, so on disk) and in logs written before it existed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fencing_token: Option<u64>,
     },
 }
 

@@ -69,7 +69,8 @@ impl Recovered {
                     cur.value = Some(value);
                 }
             }
-            Record::Release { key, lease_id } => {
+            Record::Release { key, lease_id, fencing_token } => {
+                self.last_token = self.last_token.max(fencing_token.unwrap_or(0));
                 if let Some(held) = self.leases.get_mut(&key) {
                     held.retain(|c| c.lease_id != lease_id);
                     if held.is_empty() {
@@ -195,6 +196,30 @@ mod tests {
     fn with_zeros(mut bytes: Vec<u8>, zeros: usize) -> Vec<u8> {
         bytes.resize(bytes.len() + zeros, 0);
         bytes
+    }
+
+    /// A release the store made itself carries its token and raises the counter; a release
+    /// written without one (a holder's, or any from a log older than the field) still reads.
+    #[test]
+    fn a_release_with_a_token_raises_the_counter_and_old_releases_still_read() {
+        let old: Record =
+            serde_json::from_str(r#"{"release":{"key":"a","lease_id":"00000000000000000000000000000001"}}"#)
+                .expect("a release written before the token field");
+        assert!(matches!(&old, Record::Release { fencing_token: None, .. }), "{old:?}");
+        let mut state = Recovered::default();
+        state.apply(test_lease("a", 1));
+        state.apply(old);
+        assert_eq!(state.last_token, 1);
+        let lease_id = distlock::LeaseId::generate();
+        state.apply(Record::Release { key: "b".into(), lease_id, fencing_token: Some(7) });
+        assert_eq!(state.last_token, 7);
+        let written = serde_json::to_string(&Record::Release {
+            key: "c".into(),
+            lease_id: distlock::LeaseId::generate(),
+            fencing_token: None,
+        })
+        .expect("encode");
+        assert!(!written.contains("fencing_token"), "a holder's release grew: {written}");
     }
 
     #[test]

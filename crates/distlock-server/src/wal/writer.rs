@@ -519,7 +519,11 @@ mod tests {
                         let t = table.lock().unwrap();
                         let (key, held) = t.leases.iter().next().unwrap();
                         let l = &held[0];
-                        Record::Release { key: key.clone(), lease_id: l.lease_id.clone() }
+                        Record::Release {
+                            key: key.clone(),
+                            lease_id: l.lease_id.clone(),
+                            fencing_token: None,
+                        }
                     } else {
                         test_lease(&format!("k{token}"), token)
                     };
