@@ -1,7 +1,11 @@
 //! How the log sits on disk: a frame per record, `[len: u32 LE][crc32 of payload: u32 LE][payload:
-//! JSON]`, and the numbered files (`wal-<n>.log`, `snapshot-<n>.bin`) that hold them. Reading
-//! tells a torn tail (a crash mid-write, nothing after it) from damage (a bad frame with data
-//! after it), because recovery cuts the one and refuses the other.
+//! JSON]`, each batch (one write, one sync) closed by a frame that says where the batch began,
+//! and the numbered files (`wal-<n>.log`, `snapshot-<n>.bin`) that hold them. Reading tells a
+//! torn last batch (a crash mid-write) from damage, because recovery cuts the one and refuses the
+//! other: a bad frame with nothing written after it is torn; so is a bad frame whose batch's
+//! closing frame landed after it with nothing after that (a device that wrote a later sector of
+//! the batch and lost an earlier one), since no batch is written before the one ahead of it is
+//! synced. A bad frame with a later batch after it is damage.
 
 use std::path::{Path, PathBuf};
 
@@ -23,6 +27,64 @@ pub(super) fn frame(payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(payload);
 }
 
+/// The frame that closes a batch: `{"batch_start":<offset of the batch's first byte>}`. No record
+/// starts with this key (a record is `{"acquire":…}`, `{"release":…}`, …).
+#[derive(Serialize, Deserialize)]
+struct BatchEnd {
+    batch_start: u64,
+}
+
+const BATCH_END_PREFIX: &[u8] = b"{\"batch_start\":";
+
+/// Appends the frame that closes a batch which began at `start` in its segment.
+pub(super) fn end_batch(start: u64, out: &mut Vec<u8>) {
+    let payload = serde_json::to_vec(&BatchEnd { batch_start: start }).unwrap_or_default();
+    frame(&payload, out);
+}
+
+/// Where the batch a closing frame ends began; `None` for a record.
+fn batch_start(payload: &[u8]) -> Option<u64> {
+    if !payload.starts_with(BATCH_END_PREFIX) {
+        return None;
+    }
+    serde_json::from_slice::<BatchEnd>(payload).ok().map(|b| b.batch_start)
+}
+
+/// The frame at the start of `rest`, when its header and checksum hold: its payload.
+fn whole_frame(rest: &[u8]) -> Option<&[u8]> {
+    let header = rest.get(..8)?;
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    let payload = rest.get(8..8usize.checked_add(len)?)?;
+    (len > 0 && crc32fast::hash(payload) == crc).then_some(payload)
+}
+
+/// A bad frame at `at`, with data after it, in a batch that began at `batch`: whether it is that
+/// batch torn (written last, unsynced, some of its sectors lost) rather than damage. It is when
+/// the first frame after it that closes a batch closes this one and only zeros follow; or, when
+/// no closing frame follows at all, when the file has batches (one closed before `at`): a batch
+/// is written only once the one before it is synced, so data from a later batch after the bad
+/// frame would mean the bad frame's batch was synced, and the bad frame is damage.
+fn torn_batch(bytes: &[u8], at: usize, batch: Option<usize>) -> bool {
+    let mut i = at + 1;
+    while i < bytes.len() {
+        if all_zero(&bytes[i..]) {
+            break;
+        }
+        match whole_frame(&bytes[i..]) {
+            Some(payload) => match batch_start(payload) {
+                Some(start) => {
+                    let end = i + 8 + payload.len();
+                    return start == batch.unwrap_or(0) as u64 && all_zero(&bytes[end..]);
+                }
+                None => i += 8 + payload.len(),
+            },
+            None => i += 1,
+        }
+    }
+    batch.is_some()
+}
+
 /// Result of reading one file of frames.
 pub(super) struct Frames {
     pub(super) payloads: Vec<Vec<u8>>,
@@ -39,14 +101,20 @@ fn all_zero(bytes: &[u8]) -> bool {
     bytes.iter().all(|&b| b == 0)
 }
 
-/// Reads the frames of a file. The frames end where only zeros follow (preallocated space never
-/// written). A bad frame is a torn tail when nothing was written after it: its header or payload
-/// runs past the end of the file, or only zeros follow its payload. A bad frame with data after
-/// it is damage, and an error. (No frame is empty, so a zero header is never a frame.)
+/// Reads the frames of a file: its records, in order (the frames that close batches are not
+/// records and are left out). The frames end where only zeros follow (preallocated space never
+/// written). A bad frame is a torn tail when nothing was written after it (its header or
+/// payload runs past the end of the file, or only zeros follow its payload), or when it is in
+/// the last batch written (see [`torn_batch`]); then the whole of that batch is cut. Any other
+/// bad frame with data after it is damage, and an error. (No frame is empty, so a zero header is
+/// never a frame.)
 pub(super) fn read_frames(disk: &impl Disk, path: &Path) -> Result<Frames, WalError> {
     let bytes = disk.read(path).map_err(io_err(path))?;
     let mut payloads = Vec::new();
     let mut at = 0usize;
+    // Where the batch being read began (the end of the last closing frame), and how many records
+    // came before it; `None` until a batch has closed in this file.
+    let mut batch: Option<(usize, usize)> = None;
     let done =
         |payloads, at: usize, torn| Ok(Frames { payloads, end: at as u64, len: bytes.len() as u64, torn });
     while at < bytes.len() {
@@ -54,27 +122,29 @@ pub(super) fn read_frames(disk: &impl Disk, path: &Path) -> Result<Frames, WalEr
         if all_zero(rest) {
             return done(payloads, at, false);
         }
-        if rest.len() < 8 {
-            return done(payloads, at, true);
-        }
-        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
-        if rest.len() - 8 < len {
-            return done(payloads, at, true);
-        }
-        let payload = &rest[8..8 + len];
-        if len == 0 || crc32fast::hash(payload) != crc {
-            if all_zero(&rest[8 + len..]) {
+        let Some(payload) = whole_frame(rest) else {
+            let len = rest.get(..4).map_or(0, |h| u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize);
+            let beyond = rest.len() < 8 || rest.len() - 8 < len;
+            if beyond || all_zero(&rest[8 + len..]) {
                 return done(payloads, at, true);
+            }
+            if torn_batch(&bytes, at, batch.map(|(start, _)| start)) {
+                let (start, records) = batch.unwrap_or((0, 0));
+                payloads.truncate(records);
+                return done(payloads, start, true);
             }
             return Err(WalError::Corrupt {
                 path: path.to_owned(),
                 offset: at as u64,
                 reason: "checksum mismatch with more data after it".into(),
             });
+        };
+        at += 8 + payload.len();
+        if batch_start(payload).is_some() {
+            batch = Some((at, payloads.len()));
+        } else {
+            payloads.push(payload.to_vec());
         }
-        payloads.push(payload.to_vec());
-        at += 8 + len;
     }
     done(payloads, at, false)
 }

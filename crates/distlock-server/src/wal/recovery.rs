@@ -193,6 +193,52 @@ mod tests {
         out
     }
 
+    /// `batches` as the writer writes them: each closed by the frame naming where it began.
+    fn batched(batches: Vec<Vec<Record>>) -> Vec<u8> {
+        let mut out = Vec::new();
+        for records in batches {
+            let start = out.len() as u64;
+            out.extend(framed(&records));
+            super::super::frames::end_batch(start, &mut out);
+        }
+        out
+    }
+
+    /// Whether recovery of `data` as the only segment starts, and with which leases.
+    fn leases_after(data: Vec<u8>) -> Result<Vec<String>, WalError> {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(segment_path(dir.path(), 0), with_zeros(data, 4096)).unwrap();
+        recover(dir.path()).map(|(state, _, _)| state.leases.into_keys().collect())
+    }
+
+    /// The last batch with a lost sector ahead of one that landed is cut whole, the batches
+    /// before it kept; a bad frame with a later batch after it is damage.
+    #[test]
+    fn batches_tell_a_torn_last_batch_from_damage() {
+        let (a, b, c) = (test_lease("a", 1), test_lease("b", 2), test_lease("c", 3));
+        let first = batched(vec![vec![a.clone()]]).len();
+        let whole = batched(vec![vec![a.clone()], vec![b.clone(), c.clone()]]);
+        assert_eq!(leases_after(whole.clone()).unwrap(), ["a", "b", "c"]);
+        let lose = |from: usize, to: usize| {
+            let mut d = whole.clone();
+            d[from..to].fill(0);
+            d
+        };
+        // The last batch's first bytes lost (its closing frame landed): cut, records and all.
+        assert_eq!(leases_after(lose(first, first + 20)).unwrap(), ["a"]);
+        // Its middle lost, its end too (no closing frame after the bad one): cut as well.
+        assert_eq!(leases_after(lose(first + 20, whole.len() - 10)).unwrap(), ["a"]);
+        // The same damage in the first batch, with a later batch after it: refused.
+        let mut d = whole.clone();
+        d[10] ^= 0x55;
+        assert!(matches!(leases_after(d), Err(WalError::Corrupt { .. })));
+        // A closing frame that names another start is no licence to cut.
+        let two = batched(vec![vec![a], vec![b], vec![c]]);
+        let mut d = two.clone();
+        d[first + 10] ^= 0x55;
+        assert!(matches!(leases_after(d), Err(WalError::Corrupt { .. })));
+    }
+
     fn with_zeros(mut bytes: Vec<u8>, zeros: usize) -> Vec<u8> {
         bytes.resize(bytes.len() + zeros, 0);
         bytes

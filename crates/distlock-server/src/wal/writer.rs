@@ -20,7 +20,7 @@ use distlock::engine::SavedLease;
 use tokio::sync::{mpsc, oneshot};
 
 use super::disk::{Disk, DiskFile, RealDisk};
-use super::frames::{frame, numbered, segment_path, snapshot_path, sync_dir, Snapshot};
+use super::frames::{end_batch, frame, numbered, segment_path, snapshot_path, sync_dir, Snapshot};
 use super::{io_err, Record, WalError};
 
 /// Largest segment: a segment ends when it is this full (or `compact_bytes`, if smaller), and the
@@ -420,9 +420,11 @@ impl<D: Disk> Writer<D> {
                 .map_err(|e| WalError::Closed(format!("record does not serialize: {e}")))?;
             frame(&payload, &mut buf);
         }
-        if self.written > 0 && self.written + buf.len() as u64 > self.segment_bytes {
+        // Room for the frame that closes the batch (its offset has at most 20 digits).
+        if self.written > 0 && self.written + buf.len() as u64 + 64 > self.segment_bytes {
             self.next_segment()?;
         }
+        end_batch(self.written, &mut buf);
         let path = segment_path(&self.dir, self.segment);
         // A batch larger than a whole segment grows the file past its preallocated size: correct,
         // only that sync is slower.
