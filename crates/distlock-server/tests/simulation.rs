@@ -170,9 +170,9 @@ impl Disk for StallDisk {
     fn open_write(&self, path: &Path) -> io::Result<StallFile> {
         self.inner.open_write(path).map(|f| self.wrap(f))
     }
-    fn preallocate(&self, path: &Path, size: u64) -> io::Result<StallFile> {
+    fn preallocate(&self, path: &Path, size: u64, head: &[u8]) -> io::Result<StallFile> {
         self.gate.pass()?;
-        self.inner.preallocate(path, size).map(|f| self.wrap(f))
+        self.inner.preallocate(path, size, head).map(|f| self.wrap(f))
     }
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
         self.inner.read(path)

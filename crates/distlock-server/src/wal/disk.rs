@@ -33,9 +33,9 @@ pub trait Disk: Clone + Send + Sync + 'static {
     fn create(&self, path: &Path) -> io::Result<Self::File>;
     /// Opens an existing file for writing.
     fn open_write(&self, path: &Path) -> io::Result<Self::File>;
-    /// Creates segment `path`, `size` bytes of zeros, and makes its data durable (not its
-    /// directory entry: see [`Disk::sync_dir`]).
-    fn preallocate(&self, path: &Path, size: u64) -> io::Result<Self::File> {
+    /// Creates segment `path`, `size` bytes: `head`, then zeros; and makes its data durable
+    /// (not its directory entry: see [`Disk::sync_dir`]).
+    fn preallocate(&self, path: &Path, size: u64, head: &[u8]) -> io::Result<Self::File> {
         let file = self.create_new(path)?;
         let zeros = vec![0u8; 1 << 20];
         let mut at = 0;
@@ -44,6 +44,7 @@ pub trait Disk: Clone + Send + Sync + 'static {
             file.write_all_at(&zeros[..chunk], at)?;
             at += chunk as u64;
         }
+        file.write_all_at(head, 0)?;
         file.sync_all()?;
         Ok(file)
     }

@@ -1,11 +1,10 @@
 //! How the log sits on disk: a frame per record, `[len: u32 LE][crc32 of payload: u32 LE][payload:
-//! JSON]`, each batch (one write, one sync) closed by a frame that says where the batch began,
-//! and the numbered files (`wal-<n>.log`, `snapshot-<n>.bin`) that hold them. Reading tells a
-//! torn last batch (a crash mid-write) from damage, because recovery cuts the one and refuses the
-//! other: a bad frame with nothing written after it is torn; so is a bad frame whose batch's
-//! closing frame landed after it with nothing after that (a device that wrote a later sector of
-//! the batch and lost an earlier one), since no batch is written before the one ahead of it is
-//! synced. A bad frame with a later batch after it is damage.
+//! JSON]`, each batch (one write, one sync) closed by a frame that says where the batch began (a
+//! new segment starts with one, closing an empty batch), and the numbered files (`wal-<n>.log`,
+//! `snapshot-<n>.bin`) that hold them. Reading tells a torn last batch (a crash mid-write, which
+//! can keep a later sector of the write and lose an earlier one) from damage, because recovery
+//! cuts the one and refuses the other: no batch is written before the one ahead of it is synced,
+//! so a bad frame with data of a later batch after it is damage.
 
 use std::path::{Path, PathBuf};
 
@@ -42,6 +41,14 @@ pub(super) fn end_batch(start: u64, out: &mut Vec<u8>) {
     frame(&payload, out);
 }
 
+/// What a new segment starts with: the frame closing an empty batch at its start, so that the
+/// first real batch too begins after a closing frame (see [`read_frames`]).
+pub(super) fn segment_head() -> Vec<u8> {
+    let mut out = Vec::new();
+    end_batch(0, &mut out);
+    out
+}
+
 /// Where the batch a closing frame ends began; `None` for a record.
 fn batch_start(payload: &[u8]) -> Option<u64> {
     if !payload.starts_with(BATCH_END_PREFIX) {
@@ -59,30 +66,24 @@ fn whole_frame(rest: &[u8]) -> Option<&[u8]> {
     (len > 0 && crc32fast::hash(payload) == crc).then_some(payload)
 }
 
-/// A bad frame at `at`, with data after it, in a batch that began at `batch`: whether it is that
-/// batch torn (written last, unsynced, some of its sectors lost) rather than damage. It is when
-/// the first frame after it that closes a batch closes this one and only zeros follow; or, when
-/// no closing frame follows at all, when the file has batches (one closed before `at`): a batch
-/// is written only once the one before it is synced, so data from a later batch after the bad
-/// frame would mean the bad frame's batch was synced, and the bad frame is damage.
-fn torn_batch(bytes: &[u8], at: usize, batch: Option<usize>) -> bool {
+/// The first frame after a bad one at `at` that closes a batch: where that batch began, and
+/// where the closing frame ends. Looks at every offset up to `data_end` (past it only zeros),
+/// stepping over the whole frames it finds.
+fn first_close_after(bytes: &[u8], at: usize, data_end: usize) -> Option<(u64, usize)> {
     let mut i = at + 1;
-    while i < bytes.len() {
-        if all_zero(&bytes[i..]) {
-            break;
-        }
+    while i < data_end {
         match whole_frame(&bytes[i..]) {
-            Some(payload) => match batch_start(payload) {
-                Some(start) => {
-                    let end = i + 8 + payload.len();
-                    return start == batch.unwrap_or(0) as u64 && all_zero(&bytes[end..]);
+            Some(payload) => {
+                let end = i + 8 + payload.len();
+                if let Some(start) = batch_start(payload) {
+                    return Some((start, end));
                 }
-                None => i += 8 + payload.len(),
-            },
+                i = end;
+            }
             None => i += 1,
         }
     }
-    batch.is_some()
+    None
 }
 
 /// Result of reading one file of frames.
@@ -103,11 +104,13 @@ fn all_zero(bytes: &[u8]) -> bool {
 
 /// Reads the frames of a file: its records, in order (the frames that close batches are not
 /// records and are left out). The frames end where only zeros follow (preallocated space never
-/// written). A bad frame is a torn tail when nothing was written after it (its header or
-/// payload runs past the end of the file, or only zeros follow its payload), or when it is in
-/// the last batch written (see [`torn_batch`]); then the whole of that batch is cut. Any other
-/// bad frame with data after it is damage, and an error. (No frame is empty, so a zero header is
-/// never a frame.)
+/// written). A bad frame is torn, and cut, when it is in the last batch written: nothing was
+/// written past it (its header or payload runs past the data: a write cut short; cut there), or
+/// its own batch's closing frame landed after it with nothing after that, or data but no closing
+/// frame follows it in a file with batches (a sector lost before one that landed; the whole batch
+/// is cut). A bad frame with a later batch after it is damage, and an error, and so is one with
+/// data after it in a log written before batches were closed. (No frame is empty, so a zero
+/// header is never a frame.)
 pub(super) fn read_frames(disk: &impl Disk, path: &Path) -> Result<Frames, WalError> {
     let bytes = disk.read(path).map_err(io_err(path))?;
     let mut payloads = Vec::new();
@@ -124,20 +127,34 @@ pub(super) fn read_frames(disk: &impl Disk, path: &Path) -> Result<Frames, WalEr
         }
         let Some(payload) = whole_frame(rest) else {
             let len = rest.get(..4).map_or(0, |h| u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize);
-            let beyond = rest.len() < 8 || rest.len() - 8 < len;
-            if beyond || all_zero(&rest[8 + len..]) {
-                return done(payloads, at, true);
-            }
-            if torn_batch(&bytes, at, batch.map(|(start, _)| start)) {
-                let (start, records) = batch.unwrap_or((0, 0));
-                payloads.truncate(records);
-                return done(payloads, start, true);
-            }
-            return Err(WalError::Corrupt {
-                path: path.to_owned(),
-                offset: at as u64,
-                reason: "checksum mismatch with more data after it".into(),
-            });
+            let data_end = bytes.iter().rposition(|&b| b != 0).map_or(0, |last| last + 1);
+            // Nothing written past the bad frame's own extent: a write cut short.
+            let tail = at.saturating_add(8).saturating_add(len) >= data_end;
+            let cut = match (first_close_after(&bytes, at, data_end), batch) {
+                // The bad frame's own batch closed after it, and nothing after that: the batch
+                // was written last, and lost a sector before one that landed.
+                (Some((start, end)), Some((batch_start, records)))
+                    if start == batch_start as u64 && end >= data_end =>
+                {
+                    Some((batch_start, records))
+                }
+                // A later batch after the bad frame: its own batch was synced, so this is damage.
+                (Some(_), _) => None,
+                (None, _) if tail => Some((at, payloads.len())),
+                // Data after the bad frame but no closing frame: the last batch, with a sector
+                // lost and its end too (in a file with batches; an older log has none).
+                (None, Some(open)) => Some(open),
+                (None, None) => None,
+            };
+            let Some((end, records)) = cut else {
+                return Err(WalError::Corrupt {
+                    path: path.to_owned(),
+                    offset: at as u64,
+                    reason: "checksum mismatch with more data after it".into(),
+                });
+            };
+            payloads.truncate(records);
+            return done(payloads, end, true);
         };
         at += 8 + payload.len();
         if batch_start(payload).is_some() {

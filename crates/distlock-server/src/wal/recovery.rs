@@ -195,7 +195,7 @@ mod tests {
 
     /// `batches` as the writer writes them: each closed by the frame naming where it began.
     fn batched(batches: Vec<Vec<Record>>) -> Vec<u8> {
-        let mut out = Vec::new();
+        let mut out = super::super::frames::segment_head();
         for records in batches {
             let start = out.len() as u64;
             out.extend(framed(&records));
@@ -216,21 +216,30 @@ mod tests {
     #[test]
     fn batches_tell_a_torn_last_batch_from_damage() {
         let (a, b, c) = (test_lease("a", 1), test_lease("b", 2), test_lease("c", 3));
+        let head = super::super::frames::segment_head().len();
         let first = batched(vec![vec![a.clone()]]).len();
         let whole = batched(vec![vec![a.clone()], vec![b.clone(), c.clone()]]);
         assert_eq!(leases_after(whole.clone()).unwrap(), ["a", "b", "c"]);
-        let lose = |from: usize, to: usize| {
-            let mut d = whole.clone();
+        let lose = |data: &[u8], from: usize, to: usize| {
+            let mut d = data.to_vec();
             d[from..to].fill(0);
             d
         };
         // The last batch's first bytes lost (its closing frame landed): cut, records and all.
-        assert_eq!(leases_after(lose(first, first + 20)).unwrap(), ["a"]);
+        assert_eq!(leases_after(lose(&whole, first, first + 20)).unwrap(), ["a"]);
         // Its middle lost, its end too (no closing frame after the bad one): cut as well.
-        assert_eq!(leases_after(lose(first + 20, whole.len() - 10)).unwrap(), ["a"]);
-        // The same damage in the first batch, with a later batch after it: refused.
+        assert_eq!(leases_after(lose(&whole, first + 20, whole.len() - 10)).unwrap(), ["a"]);
+        // The same in the first batch of the segment (it follows the segment's head).
+        let one = batched(vec![vec![a.clone(), b.clone()]]);
+        assert_eq!(leases_after(lose(&one, head, head + 20)).unwrap(), Vec::<String>::new());
+        assert_eq!(leases_after(lose(&one, head + 20, one.len() - 10)).unwrap(), Vec::<String>::new());
+        // Damage in the first batch, with a later batch after it: refused.
         let mut d = whole.clone();
-        d[10] ^= 0x55;
+        d[head + 10] ^= 0x55;
+        assert!(matches!(leases_after(d), Err(WalError::Corrupt { .. })));
+        // A frame length damaged to run past every later batch: refused, not cut as a torn tail.
+        let mut d = whole.clone();
+        d[head + 3] = 0x7f;
         assert!(matches!(leases_after(d), Err(WalError::Corrupt { .. })));
         // A closing frame that names another start is no licence to cut.
         let two = batched(vec![vec![a], vec![b], vec![c]]);

@@ -506,7 +506,7 @@ impl Disk for SimDisk {
         Ok(self.open(path, inode))
     }
 
-    fn preallocate(&self, path: &Path, size: u64) -> io::Result<SimFile> {
+    fn preallocate(&self, path: &Path, size: u64, head: &[u8]) -> io::Result<SimFile> {
         let mut s = self.lock();
         if s.names.contains_key(path) && !s.crashed {
             return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{} exists", path.display())));
@@ -516,7 +516,10 @@ impl Disk for SimDisk {
             |s, failed| {
                 let inode = s.new_inode(path);
                 // A failure runs out of space half-way; a success is whole and synced.
-                s.write(inode, 0, &vec![0; if failed { size as usize / 2 } else { size as usize }]);
+                let mut data = vec![0; (size as usize).max(head.len())];
+                data[..head.len()].copy_from_slice(head);
+                data.truncate(if failed { size as usize / 2 } else { data.len() });
+                s.write(inode, 0, &data);
                 if !failed {
                     s.sync(inode, true);
                 }

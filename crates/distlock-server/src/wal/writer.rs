@@ -20,7 +20,9 @@ use distlock::engine::SavedLease;
 use tokio::sync::{mpsc, oneshot};
 
 use super::disk::{Disk, DiskFile, RealDisk};
-use super::frames::{end_batch, frame, numbered, segment_path, snapshot_path, sync_dir, Snapshot};
+use super::frames::{
+    end_batch, frame, numbered, segment_head, segment_path, snapshot_path, sync_dir, Snapshot,
+};
 use super::{io_err, Record, WalError};
 
 /// Largest segment: a segment ends when it is this full (or `compact_bytes`, if smaller), and the
@@ -29,10 +31,12 @@ pub const MAX_SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
 
 /// Creates segment `n` full of zeros, `size` bytes long, and makes it and its directory entry
 /// durable, so that writing records into it never changes its size.
+/// It begins with [`segment_head`], synced: every batch written into it then follows a closing
+/// frame, which is how recovery tells a torn first batch from damage.
 fn preallocate<D: Disk>(disk: &D, dir: &Path, n: u64, size: u64) -> Result<D::File, WalError> {
     let path = segment_path(dir, n);
     // A new file: a segment number is never used twice (recovery numbers past every file).
-    let file = disk.preallocate(&path, size).map_err(io_err(&path))?;
+    let file = disk.preallocate(&path, size, &segment_head()).map_err(io_err(&path))?;
     sync_dir(disk, dir)?;
     Ok(file)
 }
@@ -194,7 +198,7 @@ impl Wal {
             dir: dir.to_owned(),
             segment: next,
             file,
-            written: 0,
+            written: segment_head().len() as u64,
             segment_bytes,
             since_snapshot: 0,
             preparing,
@@ -421,7 +425,9 @@ impl<D: Disk> Writer<D> {
             frame(&payload, &mut buf);
         }
         // Room for the frame that closes the batch (its offset has at most 20 digits).
-        if self.written > 0 && self.written + buf.len() as u64 + 64 > self.segment_bytes {
+        if self.written > segment_head().len() as u64
+            && self.written + buf.len() as u64 + 64 > self.segment_bytes
+        {
             self.next_segment()?;
         }
         end_batch(self.written, &mut buf);
@@ -457,7 +463,7 @@ impl<D: Disk> Writer<D> {
         };
         self.file = prepared?;
         self.segment = next;
-        self.written = 0;
+        self.written = segment_head().len() as u64;
         self.preparing = Some(prepare(&self.disk, &self.dir, next + 1, self.segment_bytes, &self.stats)?);
         Ok(())
     }
