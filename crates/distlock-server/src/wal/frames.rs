@@ -66,24 +66,23 @@ fn whole_frame(rest: &[u8]) -> Option<&[u8]> {
     (len > 0 && crc32fast::hash(payload) == crc).then_some(payload)
 }
 
+/// The longest payload of a frame that closes a batch (`{"batch_start":` + 20 digits + `}`).
+const MAX_CLOSE: usize = 36;
+
 /// The first frame after a bad one at `at` that closes a batch: where that batch began, and
-/// where the closing frame ends. Looks at every offset up to `data_end` (past it only zeros),
-/// stepping over the whole frames it finds.
+/// where the closing frame ends. Looks at every offset up to `data_end` (past it only zeros) for
+/// a frame short enough to close a batch, so the scan is linear whatever the damage; a record's
+/// bytes cannot pass for one (its JSON has no zero byte, a short frame's header has three).
 fn first_close_after(bytes: &[u8], at: usize, data_end: usize) -> Option<(u64, usize)> {
-    let mut i = at + 1;
-    while i < data_end {
-        match whole_frame(&bytes[i..]) {
-            Some(payload) => {
-                let end = i + 8 + payload.len();
-                if let Some(start) = batch_start(payload) {
-                    return Some((start, end));
-                }
-                i = end;
-            }
-            None => i += 1,
+    (at + 1..data_end).find_map(|i| {
+        let rest = &bytes[i..];
+        let len = rest.get(..4).map(|h| u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize)?;
+        if len > MAX_CLOSE {
+            return None;
         }
-    }
-    None
+        let payload = whole_frame(rest)?;
+        batch_start(payload).map(|start| (start, i + 8 + payload.len()))
+    })
 }
 
 /// Result of reading one file of frames.
@@ -92,7 +91,7 @@ pub(super) struct Frames {
     /// Where the valid frames end.
     pub(super) end: u64,
     /// The file's length: past `end` there are only zeros (unused preallocated space) or, with
-    /// `torn`, a torn frame.
+    /// `torn`, a torn frame or the whole torn batch it was in.
     pub(super) len: u64,
     /// A frame cut short or damaged follows `end` (a crash mid-write).
     pub(super) torn: bool,
@@ -133,10 +132,10 @@ pub(super) fn read_frames(disk: &impl Disk, path: &Path) -> Result<Frames, WalEr
             let cut = match (first_close_after(&bytes, at, data_end), batch) {
                 // The bad frame's own batch closed after it, and nothing after that: the batch
                 // was written last, and lost a sector before one that landed.
-                (Some((start, end)), Some((batch_start, records)))
-                    if start == batch_start as u64 && end >= data_end =>
+                (Some((start, end)), batch)
+                    if end >= data_end && start == batch.map_or(0, |(b, _)| b as u64) =>
                 {
-                    Some((batch_start, records))
+                    Some(batch.unwrap_or((0, 0)))
                 }
                 // A later batch after the bad frame: its own batch was synced, so this is damage.
                 (Some(_), _) => None,

@@ -357,7 +357,8 @@ struct Writer<D: Disk> {
     dir: PathBuf,
     segment: u64,
     file: D::File,
-    /// Bytes of records in the current segment (where the next batch goes).
+    /// Bytes written in the current segment, its head and closing frames included (where the
+    /// next batch goes).
     written: u64,
     /// Preallocated size of a segment.
     segment_bytes: u64,
