@@ -353,6 +353,12 @@ pub async fn abandoned_place_is_cleaned(
             Err(e) => panic!("acquire, acknowledged by a replica: {e}"),
         }
     };
+    // Both callers below connect before the replicas stop: the cluster client connects to every
+    // node it is told of, replicas too, and a stopped one holds a new client up past its timeout
+    // (CI, 2026-12-06: "open: no answer within 2s").
+    let patient = Locker::open(&url("timeout=2s&min_replicas=1&wait_timeout=1s")).await.expect("open");
+    let waiter =
+        Locker::open(&url("timeout=500ms&min_replicas=1&wait_timeout=1s&queue_ttl=30s")).await.expect("open");
     for replica in replicas {
         replica.signal("-STOP");
     }
@@ -361,12 +367,9 @@ pub async fn abandoned_place_is_cleaned(
         assert!(flushed.starts_with("+OK"), "SCRIPT FLUSH: {flushed}");
     }
     // A caller whose call timeout outlasts WAIT loads the acquire script again (the key is held).
-    let patient = Locker::open(&url("timeout=2s&min_replicas=1&wait_timeout=1s")).await.expect("open");
     assert!(matches!(patient.acquire("k", &AcquireOptions::new()).await, Err(Error::Held { .. })));
 
     // A caller queues, then gives up before WAIT lets its answer come back.
-    let waiter =
-        Locker::open(&url("timeout=500ms&min_replicas=1&wait_timeout=1s&queue_ttl=30s")).await.expect("open");
     let wait = AcquireOptions::new().wait(Duration::from_secs(3));
     let gave_up = tokio::time::timeout(Duration::from_millis(400), waiter.acquire("k", &wait)).await;
     assert!(gave_up.is_err(), "still waiting after 400 ms: {gave_up:?}");
